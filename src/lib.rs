@@ -1,0 +1,10 @@
+//! sdti: a native Textual Inversion engine for Stable Diffusion.
+//!
+//! Learns a new word (a few token vectors) from a handful of pictures by optimising the
+//! denoising loss through a frozen text encoder, UNet and VAE.
+
+pub mod error;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

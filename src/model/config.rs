@@ -1,0 +1,279 @@
+//! Model configurations: the SD 1.x presets and the diffusers `config.json` files.
+
+use serde::{Deserialize, Serialize};
+
+/// The CLIP text transformer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_clip_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_clip_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_clip_act() -> String {
+    "quick_gelu".into()
+}
+fn default_clip_eps() -> f64 {
+    1e-5
+}
+
+impl ClipConfig {
+    /// openai/clip-vit-large-patch14 text config.json, SD 1.x's text encoder.
+    pub fn sd1() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: default_clip_act(),
+            layer_norm_eps: default_clip_eps(),
+        }
+    }
+}
+
+/// An integer or a per-block list, as diffusers configs write head counts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    pub fn at(&self, i: usize) -> Option<usize> {
+        match self {
+            PerBlock::One(v) => Some(*v),
+            PerBlock::Each(v) => v.get(i).copied(),
+        }
+    }
+}
+
+/// The SD 1.x UNet (diffusers `UNet2DConditionModel` config.json fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    pub cross_attention_dim: usize,
+    /// Historically the number of heads in SD 1.x configs (8).
+    #[serde(default = "eight_heads")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default = "groups32")]
+    pub norm_num_groups: usize,
+    #[serde(default = "eps1e5")]
+    pub norm_eps: f64,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: usize,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub transformer_layers_per_block: Option<PerBlock>,
+}
+
+fn four() -> usize {
+    4
+}
+fn two() -> usize {
+    2
+}
+fn eight_heads() -> PerBlock {
+    PerBlock::One(8)
+}
+fn groups32() -> usize {
+    32
+}
+fn eps1e5() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+impl UnetConfig {
+    /// runwayml/stable-diffusion-v1-5 unet/config.json.
+    pub fn sd1() -> Self {
+        Self::sd1_with(vec![320, 640, 1280, 1280], 2, 768)
+    }
+
+    /// The SD 1.x block structure with other widths (single-file checkpoints).
+    pub fn sd1_with(
+        block_out_channels: Vec<usize>,
+        layers_per_block: usize,
+        cross_attention_dim: usize,
+    ) -> Self {
+        let levels = block_out_channels.len();
+        let mut down = vec!["CrossAttnDownBlock2D".to_string(); levels];
+        let mut up = vec!["CrossAttnUpBlock2D".to_string(); levels];
+        if let Some(last) = down.last_mut() {
+            *last = "DownBlock2D".into();
+        }
+        if let Some(first) = up.first_mut() {
+            *first = "UpBlock2D".into();
+        }
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            down_block_types: down,
+            up_block_types: up,
+            block_out_channels,
+            layers_per_block,
+            cross_attention_dim,
+            attention_head_dim: eight_heads(),
+            num_attention_heads: None,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            flip_sin_to_cos: true,
+            freq_shift: 0,
+            use_linear_projection: false,
+            upcast_attention: false,
+            addition_embed_type: None,
+            class_embed_type: None,
+            transformer_layers_per_block: None,
+        }
+    }
+
+    /// Attention heads of down block `i` (diffusers: `num_attention_heads or attention_head_dim`).
+    pub fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads
+            .as_ref()
+            .and_then(|h| h.at(i))
+            .or_else(|| self.attention_head_dim.at(i))
+            .unwrap_or(8)
+    }
+}
+
+/// The SD 1.x VAE (diffusers `AutoencoderKL` config.json fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "groups32")]
+    pub norm_num_groups: usize,
+    #[serde(default = "sd1_scaling")]
+    pub scaling_factor: f64,
+}
+
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn sd1_scaling() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// runwayml/stable-diffusion-v1-5 vae/config.json.
+    pub fn sd1() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: sd1_scaling(),
+        }
+    }
+}
+
+/// What the noise schedule and training target are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "scaled_linear")]
+    pub beta_schedule: String,
+    #[serde(default = "thousand")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "epsilon")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+}
+
+fn beta_start() -> f64 {
+    0.00085
+}
+fn beta_end() -> f64 {
+    0.012
+}
+fn scaled_linear() -> String {
+    "scaled_linear".into()
+}
+fn thousand() -> usize {
+    1000
+}
+fn epsilon() -> String {
+    "epsilon".into()
+}
+
+impl Default for SchedulerConfig {
+    /// runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json.
+    fn default() -> Self {
+        Self {
+            beta_start: beta_start(),
+            beta_end: beta_end(),
+            beta_schedule: scaled_linear(),
+            num_train_timesteps: thousand(),
+            prediction_type: epsilon(),
+            trained_betas: None,
+        }
+    }
+}
+
+/// The three networks' configurations of one SD 1.x model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub text_encoder: ClipConfig,
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ModelConfig {
+    /// Stable Diffusion 1.5.
+    pub fn sd1() -> Self {
+        Self {
+            text_encoder: ClipConfig::sd1(),
+            unet: UnetConfig::sd1(),
+            vae: VaeConfig::sd1(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}

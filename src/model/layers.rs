@@ -1,0 +1,687 @@
+//! Frozen layers whose backward pass yields the input gradient only.
+//!
+//! candle's autograd computes a gradient for every operand of an op on the path to a
+//! variable, frozen weights included (a convolution's kernel gradient costs as much as
+//! its input gradient), and candle-nn's fused `LayerNorm`/`softmax_last_dim` cut the
+//! graph. Every layer here runs its forward pass on a detached input with candle's fast
+//! kernels and attaches, through one custom op, a backward closure that computes
+//! d(loss)/d(input) and nothing else. When the input does not depend on a variable the
+//! layer is a plain forward pass with no graph at all.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
+};
+
+use super::weights::Weights;
+use crate::error::Result;
+
+type Backward = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// Carries a precomputed output into the graph and the closure that maps the output
+/// gradient to the input gradient.
+struct InputGradOnly {
+    output: Mutex<Option<Tensor>>,
+    backward: Backward,
+}
+
+impl InputGradOnly {
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        let mut slot = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen layer output lock poisoned".into()))?;
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen layer output used twice".into()))
+    }
+}
+
+/// A contiguous tensor starting at offset 0 of its storage, so that its storage can be
+/// handed to candle as the op's result.
+fn standalone(t: Tensor) -> candle_core::Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t)
+    } else {
+        t.force_contiguous()
+    }
+}
+
+impl CustomOp1 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "sdti-input-grad-only"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.take_output()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("frozen layer: output is not on the cpu"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = self.take_output()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("frozen layer: output is not on the cuda device"),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        let out = self.take_output()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("frozen layer: output is not on the metal device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        (self.backward)(grad).map(Some)
+    }
+}
+
+/// Applies `forward` to `x`; when `x` is on a gradient path, the result carries
+/// `backward` (output gradient -> input gradient) and no other gradient.
+pub fn input_grad_only<F, B>(x: &Tensor, forward: F, backward: B) -> candle_core::Result<Tensor>
+where
+    F: FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    B: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+{
+    if !x.track_op() {
+        return forward(x);
+    }
+    let out = standalone(forward(&x.detach())?)?;
+    let op = InputGradOnly {
+        output: Mutex::new(Some(out)),
+        backward: Box::new(backward),
+    };
+    x.apply_op1(op)
+}
+
+/// Like [`input_grad_only`], for layers whose backward needs values computed in the
+/// forward pass (normalised activations, softmax probabilities): `forward` returns the
+/// output and the saved state, `backward` gets both.
+fn input_grad_only_saving<S, F, B>(x: &Tensor, forward: F, backward: B) -> candle_core::Result<Tensor>
+where
+    S: Send + Sync + 'static,
+    F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
+    B: Fn(&Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+{
+    if !x.track_op() {
+        return forward(x).map(|(out, _)| out);
+    }
+    let (out, saved) = forward(&x.detach())?;
+    let out = standalone(out)?;
+    let op = InputGradOnly {
+        output: Mutex::new(Some(out)),
+        backward: Box::new(move |g| backward(g, &saved)),
+    };
+    x.apply_op1(op)
+}
+
+/// A frozen fully connected layer, `y = x W^T + b`, over the last dimension.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (`[out, in]`) and, when `bias`, `{prefix}.bias`.
+    pub fn new(w: &Weights, prefix: &str, bias: bool) -> Result<Self> {
+        let weight = w.get2(&format!("{prefix}.weight"))?;
+        let bias = if bias {
+            Some(w.get_shaped(&format!("{prefix}.bias"), &[weight.dim(0)?])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.weight.clone();
+        let bias = self.bias.clone();
+        let forward = |x: &Tensor| {
+            let dims = x.dims().to_vec();
+            let last = dims.len() - 1;
+            let rows = x.elem_count() / dims[last];
+            let y = x.reshape((rows, dims[last]))?.matmul(&weight.t()?)?;
+            let y = match &bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            let mut out_dims = dims;
+            out_dims[last] = weight.dim(0)?;
+            y.reshape(out_dims)
+        };
+        let w = self.weight.clone();
+        let backward = move |g: &Tensor| {
+            let dims = g.dims().to_vec();
+            let last = dims.len() - 1;
+            let rows = g.elem_count() / dims[last];
+            let gx = g.reshape((rows, dims[last]))?.matmul(&w)?;
+            let mut in_dims = dims;
+            in_dims[last] = w.dim(1)?;
+            gx.reshape(in_dims)
+        };
+        Ok(input_grad_only(x, forward, backward)?)
+    }
+}
+
+/// A frozen 2-D convolution (groups 1, dilation 1) with symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    /// The kernel of the input gradient, made at the first backward pass and kept.
+    grad_kernel: Arc<OnceLock<Tensor>>,
+}
+
+impl Conv2d {
+    /// Loads `{prefix}.weight` (`[out, in, k, k]`) and `{prefix}.bias`.
+    pub fn new(w: &Weights, prefix: &str, stride: usize, padding: usize) -> Result<Self> {
+        let weight = w.get4(&format!("{prefix}.weight"))?;
+        let bias = Some(w.get_shaped(&format!("{prefix}.bias"), &[weight.dim(0)?])?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            grad_kernel: Arc::new(OnceLock::new()),
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (weight, bias, stride, padding) =
+            (&self.weight, &self.bias, self.stride, self.padding);
+        let forward = |x: &Tensor| {
+            let y = x.conv2d(weight, padding, stride, 1, 1)?;
+            match bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+                None => Ok(y),
+            }
+        };
+        let (_, _, in_h, in_w) = x.dims4()?;
+        let w = self.weight.clone();
+        let cache = self.grad_kernel.clone();
+        let backward = move |g: &Tensor| {
+            let kernel = match cache.get() {
+                Some(k) => k.clone(),
+                None => {
+                    let k = input_grad_kernel(&w)?;
+                    cache.get_or_init(|| k).clone()
+                }
+            };
+            conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
+        };
+        Ok(input_grad_only(x, forward, backward)?)
+    }
+}
+
+/// The kernel flipped in space and transposed in channels: `[in, out, k, k]`.
+fn input_grad_kernel(weight: &Tensor) -> candle_core::Result<Tensor> {
+    weight
+        .transpose(0, 1)?
+        .contiguous()?
+        .flip(&[2, 3])?
+        .contiguous()
+}
+
+/// d(loss)/d(input) of a convolution: the output gradient, dilated by the stride,
+/// convolved with `kernel` (from [`input_grad_kernel`]).
+fn conv2d_input_grad(
+    g: &Tensor,
+    kernel: &Tensor,
+    stride: usize,
+    padding: usize,
+    in_h: usize,
+    in_w: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    if k_h == 1 && k_w == 1 && stride == 1 && padding == 0 {
+        return g.conv2d(kernel, 0, 1, 1, 1);
+    }
+    if k_h != k_w || padding >= k_h {
+        candle_core::bail!("conv2d backward: unsupported kernel {k_h}x{k_w} padding {padding}");
+    }
+    let g = if stride > 1 { dilate(g, stride)? } else { g.clone() };
+    let gx = g.conv2d(kernel, k_h - 1 - padding, 1, 1, 1)?;
+    fit_spatial(&gx, in_h, in_w)
+}
+
+/// Inserts `stride - 1` zeros after every element along both spatial dimensions.
+fn dilate(g: &Tensor, stride: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = g.dims4()?;
+    let g = g.reshape((b, c, h, 1, w, 1))?;
+    let g = g.pad_with_zeros(5, 0, stride - 1)?;
+    let g = g.pad_with_zeros(3, 0, stride - 1)?;
+    g.reshape((b, c, h * stride, w * stride))
+}
+
+/// Crops or zero-pads (at the end) the spatial dimensions to `h` x `w`.
+fn fit_spatial(x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let (_, _, xh, xw) = x.dims4()?;
+    let x = if xh > h {
+        x.narrow(2, 0, h)?
+    } else {
+        x.pad_with_zeros(2, 0, h - xh)?
+    };
+    if xw > w {
+        x.narrow(3, 0, w)
+    } else {
+        x.pad_with_zeros(3, 0, w - xw)
+    }
+}
+
+/// Group normalisation over `[B, C, ...]` with a frozen per-channel affine.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(w: &Weights, prefix: &str, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::error::Error::config(
+                format!("{prefix}: norm_num_groups"),
+                format!("{channels} channels cannot be split into {groups} groups"),
+            ));
+        }
+        Ok(Self {
+            weight: w.get_shaped(&format!("{prefix}.weight"), &[channels])?,
+            bias: w.get_shaped(&format!("{prefix}.bias"), &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let groups = self.groups;
+        let mut affine_shape = vec![1, c];
+        affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        let gamma = self.weight.reshape(affine_shape.clone())?;
+        let beta = self.bias.reshape(affine_shape)?;
+        let eps = self.eps;
+        let forward = |x: &Tensor| {
+            let xg = x.reshape((b, groups, ()))?;
+            let (xhat, rstd) = normalise_last_dim(&xg, eps)?;
+            let y = xhat
+                .reshape(dims.clone())?
+                .broadcast_mul(&gamma)?
+                .broadcast_add(&beta)?;
+            Ok((y, (xhat, rstd)))
+        };
+        let gamma_b = gamma.clone();
+        let backward = move |g: &Tensor, (xhat, rstd): &(Tensor, Tensor)| {
+            let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
+            let gx = normalise_last_dim_backward(&gs, xhat, rstd)?;
+            gx.reshape(g.dims())
+        };
+        Ok(input_grad_only_saving(x, forward, backward)?)
+    }
+}
+
+/// Layer normalisation over the last dimension with a frozen affine.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get_shaped(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get_shaped(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gamma, beta, eps) = (&self.weight, &self.bias, self.eps);
+        // candle-nn's fused kernel has no f64 version.
+        if !x.track_op() && x.dtype() != DType::F64 {
+            return Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                gamma,
+                beta,
+                eps as f32,
+            )?);
+        }
+        let forward = |x: &Tensor| {
+            let (xhat, rstd) = normalise_last_dim(x, eps)?;
+            let y = xhat.broadcast_mul(gamma)?.broadcast_add(beta)?;
+            Ok((y, (xhat, rstd)))
+        };
+        let gamma_b = gamma.clone();
+        let backward = move |g: &Tensor, (xhat, rstd): &(Tensor, Tensor)| {
+            normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, xhat, rstd)
+        };
+        Ok(input_grad_only_saving(x, forward, backward)?)
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as torch),
+/// computed in f32 at least; returns the normalised values and `1/sqrt(var + eps)`.
+fn normalise_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let dtype = x.dtype();
+    let x = if dtype == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&rstd)?.to_dtype(dtype)?;
+    Ok((xhat, rstd))
+}
+
+/// Input gradient of [`normalise_last_dim`], given the gradient of the normalised values:
+/// `rstd * (g - mean(g) - xhat * mean(g * xhat))`.
+fn normalise_last_dim_backward(
+    g: &Tensor,
+    xhat: &Tensor,
+    rstd: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let dtype = g.dtype();
+    let (g, xhat) = if dtype == DType::F64 {
+        (g.clone(), xhat.clone())
+    } else {
+        (g.to_dtype(DType::F32)?, xhat.to_dtype(DType::F32)?)
+    };
+    let mean_g = g.mean_keepdim(D::Minus1)?;
+    let mean_gx = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let inner = g
+        .broadcast_sub(&mean_g)?
+        .sub(&xhat.broadcast_mul(&mean_gx)?)?;
+    inner.broadcast_mul(rstd)?.to_dtype(dtype)
+}
+
+/// Softmax over the last dimension with its own backward: `y * (g - sum(g * y))`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let forward = |x: &Tensor| {
+        let y = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
+        Ok((y.clone(), y))
+    };
+    let backward = |g: &Tensor, y: &Tensor| {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    };
+    Ok(input_grad_only_saving(x, forward, backward)?)
+}
+
+/// `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let forward = |x: &Tensor| Ok((x.silu()?, x.clone()));
+    let backward = |g: &Tensor, x: &Tensor| {
+        let s = candle_nn::ops::sigmoid(x)?;
+        // d/dx x s(x) = s (1 + x (1 - s))
+        let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
+        g * d
+    };
+    Ok(input_grad_only_saving(x, forward, backward)?)
+}
+
+/// CLIP's `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let forward = |x: &Tensor| {
+        let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
+        Ok(((x * &s)?, (x.clone(), s)))
+    };
+    let backward = |g: &Tensor, (x, s): &(Tensor, Tensor)| {
+        // s + 1.702 x s (1 - s)
+        let d = (s + ((x * s)? * (1.0 - s)?)?.affine(1.702, 0.0)?)?;
+        g * d
+    };
+    Ok(input_grad_only_saving(x, forward, backward)?)
+}
+
+/// The exact (erf) GELU of diffusers' GEGLU.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let forward = |x: &Tensor| Ok((x.gelu_erf()?, x.clone()));
+    let backward = |g: &Tensor, x: &Tensor| {
+        // Phi(x) + x phi(x)
+        let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?.affine(0.5, 0.0)?;
+        let pdf = (x.sqr()? * -0.5)?
+            .exp()?
+            .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
+        g * (cdf + (x * pdf)?)?
+    };
+    Ok(input_grad_only_saving(x, forward, backward)?)
+}
+
+/// Nearest-neighbour 2x upsampling; its input gradient sums each 2x2 block.
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let forward = |x: &Tensor| x.upsample_nearest2d(2 * h, 2 * w);
+    let backward = |g: &Tensor| g.avg_pool2d(2)? * 4.0;
+    Ok(input_grad_only(x, forward, backward)?)
+}
+
+/// Carries a precomputed attention output into the graph; the backward pass recomputes
+/// the probabilities chunk by chunk instead of keeping the `[T, T]` matrices alive.
+struct AttentionOp {
+    output: Mutex<Option<Tensor>>,
+    scale: f64,
+    mask: Option<Tensor>,
+    need: [bool; 3],
+}
+
+/// How many `(batch*head)` slices one chunk holds, keeping its score matrix near 16M values.
+fn attention_chunk(slices: usize, tq: usize, tk: usize) -> usize {
+    (16 * 1024 * 1024 / (tq * tk).max(1)).clamp(1, slices.max(1))
+}
+
+fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (slices, tq, _) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let chunk = attention_chunk(slices, tq, tk);
+    let mut outs = Vec::with_capacity(slices.div_ceil(chunk));
+    for start in (0..slices).step_by(chunk) {
+        let len = chunk.min(slices - start);
+        let p = attention_probs(
+            &q.narrow(0, start, len)?,
+            &k.narrow(0, start, len)?,
+            scale,
+            mask,
+        )?;
+        outs.push(p.matmul(&v.narrow(0, start, len)?)?);
+    }
+    Tensor::cat(&outs, 0)
+}
+
+impl candle_core::CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sdti-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = take(&self.output)?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attention: output is not on the cpu"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = take(&self.output)?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attention: output is not on the cuda device"),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        let out = take(&self.output)?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attention: output is not on the metal device"),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (slices, tq, _) = q.dims3()?;
+        let tk = k.dim(1)?;
+        let chunk = attention_chunk(slices, tq, tk);
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..slices).step_by(chunk) {
+            let len = chunk.min(slices - start);
+            let (qc, kc, vc) = (
+                q.narrow(0, start, len)?,
+                k.narrow(0, start, len)?,
+                v.narrow(0, start, len)?,
+            );
+            let gc = g.narrow(0, start, len)?;
+            let p = attention_probs(&qc, &kc, self.scale, self.mask.as_ref())?;
+            if self.need[2] {
+                dvs.push(p.t()?.matmul(&gc)?);
+            }
+            if self.need[0] || self.need[1] {
+                let dp = gc.matmul(&vc.t()?)?;
+                let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+                let ds = ((p * dp.broadcast_sub(&dot)?)? * self.scale)?;
+                if self.need[0] {
+                    dqs.push(ds.matmul(&kc)?);
+                }
+                if self.need[1] {
+                    dks.push(ds.t()?.matmul(&qc)?);
+                }
+            }
+        }
+        let join = |parts: Vec<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            if parts.is_empty() {
+                Ok(None)
+            } else {
+                Tensor::cat(&parts, 0).map(Some)
+            }
+        };
+        Ok((join(dqs)?, join(dks)?, join(dvs)?))
+    }
+}
+
+fn take(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<Tensor> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("attention output used twice".into()))
+}
+
+/// `softmax(q k^T * scale + mask) v` over `[batch*heads, tokens, head_dim]` tensors.
+/// Memory-bounded: the forward pass works in chunks of slices and the backward pass
+/// recomputes the probabilities, so no `[T, T]` matrix outlives its chunk.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let need = [q.track_op(), k.track_op(), v.track_op()];
+    if !need.iter().any(|&n| n) {
+        return Ok(attention_forward(&q, &k, &v, scale, mask)?);
+    }
+    let out = standalone(attention_forward(
+        &q.detach(),
+        &k.detach(),
+        &v.detach(),
+        scale,
+        mask,
+    )?)?;
+    let op = AttentionOp {
+        output: Mutex::new(Some(out)),
+        scale,
+        mask: mask.cloned(),
+        need,
+    };
+    Ok(q.apply_op3(&k, &v, op)?)
+}

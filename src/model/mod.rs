@@ -1,0 +1,70 @@
+//! Training-grade Stable Diffusion 1.x model code on candle tensors.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub use checkpoint::Family;
+pub use clip::{ClipTextTransformer, Injection};
+pub use config::{ClipConfig, ModelConfig, SchedulerConfig, UnetConfig, VaeConfig};
+pub use unet::Unet;
+pub use vae::{LatentDist, Vae};
+
+use crate::error::Result;
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The dtype the frozen weights are computed in.
+    pub dtype: DType,
+    pub device: Device,
+    /// Overrides the configuration found in (or inferred from) the model files.
+    pub config: Option<ModelConfig>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            config: None,
+        }
+    }
+}
+
+/// A loaded SD 1.x model: text encoder, UNet and VAE, frozen.
+pub struct SdModel {
+    pub text_encoder: ClipTextTransformer,
+    pub unet: Unet,
+    pub vae: Vae,
+    pub config: ModelConfig,
+    pub source: PathBuf,
+}
+
+impl SdModel {
+    /// Loads a diffusers folder or a single-file `.safetensors` checkpoint.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let loaded = checkpoint::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
+        let w = &loaded.weights;
+        let cfg = loaded.config;
+        Ok(Self {
+            text_encoder: ClipTextTransformer::new(&w.pp("text_encoder"), &cfg.text_encoder)?,
+            unet: Unet::new(&w.pp("unet"), &cfg.unet)?,
+            vae: Vae::new(&w.pp("vae"), &cfg.vae)?,
+            config: cfg,
+            source: loaded.source,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.text_encoder.device()
+    }
+}

@@ -1,0 +1,3 @@
+//! Training: data, prompts, schedules, the step and its optimizer.
+
+pub mod loss;

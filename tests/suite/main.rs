@@ -1,0 +1,4 @@
+//! The integration test suite, one binary (candle links are heavy).
+
+mod common;
+mod parity;
