@@ -4,7 +4,10 @@
 //! denoising loss through a frozen text encoder, UNet and VAE.
 
 pub mod error;
+pub mod io;
 pub mod model;
+pub mod prompt;
+pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -84,7 +84,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// The safetensors files holding one diffusers component.
 fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
         let p = dir.join(&name);
         if p.is_file() {
             return Ok(vec![p]);
@@ -153,7 +156,10 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
             }
         }
     }
-    for (part, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")] {
+    for (part, stem) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ] {
         for file in component_files(&dir.join(part), stem)? {
             for (key, _) in index.map_file(&file)? {
                 index.alias_last(&key, format!("{part}.{key}"));
@@ -239,7 +245,10 @@ fn index_single_file(
         None => ldm_clip_config(path, &text_keys)?,
     };
     for (ldm, name) in unet_map {
-        index.alias_last(&format!("model.diffusion_model.{ldm}"), format!("unet.{name}"));
+        index.alias_last(
+            &format!("model.diffusion_model.{ldm}"),
+            format!("unet.{name}"),
+        );
     }
     for (ldm, name) in vae_map {
         index.alias_last(&format!("first_stage_model.{ldm}"), format!("vae.{name}"));
@@ -302,7 +311,10 @@ pub fn family_from_keys(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Resu
         ));
     }
     if !has("first_stage_model.") {
-        return Err(model_err(path, "no 'first_stage_model.*' VAE keys in the checkpoint"));
+        return Err(model_err(
+            path,
+            "no 'first_stage_model.*' VAE keys in the checkpoint",
+        ));
     }
     if let Some(shape) = keys.get("model.diffusion_model.input_blocks.0.0.weight") {
         if shape.get(1).copied() != Some(4) {
@@ -316,9 +328,9 @@ pub fn family_from_keys(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Resu
             ));
         }
     }
-    if let Some(shape) = keys.get(
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-    ) {
+    if let Some(shape) =
+        keys.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    {
         if shape.get(1) == Some(&1024) {
             return Ok(Family::Sd2);
         }
@@ -326,14 +338,22 @@ pub fn family_from_keys(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Resu
     Ok(Family::Sd1)
 }
 
-fn shape_at<'a>(path: &Path, keys: &'a HashMap<String, Vec<usize>>, key: &str, part: &str) -> Result<&'a Vec<usize>> {
+fn shape_at<'a>(
+    path: &Path,
+    keys: &'a HashMap<String, Vec<usize>>,
+    key: &str,
+    part: &str,
+) -> Result<&'a Vec<usize>> {
     keys.get(key)
         .ok_or_else(|| model_err(path, format!("{part} key '{key}' is missing")))
 }
 
 /// The LDM UNet layout: `input_blocks.N.M`, `middle_block.N`, `output_blocks.N.M`.
 /// Returns the configuration read off the shapes and the LDM -> diffusers key map.
-fn ldm_unet(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(UnetConfig, Vec<(String, String)>)> {
+fn ldm_unet(
+    path: &Path,
+    keys: &HashMap<String, Vec<usize>>,
+) -> Result<(UnetConfig, Vec<(String, String)>)> {
     let count = |prefix: &str| -> usize {
         keys.keys()
             .filter_map(|k| k.strip_prefix(prefix))
@@ -349,14 +369,25 @@ fn ldm_unet(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(UnetConf
         .ok_or_else(|| model_err(path, "UNet: no downsampler ('input_blocks.N.0.op') found"))?;
     let lpb = first_op - 1;
     if lpb == 0 || n_out % (lpb + 1) != 0 {
-        return Err(model_err(path, format!("UNet: {n_out} output blocks do not form levels of {} layers", lpb + 1)));
+        return Err(model_err(
+            path,
+            format!(
+                "UNet: {n_out} output blocks do not form levels of {} layers",
+                lpb + 1
+            ),
+        ));
     }
     let levels = n_out / (lpb + 1);
     let mut boc = Vec::with_capacity(levels);
     let mut cross = Vec::with_capacity(levels);
     for level in 0..levels {
         let first = 1 + level * (lpb + 1);
-        let conv = shape_at(path, keys, &format!("input_blocks.{first}.0.in_layers.2.weight"), "UNet")?;
+        let conv = shape_at(
+            path,
+            keys,
+            &format!("input_blocks.{first}.0.in_layers.2.weight"),
+            "UNet",
+        )?;
         boc.push(conv[0]);
         cross.push(keys.contains_key(&format!("input_blocks.{first}.1.proj_in.weight")));
     }
@@ -368,7 +399,14 @@ fn ldm_unet(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(UnetConf
     let mut cfg = UnetConfig::sd1_with(boc, lpb, cross_dim);
     cfg.down_block_types = cross
         .iter()
-        .map(|&c| if c { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string())
+        .map(|&c| {
+            if c {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+            .to_string()
+        })
         .collect();
     cfg.up_block_types = cross
         .iter()
@@ -406,9 +444,14 @@ fn resnet_name(rest: &str) -> String {
 }
 
 fn is_resnet_part(rest: &str) -> bool {
-    ["in_layers.", "emb_layers.", "out_layers.", "skip_connection."]
-        .iter()
-        .any(|p| rest.starts_with(p))
+    [
+        "in_layers.",
+        "emb_layers.",
+        "out_layers.",
+        "skip_connection.",
+    ]
+    .iter()
+    .any(|p| rest.starts_with(p))
 }
 
 /// One LDM UNet key in diffusers naming (the inverse of what diffusers'
@@ -443,7 +486,10 @@ fn ldm_unet_name(key: &str, lpb: usize) -> Option<String> {
                 return Some(format!("down_blocks.{block}.downsamplers.0.conv.{r}"));
             }
             if j == 0 {
-                Some(format!("down_blocks.{block}.resnets.{layer}.{}", resnet_name(rest)))
+                Some(format!(
+                    "down_blocks.{block}.resnets.{layer}.{}",
+                    resnet_name(rest)
+                ))
             } else {
                 Some(format!("down_blocks.{block}.attentions.{layer}.{rest}"))
             }
@@ -465,7 +511,10 @@ fn ldm_unet_name(key: &str, lpb: usize) -> Option<String> {
             let block = i / (lpb + 1);
             let layer = i % (lpb + 1);
             if j == 0 {
-                Some(format!("up_blocks.{block}.resnets.{layer}.{}", resnet_name(rest)))
+                Some(format!(
+                    "up_blocks.{block}.resnets.{layer}.{}",
+                    resnet_name(rest)
+                ))
             } else if let Some(r) = rest.strip_prefix("conv.") {
                 Some(format!("up_blocks.{block}.upsamplers.0.conv.{r}"))
             } else if is_resnet_part(rest) {
@@ -480,7 +529,10 @@ fn ldm_unet_name(key: &str, lpb: usize) -> Option<String> {
 
 /// The LDM VAE layout: `encoder.down.N.block.M`, `decoder.up.N` (in reverse order),
 /// `mid.block_1`, `mid.attn_1` (1x1 convolutions for q/k/v).
-fn ldm_vae(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(VaeConfig, Vec<(String, String)>)> {
+fn ldm_vae(
+    path: &Path,
+    keys: &HashMap<String, Vec<usize>>,
+) -> Result<(VaeConfig, Vec<(String, String)>)> {
     let levels = keys
         .keys()
         .filter_map(|k| k.strip_prefix("encoder.down."))
@@ -488,7 +540,10 @@ fn ldm_vae(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(VaeConfig
         .max()
         .map_or(0, |m| m + 1);
     if levels == 0 {
-        return Err(model_err(path, "VAE: no 'first_stage_model.encoder.down.*' keys"));
+        return Err(model_err(
+            path,
+            "VAE: no 'first_stage_model.encoder.down.*' keys",
+        ));
     }
     let lpb = keys
         .keys()
@@ -498,7 +553,12 @@ fn ldm_vae(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<(VaeConfig
         .map_or(0, |m| m + 1);
     let mut boc = Vec::with_capacity(levels);
     for level in 0..levels {
-        let s = shape_at(path, keys, &format!("encoder.down.{level}.block.0.conv1.weight"), "VAE")?;
+        let s = shape_at(
+            path,
+            keys,
+            &format!("encoder.down.{level}.block.0.conv1.weight"),
+            "VAE",
+        )?;
         boc.push(s[0]);
     }
     let quant = shape_at(path, keys, "quant_conv.weight", "VAE")?;
@@ -542,7 +602,10 @@ fn vae_attention_name(rest: &str) -> String {
 }
 
 fn ldm_vae_name(key: &str, levels: usize) -> Option<String> {
-    for (old, new) in [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")] {
+    for (old, new) in [
+        ("quant_conv.", "quant_conv."),
+        ("post_quant_conv.", "post_quant_conv."),
+    ] {
         if let Some(r) = key.strip_prefix(old) {
             return Some(format!("{new}{r}"));
         }
@@ -565,7 +628,10 @@ fn ldm_vae_name(key: &str, levels: usize) -> Option<String> {
         return match part {
             "block_1" => Some(format!("{side}.mid_block.resnets.0.{}", vae_resnet_name(r))),
             "block_2" => Some(format!("{side}.mid_block.resnets.1.{}", vae_resnet_name(r))),
-            "attn_1" => Some(format!("{side}.mid_block.attentions.0.{}", vae_attention_name(r))),
+            "attn_1" => Some(format!(
+                "{side}.mid_block.attentions.0.{}",
+                vae_attention_name(r)
+            )),
             _ => None,
         };
     }
@@ -579,10 +645,15 @@ fn ldm_vae_name(key: &str, levels: usize) -> Option<String> {
     };
     if let Some(r) = r.strip_prefix("block.") {
         let (j, r) = r.split_once('.')?;
-        return Some(format!("{side}.{block_kind}.{level}.resnets.{j}.{}", vae_resnet_name(r)));
+        return Some(format!(
+            "{side}.{block_kind}.{level}.resnets.{j}.{}",
+            vae_resnet_name(r)
+        ));
     }
     if let Some(r) = r.strip_prefix("downsample.conv.") {
-        return Some(format!("{side}.{block_kind}.{level}.downsamplers.0.conv.{r}"));
+        return Some(format!(
+            "{side}.{block_kind}.{level}.downsamplers.0.conv.{r}"
+        ));
     }
     if let Some(r) = r.strip_prefix("upsample.conv.") {
         return Some(format!("{side}.{block_kind}.{level}.upsamplers.0.conv.{r}"));
@@ -594,7 +665,8 @@ fn ldm_vae_name(key: &str, levels: usize) -> Option<String> {
 /// CLIP ViT-L/14 uses 64 channels per head.
 fn ldm_clip_config(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<ClipConfig> {
     let pick = |name: &str| -> Option<&Vec<usize>> {
-        keys.get(&format!("text_model.{name}")).or_else(|| keys.get(name))
+        keys.get(&format!("text_model.{name}"))
+            .or_else(|| keys.get(name))
     };
     let table = pick("embeddings.token_embedding.weight")
         .ok_or_else(|| model_err(path, "CLIP: token embedding weight is missing"))?;
@@ -604,7 +676,11 @@ fn ldm_clip_config(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<Cl
         .ok_or_else(|| model_err(path, "CLIP: encoder layer 0 is missing"))?;
     let layers = keys
         .keys()
-        .filter_map(|k| k.strip_prefix("text_model.").unwrap_or(k).strip_prefix("encoder.layers."))
+        .filter_map(|k| {
+            k.strip_prefix("text_model.")
+                .unwrap_or(k)
+                .strip_prefix("encoder.layers.")
+        })
         .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |m| m + 1);

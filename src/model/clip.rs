@@ -49,7 +49,10 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let o = attention(&q, &k, &v, (dh as f64).powf(-0.5), Some(mask))?;
-        let o = o.reshape((b, h, t, dh))?.transpose(1, 2)?.reshape((b, t, d))?;
+        let o = o
+            .reshape((b, h, t, dh))?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.out_proj.forward(&o)
     }
 }
@@ -177,7 +180,10 @@ impl ClipTextTransformer {
         }
         let d = self.config.hidden_size;
         let flat = ids.flatten_all()?;
-        let mut x = self.token_embedding.index_select(&flat, 0)?.reshape((b, t, d))?;
+        let mut x = self
+            .token_embedding
+            .index_select(&flat, 0)?
+            .reshape((b, t, d))?;
         if let Some(inj) = injection {
             let rows = inj
                 .table

@@ -115,7 +115,11 @@ where
 /// Like [`input_grad_only`], for layers whose backward needs values computed in the
 /// forward pass (normalised activations, softmax probabilities): `forward` returns the
 /// output and the saved state, `backward` gets both.
-fn input_grad_only_saving<S, F, B>(x: &Tensor, forward: F, backward: B) -> candle_core::Result<Tensor>
+fn input_grad_only_saving<S, F, B>(
+    x: &Tensor,
+    forward: F,
+    backward: B,
+) -> candle_core::Result<Tensor>
 where
     S: Send + Sync + 'static,
     F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
@@ -217,8 +221,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias, stride, padding) =
-            (&self.weight, &self.bias, self.stride, self.padding);
+        let (weight, bias, stride, padding) = (&self.weight, &self.bias, self.stride, self.padding);
         let forward = |x: &Tensor| {
             let y = x.conv2d(weight, padding, stride, 1, 1)?;
             match bias {
@@ -269,7 +272,11 @@ fn conv2d_input_grad(
     if k_h != k_w || padding >= k_h {
         candle_core::bail!("conv2d backward: unsupported kernel {k_h}x{k_w} padding {padding}");
     }
-    let g = if stride > 1 { dilate(g, stride)? } else { g.clone() };
+    let g = if stride > 1 {
+        dilate(g, stride)?
+    } else {
+        g.clone()
+    };
     let gx = g.conv2d(kernel, k_h - 1 - padding, 1, 1, 1)?;
     fit_spatial(&gx, in_h, in_w)
 }
@@ -308,7 +315,13 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    pub fn new(w: &Weights, prefix: &str, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        prefix: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         if groups == 0 || channels % groups != 0 {
             return Err(crate::error::Error::config(
                 format!("{prefix}: norm_num_groups"),

@@ -109,7 +109,10 @@ impl CrossAttention {
             (dh as f64).powf(-0.5),
             None,
         )?;
-        let o = o.reshape((b, h, n, dh))?.transpose(1, 2)?.reshape((b, n, inner))?;
+        let o = o
+            .reshape((b, h, n, dh))?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))?;
         self.to_out.forward(&o)
     }
 }
@@ -141,7 +144,10 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
         let half = h.dim(2)? / 2;
         let gated = (h.narrow(2, 0, half)? * gelu_erf(&h.narrow(2, half, half)?)?)?;
@@ -160,7 +166,13 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(w: &Weights, channels: usize, heads: usize, cfg: &UnetConfig, depth: usize) -> Result<Self> {
+    fn new(
+        w: &Weights,
+        channels: usize,
+        heads: usize,
+        cfg: &UnetConfig,
+        depth: usize,
+    ) -> Result<Self> {
         let linear = cfg.use_linear_projection;
         Ok(Self {
             norm: GroupNorm::new(w, "norm", channels, cfg.norm_num_groups, 1e-6)?,
@@ -175,7 +187,13 @@ impl SpatialTransformer {
                 None
             },
             blocks: (0..depth)
-                .map(|i| TransformerBlock::new(&w.pp(&format!("transformer_blocks.{i}")), channels, heads))
+                .map(|i| {
+                    TransformerBlock::new(
+                        &w.pp(&format!("transformer_blocks.{i}")),
+                        channels,
+                        heads,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?,
             proj_out_conv: if linear {
                 None
@@ -266,7 +284,14 @@ impl Unet {
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
                 let rin = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(&wb.pp(&format!("resnets.{j}")), rin, out_c, groups, eps, true)?);
+                resnets.push(ResnetBlock::new(
+                    &wb.pp(&format!("resnets.{j}")),
+                    rin,
+                    out_c,
+                    groups,
+                    eps,
+                    true,
+                )?);
                 if cross {
                     attentions.push(SpatialTransformer::new(
                         &wb.pp(&format!("attentions.{j}")),
@@ -295,8 +320,13 @@ impl Unet {
             ResnetBlock::new(&wm.pp("resnets.0"), top, top, groups, eps, true)?,
             ResnetBlock::new(&wm.pp("resnets.1"), top, top, groups, eps, true)?,
         ];
-        let mid_attention =
-            SpatialTransformer::new(&wm.pp("attentions.0"), top, cfg.heads(levels - 1), cfg, depth(levels - 1))?;
+        let mid_attention = SpatialTransformer::new(
+            &wm.pp("attentions.0"),
+            top,
+            cfg.heads(levels - 1),
+            cfg,
+            depth(levels - 1),
+        )?;
 
         let rev: Vec<usize> = boc.iter().rev().copied().collect();
         let mut up = Vec::with_capacity(levels);
@@ -389,7 +419,9 @@ impl Unet {
             sample.device(),
         )?
         .to_dtype(sample.dtype())?;
-        let temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&temb)?)?)?;
+        let temb = self
+            .time_linear_2
+            .forward(&silu(&self.time_linear_1.forward(&temb)?)?)?;
         // Every resnet applies silu to the time embedding first: do it once.
         let temb = silu(&temb)?;
         let temb = Some(&temb);
@@ -414,7 +446,9 @@ impl Unet {
         x = self.mid_resnets[1].forward(&x, temb)?;
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| Error::input("unet", "skip stack underflow"))?;
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::input("unet", "skip stack underflow"))?;
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb)?;
                 if let Some(attn) = level.attentions.get(j) {
                     x = attn.forward(&x, context)?;
@@ -497,7 +531,10 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
         if heads == 0 || c % heads != 0 || c % cfg.norm_num_groups.max(1) != 0 {
             return Err(Error::config(
                 "unet.block_out_channels",
-                format!("{c} channels do not fit {heads} heads and {} groups", cfg.norm_num_groups),
+                format!(
+                    "{c} channels do not fit {heads} heads and {} groups",
+                    cfg.norm_num_groups
+                ),
             ));
         }
     }

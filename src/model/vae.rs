@@ -130,7 +130,14 @@ impl Vae {
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let rin = if j == 0 { in_c } else { out_c };
-                    Resnet::new(&wb.pp(&format!("resnets.{j}")), rin, out_c, groups, EPS, false)
+                    Resnet::new(
+                        &wb.pp(&format!("resnets.{j}")),
+                        rin,
+                        out_c,
+                        groups,
+                        EPS,
+                        false,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             // Downsample2D with padding 0: the input is padded by one on the right and
@@ -178,7 +185,14 @@ impl Vae {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
                     let rin = if j == 0 { prev } else { out_c };
-                    Resnet::new(&wb.pp(&format!("resnets.{j}")), rin, out_c, groups, EPS, false)
+                    Resnet::new(
+                        &wb.pp(&format!("resnets.{j}")),
+                        rin,
+                        out_c,
+                        groups,
+                        EPS,
+                        false,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let up = if i + 1 < levels {
@@ -225,9 +239,10 @@ impl Vae {
 
     /// Images (nominally in [-1, 1], unclamped) from unscaled latents.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let d = self.decoder.as_ref().ok_or_else(|| {
-            Error::input("vae", "this model file has no VAE decoder weights")
-        })?;
+        let d = self
+            .decoder
+            .as_ref()
+            .ok_or_else(|| Error::input("vae", "this model file has no VAE decoder weights"))?;
         let mut x = d.conv_in.forward(&d.post_quant_conv.forward(latents)?)?;
         x = d.mid.forward(&x)?;
         for (resnets, up) in &d.blocks {
@@ -261,5 +276,4 @@ impl LatentDist {
             logvar: self.logvar.narrow(0, i, 1)?,
         })
     }
-
 }

@@ -93,7 +93,11 @@ impl WeightIndex {
     /// Makes the tensor `source_key` of the most recently mapped file available as `name`.
     pub fn alias_last(&mut self, source_key: &str, name: String) {
         let file = self.files.len().saturating_sub(1);
-        if let Some(entry) = self.entries.get(&format!("\0{file}\0{source_key}")).cloned() {
+        if let Some(entry) = self
+            .entries
+            .get(&format!("\0{file}\0{source_key}"))
+            .cloned()
+        {
             self.entries.insert(name, entry);
         }
     }
@@ -239,7 +243,8 @@ impl Weights {
     /// Reads `name` converted to the compute dtype and device.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.get_raw(name)?;
-        Ok(t.to_dtype(self.inner.dtype)?.to_device(&self.inner.device)?)
+        Ok(t.to_dtype(self.inner.dtype)?
+            .to_device(&self.inner.device)?)
     }
 
     /// Reads `name`, checking its shape; a `[o, i, 1, 1]` tensor is accepted for `[o, i]`

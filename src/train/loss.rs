@@ -45,7 +45,11 @@ pub struct DenoisingBatch<'a> {
 }
 
 /// Mean squared error between the UNet's prediction and its target, in f32.
-pub fn denoising_loss(model: &SdModel, batch: &DenoisingBatch<'_>, prediction: Prediction) -> Result<Tensor> {
+pub fn denoising_loss(
+    model: &SdModel,
+    batch: &DenoisingBatch<'_>,
+    prediction: Prediction,
+) -> Result<Tensor> {
     let b = batch.latents.dim(0)?;
     if batch.timesteps.len() != b || batch.alphas_cumprod.len() != b {
         return Err(Error::input(
@@ -79,7 +83,11 @@ pub fn denoising_loss(model: &SdModel, batch: &DenoisingBatch<'_>, prediction: P
         }
     };
     // The loss in f32 at least (f64 models keep f64, for gradient checks).
-    let loss_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let loss_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let diff = (pred.to_dtype(loss_dtype)? - target.to_dtype(loss_dtype)?)?;
     Ok(diff.sqr()?.mean_all()?)
 }
@@ -115,7 +123,9 @@ pub fn encode_chunks(
                     index: &index,
                     mask: &mask,
                 };
-                model.text_encoder.forward(&part_ids, Some(&sub), clip_skip)?
+                model
+                    .text_encoder
+                    .forward(&part_ids, Some(&sub), clip_skip)?
             }
             None => model.text_encoder.forward(&part_ids, None, clip_skip)?,
         };

@@ -59,9 +59,11 @@ PIPE = FIX / "tiny-sd"
 SINGLE = FIX / "tiny-sd.safetensors"
 EXPECTED = FIX / "tiny-sd-expected.safetensors"
 EXPECTED_JSON = FIX / "tiny-sd-expected.json"
-BPE_GZ = ROOT.parent / "shared" / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+# the repo's copy (same sha256 924691ac...) or the shared asset
+BPE_GZ = ROOT / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 if not BPE_GZ.exists():
     BPE_GZ = Path("/work/shared/assets/clip/bpe_simple_vocab_16e6.txt.gz")
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 VERSIONS = {
     "python": sys.version.split()[0],
@@ -161,6 +163,9 @@ def bytes_to_unicode():
 
 def write_tokenizer(dst: Path):
     dst.mkdir(parents=True, exist_ok=True)
+    import hashlib
+
+    assert hashlib.sha256(BPE_GZ.read_bytes()).hexdigest() == BPE_SHA256, BPE_GZ
     lines = gzip.open(BPE_GZ).read().decode("utf-8").split("\n")
     merge_lines = lines[1 : 49152 - 256 - 2 + 1]  # 48,894 merges, header skipped
     assert len(merge_lines) == 48894
@@ -636,7 +641,7 @@ def main():
 
     # ---------------- unet
     g3 = torch.Generator().manual_seed(3)
-    u_sample = torch.randn(2, 4, 8, 8, generator=g3)
+    u_sample = torch.randn(2, 4, 32, 32, generator=g3)  # 32x32: the 1x1 lowest level of an 8x8 latent normalises 2 values per group, which amplifies f32 rounding far past 1e-4
     u_context = torch.randn(2, 77, 32, generator=g3)
     u_t = torch.tensor([10, 700], dtype=torch.int64)
     with torch.no_grad():
@@ -684,7 +689,7 @@ def main():
         ag = grad64[r, c].item()
         fd_report.append({"coord": [r, c], "finite_difference": fd, "autograd_f64": ag, "autograd_f32": grad[r, c].item(), "abs_diff": abs(fd - ag)})
         print(f"finite diff [{r},{c}]: fd {fd:.10e} autograd64 {ag:.10e} autograd32 {grad[r, c].item():.10e} |diff| {abs(fd - ag):.2e}")
-        assert abs(fd - ag) <= 1e-6 * max(1.0, abs(ag)) + 1e-8, "finite difference mismatch"
+        assert abs(fd - ag) <= 1e-5 * abs(ag) + 1e-10, "finite difference mismatch"
 
     # ---------------- AdamW
     g5 = torch.Generator().manual_seed(5)
@@ -811,7 +816,7 @@ def main():
                        "then for te, unet, vae in order, for p in model.parameters(): p.data = (p.data + 0.02*torch.randn_like(p)).half().float()",
             "te.vectors": "torch.randn(2,32, generator=Generator().manual_seed(1)) * 0.3",
             "vae.image": "smooth_image(Generator().manual_seed(2))",
-            "unet": "Generator().manual_seed(3): sample randn[2,4,8,8] then context randn[2,77,32]",
+            "unet": "Generator().manual_seed(3): sample randn[2,4,32,32] then context randn[2,77,32]",
             "loss.noise": "randn[1,4,8,8], Generator().manual_seed(4)",
             "adamw": "Generator().manual_seed(5): grad1 randn[2,32] then grad2 randn[2,32]",
         },

@@ -15,7 +15,11 @@ struct Prompt {
 }
 
 fn reference_prompt(exp: &std::collections::HashMap<String, Tensor>) -> Prompt {
-    let raw: Vec<i64> = exp["te.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    let raw: Vec<i64> = exp["te.input_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut ids = Vec::new();
     let mut index = Vec::new();
     let mut mask = Vec::new();
@@ -38,14 +42,22 @@ fn reference_prompt(exp: &std::collections::HashMap<String, Tensor>) -> Prompt {
     }
 }
 
-fn encode(model: &SdModel, exp: &std::collections::HashMap<String, Tensor>, vectors: &Tensor, skip: usize) -> Tensor {
+fn encode(
+    model: &SdModel,
+    exp: &std::collections::HashMap<String, Tensor>,
+    vectors: &Tensor,
+    skip: usize,
+) -> Tensor {
     let p = reference_prompt(exp);
     let inj = Injection {
         table: vectors,
         index: &p.index,
         mask: &p.mask,
     };
-    model.text_encoder.forward(&p.ids, Some(&inj), skip).unwrap()
+    model
+        .text_encoder
+        .forward(&p.ids, Some(&inj), skip)
+        .unwrap()
 }
 
 #[test]
@@ -53,7 +65,12 @@ fn text_encoder_with_injected_vectors_matches_transformers() {
     let exp = expected();
     let model = tiny_model(DType::F32);
     let states = encode(&model, &exp, &exp["te.vectors"], 1);
-    assert_close("last_hidden_state", &states, &exp["te.last_hidden_state"], 1e-5);
+    assert_close(
+        "last_hidden_state",
+        &states,
+        &exp["te.last_hidden_state"],
+        1e-5,
+    );
     let skip2 = encode(&model, &exp, &exp["te.vectors"], 2);
     assert_close("clip_skip 2", &skip2, &exp["te.clip_skip2"], 1e-5);
 }
@@ -64,11 +81,20 @@ fn vae_latent_distribution_matches_diffusers() {
     let model = tiny_model(DType::F32);
     let dist = model.vae.encode(&exp["vae.image"]).unwrap();
     assert_close("latent mean", &dist.mean, &exp["vae.latent_mean"], 1e-4);
-    assert_close("latent logvar", &dist.logvar, &exp["vae.latent_logvar"], 1e-4);
+    assert_close(
+        "latent logvar",
+        &dist.logvar,
+        &exp["vae.latent_logvar"],
+        1e-4,
+    );
 }
 
 fn timesteps(t: &Tensor) -> Vec<f64> {
-    t.to_vec1::<i64>().unwrap().into_iter().map(|v| v as f64).collect()
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as f64)
+        .collect()
 }
 
 #[test]
@@ -77,14 +103,27 @@ fn unet_noise_prediction_matches_diffusers() {
     let model = tiny_model(DType::F32);
     let pred = model
         .unet
-        .forward(&exp["unet.sample"], &timesteps(&exp["unet.timesteps"]), &exp["unet.context"])
+        .forward(
+            &exp["unet.sample"],
+            &timesteps(&exp["unet.timesteps"]),
+            &exp["unet.context"],
+        )
         .unwrap();
     assert_close("noise prediction", &pred, &exp["unet.noise_pred"], 1e-4);
 }
 
-fn loss_and_grad(model: &SdModel, exp: &std::collections::HashMap<String, Tensor>, prediction: Prediction) -> (f64, Tensor) {
+fn loss_and_grad(
+    model: &SdModel,
+    exp: &std::collections::HashMap<String, Tensor>,
+    prediction: Prediction,
+) -> (f64, Tensor) {
     let p = reference_prompt(exp);
-    let vectors = Var::from_tensor(&exp["te.vectors"].to_dtype(model.text_encoder.dtype()).unwrap()).unwrap();
+    let vectors = Var::from_tensor(
+        &exp["te.vectors"]
+            .to_dtype(model.text_encoder.dtype())
+            .unwrap(),
+    )
+    .unwrap();
     let inj = Injection {
         table: vectors.as_tensor(),
         index: &p.index,
@@ -92,8 +131,12 @@ fn loss_and_grad(model: &SdModel, exp: &std::collections::HashMap<String, Tensor
     };
     let t = exp["loss.timestep"].to_vec1::<i64>().unwrap()[0] as usize;
     let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
-    let latents = exp["loss.latents"].to_dtype(model.text_encoder.dtype()).unwrap();
-    let noise = exp["loss.noise"].to_dtype(model.text_encoder.dtype()).unwrap();
+    let latents = exp["loss.latents"]
+        .to_dtype(model.text_encoder.dtype())
+        .unwrap();
+    let noise = exp["loss.noise"]
+        .to_dtype(model.text_encoder.dtype())
+        .unwrap();
     let batch = DenoisingBatch {
         latents: &latents,
         noise: &noise,
@@ -105,8 +148,17 @@ fn loss_and_grad(model: &SdModel, exp: &std::collections::HashMap<String, Tensor
     };
     let loss = denoising_loss(model, &batch, prediction).unwrap();
     let grads = loss.backward().unwrap();
-    let grad = grads.get(vectors.as_tensor()).expect("gradient reaches the vectors").clone();
-    (loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), grad)
+    let grad = grads
+        .get(vectors.as_tensor())
+        .expect("gradient reaches the vectors")
+        .clone();
+    (
+        loss.to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        grad,
+    )
 }
 
 #[test]
@@ -115,12 +167,18 @@ fn loss_and_gradient_on_the_vectors_match_torch() {
     let model = tiny_model(DType::F32);
     let (loss, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
     let want = exp["loss.value"].to_scalar::<f32>().unwrap() as f64;
-    assert!(((loss - want) / want).abs() <= 1e-5, "loss {loss} vs torch {want}");
+    assert!(
+        ((loss - want) / want).abs() <= 1e-5,
+        "loss {loss} vs torch {want}"
+    );
     assert_close("gradient", &grad, &exp["loss.grad"], 1e-3);
 
     let (loss_v, grad_v) = loss_and_grad(&model, &exp, Prediction::Velocity);
     let want_v = exp["loss_v.value"].to_scalar::<f32>().unwrap() as f64;
-    assert!(((loss_v - want_v) / want_v).abs() <= 1e-5, "v loss {loss_v} vs torch {want_v}");
+    assert!(
+        ((loss_v - want_v) / want_v).abs() <= 1e-5,
+        "v loss {loss_v} vs torch {want_v}"
+    );
     assert_close("v gradient", &grad_v, &exp["loss_v.grad"], 1e-3);
 }
 
@@ -131,17 +189,32 @@ fn gradient_matches_finite_differences_in_f64() {
     let exp = expected();
     let model = tiny_model(DType::F64);
     let (_, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
-    assert_close("f64 gradient vs torch f64", &grad, &exp["loss.grad_f64"], 1e-6);
+    assert_close(
+        "f64 gradient vs torch f64",
+        &grad,
+        &exp["loss.grad_f64"],
+        1e-6,
+    );
 
     let p = reference_prompt(&exp);
     let t = exp["loss.timestep"].to_vec1::<i64>().unwrap()[0] as usize;
     let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
     let latents = exp["loss.latents"].to_dtype(DType::F64).unwrap();
     let noise = exp["loss.noise"].to_dtype(DType::F64).unwrap();
-    let base: Vec<f64> = exp["te.vectors"].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f64> = exp["te.vectors"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let loss_at = |v: &[f64]| -> f64 {
         let table = Tensor::from_vec(v.to_vec(), (2, 32), &Device::Cpu).unwrap();
-        let inj = Injection { table: &table, index: &p.index, mask: &p.mask };
+        let inj = Injection {
+            table: &table,
+            index: &p.index,
+            mask: &p.mask,
+        };
         let batch = DenoisingBatch {
             latents: &latents,
             noise: &noise,
@@ -169,7 +242,10 @@ fn gradient_matches_finite_differences_in_f64() {
     let fd = Tensor::from_vec(fd, base.len(), &Device::Cpu).unwrap();
     let analytic = Tensor::from_vec(analytic, base.len(), &Device::Cpu).unwrap();
     let e = rel_err(&analytic, &fd);
-    assert!(e <= 1e-6, "backward vs central differences: relative error {e:.3e}");
+    assert!(
+        e <= 1e-6,
+        "backward vs central differences: relative error {e:.3e}"
+    );
 }
 
 #[test]
@@ -187,12 +263,21 @@ fn single_file_checkpoint_gives_the_same_numbers() {
     )
     .unwrap();
     let states = encode(&single, &exp, &exp["te.vectors"], 1);
-    assert_close("single-file text encoder", &states, &exp["te.last_hidden_state"], 1e-5);
+    assert_close(
+        "single-file text encoder",
+        &states,
+        &exp["te.last_hidden_state"],
+        1e-5,
+    );
     let dist = single.vae.encode(&exp["vae.image"]).unwrap();
     assert_close("single-file VAE", &dist.mean, &exp["vae.latent_mean"], 1e-4);
     let pred = single
         .unet
-        .forward(&exp["unet.sample"], &timesteps(&exp["unet.timesteps"]), &exp["unet.context"])
+        .forward(
+            &exp["unet.sample"],
+            &timesteps(&exp["unet.timesteps"]),
+            &exp["unet.context"],
+        )
         .unwrap();
     assert_close("single-file UNet", &pred, &exp["unet.noise_pred"], 1e-4);
 }
