@@ -7,6 +7,7 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod prompt;
+pub mod sample;
 pub mod tokenizer;
 pub mod train;
 

@@ -53,14 +53,22 @@ impl SdModel {
     /// Loads a diffusers folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let loaded = checkpoint::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
-        let w = &loaded.weights;
-        let cfg = loaded.config;
+        Self::from_weights(&loaded.weights, loaded.config, loaded.source)
+    }
+
+    /// Builds the model from in-memory weights (diffusers names under `text_encoder.`,
+    /// `unet.`, `vae.`), e.g. a random model of the real architecture for benchmarks.
+    pub fn from_weights(
+        w: &weights::Weights,
+        config: ModelConfig,
+        source: PathBuf,
+    ) -> Result<Self> {
         Ok(Self {
-            text_encoder: ClipTextTransformer::new(&w.pp("text_encoder"), &cfg.text_encoder)?,
-            unet: Unet::new(&w.pp("unet"), &cfg.unet)?,
-            vae: Vae::new(&w.pp("vae"), &cfg.vae)?,
-            config: cfg,
-            source: loaded.source,
+            text_encoder: ClipTextTransformer::new(&w.pp("text_encoder"), &config.text_encoder)?,
+            unet: Unet::new(&w.pp("unet"), &config.unet)?,
+            vae: Vae::new(&w.pp("vae"), &config.vae)?,
+            config,
+            source,
         })
     }
 

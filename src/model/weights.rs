@@ -108,6 +108,22 @@ impl WeightIndex {
         Weights {
             inner: Arc::new(Inner {
                 index: self,
+                memory: HashMap::new(),
+                dtype,
+                device,
+            }),
+            prefix: String::new(),
+        }
+    }
+}
+
+impl Weights {
+    /// Weights held in memory under the internal names (see the module doc).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: Device) -> Self {
+        Weights {
+            inner: Arc::new(Inner {
+                index: WeightIndex::default(),
+                memory: tensors,
                 dtype,
                 device,
             }),
@@ -118,6 +134,8 @@ impl WeightIndex {
 
 struct Inner {
     index: WeightIndex,
+    /// Tensors held in memory (random models for benchmarks and tests).
+    memory: HashMap<String, Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -156,16 +174,17 @@ impl Weights {
 
     /// Whether `name` exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.inner.index.entries.contains_key(&self.full(name))
+        let full = self.full(name);
+        self.inner.index.entries.contains_key(&full) || self.inner.memory.contains_key(&full)
     }
 
     /// The shape of `name` without reading it.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.inner
-            .index
-            .entries
-            .get(&self.full(name))
-            .map(|e| e.shape.clone())
+        let full = self.full(name);
+        match self.inner.memory.get(&full) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => self.inner.index.entries.get(&full).map(|e| e.shape.clone()),
+        }
     }
 
     /// Every indexed name that starts with this view's prefix.
@@ -180,6 +199,7 @@ impl Weights {
             .index
             .entries
             .keys()
+            .chain(self.inner.memory.keys())
             .filter_map(|k| k.strip_prefix(&p).map(str::to_string))
             .collect();
         names.sort();
@@ -205,6 +225,9 @@ impl Weights {
 
     /// Reads `name` in its stored dtype and shape, on the CPU.
     pub fn get_raw(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.inner.memory.get(&self.full(name)) {
+            return Ok(t.clone());
+        }
         let (e, file) = self.entry(name)?;
         let bytes = &file.map[e.start..e.end];
         let dtype = match e.dtype {
@@ -260,17 +283,34 @@ impl Weights {
         if squeezable {
             return Ok(t.reshape(shape)?);
         }
-        let (e, file) = self.entry(name)?;
-        Err(Error::Weight {
-            path: file.path.clone(),
-            key: e.source_key.clone(),
-            reason: format!("has shape {:?}, expected {shape:?}", t.dims()),
-        })
+        Err(self.shape_error(
+            name,
+            format!("has shape {:?}, expected {shape:?}", t.dims()),
+        ))
+    }
+
+    fn shape_error(&self, name: &str, reason: String) -> Error {
+        match self.entry(name) {
+            Ok((e, file)) => Error::Weight {
+                path: file.path.clone(),
+                key: e.source_key.clone(),
+                reason,
+            },
+            Err(_) => Error::Weight {
+                path: PathBuf::from("<memory>"),
+                key: self.full(name),
+                reason,
+            },
+        }
     }
 
     /// Reads a matrix (squeezing trailing 1x1 kernel dimensions).
     pub fn get2(&self, name: &str) -> Result<Tensor> {
-        let shape = self.entry(name)?.0.shape.clone();
+        let shape = self.shape_of(name).ok_or_else(|| {
+            self.entry(name)
+                .err()
+                .unwrap_or_else(|| self.shape_error(name, "missing".into()))
+        })?;
         if shape.len() < 2 {
             return self.get_shaped(name, &[0, 0]);
         }
@@ -281,12 +321,10 @@ impl Weights {
     pub fn get4(&self, name: &str) -> Result<Tensor> {
         let t = self.get(name)?;
         if t.rank() != 4 {
-            let (e, file) = self.entry(name)?;
-            return Err(Error::Weight {
-                path: file.path.clone(),
-                key: e.source_key.clone(),
-                reason: format!("has shape {:?}, expected a 4-D kernel", t.dims()),
-            });
+            return Err(self.shape_error(
+                name,
+                format!("has shape {:?}, expected a 4-D kernel", t.dims()),
+            ));
         }
         Ok(t)
     }

@@ -264,7 +264,6 @@ mod tests {
             "test must cover a pending spare"
         );
         let json = serde_json::to_string(&saved).unwrap();
-        drop(first);
         let restored: RngState = serde_json::from_str(&json).unwrap();
         let mut resumed = Rng::from_state(restored).unwrap();
         for i in 10..20 {

@@ -605,10 +605,12 @@ impl LrSchedule {
                 Some(st) => match st.parse::<i64>() {
                     Ok(-1) => None,
                     Ok(v) if v >= 1 => Some(v as u64),
-                    Ok(v) => return Err(err(format!(
+                    Ok(v) => {
+                        return Err(err(format!(
                         "step {v} must be a positive step number, or -1 for the end of training{}",
                         ctx(entry)
-                    ))),
+                    )))
+                    }
                     Err(_) => {
                         return Err(err(format!("'{st}' is not a step number{}", ctx(entry))))
                     }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::data::{prepare_views, CropMode, ImageSource};
+use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
 use super::loss::{denoising_loss, DenoisingBatch, Prediction};
 use super::prompts::{Builtin, TemplateSet};
 use super::rng::{Rng, RngState};
@@ -160,14 +160,16 @@ impl TrainConfig {
                 return Err(Error::config(field, format!("{v} is outside [0, 1)")));
             }
         }
-        if !(self.adam_epsilon > 0.0) || !(self.weight_decay >= 0.0) {
+        let eps_ok = self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0;
+        let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !(eps_ok && wd_ok) {
             return Err(Error::config(
                 "adam_epsilon/weight_decay",
                 "must be positive / non-negative",
             ));
         }
         if let Some(n) = self.max_grad_norm {
-            if !(n > 0.0) {
+            if !n.is_finite() || n <= 0.0 {
                 return Err(Error::config(
                     "max_grad_norm",
                     format!("{n} must be positive"),
@@ -357,8 +359,8 @@ impl Trainer {
         self.vectors.as_tensor()
     }
 
-    /// Adds a training image: prepared at the training resolution, each view encoded by
-    /// the VAE once, its latent distribution kept.
+    /// Adds a training image: prepared at the training resolution, each view (the image
+    /// and its mirror) encoded by the VAE once, its latent distribution kept.
     pub fn add_image(&mut self, source: ImageSource, caption: Option<String>) -> Result<()> {
         let crop = if self.config.random_crop {
             CropMode::Random
@@ -367,14 +369,12 @@ impl Trainer {
         };
         // One crop stream per image, so that the same images give the same crops after resume.
         let mut crop_rng = Rng::new(self.config.seed).fork(1000 + self.images.len() as u64);
-        let views = prepare_views(
-            &source,
-            caption.as_deref(),
-            self.config.resolution,
-            crop,
-            &mut crop_rng,
-        )
-        .map_err(|e| Error::input("image", e.to_string()))?;
+        let resolution = u32::try_from(self.config.resolution)
+            .map_err(|_| Error::config("resolution", "is too large"))?;
+        let image = TrainImage { source, caption };
+        // The data module's errors already name the file (or in-memory image) and field.
+        let views = prepare_views(&image, resolution, crop, &mut crop_rng)
+            .map_err(|e| Error::input("training image", e.to_string()))?;
         let res = self.config.resolution;
         let device = self.model.device().clone();
         let dtype = self.model.text_encoder.dtype();
@@ -396,6 +396,34 @@ impl Trainer {
             views: dists,
             caption: caption_out,
         });
+        Ok(())
+    }
+
+    /// Adds a training sample given as latent distributions (unscaled VAE latents,
+    /// `[1, C, h, w]` each, the image then optionally its mirror), for hosts that encode
+    /// images themselves.
+    pub fn add_latents(&mut self, views: Vec<LatentDist>, caption: Option<String>) -> Result<()> {
+        let expected = self.config.resolution / 8;
+        for v in &views {
+            let d = v.mean.dims();
+            if d.len() != 4
+                || d[0] != 1
+                || d[2] != expected
+                || d[3] != expected
+                || v.logvar.dims() != d
+            {
+                return Err(Error::input(
+                    "latents",
+                    format!(
+                        "shape {d:?}: expected [1, C, {expected}, {expected}] for mean and logvar"
+                    ),
+                ));
+            }
+        }
+        if views.is_empty() {
+            return Err(Error::input("latents", "no views given"));
+        }
+        self.images.push(CachedImage { views, caption });
         Ok(())
     }
 

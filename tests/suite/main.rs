@@ -1,6 +1,7 @@
 //! The integration test suite, one binary (candle links are heavy).
 
 mod common;
+mod learning;
 mod parity;
 mod tokenizer;
 mod training;

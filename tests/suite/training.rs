@@ -30,8 +30,8 @@ fn concept_image(k: usize) -> ImageSource {
     }
     ImageSource::Pixels {
         data,
-        width: w,
-        height: h,
+        width: w as u32,
+        height: h as u32,
         stride: w * 3,
         format: PixelFormat::Rgb8,
     }

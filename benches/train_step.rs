@@ -1,0 +1,813 @@
+//! One textual-inversion training step (forward + backward + AdamW update) on the real
+//! Stable Diffusion 1.5 architecture with random weights, on the CPU, beside diffusers'
+//! own step measured in the same invocation.
+//!
+//! ```sh
+//! SDTI_BENCH_PYTHON=/opt/refenv/bin/python \
+//!     cargo bench --bench train_step -- [--resolution 256,512] [--steps N] [--no-reference] [--profile]
+//! ```
+//!
+//! * The architecture comes from `tests/reference/sd15_shapes.json` (written by
+//!   `tests/reference/sd15_architecture.py` from the runwayml/stable-diffusion-v1-5
+//!   configs). Every tensor is f32: N(0, 0.02) for weights, 1 for norm weights, 0 for
+//!   biases, from a fixed seed.
+//! * Per resolution: a [`Trainer`] (batch 1, 1 vector), one synthetic image, one warm-up
+//!   step, then N timed steps. Reports the mean and min ms/step, the peak RSS (VmHWM,
+//!   reset per resolution where the kernel allows) and its growth over the weights.
+//! * The reference: `tests/reference/bench_diffusers_step.py`, run through
+//!   `$SDTI_BENCH_PYTHON` (or `python3`) when that interpreter imports torch and
+//!   diffusers, unless `--no-reference`. It runs diffusers' textual_inversion example
+//!   step, which VAE-encodes the image in every step; sdti encodes each image once when it
+//!   is added, so the table also shows diffusers' step without the VAE encode.
+//! * `--profile`: also times the UNet alone at each resolution: forward without a
+//!   gradient path, forward with the context on a gradient path, and that backward pass.
+//!
+//! cargo bench passes `--bench` to this binary, and the benchmark runs only then (pass it
+//! when running the binary by hand); `cargo test --benches` starts it without, and gets a
+//! few quick self-checks instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device, Tensor, Var};
+use sdti::model::weights::Weights;
+use sdti::model::{ModelConfig, SdModel};
+use sdti::train::data::{ImageSource, PixelFormat};
+use sdti::train::{Init, TrainConfig, Trainer};
+
+type BenchResult<T> = std::result::Result<T, String>;
+
+const USAGE: &str = "usage: cargo bench --bench train_step -- \
+[--resolution 256,512] [--steps N] [--no-reference] [--profile]
+
+  --resolution LIST  comma-separated training resolutions in pixels, multiples of 8
+                     (default 256,512)
+  --steps N          timed steps per resolution after one warm-up step (default 3)
+  --no-reference     skip diffusers' step (tests/reference/bench_diffusers_step.py)
+  --profile          also time the UNet forward / backward alone at each resolution
+
+The reference runs through $SDTI_BENCH_PYTHON (default python3), which needs torch,
+diffusers and transformers.";
+
+const SEED: u64 = 0x5d71_be5c;
+
+#[derive(Debug)]
+struct Args {
+    resolutions: Vec<usize>,
+    steps: usize,
+    reference: bool,
+    profile: bool,
+}
+
+enum Parsed {
+    Run(Args),
+    Help,
+}
+
+fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
+    let mut args = Args {
+        resolutions: vec![256, 512],
+        steps: 3,
+        reference: true,
+        profile: false,
+    };
+    let mut it = raw.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |name: &str| -> BenchResult<String> {
+            match inline.clone().or_else(|| it.next().cloned()) {
+                Some(v) => Ok(v),
+                None => Err(format!("{name} needs a value")),
+            }
+        };
+        match flag {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--no-reference" => args.reference = false,
+            "--profile" => args.profile = true,
+            "--resolution" | "--resolutions" => {
+                let v = value("--resolution")?;
+                args.resolutions = parse_resolutions(&v)?;
+            }
+            "--steps" => {
+                let v = value("--steps")?;
+                args.steps = match v.trim().parse::<usize>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => return Err(format!("--steps '{v}' must be a whole number in 1..=1000")),
+                };
+            }
+            other => return Err(format!("unknown argument '{other}'")),
+        }
+    }
+    Ok(Parsed::Run(args))
+}
+
+fn parse_resolutions(v: &str) -> BenchResult<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<usize>() {
+            Ok(r) if (64..=2048).contains(&r) && r % 8 == 0 => out.push(r),
+            _ => {
+                return Err(format!(
+                    "--resolution '{part}' must be a multiple of 8 between 64 and 2048"
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("--resolution '{v}' names no resolution"));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Random weights
+// ---------------------------------------------------------------------------------------
+
+/// SplitMix64: tiny, fast and good enough for benchmark weights.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Fills `out` with N(0, std^2) (Box-Muller).
+    fn fill_normal(&mut self, out: &mut [f32], std: f64) {
+        for pair in out.chunks_mut(2) {
+            let r = (-2.0 * self.unit().ln()).sqrt() * std;
+            let theta = std::f64::consts::TAU * self.unit();
+            pair[0] = (r * theta.cos()) as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = (r * theta.sin()) as f32;
+            }
+        }
+    }
+}
+
+/// FNV-1a, so that each tensor's values depend on its name and the seed only.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum InitKind {
+    Normal,
+    One,
+    Zero,
+}
+
+/// Biases 0; norm weights (`norm*`, `layer_norm*`, `group_norm`, `conv_norm_out`,
+/// `final_layer_norm`: 1-D weights of a module whose name contains `norm`) 1; others
+/// N(0, 0.02).
+fn init_kind(name: &str, shape: &[usize]) -> InitKind {
+    if name.ends_with(".bias") {
+        return InitKind::Zero;
+    }
+    let module = name
+        .strip_suffix(".weight")
+        .and_then(|stem| stem.rsplit('.').next())
+        .unwrap_or("");
+    if shape.len() == 1 && module.contains("norm") {
+        InitKind::One
+    } else {
+        InitKind::Normal
+    }
+}
+
+fn random_tensor(name: &str, shape: &[usize]) -> BenchResult<Tensor> {
+    let n: usize = shape.iter().product();
+    let data = match init_kind(name, shape) {
+        InitKind::Zero => vec![0f32; n],
+        InitKind::One => vec![1f32; n],
+        InitKind::Normal => {
+            let mut v = vec![0f32; n];
+            SplitMix(SEED ^ name_hash(name)).fill_normal(&mut v, 0.02);
+            v
+        }
+    };
+    Tensor::from_vec(data, shape, &Device::Cpu).map_err(|e| format!("{name}: {e}"))
+}
+
+fn shapes_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sd15_shapes.json")
+}
+
+fn load_shapes() -> BenchResult<BTreeMap<String, Vec<usize>>> {
+    let path = shapes_path();
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (write it with tests/reference/sd15_architecture.py)",
+            path.display()
+        )
+    })?;
+    let shapes: BTreeMap<String, Vec<usize>> = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a {{name: shape}} map: {e}", path.display()))?;
+    if shapes.is_empty() {
+        return Err(format!("{} lists no tensors", path.display()));
+    }
+    Ok(shapes)
+}
+
+/// Every tensor of the architecture, generated on `threads` threads.
+fn random_weights(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    threads: usize,
+) -> BenchResult<HashMap<String, Tensor>> {
+    let entries: Vec<(&String, &Vec<usize>)> = shapes.iter().collect();
+    let threads = threads.clamp(1, 16);
+    let parts: Vec<BenchResult<Vec<(String, Tensor)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| {
+                let mine: Vec<(&String, &Vec<usize>)> =
+                    entries.iter().skip(k).step_by(threads).copied().collect();
+                s.spawn(move || {
+                    mine.into_iter()
+                        .map(|(name, shape)| Ok((name.clone(), random_tensor(name, shape)?)))
+                        .collect::<BenchResult<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a weight thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut map = HashMap::with_capacity(entries.len());
+    for part in parts {
+        map.extend(part?);
+    }
+    Ok(map)
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine and memory
+// ---------------------------------------------------------------------------------------
+
+/// A `kB` field of /proc/self/status, in MiB.
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Resets VmHWM to the current RSS (Linux >= 4.0); false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// `YYYY-MM-DD HH:MM UTC` without a date crate (days-from-civil, inverted).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// The version of `package` in this crate's Cargo.lock.
+fn locked_version(package: &str) -> String {
+    let lock = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock");
+    let text = std::fs::read_to_string(lock).unwrap_or_default();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == format!("name = \"{package}\"") {
+            if let Some(v) = lines.next().and_then(|l| l.trim().strip_prefix("version = ")) {
+                return v.trim_matches('"').to_string();
+            }
+        }
+    }
+    "?".into()
+}
+
+fn rustc_version() -> String {
+    Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "rustc ?".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// The sdti step
+// ---------------------------------------------------------------------------------------
+
+/// A smooth colour pattern, the same as the Python reference's.
+fn synthetic_image(res: usize) -> BenchResult<ImageSource> {
+    let mut data = vec![0u8; res * res * 3];
+    let step = 2.0 / (res as f32 - 1.0);
+    for yi in 0..res {
+        let y = -1.0 + yi as f32 * step;
+        for xi in 0..res {
+            let x = -1.0 + xi as f32 * step;
+            let rgb = [
+                (3.0 * x + 2.0 * y).sin(),
+                (2.0 * x - 3.0 * y).cos(),
+                (5.0 * x * y).sin(),
+            ];
+            for (c, v) in rgb.iter().enumerate() {
+                data[(yi * res + xi) * 3 + c] = ((v * 0.9 + 1.0) * 127.5).round() as u8;
+            }
+        }
+    }
+    let side = u32::try_from(res).map_err(|_| format!("resolution {res} is too large"))?;
+    Ok(ImageSource::Pixels {
+        data,
+        width: side,
+        height: side,
+        stride: res * 3,
+        format: PixelFormat::Rgb8,
+    })
+}
+
+struct SdtiResult {
+    resolution: usize,
+    times_ms: Vec<f64>,
+    add_image_ms: f64,
+    peak_mib: Option<f64>,
+    peak_is_per_resolution: bool,
+    profile: Option<UnetProfile>,
+}
+
+fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+fn run_sdti(model: &Arc<SdModel>, res: usize, args: &Args) -> BenchResult<SdtiResult> {
+    let peak_is_per_resolution = reset_peak_rss();
+    let config = TrainConfig {
+        token: "sdti-bench".into(),
+        init: Init::Text("toy".into()),
+        vectors: 1,
+        resolution: res,
+        batch_size: 1,
+        max_steps: 1_000_000,
+        seed: 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(model.clone(), config).map_err(err("Trainer::new"))?;
+    let start = Instant::now();
+    trainer
+        .add_image(synthetic_image(res)?, None)
+        .map_err(err("add_image"))?;
+    let add_image_ms = start.elapsed().as_secs_f64() * 1e3;
+    eprintln!("sdti {res}px: add_image (VAE encode of 2 views, once) {add_image_ms:.0} ms");
+    let mut times_ms = Vec::with_capacity(args.steps);
+    for i in 0..=args.steps {
+        let start = Instant::now();
+        let stats = trainer.step().map_err(err("Trainer::step"))?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let kind = if i == 0 { "warm-up" } else { "timed" };
+        eprintln!("sdti {res}px step {i} ({kind}): {ms:.0} ms, loss {:.4}", stats.loss);
+        if !stats.loss.is_finite() {
+            return Err(format!("the loss is {} at {res}px", stats.loss));
+        }
+        if i > 0 {
+            times_ms.push(ms);
+        }
+    }
+    let peak_mib = proc_status_mib("VmHWM");
+    drop(trainer);
+    let profile = if args.profile {
+        Some(profile_unet(model, res)?)
+    } else {
+        None
+    };
+    Ok(SdtiResult {
+        resolution: res,
+        times_ms,
+        add_image_ms,
+        peak_mib,
+        peak_is_per_resolution,
+        profile,
+    })
+}
+
+struct UnetProfile {
+    text_encoder_ms: f64,
+    forward_plain_ms: f64,
+    forward_tracked_ms: f64,
+    backward_ms: f64,
+}
+
+/// The UNet alone at `res`: forward with a plain context, forward with the context on a
+/// gradient path (a `Var`), and the backward pass of `mean(out^2)` to that context.
+fn profile_unet(model: &SdModel, res: usize) -> BenchResult<UnetProfile> {
+    let dev = Device::Cpu;
+    let lat = res / 8;
+    let mut rng = SplitMix(SEED ^ 0x9e0f);
+    let mut normal = |shape: &[usize]| -> BenchResult<Tensor> {
+        let mut v = vec![0f32; shape.iter().product()];
+        rng.fill_normal(&mut v, 1.0);
+        Tensor::from_vec(v, shape, &dev).map_err(err("tensor"))
+    };
+    let sample = normal(&[1, 4, lat, lat])?;
+    let context = normal(&[1, 77, 768])?;
+    let mut ids = vec![49407u32; 77];
+    ids[..6].copy_from_slice(&[49406, 320, 1125, 539, 320, 5988]);
+    let ids = Tensor::from_vec(ids, (1, 77), &dev).map_err(err("ids"))?;
+    let time = |f: &mut dyn FnMut() -> BenchResult<()>| -> BenchResult<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    let text_encoder_ms = time(&mut || {
+        model
+            .text_encoder
+            .forward(&ids, None, 1)
+            .map(drop)
+            .map_err(err("text encoder"))
+    })?;
+    let forward_plain_ms = time(&mut || {
+        model
+            .unet
+            .forward(&sample, &[500.0], &context)
+            .map(drop)
+            .map_err(err("unet forward"))
+    })?;
+    let var = Var::from_tensor(&context).map_err(err("var"))?;
+    let mut out = None;
+    let forward_tracked_ms = time(&mut || {
+        out = Some(
+            model
+                .unet
+                .forward(&sample, &[500.0], var.as_tensor())
+                .map_err(err("unet forward"))?,
+        );
+        Ok(())
+    })?;
+    let out = out.ok_or("no unet output")?;
+    let backward_ms = time(&mut || {
+        let loss = out.sqr().and_then(|s| s.mean_all()).map_err(err("loss"))?;
+        let grads = loss.backward().map_err(err("backward"))?;
+        match grads.get(var.as_tensor()) {
+            Some(_) => Ok(()),
+            None => Err("the context got no gradient".into()),
+        }
+    })?;
+    eprintln!(
+        "sdti {res}px profile: text encoder {text_encoder_ms:.0} ms, unet forward {forward_plain_ms:.0} ms \
+         (no grad path) / {forward_tracked_ms:.0} ms (context tracked), backward {backward_ms:.0} ms"
+    );
+    Ok(UnetProfile {
+        text_encoder_ms,
+        forward_plain_ms,
+        forward_tracked_ms,
+        backward_ms,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The diffusers reference
+// ---------------------------------------------------------------------------------------
+
+struct Reference {
+    python: String,
+    script: PathBuf,
+}
+
+fn find_reference() -> BenchResult<Reference> {
+    let python = std::env::var("SDTI_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/bench_diffusers_step.py");
+    if !script.exists() {
+        return Err(format!("{} is missing", script.display()));
+    }
+    let probe = Command::new(&python)
+        .args(["-c", "import torch, diffusers, transformers"])
+        .output()
+        .map_err(|e| format!("cannot run '{python}': {e}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "'{python}' cannot import torch, diffusers and transformers \
+             (set SDTI_BENCH_PYTHON to an interpreter that can)"
+        ));
+    }
+    Ok(Reference { python, script })
+}
+
+fn run_reference(
+    r: &Reference,
+    res: usize,
+    steps: usize,
+    threads: usize,
+) -> BenchResult<serde_json::Value> {
+    eprintln!("diffusers {res}px: building the model and running {steps}+1 steps ...");
+    let out = Command::new(&r.python)
+        .arg(&r.script)
+        .args(["--resolution", &res.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} exited with {}",
+            r.script.display(),
+            out.status
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or("the reference printed no JSON line")?;
+    serde_json::from_str(line).map_err(|e| format!("unreadable reference output: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn run(args: &Args) -> BenchResult<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# sdti train_step benchmark");
+    println!(
+        "machine: {} | {cores} cores available | candle threads {threads} | {}",
+        cpu_model(),
+        utc_now()
+    );
+    println!(
+        "sdti {} | candle-core {} | {} | release profile",
+        env!("CARGO_PKG_VERSION"),
+        locked_version("candle-core"),
+        rustc_version()
+    );
+    println!(
+        "resolutions {:?}, batch 1, 1 vector, f32, 1 warm-up + {} timed steps each",
+        args.resolutions, args.steps
+    );
+
+    let rss_start = proc_status_mib("VmRSS");
+    let shapes = load_shapes()?;
+    let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    let start = Instant::now();
+    let tensors = random_weights(&shapes, threads)?;
+    let weights_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let weights = Weights::from_tensors(tensors, DType::F32, Device::Cpu);
+    let model = SdModel::from_weights(&weights, ModelConfig::sd1(), "random SD 1.5".into())
+        .map_err(err("SdModel::from_weights"))?;
+    drop(weights);
+    let model = Arc::new(model);
+    let rss_model = proc_status_mib("VmRSS");
+    println!(
+        "model: {} tensors, {:.1} M parameters ({:.0} MiB f32), generated in {weights_s:.1} s, \
+         built in {:.1} s; RSS {} MiB at start, {} MiB with the model",
+        shapes.len(),
+        params as f64 / 1e6,
+        params as f64 * 4.0 / 1048576.0,
+        start.elapsed().as_secs_f64(),
+        fmt_opt(rss_start, 0),
+        fmt_opt(rss_model, 0),
+    );
+
+    let mut results = Vec::new();
+    for &res in &args.resolutions {
+        results.push(run_sdti(&model, res, args)?);
+    }
+    // Free the model's memory before torch builds its own copy.
+    drop(model);
+
+    let reference = if args.reference {
+        match find_reference() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                println!("diffusers reference skipped: {e}");
+                None
+            }
+        }
+    } else {
+        println!("diffusers reference skipped (--no-reference)");
+        None
+    };
+    let mut refs: Vec<Option<serde_json::Value>> = Vec::new();
+    for r in &results {
+        refs.push(match &reference {
+            Some(py) => match run_reference(py, r.resolution, args.steps, threads) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    println!("diffusers {}px failed: {e}", r.resolution);
+                    None
+                }
+            },
+            None => None,
+        });
+    }
+
+    println!();
+    if let Some(v) = refs.iter().flatten().next() {
+        let s = |k: &str| v[k].as_str().map(str::to_string).unwrap_or_else(|| v[k].to_string());
+        println!(
+            "reference: torch {} | diffusers {} | transformers {} | python {} | torch threads {} \
+             (interop {}) | unet attention {} | CLIP attention {}",
+            s("torch"),
+            s("diffusers"),
+            s("transformers"),
+            s("python"),
+            s("threads"),
+            s("interop_threads"),
+            s("unet_attn_processor"),
+            s("text_encoder_attn_implementation"),
+        );
+    }
+    println!(
+        "| resolution | sdti ms/step mean (min) | diffusers ms/step mean (min) | ratio | \
+         diffusers w/o VAE encode | ratio w/o encode | sdti peak MiB (over weights) | \
+         diffusers peak MiB (over weights) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (r, d) in results.iter().zip(&refs) {
+        let sdti_mean = mean(&r.times_ms);
+        let f = |k: &str| d.as_ref().and_then(|v| v[k].as_f64());
+        let d_mean = f("ms_per_step_mean");
+        let d_min = f("ms_per_step_min");
+        let d_no_vae = d_mean.zip(f("vae_encode_ms")).map(|(m, v)| m - v);
+        let d_over = f("peak_rss_mib").zip(f("rss_after_load_mib")).map(|(p, l)| p - l);
+        let sdti_over = r.peak_mib.zip(rss_model).map(|(p, m)| p - m);
+        println!(
+            "| {}px | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {}{} ({}) | {} ({}) |",
+            r.resolution,
+            sdti_mean,
+            min(&r.times_ms),
+            fmt_opt(d_mean, 0),
+            fmt_opt(d_min, 0),
+            fmt_opt(d_mean.map(|d| sdti_mean / d), 2),
+            fmt_opt(d_no_vae, 0),
+            fmt_opt(d_no_vae.map(|d| sdti_mean / d), 2),
+            fmt_opt(r.peak_mib, 0),
+            if r.peak_is_per_resolution { "" } else { "*" },
+            fmt_opt(sdti_over, 0),
+            fmt_opt(f("peak_rss_mib"), 0),
+            fmt_opt(d_over, 0),
+        );
+    }
+    println!(
+        "ratio = sdti / diffusers mean step time (< 1.5 is the target). sdti encodes each \
+         image once when it is added ({}); diffusers' example encodes it in every step.",
+        results
+            .iter()
+            .map(|r| format!("{}px {:.0} ms for 2 views", r.resolution, r.add_image_ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "peak = VmHWM (sdti) / ru_maxrss (diffusers, one process per resolution); \
+         over weights = peak - RSS once the model is built."
+    );
+    if results.iter().any(|r| !r.peak_is_per_resolution) {
+        println!("* VmHWM could not be reset: the peak covers all earlier resolutions too");
+    }
+    let profiled: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.profile.as_ref().map(|p| (r.resolution, p)))
+        .collect();
+    if !profiled.is_empty() {
+        println!();
+        println!("| resolution | text encoder fwd ms | unet fwd ms (no grad path) | unet fwd ms (context tracked) | unet bwd ms |");
+        println!("|---|---|---|---|---|");
+        for (res, p) in profiled {
+            println!(
+                "| {res}px | {:.0} | {:.0} | {:.0} | {:.0} |",
+                p.text_encoder_ms, p.forward_plain_ms, p.forward_tracked_ms, p.backward_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    // cargo bench passes --bench; cargo test runs bench targets without it.
+    if !raw.iter().any(|a| a == "--bench") {
+        if let Err(e) = self_check() {
+            eprintln!("train_step self-check: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let args = match parse_args(&raw) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("train_step: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("train_step: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// What `cargo test --benches` / `--all-targets` runs (it starts this binary without
+/// `--bench`): quick checks of the argument parser, the init rules and the shapes file,
+/// instead of minutes of benchmark.
+fn self_check() -> BenchResult<()> {
+    let parse = |a: &[&str]| parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    match parse(&["--resolution", "256,512", "--steps=2", "--bench"])? {
+        Parsed::Run(a) if a.resolutions == [256, 512] && a.steps == 2 && a.reference => {}
+        _ => return Err("valid arguments parsed wrongly".into()),
+    }
+    for bad in [
+        &["--steps"][..],
+        &["--steps", "0"],
+        &["--steps", "x"],
+        &["--resolution", "100"],
+        &["--resolution", ","],
+        &["--frobnicate"],
+    ] {
+        if parse(bad).is_ok() {
+            return Err(format!("{bad:?} was accepted"));
+        }
+    }
+    let kinds = [
+        ("unet.conv_in.bias", vec![320], InitKind::Zero),
+        ("unet.mid_block.resnets.0.norm1.weight", vec![1280], InitKind::One),
+        ("vae.encoder.conv_norm_out.weight", vec![512], InitKind::One),
+        ("text_encoder.text_model.final_layer_norm.weight", vec![768], InitKind::One),
+        ("unet.conv_in.weight", vec![320, 4, 3, 3], InitKind::Normal),
+    ];
+    for (name, shape, want) in kinds {
+        if init_kind(name, &shape) != want {
+            return Err(format!("{name} is not initialised as {want:?}"));
+        }
+    }
+    let shapes = load_shapes()?;
+    let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    println!(
+        "train_step self-check OK ({} tensors, {params} parameters); \
+         run the benchmark with `cargo bench --bench train_step`",
+        shapes.len()
+    );
+    Ok(())
+}

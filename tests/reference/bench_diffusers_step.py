@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Time one textual-inversion training step of diffusers on the CPU (the reference for
+`benches/train_step.rs`).
+
+    /opt/refenv/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2]
+
+The step is the loop body of diffusers' `examples/textual_inversion/textual_inversion.py`
+(`with accelerator.accumulate(text_encoder): ...`), with accelerate left out (one process,
+fp32, no gradient accumulation, so `accelerator.backward(loss)` is `loss.backward()`):
+
+    latents = vae.encode(pixel_values).latent_dist.sample().detach() * scaling_factor
+    noise = randn_like(latents); timesteps = randint(0, 1000, (bsz,))
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(input_ids)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+    loss.backward(); optimizer.step(); lr_scheduler.step(); optimizer.zero_grad()
+    embeddings.weight[index_no_updates] = orig_embeds_params[index_no_updates]
+
+As in the example: one placeholder token is added (`resize_token_embeddings`, 49409
+rows), everything is frozen except the token-embedding table, AdamW (betas 0.9/0.999,
+weight decay 1e-2, eps 1e-8; lr 5e-3, which does not change the timing) optimises the
+whole table, and the rows other than the placeholder's are restored after every step.
+The example's data loading (PIL decode, resize, flip, tokenizer) is not timed: the image
+is one synthetic picture already in [-1, 1] and the prompt ids are fixed.
+
+Weights are random, from the SD 1.5 configs in `sd15_architecture.py`, initialised as
+the Rust bench does: N(0, 0.02) for weights, 1 for norm weights, 0 for biases.
+
+Prints one JSON line on stdout (everything else goes to stderr).
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+
+from sd15_architecture import SCALING_FACTOR, SCHED_CONFIG, build_models  # noqa: E402
+
+# "a photo of a <placeholder>" as CLIPTokenizer gives it once the placeholder is added
+# (id 49408), padded with <|endoftext|> to 77, as the example's dataset does.
+BOS, EOS, PLACEHOLDER_ID = 49406, 49407, 49408
+PROMPT_IDS = [BOS, 320, 1125, 539, 320, PLACEHOLDER_ID, EOS]
+INITIALIZER_ID = 5988  # "toy"
+
+
+def rss_mib(field):
+    """VmRSS / VmHWM of this process in MiB, from /proc/self/status (None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def is_norm_weight(name, t):
+    leaf = name.rsplit(".", 2)
+    return t.dim() == 1 and name.endswith(".weight") and "norm" in leaf[-2]
+
+
+@torch.no_grad()
+def init_like_the_rust_bench(model):
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            p.zero_()
+        elif is_norm_weight(name, p):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02)
+
+
+def synthetic_image(res):
+    """A smooth colour pattern in [-1, 1], `[1, 3, res, res]`."""
+    y = torch.linspace(-1, 1, res).view(res, 1)
+    x = torch.linspace(-1, 1, res).view(1, res)
+    chans = [
+        torch.sin(3.0 * x + 2.0 * y),
+        torch.cos(2.0 * x - 3.0 * y),
+        torch.sin(5.0 * x * y),
+    ]
+    return (torch.stack(chans) * 0.9).unsqueeze(0).contiguous()
+
+
+def attention_summary(unet, text_encoder):
+    procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    te = getattr(text_encoder.config, "_attn_implementation", None)
+    return {"unet_attn_processor": procs, "text_encoder_attn_implementation": te}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up step")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.resolution < 64 or args.resolution % 8:
+        ap.error("--resolution must be a multiple of 8, at least 64")
+    if args.steps < 1 or args.threads < 1:
+        ap.error("--steps and --threads must be at least 1")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.set_verbosity_error()
+    rss_start = rss_mib("VmRSS")
+
+    t0 = time.perf_counter()
+    text_encoder, unet, vae = build_models("cpu")
+    for m in (text_encoder, unet, vae):
+        init_like_the_rust_bench(m)
+    noise_scheduler = DDPMScheduler(**SCHED_CONFIG)
+
+    # Add the placeholder token and copy the initializer's row into it.
+    text_encoder.resize_token_embeddings(PLACEHOLDER_ID + 1)
+    token_embeds = text_encoder.get_input_embeddings().weight.data
+    token_embeds[PLACEHOLDER_ID] = token_embeds[INITIALIZER_ID].clone()
+
+    # Freeze vae and unet, and everything in the text encoder but the token embeddings.
+    # (The example freezes text_model.encoder / final_layer_norm / position_embedding by
+    # name; transformers 5.x's CLIPTextModel has no `.text_model`, so freeze all, then
+    # unfreeze the table: the same set of trainable parameters.)
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    trainable = [n for n, p in text_encoder.named_parameters() if p.requires_grad]
+    assert len(trainable) == 1 and "token_embedding" in trainable[0], trainable
+
+    optimizer = torch.optim.AdamW(
+        text_encoder.get_input_embeddings().parameters(),
+        lr=5e-3,
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+    )
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**6)
+    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
+    index_no_updates = torch.ones((PLACEHOLDER_ID + 1,), dtype=torch.bool)
+    index_no_updates[PLACEHOLDER_ID : PLACEHOLDER_ID + 1] = False
+
+    pixel_values = synthetic_image(args.resolution)
+    input_ids = torch.tensor([PROMPT_IDS + [EOS] * (77 - len(PROMPT_IDS))], dtype=torch.long)
+    text_encoder.train()
+    build_s = time.perf_counter() - t0
+    rss_loaded = rss_mib("VmRSS")
+
+    def step():
+        latents = vae.encode(pixel_values).latent_dist.sample().detach()
+        latents = latents * SCALING_FACTOR
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+        timesteps = timesteps.long()
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(input_ids)[0]
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
+        return loss.item()
+
+    times = []
+    for i in range(args.steps + 1):
+        s = time.perf_counter()
+        loss = step()
+        dt = (time.perf_counter() - s) * 1000
+        print(f"diffusers {args.resolution}px step {i} ({'warm-up' if i == 0 else 'timed'}): {dt:.0f} ms, loss {loss:.4f}", file=sys.stderr)
+        if i > 0:
+            times.append(dt)
+
+    # The VAE encode alone (the example runs it in every step; sdti caches the latent
+    # distribution once per image), so the table can show the step without it too.
+    with torch.no_grad():
+        s = time.perf_counter()
+        vae.encode(pixel_values).latent_dist.sample()
+        vae_encode_ms = (time.perf_counter() - s) * 1000
+
+    changed = (text_encoder.get_input_embeddings().weight.data != orig_embeds_params).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == [PLACEHOLDER_ID], "only the placeholder row may change"
+
+    out = {
+        "ms_per_step_mean": sum(times) / len(times),
+        "ms_per_step_min": min(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "rss_start_mib": rss_start,
+        "rss_after_load_mib": rss_loaded,
+        "vae_encode_ms": vae_encode_ms,
+        "build_s": build_s,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        **attention_summary(unet, text_encoder),
+    }
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
