@@ -322,7 +322,10 @@ fn locked_version(package: &str) -> String {
     let mut lines = text.lines();
     while let Some(line) = lines.next() {
         if line.trim() == format!("name = \"{package}\"") {
-            if let Some(v) = lines.next().and_then(|l| l.trim().strip_prefix("version = ")) {
+            if let Some(v) = lines
+                .next()
+                .and_then(|l| l.trim().strip_prefix("version = "))
+            {
                 return v.trim_matches('"').to_string();
             }
         }
@@ -410,7 +413,10 @@ fn run_sdti(model: &Arc<SdModel>, res: usize, args: &Args) -> BenchResult<SdtiRe
         let stats = trainer.step().map_err(err("Trainer::step"))?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let kind = if i == 0 { "warm-up" } else { "timed" };
-        eprintln!("sdti {res}px step {i} ({kind}): {ms:.0} ms, loss {:.4}", stats.loss);
+        eprintln!(
+            "sdti {res}px step {i} ({kind}): {ms:.0} ms, loss {:.4}",
+            stats.loss
+        );
         if !stats.loss.is_finite() {
             return Err(format!("the loss is {} at {res}px", stats.loss));
         }
@@ -520,7 +526,8 @@ struct Reference {
 
 fn find_reference() -> BenchResult<Reference> {
     let python = std::env::var("SDTI_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/bench_diffusers_step.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/bench_diffusers_step.py");
     if !script.exists() {
         return Err(format!("{} is missing", script.display()));
     }
@@ -553,11 +560,7 @@ fn run_reference(
         .output()
         .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "{} exited with {}",
-            r.script.display(),
-            out.status
-        ));
+        return Err(format!("{} exited with {}", r.script.display(), out.status));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
@@ -663,7 +666,11 @@ fn run(args: &Args) -> BenchResult<()> {
 
     println!();
     if let Some(v) = refs.iter().flatten().next() {
-        let s = |k: &str| v[k].as_str().map(str::to_string).unwrap_or_else(|| v[k].to_string());
+        let s = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v[k].to_string())
+        };
         println!(
             "reference: torch {} | diffusers {} | transformers {} | python {} | torch threads {} \
              (interop {}) | unet attention {} | CLIP attention {}",
@@ -689,7 +696,9 @@ fn run(args: &Args) -> BenchResult<()> {
         let d_mean = f("ms_per_step_mean");
         let d_min = f("ms_per_step_min");
         let d_no_vae = d_mean.zip(f("vae_encode_ms")).map(|(m, v)| m - v);
-        let d_over = f("peak_rss_mib").zip(f("rss_after_load_mib")).map(|(p, l)| p - l);
+        let d_over = f("peak_rss_mib")
+            .zip(f("rss_after_load_mib"))
+            .map(|(p, l)| p - l);
         let sdti_over = r.peak_mib.zip(rss_model).map(|(p, m)| p - m);
         println!(
             "| {}px | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {}{} ({}) | {} ({}) |",
@@ -792,9 +801,17 @@ fn self_check() -> BenchResult<()> {
     }
     let kinds = [
         ("unet.conv_in.bias", vec![320], InitKind::Zero),
-        ("unet.mid_block.resnets.0.norm1.weight", vec![1280], InitKind::One),
+        (
+            "unet.mid_block.resnets.0.norm1.weight",
+            vec![1280],
+            InitKind::One,
+        ),
         ("vae.encoder.conv_norm_out.weight", vec![512], InitKind::One),
-        ("text_encoder.text_model.final_layer_norm.weight", vec![768], InitKind::One),
+        (
+            "text_encoder.text_model.final_layer_norm.weight",
+            vec![768],
+            InitKind::One,
+        ),
         ("unet.conv_in.weight", vec![320, 4, 3, 3], InitKind::Normal),
     ];
     for (name, shape, want) in kinds {

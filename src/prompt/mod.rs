@@ -5,6 +5,8 @@
 //! (A1111 uses the embedding file's stem), `embedding:word` (ComfyUI; a file extension
 //! after the name is ignored) and `<word>` (diffusers' placeholder tokens).
 
+pub mod encoder;
+
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};

@@ -2,6 +2,7 @@
 
 mod common;
 mod learning;
+mod loading;
 mod parity;
 mod tokenizer;
 mod training;

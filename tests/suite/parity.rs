@@ -281,3 +281,37 @@ fn single_file_checkpoint_gives_the_same_numbers() {
         .unwrap();
     assert_close("single-file UNet", &pred, &exp["unet.noise_pred"], 1e-4);
 }
+
+/// The host-facing encoder: a registered word in a prompt gives transformers' states.
+#[test]
+fn prompt_encoder_injects_registered_words() {
+    let exp = expected();
+    let model = std::sync::Arc::new(tiny_model(DType::F32));
+    let mut enc = sdti::prompt::encoder::PromptEncoder::new(model).unwrap();
+    let vectors: Vec<f32> = exp["te.vectors"].flatten_all().unwrap().to_vec1().unwrap();
+    enc.register("sks", &vectors).unwrap();
+    let want = exp["te.last_hidden_state"].squeeze(0).unwrap();
+    for prompt in [
+        "a photo of a sks toy",
+        "a photo of a embedding:sks toy",
+        "a photo of a <sks> toy",
+    ] {
+        let states = enc.encode(prompt).unwrap();
+        assert_close(prompt, &states, &want, 1e-5);
+    }
+    let slots = enc.tokenize("a photo of a sks toy");
+    assert_eq!(slots.len(), 77);
+    assert_eq!(slots[5].learned, Some((0, 0)));
+    assert_eq!(slots[6].learned, Some((0, 1)));
+    // A prompt past 75 tokens is two chunks.
+    let long = vec!["sks"; 40].join(" ");
+    assert_eq!(enc.encode(&long).unwrap().dims(), &[154, 32]);
+    // Bad vectors are refused with a reason.
+    let err = enc
+        .register("bad", &[f32::NAN; 32])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NaN"), "{err}");
+    let err = enc.register("bad", &[0.0; 31]).unwrap_err().to_string();
+    assert!(err.contains("width 32"), "{err}");
+}

@@ -241,3 +241,52 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn images_from_files_with_captions_and_clear_errors() {
+    let m = model();
+    let dir = tempdir().join("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ImageSource::Pixels {
+        data,
+        width,
+        height,
+        ..
+    } = concept_image(1)
+    else {
+        unreachable!()
+    };
+    let png = dir.join("00012-a red ball.png");
+    image::RgbImage::from_raw(width, height, data)
+        .unwrap()
+        .save(&png)
+        .unwrap();
+    std::fs::write(dir.join("00012-a red ball.txt"), "a shiny red ball").unwrap();
+    let mut t = Trainer::new(m.clone(), config(2)).unwrap();
+    t.add_image(ImageSource::File(png), None).unwrap();
+    t.train(2, |_| true).unwrap();
+    assert_eq!(t.step_count(), 2);
+
+    let broken = dir.join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let err = t
+        .add_image(ImageSource::File(broken.clone()), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.png"), "{err}");
+    let err = t
+        .add_image(
+            ImageSource::Pixels {
+                data: vec![0; 10],
+                width: 4,
+                height: 4,
+                stride: 12,
+                format: PixelFormat::Rgb8,
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in-memory image"), "{err}");
+    assert_eq!(t.image_count(), 1);
+}

@@ -1,0 +1,186 @@
+//! Conditioning for hosts: a text encoder with registered learned words, turning prompts
+//! into the hidden states a UNet is conditioned on.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{encode_prompts, prompt_slots, Word};
+use crate::error::{Error, Result};
+use crate::model::{Injection, SdModel};
+use crate::tokenizer::{chunk_slots, ChunkStyle, ClipTokenizer, Slot};
+
+/// A registered word and its vectors.
+#[derive(Clone, Debug)]
+struct Registered {
+    name: String,
+    vectors: Vec<f32>,
+}
+
+/// One token slot of a tokenized prompt, for hosts that run their own text encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenSlot {
+    /// The vocabulary id (for learned slots, the end-of-text id as a stand-in).
+    pub id: u32,
+    /// `Some((word, vector))` where the slot carries a learned vector.
+    pub learned: Option<(usize, usize)>,
+}
+
+/// Prompts to hidden states with learned words injected.
+pub struct PromptEncoder {
+    model: Arc<SdModel>,
+    tokenizer: ClipTokenizer,
+    words: Vec<Registered>,
+    style: ChunkStyle,
+    clip_skip: usize,
+}
+
+impl PromptEncoder {
+    pub fn new(model: Arc<SdModel>) -> Result<Self> {
+        Ok(Self {
+            model,
+            tokenizer: ClipTokenizer::new()
+                .map_err(|e| Error::input("tokenizer", e.to_string()))?,
+            words: Vec::new(),
+            style: ChunkStyle::A1111,
+            clip_skip: 1,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<SdModel> {
+        &self.model
+    }
+
+    /// Long prompts are chunked the way A1111 (default) or ComfyUI do it.
+    pub fn set_chunk_style(&mut self, style: ChunkStyle) {
+        self.style = style;
+    }
+
+    pub fn set_clip_skip(&mut self, clip_skip: usize) -> Result<()> {
+        if clip_skip == 0 || clip_skip > self.model.config.text_encoder.num_hidden_layers {
+            return Err(Error::config(
+                "clip_skip",
+                format!(
+                    "{clip_skip} is outside 1..={}",
+                    self.model.config.text_encoder.num_hidden_layers
+                ),
+            ));
+        }
+        self.clip_skip = clip_skip;
+        Ok(())
+    }
+
+    /// The text encoder's width.
+    pub fn dim(&self) -> usize {
+        self.model.config.text_encoder.hidden_size
+    }
+
+    /// Registers (or replaces) `name` with `vectors` (`[n, dim]` row-major).
+    pub fn register(&mut self, name: &str, vectors: &[f32]) -> Result<()> {
+        let dim = self.dim();
+        let n = vectors.len() / dim.max(1);
+        if name.trim().is_empty() || name.chars().any(char::is_whitespace) {
+            return Err(Error::input(
+                "token",
+                format!("'{name}' must be one word without spaces"),
+            ));
+        }
+        if vectors.is_empty() || vectors.len() % dim != 0 || n > 75 {
+            return Err(Error::input(
+                format!("vectors of '{name}'"),
+                format!(
+                    "{} values are not 1..=75 vectors of width {dim}",
+                    vectors.len()
+                ),
+            ));
+        }
+        if vectors.iter().any(|v| !v.is_finite()) {
+            return Err(Error::input(
+                format!("vectors of '{name}'"),
+                "contain NaN or infinity",
+            ));
+        }
+        let entry = Registered {
+            name: name.to_string(),
+            vectors: vectors.to_vec(),
+        };
+        match self.words.iter_mut().find(|w| w.name == name) {
+            Some(w) => *w = entry,
+            None => self.words.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Registered words in registration order.
+    pub fn words(&self) -> Vec<(String, usize)> {
+        let dim = self.dim();
+        self.words
+            .iter()
+            .map(|w| (w.name.clone(), w.vectors.len() / dim))
+            .collect()
+    }
+
+    fn layout(&self) -> (Vec<Word>, Vec<f32>) {
+        let dim = self.dim();
+        let mut words = Vec::with_capacity(self.words.len());
+        let mut table = Vec::new();
+        for w in &self.words {
+            words.push(Word {
+                name: w.name.clone(),
+                vectors: w.vectors.len() / dim,
+                offset: table.len() / dim,
+            });
+            table.extend_from_slice(&w.vectors);
+        }
+        (words, table)
+    }
+
+    /// The prompt's slots in 77-slot chunks (BOS ... EOS, padded).
+    pub fn tokenize(&self, prompt: &str) -> Vec<TokenSlot> {
+        let (words, _) = self.layout();
+        let slots = prompt_slots(&self.tokenizer, prompt, &words);
+        chunk_slots(&slots, self.style, self.tokenizer.comma_id())
+            .into_iter()
+            .flatten()
+            .map(|s| match s {
+                Slot::Token(id) => TokenSlot { id, learned: None },
+                Slot::Learned { word, index } => TokenSlot {
+                    id: crate::tokenizer::EOS,
+                    learned: Some((word, index)),
+                },
+            })
+            .collect()
+    }
+
+    /// Hidden states `[chunks * 77, dim]` (f32) for `prompt`.
+    pub fn encode(&self, prompt: &str) -> Result<Tensor> {
+        let (words, table) = self.layout();
+        let device: &Device = self.model.device();
+        let enc = encode_prompts(
+            &self.tokenizer,
+            &[prompt.to_string()],
+            &words,
+            self.style,
+            device,
+        )?;
+        let dim = self.dim();
+        let rows = (table.len() / dim).max(1);
+        let table = if table.is_empty() {
+            Tensor::zeros((1, dim), DType::F32, device)?
+        } else {
+            Tensor::from_vec(table, (rows, dim), device)?
+        };
+        let injection = Injection {
+            table: &table,
+            index: &enc.index,
+            mask: &enc.mask,
+        };
+        let states = crate::train::loss::encode_chunks(
+            &self.model,
+            &enc.ids,
+            Some(&injection),
+            self.clip_skip,
+        )?;
+        Ok(states.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
