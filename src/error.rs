@@ -41,6 +41,10 @@ pub enum Error {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// A learned-embedding file could not be read, written or used.
+    #[error(transparent)]
+    Embedding(#[from] crate::embedding::EmbeddingError),
+
     /// Training was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

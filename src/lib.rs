@@ -3,6 +3,8 @@
 //! Learns a new word (a few token vectors) from a handful of pictures by optimising the
 //! denoising loss through a frozen text encoder, UNet and VAE.
 
+pub mod device;
+pub mod embedding;
 pub mod error;
 pub mod io;
 pub mod model;

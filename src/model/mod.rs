@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod random;
 pub mod unet;
 pub mod vae;
 pub mod weights;

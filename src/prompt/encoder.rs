@@ -1,11 +1,13 @@
 //! Conditioning for hosts: a text encoder with registered learned words, turning prompts
 //! into the hidden states a UNet is conditioned on.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{encode_prompts, prompt_slots, Word};
+use crate::embedding::read_embedding;
 use crate::error::{Error, Result};
 use crate::model::{Injection, SdModel};
 use crate::tokenizer::{chunk_slots, ChunkStyle, ClipTokenizer, Slot};
@@ -109,6 +111,50 @@ impl PromptEncoder {
             None => self.words.push(entry),
         }
         Ok(())
+    }
+
+    /// Registers the word of an embedding file in any format sdti reads. The word is
+    /// `name`, or the file's stem (as A1111 names embeddings).
+    pub fn register_file(&mut self, name: Option<&str>, path: &Path) -> Result<String> {
+        let emb = read_embedding(path)?;
+        let word = match name {
+            Some(n) => n.to_string(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .ok_or_else(|| Error::input(path.display().to_string(), "has no file name"))?,
+        };
+        let dim = self.dim();
+        let part = match emb.parts.as_slice() {
+            [single] => single,
+            parts => {
+                // An SDXL file: its clip_l part is the SD 1.x-width one, but it was
+                // trained with clip_g beside it; refuse rather than guess.
+                return Err(Error::input(
+                    path.display().to_string(),
+                    format!(
+                        "holds {} parts (an SDXL embedding?); this SD 1.x model takes one part of width {dim}",
+                        parts.len()
+                    ),
+                ));
+            }
+        };
+        if part.dim != dim {
+            return Err(Error::input(
+                path.display().to_string(),
+                format!(
+                    "vectors of width {} do not fit this model's text encoder (width {dim}){}",
+                    part.dim,
+                    if part.dim == 1024 {
+                        ": an SD 2.x embedding"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        self.register(&word, &part.data)?;
+        Ok(word)
     }
 
     /// Registered words in registration order.

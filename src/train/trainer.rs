@@ -15,6 +15,7 @@ use super::loss::{denoising_loss, DenoisingBatch, Prediction};
 use super::prompts::{Builtin, TemplateSet};
 use super::rng::{Rng, RngState};
 use super::schedule::{DdpmConfig, LrSchedule, NoiseSchedule};
+use crate::embedding::{write_embedding, EmbeddingFile, EmbeddingPart, Encoder, Format, Precision};
 use crate::error::{Error, Result};
 use crate::model::{Injection, LatentDist, SdModel};
 use crate::prompt::{encode_prompts, Word};
@@ -357,6 +358,40 @@ impl Trainer {
 
     pub fn vectors_tensor(&self) -> &Tensor {
         self.vectors.as_tensor()
+    }
+
+    /// The learned word as an embedding file (name, step, vectors, the model's file name).
+    pub fn embedding(&self) -> Result<EmbeddingFile> {
+        let data = self.vectors()?;
+        let dim = self.model.config.text_encoder.hidden_size;
+        let model_name = self
+            .model
+            .source
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
+        Ok(EmbeddingFile {
+            name: Some(self.config.token.clone()),
+            step: Some(self.step),
+            sd_checkpoint: None,
+            sd_checkpoint_name: model_name,
+            parts: vec![EmbeddingPart {
+                encoder: Encoder::Single,
+                vectors: data.len() / dim,
+                dim,
+                data,
+            }],
+            source_format: Format::A1111Safetensors,
+        })
+    }
+
+    /// Writes the learned word to `path` in `format` (atomically).
+    pub fn export(&self, path: &Path, format: Format, precision: Precision) -> Result<()> {
+        Ok(write_embedding(
+            path,
+            &self.embedding()?,
+            format,
+            precision,
+        )?)
     }
 
     /// Adds a training image: prepared at the training resolution, each view (the image

@@ -1,6 +1,7 @@
 //! The integration test suite, one binary (candle links are heavy).
 
 mod common;
+mod embedding;
 mod learning;
 mod loading;
 mod parity;

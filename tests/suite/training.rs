@@ -290,3 +290,57 @@ fn images_from_files_with_captions_and_clear_errors() {
     assert!(err.contains("in-memory image"), "{err}");
     assert_eq!(t.image_count(), 1);
 }
+
+/// A trained word exported in every writable format registers in an encoder and
+/// conditions a prompt exactly as the trainer's own vectors do.
+#[test]
+fn exported_words_condition_prompts_like_the_trained_vectors() {
+    use sdti::embedding::{Format, Precision};
+    use sdti::prompt::encoder::PromptEncoder;
+    let m = model();
+    let mut t = trainer(&m, config(3));
+    t.train(3, |_| true).unwrap();
+    let mut direct = PromptEncoder::new(m.clone()).unwrap();
+    direct.register("sks", &t.vectors().unwrap()).unwrap();
+    let want = direct.encode("a photo of sks on a table").unwrap();
+    let dir = tempdir().join("exports");
+    std::fs::create_dir_all(&dir).unwrap();
+    for format in [
+        Format::A1111Pt,
+        Format::A1111Safetensors,
+        Format::DiffusersSafetensors,
+        Format::DiffusersBin,
+        Format::A1111Png,
+    ] {
+        let path = dir.join(format!("sks.{}", format.extension()));
+        t.export(&path, format, Precision::F32).unwrap();
+        let mut enc = PromptEncoder::new(m.clone()).unwrap();
+        let word = enc.register_file(None, &path).unwrap();
+        assert_eq!(word, "sks");
+        let got = enc.encode("a photo of sks on a table").unwrap();
+        let diff = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{format}");
+    }
+    // The SDXL layout does not fit an SD 1.x model.
+    let sdxl = dir.join("sks-xl.safetensors");
+    let mut emb = t.embedding().unwrap();
+    let mut g = emb.parts[0].clone();
+    g.encoder = sdti::embedding::Encoder::ClipG;
+    g.dim = 1280;
+    g.data = vec![0.0; 1280 * g.vectors];
+    emb.parts[0].encoder = sdti::embedding::Encoder::ClipL;
+    emb.parts[0].dim = 768;
+    emb.parts[0].data = vec![0.0; 768 * emb.parts[0].vectors];
+    emb.parts.push(g);
+    sdti::embedding::write_embedding(&sdxl, &emb, Format::SdxlSafetensors, Precision::F16).unwrap();
+    let mut enc = PromptEncoder::new(m).unwrap();
+    let err = enc.register_file(None, &sdxl).unwrap_err().to_string();
+    assert!(err.contains("SDXL") && err.contains("sks-xl"), "{err}");
+}

@@ -1,0 +1,350 @@
+//! Random weights of the SD 1.x architecture for any configuration: the real key names
+//! and shapes, for demos, benchmarks and tests when no model file is at hand.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
+use crate::error::Result;
+use crate::train::rng::Rng;
+
+struct Builder<'a> {
+    rng: &'a mut Rng,
+    out: HashMap<String, Tensor>,
+}
+
+impl Builder<'_> {
+    fn normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<()> {
+        let mut data = vec![0f32; shape.iter().product()];
+        self.rng.fill_normal(&mut data);
+        for v in &mut data {
+            *v *= std;
+        }
+        self.out
+            .insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    }
+
+    fn constant(&mut self, name: String, shape: &[usize], value: f32) -> Result<()> {
+        let t = Tensor::full(value, shape, &Device::Cpu)?;
+        self.out.insert(name, t);
+        Ok(())
+    }
+
+    /// A weight scaled by `1/sqrt(fan_in)`, so activations keep their size.
+    fn weight(&mut self, name: String, shape: &[usize]) -> Result<()> {
+        let fan_in: usize = shape[1..].iter().product();
+        self.normal(name, shape, 1.0 / (fan_in.max(1) as f32).sqrt())
+    }
+
+    fn linear(&mut self, p: &str, out: usize, inp: usize, bias: bool) -> Result<()> {
+        self.weight(format!("{p}.weight"), &[out, inp])?;
+        if bias {
+            self.constant(format!("{p}.bias"), &[out], 0.0)?;
+        }
+        Ok(())
+    }
+
+    fn conv(&mut self, p: &str, out: usize, inp: usize, k: usize) -> Result<()> {
+        self.weight(format!("{p}.weight"), &[out, inp, k, k])?;
+        self.constant(format!("{p}.bias"), &[out], 0.0)
+    }
+
+    fn norm(&mut self, p: &str, c: usize) -> Result<()> {
+        self.constant(format!("{p}.weight"), &[c], 1.0)?;
+        self.constant(format!("{p}.bias"), &[c], 0.0)
+    }
+
+    fn resnet(&mut self, p: &str, inp: usize, out: usize, temb: Option<usize>) -> Result<()> {
+        self.norm(&format!("{p}.norm1"), inp)?;
+        self.conv(&format!("{p}.conv1"), out, inp, 3)?;
+        if let Some(t) = temb {
+            self.linear(&format!("{p}.time_emb_proj"), out, t, true)?;
+        }
+        self.norm(&format!("{p}.norm2"), out)?;
+        self.conv(&format!("{p}.conv2"), out, out, 3)?;
+        if inp != out {
+            self.conv(&format!("{p}.conv_shortcut"), out, inp, 1)?;
+        }
+        Ok(())
+    }
+
+    fn transformer(&mut self, p: &str, c: usize, cross: usize, linear_proj: bool) -> Result<()> {
+        self.norm(&format!("{p}.norm"), c)?;
+        for proj in ["proj_in", "proj_out"] {
+            if linear_proj {
+                self.linear(&format!("{p}.{proj}"), c, c, true)?;
+            } else {
+                self.conv(&format!("{p}.{proj}"), c, c, 1)?;
+            }
+        }
+        let b = format!("{p}.transformer_blocks.0");
+        for n in ["norm1", "norm2", "norm3"] {
+            self.norm(&format!("{b}.{n}"), c)?;
+        }
+        for (attn, ctx) in [("attn1", c), ("attn2", cross)] {
+            self.linear(&format!("{b}.{attn}.to_q"), c, c, false)?;
+            self.linear(&format!("{b}.{attn}.to_k"), c, ctx, false)?;
+            self.linear(&format!("{b}.{attn}.to_v"), c, ctx, false)?;
+            self.linear(&format!("{b}.{attn}.to_out.0"), c, c, true)?;
+        }
+        self.linear(&format!("{b}.ff.net.0.proj"), 8 * c, c, true)?;
+        self.linear(&format!("{b}.ff.net.2"), c, 4 * c, true)
+    }
+
+    fn clip(&mut self, cfg: &ClipConfig) -> Result<()> {
+        let p = "text_encoder.text_model";
+        let d = cfg.hidden_size;
+        self.normal(
+            format!("{p}.embeddings.token_embedding.weight"),
+            &[cfg.vocab_size, d],
+            0.02,
+        )?;
+        self.normal(
+            format!("{p}.embeddings.position_embedding.weight"),
+            &[cfg.max_position_embeddings, d],
+            0.01,
+        )?;
+        for i in 0..cfg.num_hidden_layers {
+            let l = format!("{p}.encoder.layers.{i}");
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                self.linear(&format!("{l}.self_attn.{proj}"), d, d, true)?;
+            }
+            self.norm(&format!("{l}.layer_norm1"), d)?;
+            self.norm(&format!("{l}.layer_norm2"), d)?;
+            self.linear(&format!("{l}.mlp.fc1"), cfg.intermediate_size, d, true)?;
+            self.linear(&format!("{l}.mlp.fc2"), d, cfg.intermediate_size, true)?;
+        }
+        self.norm(&format!("{p}.final_layer_norm"), d)
+    }
+
+    fn unet(&mut self, cfg: &UnetConfig) -> Result<()> {
+        let boc = &cfg.block_out_channels;
+        let levels = boc.len();
+        let c0 = boc[0];
+        let temb = 4 * c0;
+        let cross = cfg.cross_attention_dim;
+        let lin = cfg.use_linear_projection;
+        self.conv("unet.conv_in", c0, cfg.in_channels, 3)?;
+        self.linear("unet.time_embedding.linear_1", temb, c0, true)?;
+        self.linear("unet.time_embedding.linear_2", temb, temb, true)?;
+        let mut out_c = c0;
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let in_c = out_c;
+            out_c = boc[i];
+            for j in 0..cfg.layers_per_block {
+                let rin = if j == 0 { in_c } else { out_c };
+                self.resnet(
+                    &format!("unet.down_blocks.{i}.resnets.{j}"),
+                    rin,
+                    out_c,
+                    Some(temb),
+                )?;
+                if kind.starts_with("CrossAttn") {
+                    self.transformer(
+                        &format!("unet.down_blocks.{i}.attentions.{j}"),
+                        out_c,
+                        cross,
+                        lin,
+                    )?;
+                }
+            }
+            if i + 1 < levels {
+                self.conv(
+                    &format!("unet.down_blocks.{i}.downsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                )?;
+            }
+        }
+        let top = boc[levels - 1];
+        self.resnet("unet.mid_block.resnets.0", top, top, Some(temb))?;
+        self.transformer("unet.mid_block.attentions.0", top, cross, lin)?;
+        self.resnet("unet.mid_block.resnets.1", top, top, Some(temb))?;
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut output_c = rev[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let prev = output_c;
+            output_c = rev[i];
+            let input_c = rev[(i + 1).min(levels - 1)];
+            let layers = cfg.layers_per_block + 1;
+            for j in 0..layers {
+                let skip = if j == layers - 1 { input_c } else { output_c };
+                let rin = if j == 0 { prev } else { output_c };
+                self.resnet(
+                    &format!("unet.up_blocks.{i}.resnets.{j}"),
+                    rin + skip,
+                    output_c,
+                    Some(temb),
+                )?;
+                if kind.starts_with("CrossAttn") {
+                    self.transformer(
+                        &format!("unet.up_blocks.{i}.attentions.{j}"),
+                        output_c,
+                        cross,
+                        lin,
+                    )?;
+                }
+            }
+            if i + 1 < levels {
+                self.conv(
+                    &format!("unet.up_blocks.{i}.upsamplers.0.conv"),
+                    output_c,
+                    output_c,
+                    3,
+                )?;
+            }
+        }
+        self.norm("unet.conv_norm_out", c0)?;
+        self.conv("unet.conv_out", cfg.out_channels, c0, 3)
+    }
+
+    fn vae_mid(&mut self, p: &str, c: usize) -> Result<()> {
+        self.resnet(&format!("{p}.resnets.0"), c, c, None)?;
+        self.norm(&format!("{p}.attentions.0.group_norm"), c)?;
+        for proj in ["to_q", "to_k", "to_v", "to_out.0"] {
+            self.linear(&format!("{p}.attentions.0.{proj}"), c, c, true)?;
+        }
+        self.resnet(&format!("{p}.resnets.1"), c, c, None)
+    }
+
+    fn vae(&mut self, cfg: &VaeConfig) -> Result<()> {
+        let boc = &cfg.block_out_channels;
+        let levels = boc.len();
+        let top = boc[levels - 1];
+        let lat = cfg.latent_channels;
+        self.conv("vae.encoder.conv_in", boc[0], cfg.in_channels, 3)?;
+        let mut out_c = boc[0];
+        for (i, &c) in boc.iter().enumerate() {
+            let in_c = out_c;
+            out_c = c;
+            for j in 0..cfg.layers_per_block {
+                let rin = if j == 0 { in_c } else { out_c };
+                self.resnet(
+                    &format!("vae.encoder.down_blocks.{i}.resnets.{j}"),
+                    rin,
+                    out_c,
+                    None,
+                )?;
+            }
+            if i + 1 < levels {
+                self.conv(
+                    &format!("vae.encoder.down_blocks.{i}.downsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                )?;
+            }
+        }
+        self.vae_mid("vae.encoder.mid_block", top)?;
+        self.norm("vae.encoder.conv_norm_out", top)?;
+        self.conv("vae.encoder.conv_out", 2 * lat, top, 3)?;
+        self.conv("vae.quant_conv", 2 * lat, 2 * lat, 1)?;
+        self.conv("vae.post_quant_conv", lat, lat, 1)?;
+        self.conv("vae.decoder.conv_in", top, lat, 3)?;
+        self.vae_mid("vae.decoder.mid_block", top)?;
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut out_c = rev[0];
+        for (i, &c) in rev.iter().enumerate() {
+            let prev = out_c;
+            out_c = c;
+            for j in 0..cfg.layers_per_block + 1 {
+                let rin = if j == 0 { prev } else { out_c };
+                self.resnet(
+                    &format!("vae.decoder.up_blocks.{i}.resnets.{j}"),
+                    rin,
+                    out_c,
+                    None,
+                )?;
+            }
+            if i + 1 < levels {
+                self.conv(
+                    &format!("vae.decoder.up_blocks.{i}.upsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                )?;
+            }
+        }
+        self.norm("vae.decoder.conv_norm_out", boc[0])?;
+        self.conv("vae.decoder.conv_out", cfg.out_channels, boc[0], 3)
+    }
+}
+
+/// Random f32 CPU weights for `config`, named as [`super::weights::Weights`] expects.
+pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut b = Builder {
+        rng: &mut rng,
+        out: HashMap::new(),
+    };
+    b.clip(&config.text_encoder)?;
+    b.unet(&config.unet)?;
+    b.vae(&config.vae)?;
+    Ok(b.out)
+}
+
+/// A small SD 1.x configuration (the real block structure at widths 32-64) for demos:
+/// seconds per step on a CPU.
+pub fn tiny_sd1_config() -> ModelConfig {
+    let mut config = ModelConfig::sd1();
+    config.text_encoder = ClipConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        ..ClipConfig::sd1()
+    };
+    config.unet = UnetConfig::sd1_with(vec![32, 32, 64, 64], 1, 64);
+    config.vae = VaeConfig {
+        block_out_channels: vec![32, 32, 64, 64],
+        layers_per_block: 1,
+        ..VaeConfig::sd1()
+    };
+    config
+}
+
+/// Builds a random model in `dtype` on `device`.
+pub fn random_model(
+    config: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<super::SdModel> {
+    let weights =
+        super::weights::Weights::from_tensors(random_weights(config, seed)?, dtype, device.clone());
+    super::SdModel::from_weights(
+        &weights,
+        config.clone(),
+        format!("random SD 1.x (seed {seed})").into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::index_model;
+
+    /// The generator and the loader agree with the reference checkpoint on every name
+    /// and shape: what diffusers writes is what the random model holds.
+    #[test]
+    fn random_weights_have_the_reference_names_and_shapes() -> Result<()> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+        let loaded = index_model(&root, DType::F32, &Device::Cpu, None)?;
+        let random = random_weights(&loaded.config, 1)?;
+        let mut names = loaded.weights.names();
+        names.retain(|n| !n.ends_with("position_ids"));
+        let mut random_names: Vec<String> = random.keys().cloned().collect();
+        random_names.sort();
+        assert_eq!(names, random_names);
+        for name in &names {
+            let want = loaded.weights.shape_of(name).unwrap_or_default();
+            assert_eq!(random[name].dims(), want.as_slice(), "{name}");
+        }
+        let model = random_model(&tiny_sd1_config(), 3, DType::F32, &Device::Cpu)?;
+        assert_eq!(model.config.unet.layers_per_block, 1);
+        Ok(())
+    }
+}
