@@ -546,13 +546,8 @@ impl Trainer {
         Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, grad))
     }
 
-    /// One optimizer step (all micro-batches, clipping, AdamW).
-    pub fn step(&mut self) -> Result<StepStats> {
-        if self.images.is_empty() {
-            return Err(Error::input("training", "no images were added"));
-        }
-        let start = Instant::now();
-        let accum = self.config.gradient_accumulation;
+    /// Runs `accum` micro-batches: the mean gradient and the summed loss.
+    fn accumulate(&mut self, accum: usize) -> Result<(Tensor, f32)> {
         let mut grad_sum: Option<Tensor> = None;
         let mut loss_sum = 0f32;
         for _ in 0..accum {
@@ -566,9 +561,38 @@ impl Trainer {
                 None => grad,
             });
         }
-        let grad = match grad_sum {
-            Some(g) => (g / accum as f64)?,
-            None => return Err(Error::input("training", "no micro-batch ran")),
+        match grad_sum {
+            Some(g) => Ok(((g / accum as f64)?, loss_sum)),
+            None => Err(Error::input("training", "no micro-batch ran")),
+        }
+    }
+
+    /// One optimizer step (all micro-batches, clipping, AdamW).
+    pub fn step(&mut self) -> Result<StepStats> {
+        if self.images.is_empty() {
+            return Err(Error::input("training", "no images were added"));
+        }
+        let start = Instant::now();
+        let accum = self.config.gradient_accumulation;
+        // A step that fails or is cancelled leaves no trace: the random streams and the
+        // data order go back to where the step began, so a checkpoint written after a
+        // cancel resumes exactly like an uninterrupted run.
+        let saved = (
+            self.rng_data.state(),
+            self.rng_noise.state(),
+            self.order.clone(),
+            self.order_pos,
+        );
+        let (grad, loss_sum) = match self.accumulate(accum) {
+            Ok(v) => v,
+            Err(e) => {
+                let (data, noise, order, pos) = saved;
+                self.rng_data = Rng::from_state(data).map_err(rng_err)?;
+                self.rng_noise = Rng::from_state(noise).map_err(rng_err)?;
+                self.order = order;
+                self.order_pos = pos;
+                return Err(e);
+            }
         };
         let lr = self.lr.lr_at(self.step);
         let updated = self.optimizer.update(self.vectors.as_tensor(), &grad, lr)?;
