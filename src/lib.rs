@@ -6,9 +6,13 @@
 pub mod device;
 pub mod embedding;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
+pub mod plot;
+pub mod preview;
 pub mod prompt;
+pub mod run_folder;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;

@@ -1,0 +1,104 @@
+//! A fixed yardstick for a learned word: the denoising loss on a set of images at noise
+//! and timesteps drawn once from a seed. The per-step training loss swings with the random
+//! timestep; this number compares the initial word with the trained one, or two steps.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{Injection, SdModel};
+use crate::prompt::{encode_prompts, Word};
+use crate::tokenizer::{ChunkStyle, ClipTokenizer};
+use crate::train::data::{prepare_views, CropMode, TrainImage};
+use crate::train::loss::{denoising_loss, DenoisingBatch, Prediction};
+use crate::train::rng::Rng;
+use crate::train::schedule::{DdpmConfig, NoiseSchedule};
+
+/// Images as scaled latent means (`[1, 4, r/8, r/8]` each, center crop, not mirrored).
+pub fn image_latents(
+    model: &SdModel,
+    images: &[TrainImage],
+    resolution: usize,
+) -> Result<Vec<Tensor>> {
+    let res = u32::try_from(resolution).map_err(|_| Error::config("resolution", "is too large"))?;
+    let mut out = Vec::with_capacity(images.len());
+    for image in images {
+        let views = prepare_views(image, res, CropMode::Center, &mut Rng::new(0))
+            .map_err(|e| Error::input("image", e.to_string()))?;
+        let view = views
+            .first()
+            .ok_or_else(|| Error::input("image", "no view could be prepared"))?;
+        let pixels = Tensor::from_slice(&view.chw, (1, 3, resolution, resolution), &Device::Cpu)?
+            .to_dtype(model.text_encoder.dtype())?
+            .to_device(model.device())?;
+        out.push(model.vae.scale(&model.vae.encode(&pixels)?.mean)?);
+    }
+    Ok(out)
+}
+
+/// The mean denoising loss of `vectors` (`[n, dim]`) as `word` in `prompt` over `latents`,
+/// `samples` noise/timestep pairs per latent drawn from `seed` (the same on every call).
+pub fn fixed_noise_loss(
+    model: &SdModel,
+    latents: &[Tensor],
+    word: &str,
+    vectors: &Tensor,
+    prompt: &str,
+    samples: usize,
+    seed: u64,
+) -> Result<f32> {
+    let tokenizer = ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
+    let words = [Word {
+        name: word.to_string(),
+        vectors: vectors.dim(0)?,
+        offset: 0,
+    }];
+    let enc = encode_prompts(
+        &tokenizer,
+        &[prompt.to_string()],
+        &words,
+        ChunkStyle::A1111,
+        model.device(),
+    )?;
+    let table = vectors.to_device(model.device())?;
+    let injection = Injection {
+        table: &table,
+        index: &enc.index,
+        mask: &enc.mask,
+    };
+    let json = serde_json::to_string(&model.config.scheduler)
+        .map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let ddpm = DdpmConfig::from_json_str(&json, "model scheduler config")
+        .map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let schedule =
+        NoiseSchedule::new(&ddpm).map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let prediction = Prediction::parse(&model.config.scheduler.prediction_type)?;
+    let mut rng = Rng::new(seed);
+    let (mut total, mut count) = (0f64, 0usize);
+    for latent in latents {
+        for _ in 0..samples {
+            let t = schedule.random_timestep(&mut rng);
+            let mut noise = vec![0f32; latent.elem_count()];
+            rng.fill_normal(&mut noise);
+            let noise = Tensor::from_vec(noise, latent.dims(), &Device::Cpu)?
+                .to_dtype(latent.dtype())?
+                .to_device(latent.device())?;
+            let ac = schedule.alphas_cumprod().get(t).copied().unwrap_or(1.0);
+            let batch = DenoisingBatch {
+                latents: latent,
+                noise: &noise,
+                timesteps: &[t],
+                alphas_cumprod: &[ac],
+                ids: &enc.ids,
+                injection: Some(&injection),
+                clip_skip: 1,
+            };
+            let loss = denoising_loss(model, &batch, prediction)?;
+            total += f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(Error::input("evaluation", "no images or samples"));
+    }
+    Ok((total / count as f64) as f32)
+}

@@ -1,0 +1,257 @@
+//! What a learned word draws: prompts (with learned words) to RGB images through the DDIM
+//! sampler, classifier-free guidance and the VAE decoder, and a labelled grid of images.
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use crate::error::{Error, Result};
+use crate::model::SdModel;
+use crate::plot::{draw_text, text_height, text_width};
+use crate::prompt::encoder::PromptEncoder;
+use crate::sample::ddim_sample;
+use crate::tokenizer::CONTEXT_LEN;
+use crate::train::rng::Rng;
+
+/// How to draw one image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleOptions {
+    pub prompt: String,
+    /// The negative prompt (empty: the unconditional prompt "", as diffusers and A1111).
+    pub negative: String,
+    /// DDIM steps (1..=1000).
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or below runs the conditional branch alone.
+    pub guidance: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Image size in pixels, multiples of 8.
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative: String::new(),
+            steps: 30,
+            guidance: 7.5,
+            seed: 0,
+            width: 512,
+            height: 512,
+        }
+    }
+}
+
+impl SampleOptions {
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if v < 8 || v % 8 != 0 || v > 4096 {
+                return Err(Error::config(
+                    field,
+                    format!("{v} must be a multiple of 8 between 8 and 4096"),
+                ));
+            }
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(Error::config(
+                "steps",
+                format!("{} is outside 1..=1000", self.steps),
+            ));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::config(
+                "guidance",
+                format!("{} must be a number >= 0", self.guidance),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The initial latent noise for `seed`: `[1, 4, h/8, w/8]` standard normal values from
+/// sdti's own generator, so a seed draws the same picture on every machine.
+pub fn seeded_noise(seed: u64, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let shape = (1, 4, height / 8, width / 8);
+    let mut data = vec![0f32; 4 * (height / 8) * (width / 8)];
+    Rng::new(seed).fill_normal(&mut data);
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)
+}
+
+/// Pads the shorter of two conditionings (`[chunks * 77, dim]`) with `empty` chunks, as
+/// A1111 does when prompt and negative prompt have different lengths.
+fn pad_chunks(a: Tensor, b: Tensor, empty: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (na, nb) = (a.dim(0)?, b.dim(0)?);
+    let pad = |t: Tensor, n: usize| -> Result<Tensor> {
+        let mut parts = vec![t];
+        for _ in 0..n / CONTEXT_LEN {
+            parts.push(empty.clone());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    Ok(match na.cmp(&nb) {
+        std::cmp::Ordering::Less => (pad(a, nb - na)?, b),
+        std::cmp::Ordering::Greater => {
+            let b = pad(b, na - nb)?;
+            (a, b)
+        }
+        std::cmp::Ordering::Equal => (a, b),
+    })
+}
+
+/// Images in `[-1, 1]` `[B, 3, H, W]` to 8-bit RGB.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = images.dims4()?;
+    if c != 3 {
+        return Err(Error::input(
+            "decoded image",
+            format!("has {c} channels, not 3"),
+        ));
+    }
+    let pixels = ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = h * w * 3;
+    (0..b)
+        .map(|i| {
+            let data: Vec<u8> = pixels[i * per..(i + 1) * per]
+                .iter()
+                .map(|v| *v as u8)
+                .collect();
+            RgbImage::from_raw(w as u32, h as u32, data)
+                .ok_or_else(|| Error::input("decoded image", "has the wrong size"))
+        })
+        .collect()
+}
+
+/// Decodes unscaled latents with the model's VAE into 8-bit RGB images.
+pub fn decode_rgb8(model: &SdModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
+    let dtype = model.text_encoder.dtype();
+    to_rgb8(&model.vae.decode(&latents.to_dtype(dtype)?)?)
+}
+
+/// Image sides must be multiples of this for `model`: 8 pixels per latent cell, and the
+/// UNet halves the latent once per block after the first (64 for SD 1.x).
+pub fn size_multiple(model: &SdModel) -> usize {
+    8 << model.config.unet.block_out_channels.len().saturating_sub(1)
+}
+
+/// Checks that `width` x `height` pixels fit `model`'s UNet, naming the field.
+pub fn check_size(model: &SdModel, fields: [(&str, usize); 2]) -> Result<()> {
+    let m = size_multiple(model);
+    for (field, v) in fields {
+        if v % m != 0 {
+            return Err(Error::config(
+                field,
+                format!(
+                    "{v} must be a multiple of {m} for this model (its UNet halves the latent {} times)",
+                    m.trailing_zeros() - 3
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Draws one image: the prompt and negative prompt through `encoder` (learned words
+/// registered there), DDIM from seeded noise with classifier-free guidance, VAE decode.
+pub fn sample_image(encoder: &PromptEncoder, opts: &SampleOptions) -> Result<RgbImage> {
+    opts.validate()?;
+    let model = encoder.model();
+    check_size(model, [("width", opts.width), ("height", opts.height)])?;
+    let dtype = model.text_encoder.dtype();
+    let cond = encoder.encode(&opts.prompt)?;
+    let noise = seeded_noise(opts.seed, opts.width, opts.height, model.device())?;
+    let latents = if opts.guidance > 1.0 {
+        let uncond = encoder.encode(&opts.negative)?;
+        let empty = if opts.negative.is_empty() {
+            uncond.clone()
+        } else {
+            encoder.encode("")?
+        };
+        let (cond, uncond) = pad_chunks(cond, uncond, &empty)?;
+        let cond = cond.unsqueeze(0)?.to_dtype(dtype)?;
+        let uncond = uncond.unsqueeze(0)?.to_dtype(dtype)?;
+        ddim_sample(
+            model,
+            &noise,
+            &cond,
+            Some((&uncond, opts.guidance)),
+            opts.steps,
+        )?
+    } else {
+        let cond = cond.unsqueeze(0)?.to_dtype(dtype)?;
+        ddim_sample(model, &noise, &cond, None, opts.steps)?
+    };
+    decode_rgb8(model, &latents)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::input("sampler", "drew no image"))
+}
+
+/// Images side by side, `columns` per row, each with its label above it (e.g. the step).
+pub fn grid(tiles: &[(String, &RgbImage)], columns: usize) -> RgbImage {
+    let columns = columns.clamp(1, tiles.len().max(1));
+    let rows = tiles.len().div_ceil(columns).max(1);
+    let tw = tiles.iter().map(|(_, i)| i.width()).max().unwrap_or(64);
+    let th = tiles.iter().map(|(_, i)| i.height()).max().unwrap_or(64);
+    let scale = if tw >= 256 { 2 } else { 1 };
+    let label_h = text_height(scale) + 6;
+    let gap = 4;
+    let cell_w = tw + gap;
+    let cell_h = th + label_h + gap;
+    let mut out = RgbImage::from_pixel(
+        columns as u32 * cell_w + gap,
+        rows as u32 * cell_h + gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (k, (label, img)) in tiles.iter().enumerate() {
+        let (cx, cy) = (
+            (k % columns) as u32 * cell_w + gap,
+            (k / columns) as u32 * cell_h + gap,
+        );
+        let lw = text_width(label, scale).min(tw);
+        draw_text(
+            &mut out,
+            i64::from(cx + (tw - lw) / 2),
+            i64::from(cy + 2),
+            label,
+            scale,
+            [40, 40, 40],
+        );
+        image::imageops::replace(&mut out, *img, i64::from(cx), i64::from(cy + label_h));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rgb8_conversion_maps_the_range_and_layout() -> Result<()> {
+        // One 1x2 image: left pixel black, right pixel white (and clamped beyond).
+        let t = Tensor::from_vec(
+            vec![-1f32, 3.0, -1.0, 1.0, -1.0, 0.0],
+            (1, 3, 1, 2),
+            &Device::Cpu,
+        )?;
+        let img = to_rgb8(&t)?;
+        assert_eq!(img[0].get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(img[0].get_pixel(1, 0).0, [255, 255, 128]);
+        Ok(())
+    }
+
+    #[test]
+    fn grid_places_tiles_under_labels() {
+        let red = RgbImage::from_pixel(16, 16, image::Rgb([255, 0, 0]));
+        let tiles: Vec<(String, &RgbImage)> = (0..5).map(|i| (format!("{i}"), &red)).collect();
+        let g = grid(&tiles, 3);
+        let reds = g.pixels().filter(|p| p.0 == [255, 0, 0]).count();
+        assert_eq!(reds, 5 * 16 * 16);
+        assert_eq!(g.width(), 3 * 20 + 4);
+    }
+}
