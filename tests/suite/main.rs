@@ -1,5 +1,6 @@
 //! The integration test suite, one binary (candle links are heavy).
 
+mod cli;
 mod common;
 mod embedding;
 mod learning;

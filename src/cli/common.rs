@@ -1,0 +1,223 @@
+//! What the subcommands share: the error type that prints one line, device and dtype
+//! options, model loading, `[WORD=]FILE` embedding arguments.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::DType;
+use clap::Args;
+use sdti::model::{LoadOptions, SdModel};
+
+/// An error for people: printed as one `error: ...` line.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    /// The process exit code (1 unless said otherwise).
+    pub code: u8,
+}
+
+impl CliError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One line, whatever the underlying error printed.
+        let one_line: Vec<&str> = self
+            .message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        f.write_str(&one_line.join("; "))
+    }
+}
+
+/// Engine errors, with configuration fields named as the command-line flags.
+impl From<sdti::Error> for CliError {
+    fn from(e: sdti::Error) -> Self {
+        match e {
+            sdti::Error::Config { field, reason } => {
+                CliError::new(format!("{}: {reason}", flag_name(&field)))
+            }
+            other => CliError::new(other.to_string()),
+        }
+    }
+}
+
+impl From<sdti::embedding::EmbeddingError> for CliError {
+    fn from(e: sdti::embedding::EmbeddingError) -> Self {
+        CliError::new(e.to_string())
+    }
+}
+
+/// `max_steps` -> `--steps`, `learning_rate` -> `--learning-rate`.
+pub fn flag_name(field: &str) -> String {
+    match field {
+        "max_steps" => "--steps".into(),
+        "guidance" => "--cfg".into(),
+        f if f
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()) =>
+        {
+            format!("--{}", f.replace('_', "-"))
+        }
+        f => f.to_string(),
+    }
+}
+
+pub type CliResult<T> = Result<T, CliError>;
+
+/// Adds what was being done to an error.
+pub trait Context<T> {
+    fn context(self, what: impl fmt::Display) -> CliResult<T>;
+}
+
+impl<T, E: Into<CliError>> Context<T> for Result<T, E> {
+    fn context(self, what: impl fmt::Display) -> CliResult<T> {
+        self.map_err(|e| {
+            let e: CliError = e.into();
+            CliError {
+                message: format!("{what}: {}", e.message),
+                code: e.code,
+            }
+        })
+    }
+}
+
+/// Where and in which precision the model runs.
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N or metal (accelerators need a build with --features cuda/metal)
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Precision of the frozen model: f32, f16 or bf16 (the learned vectors stay f32)
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    pub fn load_options(&self) -> CliResult<LoadOptions> {
+        let dtype = match self.dtype.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => DType::F32,
+            "f16" | "fp16" | "float16" | "half" => DType::F16,
+            "bf16" | "bfloat16" => DType::BF16,
+            other => {
+                return Err(CliError::new(format!(
+                    "--dtype: '{other}' is not f32, f16 or bf16"
+                )))
+            }
+        };
+        let device = sdti::device::open_device(&self.device)?;
+        Ok(LoadOptions {
+            dtype,
+            device,
+            config: None,
+        })
+    }
+}
+
+/// Loads an SD 1.x model with one clear error line when it cannot.
+pub fn load_model(path: &Path, device: &DeviceArgs) -> CliResult<Arc<SdModel>> {
+    let opts = device.load_options()?;
+    let model = SdModel::load(path, &opts).map_err(|e| match e {
+        sdti::Error::Model { path, reason } => {
+            CliError::new(format!("model {}: {reason}", path.display()))
+        }
+        other => CliError::new(format!("model {}: {other}", path.display())),
+    })?;
+    Ok(Arc::new(model))
+}
+
+/// An `--embedding [WORD=]FILE` argument.
+#[derive(Clone, Debug)]
+pub struct EmbeddingArg {
+    pub word: Option<String>,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for EmbeddingArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        // A `=` names the word unless the whole argument is an existing file.
+        match s.split_once('=') {
+            Some((w, p)) if !Path::new(s).exists() && !w.is_empty() && !p.is_empty() => {
+                Ok(EmbeddingArg {
+                    word: Some(w.to_string()),
+                    path: p.into(),
+                })
+            }
+            _ if s.is_empty() => Err("give a file, or WORD=FILE".into()),
+            _ => Ok(EmbeddingArg {
+                word: None,
+                path: s.into(),
+            }),
+        }
+    }
+}
+
+impl EmbeddingArg {
+    /// The word: as given, else the file's stem (as A1111 names embeddings).
+    pub fn word_or_stem(&self) -> String {
+        self.word.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// The long-prompt chunking of A1111 or ComfyUI.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunking {
+    A1111,
+    Comfyui,
+}
+
+impl Chunking {
+    pub fn style(self) -> sdti::tokenizer::ChunkStyle {
+        match self {
+            Chunking::A1111 => sdti::tokenizer::ChunkStyle::A1111,
+            Chunking::Comfyui => sdti::tokenizer::ChunkStyle::ComfyUi,
+        }
+    }
+}
+
+/// Writes `text` (JSON) to stdout with a newline.
+pub fn print_json<T: serde::Serialize>(value: &T) -> CliResult<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::new(format!("JSON output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Seconds as `1m05s` / `12.3s`.
+pub fn human_duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "?".into();
+    }
+    if seconds < 60.0 {
+        return format!("{seconds:.1}s");
+    }
+    let s = seconds.round() as u64;
+    if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), when known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

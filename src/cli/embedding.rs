@@ -1,0 +1,323 @@
+//! `sdti convert`, `sdti inspect` and `sdti encode`: embedding files and prompts.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use clap::Args;
+use sdti::embedding::{
+    inspect as inspect_embedding, read_embedding, write_embedding, Format, Precision,
+};
+use sdti::prompt::{prompt_slots, Word};
+use sdti::tokenizer::{chunk_slots, ClipTokenizer, Slot, BOS, EOS};
+use serde::Serialize;
+
+use super::common::{
+    load_model, print_json, Chunking, CliError, CliResult, Context, DeviceArgs, EmbeddingArg,
+};
+
+pub const CONVERT_EXAMPLES: &str = "\
+Examples:
+  sdti convert my-cat.pt my-cat.safetensors               # A1111 .pt -> A1111 safetensors
+  sdti convert learned_embeds.bin cat.pt --name cat       # diffusers -> A1111, word 'cat'
+  sdti convert cat.pt learned_embeds.safetensors --format diffusers --precision f16
+
+Formats (reads all; writes all but png-pixels and rinongal-pt):
+  a1111-pt           A1111 .pt (torch zip, string_to_param)         .pt
+  safetensors        A1111 / kohya safetensors (emb_params)          .safetensors
+  diffusers          diffusers learned_embeds.safetensors {token}    .safetensors
+  diffusers-bin      diffusers learned_embeds.bin {token}            .bin
+  png                A1111 PNG with an sd-ti-embedding text chunk    .png
+  png-pixels         A1111 PNG with the data in the pixel border     (read only)
+  sdxl               SDXL {clip_l, clip_g} safetensors               .safetensors
+  onetrainer         OneTrainer safetensors (emp_params)             .safetensors
+  kohya-pt           kohya sd-scripts .pt (emb_params)               .pt
+  kohya-safetensors  kohya sd-scripts safetensors                    .safetensors
+  rinongal-pt        rinongal/textual_inversion .pt                  (read only)
+Without --format the format follows DEST's extension: .pt a1111-pt, .safetensors
+safetensors, .bin diffusers-bin, .png png (an SDXL embedding goes to sdxl).";
+
+pub const INSPECT_EXAMPLES: &str = "\
+Examples:
+  sdti inspect my-cat.pt
+  sdti inspect my-cat.pt --model v1-5.safetensors --top 8   # nearest vocabulary tokens
+  sdti inspect learned_embeds.bin --json";
+
+pub const ENCODE_EXAMPLES: &str = "\
+Examples:
+  sdti encode --embedding my-cat.pt \"a photo of my-cat on a sofa\"
+  sdti encode --embedding cat=learned_embeds.bin \"<cat>, oil painting\" --json
+  sdti encode --chunking comfyui \"a very long prompt ...\"";
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The embedding to read (any format sdti reads)
+    pub source: PathBuf,
+    /// The file to write
+    pub dest: PathBuf,
+    /// The format to write (default: from DEST's extension)
+    #[arg(long, short)]
+    pub format: Option<String>,
+    /// Precision of the written vectors: f32 or f16
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Rename the word (the name stored in the file, and the diffusers token)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace DEST when it exists
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+fn format_for(dest: &Path, sdxl: bool) -> CliResult<Format> {
+    let ext = dest
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    Ok(match ext.as_str() {
+        "pt" => Format::A1111Pt,
+        "safetensors" if sdxl => Format::SdxlSafetensors,
+        "safetensors" => Format::A1111Safetensors,
+        "bin" => Format::DiffusersBin,
+        "png" => Format::A1111Png,
+        _ => {
+            return Err(CliError::new(format!(
+                "{}: cannot tell the format from the extension; pass --format",
+                dest.display()
+            )))
+        }
+    })
+}
+
+pub fn convert(a: ConvertArgs) -> CliResult<()> {
+    if a.dest.exists() && !a.overwrite {
+        return Err(CliError::new(format!(
+            "{} already exists; pass --overwrite to replace it",
+            a.dest.display()
+        )));
+    }
+    let precision: Precision = a.precision.parse().context("--precision")?;
+    let mut emb = read_embedding(&a.source)?;
+    let format = match &a.format {
+        Some(f) => f.parse::<Format>().context("--format")?,
+        None => format_for(&a.dest, emb.parts.len() == 2)?,
+    };
+    if let Some(name) = &a.name {
+        emb.name = Some(name.clone());
+    }
+    write_embedding(&a.dest, &emb, format, precision)?;
+    println!(
+        "{} ({}) -> {} ({format}, {})",
+        a.source.display(),
+        emb.source_format,
+        a.dest.display(),
+        a.precision.to_ascii_lowercase()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The embedding file (any format sdti reads)
+    pub file: PathBuf,
+    /// An SD 1.x model whose vocabulary gives the nearest tokens of each vector
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// How many nearest tokens per vector
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn inspect(a: InspectArgs) -> CliResult<()> {
+    let emb = read_embedding(&a.file)?;
+    let report = match &a.model {
+        None => inspect_embedding(&emb, None, a.top),
+        Some(path) => {
+            let model = load_model(path, &a.device)?;
+            let table = model.text_encoder.token_table();
+            let dim = table.dim(1).map_err(sdti::Error::from)?;
+            let values: Vec<f32> = table
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(sdti::Error::from)?;
+            let tokenizer =
+                ClipTokenizer::new().map_err(|e| CliError::new(format!("tokenizer: {e}")))?;
+            let name = |id: u32| tokenizer.decode(&[id]);
+            if !emb.parts.iter().any(|p| p.dim == dim) {
+                eprintln!(
+                    "note: the model's tokens are {dim} wide and the file's vectors are not; no nearest tokens"
+                );
+            }
+            inspect_embedding(&emb, Some((&values, dim, &name)), a.top)
+        }
+    };
+    if a.json {
+        print_json(&report)
+    } else {
+        println!("file:        {}", a.file.display());
+        print!("{report}");
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// The prompt
+    pub prompt: String,
+    /// A learned word's file; the word is its file stem unless written WORD=FILE (repeatable)
+    #[arg(long, short, value_name = "[WORD=]FILE")]
+    pub embedding: Vec<EmbeddingArg>,
+    /// How prompts longer than 75 tokens are split
+    #[arg(long, value_enum, default_value = "a1111")]
+    pub chunking: Chunking,
+    /// Print JSON (every slot of every 77-slot chunk)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct LearnedSlot {
+    word: String,
+    vector: usize,
+}
+
+#[derive(Serialize)]
+struct SlotReport {
+    /// The vocabulary id, or null where the slot carries a learned vector.
+    id: Option<u32>,
+    text: String,
+    learned: Option<LearnedSlot>,
+}
+
+#[derive(Serialize)]
+struct WordReport {
+    name: String,
+    vectors: usize,
+    file: PathBuf,
+}
+
+#[derive(Serialize)]
+struct EncodeReport {
+    prompt: String,
+    chunking: String,
+    words: Vec<WordReport>,
+    /// Slots per chunk: BOS, 75 prompt slots (EOS-padded), EOS.
+    chunks: Vec<Vec<SlotReport>>,
+    /// Positions (chunk, slot) of learned vectors.
+    learned_slots: Vec<(usize, usize)>,
+}
+
+pub fn encode(a: EncodeArgs) -> CliResult<()> {
+    let tokenizer = ClipTokenizer::new().map_err(|e| CliError::new(format!("tokenizer: {e}")))?;
+    let mut words = Vec::new();
+    let mut word_reports = Vec::new();
+    let mut offset = 0;
+    for e in &a.embedding {
+        let emb = read_embedding(&e.path)?;
+        let name = e.word.clone().unwrap_or_else(|| e.word_or_stem());
+        let vectors = emb.parts.first().map_or(0, |p| p.vectors);
+        words.push(Word {
+            name: name.clone(),
+            vectors,
+            offset,
+        });
+        offset += vectors;
+        word_reports.push(WordReport {
+            name,
+            vectors,
+            file: e.path.clone(),
+        });
+    }
+    let slots = prompt_slots(&tokenizer, &a.prompt, &words);
+    let chunks = chunk_slots(&slots, a.chunking.style(), tokenizer.comma_id());
+    let mut report = EncodeReport {
+        prompt: a.prompt.clone(),
+        chunking: format!("{:?}", a.chunking).to_ascii_lowercase(),
+        words: word_reports,
+        chunks: Vec::new(),
+        learned_slots: Vec::new(),
+    };
+    for (c, chunk) in chunks.iter().enumerate() {
+        let mut out = Vec::new();
+        for (i, slot) in chunk.iter().enumerate() {
+            out.push(match slot {
+                Slot::Token(id) => SlotReport {
+                    id: Some(*id),
+                    text: tokenizer.id_to_token(*id).unwrap_or("?").to_string(),
+                    learned: None,
+                },
+                Slot::Learned { word, index } => {
+                    report.learned_slots.push((c, i));
+                    let name = words.get(*word).map_or("?", |w| w.name.as_str());
+                    SlotReport {
+                        id: None,
+                        text: format!("{name}#{index}"),
+                        learned: Some(LearnedSlot {
+                            word: name.to_string(),
+                            vector: *index,
+                        }),
+                    }
+                }
+            });
+        }
+        report.chunks.push(out);
+    }
+    if a.json {
+        return print_json(&report);
+    }
+    println!("prompt:   {}", report.prompt);
+    for w in &report.words {
+        println!(
+            "word:     {} ({} vector{}, {})",
+            w.name,
+            w.vectors,
+            if w.vectors == 1 { "" } else { "s" },
+            w.file.display()
+        );
+    }
+    println!(
+        "chunks:   {} of 77 slots ({} chunking); {} learned slot{}",
+        report.chunks.len(),
+        report.chunking,
+        report.learned_slots.len(),
+        if report.learned_slots.len() == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+    for (c, chunk) in report.chunks.iter().enumerate() {
+        println!("chunk {c}:");
+        // The slots up to the first EOS after the text; the padding is summarised.
+        let end = chunk
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, s)| s.id == Some(EOS))
+            .map_or(chunk.len(), |(i, _)| i + 1);
+        for (i, s) in chunk.iter().take(end).enumerate() {
+            match (&s.id, &s.learned) {
+                (_, Some(l)) => println!("  {i:>3}  learned  {} vector {}", l.word, l.vector),
+                (Some(id), None) => {
+                    let text = if *id == BOS || *id == EOS {
+                        s.text.clone()
+                    } else {
+                        tokenizer.decode(&[*id])
+                    };
+                    println!("  {i:>3}  {id:>7}  {text}");
+                }
+                (None, None) => {}
+            }
+        }
+        if end < chunk.len() {
+            println!("  ... {} padding slots ({EOS})", chunk.len() - end);
+        }
+    }
+    Ok(())
+}

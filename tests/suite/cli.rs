@@ -1,0 +1,790 @@
+//! The `sdti` command, run as a user runs it: the built binary on the tiny test model
+//! (64 px, about 0.1 s per step) and on demo-style random models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use sdti::embedding::{
+    read_embedding, write_embedding, EmbeddingFile, EmbeddingPart, Encoder, Format, Precision,
+};
+
+use crate::common::fixture;
+
+fn sdti(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdti"))
+        .args(args)
+        .output()
+        .expect("the sdti binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs and asserts success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = sdti(args);
+    assert!(
+        out.status.success(),
+        "sdti {args:?} failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs and asserts a non-zero exit with exactly one line on stderr, `error: ...`
+/// containing `want`; returns that line.
+fn fails(args: &[&str], want: &str) -> String {
+    let out = sdti(args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "sdti {args:?} succeeded:\n{err}");
+    assert_eq!(out.status.code(), Some(1), "sdti {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "sdti {args:?}: not one line:\n{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        lines[0].contains(want),
+        "sdti {args:?}: '{want}' not in: {err}"
+    );
+    lines[0].to_string()
+}
+
+fn tiny() -> String {
+    fixture("tiny-sd").display().to_string()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A picture of a red disc on a green ground, shifted by `k`.
+fn write_picture(path: &Path, k: u32) {
+    let img = image::RgbImage::from_fn(80, 72, |x, y| {
+        let (dx, dy) = (x as f32 - 30.0 - 4.0 * k as f32, y as f32 - 36.0);
+        if dx * dx + dy * dy < 300.0 {
+            image::Rgb([210, 50, 40])
+        } else {
+            image::Rgb([30, 130, 70])
+        }
+    });
+    img.save(path).expect("test picture saves");
+}
+
+fn pictures(dir: &Path, n: u32) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for k in 0..n {
+        write_picture(&images.join(format!("disc-{k}.png")), k);
+    }
+    images
+}
+
+/// An SD 1.x-width word for the tiny model (32 wide), `vectors` vectors.
+fn write_word(path: &Path, name: &str, vectors: usize, format: Format) {
+    let dim = 32;
+    let data: Vec<f32> = (0..vectors * dim)
+        .map(|i| ((i as f32) * 0.37).sin() * 0.02)
+        .collect();
+    let emb = EmbeddingFile {
+        name: Some(name.into()),
+        step: Some(10),
+        sd_checkpoint: None,
+        sd_checkpoint_name: None,
+        parts: vec![EmbeddingPart {
+            encoder: Encoder::Single,
+            vectors,
+            dim,
+            data,
+        }],
+        source_format: format,
+    };
+    write_embedding(path, &emb, format, Precision::F32).unwrap();
+}
+
+#[test]
+fn help_names_every_command_with_examples() {
+    let top = ok(&["--help"]);
+    for cmd in [
+        "train", "sample", "convert", "inspect", "encode", "bench", "demo",
+    ] {
+        assert!(top.contains(cmd), "{cmd} missing from --help:\n{top}");
+        let help = ok(&[cmd, "--help"]);
+        assert!(
+            help.contains("Examples:"),
+            "sdti {cmd} --help has no examples"
+        );
+    }
+    let train = ok(&["train", "--help"]);
+    // Every engine option has a flag.
+    for flag in [
+        "--token",
+        "--init",
+        "--init-zeros",
+        "--init-random",
+        "--vectors",
+        "--resolution",
+        "--random-crop",
+        "--flip-probability",
+        "--learning-rate",
+        "--lr-scheduler",
+        "--lr-warmup-steps",
+        "--steps",
+        "--batch-size",
+        "--gradient-accumulation",
+        "--adam-beta1",
+        "--adam-beta2",
+        "--adam-epsilon",
+        "--weight-decay",
+        "--max-grad-norm",
+        "--seed",
+        "--templates",
+        "--template",
+        "--clip-skip",
+        "--prediction-type",
+        "--save-every",
+        "--formats",
+        "--preview-every",
+        "--resume",
+        "--overwrite",
+    ] {
+        assert!(train.contains(flag), "{flag} missing from train --help");
+    }
+    assert!(ok(&["--version"]).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn train_writes_the_run_folder_as_it_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 2);
+    let run = tmp.path().join("run");
+    let out = ok(&[
+        "train",
+        "--model",
+        &tiny(),
+        &s(&images),
+        "-o",
+        &s(&run),
+        "--token",
+        "sks",
+        "--init",
+        "cat",
+        "--vectors",
+        "2",
+        "--resolution",
+        "64",
+        "--steps",
+        "6",
+        "--save-every",
+        "3",
+        "--preview-every",
+        "3",
+        "--preview-steps",
+        "2",
+        "--seed",
+        "3",
+        "--formats",
+        "a1111-pt,safetensors,diffusers",
+    ]);
+    assert!(out.contains("sks.pt"), "{out}");
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["kind"], "sdti-run/1");
+    assert_eq!(config["train"]["max_steps"], 6);
+    assert_eq!(config["train"]["token"], "sks");
+    assert_eq!(config["run"]["save_every"], 3);
+    assert_eq!(config["images"].as_array().map(Vec::len), Some(2));
+
+    let csv = std::fs::read_to_string(run.join("loss.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "step,loss,lr,seconds");
+    assert_eq!(lines.len(), 7, "{csv}");
+    for (i, line) in lines[1..].iter().enumerate() {
+        let cols: Vec<&str> = line.split(',').collect();
+        assert_eq!(cols.len(), 4, "{line}");
+        assert_eq!(cols[0], (i + 1).to_string());
+        assert!(cols[1].parse::<f32>().unwrap().is_finite());
+        assert_eq!(cols[2].parse::<f64>().unwrap(), 0.005);
+    }
+
+    for step in ["000003", "000006"] {
+        assert!(run
+            .join(format!("checkpoints/step-{step}.safetensors"))
+            .is_file());
+        for name in [
+            format!("sks-{step}.pt"),
+            format!("sks-{step}.safetensors"),
+            format!("sks-{step}.diffusers.safetensors"),
+        ] {
+            assert!(run.join("embeddings").join(&name).is_file(), "{name}");
+        }
+    }
+    for step in ["000000", "000003", "000006"] {
+        let p = image::open(run.join(format!("previews/step-{step}.png"))).unwrap();
+        assert_eq!((p.width(), p.height()), (64, 64));
+    }
+    let grid = image::open(run.join("previews.png")).unwrap();
+    assert!(grid.width() > 3 * 64, "three previews side by side");
+    let plot = image::open(run.join("loss.png")).unwrap();
+    assert_eq!((plot.width(), plot.height()), (800, 480));
+
+    let word = read_embedding(&run.join("sks.pt")).unwrap();
+    assert_eq!(word.name.as_deref(), Some("sks"));
+    assert_eq!(word.step, Some(6));
+    assert_eq!((word.parts[0].vectors, word.parts[0].dim), (2, 32));
+    let diffusers = read_embedding(&run.join("sks.diffusers.safetensors")).unwrap();
+    assert_eq!(diffusers.parts[0].data, word.parts[0].data);
+    let by_step = read_embedding(&run.join("embeddings/sks-000006.safetensors")).unwrap();
+    assert_eq!(by_step.parts[0].data, word.parts[0].data);
+
+    // The folder now exists: refused without --resume / --overwrite.
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny(),
+            &s(&images),
+            "-o",
+            &s(&run),
+            "--resolution",
+            "64",
+        ],
+        "already exists; pass --resume",
+    );
+    // --resume of a finished run says so; other options are refused by name.
+    let again = sdti(&["train", "--resume", "-o", &s(&run)]);
+    assert!(again.status.success());
+    assert!(text(&again.stderr).contains("complete"));
+    fails(
+        &[
+            "train",
+            "--resume",
+            "-o",
+            &s(&run),
+            "--learning-rate",
+            "0.1",
+        ],
+        "--learning-rate (saved \"0.005\", given \"0.1\")",
+    );
+    // --overwrite replaces it.
+    ok(&[
+        "train",
+        "--model",
+        &tiny(),
+        &s(&images),
+        "-o",
+        &s(&run),
+        "--overwrite",
+        "--resolution",
+        "64",
+        "--steps",
+        "2",
+        "--preview-every",
+        "0",
+        "--token",
+        "other",
+    ]);
+    assert!(run.join("other.pt").is_file());
+    assert!(!run.join("sks.pt").exists());
+    assert!(!run.join("previews.png").exists());
+}
+
+/// Ctrl-C stops after the step, writes a checkpoint, exits 130; `--resume` finishes the
+/// run with the same vectors as a run that was never stopped.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_matches_a_straight_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 2);
+    let args = |dir: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            &tiny(),
+            &s(&images),
+            "-o",
+            &s(dir),
+            "--token",
+            "sks",
+            "--resolution",
+            "64",
+            "--steps",
+            "24",
+            "--save-every",
+            "100",
+            "--preview-every",
+            "0",
+            "--seed",
+            "11",
+            "--batch-size",
+            "2",
+            "--gradient-accumulation",
+            "2",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let stopped = tmp.path().join("stopped");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdti"))
+        .args(args(&stopped))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let rows = std::fs::read_to_string(stopped.join("loss.csv"))
+            .map(|t| t.lines().count().saturating_sub(1))
+            .unwrap_or(0);
+        if rows >= 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training ended too early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("sdti train --resume"), "{err}");
+    let ckpts: Vec<PathBuf> = std::fs::read_dir(stopped.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    let csv = std::fs::read_to_string(stopped.join("loss.csv")).unwrap();
+    let logged = csv.lines().count() - 1;
+    assert!((2..24).contains(&logged), "stopped after {logged} steps");
+    assert!(ckpts[0].ends_with(format!("step-{logged:06}.safetensors")));
+
+    ok(&["train", "--resume", "-o", &s(&stopped)]);
+    let straight = tmp.path().join("straight");
+    ok(&args(&straight)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let a = std::fs::read(stopped.join("sks.safetensors")).unwrap();
+    let b = std::fs::read(straight.join("sks.safetensors")).unwrap();
+    assert_eq!(a, b, "stopped + resumed differs from a straight run");
+    let csv = std::fs::read_to_string(stopped.join("loss.csv")).unwrap();
+    let steps: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (1..=24).map(|i| i.to_string()).collect();
+    assert_eq!(steps, want);
+}
+
+#[test]
+fn sample_draws_the_same_picture_for_the_same_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = tmp.path().join("sks.pt");
+    write_word(&word, "sks", 2, Format::A1111Pt);
+    let dir = tmp.path().join("samples");
+    let out = ok(&[
+        "sample",
+        "--model",
+        &tiny(),
+        "--embedding",
+        &s(&word),
+        "--prompt",
+        "a photo of sks",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "128",
+        "--seed",
+        "5",
+        "--count",
+        "2",
+        "-o",
+        &s(&dir),
+    ]);
+    assert!(
+        out.contains("sample-5.png") && out.contains("sample-6.png"),
+        "{out}"
+    );
+    let first = image::open(dir.join("sample-5.png")).unwrap();
+    assert_eq!((first.width(), first.height()), (64, 128));
+    // The same seed again, as one file, with the word renamed: the same picture.
+    let single = tmp.path().join("one.png");
+    let again = sdti(&[
+        "sample",
+        "--model",
+        &tiny(),
+        "--embedding",
+        &format!("thing={}", s(&word)),
+        "--prompt",
+        "a photo of <thing>",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "128",
+        "--seed",
+        "5",
+        "-o",
+        &s(&single),
+    ]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        image::open(&single).unwrap().to_rgb8().into_raw(),
+        first.to_rgb8().into_raw()
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            &tiny(),
+            "--prompt",
+            "x",
+            "--width",
+            "60",
+        ],
+        "--width: 60 must be a multiple of 8",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            &tiny(),
+            "--prompt",
+            "x",
+            "--embedding",
+            "/nope/w.pt",
+        ],
+        "no such file",
+    );
+}
+
+#[test]
+fn convert_inspect_and_encode_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pt = tmp.path().join("sks.pt");
+    write_word(&pt, "sks", 2, Format::A1111Pt);
+    let st = tmp.path().join("sks.safetensors");
+    ok(&["convert", &s(&pt), &s(&st)]);
+    let back = read_embedding(&st).unwrap();
+    assert_eq!(back.source_format, Format::A1111Safetensors);
+    assert_eq!(back.parts, read_embedding(&pt).unwrap().parts);
+    fails(&["convert", &s(&pt), &s(&st)], "--overwrite");
+    let bin = tmp.path().join("learned_embeds.bin");
+    ok(&["convert", &s(&pt), &s(&bin), "--name", "<sks>"]);
+    assert_eq!(
+        read_embedding(&bin).unwrap().source_format,
+        Format::DiffusersBin
+    );
+    let diffusers = tmp.path().join("d.safetensors");
+    ok(&[
+        "convert",
+        &s(&pt),
+        &s(&diffusers),
+        "--format",
+        "diffusers",
+        "--precision",
+        "f16",
+    ]);
+    assert_eq!(
+        read_embedding(&diffusers).unwrap().source_format,
+        Format::DiffusersSafetensors
+    );
+    fails(
+        &["convert", &s(&pt), &s(&tmp.path().join("x.txt"))],
+        "pass --format",
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", &s(&st), "--json"])).unwrap();
+    assert_eq!(json["vectors"], 2);
+    assert_eq!(json["width"], "32");
+    assert_eq!(
+        json["parts"][0]["vectors_detail"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let human = ok(&["inspect", &s(&pt), "--model", &tiny(), "--top", "3"]);
+    assert!(human.contains("name:        sks"), "{human}");
+    assert_eq!(human.matches("near:").count(), 2, "{human}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", &s(&pt), "--model", &tiny(), "--json"])).unwrap();
+    assert_eq!(
+        json["parts"][0]["vectors_detail"][0]["nearest"]
+            .as_array()
+            .map(Vec::len),
+        Some(5)
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "encode",
+        "--embedding",
+        &s(&pt),
+        "a photo of sks, embedding:sks",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["words"][0]["name"], "sks");
+    assert_eq!(json["words"][0]["vectors"], 2);
+    assert_eq!(
+        json["learned_slots"],
+        serde_json::json!([[0, 4], [0, 5], [0, 7], [0, 8]])
+    );
+    let chunk = &json["chunks"][0];
+    assert_eq!(chunk.as_array().map(Vec::len), Some(77));
+    assert_eq!(chunk[0]["id"], 49406);
+    assert_eq!(chunk[1]["id"], 320); // "a"
+    assert_eq!(chunk[4]["id"], serde_json::Value::Null);
+    assert_eq!(chunk[5]["learned"]["vector"], 1);
+    assert_eq!(chunk[9]["id"], 49407);
+    let human = ok(&["encode", "--embedding", &s(&pt), "a photo of sks"]);
+    assert!(human.contains("learned  sks vector 1"), "{human}");
+    assert!(human.contains("padding slots"), "{human}");
+}
+
+#[test]
+fn bench_times_steps_on_a_random_tiny_model() {
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "--config",
+        "tiny",
+        "--resolution",
+        "64",
+        "--steps",
+        "2",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["resolution"], 64);
+    assert_eq!(json["model"], "random tiny");
+    assert!(json["mean_ms_per_step"].as_f64().unwrap() > 0.0);
+    assert!(json["steps_per_second"].as_f64().unwrap() > 0.0);
+    let human = ok(&[
+        "bench",
+        "--model",
+        &tiny(),
+        "--resolution",
+        "64",
+        "--steps",
+        "1",
+    ]);
+    assert!(human.contains("steps/s"), "{human}");
+}
+
+#[test]
+fn demo_runs_end_to_end_and_replaces_its_own_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let args = ["demo", "--steps", "8", "--resolution", "64", "-o", &s(&dir)];
+    let out = ok(&args);
+    assert!(out.contains("Everything is in"), "{out}");
+    for f in [
+        "images/concept-0.png",
+        "run/config.json",
+        "run/loss.csv",
+        "run/loss.png",
+        "run/previews.png",
+        "run/red-disc.pt",
+        "run/red-disc.safetensors",
+        "sample.png",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let formats: Vec<String> = std::fs::read_dir(dir.join("export"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in Format::ALL {
+        let expected = f.writable() && f != Format::SdxlSafetensors;
+        assert_eq!(formats.contains(&f.name().to_string()), expected, "{f}");
+    }
+    let word = read_embedding(&dir.join("export/diffusers/red-disc.safetensors")).unwrap();
+    assert_eq!(word.parts[0].vectors, 2);
+    // A second demo replaces the first; a folder it did not make is refused.
+    ok(&args);
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    fails(
+        &[
+            "demo",
+            "--steps",
+            "1",
+            "--resolution",
+            "64",
+            "-o",
+            &s(&other),
+        ],
+        "was not made by sdti demo",
+    );
+    assert!(other.join("notes.txt").is_file());
+}
+
+/// The mistakes people make print one `error:` line, exit 1, and leave no folder behind.
+#[test]
+fn errors_for_people_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 1);
+    let img = s(&images.join("disc-0.png"));
+    let out = tmp.path().join("run");
+    let o = s(&out);
+    let tiny = tiny();
+
+    let missing = tmp.path().join("no-model.safetensors");
+    let line = fails(
+        &["train", "--model", &s(&missing), &img, "-o", &o],
+        "no such file or folder",
+    );
+    assert!(line.contains("no-model.safetensors"), "{line}");
+
+    let sdxl = tmp.path().join("sdxl");
+    std::fs::create_dir_all(sdxl.join("text_encoder_2")).unwrap();
+    fails(
+        &["train", "--model", &s(&sdxl), &img, "-o", &o],
+        "this is an SDXL model; sdti trains SD 1.x models",
+    );
+
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, b"this is not a picture").unwrap();
+    let line = fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            &s(&bad),
+            "-o",
+            &o,
+            "--resolution",
+            "64",
+        ],
+        "not a recognised image",
+    );
+    assert!(line.contains("bad.png"), "{line}");
+
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &o,
+            "--resolution",
+            "100",
+        ],
+        "--resolution: 100 must be a multiple of 8",
+    );
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &o,
+            "--resolution",
+            "72",
+        ],
+        "--resolution: 72 must be a multiple of 64 for this model",
+    );
+    assert!(!out.exists(), "a failed start left {o} behind");
+
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &o,
+            "--resolution",
+            "64",
+        ],
+        "already exists; pass --resume to continue it or --overwrite to replace it",
+    );
+    fails(
+        &["train", "--model", &tiny, &img, "-o", &o, "--overwrite"],
+        "--overwrite replaces only sdti run folders",
+    );
+    fails(&["train", "--resume", "-o", &o], "not an sdti run folder");
+    assert!(out.join("keep.txt").is_file());
+
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &s(&tmp.path().join("gone.png")),
+            "-o",
+            &s(&tmp.path().join("r2")),
+        ],
+        "no such file or folder",
+    );
+    fails(
+        &["train", &img, "-o", &s(&tmp.path().join("r3"))],
+        "--model is required",
+    );
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &s(&tmp.path().join("r4")),
+            "--token",
+            "two words",
+        ],
+        "--token",
+    );
+    fails(
+        &[
+            "train",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &s(&tmp.path().join("r5")),
+            "--formats",
+            "pt,nope",
+        ],
+        "nope",
+    );
+    fails(
+        &["sample", "--model", &s(&missing), "--prompt", "x"],
+        "no such file or folder",
+    );
+    fails(&["inspect", &s(&bad)], "bad.png");
+    fails(
+        &[
+            "train",
+            "--device",
+            "tpu",
+            "--model",
+            &tiny,
+            &img,
+            "-o",
+            &s(&tmp.path().join("r6")),
+        ],
+        "'tpu' is not a device",
+    );
+}
