@@ -18,7 +18,9 @@ use candle_core::{
 use super::weights::Weights;
 use crate::error::Result;
 
-type Backward = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+/// Maps (output gradient, input, output) to the input gradient. The input and output
+/// are the graph's own tensors (detached), so a backward pass keeps no copy of them.
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// Carries a precomputed output into the graph and the closure that maps the output
 /// gradient to the input gradient.
@@ -86,11 +88,11 @@ impl CustomOp1 for InputGradOnly {
 
     fn bwd(
         &self,
-        _arg: &Tensor,
-        _res: &Tensor,
+        arg: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        (self.backward)(grad).map(Some)
+        (self.backward)(grad, &arg.detach(), &res.detach()).map(Some)
     }
 }
 
@@ -107,14 +109,15 @@ where
     let out = standalone(forward(&x.detach())?)?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
-        backward: Box::new(backward),
+        backward: Box::new(move |g, _, _| backward(g)),
     };
     x.apply_op1(op)
 }
 
-/// Like [`input_grad_only`], for layers whose backward needs values computed in the
-/// forward pass (normalised activations, softmax probabilities): `forward` returns the
-/// output and the saved state, `backward` gets both.
+/// Like [`input_grad_only`], for layers whose backward needs the input, the output or
+/// small values computed in the forward pass (statistics): `forward` returns the output
+/// and the saved state, `backward` gets the output gradient, the input, the output and
+/// the state. Large intermediates are recomputed from the input rather than saved.
 fn input_grad_only_saving<S, F, B>(
     x: &Tensor,
     forward: F,
@@ -123,7 +126,7 @@ fn input_grad_only_saving<S, F, B>(
 where
     S: Send + Sync + 'static,
     F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
-    B: Fn(&Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    B: Fn(&Tensor, &Tensor, &Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
     if !x.track_op() {
         return forward(x).map(|(out, _)| out);
@@ -132,7 +135,7 @@ where
     let out = standalone(out)?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
-        backward: Box::new(move |g| backward(g, &saved)),
+        backward: Box::new(move |g, x, y| backward(g, x, y, &saved)),
     };
     x.apply_op1(op)
 }
@@ -347,19 +350,21 @@ impl GroupNorm {
         let eps = self.eps;
         let forward = |x: &Tensor| {
             let xg = x.reshape((b, groups, ()))?;
-            let (xhat, rstd) = normalise_last_dim(&xg, eps)?;
+            let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
             let y = xhat
                 .reshape(dims.clone())?
                 .broadcast_mul(&gamma)?
                 .broadcast_add(&beta)?;
-            Ok((y, (xhat, rstd)))
+            Ok((y, (mean, rstd)))
         };
         let gamma_b = gamma.clone();
-        let backward = move |g: &Tensor, (xhat, rstd): &(Tensor, Tensor)| {
-            let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
-            let gx = normalise_last_dim_backward(&gs, xhat, rstd)?;
-            gx.reshape(g.dims())
-        };
+        let backward =
+            move |g: &Tensor, x: &Tensor, _: &Tensor, (mean, rstd): &(Tensor, Tensor)| {
+                let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
+                let xg = x.reshape((b, groups, ()))?;
+                let gx = normalise_last_dim_backward(&gs, &xg, mean, rstd)?;
+                gx.reshape(g.dims())
+            };
         Ok(input_grad_only_saving(x, forward, backward)?)
     }
 }
@@ -393,48 +398,53 @@ impl LayerNorm {
             )?);
         }
         let forward = |x: &Tensor| {
-            let (xhat, rstd) = normalise_last_dim(x, eps)?;
+            let (xhat, mean, rstd) = normalise_last_dim(x, eps)?;
             let y = xhat.broadcast_mul(gamma)?.broadcast_add(beta)?;
-            Ok((y, (xhat, rstd)))
+            Ok((y, (mean, rstd)))
         };
         let gamma_b = gamma.clone();
-        let backward = move |g: &Tensor, (xhat, rstd): &(Tensor, Tensor)| {
-            normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, xhat, rstd)
-        };
+        let backward =
+            move |g: &Tensor, x: &Tensor, _: &Tensor, (mean, rstd): &(Tensor, Tensor)| {
+                normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, mean, rstd)
+            };
         Ok(input_grad_only_saving(x, forward, backward)?)
     }
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as torch),
-/// computed in f32 at least; returns the normalised values and `1/sqrt(var + eps)`.
-fn normalise_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+/// computed in f32 at least; returns the normalised values, the mean and
+/// `1/sqrt(var + eps)` (the statistics are `[..., 1]`).
+fn normalise_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let dtype = x.dtype();
-    let x = if dtype == DType::F64 {
-        x.clone()
-    } else {
-        x.to_dtype(DType::F32)?
-    };
+    let x = at_least_f32(x)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let rstd = (var + eps)?.sqrt()?.recip()?;
     let xhat = centred.broadcast_mul(&rstd)?.to_dtype(dtype)?;
-    Ok((xhat, rstd))
+    Ok((xhat, mean, rstd))
 }
 
-/// Input gradient of [`normalise_last_dim`], given the gradient of the normalised values:
+fn at_least_f32(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+/// Input gradient of [`normalise_last_dim`] from the gradient `g` of the normalised
+/// values and the input statistics (the normalised values are recomputed, not kept):
 /// `rstd * (g - mean(g) - xhat * mean(g * xhat))`.
 fn normalise_last_dim_backward(
     g: &Tensor,
-    xhat: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
     rstd: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let dtype = g.dtype();
-    let (g, xhat) = if dtype == DType::F64 {
-        (g.clone(), xhat.clone())
-    } else {
-        (g.to_dtype(DType::F32)?, xhat.to_dtype(DType::F32)?)
-    };
+    let g = at_least_f32(g)?;
+    let xhat = at_least_f32(x)?.broadcast_sub(mean)?.broadcast_mul(rstd)?;
     let mean_g = g.mean_keepdim(D::Minus1)?;
     let mean_gx = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let inner = g
@@ -443,13 +453,11 @@ fn normalise_last_dim_backward(
     inner.broadcast_mul(rstd)?.to_dtype(dtype)
 }
 
-/// Softmax over the last dimension with its own backward: `y * (g - sum(g * y))`.
+/// Softmax over the last dimension with its own backward: `y * (g - sum(g * y))`, `y`
+/// being the op's own output.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let forward = |x: &Tensor| {
-        let y = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
-        Ok((y.clone(), y))
-    };
-    let backward = |g: &Tensor, y: &Tensor| {
+    let forward = |x: &Tensor| Ok((candle_nn::ops::softmax_last_dim(&x.contiguous()?)?, ()));
+    let backward = |g: &Tensor, _: &Tensor, y: &Tensor, _: &()| {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         y * g.broadcast_sub(&dot)?
     };
@@ -458,8 +466,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    let forward = |x: &Tensor| Ok((x.silu()?, x.clone()));
-    let backward = |g: &Tensor, x: &Tensor| {
+    let forward = |x: &Tensor| Ok((x.silu()?, ()));
+    let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
         let s = candle_nn::ops::sigmoid(x)?;
         // d/dx x s(x) = s (1 + x (1 - s))
         let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
@@ -472,11 +480,12 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let forward = |x: &Tensor| {
         let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
-        Ok(((x * &s)?, (x.clone(), s)))
+        Ok(((x * &s)?, ()))
     };
-    let backward = |g: &Tensor, (x, s): &(Tensor, Tensor)| {
+    let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
+        let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
         // s + 1.702 x s (1 - s)
-        let d = (s + ((x * s)? * (1.0 - s)?)?.affine(1.702, 0.0)?)?;
+        let d = (&s + ((x * &s)? * (1.0 - &s)?)?.affine(1.702, 0.0)?)?;
         g * d
     };
     Ok(input_grad_only_saving(x, forward, backward)?)
@@ -484,8 +493,8 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 
 /// The exact (erf) GELU of diffusers' GEGLU.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let forward = |x: &Tensor| Ok((x.gelu_erf()?, x.clone()));
-    let backward = |g: &Tensor, x: &Tensor| {
+    let forward = |x: &Tensor| Ok((x.gelu_erf()?, ()));
+    let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
         // Phi(x) + x phi(x)
         let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?.affine(0.5, 0.0)?;
         let pdf = (x.sqr()? * -0.5)?
