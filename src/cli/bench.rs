@@ -128,7 +128,10 @@ pub fn run(a: BenchArgs) -> CliResult<()> {
                 BenchConfig::Sd15 => ModelConfig::sd1(),
             };
             if !a.json {
-                eprintln!("building a random {:?} model...", a.config);
+                eprintln!(
+                    "building a random {} model...",
+                    format!("{:?}", a.config).to_ascii_lowercase()
+                );
             }
             let m = random_model(&config, 0x5d71, opts.dtype, &opts.device)?;
             (
