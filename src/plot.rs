@@ -192,8 +192,8 @@ pub fn loss_chart(points: &[LossPoint], width: u32, height: u32) -> Result<RgbIm
         .zip(smooth(&losses, 0.9))
         .map(|(p, s)| (p.step as f64, clamp(s)))
         .collect();
-    let (x_ticks, x_step) = nice_ticks(x0, x1, 6);
-    let (y_ticks, y_step) = nice_ticks(y0, y1, 5);
+    let (x_ticks, x_step) = nice_ticks(x0, x1, 8);
+    let (y_ticks, y_step) = nice_ticks(y0, y1, 8);
     let mut x_labels = Vec::new();
     let mut y_labels = Vec::new();
     {
@@ -263,16 +263,13 @@ pub fn loss_chart(points: &[LossPoint], width: u32, height: u32) -> Result<RgbIm
         );
     }
     draw_text(&mut img, i64::from(left), 10, "loss", 2, [20, 60, 160]);
-    let legend = "raw  smoothed (ema 0.9)";
-    let lw = i64::from(text_width(legend, 1));
-    draw_text(
-        &mut img,
-        i64::from(width - right) - lw,
-        14,
-        legend,
-        1,
-        [90, 90, 90],
-    );
+    // The legend in the curves' own colours.
+    let (raw_label, smooth_label) = ("raw", "smoothed (ema 0.9)");
+    let lw = i64::from(text_width(raw_label, 1) + 12 + text_width(smooth_label, 1));
+    let lx = i64::from(width - right) - lw;
+    draw_text(&mut img, lx, 14, raw_label, 1, [120, 160, 225]);
+    let sx = lx + i64::from(text_width(raw_label, 1)) + 12;
+    draw_text(&mut img, sx, 14, smooth_label, 1, [20, 60, 160]);
     let xlabel = "step";
     let xw = i64::from(text_width(xlabel, 2));
     draw_text(
