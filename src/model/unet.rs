@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::UnetConfig;
-use super::layers::{attention, gelu_erf, silu, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use super::layers::{attention, gelu_erf, silu, upsample_nearest_to, Conv2d, GroupNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -404,12 +404,8 @@ impl Unet {
                 ),
             ));
         }
-        let factor = 1usize << (self.down.len() - 1);
-        if h % factor != 0 || w % factor != 0 {
-            return Err(Error::input(
-                "latent size",
-                format!("{h}x{w} is not divisible by {factor}"),
-            ));
+        if h < 2 || w < 2 {
+            return Err(Error::input("latent size", format!("{h}x{w} is too small")));
         }
         let temb = timestep_embedding(
             timesteps,
@@ -455,7 +451,14 @@ impl Unet {
                 }
             }
             if let Some(upc) = &level.resample {
-                x = upc.forward(&upsample_nearest_2x(&x)?)?;
+                // Upsample to the size of the skip connection it meets next: twice the
+                // size, except after a downsampler rounded an odd side up (diffusers'
+                // forward_upsample_size).
+                let (th, tw) = match skips.last() {
+                    Some(skip) => (skip.dim(2)?, skip.dim(3)?),
+                    None => (2 * x.dim(2)?, 2 * x.dim(3)?),
+                };
+                x = upc.forward(&upsample_nearest_to(&x, th, tw)?)?;
             }
         }
         let x = silu(&self.conv_norm_out.forward(&x)?)?;

@@ -648,6 +648,13 @@ def main():
         u_pred = unet(u_sample, u_t, u_context).sample
         t_emb = unet.time_proj(u_t)  # sinusoidal, before time_embedding MLP
         temb = unet.time_embedding(t_emb)
+    # A latent side that is not a multiple of 8 (an image side that is a multiple of 8
+    # but not of 64): diffusers upsamples to the skip connections' sizes.
+    g3b = torch.Generator().manual_seed(31)
+    u_sample_odd = torch.randn(1, 4, 20, 28, generator=g3b)
+    u_context_odd = torch.randn(1, 77, 32, generator=g3b)
+    with torch.no_grad():
+        u_pred_odd = unet(u_sample_odd, torch.tensor([300]), u_context_odd).sample
     print(f"unet: |noise_pred| max {u_pred.abs().max():.4f}, std {u_pred.std():.4f}")
 
     # ---------------- loss + grad
@@ -747,6 +754,9 @@ def main():
         "unet.timesteps": u_t,
         "unet.context": u_context,
         "unet.noise_pred": u_pred,
+        "unet.sample_odd": u_sample_odd,
+        "unet.context_odd": u_context_odd,
+        "unet.noise_pred_odd": u_pred_odd,
         "unet.time_proj": t_emb,
         "unet.time_embedding": temb,
         "loss.latents": latents,

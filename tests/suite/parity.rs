@@ -315,3 +315,91 @@ fn prompt_encoder_injects_registered_words() {
     let err = enc.register("bad", &[0.0; 31]).unwrap_err().to_string();
     assert!(err.contains("width 32"), "{err}");
 }
+
+/// Latent sides that are not multiples of 8 (images that are multiples of 8 but not of
+/// 64): downsamplers round up and the up path meets the skips at their sizes.
+#[test]
+fn unet_handles_latents_that_are_not_multiples_of_8() {
+    let exp = expected();
+    let model = tiny_model(DType::F32);
+    let pred = model
+        .unet
+        .forward(&exp["unet.sample_odd"], &[300.0], &exp["unet.context_odd"])
+        .unwrap();
+    assert_close(
+        "20x28 noise prediction",
+        &pred,
+        &exp["unet.noise_pred_odd"],
+        1e-4,
+    );
+}
+
+/// The backward pass through odd-sized levels (9x9 latents: 9 -> 5 -> 3 -> 2 and back)
+/// agrees with central differences.
+#[test]
+fn gradient_through_odd_latent_sizes_matches_finite_differences() {
+    let exp = expected();
+    let model = tiny_model(DType::F64);
+    let p = reference_prompt(&exp);
+    let latents = (Tensor::arange(0f64, 324.0, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 4, 9, 9))
+        .unwrap()
+        * 0.013)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let noise = (Tensor::arange(0f64, 324.0, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 4, 9, 9))
+        .unwrap()
+        * 0.71)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let base = exp["te.vectors"].to_dtype(DType::F64).unwrap();
+    let loss_of = |table: &Tensor| -> Tensor {
+        let inj = Injection {
+            table,
+            index: &p.index,
+            mask: &p.mask,
+        };
+        let batch = DenoisingBatch {
+            latents: &latents,
+            noise: &noise,
+            timesteps: &[400],
+            alphas_cumprod: &[0.3],
+            ids: &p.ids,
+            injection: Some(&inj),
+            clip_skip: 1,
+        };
+        denoising_loss(&model, &batch, Prediction::Epsilon).unwrap()
+    };
+    let var = Var::from_tensor(&base).unwrap();
+    let grad = loss_of(var.as_tensor())
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
+    let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+    let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    for i in [0usize, 17, 40, 63] {
+        let mut plus = flat.clone();
+        plus[i] += h;
+        let mut minus = flat.clone();
+        minus[i] -= h;
+        let at = |v: Vec<f64>| {
+            loss_of(&Tensor::from_vec(v, (2, 32), &Device::Cpu).unwrap())
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let fd = (at(plus) - at(minus)) / (2.0 * h);
+        assert!(
+            (fd - grad[i]).abs() <= 1e-6 * grad[i].abs().max(1e-3),
+            "coordinate {i}: backward {} vs {fd}",
+            grad[i]
+        );
+    }
+}
