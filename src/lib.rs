@@ -7,6 +7,7 @@ pub mod device;
 pub mod embedding;
 pub mod error;
 pub mod eval;
+pub mod ffi;
 pub mod io;
 pub mod model;
 pub mod plot;

@@ -1,0 +1,680 @@
+//! `sdti_trainer_*`: a textual-inversion run behind an opaque handle.
+
+use std::ffi::{c_char, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+
+use super::boundary::*;
+use super::embedding::format_for;
+use super::*;
+use crate::device::open_device;
+use crate::embedding::Precision;
+use crate::model::{LoadOptions, SdModel};
+use crate::train::data::{ImageSource, PixelFormat, MAX_PIXELS, MAX_SIDE, MIN_SIDE};
+use crate::train::{Init, StepStats, Templates, TrainConfig, Trainer};
+
+/// An opaque training run. Create with `sdti_trainer_new`, release with
+/// `sdti_trainer_free`.
+pub struct sdti_trainer {
+    _opaque: [u8; 0],
+}
+
+/// What the progress callback sees after each optimizer step. Library-owned, valid only
+/// during the callback; fields are only ever appended (check `struct_size`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sdti_progress {
+    /// `sizeof(sdti_progress)` of the library.
+    pub struct_size: u32,
+    /// Steps the running `sdti_trainer_step` call has done, this one included.
+    pub steps_done: u32,
+    /// Optimizer steps of the run so far (1 after the first).
+    pub step: u64,
+    /// The step the run ends at (`max_steps`, or earlier where a schedule ends).
+    pub total_steps: u64,
+    /// The step's mean denoising loss.
+    pub loss: f64,
+    /// The learning rate the step used.
+    pub learning_rate: f64,
+    /// Seconds the step took.
+    pub seconds: f64,
+}
+
+/// The progress callback: called on the thread that called `sdti_trainer_step`, after
+/// each step, never after `sdti_trainer_free` returned. Return 0 to go on; any other
+/// value cancels (the step call returns `SDTI_CANCELLED`).
+pub type sdti_progress_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, progress: *const sdti_progress) -> i32>;
+
+/// What `sdti_trainer_step` did. Set `struct_size = sizeof(sdti_step_stats)` first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sdti_step_stats {
+    /// Set by the caller to `sizeof(sdti_step_stats)`.
+    pub struct_size: u32,
+    /// Steps this call did.
+    pub steps_done: u32,
+    /// Optimizer steps of the run so far.
+    pub step: u64,
+    /// The step the run ends at.
+    pub total_steps: u64,
+    /// The last step's mean denoising loss (0 when this call did no step).
+    pub loss: f64,
+    /// The last step's learning rate.
+    pub learning_rate: f64,
+    /// Seconds of all steps of this call.
+    pub seconds: f64,
+}
+
+/// Everything a training run is made from. Fill with `sdti_trainer_params_init`, then
+/// set fields. Strings are copied by `sdti_trainer_new`; NULL picks the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct sdti_trainer_params {
+    /// `sizeof(sdti_trainer_params)`, set by `sdti_trainer_params_init`.
+    pub struct_size: u32,
+    /// `SDTI_PRECISION_F32` (default), `_F16` or `_BF16`: the frozen weights' dtype.
+    pub precision: u32,
+    /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
+    pub model_path: *const c_char,
+    /// `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
+    pub device: *const c_char,
+    /// Required: the word to learn, one word without spaces.
+    pub token: *const c_char,
+    /// The text whose token vectors start the word (default `"*"`, as A1111).
+    pub init_text: *const c_char,
+    /// Vectors per token, 1..=75 (default 1).
+    pub vectors: u32,
+    /// Training resolution, a multiple of 8 in 64..=4096 (default 512).
+    pub resolution: u32,
+    /// A number or an A1111 schedule (`"0.005:100, 1e-3:1000, 1e-5"`); default `"0.005"`.
+    pub learning_rate: *const c_char,
+    /// Images per micro-batch, 1..=256 (default 1).
+    pub batch_size: u32,
+    /// Micro-batches per optimizer step (default 1).
+    pub gradient_accumulation: u32,
+    /// Fixes every random choice (default 0).
+    pub seed: u64,
+    /// `"object"` (NULL, the default), `"style"`, or the path of an A1111 template file.
+    pub templates: *const c_char,
+    /// Optimizer steps of the whole run (default 3000).
+    pub max_steps: u64,
+    /// Folder for automatic saves (NULL: none): `<token>-<step>.safetensors` and
+    /// `<token>.checkpoint.safetensors` every `save_every` steps.
+    pub output_dir: *const c_char,
+    /// Save every this many steps (0, the default: never).
+    pub save_every: u64,
+    /// A checkpoint of the same run to resume from (NULL: none). It is restored at the
+    /// first `sdti_trainer_step`, after the same images were added in the same order.
+    pub resume_checkpoint: *const c_char,
+    /// Called after each step (NULL: none).
+    pub progress: sdti_progress_fn,
+    /// Passed to `progress` unchanged.
+    pub progress_user_data: *mut c_void,
+}
+
+// Revision 1 has no implicit padding, so any later revision's `struct_size` cut ends
+// on a field boundary.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<sdti_trainer_params>() == 128);
+const PARAMS_V1: usize = std::mem::size_of::<sdti_trainer_params>();
+const STATS_V1: usize = std::mem::size_of::<sdti_step_stats>();
+
+impl Default for sdti_trainer_params {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        Self {
+            struct_size: PARAMS_V1 as u32,
+            precision: SDTI_PRECISION_F32,
+            model_path: std::ptr::null(),
+            device: std::ptr::null(),
+            token: std::ptr::null(),
+            init_text: std::ptr::null(),
+            vectors: d.vectors as u32,
+            resolution: d.resolution as u32,
+            learning_rate: std::ptr::null(),
+            batch_size: d.batch_size as u32,
+            gradient_accumulation: d.gradient_accumulation as u32,
+            seed: d.seed,
+            templates: std::ptr::null(),
+            max_steps: d.max_steps,
+            output_dir: std::ptr::null(),
+            save_every: 0,
+            resume_checkpoint: std::ptr::null(),
+            progress: None,
+            progress_user_data: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// The host's callback pointer and user data. The library only hands them back to the
+/// host, on the host's own thread.
+#[derive(Clone, Copy)]
+struct Callback {
+    func: sdti_progress_fn,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the pointers are never dereferenced by the library; they are passed back to the
+// host's callback on the thread that called `sdti_trainer_step`.
+unsafe impl Send for Callback {}
+
+pub(crate) struct TrainerState {
+    pub trainer: Trainer,
+    resume: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
+    save_every: u64,
+    callback: Callback,
+}
+
+pub(crate) static TRAINERS: LazyLock<Registry<TrainerState>> =
+    LazyLock::new(|| Registry::new("trainer"));
+
+/// Loads a model for a handle.
+pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> FfiResult<SdModel> {
+    let dtype = match precision {
+        SDTI_PRECISION_F32 => candle_core::DType::F32,
+        SDTI_PRECISION_F16 => candle_core::DType::F16,
+        SDTI_PRECISION_BF16 => candle_core::DType::BF16,
+        other => {
+            return Err(invalid(format!(
+                "precision {other} is not SDTI_PRECISION_F32 (0), _F16 (1) or _BF16 (2)"
+            )))
+        }
+    };
+    let device = open_device(device.unwrap_or("cpu"))?;
+    Ok(SdModel::load(
+        path,
+        &LoadOptions {
+            dtype,
+            device,
+            config: None,
+        },
+    )?)
+}
+
+/// Fills `params` with the defaults (see each field) and its `struct_size`. Returns
+/// `SDTI_ERR_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `params` is NULL or points to a writable `sdti_trainer_params`.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_params_init(params: *mut sdti_trainer_params) -> sdti_status {
+    call(|| {
+        if params.is_null() {
+            return Err(invalid("params is NULL"));
+        }
+        // SAFETY: non-NULL and writable by contract.
+        unsafe { params.write(sdti_trainer_params::default()) };
+        Ok(())
+    })
+}
+
+/// Loads the model and starts a run; `*out` receives the handle on success.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (NULL, a bad value; the message names the
+/// field), `SDTI_ERR_STRUCT_SIZE`, `SDTI_ERR_INVALID_UTF8`, `SDTI_ERR_DEVICE`,
+/// `SDTI_ERR_MODEL`, `SDTI_ERR_IO`. A `struct_size` larger than this library's (a newer
+/// host) is accepted; the fields this library does not know are ignored.
+///
+/// # Safety
+/// `params` points to at least `params->struct_size` readable bytes, its strings are NULL
+/// or NUL-terminated; `out` is writable.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_new(
+    params: *const sdti_trainer_params,
+    out: *mut *mut sdti_trainer,
+) -> sdti_status {
+    call(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: the caller's contract.
+        let p =
+            unsafe { read_versioned(params, sdti_trainer_params::default(), PARAMS_V1, "params") }?;
+        // SAFETY: every string field is NULL or NUL-terminated by contract.
+        let (config, model_path, device, output_dir, resume) = unsafe {
+            let templates = match opt_cstr(p.templates, "params.templates")? {
+                None => Templates::Object,
+                Some(t) if t.eq_ignore_ascii_case("object") => Templates::Object,
+                Some(t) if t.eq_ignore_ascii_case("style") => Templates::Style,
+                Some(_) => Templates::File(cpath(p.templates, "params.templates")?),
+            };
+            let defaults = TrainConfig::default();
+            let config = TrainConfig {
+                token: cstr(p.token, "params.token")?.to_string(),
+                init: Init::Text(
+                    opt_cstr(p.init_text, "params.init_text")?
+                        .map(str::to_string)
+                        .unwrap_or_else(|| "*".to_string()),
+                ),
+                vectors: p.vectors as usize,
+                resolution: p.resolution as usize,
+                learning_rate: opt_cstr(p.learning_rate, "params.learning_rate")?
+                    .map(str::to_string)
+                    .unwrap_or(defaults.learning_rate.clone()),
+                batch_size: p.batch_size as usize,
+                gradient_accumulation: p.gradient_accumulation as usize,
+                seed: p.seed,
+                templates,
+                max_steps: p.max_steps,
+                ..defaults
+            };
+            (
+                config,
+                cpath(p.model_path, "params.model_path")?,
+                opt_cstr(p.device, "params.device")?.map(str::to_string),
+                opt_cpath(p.output_dir, "params.output_dir")?,
+                opt_cpath(p.resume_checkpoint, "params.resume_checkpoint")?,
+            )
+        };
+        // Check the options before the (slow) model load.
+        config.validate()?;
+        let model = load_model(&model_path, device.as_deref(), p.precision)?;
+        let trainer = Trainer::new(Arc::new(model), config)?;
+        let cancel = trainer.cancel_flag();
+        let state = TrainerState {
+            trainer,
+            resume,
+            output_dir,
+            save_every: p.save_every,
+            callback: Callback {
+                func: p.progress,
+                user_data: p.progress_user_data,
+            },
+        };
+        let key = TRAINERS.insert(Handle::new(state, cancel));
+        // SAFETY: writable by contract.
+        unsafe { out.write(key as *mut sdti_trainer) };
+        Ok(())
+    })
+}
+
+/// Adds a training image from pixels: `width` x `height` (each 2..=16384), rows `stride`
+/// bytes apart (0: tightly packed), `pixel_format` `SDTI_PIXEL_RGB8` or
+/// `SDTI_PIXEL_RGBA8`; `caption` (NULL: none) fills A1111's `[filewords]`. The pixels are
+/// copied, resized and encoded by the VAE before the call returns.
+///
+/// Statuses: `SDTI_ERR_IMAGE` (size, stride), `SDTI_ERR_INVALID_ARGUMENT` (NULL pixels,
+/// unknown pixel format), `SDTI_ERR_INVALID_UTF8` (caption).
+///
+/// # Safety
+/// `pixels` points to at least `stride * (height - 1) + width * bytes_per_pixel` readable
+/// bytes (checked sizes are validated before anything is read).
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_add_image(
+    trainer: *mut sdti_trainer,
+    pixels: *const u8,
+    width: u32,
+    height: u32,
+    stride: usize,
+    pixel_format: u32,
+    caption: *const c_char,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        let format = match pixel_format {
+            SDTI_PIXEL_RGB8 => PixelFormat::Rgb8,
+            SDTI_PIXEL_RGBA8 => PixelFormat::Rgba8,
+            other => {
+                return Err(invalid(format!(
+                    "pixel_format {other} is not SDTI_PIXEL_RGB8 (0) or SDTI_PIXEL_RGBA8 (1)"
+                )))
+            }
+        };
+        if pixels.is_null() {
+            return Err(invalid("pixels is NULL"));
+        }
+        let image_err = |m: String| fail(SDTI_ERR_IMAGE, format!("in-memory image: {m}"));
+        if !(MIN_SIDE..=MAX_SIDE).contains(&width) || !(MIN_SIDE..=MAX_SIDE).contains(&height) {
+            return Err(image_err(format!(
+                "{width}x{height}: each side must be {MIN_SIDE}..={MAX_SIDE} pixels"
+            )));
+        }
+        if u64::from(width) * u64::from(height) > MAX_PIXELS {
+            return Err(image_err(format!(
+                "{width}x{height} is more than {MAX_PIXELS} pixels"
+            )));
+        }
+        let row = width as usize * format.bytes_per_pixel();
+        let stride = if stride == 0 { row } else { stride };
+        if stride < row {
+            return Err(image_err(format!(
+                "stride {stride} is smaller than a row of {width} pixels ({row} bytes)"
+            )));
+        }
+        let len = stride
+            .checked_mul(height as usize - 1)
+            .and_then(|n| n.checked_add(row))
+            .ok_or_else(|| image_err(format!("stride {stride} x height {height} overflows")))?;
+        // SAFETY: the caller provides `len` readable bytes (the documented size).
+        let data = unsafe { std::slice::from_raw_parts(pixels, len) }.to_vec();
+        // SAFETY: NULL or NUL-terminated by contract.
+        let caption = unsafe { opt_cstr(caption, "caption") }?.map(str::to_string);
+        state.trainer.add_image(
+            ImageSource::Pixels {
+                data,
+                width,
+                height,
+                stride,
+                format,
+            },
+            caption,
+        )?;
+        Ok(())
+    })
+}
+
+/// Adds a training image from a PNG, JPEG or WebP file (a `.txt` beside it is its
+/// caption). Statuses: `SDTI_ERR_IMAGE` (unreadable, undecodable, too small or large),
+/// `SDTI_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_add_image_file(
+    trainer: *mut sdti_trainer,
+    path: *const c_char,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        // SAFETY: NUL-terminated by contract.
+        let path = unsafe { cpath(path, "path") }?;
+        state.trainer.add_image(ImageSource::File(path), None)?;
+        Ok(())
+    })
+}
+
+/// Number of images added so far, into `*count`.
+///
+/// # Safety
+/// `count` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_image_count(
+    trainer: *mut sdti_trainer,
+    count: *mut u32,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        if count.is_null() {
+            return Err(invalid("count is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { count.write(state.trainer.image_count() as u32) };
+        Ok(())
+    })
+}
+
+enum StepEnd {
+    Done,
+    Cancelled(String),
+}
+
+fn progress_of(s: &StepStats, done: u32, total: u64) -> sdti_progress {
+    sdti_progress {
+        struct_size: std::mem::size_of::<sdti_progress>() as u32,
+        steps_done: done,
+        step: s.step,
+        total_steps: total,
+        loss: f64::from(s.loss),
+        learning_rate: s.learning_rate,
+        seconds: s.seconds,
+    }
+}
+
+impl TrainerState {
+    /// One optimizer step with the pending resume and the automatic saves.
+    fn one_step(&mut self) -> FfiResult<StepStats> {
+        if let Some(path) = self.resume.take() {
+            self.trainer.load_checkpoint(&path)?;
+        }
+        let stats = self.trainer.step()?;
+        if let Some(dir) = &self.output_dir {
+            if self.save_every > 0 && stats.step % self.save_every == 0 {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| fail(SDTI_ERR_IO, format!("output_dir {}: {e}", dir.display())))?;
+                let token = &self.trainer.config().token;
+                self.trainer.export(
+                    &dir.join(format!("{token}-{}.safetensors", stats.step)),
+                    crate::embedding::Format::A1111Safetensors,
+                    Precision::F32,
+                )?;
+                self.trainer
+                    .save_checkpoint(&dir.join(format!("{token}.checkpoint.safetensors")))?;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Runs up to `steps` optimizer steps (fewer when the run reaches `max_steps`, which is
+/// `SDTI_OK` with `stats->step == stats->total_steps`). `stats` (NULL allowed, else its
+/// `struct_size` set) is written on `SDTI_OK` and on `SDTI_CANCELLED`.
+///
+/// The progress callback runs after each step on this thread, with the handle unlocked:
+/// it may call `sdti_trainer_cancel`, `sdti_trainer_export`,
+/// `sdti_trainer_save_checkpoint` or even `sdti_trainer_free` on this trainer.
+///
+/// Statuses: `SDTI_CANCELLED` (by `sdti_trainer_cancel`, a non-zero callback return or a
+/// `_free` on another thread; the steps done are kept), `SDTI_ERR_STATE` (no images),
+/// `SDTI_ERR_CHECKPOINT` (the resume checkpoint does not fit), `SDTI_ERR_IO` (automatic
+/// saves), `SDTI_ERR_BUSY`, `SDTI_ERR_POISONED`.
+///
+/// # Safety
+/// `stats` is NULL or a writable `sdti_step_stats` with `struct_size` set.
+///
+/// `[one thread at a time per handle]`; `sdti_trainer_cancel` may be called from any
+/// thread while it runs.
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_step(
+    trainer: *mut sdti_trainer,
+    steps: u32,
+    stats: *mut sdti_step_stats,
+) -> sdti_status {
+    call(|| {
+        let handle = TRAINERS.get(trainer as usize)?;
+        if !stats.is_null() {
+            // SAFETY: readable by contract.
+            let size = unsafe { stats.cast::<u32>().read_unaligned() } as usize;
+            if size < STATS_V1 {
+                return Err(fail(
+                    SDTI_ERR_STRUCT_SIZE,
+                    format!("stats.struct_size is {size}; at least {STATS_V1} is needed"),
+                ));
+            }
+        }
+        let mut out = sdti_step_stats {
+            struct_size: STATS_V1 as u32,
+            ..Default::default()
+        };
+        let mut guard = lock_state(&handle, "trainer", false)?;
+        let end = loop {
+            let Some(state) = guard.as_mut() else {
+                break StepEnd::Cancelled("the trainer was freed during sdti_trainer_step".into());
+            };
+            out.step = state.trainer.step_count();
+            out.total_steps = state.trainer.total_steps();
+            if handle.cancel.swap(false, Ordering::SeqCst) {
+                break StepEnd::Cancelled("cancelled by sdti_trainer_cancel".into());
+            }
+            if out.steps_done >= steps || out.step >= out.total_steps {
+                break StepEnd::Done;
+            }
+            if out.steps_done == 0 && state.trainer.image_count() == 0 {
+                return Err(fail(
+                    SDTI_ERR_STATE,
+                    "no images were added: call sdti_trainer_add_image first",
+                ));
+            }
+            let result = poison_on_panic(&handle, || state.one_step());
+            let s = match result {
+                Ok(s) => s,
+                Err(f) if f.status == SDTI_CANCELLED => {
+                    handle.cancel.store(false, Ordering::SeqCst);
+                    break StepEnd::Cancelled("cancelled by sdti_trainer_cancel".into());
+                }
+                Err(f) => return Err(f),
+            };
+            out.steps_done += 1;
+            out.step = s.step;
+            out.loss = f64::from(s.loss);
+            out.learning_rate = s.learning_rate;
+            out.seconds += s.seconds;
+            let callback = state.callback;
+            if let Some(func) = callback.func {
+                let progress = progress_of(&s, out.steps_done, out.total_steps);
+                // Unlocked during the callback, so that it may use this handle.
+                drop(guard);
+                // SAFETY: the host's callback with the host's user data, on its thread.
+                let rc = unsafe { func(callback.user_data, &progress) };
+                guard = lock_state(&handle, "trainer", true).or_else(|f| {
+                    if f.status == SDTI_ERR_INVALID_HANDLE {
+                        // Freed by the callback: stop without touching the state.
+                        Ok(handle.state.lock().unwrap_or_else(|p| p.into_inner()))
+                    } else {
+                        Err(f)
+                    }
+                })?;
+                if rc != 0 {
+                    handle.cancel.store(false, Ordering::SeqCst);
+                    break StepEnd::Cancelled(format!(
+                        "cancelled by the progress callback (it returned {rc})"
+                    ));
+                }
+            }
+        };
+        drop(guard);
+        if !stats.is_null() {
+            // SAFETY: writable by contract; struct_size checked above.
+            unsafe { write_versioned(stats, &out, STATS_V1, "stats") }?;
+        }
+        match end {
+            StepEnd::Done => Ok(()),
+            StepEnd::Cancelled(why) => Err(fail(
+                SDTI_CANCELLED,
+                format!("{why} after {} step(s) of this call", out.steps_done),
+            )),
+        }
+    })
+}
+
+/// Asks a running (or the next) `sdti_trainer_step` to stop: it returns `SDTI_CANCELLED`
+/// after the micro-batch in flight (one step of the tiny test model is ~0.1 s), keeping
+/// the steps done. The request is consumed by the step call it stops; cancelling twice
+/// is the same as once. NULL and freed handles are ignored.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub extern "C" fn sdti_trainer_cancel(trainer: *mut sdti_trainer) {
+    call_void(|| {
+        if let Ok(handle) = TRAINERS.get(trainer as usize) {
+            handle.cancel.store(true, Ordering::SeqCst);
+        }
+    });
+}
+
+/// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
+/// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
+/// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (unknown format), `SDTI_ERR_UNSUPPORTED`
+/// (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_export(
+    trainer: *mut sdti_trainer,
+    path: *const c_char,
+    format: u32,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        // SAFETY: NUL-terminated by contract.
+        let path = unsafe { cpath(path, "path") }?;
+        let format = format_for(format, &path)?;
+        state.trainer.export(&path, format, Precision::F32)?;
+        Ok(())
+    })
+}
+
+/// Writes a checkpoint (vectors, optimizer moments, step, RNG states, options) to
+/// `path`, atomically. Resume it with `params.resume_checkpoint`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_save_checkpoint(
+    trainer: *mut sdti_trainer,
+    path: *const c_char,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        // SAFETY: NUL-terminated by contract.
+        let path = unsafe { cpath(path, "path") }?;
+        state.trainer.save_checkpoint(&path)?;
+        Ok(())
+    })
+}
+
+/// Copies the current vectors (`[rows, dim]` f32, row-major) into `out` (`cap` floats).
+/// `*needed_floats` and `*rows` (each optional) get the size; with `out` NULL or `cap`
+/// too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them.
+///
+/// # Safety
+/// `out` is NULL or `cap` writable floats; `needed_floats` and `rows` NULL or writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_get_vectors(
+    trainer: *mut sdti_trainer,
+    out: *mut f32,
+    cap: usize,
+    needed_floats: *mut usize,
+    rows: *mut u32,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        let data = state.trainer.vectors()?;
+        if !rows.is_null() {
+            // SAFETY: writable by contract.
+            unsafe { rows.write(state.trainer.config().vectors as u32) };
+        }
+        // SAFETY: the caller's contract.
+        unsafe { write_slice(&data, out, cap, needed_floats, "vectors") }
+    })
+}
+
+/// Ends the run: stops a `sdti_trainer_step` running on another thread (waiting for its
+/// micro-batch), then releases everything. The progress callback is never called after
+/// this returns. `NULL`, and a handle freed already, are no-ops. Encoders made with
+/// `sdti_encoder_new_from_trainer` stay valid (they share the model, not the trainer).
+///
+/// `[one thread at a time per handle]`, except that it may be called while
+/// `sdti_trainer_step` runs on another thread: it stops that step first.
+#[no_mangle]
+pub extern "C" fn sdti_trainer_free(trainer: *mut sdti_trainer) {
+    free_handle(&TRAINERS, trainer as usize);
+}
+
+/// Test hook (debug builds only, not in the header): panics inside a trainer call, to
+/// test the panic boundary and poisoning.
+///
+/// `[one thread at a time per handle]`
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+#[no_mangle]
+pub extern "C" fn sdti_debug_panic_trainer(trainer: *mut sdti_trainer) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |_| {
+        panic!("sdti_debug_panic_trainer was called")
+    })
+}
