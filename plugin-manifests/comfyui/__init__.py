@@ -1,0 +1,10 @@
+"""sdti for ComfyUI: train, convert and inspect Textual Inversion embeddings natively.
+
+The nodes are built at import time from sdti.plugin.json (see nodes.py); the work is
+done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this file, or in
+the repository's target folder.
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

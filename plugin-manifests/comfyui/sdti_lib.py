@@ -1,0 +1,170 @@
+"""ctypes binding of the sdti C ABI (include/sdti.h), for the node pack.
+
+Only what the nodes use. Structs mirror the header field for field; struct_size comes
+from the library's _init functions, so a newer library keeps working.
+"""
+
+import ctypes
+import json
+import os
+import sys
+
+ABI_MAJOR = 1
+SDTI_OK = 0
+SDTI_CANCELLED = 1
+SDTI_ERR_BUFFER_TOO_SMALL = 5
+
+
+class SdtiError(RuntimeError):
+    """A failed sdti call: its status, the status text and the library's message."""
+
+    def __init__(self, status, what, message):
+        super().__init__(f"{what}: {message}")
+        self.status = status
+
+
+class SdtiCancelled(SdtiError):
+    """Training stopped early (sdti_trainer_cancel or the progress callback)."""
+
+
+class Progress(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("steps_done", ctypes.c_uint32),
+        ("step", ctypes.c_uint64),
+        ("total_steps", ctypes.c_uint64),
+        ("loss", ctypes.c_double),
+        ("learning_rate", ctypes.c_double),
+        ("seconds", ctypes.c_double),
+    ]
+
+
+StepStats = type("StepStats", (ctypes.Structure,), {"_fields_": Progress._fields_})
+
+PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(Progress))
+
+
+class TrainerParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("precision", ctypes.c_uint32),
+        ("model_path", ctypes.c_char_p),
+        ("device", ctypes.c_char_p),
+        ("token", ctypes.c_char_p),
+        ("init_text", ctypes.c_char_p),
+        ("vectors", ctypes.c_uint32),
+        ("resolution", ctypes.c_uint32),
+        ("learning_rate", ctypes.c_char_p),
+        ("batch_size", ctypes.c_uint32),
+        ("gradient_accumulation", ctypes.c_uint32),
+        ("seed", ctypes.c_uint64),
+        ("templates", ctypes.c_char_p),
+        ("max_steps", ctypes.c_uint64),
+        ("output_dir", ctypes.c_char_p),
+        ("save_every", ctypes.c_uint64),
+        ("resume_checkpoint", ctypes.c_char_p),
+        ("progress", PROGRESS_FN),
+        ("progress_user_data", ctypes.c_void_p),
+    ]
+
+
+def _library_name():
+    if sys.platform == "darwin":
+        return "libsdti.dylib"
+    if sys.platform.startswith("win"):
+        return "sdti.dll"
+    return "libsdti.so"
+
+
+def find_library(pack_dir):
+    """SDTI_LIBRARY, else next to the pack, else the repository's target folder."""
+    env = os.environ.get("SDTI_LIBRARY")
+    if env:
+        return env
+    name = _library_name()
+    repo = os.path.normpath(os.path.join(pack_dir, "..", ".."))
+    candidates = [os.path.join(pack_dir, name)] + [
+        os.path.join(repo, "target", profile, name) for profile in ("release", "debug")
+    ]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"{name} not found: set SDTI_LIBRARY, or put it into {pack_dir} "
+        f"(looked at {', '.join(candidates)})"
+    )
+
+
+class Library:
+    """The loaded library with typed functions."""
+
+    def __init__(self, path):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        self._lib = lib
+        c = ctypes
+        sig = {
+            "sdti_abi_version": (c.c_uint32, []),
+            "sdti_version_string": (c.c_char_p, []),
+            "sdti_has_feature": (c.c_int32, [c.c_char_p]),
+            "sdti_status_str": (c.c_char_p, [c.c_int32]),
+            "sdti_last_error": (c.c_int32, [c.c_char_p, c.c_size_t, c.POINTER(c.c_size_t)]),
+            "sdti_trainer_params_init": (c.c_int32, [c.POINTER(TrainerParams)]),
+            "sdti_trainer_new": (c.c_int32, [c.POINTER(TrainerParams), c.POINTER(c.c_void_p)]),
+            "sdti_trainer_add_image": (
+                c.c_int32,
+                [c.c_void_p, c.c_char_p, c.c_uint32, c.c_uint32, c.c_size_t, c.c_uint32, c.c_char_p],
+            ),
+            "sdti_trainer_step": (c.c_int32, [c.c_void_p, c.c_uint32, c.POINTER(StepStats)]),
+            "sdti_trainer_cancel": (None, [c.c_void_p]),
+            "sdti_trainer_export": (c.c_int32, [c.c_void_p, c.c_char_p, c.c_uint32]),
+            "sdti_trainer_free": (None, [c.c_void_p]),
+            "sdti_embedding_convert": (c.c_int32, [c.c_char_p, c.c_char_p, c.c_uint32, c.c_uint32]),
+            "sdti_embedding_inspect": (
+                c.c_int32,
+                [c.c_char_p, c.c_char_p, c.c_size_t, c.POINTER(c.c_size_t)],
+            ),
+        }
+        for name, (restype, argtypes) in sig.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+            short = name[len("sdti_"):]
+            if not hasattr(type(self), short):  # methods below wrap these
+                setattr(self, short, fn)
+        major = self.abi_version() >> 16
+        if major != ABI_MAJOR:
+            raise ImportError(f"{path} has ABI major {major}; this pack needs {ABI_MAJOR}")
+
+    def version(self):
+        return self.version_string().decode()
+
+    def has_feature(self, feature_id):
+        return bool(self._lib.sdti_has_feature(feature_id.encode()))
+
+    def last_error(self):
+        needed = ctypes.c_size_t(0)
+        self._lib.sdti_last_error(None, 0, ctypes.byref(needed))
+        buf = ctypes.create_string_buffer(max(needed.value, 1))
+        self._lib.sdti_last_error(buf, len(buf), None)
+        return buf.value.decode("utf-8", "replace")
+
+    def check(self, status, what):
+        """Raises SdtiError (SdtiCancelled for SDTI_CANCELLED) unless status is SDTI_OK."""
+        if status == SDTI_OK:
+            return
+        message = self.last_error() or self.status_str(status).decode()
+        cls = SdtiCancelled if status == SDTI_CANCELLED else SdtiError
+        raise cls(status, what, message)
+
+    def inspect(self, path):
+        needed = ctypes.c_size_t(0)
+        status = self._lib.sdti_embedding_inspect(path.encode(), None, 0, ctypes.byref(needed))
+        if status != SDTI_ERR_BUFFER_TOO_SMALL:
+            self.check(status, f"inspect {path}")
+        buf = ctypes.create_string_buffer(needed.value)
+        self.check(
+            self._lib.sdti_embedding_inspect(path.encode(), buf, len(buf), ctypes.byref(needed)),
+            f"inspect {path}",
+        )
+        return json.loads(buf.value.decode())

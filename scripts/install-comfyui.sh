@@ -1,0 +1,47 @@
+#!/bin/sh
+# Installs the sdti node pack into a ComfyUI checkout: plugin-manifests/comfyui with
+# sdti.plugin.json and the library copied next to it, as custom_nodes/sdti.
+#
+#   scripts/install-comfyui.sh /path/to/ComfyUI [--lib PATH/TO/libsdti.so]
+#
+# Without --lib it builds the release library first (cargo build --release --lib; add
+# CARGO_FLAGS="--features cuda" for NVIDIA GPUs). Restart ComfyUI afterwards; the nodes
+# appear under "sdti".
+set -eu
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+comfy=""
+lib=""
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --lib) lib=$2; shift 2 ;;
+        --lib=*) lib=${1#--lib=}; shift ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "install-comfyui.sh: unknown option '$1'" >&2; exit 2 ;;
+        *) comfy=$1; shift ;;
+    esac
+done
+[ -n "$comfy" ] || { echo "usage: install-comfyui.sh /path/to/ComfyUI [--lib PATH]" >&2; exit 2; }
+
+case "$(uname -s)" in
+    Darwin) libname=libsdti.dylib ;;
+    MINGW*|MSYS*|CYGWIN*) libname=sdti.dll ;;
+    *) libname=libsdti.so ;;
+esac
+if [ -z "$lib" ]; then
+    # shellcheck disable=SC2086 # CARGO_FLAGS is a list of words
+    (cd "$root" && cargo build --release --lib ${CARGO_FLAGS:-})
+    lib="$root/target/release/$libname"
+fi
+[ -f "$lib" ] || { echo "install-comfyui.sh: $lib does not exist" >&2; exit 1; }
+
+dest="$comfy/custom_nodes/sdti"
+mkdir -p "$dest/tests"
+for f in __init__.py nodes.py sdti_lib.py pyproject.toml; do
+    cp "$root/plugin-manifests/comfyui/$f" "$dest/$f"
+done
+cp "$root/plugin-manifests/comfyui/tests/test_nodes.py" "$dest/tests/test_nodes.py"
+cp "$root/plugin-manifests/sdti.plugin.json" "$dest/sdti.plugin.json"
+cp "$lib" "$dest/$libname"
+echo "installed the sdti nodes into $dest"
