@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod embedding;
+mod ffi;
 mod learning;
 mod loading;
 mod parity;
