@@ -133,23 +133,18 @@ pub fn decode_rgb8(model: &SdModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
     to_rgb8(&model.vae.decode(&latents.to_dtype(dtype)?)?)
 }
 
-/// Image sides must be multiples of this for `model`: 8 pixels per latent cell, and the
-/// UNet halves the latent once per block after the first (64 for SD 1.x).
-pub fn size_multiple(model: &SdModel) -> usize {
-    8 << model.config.unet.block_out_channels.len().saturating_sub(1)
-}
+/// Image sides must be multiples of this: 8 pixels per latent cell (the UNet takes any
+/// latent size, rounding odd sides as diffusers does).
+pub const SIZE_MULTIPLE: usize = 8;
 
-/// Checks that `width` x `height` pixels fit `model`'s UNet, naming the field.
-pub fn check_size(model: &SdModel, fields: [(&str, usize); 2]) -> Result<()> {
-    let m = size_multiple(model);
+/// Checks that image sides are whole latent cells, naming the field.
+pub fn check_size(fields: [(&str, usize); 2]) -> Result<()> {
+    let m = SIZE_MULTIPLE;
     for (field, v) in fields {
         if v % m != 0 {
             return Err(Error::config(
                 field,
-                format!(
-                    "{v} must be a multiple of {m} for this model (its UNet halves the latent {} times)",
-                    m.trailing_zeros() - 3
-                ),
+                format!("{v} must be a multiple of {m} (the VAE's 8 pixels per latent cell)"),
             ));
         }
     }
@@ -161,7 +156,7 @@ pub fn check_size(model: &SdModel, fields: [(&str, usize); 2]) -> Result<()> {
 pub fn sample_image(encoder: &PromptEncoder, opts: &SampleOptions) -> Result<RgbImage> {
     opts.validate()?;
     let model = encoder.model();
-    check_size(model, [("width", opts.width), ("height", opts.height)])?;
+    check_size([("width", opts.width), ("height", opts.height)])?;
     let dtype = model.text_encoder.dtype();
     let cond = encoder.encode(&opts.prompt)?;
     let noise = seeded_noise(opts.seed, opts.width, opts.height, model.device())?;

@@ -630,16 +630,13 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
 
     // 2. The model, the trainer and its images; only then the folder.
     let model = load_model(Path::new(&config.model), &a.device)?;
-    sdti::preview::check_size(
-        &model,
-        [
-            ("resolution", config.train.resolution),
-            (
-                "preview_size",
-                config.run.preview.size.max(config.train.resolution),
-            ),
-        ],
-    )?;
+    sdti::preview::check_size([
+        ("resolution", config.train.resolution),
+        (
+            "preview_size",
+            config.run.preview.size.max(config.train.resolution),
+        ),
+    ])?;
     let mut trainer = Trainer::new(model, config.train.clone())?;
     add_images(&mut trainer, &config.images)?;
     let mut run = match folder.take() {

@@ -691,19 +691,6 @@ fn errors_for_people_are_one_line() {
         ],
         "--resolution: 100 must be a multiple of 8",
     );
-    fails(
-        &[
-            "train",
-            "--model",
-            &tiny,
-            &img,
-            "-o",
-            &o,
-            "--resolution",
-            "72",
-        ],
-        "--resolution: 72 must be a multiple of 64 for this model",
-    );
     assert!(!out.exists(), "a failed start left {o} behind");
 
     std::fs::create_dir_all(&out).unwrap();
