@@ -292,6 +292,14 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// The 1-minute load average (other work on the machine skews the timings).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// `YYYY-MM-DD HH:MM UTC` without a date crate (days-from-civil, inverted).
 fn utc_now() -> String {
     let secs = SystemTime::now()
@@ -547,15 +555,20 @@ fn find_reference() -> BenchResult<Reference> {
 fn run_reference(
     r: &Reference,
     res: usize,
-    steps: usize,
+    args: &Args,
     threads: usize,
 ) -> BenchResult<serde_json::Value> {
+    let steps = args.steps;
     eprintln!("diffusers {res}px: building the model and running {steps}+1 steps ...");
-    let out = Command::new(&r.python)
-        .arg(&r.script)
+    let mut cmd = Command::new(&r.python);
+    cmd.arg(&r.script)
         .args(["--resolution", &res.to_string()])
         .args(["--steps", &steps.to_string()])
-        .args(["--threads", &threads.to_string()])
+        .args(["--threads", &threads.to_string()]);
+    if args.profile {
+        cmd.arg("--profile");
+    }
+    let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
@@ -592,9 +605,10 @@ fn run(args: &Args) -> BenchResult<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("# sdti train_step benchmark");
     println!(
-        "machine: {} | {cores} cores available | candle threads {threads} | {}",
+        "machine: {} | {cores} cores available | candle threads {threads} | {} | load average {}",
         cpu_model(),
-        utc_now()
+        utc_now(),
+        load_average()
     );
     println!(
         "sdti {} | candle-core {} | {} | release profile",
@@ -653,7 +667,7 @@ fn run(args: &Args) -> BenchResult<()> {
     let mut refs: Vec<Option<serde_json::Value>> = Vec::new();
     for r in &results {
         refs.push(match &reference {
-            Some(py) => match run_reference(py, r.resolution, args.steps, threads) {
+            Some(py) => match run_reference(py, r.resolution, args, threads) {
                 Ok(v) => Some(v),
                 Err(e) => {
                     println!("diffusers {}px failed: {e}", r.resolution);
@@ -727,25 +741,42 @@ fn run(args: &Args) -> BenchResult<()> {
             .join(", ")
     );
     println!(
-        "peak = VmHWM (sdti) / ru_maxrss (diffusers, one process per resolution); \
-         over weights = peak - RSS once the model is built."
+        "peak = VmHWM of each process (diffusers: one process per resolution; its ru_maxrss would include this process's peak, inherited across exec); \
+         over weights = peak - RSS once the model is built. Load average at the end: {}",
+        load_average()
     );
     if results.iter().any(|r| !r.peak_is_per_resolution) {
         println!("* VmHWM could not be reset: the peak covers all earlier resolutions too");
     }
-    let profiled: Vec<_> = results
-        .iter()
-        .filter_map(|r| r.profile.as_ref().map(|p| (r.resolution, p)))
-        .collect();
-    if !profiled.is_empty() {
+    if args.profile {
         println!();
-        println!("| resolution | text encoder fwd ms | unet fwd ms (no grad path) | unet fwd ms (context tracked) | unet bwd ms |");
-        println!("|---|---|---|---|---|");
-        for (res, p) in profiled {
-            println!(
-                "| {res}px | {:.0} | {:.0} | {:.0} | {:.0} |",
-                p.text_encoder_ms, p.forward_plain_ms, p.forward_tracked_ms, p.backward_ms
-            );
+        println!(
+            "| resolution | engine | text encoder fwd ms | unet fwd ms (no grad path) | \
+             unet fwd ms (context tracked) | unet bwd ms |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (r, d) in results.iter().zip(&refs) {
+            if let Some(p) = &r.profile {
+                println!(
+                    "| {}px | sdti | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    r.resolution,
+                    p.text_encoder_ms,
+                    p.forward_plain_ms,
+                    p.forward_tracked_ms,
+                    p.backward_ms
+                );
+            }
+            if let Some(p) = d.as_ref().map(|v| &v["profile"]).filter(|p| p.is_object()) {
+                let f = |k: &str| fmt_opt(p[k].as_f64(), 0);
+                println!(
+                    "| {}px | diffusers | {} | {} | {} | {} |",
+                    r.resolution,
+                    f("text_encoder_ms"),
+                    f("unet_forward_no_grad_ms"),
+                    f("unet_forward_tracked_ms"),
+                    f("unet_backward_ms")
+                );
+            }
         }
     }
     Ok(())

@@ -106,12 +106,51 @@ def attention_summary(unet, text_encoder):
     return {"unet_attn_processor": procs, "text_encoder_attn_implementation": te}
 
 
+def unet_profile(text_encoder, unet, res, input_ids):
+    """ms of: the text encoder forward; the UNet forward without autograd, the forward
+    with the context requiring grad, and the backward of mean(out^2) to that context
+    (the same measurements as the Rust bench's --profile)."""
+    lat = res // 8
+    sample = torch.randn(1, 4, lat, lat)
+    context = torch.randn(1, 77, 768)
+    t = torch.tensor([500])
+
+    def ms(f):
+        s = time.perf_counter()
+        r = f()
+        return (time.perf_counter() - s) * 1000, r
+
+    with torch.no_grad():
+        te_ms, _ = ms(lambda: text_encoder(input_ids)[0])
+        plain_ms, _ = ms(lambda: unet(sample, t, context).sample)
+    ctx = context.clone().requires_grad_(True)
+    tracked_ms, out = ms(lambda: unet(sample, t, ctx).sample)
+    backward_ms, _ = ms(lambda: out.pow(2).mean().backward())
+    assert ctx.grad is not None
+    print(
+        f"diffusers {res}px profile: text encoder {te_ms:.0f} ms, unet forward {plain_ms:.0f} ms (no grad) / "
+        f"{tracked_ms:.0f} ms (context requires grad), backward {backward_ms:.0f} ms",
+        file=sys.stderr,
+    )
+    return {
+        "text_encoder_ms": te_ms,
+        "unet_forward_no_grad_ms": plain_ms,
+        "unet_forward_tracked_ms": tracked_ms,
+        "unet_backward_ms": backward_ms,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up step")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the text encoder and the UNet forward / backward alone",
+    )
     args = ap.parse_args()
     if args.resolution < 64 or args.resolution % 8:
         ap.error("--resolution must be a multiple of 8, at least 64")
@@ -199,13 +238,20 @@ def main():
         vae.encode(pixel_values).latent_dist.sample()
         vae_encode_ms = (time.perf_counter() - s) * 1000
 
+    profile = unet_profile(text_encoder, unet, args.resolution, input_ids) if args.profile else None
+
     changed = (text_encoder.get_input_embeddings().weight.data != orig_embeds_params).any(dim=1)
     assert changed.nonzero().flatten().tolist() == [PLACEHOLDER_ID], "only the placeholder row may change"
 
+    # ru_maxrss (KiB on Linux) survives exec: started from the Rust bench, it reports the
+    # parent's peak when that was larger. VmHWM belongs to this process image alone.
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = rss_mib("VmHWM")
     out = {
         "ms_per_step_mean": sum(times) / len(times),
         "ms_per_step_min": min(times),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mib": peak_rss if peak_rss is not None else ru_maxrss,
+        "ru_maxrss_mib": ru_maxrss,
         "rss_start_mib": rss_start,
         "rss_after_load_mib": rss_loaded,
         "vae_encode_ms": vae_encode_ms,
@@ -221,6 +267,8 @@ def main():
         "mkldnn": torch.backends.mkldnn.is_available(),
         **attention_summary(unet, text_encoder),
     }
+    if profile is not None:
+        out["profile"] = profile
     print(json.dumps(out), flush=True)
 
 
