@@ -627,7 +627,8 @@ fn attention_probs(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    // Scaling q ([T, d]) is cheaper than scaling the [T, T] scores.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -721,10 +722,10 @@ impl candle_core::CustomOp3 for AttentionOp {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), res.detach());
         let (slices, tq, _) = q.dims3()?;
         let tk = k.dim(1)?;
         let chunk = attention_chunk(slices, tq, tk);
@@ -743,13 +744,16 @@ impl candle_core::CustomOp3 for AttentionOp {
             }
             if self.need[0] || self.need[1] {
                 let dp = gc.matmul(&vc.t()?)?;
-                let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-                let ds = ((p * dp.broadcast_sub(&dot)?)? * self.scale)?;
+                // sum_j dP_ij P_ij equals dO_i . O_i (as flash attention computes it):
+                // a [T, d] product instead of another pass over [T, T].
+                let dot = (&gc * out.narrow(0, start, len)?)?.sum_keepdim(D::Minus1)?;
+                // The scale is applied to the [T, d] results, not to the [T, T] matrix.
+                let ds = (p * dp.broadcast_sub(&dot)?)?;
                 if self.need[0] {
-                    dqs.push(ds.matmul(&kc)?);
+                    dqs.push((ds.matmul(&kc)? * self.scale)?);
                 }
                 if self.need[1] {
-                    dks.push(ds.t()?.matmul(&qc)?);
+                    dks.push((ds.t()?.matmul(&qc)? * self.scale)?);
                 }
             }
         }
