@@ -35,6 +35,30 @@ if [ -z "$lib" ]; then
     lib="$root/target/release/$libname"
 fi
 [ -f "$lib" ] || { echo "install-comfyui.sh: $lib does not exist" >&2; exit 1; }
+# Only the sdti library: one that exports sdti_abi_version (loaded with python3's ctypes,
+# else, e.g. when it needs a GPU driver this machine lacks, looked up with nm).
+abi=unknown
+if command -v python3 >/dev/null 2>&1; then
+    if python3 -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1]).sdti_abi_version' "$lib" >/dev/null 2>&1; then
+        abi=yes
+    else
+        abi=no
+    fi
+fi
+if [ "$abi" != yes ] && command -v nm >/dev/null 2>&1; then
+    if { nm -D --defined-only "$lib" 2>/dev/null || nm -g "$lib" 2>/dev/null; } \
+        | grep -Eq '[[:space:]]T _?sdti_abi_version$'; then
+        abi=yes
+    else
+        abi=no
+    fi
+fi
+case $abi in
+    no)
+        echo "install-comfyui.sh: $lib is not the sdti library (it does not export sdti_abi_version); give --lib the libsdti built by 'cargo build --release --lib'" >&2
+        exit 1 ;;
+    unknown) echo "install-comfyui.sh: warning: neither python3 nor nm found; $lib was not checked" >&2 ;;
+esac
 
 dest="$comfy/custom_nodes/sdti"
 mkdir -p "$dest/tests"

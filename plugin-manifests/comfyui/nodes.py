@@ -56,18 +56,51 @@ def library():
 
 # ---------------------------------------------------------------- folders
 
+def _diffusers_folders(folder):
+    """Diffusers model folders (those holding model_index.json) under ComfyUI's folders of
+    that kind, as names relative to them; ComfyUI itself lists only files."""
+    names = []
+    for base in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(base):
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            if "model_index.json" in filenames and dirpath != base:
+                names.append(os.path.relpath(dirpath, base))
+                dirnames[:] = []  # its parts are not models of their own
+            else:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return names
+
+
 def _folder_files(folder):
-    if folder_paths is not None:
-        return folder_paths.get_filename_list(folder)
-    return []
+    if folder_paths is None:
+        return []
+    names = list(folder_paths.get_filename_list(folder))
+    if folder == "checkpoints":
+        # A diffusers folder is one choice; the files in it are its parts, not models.
+        folders = _diffusers_folders(folder)
+        inside = tuple(f + os.sep for f in folders)
+        names = [n for n in names if not n.startswith(inside)]
+        names += [f for f in folders if f not in names]
+    return sorted(names)
 
 
 def resolve_file(folder, name):
-    """A name from a ComfyUI model folder (or, without ComfyUI, a path) to a path."""
+    """A name from a ComfyUI model folder (a file, or a diffusers folder among the
+    checkpoints) or, without ComfyUI, a path, to a path."""
     if folder_paths is not None:
         path = folder_paths.get_full_path(folder, name)
         if path:
             return path
+        for base in folder_paths.get_folder_paths(folder):
+            base = os.path.abspath(base)
+            path = os.path.normpath(os.path.join(base, name))
+            try:
+                inside = os.path.commonpath([base, path]) == base
+            except ValueError:  # another drive (Windows)
+                inside = False
+            if inside and os.path.isfile(os.path.join(path, "model_index.json")):
+                return path
     if os.path.exists(name):
         return os.path.abspath(name)
     raise FileNotFoundError(f"{name}: not in the '{folder}' folder")
@@ -150,14 +183,19 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
 
     bar = comfy_utils.ProgressBar(int(steps)) if comfy_utils is not None else None
 
+    raised = []  # an exception from the callback, raised again once the step returns
+
     def on_progress(_user_data, progress):
         try:
+            # With ComfyUI's server, the bar's hook raises InterruptProcessingException
+            # (and clears the interrupt flag) when the user interrupts.
             if bar is not None:
                 bar.update_absolute(progress.contents.step, progress.contents.total_steps)
             if model_management is not None and model_management.processing_interrupted():
                 return 1  # ComfyUI's interrupt cancels the run
             return 0
-        except Exception:  # never let an exception vanish inside ctypes
+        except Exception as e:  # an exception must not unwind through ctypes: keep it
+            raised.append(e)
             return 1
 
     callback = sdti_lib.PROGRESS_FN(on_progress)
@@ -173,8 +211,13 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
         stats = sdti_lib.StepStats()
         stats.struct_size = ctypes.sizeof(stats)
         status = lib.trainer_step(trainer, int(steps), ctypes.byref(stats))
+        if raised:
+            raise raised[0]
         if status == sdti_lib.SDTI_CANCELLED and model_management is not None:
+            # Cancelled by ComfyUI's interrupt: report it as one (execution_interrupted),
+            # not as an error.
             model_management.throw_exception_if_processing_interrupted()
+            raise model_management.InterruptProcessingException()
         lib.check(status, "sdti_trainer_step")
         folder = output_folder("embeddings")
         os.makedirs(folder, exist_ok=True)
@@ -188,9 +231,21 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
     return (f"embedding:{token}", path)
 
 
-def run_convert(embedding, format, precision, name=""):
+def _embedding_path(embedding, path):
+    """The optional path input (e.g. Train's path output), else the dropdown's file."""
+    if path and str(path).strip():
+        path = str(path).strip()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such embedding file")
+        return os.path.abspath(path)
+    if not embedding:
+        raise ValueError("choose an embedding file or connect a path")
+    return resolve_file("embeddings", embedding)
+
+
+def run_convert(format, precision, name="", embedding="", path=""):
     lib = library()
-    src = resolve_file("embeddings", embedding)
+    src = _embedding_path(embedding, path)
     stem = name or f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
     ext = MANIFEST["constants"]["format_extension"][format]
     folder = output_folder("embeddings")
@@ -208,8 +263,8 @@ def run_convert(embedding, format, precision, name=""):
     return (dst,)
 
 
-def run_inspect(embedding):
-    path = resolve_file("embeddings", embedding)
+def run_inspect(embedding="", path=""):
+    path = _embedding_path(embedding, path)
     info = library().inspect(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     return (json.dumps(info, indent=1), int(info.get("vectors") or 0), f"embedding:{stem}")
@@ -245,7 +300,13 @@ def make_node(node):
 
     def input_types(cls):
         # Evaluated on every call: ComfyUI asks again when its model folders change.
-        return {"required": {spec["name"]: comfy_input(spec) for spec in node["inputs"]}}
+        types = {"required": {
+            spec["name"]: comfy_input(spec) for spec in node["inputs"] if not spec.get("optional")
+        }}
+        optional = {spec["name"]: comfy_input(spec) for spec in node["inputs"] if spec.get("optional")}
+        if optional:
+            types["optional"] = optional
+        return types
 
     def run(self, **kwargs):
         return runner(**kwargs)

@@ -75,10 +75,12 @@ def test_without_comfyui():
     assert sorted(pack.NODE_CLASS_MAPPINGS) == sorted(ids), pack.NODE_CLASS_MAPPINGS
     for node in manifest["nodes"]:
         cls = pack.NODE_CLASS_MAPPINGS[node["id"]]
-        required = cls.INPUT_TYPES()["required"]
-        assert list(required) == [i["name"] for i in node["inputs"]], node["id"]
+        types = cls.INPUT_TYPES()
+        required, optional = types["required"], types.get("optional", {})
+        assert list(required) == [i["name"] for i in node["inputs"] if not i.get("optional")], node["id"]
+        assert list(optional) == [i["name"] for i in node["inputs"] if i.get("optional")], node["id"]
         for spec in node["inputs"]:
-            entry = required[spec["name"]]
+            entry = (optional if spec.get("optional") else required)[spec["name"]]
             for key in ("default", "min", "max"):
                 if key in spec:
                     assert entry[1][key] == spec[key], (node["id"], spec["name"], key)
@@ -97,6 +99,8 @@ def test_without_comfyui():
     info = json.loads(summary)
     assert vectors == 2 and info["width"] == "32" and info["name"] == "pyword", summary
     assert text == "embedding:pyword", summary
+    # Chained after Train: its path output goes to the optional path input.
+    assert inspect.run(embedding="", path=path) == (summary, vectors, text)
 
     convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
     (pt,) = convert.run(embedding=path, format="a1111-pt", precision="f16", name="")
@@ -112,41 +116,83 @@ def test_without_comfyui():
     assert lib.has_feature("sdti.train/1") and not lib.has_feature("sdti.train/99")
 
 
-class Interrupted(Exception):
-    pass
-
-
-def fake_comfyui(root, interrupt_after):
-    """Stand-ins for the parts of ComfyUI the pack uses."""
-    state = {"updates": [], "step": 0}
+def fake_comfyui(root, interrupt_after, hook=True):
+    """Stand-ins for the parts of ComfyUI the pack uses, behaving as ComfyUI 0.3.x does:
+    get_filename_list lists only files with model extensions (recursively), get_full_path
+    resolves only files, and the server's progress hook (main.py hijack_progress) calls
+    throw_exception_if_processing_interrupted, which clears the flag and raises."""
+    state = {"updates": [], "interrupt": False}
     folder_paths = types.ModuleType("folder_paths")
     folders = {
-        "checkpoints": os.path.dirname(MODEL),
+        "checkpoints": os.path.join(root, "checkpoints"),
         "embeddings": os.path.join(root, "embeddings"),
     }
-    folder_paths.get_filename_list = lambda f: sorted(os.listdir(folders[f])) if os.path.isdir(folders[f]) else []
-    folder_paths.get_full_path = lambda f, name: os.path.join(folders[f], name) if os.path.exists(os.path.join(folders[f], name)) else None
+    os.makedirs(folders["checkpoints"], exist_ok=True)
+    link = os.path.join(folders["checkpoints"], os.path.basename(MODEL))
+    if not os.path.exists(link):
+        try:
+            os.symlink(MODEL, link, target_is_directory=True)
+        except OSError:
+            import shutil
+            shutil.copytree(MODEL, link)
+    for name in ("single.safetensors", "notes.txt"):
+        open(os.path.join(folders["checkpoints"], name), "wb").close()
+    extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+    def get_filename_list(f):
+        out = []
+        for dirpath, _dirs, files in os.walk(folders[f], followlinks=True):
+            for name in files:
+                if os.path.splitext(name)[1].lower() in extensions:
+                    out.append(os.path.relpath(os.path.join(dirpath, name), folders[f]))
+        return sorted(out)
+
+    def get_full_path(f, name):
+        path = os.path.join(folders[f], name)
+        return path if os.path.isfile(path) else None
+
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path = get_full_path
     folder_paths.get_folder_paths = lambda f: [folders[f]]
-
-    class ProgressBar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            state["updates"].append(value)
-            state["step"] = value
 
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
-    utils.ProgressBar = ProgressBar
     mm = types.ModuleType("comfy.model_management")
-    mm.processing_interrupted = lambda: interrupt_after is not None and state["step"] >= interrupt_after
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def processing_interrupted():
+        return state["interrupt"]
 
     def throw():
-        if mm.processing_interrupted():
-            raise Interrupted()
+        if state["interrupt"]:
+            state["interrupt"] = False
+            raise InterruptProcessingException()
 
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.processing_interrupted = processing_interrupted
     mm.throw_exception_if_processing_interrupted = throw
+
+    def server_hook(value, total, preview, prompt_id=None, node_id=None):
+        if interrupt_after is not None and value > interrupt_after:
+            state["interrupt"] = True  # the user pressed Cancel while this step ran
+        throw()  # as hijack_progress does, before it reports the step
+        state["updates"].append(value)
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+            self.hook = server_hook if hook else None
+
+        def update_absolute(self, value, total=None, preview=None):
+            if total is not None:
+                self.total = total
+            self.current = min(value, self.total)
+            if self.hook is not None:
+                self.hook(self.current, self.total, preview, node_id=None)
+
+    utils.ProgressBar = ProgressBar
     comfy.utils, comfy.model_management = utils, mm
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm})
     return state
@@ -158,24 +204,56 @@ def test_with_comfyui_stand_ins():
     pack = load_pack("sdti_pack_comfy")
     node = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]
     choices = node.INPUT_TYPES()["required"]["checkpoint"][0]
-    # The tiny model is a diffusers folder (its single-file form needs a config: 32 wide).
+    # The tiny model is a diffusers folder (its single-file form needs a config: 32 wide):
+    # ComfyUI does not list folders, the pack adds those holding model_index.json.
     name = os.path.basename(MODEL)
-    assert name in choices, choices
+    assert name in choices and "single.safetensors" in choices, choices
+    assert "notes.txt" not in choices, choices
+    assert not [c for c in choices if c.startswith(name + os.sep)], choices  # its parts
+    assert pack.nodes.resolve_file("checkpoints", name) == os.path.join(root, "checkpoints", name)
+    try:
+        pack.nodes.resolve_file("checkpoints", os.path.join("..", "embeddings"))
+        raise AssertionError("a folder outside the checkpoints must not resolve")
+    except FileNotFoundError:
+        pass
     prompt, path = node().run(**train_args(checkpoint=name, token="comfyword", steps=4))
     assert prompt == "embedding:comfyword"
     assert path == os.path.join(root, "embeddings", "comfyword.safetensors"), path
     assert state["updates"] == [1, 2, 3, 4], state["updates"]
-    assert "comfyword.safetensors" in pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"].INPUT_TYPES()["required"]["embedding"][0]
+    inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]
+    assert "comfyword.safetensors" in inspect.INPUT_TYPES()["optional"]["embedding"][0]
+    assert inspect().run(path=path)[2] == "embedding:comfyword"
+    (pt,) = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]().run(
+        format="a1111-pt", precision="f32", name="", path=path)
+    assert pt == os.path.join(root, "embeddings", "comfyword-a1111-pt.pt"), pt
 
-    # ComfyUI's interrupt stops training through the progress callback.
+    # ComfyUI's interrupt: the progress hook raises InterruptProcessingException; the
+    # pack stops training and raises it again, so that ComfyUI reports
+    # execution_interrupted rather than an error.
     state = fake_comfyui(root, interrupt_after=2)
     pack = load_pack("sdti_pack_comfy2")
+    mm = sys.modules["comfy.model_management"]
     try:
         pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run(**train_args(checkpoint=name, token="stopped", steps=500))
         raise AssertionError("the interrupt must stop training")
-    except Interrupted:
+    except mm.InterruptProcessingException:
         pass
     assert state["updates"] == [1, 2], state["updates"]
+    assert not state["interrupt"], "the hook consumes the interrupt"
+    assert not os.path.exists(os.path.join(root, "embeddings", "stopped.safetensors"))
+
+    # Without the server's hook the pack polls the flag itself, and still raises
+    # InterruptProcessingException.
+    state = fake_comfyui(root, interrupt_after=None, hook=False)
+    pack = load_pack("sdti_pack_comfy3")
+    mm = sys.modules["comfy.model_management"]
+    state["interrupt"] = True
+    try:
+        pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run(**train_args(checkpoint=name, token="stopped", steps=500))
+        raise AssertionError("the interrupt must stop training")
+    except mm.InterruptProcessingException:
+        pass
+    assert not state["interrupt"]
     assert not os.path.exists(os.path.join(root, "embeddings", "stopped.safetensors"))
 
 
