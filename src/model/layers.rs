@@ -267,7 +267,16 @@ pub fn conv2d(
         let y = weights.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
         return y.reshape((b, o, h, w));
     }
-    let src: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let src: &[f32] = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            v.get(start..start + b * c * h * w)
+                .ok_or_else(|| candle_core::Error::Msg("conv2d: input storage too short".into()))?
+        }
+        _ => candle_core::bail!("conv2d: expected f32 cpu storage"),
+    };
     let n = oh * ow;
     let mut cols = vec![0f32; b * k * n];
     use rayon::prelude::*;
@@ -302,6 +311,7 @@ pub fn conv2d(
             }
         }
     });
+    drop(storage);
     let cols = Tensor::from_vec(cols, (b, k, n), x.device())?;
     weights.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))
 }
@@ -424,7 +434,11 @@ impl GroupNorm {
         let gamma = self.weight.reshape(affine_shape.clone())?;
         let beta = self.bias.reshape(affine_shape)?;
         let eps = self.eps;
+        let (weight, bias) = (&self.weight, &self.bias);
         let forward = |x: &Tensor| {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+                return group_norm_cpu(x, weight, bias, groups, eps);
+            }
             let xg = x.reshape((b, groups, ()))?;
             let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
             let y = xhat
@@ -443,6 +457,75 @@ impl GroupNorm {
             };
         Ok(input_grad_only_saving(x, forward, backward)?)
     }
+}
+
+/// Group normalisation of f32 CPU data in one pass per group (statistics accumulated in
+/// f64, then the normalised, scaled and shifted values written), in parallel over groups;
+/// returns the output and the per-group mean and `1/std` (`[B, G, 1]`, f32).
+fn group_norm_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+    use rayon::prelude::*;
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let per_channel: usize = dims[2..].iter().product();
+    let per_group = (c / groups) * per_channel;
+    let x = x.contiguous()?;
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let beta: Vec<f32> = bias.to_vec1()?;
+    let (storage, layout) = x.storage_and_layout();
+    let src: &[f32] = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            v.get(start..start + b * c * per_channel).ok_or_else(|| {
+                candle_core::Error::Msg("group norm: input storage too short".into())
+            })?
+        }
+        _ => candle_core::bail!("group norm: expected f32 cpu storage"),
+    };
+    let mut out = vec![0f32; src.len()];
+    let mut stats = vec![(0f32, 0f32); b * groups];
+    out.par_chunks_mut(per_group)
+        .zip(stats.par_iter_mut())
+        .enumerate()
+        .for_each(|(gi, (dst, stat))| {
+            let part = &src[gi * per_group..(gi + 1) * per_group];
+            let mean = part.iter().map(|&v| v as f64).sum::<f64>() / per_group as f64;
+            let var =
+                part.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per_group as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let first_channel = (gi % groups) * (c / groups);
+            for (ch, (d, s)) in dst
+                .chunks_mut(per_channel)
+                .zip(part.chunks(per_channel))
+                .enumerate()
+            {
+                let scale = rstd as f32 * gamma[first_channel + ch];
+                let shift = beta[first_channel + ch] - mean as f32 * scale;
+                for (o, &v) in d.iter_mut().zip(s) {
+                    *o = v * scale + shift;
+                }
+            }
+            *stat = (mean as f32, rstd as f32);
+        });
+    drop(storage);
+    let device = x.device();
+    let y = Tensor::from_vec(out, dims, device)?;
+    let mean = Tensor::from_vec(
+        stats.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (b, groups, 1),
+        device,
+    )?;
+    let rstd = Tensor::from_vec(
+        stats.iter().map(|s| s.1).collect::<Vec<_>>(),
+        (b, groups, 1),
+        device,
+    )?;
+    Ok((y, (mean, rstd)))
 }
 
 /// Layer normalisation over the last dimension with a frozen affine.
