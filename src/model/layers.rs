@@ -448,8 +448,12 @@ impl GroupNorm {
             Ok((y, (mean, rstd)))
         };
         let gamma_b = gamma.clone();
+        let weight_b = self.weight.clone();
         let backward =
             move |g: &Tensor, x: &Tensor, _: &Tensor, (mean, rstd): &(Tensor, Tensor)| {
+                if is_cpu_f32(&[g, x, mean, rstd, &weight_b]) {
+                    return group_norm_backward_cpu(g, x, mean, rstd, &weight_b, groups);
+                }
                 let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
                 let xg = x.reshape((b, groups, ()))?;
                 let gx = normalise_last_dim_backward(&gs, &xg, mean, rstd)?;
@@ -526,6 +530,116 @@ fn group_norm_cpu(
         device,
     )?;
     Ok((y, (mean, rstd)))
+}
+
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Runs `f` on the contiguous f32 values of `t` (CPU), without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            let values = v
+                .get(start..start + t.elem_count())
+                .ok_or_else(|| candle_core::Error::Msg("tensor storage too short".into()))?;
+            Ok(f(values))
+        }
+        _ => candle_core::bail!("expected f32 cpu storage"),
+    }
+}
+
+/// `f(a, b)` elementwise over two same-shaped f32 CPU tensors, in parallel, one pass.
+fn zip_cpu(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    if a.dims() != b.dims() {
+        candle_core::bail!("shape mismatch {:?} vs {:?}", a.dims(), b.dims());
+    }
+    let out = with_f32(a, |av| {
+        with_f32(b, |bv| {
+            let mut out = vec![0f32; av.len()];
+            out.par_chunks_mut(1 << 14)
+                .zip(av.par_chunks(1 << 14).zip(bv.par_chunks(1 << 14)))
+                .for_each(|(o, (x, y))| {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                        *o = f(x, y);
+                    }
+                });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, a.dims(), a.device())
+}
+
+/// The input gradient of [`group_norm_cpu`]: per group, with `gs = g * gamma` and
+/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`; two
+/// passes per group, in parallel over groups.
+fn group_norm_backward_cpu(
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let dims = g.dims().to_vec();
+    let c = dims[1];
+    let per_channel: usize = dims[2..].iter().product();
+    let per_group = (c / groups) * per_channel;
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+    let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
+    let out = with_f32(g, |gv| {
+        with_f32(x, |xv| {
+            let mut out = vec![0f32; gv.len()];
+            out.par_chunks_mut(per_group)
+                .enumerate()
+                .for_each(|(gi, dst)| {
+                    let range = gi * per_group..(gi + 1) * per_group;
+                    let (gp, xp) = (&gv[range.clone()], &xv[range]);
+                    let (m, r) = (means[gi], rstds[gi]);
+                    let first_channel = (gi % groups) * (c / groups);
+                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    for (ch, (gc, xc)) in gp
+                        .chunks(per_channel)
+                        .zip(xp.chunks(per_channel))
+                        .enumerate()
+                    {
+                        let w = gamma[first_channel + ch];
+                        for (&gi, &xi) in gc.iter().zip(xc) {
+                            let gs = (gi * w) as f64;
+                            sum_g += gs;
+                            sum_gx += gs * ((xi - m) * r) as f64;
+                        }
+                    }
+                    let mean_g = (sum_g / per_group as f64) as f32;
+                    let mean_gx = (sum_gx / per_group as f64) as f32;
+                    for (ch, ((d, gc), xc)) in dst
+                        .chunks_mut(per_channel)
+                        .zip(gp.chunks(per_channel))
+                        .zip(xp.chunks(per_channel))
+                        .enumerate()
+                    {
+                        let w = gamma[first_channel + ch];
+                        for ((o, &gi), &xi) in d.iter_mut().zip(gc).zip(xc) {
+                            let xhat = (xi - m) * r;
+                            *o = r * (gi * w - mean_g - xhat * mean_gx);
+                        }
+                    }
+                });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, dims, g.device())
 }
 
 /// Layer normalisation over the last dimension with a frozen affine.
@@ -627,8 +741,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     let forward = |x: &Tensor| Ok((x.silu()?, ()));
     let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
-        let s = candle_nn::ops::sigmoid(x)?;
         // d/dx x s(x) = s (1 + x (1 - s))
+        if is_cpu_f32(&[g, x]) {
+            return zip_cpu(g, x, |g, x| {
+                let s = 1.0 / (1.0 + (-x).exp());
+                g * s * (1.0 + x * (1.0 - s))
+            });
+        }
+        let s = candle_nn::ops::sigmoid(x)?;
         let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
         g * d
     };
