@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use sdti::model::weights::Weights;
 use sdti::model::{Injection, LatentDist, SdModel};
 use sdti::prompt::{encode_prompts, Word};
 use sdti::sample::ddim_sample;
@@ -13,9 +14,13 @@ use sdti::train::rng::Rng;
 use sdti::train::schedule::{DdpmConfig, NoiseSchedule};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
-use crate::common::tiny_model;
+use crate::common::{fixture, tiny_model};
 
 const PROMPT: &str = "a photo of a sks";
+const GAIN: f64 = 20.0;
+const STEPS: usize = 60;
+const LR: f64 = 0.01;
+const COS_RISE: f64 = 0.5;
 
 fn word(n: usize) -> [Word; 1] {
     [Word {
@@ -153,8 +158,36 @@ fn trainer_on(model: &Arc<SdModel>, latents: &[Tensor], steps: u64, lr: &str) ->
     t
 }
 
+/// The tiny reference model with its cross-attention outputs scaled up: its random UNet
+/// otherwise barely responds to the prompt (the loss moves by 1e-4 between words), so no
+/// vector could be told apart from the data. Same architecture and code paths.
+fn conditioned_model(gain: f64) -> SdModel {
+    let folder = fixture("tiny-sd");
+    let mut tensors = std::collections::HashMap::new();
+    for (part, file) in [
+        ("text_encoder", "text_encoder/model.safetensors"),
+        ("unet", "unet/diffusion_pytorch_model.safetensors"),
+        ("vae", "vae/diffusion_pytorch_model.safetensors"),
+    ] {
+        for (k, v) in candle_core::safetensors::load(folder.join(file), &Device::Cpu).unwrap() {
+            let v = v.to_dtype(DType::F32).unwrap();
+            let v = if part == "unet" && k.ends_with("attn2.to_out.0.weight") {
+                (v * gain).unwrap()
+            } else {
+                v
+            };
+            tensors.insert(format!("{part}.{k}"), v);
+        }
+    }
+    let config = tiny_model(DType::F32).config;
+    let weights = Weights::from_tensors(tensors, DType::F32, Device::Cpu);
+    SdModel::from_weights(&weights, config, folder).unwrap()
+}
+
+/// The trainer on pictures of a concept (latents the model draws under a word) lowers the
+/// denoising loss against the init word.
 #[test]
-fn training_lowers_the_loss_and_recovers_a_known_vector() {
+fn training_lowers_the_loss_on_the_concept() {
     let model = Arc::new(tiny_model(DType::F32));
     let target = token_vector(&model, "dog");
     let init = token_vector(&model, "cat");
@@ -163,24 +196,98 @@ fn training_lowers_the_loss_and_recovers_a_known_vector() {
         .map(|l| (l * model.config.vae.scaling_factor).unwrap())
         .collect();
     let mut trainer = trainer_on(&model, &latents, 150, "0.01");
-    let before_loss = eval_loss(&model, &latents, &init);
-    let before_cos = cosine(&init, &target);
+    let before = eval_loss(&model, &latents, &init);
     trainer.train(150, |_| true).unwrap();
-    let learned = trainer.vectors_tensor().clone();
-    let after_loss = eval_loss(&model, &latents, &learned);
-    let after_cos = cosine(&learned, &target);
-    let target_loss = eval_loss(&model, &latents, &target);
-    eprintln!("loss: init {before_loss:.5} learned {after_loss:.5} target {target_loss:.5}; cosine to target: init {before_cos:.4} learned {after_cos:.4}");
-    // Measured (seed 5, 150 steps, lr 0.01): loss 1.13321 -> 1.13313, cosine -0.253 -> 0.067.
-    // The tiny random UNet barely depends on its conditioning, so the loss moves little
-    // but deterministically; the vector's direction is the clear signal. Thresholds: the
-    // loss must drop, the cosine must rise by at least 0.2 (measured 0.32).
+    let after = eval_loss(&model, &latents, trainer.vectors_tensor());
+    eprintln!("loss at fixed noise and timesteps: init {before:.5}, learned {after:.5}");
+    // Measured 1.13321 -> 1.13290 (seed 5, 150 steps, lr 0.01): the tiny random UNet
+    // responds little to its conditioning, so the drop is small (deterministic on the
+    // CPU); the inversion test below is the one with a clear margin.
+    assert!(after < before, "loss {after} did not drop below {before}");
+}
+
+/// Inversion with a known answer: latents made with a target vector so that, for the
+/// chosen noises and timesteps, the target reproduces the model's own noise prediction
+/// exactly (loss 0). Descent with the engine's loss, gradient and AdamW from another word
+/// moves the vector to the target.
+#[test]
+fn inversion_moves_the_vector_to_a_known_target() {
+    let model = conditioned_model(GAIN);
+    let tok = ClipTokenizer::new().unwrap();
+    let enc = encode_prompts(
+        &tok,
+        &[PROMPT.to_string()],
+        &word(1),
+        ChunkStyle::A1111,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let target = token_vector(&model, "dog");
+    let init = token_vector(&model, "cat");
+    let schedule = NoiseSchedule::new(&DdpmConfig::stable_diffusion()).unwrap();
+    let inj = Injection {
+        table: &target,
+        index: &enc.index,
+        mask: &enc.mask,
+    };
+    let cond = model.text_encoder.forward(&enc.ids, Some(&inj), 1).unwrap();
+    let mut rng = Rng::new(77);
+    // (x0, eps, t) with sqrt(a) x0 + sqrt(1-a) eps = x_t and eps = unet(x_t, t, target).
+    let mut data = Vec::new();
+    for t in [50usize, 200, 400, 600, 800] {
+        let mut xt = vec![0f32; 4 * 8 * 8];
+        rng.fill_normal(&mut xt);
+        let xt = Tensor::from_vec(xt, (1, 4, 8, 8), &Device::Cpu).unwrap();
+        let eps = model.unet.forward(&xt, &[t as f64], &cond).unwrap();
+        let a = schedule.alphas_cumprod()[t] as f64;
+        let x0 = ((&xt - (&eps * (1.0 - a).sqrt()).unwrap()).unwrap() / a.sqrt()).unwrap();
+        data.push((x0, eps, t));
+    }
+    let loss_at = |v: &Tensor| -> Tensor {
+        let inj = Injection {
+            table: v,
+            index: &enc.index,
+            mask: &enc.mask,
+        };
+        let mut total: Option<Tensor> = None;
+        for (x0, eps, t) in &data {
+            let batch = DenoisingBatch {
+                latents: x0,
+                noise: eps,
+                timesteps: &[*t],
+                alphas_cumprod: &[schedule.alphas_cumprod()[*t]],
+                ids: &enc.ids,
+                injection: Some(&inj),
+                clip_skip: 1,
+            };
+            let l = denoising_loss(&model, &batch, Prediction::Epsilon).unwrap();
+            total = Some(match total {
+                Some(s) => (s + l).unwrap(),
+                None => l,
+            });
+        }
+        (total.unwrap() / data.len() as f64).unwrap()
+    };
+    let var = candle_core::Var::from_tensor(&init).unwrap();
+    let mut opt = sdti::train::trainer::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
+    let before_loss = loss_at(&init).to_scalar::<f32>().unwrap();
+    let before_cos = cosine(&init, &target);
+    for _ in 0..STEPS {
+        let grads = loss_at(var.as_tensor()).backward().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().clone();
+        let next = opt.update(var.as_tensor(), &g, LR).unwrap();
+        var.set(&next).unwrap();
+    }
+    let after_loss = loss_at(var.as_tensor()).to_scalar::<f32>().unwrap();
+    let after_cos = cosine(var.as_tensor(), &target);
+    eprintln!("inversion: loss {before_loss:.6} -> {after_loss:.6}; cosine to target {before_cos:.4} -> {after_cos:.4}");
+    // Measured: loss 0.001706 -> 0.000014, cosine -0.253 -> 0.623 in 60 steps.
     assert!(
-        after_loss < before_loss,
-        "loss {after_loss} did not drop below {before_loss}"
+        after_loss < 0.2 * before_loss,
+        "loss {before_loss} -> {after_loss}"
     );
     assert!(
-        after_cos > before_cos + 0.2,
-        "cosine to the target rose only from {before_cos:.4} to {after_cos:.4}"
+        after_cos > before_cos + COS_RISE,
+        "cosine {before_cos:.4} -> {after_cos:.4}"
     );
 }
