@@ -29,14 +29,37 @@ struct InputGradOnly {
     backward: Backward,
 }
 
-impl InputGradOnly {
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        let mut slot = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen layer output lock poisoned".into()))?;
-        slot.take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen layer output used twice".into()))
+/// Takes the precomputed output out of its slot (each op runs its forward once).
+fn take_output(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<Tensor> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("precomputed output lock poisoned".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("precomputed output used twice".into()))
+}
+
+/// The storage of a precomputed output, handed to candle as a custom op's result; one
+/// function per backend, as candle's custom ops have one forward per backend.
+fn cpu_result(out: Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (storage, layout) = out.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("precomputed output is not on the cpu"),
+    }
+}
+
+fn cuda_result(out: Tensor) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (storage, layout) = out.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("precomputed output is not on the cuda device"),
+    }
+}
+
+fn metal_result(out: Tensor) -> candle_core::Result<(MetalStorage, Shape)> {
+    let (storage, layout) = out.storage_and_layout();
+    match &*storage {
+        Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("precomputed output is not on the metal device"),
     }
 }
 
@@ -56,21 +79,11 @@ impl CustomOp1 for InputGradOnly {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("frozen layer: output is not on the cpu"),
-        }
+        cpu_result(take_output(&self.output)?)
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let out = self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("frozen layer: output is not on the cuda device"),
-        }
+        cuda_result(take_output(&self.output)?)
     }
 
     fn metal_fwd(
@@ -78,12 +91,7 @@ impl CustomOp1 for InputGradOnly {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        let out = self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("frozen layer: output is not on the metal device"),
-        }
+        metal_result(take_output(&self.output)?)
     }
 
     fn bwd(
@@ -267,52 +275,44 @@ pub fn conv2d(
         let y = weights.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
         return y.reshape((b, o, h, w));
     }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let src: &[f32] = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            let start = layout.start_offset();
-            v.get(start..start + b * c * h * w)
-                .ok_or_else(|| candle_core::Error::Msg("conv2d: input storage too short".into()))?
-        }
-        _ => candle_core::bail!("conv2d: expected f32 cpu storage"),
-    };
-    let n = oh * ow;
-    let mut cols = vec![0f32; b * k * n];
-    use rayon::prelude::*;
-    cols.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
-        let bi = row / k;
-        let r = row % k;
-        let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
-        let plane = &src[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
-        for oy in 0..oh {
-            let iy = (oy * stride + ky) as isize - padding as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            let line = &plane[iy as usize * w..(iy as usize + 1) * w];
-            let dst = &mut out[oy * ow..(oy + 1) * ow];
-            if stride == 1 {
-                // Output x maps to input x + kx - padding: one shifted copy.
-                let shift = kx as isize - padding as isize;
-                let start = (-shift).max(0) as usize;
-                let end = ((w as isize - shift).min(ow as isize)).max(0) as usize;
-                if start < end {
-                    let from = (start as isize + shift) as usize;
-                    dst[start..end].copy_from_slice(&line[from..from + (end - start)]);
+    let cols = with_f32(x, |src| {
+        let n = oh * ow;
+        let mut cols = vec![0f32; b * k * n];
+        use rayon::prelude::*;
+        cols.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
+            let bi = row / k;
+            let r = row % k;
+            let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+            let plane = &src[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
+            for oy in 0..oh {
+                let iy = (oy * stride + ky) as isize - padding as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
                 }
-            } else {
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let ix = (ox * stride + kx) as isize - padding as isize;
-                    if ix >= 0 && ix < w as isize {
-                        *d = line[ix as usize];
+                let line = &plane[iy as usize * w..(iy as usize + 1) * w];
+                let dst = &mut out[oy * ow..(oy + 1) * ow];
+                if stride == 1 {
+                    // Output x maps to input x + kx - padding: one shifted copy.
+                    let shift = kx as isize - padding as isize;
+                    let start = (-shift).max(0) as usize;
+                    let end = ((w as isize - shift).min(ow as isize)).max(0) as usize;
+                    if start < end {
+                        let from = (start as isize + shift) as usize;
+                        dst[start..end].copy_from_slice(&line[from..from + (end - start)]);
+                    }
+                } else {
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * stride + kx) as isize - padding as isize;
+                        if ix >= 0 && ix < w as isize {
+                            *d = line[ix as usize];
+                        }
                     }
                 }
             }
-        }
-    });
-    drop(storage);
-    let cols = Tensor::from_vec(cols, (b, k, n), x.device())?;
+        });
+        cols
+    })?;
+    let cols = Tensor::from_vec(cols, (b, k, oh * ow), x.device())?;
     weights.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))
 }
 
@@ -478,45 +478,36 @@ fn group_norm_cpu(
     let (b, c) = (dims[0], dims[1]);
     let per_channel: usize = dims[2..].iter().product();
     let per_group = (c / groups) * per_channel;
-    let x = x.contiguous()?;
     let gamma: Vec<f32> = weight.to_vec1()?;
     let beta: Vec<f32> = bias.to_vec1()?;
-    let (storage, layout) = x.storage_and_layout();
-    let src: &[f32] = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            let start = layout.start_offset();
-            v.get(start..start + b * c * per_channel).ok_or_else(|| {
-                candle_core::Error::Msg("group norm: input storage too short".into())
-            })?
-        }
-        _ => candle_core::bail!("group norm: expected f32 cpu storage"),
-    };
-    let mut out = vec![0f32; src.len()];
-    let mut stats = vec![(0f32, 0f32); b * groups];
-    out.par_chunks_mut(per_group)
-        .zip(stats.par_iter_mut())
-        .enumerate()
-        .for_each(|(gi, (dst, stat))| {
-            let part = &src[gi * per_group..(gi + 1) * per_group];
-            let mean = part.iter().map(|&v| v as f64).sum::<f64>() / per_group as f64;
-            let var =
-                part.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per_group as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
-            let first_channel = (gi % groups) * (c / groups);
-            for (ch, (d, s)) in dst
-                .chunks_mut(per_channel)
-                .zip(part.chunks(per_channel))
-                .enumerate()
-            {
-                let scale = rstd as f32 * gamma[first_channel + ch];
-                let shift = beta[first_channel + ch] - mean as f32 * scale;
-                for (o, &v) in d.iter_mut().zip(s) {
-                    *o = v * scale + shift;
+    let (out, stats) = with_f32(x, |src| {
+        let mut out = vec![0f32; src.len()];
+        let mut stats = vec![(0f32, 0f32); b * groups];
+        out.par_chunks_mut(per_group)
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(gi, (dst, stat))| {
+                let part = &src[gi * per_group..(gi + 1) * per_group];
+                let mean = part.iter().map(|&v| v as f64).sum::<f64>() / per_group as f64;
+                let var =
+                    part.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per_group as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let first_channel = (gi % groups) * (c / groups);
+                for (ch, (d, s)) in dst
+                    .chunks_mut(per_channel)
+                    .zip(part.chunks(per_channel))
+                    .enumerate()
+                {
+                    let scale = rstd as f32 * gamma[first_channel + ch];
+                    let shift = beta[first_channel + ch] - mean as f32 * scale;
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = v * scale + shift;
+                    }
                 }
-            }
-            *stat = (mean as f32, rstd as f32);
-        });
-    drop(storage);
+                *stat = (mean as f32, rstd as f32);
+            });
+        (out, stats)
+    })?;
     let device = x.device();
     let y = Tensor::from_vec(out, dims, device)?;
     let mean = Tensor::from_vec(
@@ -912,12 +903,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = take(&self.output)?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output is not on the cpu"),
-        }
+        cpu_result(take_output(&self.output)?)
     }
 
     fn cuda_fwd(
@@ -929,12 +915,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let out = take(&self.output)?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output is not on the cuda device"),
-        }
+        cuda_result(take_output(&self.output)?)
     }
 
     fn metal_fwd(
@@ -946,12 +927,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        let out = take(&self.output)?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output is not on the metal device"),
-        }
+        metal_result(take_output(&self.output)?)
     }
 
     #[allow(clippy::type_complexity)]
@@ -1037,13 +1013,6 @@ impl candle_core::CustomOp3 for AttentionOp {
         };
         Ok((join(dqs)?, join(dks)?, join(dvs)?))
     }
-}
-
-fn take(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<Tensor> {
-    slot.lock()
-        .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg("attention output used twice".into()))
 }
 
 /// `softmax(q k^T * scale + mask) v` over `[batch*heads, tokens, head_dim]` tensors.
