@@ -401,12 +401,7 @@ impl RunFolder {
         };
         for entry in entries {
             let path = entry.map_err(|e| Error::io(&dir, e))?.path();
-            let step = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("step-"))
-                .and_then(|n| n.strip_suffix(".safetensors"))
-                .and_then(|n| n.parse::<u64>().ok());
+            let step = step_of(&path, ".safetensors");
             if let Some(step) = step {
                 if best.as_ref().is_none_or(|(s, _)| step > *s) {
                     best = Some((step, path));
@@ -441,12 +436,7 @@ impl RunFolder {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries {
                 let path = entry.map_err(|e| Error::io(&dir, e))?.path();
-                let step = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix("step-"))
-                    .and_then(|n| n.strip_suffix(".png"))
-                    .and_then(|n| n.parse::<u64>().ok());
+                let step = step_of(&path, ".png");
                 if let Some(step) = step {
                     out.push((step, path));
                 }
@@ -647,4 +637,13 @@ pub fn draw_with_vectors(trainer: &Trainer, opts: &SampleOptions) -> Result<imag
     encoder.set_clip_skip(trainer.config().clip_skip)?;
     encoder.register(&trainer.config().token, &trainer.vectors()?)?;
     sample_image(&encoder, opts)
+}
+
+/// The step of a `step-NNNNNN<ext>` file name.
+fn step_of(path: &Path, ext: &str) -> Option<u64> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.strip_suffix(ext))
+        .and_then(|n| n.parse::<u64>().ok())
 }

@@ -116,6 +116,19 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The reference prompt's plain token ids, `[1, 77]` u32.
+fn raw_ids(exp: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    let ids: Vec<u32> = exp["te.input_ids_raw"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap()
+}
+
 /// transformers 5.6+ saves CLIP without the `text_model.` prefix; both load the same.
 #[test]
 fn text_encoder_keys_without_prefix_load_the_same() {
@@ -131,15 +144,7 @@ fn text_encoder_keys_without_prefix_load_the_same() {
     candle_core::safetensors::save(&renamed, &te).unwrap();
     let model = SdModel::load(&dir, &LoadOptions::default()).unwrap();
     let exp = expected();
-    let ids: Vec<u32> = exp["te.input_ids_raw"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
+    let ids = raw_ids(&exp);
     let states = model.text_encoder.forward(&ids, None, 1).unwrap();
     assert_close(
         "prefix-less CLIP",
@@ -155,15 +160,7 @@ fn reduced_precision_compute_stays_close() {
     let exp = expected();
     for dtype in [DType::F16, DType::BF16] {
         let model = tiny_model(dtype);
-        let ids: Vec<u32> = exp["te.input_ids_raw"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
-        let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
+        let ids = raw_ids(&exp);
         let states = model.text_encoder.forward(&ids, None, 1).unwrap();
         assert_close(
             &format!("{dtype:?} text encoder"),
