@@ -28,7 +28,7 @@ pub fn image_latents(
             .first()
             .ok_or_else(|| Error::input("image", "no view could be prepared"))?;
         let pixels = Tensor::from_slice(&view.chw, (1, 3, resolution, resolution), &Device::Cpu)?
-            .to_dtype(model.text_encoder.dtype())?
+            .to_dtype(model.dtype())?
             .to_device(model.device())?;
         out.push(model.vae.scale(&model.vae.encode(&pixels)?.mean)?);
     }

@@ -129,7 +129,7 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
 
 /// Decodes unscaled latents with the model's VAE into 8-bit RGB images.
 pub fn decode_rgb8(model: &SdModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
-    let dtype = model.text_encoder.dtype();
+    let dtype = model.dtype();
     to_rgb8(&model.vae.decode(&latents.to_dtype(dtype)?)?)
 }
 
@@ -157,7 +157,7 @@ pub fn sample_image(encoder: &PromptEncoder, opts: &SampleOptions) -> Result<Rgb
     opts.validate()?;
     let model = encoder.model();
     check_size([("width", opts.width), ("height", opts.height)])?;
-    let dtype = model.text_encoder.dtype();
+    let dtype = model.dtype();
     let cond = encoder.encode(&opts.prompt)?;
     let noise = seeded_noise(opts.seed, opts.width, opts.height, model.device())?;
     let latents = if opts.guidance > 1.0 {

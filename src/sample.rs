@@ -43,7 +43,7 @@ pub fn ddim_sample(
     let ratio = train_steps / steps;
     let velocity = model.config.scheduler.prediction_type == "v_prediction";
     let b = noise.dim(0)?;
-    let mut x = noise.to_dtype(model.text_encoder.dtype())?;
+    let mut x = noise.to_dtype(model.dtype())?;
     for t in ddim_timesteps(train_steps, steps) {
         let ts = vec![t as f64; b];
         let out = match uncond {

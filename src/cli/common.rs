@@ -97,24 +97,26 @@ pub struct DeviceArgs {
     /// cpu, cuda, cuda:N or metal (accelerators need a build with --features cuda/metal)
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
-    /// Precision of the frozen model: f32, f16 or bf16 (the learned vectors stay f32)
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    /// Precision of the frozen UNet and VAE: auto (bf16 on CUDA, f32 elsewhere), f32, f16
+    /// or bf16; the text encoder, the learned vectors, the optimizer and the loss stay f32
+    #[arg(long, default_value = "auto", value_name = "DTYPE")]
     pub dtype: String,
 }
 
 impl DeviceArgs {
     pub fn load_options(&self) -> CliResult<LoadOptions> {
+        let device = sdti::device::open_device(&self.device)?;
         let dtype = match self.dtype.to_ascii_lowercase().as_str() {
-            "f32" | "fp32" | "float32" => DType::F32,
+            "auto" if device.is_cuda() => DType::BF16,
+            "auto" | "f32" | "fp32" | "float32" => DType::F32,
             "f16" | "fp16" | "float16" | "half" => DType::F16,
             "bf16" | "bfloat16" => DType::BF16,
             other => {
                 return Err(CliError::new(format!(
-                    "--dtype: '{other}' is not f32, f16 or bf16"
+                    "--dtype: '{other}' is not auto, f32, f16 or bf16"
                 )))
             }
         };
-        let device = sdti::device::open_device(&self.device)?;
         Ok(LoadOptions {
             dtype,
             device,

@@ -258,6 +258,11 @@ pub struct Unet {
 }
 
 impl Unet {
+    /// The dtype the UNet computes in.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.dtype()
+    }
+
     pub fn new(w: &Weights, cfg: &UnetConfig) -> Result<Self> {
         validate(cfg)?;
         let boc = &cfg.block_out_channels;
@@ -407,6 +412,10 @@ impl Unet {
         if h < 2 || w < 2 {
             return Err(Error::input("latent size", format!("{h}x{w} is too small")));
         }
+        // Inputs in another dtype (f32 states of the text encoder under mixed precision)
+        // are converted here; the conversion's backward converts the gradient back.
+        let sample = &sample.to_dtype(self.dtype())?;
+        let context = &context.to_dtype(self.dtype())?;
         let temb = timestep_embedding(
             timesteps,
             self.config.block_out_channels[0],

@@ -219,7 +219,8 @@ impl Vae {
     /// The latent distribution of images `[B, 3, H, W]` in [-1, 1] (unscaled latents).
     pub fn encode(&self, image: &Tensor) -> Result<LatentDist> {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(image)?;
+        let image = image.to_dtype(e.conv_in.dtype())?;
+        let mut x = e.conv_in.forward(&image)?;
         for (resnets, down) in &e.blocks {
             for r in resnets {
                 x = r.forward(&x, None)?;
@@ -243,7 +244,8 @@ impl Vae {
             .decoder
             .as_ref()
             .ok_or_else(|| Error::input("vae", "this model file has no VAE decoder weights"))?;
-        let mut x = d.conv_in.forward(&d.post_quant_conv.forward(latents)?)?;
+        let latents = latents.to_dtype(d.post_quant_conv.dtype())?;
+        let mut x = d.conv_in.forward(&d.post_quant_conv.forward(&latents)?)?;
         x = d.mid.forward(&x)?;
         for (resnets, up) in &d.blocks {
             for r in resnets {

@@ -109,10 +109,10 @@ impl WeightIndex {
             inner: Arc::new(Inner {
                 index: self,
                 memory: HashMap::new(),
-                dtype,
                 device,
             }),
             prefix: String::new(),
+            dtype,
         }
     }
 }
@@ -124,10 +124,10 @@ impl Weights {
             inner: Arc::new(Inner {
                 index: WeightIndex::default(),
                 memory: tensors,
-                dtype,
                 device,
             }),
             prefix: String::new(),
+            dtype,
         }
     }
 }
@@ -136,15 +136,15 @@ struct Inner {
     index: WeightIndex,
     /// Tensors held in memory (random models for benchmarks and tests).
     memory: HashMap<String, Tensor>,
-    dtype: DType,
     device: Device,
 }
 
-/// A view of the indexed weights under a name prefix.
+/// A view of the indexed weights under a name prefix, converted to a compute dtype.
 #[derive(Clone)]
 pub struct Weights {
     inner: Arc<Inner>,
     prefix: String,
+    dtype: DType,
 }
 
 impl Weights {
@@ -153,6 +153,15 @@ impl Weights {
         Weights {
             inner: self.inner.clone(),
             prefix: self.full(prefix),
+            dtype: self.dtype,
+        }
+    }
+
+    /// The same weights, converted to `dtype` when read.
+    pub fn with_dtype(&self, dtype: DType) -> Weights {
+        Weights {
+            dtype,
+            ..self.clone()
         }
     }
 
@@ -165,7 +174,7 @@ impl Weights {
     }
 
     pub fn dtype(&self) -> DType {
-        self.inner.dtype
+        self.dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -266,8 +275,7 @@ impl Weights {
     /// Reads `name` converted to the compute dtype and device.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.get_raw(name)?;
-        Ok(t.to_dtype(self.inner.dtype)?
-            .to_device(&self.inner.device)?)
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.inner.device)?)
     }
 
     /// Reads `name`, checking its shape; a `[o, i, 1, 1]` tensor is accepted for `[o, i]`

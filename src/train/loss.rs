@@ -61,7 +61,7 @@ pub fn denoising_loss(
             ),
         ));
     }
-    let dtype = model.text_encoder.dtype();
+    let dtype = model.dtype();
     let device = batch.latents.device();
     let column = |f: &dyn Fn(f32) -> f32| -> Result<Tensor> {
         let v: Vec<f32> = batch.alphas_cumprod.iter().map(|&a| f(a)).collect();

@@ -233,6 +233,48 @@ struct CheckpointState {
     order_pos: usize,
     images: usize,
     config: TrainConfig,
+    /// f16 runs: the dynamic loss scale (absent in checkpoints of other runs).
+    #[serde(default)]
+    loss_scale: Option<LossScale>,
+}
+
+/// Dynamic loss scaling for f16 models, as torch's `GradScaler` does it: the loss is
+/// multiplied by `scale` before the backward pass (so that small gradients do not flush
+/// to zero in f16) and the vectors' f32 gradient divided by it; a step whose gradient is
+/// not finite (an f16 overflow) is skipped and the scale halved; after `GROWTH_INTERVAL`
+/// good steps in a row the scale doubles.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    pub good_steps: u64,
+}
+
+impl LossScale {
+    /// torch.amp.GradScaler's defaults: init_scale 2^16, growth_interval 2000.
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> Self {
+        Self {
+            scale: Self::INITIAL,
+            good_steps: 0,
+        }
+    }
+
+    /// Records a step; returns whether its update may be applied.
+    fn update(&mut self, finite: bool) -> bool {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+        }
+        finite
+    }
 }
 
 const CHECKPOINT_FORMAT: &str = "sdti-checkpoint/1";
@@ -255,6 +297,8 @@ pub struct Trainer {
     templates: TemplateSet,
     prediction: Prediction,
     cancel: Arc<AtomicBool>,
+    /// Present when the model computes in f16.
+    loss_scale: Option<LossScale>,
 }
 
 fn rng_err(e: impl std::fmt::Display) -> Error {
@@ -313,6 +357,7 @@ impl Trainer {
             templates,
             prediction,
             cancel: Arc::new(AtomicBool::new(false)),
+            loss_scale: (model.dtype() == DType::F16).then(LossScale::new),
             model,
             config,
         })
@@ -324,6 +369,18 @@ impl Trainer {
 
     pub fn model(&self) -> &Arc<SdModel> {
         &self.model
+    }
+
+    /// The dynamic loss scale of an f16 run (None in f32 and bf16).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.loss_scale
+    }
+
+    /// Sets the loss scale of an f16 run (ignored in f32 and bf16, which need none).
+    pub fn set_loss_scale(&mut self, scale: LossScale) {
+        if self.loss_scale.is_some() {
+            self.loss_scale = Some(scale);
+        }
     }
 
     /// Optimizer steps done.
@@ -412,7 +469,7 @@ impl Trainer {
             .map_err(|e| Error::input("training image", e.to_string()))?;
         let res = self.config.resolution;
         let device = self.model.device().clone();
-        let dtype = self.model.text_encoder.dtype();
+        let dtype = self.model.dtype();
         let mut dists = Vec::with_capacity(views.len());
         let mut caption_out = None;
         for view in &views {
@@ -477,7 +534,7 @@ impl Trainer {
         let mut data = vec![0f32; shape.iter().product()];
         self.rng_noise.fill_normal(&mut data);
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
-            .to_dtype(self.model.text_encoder.dtype())?
+            .to_dtype(self.model.dtype())?
             .to_device(self.model.device())?)
     }
 
@@ -537,9 +594,15 @@ impl Trainer {
             clip_skip: self.config.clip_skip,
         };
         let loss = denoising_loss(&self.model, &batch, self.prediction)?;
-        let grads = loss.backward()?;
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        let grads = if scale == 1.0 {
+            loss.backward()?
+        } else {
+            (&loss * scale)?.backward()?
+        };
         let grad = match grads.get(self.vectors.as_tensor()) {
-            Some(g) => g.clone(),
+            Some(g) if scale == 1.0 => g.clone(),
+            Some(g) => (g / scale)?,
             // The word did not occur in any prompt (a template without [name]).
             None => self.vectors.as_tensor().zeros_like()?,
         };
@@ -595,8 +658,30 @@ impl Trainer {
             }
         };
         let lr = self.lr.lr_at(self.step);
-        let updated = self.optimizer.update(self.vectors.as_tensor(), &grad, lr)?;
-        self.vectors.set(&updated)?;
+        let finite = grad
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?
+            .is_finite();
+        let apply = match self.loss_scale.as_mut() {
+            Some(s) => s.update(finite),
+            None if finite => true,
+            None => {
+                return Err(Error::input(
+                    "training",
+                    format!(
+                    "step {}: the gradient is not finite (loss {}); the vectors were not changed",
+                    self.step + 1,
+                    loss_sum / accum as f32
+                ),
+                ))
+            }
+        };
+        if apply {
+            let updated = self.optimizer.update(self.vectors.as_tensor(), &grad, lr)?;
+            self.vectors.set(&updated)?;
+        }
         self.step += 1;
         Ok(StepStats {
             step: self.step,
@@ -640,6 +725,7 @@ impl Trainer {
             order_pos: self.order_pos,
             images: self.images.len(),
             config: self.config.clone(),
+            loss_scale: self.loss_scale,
         };
         let json = serde_json::to_string(&state).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
@@ -716,6 +802,9 @@ impl Trainer {
         self.vectors
             .set(&vectors.to_dtype(self.vectors.as_tensor().dtype())?)?;
         self.step = state.step;
+        if self.loss_scale.is_some() {
+            self.loss_scale = Some(state.loss_scale.unwrap_or_else(LossScale::new));
+        }
         self.rng_data = Rng::from_state(state.rng_data).map_err(rng_err)?;
         self.rng_noise = Rng::from_state(state.rng_noise).map_err(rng_err)?;
         self.order = state.order;

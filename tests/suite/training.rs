@@ -344,3 +344,61 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
     let err = enc.register_file(None, &sdxl).unwrap_err().to_string();
     assert!(err.contains("SDXL") && err.contains("sks-xl"), "{err}");
 }
+
+/// f16 runs scale the loss (torch GradScaler's rules): the steps stay finite, a step
+/// whose scaled gradient overflows f16 changes nothing and halves the scale, and the
+/// scale survives a checkpoint. bf16 and f32 runs need no scale.
+#[test]
+fn f16_training_scales_the_loss_and_skips_overflowing_steps() {
+    use sdti::train::trainer::LossScale;
+    let model = Arc::new(tiny_model(DType::F16));
+    let mut t = trainer(&model, config(10));
+    assert_eq!(t.loss_scale().map(|s| s.scale), Some(LossScale::INITIAL));
+    for _ in 0..3 {
+        let s = t.step().unwrap();
+        assert!(s.loss.is_finite(), "loss {}", s.loss);
+    }
+    let v = t
+        .vectors_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    // At 2^16 the tiny model's f16 backward pass may overflow: each such step halves
+    // the scale (measured: the first two steps here), then steps go through.
+    let ls = t.loss_scale().unwrap();
+    let halvings = (LossScale::INITIAL / ls.scale).log2();
+    assert!(
+        halvings.fract() == 0.0 && halvings + ls.good_steps as f64 <= 3.0 && ls.good_steps >= 1,
+        "{ls:?}"
+    );
+
+    // A scale no f16 gradient survives: the step is skipped and the scale halved.
+    t.set_loss_scale(LossScale {
+        scale: 2f64.powi(100),
+        good_steps: 5,
+    });
+    let before = t.vectors_tensor().to_vec2::<f32>().unwrap();
+    let s = t.step().unwrap();
+    assert_eq!(s.step, 4, "a skipped step still counts");
+    assert_eq!(t.vectors_tensor().to_vec2::<f32>().unwrap(), before);
+    assert_eq!(
+        t.loss_scale(),
+        Some(LossScale {
+            scale: 2f64.powi(99),
+            good_steps: 0
+        })
+    );
+
+    // The scale is part of the checkpoint.
+    let dir = tempdir();
+    let ckpt = dir.join("f16.safetensors");
+    t.save_checkpoint(&ckpt).unwrap();
+    let mut resumed = trainer(&model, config(10));
+    resumed.load_checkpoint(&ckpt).unwrap();
+    assert_eq!(resumed.loss_scale(), t.loss_scale());
+
+    let f32_run = trainer(&self::model(), config(10));
+    assert_eq!(f32_run.loss_scale(), None);
+}
