@@ -51,6 +51,88 @@ pub fn open_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Device memory held by tensors on `device`, in bytes, as high-water marks since the
+/// last [`reset_memory_peak`]: `(in use, reserved)`. On CUDA these are the attributes of
+/// the device's default memory pool, from which candle allocates every tensor and
+/// workspace (comparable to torch's `max_memory_allocated` / `max_memory_reserved`; the
+/// CUDA context itself is in neither). None on the CPU and Metal.
+pub fn memory_peak(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        device.synchronize().ok()?;
+        return cuda_pool::peak(d).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new high-water mark for [`memory_peak`] (no-op off CUDA).
+pub fn reset_memory_peak(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let _ = cuda_pool::reset(d);
+    }
+    let _ = device;
+}
+
+/// Waits for the work queued on `device` (a no-op on the CPU), for timings.
+pub fn synchronize(device: &Device) -> Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    type DriverResult<T> =
+        std::result::Result<T, candle_core::cuda_backend::cudarc::driver::DriverError>;
+
+    fn pool(d: &CudaDevice) -> DriverResult<sys::CUmemoryPool> {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live
+        // context bound to this thread.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+        Ok(pool)
+    }
+
+    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> DriverResult<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: these attributes are cuuint64_t values; `v` outlives the call.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }.result()?;
+        Ok(v)
+    }
+
+    pub fn peak(d: &CudaDevice) -> DriverResult<(u64, u64)> {
+        let p = pool(d)?;
+        Ok((
+            attribute(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            attribute(
+                p,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            )?,
+        ))
+    }
+
+    pub fn reset(d: &CudaDevice) -> DriverResult<()> {
+        let p = pool(d)?;
+        for attr in [
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            let mut zero: u64 = 0;
+            // SAFETY: the high-water attributes may only be set to 0, through a cuuint64_t.
+            unsafe { sys::cuMemPoolSetAttribute(p, attr, (&mut zero as *mut u64).cast()) }
+                .result()?;
+        }
+        Ok(())
+    }
+}
+
 /// Which accelerators this build can use.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut b = vec!["cpu"];

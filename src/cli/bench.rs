@@ -12,6 +12,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use sdti::model::config::ModelConfig;
 use sdti::model::random::{random_model, tiny_sd1_config};
+use sdti::model::SdModel;
 use sdti::train::data::{ImageSource, PixelFormat};
 use sdti::train::{Init, TrainConfig, Trainer};
 use serde::Serialize;
@@ -54,15 +55,24 @@ pub struct BenchArgs {
     /// Timed steps after one warm-up step
     #[arg(long, default_value_t = 3)]
     pub steps: u64,
-    /// Images per step
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
+    /// Images per step; a list (1,4,8) runs each on the same model, one report each
+    #[arg(
+        long,
+        default_value = "1",
+        value_delimiter = ',',
+        value_name = "N[,N...]"
+    )]
+    pub batch_size: Vec<usize>,
     /// Vectors of the learned word
     #[arg(long, default_value_t = 1)]
     pub vectors: usize,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
+    /// Also time the stages of a step (text encoder, UNet forward, backward) and each
+    /// layer kind's forward and backward passes, waiting for the device around each
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -86,6 +96,26 @@ struct BenchReport {
     steps_per_second: f64,
     images_per_second: f64,
     peak_rss_mib: Option<f64>,
+    /// Device memory high-water marks over the timed steps (CUDA): in use by tensors and
+    /// workspaces, and reserved by the memory pool.
+    device_peak_mib: Option<f64>,
+    device_reserved_peak_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Profile>,
+}
+
+/// Where a step's time goes (`--profile`).
+#[derive(Serialize)]
+struct Profile {
+    /// One forward and backward pass of the step's batch, each stage timed alone.
+    text_encoder_ms: f64,
+    unet_forward_ms: f64,
+    backward_ms: f64,
+    /// A step with every layer timed (slower than a real step: the device waits around
+    /// each layer).
+    profiled_step_ms: f64,
+    /// Per layer kind: (kind, calls per step, ms per step).
+    layers: Vec<(String, f64, f64)>,
 }
 
 /// A synthetic picture: a disc on a gradient.
@@ -141,28 +171,60 @@ pub fn run(a: BenchArgs) -> CliResult<()> {
         }
     };
     let load_seconds = start.elapsed().as_secs_f64();
+    let mut reports = Vec::new();
+    for &batch in &a.batch_size {
+        let report = BenchReport {
+            load_seconds,
+            ..bench_batch(&a, &model, &name, opts.dtype, resolution, batch)?
+        };
+        if !a.json {
+            print_report(&report);
+        }
+        reports.push(report);
+    }
+    match (a.json, reports.len()) {
+        (false, _) => Ok(()),
+        // One batch size: one object; several: an array of them.
+        (true, 1) => print_json(&reports[0]),
+        (true, _) => print_json(&reports),
+    }
+}
+
+/// Trains `steps` timed steps (after one warm-up step) at batch size `batch`.
+fn bench_batch(
+    a: &BenchArgs,
+    model: &Arc<SdModel>,
+    name: &str,
+    dtype: candle_core::DType,
+    resolution: usize,
+    batch: usize,
+) -> CliResult<BenchReport> {
+    if batch == 0 {
+        return Err(CliError::new("--batch-size must be at least 1"));
+    }
     let config = TrainConfig {
         token: "bench-word".into(),
         init: Init::Text("thing".into()),
         vectors: a.vectors,
         resolution,
-        batch_size: a.batch_size,
-        max_steps: a.steps + 1,
+        batch_size: batch,
+        max_steps: a.steps + 3,
         seed: 1,
         ..TrainConfig::default()
     };
-    let mut trainer = Trainer::new(model, config)?;
+    let mut trainer = Trainer::new(model.clone(), config)?;
     let start = Instant::now();
     trainer.add_image(picture(resolution), Some("a red disc".into()))?;
     let cache_seconds = start.elapsed().as_secs_f64();
     let warmup = trainer.step()?;
+    sdti::device::reset_memory_peak(model.device());
     let mut times = Vec::new();
     for _ in 0..a.steps {
         let s = trainer.step()?;
         times.push(s.seconds * 1000.0);
         if !a.json {
             eprintln!(
-                "step {}: {:.1} ms (loss {:.4})",
+                "batch {batch} step {}: {:.1} ms (loss {:.4})",
                 s.step - 1,
                 s.seconds * 1000.0,
                 s.loss
@@ -170,44 +232,60 @@ pub fn run(a: BenchArgs) -> CliResult<()> {
         }
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let report = BenchReport {
-        model: name,
+    let device_peak = sdti::device::memory_peak(model.device());
+    let profile = if a.profile {
+        Some(profile(model, &mut trainer, batch, resolution)?)
+    } else {
+        None
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Ok(BenchReport {
+        model: name.to_string(),
         device: a.device.device.clone(),
-        dtype: a.device.dtype.clone(),
+        dtype: format!("{dtype:?}").to_ascii_lowercase(),
         resolution,
-        batch_size: a.batch_size,
+        batch_size: batch,
         vectors: a.vectors,
         steps: a.steps,
-        load_seconds,
+        load_seconds: 0.0,
         cache_seconds,
         warmup_ms: warmup.seconds * 1000.0,
         mean_ms_per_step: mean,
         min_ms_per_step: times.iter().copied().fold(f64::INFINITY, f64::min),
         max_ms_per_step: times.iter().copied().fold(0.0, f64::max),
         steps_per_second: 1000.0 / mean,
-        images_per_second: 1000.0 / mean * a.batch_size as f64,
+        images_per_second: 1000.0 / mean * batch as f64,
         peak_rss_mib: peak_rss_mib(),
-    };
-    if a.json {
-        return print_json(&report);
-    }
+        device_peak_mib: device_peak.map(|p| mib(p.0)),
+        device_reserved_peak_mib: device_peak.map(|p| mib(p.1)),
+        profile,
+    })
+}
+
+fn print_report(report: &BenchReport) {
+    let mean = report.mean_ms_per_step;
     println!(
         "{} on {} ({}), {} px, batch {}, {} vector{}",
         report.model,
         report.device,
         report.dtype,
-        resolution,
-        a.batch_size,
-        a.vectors,
-        if a.vectors == 1 { "" } else { "s" }
+        report.resolution,
+        report.batch_size,
+        report.vectors,
+        if report.vectors == 1 { "" } else { "s" }
     );
     println!(
         "  model {:.1}s, latent cache {:.2}s, warm-up step {:.0} ms",
-        load_seconds, cache_seconds, report.warmup_ms
+        report.load_seconds, report.cache_seconds, report.warmup_ms
     );
     println!(
-        "  step: mean {:.1} ms, min {:.1} ms, max {:.1} ms over {} steps = {:.2} steps/s",
-        mean, report.min_ms_per_step, report.max_ms_per_step, a.steps, report.steps_per_second
+        "  step: mean {:.1} ms, min {:.1} ms, max {:.1} ms over {} steps = {:.2} steps/s, {:.2} images/s",
+        mean,
+        report.min_ms_per_step,
+        report.max_ms_per_step,
+        report.steps,
+        report.steps_per_second,
+        report.images_per_second
     );
     println!(
         "  3000 steps would take {}",
@@ -216,5 +294,111 @@ pub fn run(a: BenchArgs) -> CliResult<()> {
     if let Some(rss) = report.peak_rss_mib {
         println!("  peak memory {rss:.0} MiB");
     }
-    Ok(())
+    if let (Some(used), Some(reserved)) = (report.device_peak_mib, report.device_reserved_peak_mib)
+    {
+        println!("  peak device memory {used:.0} MiB in use, {reserved:.0} MiB reserved");
+    }
+    if let Some(p) = &report.profile {
+        println!(
+            "  stages: text encoder {:.1} ms, UNet forward {:.1} ms, backward {:.1} ms",
+            p.text_encoder_ms, p.unet_forward_ms, p.backward_ms
+        );
+        println!(
+            "  layers (ms per step, in a profiled step of {:.1} ms):",
+            p.profiled_step_ms
+        );
+        for (kind, calls, ms) in &p.layers {
+            println!("    {kind:<16} {ms:>9.2} ms  {calls:>6.0} calls");
+        }
+    }
+}
+
+/// Times the stages of one step's work on a batch like the trainer's, then two trainer
+/// steps with every layer timed.
+fn profile(
+    model: &Arc<SdModel>,
+    trainer: &mut Trainer,
+    batch: usize,
+    resolution: usize,
+) -> sdti::Result<Profile> {
+    use candle_core::{DType, Tensor, Var};
+    use sdti::model::Injection;
+    use sdti::prompt::{encode_prompts, Word};
+    use sdti::tokenizer::ClipTokenizer;
+
+    let device = model.device();
+    let sync = || sdti::device::synchronize(device);
+    let tok = ClipTokenizer::new().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let prompts = vec!["a photo of a bench-word".to_string(); batch];
+    let words = [Word {
+        name: "bench-word".into(),
+        vectors: trainer.vectors_tensor().dim(0)?,
+        offset: 0,
+    }];
+    let enc = encode_prompts(
+        &tok,
+        &prompts,
+        &words,
+        sdti::tokenizer::ChunkStyle::A1111,
+        device,
+    )?;
+    let vectors = Var::from_tensor(trainer.vectors_tensor())?;
+    let side = resolution / 8;
+    let noisy =
+        Tensor::randn(0f32, 1.0, (batch, 4, side, side), device)?.to_dtype(model.dtype())?;
+    let timesteps = vec![500.0; batch];
+    let mut te = 0.0;
+    let mut fwd = 0.0;
+    let mut bwd = 0.0;
+    let rounds = 3;
+    for _ in 0..rounds {
+        sync()?;
+        let t0 = Instant::now();
+        let inj = Injection {
+            table: vectors.as_tensor(),
+            index: &enc.index,
+            mask: &enc.mask,
+        };
+        let ctx = model.text_encoder.forward(&enc.ids, Some(&inj), 1)?;
+        sync()?;
+        let t1 = Instant::now();
+        let pred = model.unet.forward(&noisy, &timesteps, &ctx)?;
+        let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
+        sync()?;
+        let t2 = Instant::now();
+        let grads = loss.backward()?;
+        drop(grads);
+        sync()?;
+        let t3 = Instant::now();
+        te += (t1 - t0).as_secs_f64();
+        fwd += (t2 - t1).as_secs_f64();
+        bwd += (t3 - t2).as_secs_f64();
+    }
+    let per = |s: f64| s * 1000.0 / rounds as f64;
+    let steps = 2;
+    sdti::model::profile::reset();
+    sdti::model::profile::enable(true);
+    let start = Instant::now();
+    let result = (0..steps).try_for_each(|_| trainer.step().map(|_| ()));
+    sdti::model::profile::enable(false);
+    result?;
+    let profiled_step_ms = start.elapsed().as_secs_f64() * 1000.0 / steps as f64;
+    let mut layers: Vec<(String, f64, f64)> = sdti::model::profile::totals()
+        .into_iter()
+        .map(|(k, n, s)| {
+            (
+                k.to_string(),
+                n as f64 / steps as f64,
+                s * 1000.0 / steps as f64,
+            )
+        })
+        .collect();
+    layers.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok(Profile {
+        text_encoder_ms: per(te),
+        unet_forward_ms: per(fwd),
+        backward_ms: per(bwd),
+        profiled_step_ms,
+        layers,
+    })
 }

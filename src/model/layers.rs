@@ -15,6 +15,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
 };
 
+use super::profile;
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -106,18 +107,27 @@ impl CustomOp1 for InputGradOnly {
 
 /// Applies `forward` to `x`; when `x` is on a gradient path, the result carries
 /// `backward` (output gradient -> input gradient) and no other gradient.
-pub fn input_grad_only<F, B>(x: &Tensor, forward: F, backward: B) -> candle_core::Result<Tensor>
+///
+/// `kind` names the layer for [`profile`](super::profile) (`"conv2d"`: timed as
+/// `conv2d.fwd` and `conv2d.bwd`).
+pub fn input_grad_only<F, B>(
+    kind: &'static str,
+    x: &Tensor,
+    forward: F,
+    backward: B,
+) -> candle_core::Result<Tensor>
 where
     F: FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     B: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
+    let (fwd, bwd) = profile_names(kind);
     if !x.track_op() {
-        return forward(x);
+        return profile::time(fwd, x.device(), || forward(x));
     }
-    let out = standalone(forward(&x.detach())?)?;
+    let out = profile::time(fwd, x.device(), || standalone(forward(&x.detach())?))?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
-        backward: Box::new(move |g, _, _| backward(g)),
+        backward: Box::new(move |g, _, _| profile::time(bwd, g.device(), || backward(g))),
     };
     x.apply_op1(op)
 }
@@ -127,6 +137,7 @@ where
 /// and the saved state, `backward` gets the output gradient, the input, the output and
 /// the state. Large intermediates are recomputed from the input rather than saved.
 fn input_grad_only_saving<S, F, B>(
+    kind: &'static str,
     x: &Tensor,
     forward: F,
     backward: B,
@@ -136,16 +147,37 @@ where
     F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
     B: Fn(&Tensor, &Tensor, &Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
+    let (fwd, bwd) = profile_names(kind);
     if !x.track_op() {
-        return forward(x).map(|(out, _)| out);
+        return profile::time(fwd, x.device(), || forward(x).map(|(out, _)| out));
     }
-    let (out, saved) = forward(&x.detach())?;
-    let out = standalone(out)?;
+    let (out, saved) = profile::time(fwd, x.device(), || {
+        let (out, saved) = forward(&x.detach())?;
+        Ok((standalone(out)?, saved))
+    })?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
-        backward: Box::new(move |g, x, y| backward(g, x, y, &saved)),
+        backward: Box::new(move |g, x, y| {
+            profile::time(bwd, g.device(), || backward(g, x, y, &saved))
+        }),
     };
     x.apply_op1(op)
+}
+
+/// The profile names of a layer kind's forward and backward passes.
+fn profile_names(kind: &'static str) -> (&'static str, &'static str) {
+    match kind {
+        "linear" => ("linear.fwd", "linear.bwd"),
+        "conv2d" => ("conv2d.fwd", "conv2d.bwd"),
+        "group_norm" => ("group_norm.fwd", "group_norm.bwd"),
+        "layer_norm" => ("layer_norm.fwd", "layer_norm.bwd"),
+        "softmax" => ("softmax.fwd", "softmax.bwd"),
+        "silu" => ("silu.fwd", "silu.bwd"),
+        "quick_gelu" => ("quick_gelu.fwd", "quick_gelu.bwd"),
+        "gelu" => ("gelu.fwd", "gelu.bwd"),
+        "upsample" => ("upsample.fwd", "upsample.bwd"),
+        _ => ("other.fwd", "other.bwd"),
+    }
 }
 
 /// A frozen fully connected layer, `y = x W^T + b`, over the last dimension.
@@ -198,7 +230,7 @@ impl Linear {
             in_dims[last] = w.dim(1)?;
             gx.reshape(in_dims)
         };
-        Ok(input_grad_only(x, forward, backward)?)
+        Ok(input_grad_only("linear", x, forward, backward)?)
     }
 }
 
@@ -228,6 +260,11 @@ impl Conv2d {
         self.weight.dims()[0]
     }
 
+    /// The dtype the layer computes in (its weights').
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (weight, bias, stride, padding) = (&self.weight, &self.bias, self.stride, self.padding);
         let forward = |x: &Tensor| {
@@ -245,7 +282,7 @@ impl Conv2d {
             let kernel = input_grad_kernel(&w)?;
             conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
         };
-        Ok(input_grad_only(x, forward, backward)?)
+        Ok(input_grad_only("conv2d", x, forward, backward)?)
     }
 }
 
@@ -437,29 +474,49 @@ impl GroupNorm {
         let (weight, bias) = (&self.weight, &self.bias);
         let forward = |x: &Tensor| {
             if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-                return group_norm_cpu(x, weight, bias, groups, eps);
+                let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
+                return Ok((y, Some(stats)));
             }
             let xg = x.reshape((b, groups, ()))?;
+            if uses_fused_norm(x) {
+                // One fused kernel for the normalisation (candle-nn's layer norm over each
+                // group's values, no affine), then the per-channel affine; the backward
+                // pass recomputes the statistics.
+                let xg = xg.contiguous()?;
+                let n = xg.dim(2)?;
+                let ones = Tensor::ones(n, x.dtype(), x.device())?;
+                let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+                let xhat = candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?;
+                let y = xhat
+                    .reshape(dims.clone())?
+                    .broadcast_mul(&gamma)?
+                    .broadcast_add(&beta)?;
+                return Ok((y, None));
+            }
             let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
             let y = xhat
                 .reshape(dims.clone())?
                 .broadcast_mul(&gamma)?
                 .broadcast_add(&beta)?;
-            Ok((y, (mean, rstd)))
+            Ok((y, Some((mean, rstd))))
         };
         let gamma_b = gamma.clone();
         let weight_b = self.weight.clone();
         let backward =
-            move |g: &Tensor, x: &Tensor, _: &Tensor, (mean, rstd): &(Tensor, Tensor)| {
-                if is_cpu_f32(&[g, x, mean, rstd, &weight_b]) {
-                    return group_norm_backward_cpu(g, x, mean, rstd, &weight_b, groups);
+            move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<(Tensor, Tensor)>| {
+                let xg = x.reshape((b, groups, ()))?;
+                let (mean, rstd) = match stats {
+                    Some((m, r)) => (m.clone(), r.clone()),
+                    None => stats_last_dim(&xg, eps)?,
+                };
+                if is_cpu_f32(&[g, x, &mean, &rstd, &weight_b]) {
+                    return group_norm_backward_cpu(g, x, &mean, &rstd, &weight_b, groups);
                 }
                 let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
-                let xg = x.reshape((b, groups, ()))?;
-                let gx = normalise_last_dim_backward(&gs, &xg, mean, rstd)?;
+                let gx = normalise_last_dim_backward(&gs, &xg, &mean, &rstd)?;
                 gx.reshape(g.dims())
             };
-        Ok(input_grad_only_saving(x, forward, backward)?)
+        Ok(input_grad_only_saving("group_norm", x, forward, backward)?)
     }
 }
 
@@ -662,17 +719,40 @@ impl LayerNorm {
             )?);
         }
         let forward = |x: &Tensor| {
+            if uses_fused_norm(x) {
+                let y = candle_nn::ops::layer_norm(&x.contiguous()?, gamma, beta, eps as f32)?;
+                return Ok((y, None));
+            }
             let (xhat, mean, rstd) = normalise_last_dim(x, eps)?;
             let y = xhat.broadcast_mul(gamma)?.broadcast_add(beta)?;
-            Ok((y, (mean, rstd)))
+            Ok((y, Some((mean, rstd))))
         };
         let gamma_b = gamma.clone();
         let backward =
-            move |g: &Tensor, x: &Tensor, _: &Tensor, (mean, rstd): &(Tensor, Tensor)| {
-                normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, mean, rstd)
+            move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<(Tensor, Tensor)>| {
+                let (mean, rstd) = match stats {
+                    Some((m, r)) => (m.clone(), r.clone()),
+                    None => stats_last_dim(x, eps)?,
+                };
+                normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, &mean, &rstd)
             };
-        Ok(input_grad_only_saving(x, forward, backward)?)
+        Ok(input_grad_only_saving("layer_norm", x, forward, backward)?)
     }
+}
+
+/// Whether a norm's forward pass runs candle-nn's fused layer-norm kernel: on GPUs (where
+/// the composed version costs a dozen kernel launches), not in f64 (no such kernel) and
+/// not on the CPU (which has its own fused group norm and keeps the exact composition).
+fn uses_fused_norm(x: &Tensor) -> bool {
+    !x.device().is_cpu() && x.dtype() != DType::F64
+}
+
+/// The mean and `1/sqrt(var + eps)` over the last dimension, in f32 at least.
+fn stats_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let x = at_least_f32(x)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok((mean, (var + eps)?.sqrt()?.recip()?))
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as torch),
@@ -725,7 +805,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         y * g.broadcast_sub(&dot)?
     };
-    Ok(input_grad_only_saving(x, forward, backward)?)
+    Ok(input_grad_only_saving("softmax", x, forward, backward)?)
 }
 
 /// `x * sigmoid(x)`.
@@ -743,7 +823,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
         g * d
     };
-    Ok(input_grad_only_saving(x, forward, backward)?)
+    Ok(input_grad_only_saving("silu", x, forward, backward)?)
 }
 
 /// CLIP's `x * sigmoid(1.702 x)`.
@@ -758,7 +838,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
         let d = (&s + ((x * &s)? * (1.0 - &s)?)?.affine(1.702, 0.0)?)?;
         g * d
     };
-    Ok(input_grad_only_saving(x, forward, backward)?)
+    Ok(input_grad_only_saving("quick_gelu", x, forward, backward)?)
 }
 
 /// The exact (erf) GELU of diffusers' GEGLU.
@@ -772,7 +852,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
             .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
         g * (cdf + (x * pdf)?)?
     };
-    Ok(input_grad_only_saving(x, forward, backward)?)
+    Ok(input_grad_only_saving("gelu", x, forward, backward)?)
 }
 
 /// Nearest-neighbour upsampling to `h` x `w` (torch's `nearest`: source index
@@ -798,7 +878,7 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let forward = |x: &Tensor| x.upsample_nearest2d(2 * h, 2 * w);
     let backward = |g: &Tensor| g.avg_pool2d(2)? * 4.0;
-    Ok(input_grad_only(x, forward, backward)?)
+    Ok(input_grad_only("upsample", x, forward, backward)?)
 }
 
 /// Carries a precomputed attention output into the graph; the backward pass recomputes
@@ -810,23 +890,42 @@ struct AttentionOp {
     need: [bool; 3],
 }
 
-/// Score-matrix values per block: small enough that a block's scores, probabilities and
-/// their gradients stay in cache (measured: 512-row blocks of a 4096-token head run the
-/// backward pass twice as fast as whole heads on the CPU).
-const ATTENTION_BLOCK: usize = 2 * 1024 * 1024;
+/// Score-matrix values per block on the CPU: small enough that a block's scores,
+/// probabilities and their gradients stay in cache (measured: 512-row blocks of a
+/// 4096-token head run the backward pass twice as fast as whole heads on the CPU).
+const ATTENTION_BLOCK_CPU: usize = 2 * 1024 * 1024;
 
-/// The blocks of an attention over `[slices, tq, _]` x `[slices, tk, _]`: whole slices
-/// while several fit in a block, else rows of one slice.
-fn attention_blocks(slices: usize, tq: usize, tk: usize) -> Vec<(usize, usize, usize, usize)> {
+/// On a GPU, blocks only bound memory (a block of 64M scores is 128 MiB in bf16) while
+/// keeping the number of kernel launches small: at 512 px and batch 8 the largest
+/// self-attention is 16 blocks of 4 heads.
+const ATTENTION_BLOCK_GPU: usize = 64 * 1024 * 1024;
+
+fn attention_block(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        ATTENTION_BLOCK_CPU
+    } else {
+        ATTENTION_BLOCK_GPU
+    }
+}
+
+/// The blocks of an attention over `[slices, tq, _]` x `[slices, tk, _]` with `block`
+/// scores at most per block: whole slices while several fit in a block, else rows of one
+/// slice.
+fn attention_blocks(
+    slices: usize,
+    tq: usize,
+    tk: usize,
+    block: usize,
+) -> Vec<(usize, usize, usize, usize)> {
     let per_slice = (tq * tk).max(1);
     let mut blocks = Vec::new();
-    if per_slice <= ATTENTION_BLOCK {
-        let chunk = (ATTENTION_BLOCK / per_slice).clamp(1, slices.max(1));
+    if per_slice <= block {
+        let chunk = (block / per_slice).clamp(1, slices.max(1));
         for s in (0..slices).step_by(chunk) {
             blocks.push((s, chunk.min(slices - s), 0, tq));
         }
     } else {
-        let rows = (ATTENTION_BLOCK / tk.max(1)).clamp(64, tq.max(1));
+        let rows = (block / tk.max(1)).clamp(64, tq.max(1));
         for s in 0..slices {
             for r in (0..tq).step_by(rows) {
                 blocks.push((s, 1, r, rows.min(tq - r)));
@@ -865,9 +964,10 @@ fn attention_forward(
 ) -> candle_core::Result<Tensor> {
     let (slices, tq, _) = q.dims3()?;
     let tk = k.dim(1)?;
+    let block = attention_block(q.device());
     let k_t = k.transpose(1, 2)?.contiguous()?;
     let mut outs = Vec::new();
-    for (s, len, r, n) in attention_blocks(slices, tq, tk) {
+    for (s, len, r, n) in attention_blocks(slices, tq, tk, block) {
         let p = attention_probs(
             &q.narrow(0, s, len)?.narrow(1, r, n)?,
             &k_t.narrow(0, s, len)?,
@@ -876,11 +976,13 @@ fn attention_forward(
         )?;
         outs.push(p.matmul(&v.narrow(0, s, len)?)?);
     }
-    if tq * tk <= ATTENTION_BLOCK {
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else if tq * tk <= block {
         Tensor::cat(&outs, 0)
     } else {
         // Row blocks of each slice, slice after slice.
-        let per = tq.div_ceil((ATTENTION_BLOCK / tk.max(1)).clamp(64, tq.max(1)));
+        let per = tq.div_ceil((block / tk.max(1)).clamp(64, tq.max(1)));
         let rows: Vec<Tensor> = outs
             .chunks(per)
             .map(|c| Tensor::cat(c, 1))
@@ -939,6 +1041,22 @@ impl candle_core::CustomOp3 for AttentionOp {
         res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::time("attention.bwd", g.device(), || {
+            self.backward(q, k, v, res, g)
+        })
+    }
+}
+
+impl AttentionOp {
+    #[allow(clippy::type_complexity)]
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), res.detach());
         let (slices, tq, _) = q.dims3()?;
         let tk = k.dim(1)?;
@@ -956,7 +1074,8 @@ impl candle_core::CustomOp3 for AttentionOp {
                 dvs.extend(dv);
             }
         };
-        for (s, len, r, n) in attention_blocks(slices, tq, tk) {
+        let block = attention_block(q.device());
+        for (s, len, r, n) in attention_blocks(slices, tq, tk, block) {
             if acc.as_ref().is_some_and(|(cur, _, _)| *cur != s) {
                 flush(&mut acc, &mut dks, &mut dvs);
                 if !dq_rows.is_empty() {
@@ -1028,15 +1147,19 @@ pub fn attention(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let need = [q.track_op(), k.track_op(), v.track_op()];
     if !need.iter().any(|&n| n) {
-        return Ok(attention_forward(&q, &k, &v, scale, mask)?);
+        return Ok(profile::time("attention.fwd", q.device(), || {
+            attention_forward(&q, &k, &v, scale, mask)
+        })?);
     }
-    let out = standalone(attention_forward(
-        &q.detach(),
-        &k.detach(),
-        &v.detach(),
-        scale,
-        mask,
-    )?)?;
+    let out = profile::time("attention.fwd", q.device(), || {
+        standalone(attention_forward(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            scale,
+            mask,
+        )?)
+    })?;
     let op = AttentionOp {
         output: Mutex::new(Some(out)),
         scale,

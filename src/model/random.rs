@@ -9,6 +9,10 @@ use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
 use crate::error::Result;
 use crate::train::rng::Rng;
 
+/// Tensors of at least this many values are filled in parallel chunks of this size (none
+/// of the tiny test configurations' tensors is that large).
+const PARALLEL_FILL: usize = 4 << 20;
+
 struct Builder<'a> {
     rng: &'a mut Rng,
     out: HashMap<String, Tensor>,
@@ -17,7 +21,17 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<()> {
         let mut data = vec![0f32; shape.iter().product()];
-        self.rng.fill_normal(&mut data);
+        if data.len() < PARALLEL_FILL {
+            self.rng.fill_normal(&mut data);
+        } else {
+            // Large tensors (the real-size model has a billion values) in parallel chunks,
+            // each from its own stream of a seed drawn here: still a function of the seed.
+            use rayon::prelude::*;
+            let root = Rng::new(self.rng.next_u64());
+            data.par_chunks_mut(PARALLEL_FILL)
+                .enumerate()
+                .for_each(|(i, chunk)| root.fork(i as u64).fill_normal(chunk));
+        }
         for v in &mut data {
             *v *= std;
         }

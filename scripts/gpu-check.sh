@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# gpu-check.sh -- the CUDA checks of sdti, run ON a GPU machine in one go:
+#   1. the reference-parity tests (tests/suite/parity.rs: f32 at the engine's tolerances,
+#      f64 finite differences, f16/bf16 against torch's own error) and the inversion and
+#      f16 loss-scaling tests, on cuda:0;
+#   2. tests/reference/bench_gpu.py: `sdti bench` beside diffusers' textual-inversion step
+#      at 512 px, batch 1, 4 and 8.
+#
+# Usage, from the repository root of a checkout:
+#   bash scripts/gpu-check.sh DIR
+# DIR holds what was built elsewhere (see README "CUDA"):
+#   DIR/sdti.xz     a CUDA build of the sdti binary, xz-compressed (cargo build --release --features cudnn)
+#   DIR/suite.xz    the matching test binary           (cargo test --release --features cudnn --test suite --no-run)
+#   DIR/whl/*.whl   diffusers (and importlib_metadata) wheels, when the machine lacks them
+#   DIR/device-run.sh  puts the CUDA libraries of the machine's PyTorch on LD_LIBRARY_PATH
+# Results go to $OUT (default ./gpu-out): tests.log, bench.log, bench.json.
+set -u
+dir=${1:?usage: gpu-check.sh DIR}
+out=${OUT:-./gpu-out}
+mkdir -p "$out"
+run=(bash "$dir/device-run.sh")
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+if compgen -G "$dir/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/sdti-site "$dir"/whl/*.whl && export PYTHONPATH=/tmp/sdti-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+bin=/tmp/sdti-gpu-bin
+mkdir -p "$bin"
+unpack() {
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$1" "$2" && chmod +x "$2"
+}
+unpack "$dir/sdti.xz" "$bin/sdti" || exit 2
+unpack "$dir/suite.xz" "$bin/suite" || exit 2
+
+status=0
+# f32 checks at the CPU tolerances need true f32 convolutions: cuDNN may otherwise use
+# TF32 tensor cores (10-bit mantissa) for f32 work.
+echo "== tests on cuda:0" | tee "$out/tests.log"
+for filters in "parity::" "training::f16_training learning::inversion"; do
+    # shellcheck disable=SC2086
+    SDTI_TEST_DEVICE=cuda SDTI_REPO_ROOT=$PWD NVIDIA_TF32_OVERRIDE=0 \
+        timeout 120 "${run[@]}" "$bin/suite" --test-threads 1 --nocapture $filters 2>&1 | tee -a "$out/tests.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+
+echo "== benchmark" | tee "$out/bench.log"
+timeout 330 "${run[@]}" python3 tests/reference/bench_gpu.py --sdti "$bin/sdti" \
+    --out "$out/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status
