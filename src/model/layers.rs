@@ -279,6 +279,9 @@ impl Conv2d {
         // The transposed, flipped kernel is made for each backward pass and dropped:
         // keeping it would double the UNet's convolution weights in memory.
         let backward = move |g: &Tensor| {
+            if is_cpu_f32(&[g, &w]) {
+                return conv2d_input_grad_cpu(g, &w, stride, padding, in_h, in_w);
+            }
             let kernel = input_grad_kernel(&w)?;
             conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
         };
@@ -351,6 +354,90 @@ pub fn conv2d(
     })?;
     let cols = Tensor::from_vec(cols, (b, k, oh * ow), x.device())?;
     weights.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))
+}
+
+/// d(loss)/d(input) of a convolution on the CPU in f32, as torch computes it: one matrix
+/// product of the kernel's transpose (a view, no copy) with the output gradient gives the
+/// gradient of every column of the forward pass's column matrix (`[C*k*k, H'*W']`), and
+/// `col2im` adds each column back onto the input pixels it was copied from. No flipped
+/// kernel is built (rebuilding it in every backward pass cost more than the product on the
+/// large UNet layers) and strided layers need no zero-dilated gradient.
+fn conv2d_input_grad_cpu(
+    g: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    in_h: usize,
+    in_w: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, o, oh, ow) = g.dims4()?;
+    let (wo, c, kh, kw) = weight.dims4()?;
+    if wo != o || stride == 0 {
+        candle_core::bail!(
+            "conv2d backward: gradient {:?} vs kernel {:?}",
+            g.dims(),
+            weight.dims()
+        );
+    }
+    let k = c * kh * kw;
+    let n = oh * ow;
+    let wt = weight.reshape((o, k))?.t()?;
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 && (oh, ow) == (in_h, in_w) {
+        let gx = wt.broadcast_left(b)?.matmul(&g.reshape((b, o, n))?)?;
+        return gx.reshape((b, c, in_h, in_w));
+    }
+    let mut out = vec![0f32; b * c * in_h * in_w];
+    for bi in 0..b {
+        let cols = wt.matmul(&g.get(bi)?.reshape((o, n))?)?;
+        let plane_len = in_h * in_w;
+        let dst_batch = &mut out[bi * c * plane_len..(bi + 1) * c * plane_len];
+        with_f32(&cols, |cols| {
+            dst_batch
+                .par_chunks_mut(plane_len)
+                .enumerate()
+                .for_each(|(ci, plane)| {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row = (ci * kh + ky) * kw + kx;
+                            let src = &cols[row * n..(row + 1) * n];
+                            for oy in 0..oh {
+                                let iy = (oy * stride + ky) as isize - padding as isize;
+                                if iy < 0 || iy >= in_h as isize {
+                                    continue;
+                                }
+                                let line = &mut plane[iy as usize * in_w..(iy as usize + 1) * in_w];
+                                let srow = &src[oy * ow..(oy + 1) * ow];
+                                if stride == 1 {
+                                    // Output x maps to input x + kx - padding.
+                                    let shift = kx as isize - padding as isize;
+                                    let start = (-shift).max(0) as usize;
+                                    let end =
+                                        (in_w as isize - shift).min(ow as isize).max(0) as usize;
+                                    if start < end {
+                                        let from = (start as isize + shift) as usize;
+                                        for (d, &v) in line[from..from + (end - start)]
+                                            .iter_mut()
+                                            .zip(&srow[start..end])
+                                        {
+                                            *d += v;
+                                        }
+                                    }
+                                } else {
+                                    for (ox, &v) in srow.iter().enumerate() {
+                                        let ix = (ox * stride + kx) as isize - padding as isize;
+                                        if ix >= 0 && ix < in_w as isize {
+                                            line[ix as usize] += v;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+        })?;
+    }
+    Tensor::from_vec(out, (b, c, in_h, in_w), g.device())
 }
 
 /// The kernel flipped in space and transposed in channels: `[in, out, k, k]`.
@@ -1205,6 +1292,38 @@ mod tests {
                 assert!(
                     diff <= 1e-4 * size.max(1.0),
                     "d{name} {slices}x{t}: {diff} (max {size})"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The col2im input gradient equals candle's own gradient of its convolution (and the
+    /// flipped-kernel path used off the CPU) on odd sizes, strides and paddings.
+    #[test]
+    fn col2im_input_gradient_matches_candle() -> candle_core::Result<()> {
+        use candle_core::Var;
+        let d = Device::Cpu;
+        for (b, c, h, w, o, k, pad, stride) in [
+            (2, 3, 7, 9, 5, 3, 1, 1),
+            (1, 4, 8, 8, 6, 3, 1, 2),
+            (1, 4, 9, 7, 2, 3, 1, 2),
+            (2, 5, 6, 6, 3, 1, 0, 1),
+            (1, 2, 5, 5, 2, 3, 0, 1),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?)?;
+            let kern = Tensor::randn(0f32, 1.0, (o, c, k, k), &d)?;
+            let y = x.as_tensor().conv2d(&kern, pad, stride, 1, 1)?;
+            let g = Tensor::randn(0f32, 1.0, y.dims(), &d)?;
+            let want = (y * &g)?.sum_all()?.backward()?;
+            let want = want.get(x.as_tensor()).expect("gradient");
+            let got = conv2d_input_grad_cpu(&g, &kern, stride, pad, h, w)?;
+            let flipped = conv2d_input_grad(&g, &input_grad_kernel(&kern)?, stride, pad, h, w)?;
+            for (name, t) in [("col2im", &got), ("flipped kernel", &flipped)] {
+                let diff = (t - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4,
+                    "{name} {b}x{c}x{h}x{w} k{k} pad {pad} stride {stride}: {diff}"
                 );
             }
         }
