@@ -688,6 +688,23 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
+/// `f(a)` elementwise over an f32 CPU tensor, in parallel, one pass.
+fn map_cpu(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let out = with_f32(a, |av| {
+        let mut out = vec![0f32; av.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(av.par_chunks(1 << 14))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = f(x);
+                }
+            });
+        out
+    })?;
+    Tensor::from_vec(out, a.dims(), a.device())
+}
+
 /// `f(a, b)` elementwise over two same-shaped f32 CPU tensors, in parallel, one pass.
 fn zip_cpu(
     a: &Tensor,
@@ -930,8 +947,17 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 
 /// The exact (erf) GELU of diffusers' GEGLU.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let forward = |x: &Tensor| Ok((x.gelu_erf()?, ()));
+    let forward = |x: &Tensor| {
+        if is_cpu_f32(&[x]) {
+            // candle's own formula, in parallel (its CPU unary op runs on one thread).
+            return Ok((map_cpu(x, gelu_erf_f32)?, ()));
+        }
+        Ok((x.gelu_erf()?, ()))
+    };
     let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
+        if is_cpu_f32(&[g, x]) {
+            return zip_cpu(g, x, |g, x| g * gelu_erf_grad_f32(x));
+        }
         // Phi(x) + x phi(x)
         let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?.affine(0.5, 0.0)?;
         let pdf = (x.sqr()? * -0.5)?
@@ -940,6 +966,19 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         g * (cdf + (x * pdf)?)?
     };
     Ok(input_grad_only_saving("gelu", x, forward, backward)?)
+}
+
+/// `x Phi(x)`, as candle's `gelu_erf` computes it on the CPU.
+fn gelu_erf_f32(x: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
+}
+
+/// `d/dx x Phi(x) = Phi(x) + x phi(x)`.
+fn gelu_erf_grad_f32(x: f32) -> f32 {
+    let cdf = 0.5 * (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0);
+    let pdf = (-0.5 * x * x).exp()
+        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+    cdf + x * pdf
 }
 
 /// Nearest-neighbour upsampling to `h` x `w` (torch's `nearest`: source index
@@ -1327,6 +1366,26 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// The fused CPU GELU passes equal candle's op and the composed derivative.
+    #[test]
+    fn fused_gelu_matches_the_composition() -> candle_core::Result<()> {
+        let d = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (3, 1000), &d)? * 3.0)?;
+        let y = map_cpu(&x, gelu_erf_f32)?;
+        let diff = (&y - x.gelu_erf()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        let x64 = x.to_dtype(DType::F64)?;
+        let cdf = ((&x64 / std::f64::consts::SQRT_2)?.erf()? + 1.0)?.affine(0.5, 0.0)?;
+        let pdf = (x64.sqr()? * -0.5)?
+            .exp()?
+            .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
+        let want = (cdf + (&x64 * pdf)?)?;
+        let got = map_cpu(&x, gelu_erf_grad_f32)?.to_dtype(DType::F64)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-6, "{diff}");
         Ok(())
     }
 

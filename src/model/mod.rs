@@ -71,6 +71,12 @@ impl SdModel {
         config: ModelConfig,
         source: PathBuf,
     ) -> Result<Self> {
+        if w.dtype() == DType::BF16 && w.device().is_cpu() {
+            return Err(crate::error::Error::config(
+                "dtype",
+                "bf16 needs a GPU: candle's CPU backend has no bf16 matrix products (use f32 or f16 on the CPU)",
+            ));
+        }
         let text_dtype = match w.dtype() {
             DType::F16 | DType::BF16 => DType::F32,
             other => other,

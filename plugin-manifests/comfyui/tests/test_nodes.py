@@ -114,6 +114,12 @@ def test_without_comfyui():
     except pack.nodes.sdti_lib.SdtiError as e:
         assert e.status == 2 and "token" in str(e), e
     assert lib.has_feature("sdti.train/1") and not lib.has_feature("sdti.train/99")
+    # precision: auto is f32 on the CPU; bf16 there is refused with the reason.
+    try:
+        train.run(**train_args(precision="bf16"))
+        raise AssertionError("bf16 on the CPU must fail")
+    except pack.nodes.sdti_lib.SdtiError as e:
+        assert "bf16 needs a GPU" in str(e), e
 
 
 def fake_comfyui(root, interrupt_after, hook=True):
