@@ -332,19 +332,13 @@ pub fn conv2d(
                 let line = &plane[iy as usize * w..(iy as usize + 1) * w];
                 let dst = &mut out[oy * ow..(oy + 1) * ow];
                 if stride == 1 {
-                    // Output x maps to input x + kx - padding: one shifted copy.
-                    let shift = kx as isize - padding as isize;
-                    let start = (-shift).max(0) as usize;
-                    let end = ((w as isize - shift).min(ow as isize)).max(0) as usize;
-                    if start < end {
-                        let from = (start as isize + shift) as usize;
+                    if let Some((start, end, from)) = shifted_span(w, ow, kx, padding) {
                         dst[start..end].copy_from_slice(&line[from..from + (end - start)]);
                     }
                 } else {
                     for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * stride + kx) as isize - padding as isize;
-                        if ix >= 0 && ix < w as isize {
-                            *d = line[ix as usize];
+                        if let Some(ix) = input_index(ox, stride, kx, padding, w) {
+                            *d = line[ix];
                         }
                     }
                 }
@@ -409,13 +403,9 @@ fn conv2d_input_grad_cpu(
                                 let line = &mut plane[iy as usize * in_w..(iy as usize + 1) * in_w];
                                 let srow = &src[oy * ow..(oy + 1) * ow];
                                 if stride == 1 {
-                                    // Output x maps to input x + kx - padding.
-                                    let shift = kx as isize - padding as isize;
-                                    let start = (-shift).max(0) as usize;
-                                    let end =
-                                        (in_w as isize - shift).min(ow as isize).max(0) as usize;
-                                    if start < end {
-                                        let from = (start as isize + shift) as usize;
+                                    if let Some((start, end, from)) =
+                                        shifted_span(in_w, ow, kx, padding)
+                                    {
                                         for (d, &v) in line[from..from + (end - start)]
                                             .iter_mut()
                                             .zip(&srow[start..end])
@@ -425,9 +415,9 @@ fn conv2d_input_grad_cpu(
                                     }
                                 } else {
                                     for (ox, &v) in srow.iter().enumerate() {
-                                        let ix = (ox * stride + kx) as isize - padding as isize;
-                                        if ix >= 0 && ix < in_w as isize {
-                                            line[ix as usize] += v;
+                                        if let Some(ix) = input_index(ox, stride, kx, padding, in_w)
+                                        {
+                                            line[ix] += v;
                                         }
                                     }
                                 }
@@ -440,27 +430,26 @@ fn conv2d_input_grad_cpu(
     Tensor::from_vec(out, (b, c, in_h, in_w), g.device())
 }
 
-/// The kernel flipped in space and transposed in channels: `[in, out, k, k]`.
+/// In a row of a column matrix (kernel column `kx`), output `x` reads input
+/// `x * stride + kx - padding`: that input index, when it lies inside `0..w`.
+fn input_index(ox: usize, stride: usize, kx: usize, padding: usize, w: usize) -> Option<usize> {
+    let ix = (ox * stride + kx) as isize - padding as isize;
+    (ix >= 0 && ix < w as isize).then_some(ix as usize)
+}
+
+/// With stride 1 a column row is the input row shifted by `kx - padding`: the output
+/// range `start..end` (of `0..ow`) that reads inside `0..w`, and the input index of
+/// `start`.
+fn shifted_span(w: usize, ow: usize, kx: usize, padding: usize) -> Option<(usize, usize, usize)> {
+    let shift = kx as isize - padding as isize;
+    let start = (-shift).max(0) as usize;
+    let end = (w as isize - shift).min(ow as isize).max(0) as usize;
+    (start < end).then(|| (start, end, (start as isize + shift) as usize))
+}
+
+/// The kernel flipped in space and transposed in channels: `[in, out, k, k]` (the GPU
+/// path of the input gradient; the CPU computes it by col2im).
 fn input_grad_kernel(weight: &Tensor) -> candle_core::Result<Tensor> {
-    // candle's strided copies and flip run at a few hundred MB/s on the CPU; a plain
-    // loop over the f32 values is several times faster.
-    if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-        let (out_c, in_c, kh, kw) = weight.dims4()?;
-        let src: Vec<f32> = weight.flatten_all()?.to_vec1()?;
-        let mut dst = vec![0f32; src.len()];
-        for o in 0..out_c {
-            for i in 0..in_c {
-                let from = (o * in_c + i) * kh * kw;
-                let to = (i * out_c + o) * kh * kw;
-                for y in 0..kh {
-                    for x in 0..kw {
-                        dst[to + (kh - 1 - y) * kw + (kw - 1 - x)] = src[from + y * kw + x];
-                    }
-                }
-            }
-        }
-        return Tensor::from_vec(dst, (in_c, out_c, kh, kw), weight.device());
-    }
     weight
         .transpose(0, 1)?
         .contiguous()?
@@ -1337,19 +1326,26 @@ mod tests {
         Ok(())
     }
 
+    /// (batch, channels, height, width, out channels, kernel, padding, stride): odd sizes,
+    /// strides 1 and 2, paddings 0 to 2, 1x1 and 3x3 kernels.
+    type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const CONV_CASES: &[ConvCase] = &[
+        (2, 3, 7, 9, 5, 3, 1, 1),
+        (1, 4, 8, 8, 6, 3, 1, 2),
+        (1, 4, 9, 7, 2, 3, 1, 2),
+        (1, 4, 9, 7, 2, 3, 0, 2),
+        (2, 5, 6, 6, 3, 1, 0, 1),
+        (1, 2, 5, 5, 2, 3, 0, 1),
+        (1, 2, 5, 5, 2, 3, 2, 1),
+    ];
+
     /// The col2im input gradient equals candle's own gradient of its convolution (and the
     /// flipped-kernel path used off the CPU) on odd sizes, strides and paddings.
     #[test]
     fn col2im_input_gradient_matches_candle() -> candle_core::Result<()> {
         use candle_core::Var;
         let d = Device::Cpu;
-        for (b, c, h, w, o, k, pad, stride) in [
-            (2, 3, 7, 9, 5, 3, 1, 1),
-            (1, 4, 8, 8, 6, 3, 1, 2),
-            (1, 4, 9, 7, 2, 3, 1, 2),
-            (2, 5, 6, 6, 3, 1, 0, 1),
-            (1, 2, 5, 5, 2, 3, 0, 1),
-        ] {
+        for &(b, c, h, w, o, k, pad, stride) in CONV_CASES {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?)?;
             let kern = Tensor::randn(0f32, 1.0, (o, c, k, k), &d)?;
             let y = x.as_tensor().conv2d(&kern, pad, stride, 1, 1)?;
@@ -1393,13 +1389,7 @@ mod tests {
     #[test]
     fn column_conv2d_matches_candle() -> candle_core::Result<()> {
         let d = Device::Cpu;
-        for (b, c, h, w, o, k, pad, stride) in [
-            (2, 3, 7, 9, 5, 3, 1, 1),
-            (1, 4, 8, 8, 6, 3, 1, 2),
-            (1, 4, 9, 7, 2, 3, 0, 2),
-            (2, 5, 6, 6, 3, 1, 0, 1),
-            (1, 2, 5, 5, 2, 3, 2, 1),
-        ] {
+        for &(b, c, h, w, o, k, pad, stride) in CONV_CASES {
             let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?;
             let kern = Tensor::randn(0f32, 1.0, (o, c, k, k), &d)?;
             let want = x.conv2d(&kern, pad, stride, 1, 1)?;

@@ -97,18 +97,26 @@ fn timesteps(t: &Tensor) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn unet_noise_prediction_matches_diffusers() {
-    let exp = expected();
-    let model = tiny_model(DType::F32);
-    let pred = model
+/// The UNet's prediction for the reference sample, timesteps and context.
+fn reference_prediction(
+    model: &SdModel,
+    exp: &std::collections::HashMap<String, Tensor>,
+) -> Tensor {
+    model
         .unet
         .forward(
             &exp["unet.sample"],
             &timesteps(&exp["unet.timesteps"]),
             &exp["unet.context"],
         )
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn unet_noise_prediction_matches_diffusers() {
+    let exp = expected();
+    let model = tiny_model(DType::F32);
+    let pred = reference_prediction(&model, &exp);
     assert_close("noise prediction", &pred, &exp["unet.noise_pred"], 1e-4);
 }
 
@@ -443,14 +451,7 @@ fn half_precision_models_stay_within_torchs_own_error() {
             &exp["te.last_hidden_state"],
             1e-5,
         );
-        let pred = model
-            .unet
-            .forward(
-                &exp["unet.sample"],
-                &timesteps(&exp["unet.timesteps"]),
-                &exp["unet.context"],
-            )
-            .unwrap();
+        let pred = reference_prediction(&model, &exp);
         assert_eq!(pred.dtype(), dtype);
         let unet = rel_err(&pred, &exp["unet.noise_pred"]);
         let (loss, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
