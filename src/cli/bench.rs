@@ -26,6 +26,7 @@ Examples:
   sdti bench                                   # random SD 1.5-size model, 512 px, CPU
   sdti bench --config tiny --resolution 64 --steps 20
   sdti bench --model v1-5.safetensors --device cuda --dtype f16 --batch-size 4
+  sdti bench --device cuda --batch-size 1,4,8 --profile   # where each step's time goes
   sdti bench --json
 
 A step is the whole optimizer step: forward through CLIP and the UNet, the backward pass to
