@@ -18,16 +18,21 @@
 #define SDTI_ABI_MAJOR 1
 
 // The ABI's minor version: grows when functions, constants or struct fields are added.
-#define SDTI_ABI_MINOR 0
+// 1: `SDTI_PRECISION_AUTO`, the params' new default.
+#define SDTI_ABI_MINOR 1
 
-// Weights computed in 32-bit floats (the default).
+// Weights computed in 32-bit floats.
 #define SDTI_PRECISION_F32 0
 
 // Weights computed in IEEE half floats (for GPUs).
 #define SDTI_PRECISION_F16 1
 
-// Weights computed in bfloat16 (for GPUs).
+// Weights computed in bfloat16 (for GPUs; refused on the CPU).
 #define SDTI_PRECISION_BF16 2
+
+// The device chooses (the default since ABI 1.1): bf16 on CUDA, f32 elsewhere. The text
+// encoder, the learned vectors, the optimizer and the loss are f32 in every precision.
+#define SDTI_PRECISION_AUTO 3
 
 // Pixels of 3 bytes, R G B.
 #define SDTI_PIXEL_RGB8 0
@@ -89,7 +94,8 @@ typedef int32_t sdti_status;
 typedef struct sdti_model_params {
     // `sizeof(sdti_model_params)`, set by `sdti_model_params_init`.
     uint32_t struct_size;
-    // `SDTI_PRECISION_F32` (default), `_F16` or `_BF16`.
+    // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
+    // `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
     uint32_t precision;
     // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     const char *model_path;
@@ -126,7 +132,8 @@ typedef int32_t (*sdti_progress_fn)(void *user_data, const struct sdti_progress 
 typedef struct sdti_trainer_params {
     // `sizeof(sdti_trainer_params)`, set by `sdti_trainer_params_init`.
     uint32_t struct_size;
-    // `SDTI_PRECISION_F32` (default), `_F16` or `_BF16`: the frozen weights' dtype.
+    // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
+    // `_BF16`: the dtype of the frozen UNet and VAE.
     uint32_t precision;
     // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     const char *model_path;

@@ -160,9 +160,6 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
     model_path = resolve_file("checkpoints", checkpoint)
     if device == "auto":
         device = "cuda" if lib.has_feature("sdti.cuda/1") else "cpu"
-    if precision == "auto":
-        # Mixed precision on NVIDIA GPUs (candle's CPU backend has no bf16 matrix products).
-        precision = "bf16" if device.startswith("cuda") else "f32"
     params = sdti_lib.TrainerParams()
     lib.check(lib.trainer_params_init(ctypes.byref(params)), "sdti_trainer_params_init")
     keep = []  # the bytes the params point to, alive until sdti_trainer_new returns

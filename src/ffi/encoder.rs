@@ -27,7 +27,8 @@ pub const SDTI_CHUNKS_COMFYUI: u32 = 1;
 pub struct sdti_model_params {
     /// `sizeof(sdti_model_params)`, set by `sdti_model_params_init`.
     pub struct_size: u32,
-    /// `SDTI_PRECISION_F32` (default), `_F16` or `_BF16`.
+    /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
+    /// `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
     pub precision: u32,
     /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     pub model_path: *const c_char,
@@ -41,7 +42,7 @@ impl Default for sdti_model_params {
     fn default() -> Self {
         Self {
             struct_size: MODEL_PARAMS_V1 as u32,
-            precision: SDTI_PRECISION_F32,
+            precision: SDTI_PRECISION_AUTO,
             model_path: std::ptr::null(),
             device: std::ptr::null(),
         }

@@ -39,7 +39,8 @@ use boundary::{call, write_bytes_with_nul};
 /// The ABI's major version: a host built against another major must not use this library.
 pub const SDTI_ABI_MAJOR: u32 = 1;
 /// The ABI's minor version: grows when functions, constants or struct fields are added.
-pub const SDTI_ABI_MINOR: u32 = 0;
+/// 1: `SDTI_PRECISION_AUTO`, the params' new default.
+pub const SDTI_ABI_MINOR: u32 = 1;
 
 /// The result of every fallible call. Codes are never renumbered.
 pub type sdti_status = i32;
@@ -83,12 +84,15 @@ pub const SDTI_ERR_UNSUPPORTED: sdti_status = 17;
 /// A tensor computation failed.
 pub const SDTI_ERR_COMPUTE: sdti_status = 18;
 
-/// Weights computed in 32-bit floats (the default).
+/// Weights computed in 32-bit floats.
 pub const SDTI_PRECISION_F32: u32 = 0;
 /// Weights computed in IEEE half floats (for GPUs).
 pub const SDTI_PRECISION_F16: u32 = 1;
-/// Weights computed in bfloat16 (for GPUs).
+/// Weights computed in bfloat16 (for GPUs; refused on the CPU).
 pub const SDTI_PRECISION_BF16: u32 = 2;
+/// The device chooses (the default since ABI 1.1): bf16 on CUDA, f32 elsewhere. The text
+/// encoder, the learned vectors, the optimizer and the loss are f32 in every precision.
+pub const SDTI_PRECISION_AUTO: u32 = 3;
 
 /// Pixels of 3 bytes, R G B.
 pub const SDTI_PIXEL_RGB8: u32 = 0;
@@ -102,6 +106,7 @@ pub const SDTI_ABI_VERSION: u32 = (SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR;
 fn features() -> Vec<&'static str> {
     let mut f = vec![
         "sdti.train/1",
+        "sdti.precision.auto/1",
         "sdti.train.resume/1",
         "sdti.encoder/1",
         "sdti.encoder.tokenize/1",

@@ -74,7 +74,8 @@ pub struct sdti_step_stats {
 pub struct sdti_trainer_params {
     /// `sizeof(sdti_trainer_params)`, set by `sdti_trainer_params_init`.
     pub struct_size: u32,
-    /// `SDTI_PRECISION_F32` (default), `_F16` or `_BF16`: the frozen weights' dtype.
+    /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
+    /// `_BF16`: the dtype of the frozen UNet and VAE.
     pub precision: u32,
     /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     pub model_path: *const c_char,
@@ -126,7 +127,7 @@ impl Default for sdti_trainer_params {
         let d = TrainConfig::default();
         Self {
             struct_size: PARAMS_V1 as u32,
-            precision: SDTI_PRECISION_F32,
+            precision: SDTI_PRECISION_AUTO,
             model_path: std::ptr::null(),
             device: std::ptr::null(),
             token: std::ptr::null(),
@@ -174,16 +175,21 @@ pub(crate) static TRAINERS: LazyLock<Registry<TrainerState>> =
 /// Loads a model for a handle.
 pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> FfiResult<SdModel> {
     let dtype = match precision {
-        SDTI_PRECISION_F32 => candle_core::DType::F32,
+        SDTI_PRECISION_F32 | SDTI_PRECISION_AUTO => candle_core::DType::F32,
         SDTI_PRECISION_F16 => candle_core::DType::F16,
         SDTI_PRECISION_BF16 => candle_core::DType::BF16,
         other => {
             return Err(invalid(format!(
-                "precision {other} is not SDTI_PRECISION_F32 (0), _F16 (1) or _BF16 (2)"
+                "precision {other} is not SDTI_PRECISION_F32 (0), _F16 (1), _BF16 (2) or _AUTO (3)"
             )))
         }
     };
     let device = open_device(device.unwrap_or("cpu"))?;
+    let dtype = if precision == SDTI_PRECISION_AUTO && device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        dtype
+    };
     Ok(SdModel::load(
         path,
         &LoadOptions {

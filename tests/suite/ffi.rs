@@ -318,6 +318,19 @@ fn versions_features_and_status_strings() {
     assert_eq!(has("sdti.train/2"), 0);
     assert_eq!(has("sdti.train"), 0);
     assert_eq!(has("sdti.cuda/1"), i32::from(cfg!(feature = "cuda")));
+    assert_eq!(has("sdti.precision.auto/1"), 1);
+    // Since ABI 1.1 the device chooses the precision unless the host does (every other
+    // test here trains through that default on the CPU, i.e. in f32).
+    assert_eq!(unsafe_params_init().precision, SDTI_PRECISION_AUTO);
+    let mut mp = std::mem::MaybeUninit::<sdti_model_params>::uninit();
+    // SAFETY: a writable params struct.
+    expect(
+        unsafe { sdti_model_params_init(mp.as_mut_ptr()) },
+        SDTI_OK,
+        "model params",
+    );
+    // SAFETY: initialised above.
+    assert_eq!(unsafe { mp.assume_init() }.precision, SDTI_PRECISION_AUTO);
     // SAFETY: NULL and invalid UTF-8 are answered with 0.
     assert_eq!(unsafe { sdti_has_feature(std::ptr::null()) }, 0);
     assert_eq!(unsafe { sdti_has_feature(c"\xff\xfe".as_ptr()) }, 0);
