@@ -176,6 +176,7 @@ fn profile_names(kind: &'static str) -> (&'static str, &'static str) {
         "quick_gelu" => ("quick_gelu.fwd", "quick_gelu.bwd"),
         "gelu" => ("gelu.fwd", "gelu.bwd"),
         "upsample" => ("upsample.fwd", "upsample.bwd"),
+        "norm_silu_conv" => ("norm_silu_conv.fwd", "norm_silu_conv.bwd"),
         _ => ("other.fwd", "other.bwd"),
     }
 }
@@ -266,26 +267,55 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias, stride, padding) = (&self.weight, &self.bias, self.stride, self.padding);
-        let forward = |x: &Tensor| {
-            let y = conv2d(x, weight, padding, stride)?;
-            match bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-                None => Ok(y),
-            }
-        };
         let (_, _, in_h, in_w) = x.dims4()?;
-        let w = self.weight.clone();
+        let layer = self.clone();
+        let backward = move |g: &Tensor| layer.input_grad(g, in_h, in_w);
+        Ok(input_grad_only("conv2d", x, |x| self.apply(x), backward)?)
+    }
+
+    /// The convolution of a tensor off the graph.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = conv2d(x, &self.weight, self.padding, self.stride)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    /// d(loss)/d(input) for an input of `in_h` x `in_w` from the output gradient `g`.
+    fn input_grad(&self, g: &Tensor, in_h: usize, in_w: usize) -> candle_core::Result<Tensor> {
+        let (w, stride, padding) = (&self.weight, self.stride, self.padding);
+        if is_cpu_f32(&[g, w]) {
+            return conv2d_input_grad_cpu(g, w, stride, padding, in_h, in_w);
+        }
         // The transposed, flipped kernel is made for each backward pass and dropped:
         // keeping it would double the UNet's convolution weights in memory.
-        let backward = move |g: &Tensor| {
-            if is_cpu_f32(&[g, &w]) {
-                return conv2d_input_grad_cpu(g, &w, stride, padding, in_h, in_w);
-            }
-            let kernel = input_grad_kernel(&w)?;
-            conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
-        };
-        Ok(input_grad_only("conv2d", x, forward, backward)?)
+        let kernel = input_grad_kernel(w)?;
+        conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
+    }
+
+    /// `self(silu(norm(x)))` as one layer, as every resnet block starts its two halves.
+    /// As three layers the graph kept the norm's input, the norm's output and the SiLU's
+    /// output for the backward pass; as one it keeps only `x` and recomputes the norm and
+    /// the SiLU there (two cheap elementwise passes), which saves two activations per
+    /// half-block and two graph nodes.
+    pub fn forward_after_norm_silu(&self, norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return self.forward(&silu(&norm.forward(x)?)?);
+        }
+        let (_, _, in_h, in_w) = x.dims4()?;
+        let (conv, norm_b) = (self.clone(), norm.clone());
+        Ok(input_grad_only_saving(
+            "norm_silu_conv",
+            x,
+            |x: &Tensor| Ok((self.apply(&norm.apply(x)?.0.silu()?)?, ())),
+            move |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
+                let (a, stats) = norm_b.apply(x)?;
+                let gs = conv.input_grad(g, in_h, in_w)?;
+                let ga = silu_grad(&gs, &a)?;
+                norm_b.input_grad(&ga, x, stats.as_ref())
+            },
+        )?)
     }
 }
 
@@ -539,62 +569,89 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let layer = self.clone();
+        let backward = move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<Stats>| {
+            layer.input_grad(g, x, stats.as_ref())
+        };
+        Ok(input_grad_only_saving(
+            "group_norm",
+            x,
+            |x| self.apply(x),
+            backward,
+        )?)
+    }
+
+    /// The normalisation of a tensor off the graph, with the per-group mean and `1/std`
+    /// when they came for free (None: the backward pass recomputes them).
+    fn apply(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
         let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let groups = self.groups;
-        let mut affine_shape = vec![1, c];
-        affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        let gamma = self.weight.reshape(affine_shape.clone())?;
-        let beta = self.bias.reshape(affine_shape)?;
-        let eps = self.eps;
+        let b = dims[0];
+        let (groups, eps) = (self.groups, self.eps);
         let (weight, bias) = (&self.weight, &self.bias);
-        let forward = |x: &Tensor| {
-            if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-                let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
-                return Ok((y, Some(stats)));
-            }
-            let xg = x.reshape((b, groups, ()))?;
-            if uses_fused_norm(x) {
-                // One fused kernel for the normalisation (candle-nn's layer norm over each
-                // group's values, no affine), then the per-channel affine; the backward
-                // pass recomputes the statistics.
-                let xg = xg.contiguous()?;
-                let n = xg.dim(2)?;
-                let ones = Tensor::ones(n, x.dtype(), x.device())?;
-                let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
-                let xhat = candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?;
-                let y = xhat
-                    .reshape(dims.clone())?
-                    .broadcast_mul(&gamma)?
-                    .broadcast_add(&beta)?;
-                return Ok((y, None));
-            }
-            let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
+            return Ok((y, Some(stats)));
+        }
+        let (gamma, beta) = self.affine(dims.len())?;
+        let xg = x.reshape((b, groups, ()))?;
+        if uses_fused_norm(x) {
+            // One fused kernel for the normalisation (candle-nn's layer norm over each
+            // group's values, no affine), then the per-channel affine.
+            let xg = xg.contiguous()?;
+            let n = xg.dim(2)?;
+            let ones = Tensor::ones(n, x.dtype(), x.device())?;
+            let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+            let xhat = candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?;
             let y = xhat
-                .reshape(dims.clone())?
+                .reshape(dims)?
                 .broadcast_mul(&gamma)?
                 .broadcast_add(&beta)?;
-            Ok((y, Some((mean, rstd))))
+            return Ok((y, None));
+        }
+        let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
+        let y = xhat
+            .reshape(dims)?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&beta)?;
+        Ok((y, Some((mean, rstd))))
+    }
+
+    /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
+    fn affine(&self, rank: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut shape = vec![1, self.weight.dim(0)?];
+        shape.extend(std::iter::repeat_n(1, rank - 2));
+        Ok((
+            self.weight.reshape(shape.clone())?,
+            self.bias.reshape(shape)?,
+        ))
+    }
+
+    /// d(loss)/d(x) from the output gradient `g`, with the statistics of [`Self::apply`].
+    fn input_grad(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+    ) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let groups = self.groups;
+        let xg = x.reshape((b, groups, ()))?;
+        let (mean, rstd) = match stats {
+            Some((m, r)) => (m.clone(), r.clone()),
+            None => stats_last_dim(&xg, self.eps)?,
         };
-        let gamma_b = gamma.clone();
-        let weight_b = self.weight.clone();
-        let backward =
-            move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<(Tensor, Tensor)>| {
-                let xg = x.reshape((b, groups, ()))?;
-                let (mean, rstd) = match stats {
-                    Some((m, r)) => (m.clone(), r.clone()),
-                    None => stats_last_dim(&xg, eps)?,
-                };
-                if is_cpu_f32(&[g, x, &mean, &rstd, &weight_b]) {
-                    return group_norm_backward_cpu(g, x, &mean, &rstd, &weight_b, groups);
-                }
-                let gs = g.broadcast_mul(&gamma_b)?.reshape((b, groups, ()))?;
-                let gx = normalise_last_dim_backward(&gs, &xg, &mean, &rstd)?;
-                gx.reshape(g.dims())
-            };
-        Ok(input_grad_only_saving("group_norm", x, forward, backward)?)
+        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
+            return group_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, groups);
+        }
+        let (gamma, _) = self.affine(x.rank())?;
+        let gs = g.broadcast_mul(&gamma)?.reshape((b, groups, ()))?;
+        let gx = normalise_last_dim_backward(&gs, &xg, &mean, &rstd)?;
+        gx.reshape(g.dims())
     }
 }
+
+/// Per-group (or per-row) mean and `1/std`, `[..., 1]`.
+type Stats = (Tensor, Tensor);
 
 /// Group normalisation of f32 CPU data in one pass per group (statistics accumulated in
 /// f64, then the normalised, scaled and shifted values written), in parallel over groups;
@@ -904,19 +961,22 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     let forward = |x: &Tensor| Ok((x.silu()?, ()));
-    let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
-        // d/dx x s(x) = s (1 + x (1 - s))
-        if is_cpu_f32(&[g, x]) {
-            return zip_cpu(g, x, |g, x| {
-                let s = 1.0 / (1.0 + (-x).exp());
-                g * s * (1.0 + x * (1.0 - s))
-            });
-        }
-        let s = candle_nn::ops::sigmoid(x)?;
-        let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
-        g * d
-    };
+    let backward = |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| silu_grad(g, x);
     Ok(input_grad_only_saving("silu", x, forward, backward)?)
+}
+
+/// The input gradient of SiLU at `x` for the output gradient `g`:
+/// `g * s (1 + x (1 - s))`, `s = sigmoid(x)`.
+fn silu_grad(g: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    if is_cpu_f32(&[g, x]) {
+        return zip_cpu(g, x, |g, x| {
+            let s = 1.0 / (1.0 + (-x).exp());
+            g * s * (1.0 + x * (1.0 - s))
+        });
+    }
+    let s = candle_nn::ops::sigmoid(x)?;
+    let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
+    g * d
 }
 
 /// CLIP's `x * sigmoid(1.702 x)`.

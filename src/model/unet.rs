@@ -49,7 +49,7 @@ impl ResnetBlock {
 
     /// `temb` is the already activated time embedding (`silu(temb)`), `[B, C]`.
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward_after_norm_silu(&self.norm1, x)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(t)?;
@@ -58,7 +58,7 @@ impl ResnetBlock {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward_after_norm_silu(&self.norm2, &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -470,8 +470,8 @@ impl Unet {
                 x = upc.forward(&upsample_nearest_to(&x, th, tw)?)?;
             }
         }
-        let x = silu(&self.conv_norm_out.forward(&x)?)?;
-        self.conv_out.forward(&x)
+        self.conv_out
+            .forward_after_norm_silu(&self.conv_norm_out, &x)
     }
 }
 

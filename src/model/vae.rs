@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::VaeConfig;
-use super::layers::{attention, silu, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use super::layers::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
 use super::unet::Resnet;
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -230,7 +230,7 @@ impl Vae {
             }
         }
         x = e.mid.forward(&x)?;
-        x = e.conv_out.forward(&silu(&e.conv_norm_out.forward(&x)?)?)?;
+        x = e.conv_out.forward_after_norm_silu(&e.conv_norm_out, &x)?;
         let moments = e.quant_conv.forward(&x)?;
         let half = moments.dim(1)? / 2;
         let mean = moments.narrow(1, 0, half)?;
@@ -255,7 +255,7 @@ impl Vae {
                 x = u.forward(&upsample_nearest_2x(&x)?)?;
             }
         }
-        d.conv_out.forward(&silu(&d.conv_norm_out.forward(&x)?)?)
+        d.conv_out.forward_after_norm_silu(&d.conv_norm_out, &x)
     }
 
     /// Scales a latent sample for the UNet (`latent * scaling_factor`).
