@@ -8,9 +8,9 @@
 #
 # Usage, from the repository root of a checkout:
 #   bash scripts/gpu-check.sh DIR
-# DIR holds what was built elsewhere (see README "CUDA"):
-#   DIR/sdti.xz     a CUDA build of the sdti binary, xz-compressed (cargo build --release --features cudnn)
-#   DIR/suite.xz    the matching test binary           (cargo test --release --features cudnn --test suite --no-run)
+# DIR holds what was built elsewhere (see README "Building with CUDA"):
+#   DIR/sdti.xz     a CUDA build of the sdti binary, xz-compressed (cargo build --release --features cuda)
+#   DIR/suite.xz    the matching test binary, xz-compressed (cargo test --release --features cuda --test suite --no-run)
 #   DIR/whl/*.whl   diffusers (and importlib_metadata) wheels, when the machine lacks them
 #   DIR/device-run.sh  puts the CUDA libraries of the machine's PyTorch on LD_LIBRARY_PATH
 # Results go to $OUT (default ./gpu-out): tests.log, bench.log, bench.json.
@@ -34,8 +34,9 @@ unpack "$dir/sdti.xz" "$bin/sdti" || exit 2
 unpack "$dir/suite.xz" "$bin/suite" || exit 2
 
 status=0
-# f32 checks at the CPU tolerances need true f32 convolutions: cuDNN may otherwise use
-# TF32 tensor cores (10-bit mantissa) for f32 work.
+# f32 checks at the CPU tolerances need true f32 arithmetic: a cudnn build may otherwise
+# use TF32 tensor cores (10-bit mantissa) for f32 convolutions (candle's cuBLAS calls are
+# true f32 by default).
 echo "== tests on cuda:0" | tee "$out/tests.log"
 for filters in "parity::" "training::f16_training learning::inversion"; do
     # shellcheck disable=SC2086
