@@ -1,6 +1,6 @@
 //! Device selection: `cpu`, `cuda` / `cuda:N`, `metal` / `metal:N`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 
@@ -75,10 +75,15 @@ pub fn reset_memory_peak(device: &Device) {
     let _ = device;
 }
 
-/// Waits for the work queued on `device` (a no-op on the CPU), for timings.
-pub fn synchronize(device: &Device) -> Result<()> {
-    device.synchronize()?;
-    Ok(())
+/// The dtype of the frozen UNet and VAE when the user leaves it to the device: bf16 on
+/// CUDA (mixed precision), f32 elsewhere (candle's CPU backend has no bf16 matrix
+/// products, and f16 is slower than f32 there).
+pub fn auto_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
 }
 
 #[cfg(feature = "cuda")]

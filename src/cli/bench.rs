@@ -328,7 +328,7 @@ fn profile(
     use sdti::tokenizer::ClipTokenizer;
 
     let device = model.device();
-    let sync = || sdti::device::synchronize(device);
+    let sync = || device.synchronize();
     let tok = ClipTokenizer::new().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let prompts = vec!["a photo of a bench-word".to_string(); batch];
     let words = [Word {
@@ -386,13 +386,7 @@ fn profile(
     let profiled_step_ms = start.elapsed().as_secs_f64() * 1000.0 / steps as f64;
     let mut layers: Vec<(String, f64, f64)> = sdti::model::profile::totals()
         .into_iter()
-        .map(|(k, n, s)| {
-            (
-                k.to_string(),
-                n as f64 / steps as f64,
-                s * 1000.0 / steps as f64,
-            )
-        })
+        .map(|(k, n, s)| (k, n as f64 / steps as f64, s * 1000.0 / steps as f64))
         .collect();
     layers.sort_by(|a, b| b.2.total_cmp(&a.2));
     Ok(Profile {

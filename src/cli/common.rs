@@ -107,8 +107,8 @@ impl DeviceArgs {
     pub fn load_options(&self) -> CliResult<LoadOptions> {
         let device = sdti::device::open_device(&self.device)?;
         let dtype = match self.dtype.to_ascii_lowercase().as_str() {
-            "auto" if device.is_cuda() => DType::BF16,
-            "auto" | "f32" | "fp32" | "float32" => DType::F32,
+            "auto" => sdti::device::auto_dtype(&device),
+            "f32" | "fp32" | "float32" => DType::F32,
             "f16" | "fp16" | "float16" | "half" => DType::F16,
             "bf16" | "bfloat16" => DType::BF16,
             other => {

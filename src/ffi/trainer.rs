@@ -8,7 +8,7 @@ use std::sync::{Arc, LazyLock};
 use super::boundary::*;
 use super::embedding::format_for;
 use super::*;
-use crate::device::open_device;
+use crate::device::{auto_dtype, open_device};
 use crate::embedding::Precision;
 use crate::model::{LoadOptions, SdModel};
 use crate::train::data::{ImageSource, PixelFormat, MAX_PIXELS, MAX_SIDE, MIN_SIDE};
@@ -174,10 +174,12 @@ pub(crate) static TRAINERS: LazyLock<Registry<TrainerState>> =
 
 /// Loads a model for a handle.
 pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> FfiResult<SdModel> {
+    // None: the device chooses.
     let dtype = match precision {
-        SDTI_PRECISION_F32 | SDTI_PRECISION_AUTO => candle_core::DType::F32,
-        SDTI_PRECISION_F16 => candle_core::DType::F16,
-        SDTI_PRECISION_BF16 => candle_core::DType::BF16,
+        SDTI_PRECISION_F32 => Some(candle_core::DType::F32),
+        SDTI_PRECISION_F16 => Some(candle_core::DType::F16),
+        SDTI_PRECISION_BF16 => Some(candle_core::DType::BF16),
+        SDTI_PRECISION_AUTO => None,
         other => {
             return Err(invalid(format!(
                 "precision {other} is not SDTI_PRECISION_F32 (0), _F16 (1), _BF16 (2) or _AUTO (3)"
@@ -185,11 +187,7 @@ pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> F
         }
     };
     let device = open_device(device.unwrap_or("cpu"))?;
-    let dtype = if precision == SDTI_PRECISION_AUTO && device.is_cuda() {
-        candle_core::DType::BF16
-    } else {
-        dtype
-    };
+    let dtype = dtype.unwrap_or_else(|| auto_dtype(&device));
     Ok(SdModel::load(
         path,
         &LoadOptions {

@@ -15,7 +15,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
 };
 
-use super::profile;
+use super::profile::{self, Pass};
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -108,8 +108,8 @@ impl CustomOp1 for InputGradOnly {
 /// Applies `forward` to `x`; when `x` is on a gradient path, the result carries
 /// `backward` (output gradient -> input gradient) and no other gradient.
 ///
-/// `kind` names the layer for [`profile`](super::profile) (`"conv2d"`: timed as
-/// `conv2d.fwd` and `conv2d.bwd`).
+/// `kind` names the layer for [`profile`](super::profile) (`"conv2d"`: its passes are
+/// timed as `conv2d.fwd` and `conv2d.bwd`).
 pub fn input_grad_only<F, B>(
     kind: &'static str,
     x: &Tensor,
@@ -120,14 +120,17 @@ where
     F: FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     B: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
-    let (fwd, bwd) = profile_names(kind);
     if !x.track_op() {
-        return profile::time(fwd, x.device(), || forward(x));
+        return profile::time(kind, Pass::Forward, x.device(), || forward(x));
     }
-    let out = profile::time(fwd, x.device(), || standalone(forward(&x.detach())?))?;
+    let out = profile::time(kind, Pass::Forward, x.device(), || {
+        standalone(forward(&x.detach())?)
+    })?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
-        backward: Box::new(move |g, _, _| profile::time(bwd, g.device(), || backward(g))),
+        backward: Box::new(move |g, _, _| {
+            profile::time(kind, Pass::Backward, g.device(), || backward(g))
+        }),
     };
     x.apply_op1(op)
 }
@@ -147,38 +150,24 @@ where
     F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
     B: Fn(&Tensor, &Tensor, &Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
-    let (fwd, bwd) = profile_names(kind);
     if !x.track_op() {
-        return profile::time(fwd, x.device(), || forward(x).map(|(out, _)| out));
+        return profile::time(kind, Pass::Forward, x.device(), || {
+            forward(x).map(|(out, _)| out)
+        });
     }
-    let (out, saved) = profile::time(fwd, x.device(), || {
+    let (out, saved) = profile::time(kind, Pass::Forward, x.device(), || {
         let (out, saved) = forward(&x.detach())?;
         Ok((standalone(out)?, saved))
     })?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
         backward: Box::new(move |g, x, y| {
-            profile::time(bwd, g.device(), || backward(g, x, y, &saved))
+            profile::time(kind, Pass::Backward, g.device(), || {
+                backward(g, x, y, &saved)
+            })
         }),
     };
     x.apply_op1(op)
-}
-
-/// The profile names of a layer kind's forward and backward passes.
-fn profile_names(kind: &'static str) -> (&'static str, &'static str) {
-    match kind {
-        "linear" => ("linear.fwd", "linear.bwd"),
-        "conv2d" => ("conv2d.fwd", "conv2d.bwd"),
-        "group_norm" => ("group_norm.fwd", "group_norm.bwd"),
-        "layer_norm" => ("layer_norm.fwd", "layer_norm.bwd"),
-        "softmax" => ("softmax.fwd", "softmax.bwd"),
-        "silu" => ("silu.fwd", "silu.bwd"),
-        "quick_gelu" => ("quick_gelu.fwd", "quick_gelu.bwd"),
-        "gelu" => ("gelu.fwd", "gelu.bwd"),
-        "upsample" => ("upsample.fwd", "upsample.bwd"),
-        "norm_silu_conv" => ("norm_silu_conv.fwd", "norm_silu_conv.bwd"),
-        _ => ("other.fwd", "other.bwd"),
-    }
 }
 
 /// A frozen fully connected layer, `y = x W^T + b`, over the last dimension.
@@ -592,28 +581,28 @@ impl GroupNorm {
             let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
             return Ok((y, Some(stats)));
         }
-        let (gamma, beta) = self.affine(dims.len())?;
         let xg = x.reshape((b, groups, ()))?;
-        if uses_fused_norm(x) {
+        let (xhat, stats) = if uses_fused_norm(x) {
             // One fused kernel for the normalisation (candle-nn's layer norm over each
-            // group's values, no affine), then the per-channel affine.
+            // group's values, no affine); the backward pass recomputes the statistics.
             let xg = xg.contiguous()?;
             let n = xg.dim(2)?;
             let ones = Tensor::ones(n, x.dtype(), x.device())?;
             let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
-            let xhat = candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?;
-            let y = xhat
-                .reshape(dims)?
-                .broadcast_mul(&gamma)?
-                .broadcast_add(&beta)?;
-            return Ok((y, None));
-        }
-        let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
+            (
+                candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?,
+                None,
+            )
+        } else {
+            let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
+            (xhat, Some((mean, rstd)))
+        };
+        let (gamma, beta) = self.affine(dims.len())?;
         let y = xhat
             .reshape(dims)?
             .broadcast_mul(&gamma)?
             .broadcast_add(&beta)?;
-        Ok((y, Some((mean, rstd))))
+        Ok((y, stats))
     }
 
     /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
@@ -636,10 +625,7 @@ impl GroupNorm {
         let b = x.dim(0)?;
         let groups = self.groups;
         let xg = x.reshape((b, groups, ()))?;
-        let (mean, rstd) = match stats {
-            Some((m, r)) => (m.clone(), r.clone()),
-            None => stats_last_dim(&xg, self.eps)?,
-        };
+        let (mean, rstd) = stats_or_recomputed(stats, &xg, self.eps)?;
         if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
             return group_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, groups);
         }
@@ -878,14 +864,10 @@ impl LayerNorm {
             Ok((y, Some((mean, rstd))))
         };
         let gamma_b = gamma.clone();
-        let backward =
-            move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<(Tensor, Tensor)>| {
-                let (mean, rstd) = match stats {
-                    Some((m, r)) => (m.clone(), r.clone()),
-                    None => stats_last_dim(x, eps)?,
-                };
-                normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, &mean, &rstd)
-            };
+        let backward = move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<Stats>| {
+            let (mean, rstd) = stats_or_recomputed(stats.as_ref(), x, eps)?;
+            normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, &mean, &rstd)
+        };
         Ok(input_grad_only_saving("layer_norm", x, forward, backward)?)
     }
 }
@@ -897,8 +879,13 @@ fn uses_fused_norm(x: &Tensor) -> bool {
     !x.device().is_cpu() && x.dtype() != DType::F64
 }
 
-/// The mean and `1/sqrt(var + eps)` over the last dimension, in f32 at least.
-fn stats_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+/// The statistics a forward pass kept, or those of `x` over its last dimension when it
+/// kept none (a fused kernel computed them): the mean and `1/sqrt(var + eps)`, in f32 at
+/// least.
+fn stats_or_recomputed(stats: Option<&Stats>, x: &Tensor, eps: f64) -> candle_core::Result<Stats> {
+    if let Some((mean, rstd)) = stats {
+        return Ok((mean.clone(), rstd.clone()));
+    }
     let x = at_least_f32(x)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
@@ -1083,6 +1070,11 @@ fn attention_block(device: &candle_core::Device) -> usize {
     }
 }
 
+/// Rows of one slice per block when a slice's `tq x tk` scores exceed `block`.
+fn block_rows(tq: usize, tk: usize, block: usize) -> usize {
+    (block / tk.max(1)).clamp(64, tq.max(1))
+}
+
 /// The blocks of an attention over `[slices, tq, _]` x `[slices, tk, _]` with `block`
 /// scores at most per block: whole slices while several fit in a block, else rows of one
 /// slice.
@@ -1100,7 +1092,7 @@ fn attention_blocks(
             blocks.push((s, chunk.min(slices - s), 0, tq));
         }
     } else {
-        let rows = (block / tk.max(1)).clamp(64, tq.max(1));
+        let rows = block_rows(tq, tk, block);
         for s in 0..slices {
             for r in (0..tq).step_by(rows) {
                 blocks.push((s, 1, r, rows.min(tq - r)));
@@ -1157,7 +1149,7 @@ fn attention_forward(
         Tensor::cat(&outs, 0)
     } else {
         // Row blocks of each slice, slice after slice.
-        let per = tq.div_ceil((block / tk.max(1)).clamp(64, tq.max(1)));
+        let per = tq.div_ceil(block_rows(tq, tk, block));
         let rows: Vec<Tensor> = outs
             .chunks(per)
             .map(|c| Tensor::cat(c, 1))
@@ -1216,7 +1208,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::time("attention.bwd", g.device(), || {
+        profile::time("attention", Pass::Backward, g.device(), || {
             self.backward(q, k, v, res, g)
         })
     }
@@ -1322,11 +1314,14 @@ pub fn attention(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let need = [q.track_op(), k.track_op(), v.track_op()];
     if !need.iter().any(|&n| n) {
-        return Ok(profile::time("attention.fwd", q.device(), || {
-            attention_forward(&q, &k, &v, scale, mask)
-        })?);
+        return Ok(profile::time(
+            "attention",
+            Pass::Forward,
+            q.device(),
+            || attention_forward(&q, &k, &v, scale, mask),
+        )?);
     }
-    let out = profile::time("attention.fwd", q.device(), || {
+    let out = profile::time("attention", Pass::Forward, q.device(), || {
         standalone(attention_forward(
             &q.detach(),
             &k.detach(),

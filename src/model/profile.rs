@@ -12,7 +12,16 @@ use std::time::Instant;
 use candle_core::Device;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static TOTALS: Mutex<BTreeMap<&'static str, (u64, f64)>> = Mutex::new(BTreeMap::new());
+/// (calls, seconds) per (layer kind, pass).
+type Totals = BTreeMap<(&'static str, Pass), (u64, f64)>;
+static TOTALS: Mutex<Totals> = Mutex::new(BTreeMap::new());
+
+/// Which pass of a layer is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
 
 /// Turns the timings on or off (process-wide).
 pub fn enable(on: bool) {
@@ -26,17 +35,28 @@ pub fn reset() {
     }
 }
 
-/// `(kind, calls, seconds)` per layer kind since the last reset, by name.
-pub fn totals() -> Vec<(&'static str, u64, f64)> {
+/// `(kind.fwd or kind.bwd, calls, seconds)` per layer kind and pass since the last reset.
+pub fn totals() -> Vec<(String, u64, f64)> {
     TOTALS
         .lock()
-        .map(|t| t.iter().map(|(k, (n, s))| (*k, *n, *s)).collect())
+        .map(|t| {
+            t.iter()
+                .map(|((kind, pass), (n, s))| {
+                    let suffix = match pass {
+                        Pass::Forward => "fwd",
+                        Pass::Backward => "bwd",
+                    };
+                    (format!("{kind}.{suffix}"), *n, *s)
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
-/// Runs `f`, timed under `kind` when profiling is on.
+/// Runs `f`, timed as `pass` of `kind` when profiling is on.
 pub fn time<R>(
     kind: &'static str,
+    pass: Pass,
     device: &Device,
     f: impl FnOnce() -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -49,7 +69,7 @@ pub fn time<R>(
     device.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     if let Ok(mut t) = TOTALS.lock() {
-        let e = t.entry(kind).or_insert((0, 0.0));
+        let e = t.entry((kind, pass)).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += secs;
     }
