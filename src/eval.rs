@@ -11,7 +11,6 @@ use crate::tokenizer::{ChunkStyle, ClipTokenizer};
 use crate::train::data::{prepare_views, CropMode, TrainImage};
 use crate::train::loss::{denoising_loss, DenoisingBatch, Prediction};
 use crate::train::rng::Rng;
-use crate::train::schedule::{DdpmConfig, NoiseSchedule};
 
 /// Images as scaled latent means (`[1, 4, r/8, r/8]` each, center crop, not mirrored).
 pub fn image_latents(
@@ -65,12 +64,7 @@ pub fn fixed_noise_loss(
         index: &enc.index,
         mask: &enc.mask,
     };
-    let json = serde_json::to_string(&model.config.scheduler)
-        .map_err(|e| Error::config("scheduler", e.to_string()))?;
-    let ddpm = DdpmConfig::from_json_str(&json, "model scheduler config")
-        .map_err(|e| Error::config("scheduler", e.to_string()))?;
-    let schedule =
-        NoiseSchedule::new(&ddpm).map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let schedule = model.config.scheduler.noise_schedule()?;
     let prediction = Prediction::parse(&model.config.scheduler.prediction_type)?;
     let mut rng = Rng::new(seed);
     let (mut total, mut count) = (0f64, 0usize);

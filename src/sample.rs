@@ -5,7 +5,6 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::SdModel;
-use crate::train::schedule::{DdpmConfig, NoiseSchedule};
 
 /// DDIM timesteps with diffusers' "leading" spacing and `steps_offset` 1 (SD 1.x's
 /// scheduler config): `t_i = i * (T / steps) + 1`, from the last to the first.
@@ -32,12 +31,7 @@ pub fn ddim_sample(
             format!("{steps} is outside 1..=1000"),
         ));
     }
-    let json = serde_json::to_string(&model.config.scheduler)
-        .map_err(|e| Error::config("scheduler", e.to_string()))?;
-    let ddpm = DdpmConfig::from_json_str(&json, "model scheduler config")
-        .map_err(|e| Error::config("scheduler", e.to_string()))?;
-    let schedule =
-        NoiseSchedule::new(&ddpm).map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let schedule = model.config.scheduler.noise_schedule()?;
     let ac = schedule.alphas_cumprod();
     let train_steps = ac.len();
     let ratio = train_steps / steps;

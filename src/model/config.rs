@@ -227,6 +227,20 @@ pub struct SchedulerConfig {
     pub trained_betas: Option<Vec<f64>>,
 }
 
+impl SchedulerConfig {
+    /// The DDPM noise schedule this configuration describes (read through the same
+    /// parser as a `scheduler_config.json`, so both are checked alike).
+    pub fn noise_schedule(&self) -> crate::error::Result<crate::train::schedule::NoiseSchedule> {
+        use crate::error::Error;
+        use crate::train::schedule::{DdpmConfig, NoiseSchedule};
+        let err = |e: &dyn std::fmt::Display| Error::config("scheduler", e.to_string());
+        let json = serde_json::to_string(self).map_err(|e| err(&e))?;
+        let ddpm =
+            DdpmConfig::from_json_str(&json, "model scheduler config").map_err(|e| err(&e))?;
+        NoiseSchedule::new(&ddpm).map_err(|e| err(&e))
+    }
+}
+
 fn beta_start() -> f64 {
     0.00085
 }

@@ -14,7 +14,7 @@ use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
 use super::loss::{denoising_loss, DenoisingBatch, Prediction};
 use super::prompts::{Builtin, TemplateSet};
 use super::rng::{Rng, RngState};
-use super::schedule::{DdpmConfig, LrSchedule, NoiseSchedule};
+use super::schedule::{LrSchedule, NoiseSchedule};
 use crate::embedding::{write_embedding, EmbeddingFile, EmbeddingPart, Encoder, Format, Precision};
 use crate::error::{Error, Result};
 use crate::model::{Injection, LatentDist, SdModel};
@@ -311,12 +311,7 @@ impl Trainer {
         config.validate()?;
         let tokenizer =
             ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
-        let sched_json = serde_json::to_string(&model.config.scheduler)
-            .map_err(|e| Error::config("scheduler", e.to_string()))?;
-        let ddpm = DdpmConfig::from_json_str(&sched_json, "model scheduler config")
-            .map_err(|e| Error::config("scheduler", e.to_string()))?;
-        let noise_schedule =
-            NoiseSchedule::new(&ddpm).map_err(|e| Error::config("scheduler", e.to_string()))?;
+        let noise_schedule = model.config.scheduler.noise_schedule()?;
         let prediction = Prediction::parse(
             config
                 .prediction_type
