@@ -1,4 +1,7 @@
-//! File writing that never leaves a half-written file behind.
+//! Files: writing that never leaves a half-written file behind, and bounded reads of
+//! whatever path a user gives ([`read`]).
+
+pub mod read;
 
 use std::io::Write;
 use std::path::Path;
