@@ -688,7 +688,7 @@ fn ldm_clip_config(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<Cl
     if hidden == 0 || hidden % 64 != 0 {
         return Err(model_err(
             path,
-            format!("CLIP width {hidden} is not a multiple of 64, so its head count is unknown: pass a model config"),
+            format!("CLIP width {hidden} is not a multiple of 64, so its head count is unknown: use the model as a diffusers folder, whose text_encoder/config.json gives it"),
         ));
     }
     Ok(ClipConfig {

@@ -929,7 +929,7 @@ fn initial_vectors(
             if ids.is_empty() {
                 return Err(Error::config(
                     "init",
-                    format!("the init text '{text}' has no tokens (use zeros or random instead)"),
+                    format!("the init text '{text}' has no tokens: give at least one word"),
                 ));
             }
             // A1111's create_embedding: vector i is the token vector of token i mod len.
