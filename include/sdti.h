@@ -19,7 +19,10 @@
 
 // The ABI's minor version: grows when functions, constants or struct fields are added.
 // 1: `SDTI_PRECISION_AUTO`, the params' new default.
-#define SDTI_ABI_MINOR 1
+// 2: writes refuse to replace an existing path (`SDTI_ERR_EXISTS`) unless
+//    `SDTI_WRITE_OVERWRITE` is passed to the `_ex` functions; `sdti_name_check`;
+//    `sdti_format_from_name` and codes for the read-only formats.
+#define SDTI_ABI_MINOR 2
 
 // Weights computed in 32-bit floats.
 #define SDTI_PRECISION_F32 0
@@ -72,6 +75,19 @@
 
 // SDXL safetensors (`clip_l` + `clip_g`); only for SDXL embeddings.
 #define SDTI_FORMAT_SDXL_SAFETENSORS 9
+
+// A1111 PNG with the vectors in the pixel borders (read only: a source format).
+#define SDTI_FORMAT_A1111_PNG_PIXELS 10
+
+// rinongal/textual_inversion `.pt` (read only: a source format).
+#define SDTI_FORMAT_RINONGAL_PT 11
+
+// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
+#define SDTI_FORMAT_A1111_WEBP_PIXELS 12
+
+// Write flag: replace whatever is at the destination (without it, a write refuses with
+// `SDTI_ERR_EXISTS`).
+#define SDTI_WRITE_OVERWRITE 1
 
 // Long prompts chunked as AUTOMATIC1111 does (the default).
 #define SDTI_CHUNKS_A1111 0
@@ -159,8 +175,11 @@ typedef struct sdti_trainer_params {
     const char *templates;
     // Optimizer steps of the whole run (default 3000).
     uint64_t max_steps;
-    // Folder for automatic saves (NULL: none): `<token>-<step>.safetensors` and
-    // `<token>.checkpoint.safetensors` every `save_every` steps.
+    // Folder for automatic saves (NULL: none): `<token>-<step>.safetensors` (the word
+    // named `<token>-<step>` inside too, as A1111 names its by-step files) and
+    // `<token>.checkpoint.safetensors` every `save_every` steps. Without
+    // `resume_checkpoint`, `sdti_trainer_new` refuses a folder that already holds that
+    // checkpoint (`SDTI_ERR_EXISTS`).
     const char *output_dir;
     // Save every this many steps (0, the default: never).
     uint64_t save_every;
@@ -248,6 +267,10 @@ typedef struct sdti_step_stats {
 // A tensor computation failed.
 #define SDTI_ERR_COMPUTE 18
 
+// The destination exists (a file, a folder, a symlink, dangling or not) and replacing it
+// was not asked for (`SDTI_WRITE_OVERWRITE`).
+#define SDTI_ERR_EXISTS 19
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -294,11 +317,8 @@ const char *sdti_status_str(sdti_status status);
 sdti_status sdti_last_error(char *buf, size_t len, size_t *needed);
 
 // Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
-// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically.
-//
-// Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_IO`,
-// `SDTI_ERR_UNSUPPORTED` (e.g. an SDXL file as a single-tensor format),
-// `SDTI_ERR_INVALID_ARGUMENT` (unknown format or precision).
+// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically, refusing to
+// replace anything at `dst`: `sdti_embedding_convert_ex` with `flags` 0.
 //
 // # Safety
 // `src` and `dst` are NUL-terminated strings.
@@ -309,10 +329,59 @@ sdti_status sdti_embedding_convert(const char *src,
                                    uint32_t format,
                                    uint32_t precision);
 
+// Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
+// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically. `flags`: 0, or
+// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`.
+//
+// Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_EXISTS`
+// (something is at `dst`, a dangling symlink included, and `flags` is 0), `SDTI_ERR_IO`,
+// `SDTI_ERR_UNSUPPORTED` (e.g. an SDXL file as a single-tensor format, a read-only
+// format), `SDTI_ERR_INVALID_ARGUMENT` (unknown format, precision or flag).
+//
+// # Safety
+// `src` and `dst` are NUL-terminated strings.
+//
+// `[thread-safe]`
+sdti_status sdti_embedding_convert_ex(const char *src,
+                                      const char *dst,
+                                      uint32_t format,
+                                      uint32_t precision,
+                                      uint32_t flags);
+
+// The `SDTI_FORMAT_*` code of a format name: any name `sdti_embedding_inspect` prints as
+// `source_format` (`"a1111-pt"`, `"safetensors"`, `"png-pixels"`, ...) or the `sdti`
+// command's `--format` takes, case-insensitive. Read-only formats have codes too (a
+// write to them fails with `SDTI_ERR_UNSUPPORTED`). `*code` is written on success.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (NULL, or an unknown name; the last error lists
+// the known ones).
+//
+// # Safety
+// `name` is NULL or NUL-terminated; `code` is NULL or writable.
+//
+// `[thread-safe]`
+sdti_status sdti_format_from_name(const char *name, uint32_t *code);
+
+// Checks that `name` can name a learned word and the files it is written to: one token,
+// a file name and never a path (no `/`, `\`, `:`, `..` or leading `.`, no control
+// characters or whitespace, not a device name Windows reserves such as `CON` or `COM1`,
+// at most 128 bytes). Hosts that build a file name from a user's word check it here
+// before writing; `sdti_trainer_new` checks `params.token` the same way.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (the last error says why), `SDTI_ERR_INVALID_UTF8`.
+//
+// # Safety
+// `name` is NULL or NUL-terminated.
+//
+// `[thread-safe]`
+sdti_status sdti_name_check(const char *name);
+
 // Describes an embedding file as a JSON object (NUL-terminated UTF-8) in `json`:
-// `name`, `step`, `vectors`, `width`, `family` (`"sd1"`, `"sd2"`, `"sdxl"` or null),
-// `source_format`, `sd_checkpoint`, `sd_checkpoint_name`, `checksum` (A1111's), and
-// `parts` with per-vector norms. `*needed` (optional) gets the size with the NUL; with
+// `name`, `step`, `vectors`, `widths` (numbers, one per part: `[768]`, `[768, 1280]`),
+// `family` (`"sd1"`, `"sd2"`, `"sdxl"` or null), `source_format` (a name
+// `sdti_format_from_name` takes), `sd_checkpoint`, `sd_checkpoint_name`, `checksum`
+// (A1111's), and `parts` (`encoder`: `"single"`, `"clip_l"` or `"clip_g"`) with
+// per-vector norms. `*needed` (optional) gets the size with the NUL; with
 // `json` NULL or `len` smaller the call returns `SDTI_ERR_BUFFER_TOO_SMALL`.
 //
 // # Safety
@@ -545,18 +614,32 @@ sdti_status sdti_trainer_step(struct sdti_trainer *trainer,
 // `[thread-safe]`
 void sdti_trainer_cancel(struct sdti_trainer *trainer);
 
-// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
-// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
-// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically.
-//
-// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (unknown format), `SDTI_ERR_UNSUPPORTED`
-// (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+// Writes the learned word to `path` as `format`, refusing to replace anything at `path`:
+// `sdti_trainer_export_ex` with `flags` 0.
 //
 // # Safety
 // `path` is a NUL-terminated string.
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_export(struct sdti_trainer *trainer, const char *path, uint32_t format);
+
+// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
+// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
+// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
+// `SDTI_WRITE_OVERWRITE` to replace what is at `path`.
+//
+// Statuses: `SDTI_ERR_EXISTS` (something is at `path`, a dangling symlink included, and
+// `flags` is 0), `SDTI_ERR_INVALID_ARGUMENT` (unknown format or flag),
+// `SDTI_ERR_UNSUPPORTED` (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+//
+// # Safety
+// `path` is a NUL-terminated string.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_export_ex(struct sdti_trainer *trainer,
+                                   const char *path,
+                                   uint32_t format,
+                                   uint32_t flags);
 
 // Writes a checkpoint (vectors, optimizer moments, step, RNG states, options) to
 // `path`, atomically. Resume it with `params.resume_checkpoint`.

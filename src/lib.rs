@@ -10,6 +10,7 @@ pub mod eval;
 pub mod ffi;
 pub mod io;
 pub mod model;
+pub mod names;
 pub mod plot;
 pub mod preview;
 pub mod prompt;

@@ -60,6 +60,7 @@ impl From<Error> for Failure {
 pub(crate) fn embedding_status(e: &EmbeddingError) -> sdti_status {
     match e {
         EmbeddingError::Io { .. } => SDTI_ERR_IO,
+        EmbeddingError::Exists { .. } => SDTI_ERR_EXISTS,
         EmbeddingError::UnknownFormatName { .. } => SDTI_ERR_INVALID_ARGUMENT,
         EmbeddingError::Unsupported { .. } => SDTI_ERR_UNSUPPORTED,
         _ => SDTI_ERR_EMBEDDING,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::boundary::*;
 use super::*;
-use crate::embedding::{inspect, read_embedding, write_embedding, Format, Precision};
+use crate::embedding::{inspect, read_embedding, write_embedding_to, Existing, Format, Precision};
 
 /// Pick the format from the file extension (`.pt`, `.safetensors`, `.bin`, `.png`).
 pub const SDTI_FORMAT_AUTO: u32 = 0;
@@ -28,6 +28,44 @@ pub const SDTI_FORMAT_KOHYA_SAFETENSORS: u32 = 7;
 pub const SDTI_FORMAT_ONETRAINER: u32 = 8;
 /// SDXL safetensors (`clip_l` + `clip_g`); only for SDXL embeddings.
 pub const SDTI_FORMAT_SDXL_SAFETENSORS: u32 = 9;
+/// A1111 PNG with the vectors in the pixel borders (read only: a source format).
+pub const SDTI_FORMAT_A1111_PNG_PIXELS: u32 = 10;
+/// rinongal/textual_inversion `.pt` (read only: a source format).
+pub const SDTI_FORMAT_RINONGAL_PT: u32 = 11;
+/// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
+pub const SDTI_FORMAT_A1111_WEBP_PIXELS: u32 = 12;
+
+/// Write flag: replace whatever is at the destination (without it, a write refuses with
+/// `SDTI_ERR_EXISTS`).
+pub const SDTI_WRITE_OVERWRITE: u32 = 1;
+
+/// Every `SDTI_FORMAT_*` code but `AUTO`, with its engine format: one table for both
+/// directions.
+const FORMAT_CODES: [(u32, Format); 12] = [
+    (SDTI_FORMAT_A1111_PT, Format::A1111Pt),
+    (SDTI_FORMAT_SAFETENSORS, Format::A1111Safetensors),
+    (SDTI_FORMAT_DIFFUSERS_SAFETENSORS, Format::DiffusersSafetensors),
+    (SDTI_FORMAT_DIFFUSERS_BIN, Format::DiffusersBin),
+    (SDTI_FORMAT_A1111_PNG, Format::A1111Png),
+    (SDTI_FORMAT_KOHYA_PT, Format::KohyaPt),
+    (SDTI_FORMAT_KOHYA_SAFETENSORS, Format::KohyaSafetensors),
+    (SDTI_FORMAT_ONETRAINER, Format::OneTrainer),
+    (SDTI_FORMAT_SDXL_SAFETENSORS, Format::SdxlSafetensors),
+    (SDTI_FORMAT_A1111_PNG_PIXELS, Format::A1111PngPixels),
+    (SDTI_FORMAT_RINONGAL_PT, Format::RinongalPt),
+    (SDTI_FORMAT_A1111_WEBP_PIXELS, Format::A1111WebpPixels),
+];
+
+/// What a write does with an existing destination, from `SDTI_WRITE_*` flags.
+pub(crate) fn existing_for(flags: u32) -> FfiResult<Existing> {
+    match flags {
+        0 => Ok(Existing::Refuse),
+        SDTI_WRITE_OVERWRITE => Ok(Existing::Replace),
+        other => Err(invalid(format!(
+            "flags {other:#x}: the only write flag is SDTI_WRITE_OVERWRITE (1)"
+        ))),
+    }
+}
 
 /// The engine format of an `SDTI_FORMAT_*` code.
 pub(crate) fn format_for(code: u32, path: &Path) -> FfiResult<Format> {
@@ -50,29 +88,21 @@ pub(crate) fn format_for(code: u32, path: &Path) -> FfiResult<Format> {
                 }
             }
         }
-        SDTI_FORMAT_A1111_PT => Format::A1111Pt,
-        SDTI_FORMAT_SAFETENSORS => Format::A1111Safetensors,
-        SDTI_FORMAT_DIFFUSERS_SAFETENSORS => Format::DiffusersSafetensors,
-        SDTI_FORMAT_DIFFUSERS_BIN => Format::DiffusersBin,
-        SDTI_FORMAT_A1111_PNG => Format::A1111Png,
-        SDTI_FORMAT_KOHYA_PT => Format::KohyaPt,
-        SDTI_FORMAT_KOHYA_SAFETENSORS => Format::KohyaSafetensors,
-        SDTI_FORMAT_ONETRAINER => Format::OneTrainer,
-        SDTI_FORMAT_SDXL_SAFETENSORS => Format::SdxlSafetensors,
-        other => {
-            return Err(invalid(format!(
-                "format {other} is not an SDTI_FORMAT_* value (0..=9)"
-            )))
-        }
+        other => match FORMAT_CODES.iter().find(|(c, _)| *c == other) {
+            Some((_, f)) => *f,
+            None => {
+                return Err(invalid(format!(
+                    "format {other} is not an SDTI_FORMAT_* value (0..={})",
+                    FORMAT_CODES.len()
+                )))
+            }
+        },
     })
 }
 
 /// Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
-/// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically.
-///
-/// Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_IO`,
-/// `SDTI_ERR_UNSUPPORTED` (e.g. an SDXL file as a single-tensor format),
-/// `SDTI_ERR_INVALID_ARGUMENT` (unknown format or precision).
+/// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically, refusing to
+/// replace anything at `dst`: `sdti_embedding_convert_ex` with `flags` 0.
 ///
 /// # Safety
 /// `src` and `dst` are NUL-terminated strings.
@@ -85,10 +115,36 @@ pub unsafe extern "C" fn sdti_embedding_convert(
     format: u32,
     precision: u32,
 ) -> sdti_status {
+    // SAFETY: forwarded contract.
+    unsafe { sdti_embedding_convert_ex(src, dst, format, precision, 0) }
+}
+
+/// Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
+/// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically. `flags`: 0, or
+/// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`.
+///
+/// Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_EXISTS`
+/// (something is at `dst`, a dangling symlink included, and `flags` is 0), `SDTI_ERR_IO`,
+/// `SDTI_ERR_UNSUPPORTED` (e.g. an SDXL file as a single-tensor format, a read-only
+/// format), `SDTI_ERR_INVALID_ARGUMENT` (unknown format, precision or flag).
+///
+/// # Safety
+/// `src` and `dst` are NUL-terminated strings.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_embedding_convert_ex(
+    src: *const c_char,
+    dst: *const c_char,
+    format: u32,
+    precision: u32,
+    flags: u32,
+) -> sdti_status {
     call(|| {
         // SAFETY: NUL-terminated by contract.
         let (src, dst) = unsafe { (cpath(src, "src")?, cpath(dst, "dst")?) };
         let format = format_for(format, &dst)?;
+        let existing = existing_for(flags)?;
         let precision = match precision {
             SDTI_PRECISION_F32 => Precision::F32,
             SDTI_PRECISION_F16 => Precision::F16,
@@ -99,15 +155,71 @@ pub unsafe extern "C" fn sdti_embedding_convert(
             }
         };
         let emb = read_embedding(&src)?;
-        write_embedding(&dst, &emb, format, precision)?;
+        write_embedding_to(&dst, &emb, format, precision, existing)?;
+        Ok(())
+    })
+}
+
+/// The `SDTI_FORMAT_*` code of a format name: any name `sdti_embedding_inspect` prints as
+/// `source_format` (`"a1111-pt"`, `"safetensors"`, `"png-pixels"`, ...) or the `sdti`
+/// command's `--format` takes, case-insensitive. Read-only formats have codes too (a
+/// write to them fails with `SDTI_ERR_UNSUPPORTED`). `*code` is written on success.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (NULL, or an unknown name; the last error lists
+/// the known ones).
+///
+/// # Safety
+/// `name` is NULL or NUL-terminated; `code` is NULL or writable.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_format_from_name(name: *const c_char, code: *mut u32) -> sdti_status {
+    call(|| {
+        // SAFETY: NUL-terminated by contract.
+        let name = unsafe { cstr(name, "name") }?;
+        if code.is_null() {
+            return Err(invalid("code is NULL"));
+        }
+        let format: Format = name.parse()?;
+        let found = FORMAT_CODES
+            .iter()
+            .find(|(_, f)| *f == format)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| fail(SDTI_ERR_UNSUPPORTED, format!("{name}: no format code")))?;
+        // SAFETY: non-NULL and writable by contract.
+        unsafe { *code = found };
+        Ok(())
+    })
+}
+
+/// Checks that `name` can name a learned word and the files it is written to: one token,
+/// a file name and never a path (no `/`, `\`, `:`, `..` or leading `.`, no control
+/// characters or whitespace, not a device name Windows reserves such as `CON` or `COM1`,
+/// at most 128 bytes). Hosts that build a file name from a user's word check it here
+/// before writing; `sdti_trainer_new` checks `params.token` the same way.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (the last error says why), `SDTI_ERR_INVALID_UTF8`.
+///
+/// # Safety
+/// `name` is NULL or NUL-terminated.
+///
+/// `[thread-safe]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_name_check(name: *const c_char) -> sdti_status {
+    call(|| {
+        // SAFETY: NUL-terminated by contract.
+        let name = unsafe { cstr(name, "name") }?;
+        crate::names::check_word_name(&name).map_err(invalid)?;
         Ok(())
     })
 }
 
 /// Describes an embedding file as a JSON object (NUL-terminated UTF-8) in `json`:
-/// `name`, `step`, `vectors`, `width`, `family` (`"sd1"`, `"sd2"`, `"sdxl"` or null),
-/// `source_format`, `sd_checkpoint`, `sd_checkpoint_name`, `checksum` (A1111's), and
-/// `parts` with per-vector norms. `*needed` (optional) gets the size with the NUL; with
+/// `name`, `step`, `vectors`, `widths` (numbers, one per part: `[768]`, `[768, 1280]`),
+/// `family` (`"sd1"`, `"sd2"`, `"sdxl"` or null), `source_format` (a name
+/// `sdti_format_from_name` takes), `sd_checkpoint`, `sd_checkpoint_name`, `checksum`
+/// (A1111's), and `parts` (`encoder`: `"single"`, `"clip_l"` or `"clip_g"`) with
+/// per-vector norms. `*needed` (optional) gets the size with the NUL; with
 /// `json` NULL or `len` smaller the call returns `SDTI_ERR_BUFFER_TOO_SMALL`.
 ///
 /// # Safety

@@ -40,7 +40,10 @@ use boundary::{call, write_bytes_with_nul};
 pub const SDTI_ABI_MAJOR: u32 = 1;
 /// The ABI's minor version: grows when functions, constants or struct fields are added.
 /// 1: `SDTI_PRECISION_AUTO`, the params' new default.
-pub const SDTI_ABI_MINOR: u32 = 1;
+/// 2: writes refuse to replace an existing path (`SDTI_ERR_EXISTS`) unless
+///    `SDTI_WRITE_OVERWRITE` is passed to the `_ex` functions; `sdti_name_check`;
+///    `sdti_format_from_name` and codes for the read-only formats.
+pub const SDTI_ABI_MINOR: u32 = 2;
 
 /// The result of every fallible call. Codes are never renumbered.
 pub type sdti_status = i32;
@@ -83,6 +86,9 @@ pub const SDTI_ERR_STATE: sdti_status = 16;
 pub const SDTI_ERR_UNSUPPORTED: sdti_status = 17;
 /// A tensor computation failed.
 pub const SDTI_ERR_COMPUTE: sdti_status = 18;
+/// The destination exists (a file, a folder, a symlink, dangling or not) and replacing it
+/// was not asked for (`SDTI_WRITE_OVERWRITE`).
+pub const SDTI_ERR_EXISTS: sdti_status = 19;
 
 /// Weights computed in 32-bit floats.
 pub const SDTI_PRECISION_F32: u32 = 0;
@@ -112,6 +118,8 @@ fn features() -> Vec<&'static str> {
         "sdti.encoder.tokenize/1",
         "sdti.embedding.convert/1",
         "sdti.embedding.inspect/1",
+        "sdti.names/1",
+        "sdti.write.no-clobber/1",
         "sdti.formats.a1111-pt/1",
         "sdti.formats.safetensors/1",
         "sdti.formats.diffusers/1",
@@ -196,6 +204,7 @@ pub extern "C" fn sdti_status_str(status: sdti_status) -> *const c_char {
         SDTI_ERR_STATE => c"call out of order",
         SDTI_ERR_UNSUPPORTED => c"unsupported",
         SDTI_ERR_COMPUTE => c"computation failed",
+        SDTI_ERR_EXISTS => c"destination exists",
         _ => c"unknown status",
     };
     s.as_ptr()

@@ -9,7 +9,7 @@ use super::boundary::*;
 use super::embedding::format_for;
 use super::*;
 use crate::device::{auto_dtype, open_device};
-use crate::embedding::Precision;
+use crate::embedding::{write_embedding_to, Existing, Precision};
 use crate::model::{LoadOptions, SdModel};
 use crate::train::data::{ImageSource, PixelFormat, MAX_PIXELS, MAX_SIDE, MIN_SIDE};
 use crate::train::{Init, StepStats, Templates, TrainConfig, Trainer};
@@ -101,8 +101,11 @@ pub struct sdti_trainer_params {
     pub templates: *const c_char,
     /// Optimizer steps of the whole run (default 3000).
     pub max_steps: u64,
-    /// Folder for automatic saves (NULL: none): `<token>-<step>.safetensors` and
-    /// `<token>.checkpoint.safetensors` every `save_every` steps.
+    /// Folder for automatic saves (NULL: none): `<token>-<step>.safetensors` (the word
+    /// named `<token>-<step>` inside too, as A1111 names its by-step files) and
+    /// `<token>.checkpoint.safetensors` every `save_every` steps. Without
+    /// `resume_checkpoint`, `sdti_trainer_new` refuses a folder that already holds that
+    /// checkpoint (`SDTI_ERR_EXISTS`).
     pub output_dir: *const c_char,
     /// Save every this many steps (0, the default: never).
     pub save_every: u64,
@@ -279,6 +282,20 @@ pub unsafe extern "C" fn sdti_trainer_new(
         };
         // Check the options before the (slow) model load.
         config.validate()?;
+        if let (Some(dir), None) = (&output_dir, &resume) {
+            // A new run must not take over the files of an earlier run of the same word.
+            let ckpt = run_checkpoint_path(dir, &config.token);
+            if let Some(kind) = crate::io::existing_kind(&ckpt) {
+                return Err(fail(
+                    SDTI_ERR_EXISTS,
+                    format!(
+                        "params.output_dir: {} is already there ({kind}): an earlier run of '{}'; resume it (params.resume_checkpoint) or choose another folder or token",
+                        ckpt.display(),
+                        config.token
+                    ),
+                ));
+            }
+        }
         let model = load_model(&model_path, device.as_deref(), p.precision)?;
         let trainer = Trainer::new(Arc::new(model), config)?;
         let cancel = trainer.cancel_flag();
@@ -446,17 +463,28 @@ impl TrainerState {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| fail(SDTI_ERR_IO, format!("output_dir {}: {e}", dir.display())))?;
                 let token = &self.trainer.config().token;
-                self.trainer.export(
-                    &dir.join(format!("{token}-{}.safetensors", stats.step)),
+                // Named as A1111 names its by-step files, inside as in the file name.
+                let name = format!("{token}-{}", stats.step);
+                let mut emb = self.trainer.embedding()?;
+                emb.name = Some(name.clone());
+                // This run's own files: checked at sdti_trainer_new, rewritten after a resume.
+                write_embedding_to(
+                    &dir.join(format!("{name}.safetensors")),
+                    &emb,
                     crate::embedding::Format::A1111Safetensors,
                     Precision::F32,
+                    Existing::Replace,
                 )?;
-                self.trainer
-                    .save_checkpoint(&dir.join(format!("{token}.checkpoint.safetensors")))?;
+                self.trainer.save_checkpoint(&run_checkpoint_path(dir, token))?;
             }
         }
         Ok(stats)
     }
+}
+
+/// The checkpoint the automatic saves of a run with `output_dir` write.
+fn run_checkpoint_path(dir: &Path, token: &str) -> PathBuf {
+    dir.join(format!("{token}.checkpoint.safetensors"))
 }
 
 /// Runs up to `steps` optimizer steps (fewer when the run reaches `max_steps`, which is
@@ -585,12 +613,8 @@ pub extern "C" fn sdti_trainer_cancel(trainer: *mut sdti_trainer) {
     });
 }
 
-/// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
-/// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
-/// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically.
-///
-/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (unknown format), `SDTI_ERR_UNSUPPORTED`
-/// (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+/// Writes the learned word to `path` as `format`, refusing to replace anything at `path`:
+/// `sdti_trainer_export_ex` with `flags` 0.
 ///
 /// # Safety
 /// `path` is a NUL-terminated string.
@@ -602,11 +626,38 @@ pub unsafe extern "C" fn sdti_trainer_export(
     path: *const c_char,
     format: u32,
 ) -> sdti_status {
+    // SAFETY: forwarded contract.
+    unsafe { sdti_trainer_export_ex(trainer, path, format, 0) }
+}
+
+/// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
+/// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
+/// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
+/// `SDTI_WRITE_OVERWRITE` to replace what is at `path`.
+///
+/// Statuses: `SDTI_ERR_EXISTS` (something is at `path`, a dangling symlink included, and
+/// `flags` is 0), `SDTI_ERR_INVALID_ARGUMENT` (unknown format or flag),
+/// `SDTI_ERR_UNSUPPORTED` (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_export_ex(
+    trainer: *mut sdti_trainer,
+    path: *const c_char,
+    format: u32,
+    flags: u32,
+) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
         // SAFETY: NUL-terminated by contract.
         let path = unsafe { cpath(path, "path") }?;
         let format = format_for(format, &path)?;
-        state.trainer.export(&path, format, Precision::F32)?;
+        let existing = existing_for(flags)?;
+        state
+            .trainer
+            .export(&path, format, Precision::F32, existing)?;
         Ok(())
     })
 }
