@@ -227,7 +227,7 @@ pub fn folder_state(dir: &Path) -> FolderState {
 
 fn read_config(dir: &Path) -> Result<RunConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::io::read::read_text(&path, &crate::io::read::RUN_CONFIG)?;
     let config: RunConfig = serde_json::from_str(&text).map_err(|e| {
         Error::input(
             path.display().to_string(),
@@ -413,10 +413,10 @@ impl RunFolder {
 
     fn read_losses(&self) -> Result<Vec<LossPoint>> {
         let path = self.dir.join(LOSS_CSV);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::io::read::read_text(&path, &crate::io::read::LOSS_LOG) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(e) => return Err(e.into()),
         };
         Ok(text
             .lines()
@@ -460,7 +460,7 @@ impl RunFolder {
         self.losses.retain(|p| p.step <= step);
         let mut csv = format!("{CSV_HEADER}\n");
         let path = self.dir.join(LOSS_CSV);
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let old = crate::io::read::read_text(&path, &crate::io::read::LOSS_LOG).unwrap_or_default();
         for line in old.lines().skip(1) {
             let s: Option<u64> = line.split(',').next().and_then(|s| s.trim().parse().ok());
             if s.is_some_and(|s| s <= step) {

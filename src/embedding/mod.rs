@@ -647,20 +647,31 @@ fn io_err(file: &str, op: &'static str, source: std::io::Error) -> EmbeddingErro
 }
 
 /// Read a learned embedding from disk, whatever its layout.
+/// Regular files and pipes are read (at most [`MAX_FILE_BYTES`], counted as bytes
+/// arrive); devices, sockets and folders are refused.
 pub fn read_embedding(path: &Path) -> Result<EmbeddingFile, EmbeddingError> {
-    let file = display_name(path);
-    let meta = std::fs::metadata(path).map_err(|e| io_err(&file, "stat", e))?;
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(EmbeddingError::TooLarge {
-            file,
-            field: "file size".to_string(),
-            needed: meta.len(),
-            limit: MAX_FILE_BYTES,
-            reason: "learned-embedding files are kilobytes; this is not one",
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|e| io_err(&file, "read", e))?;
-    read_embedding_bytes(&bytes, &file)
+    use crate::io::read::{self, FileKind, ReadFailure};
+    let limit = read::EMBEDDING_FILE;
+    let contents = read::read_bounded_within(path, &limit, read::PIPE_WAIT).map_err(|e| {
+        // Named as typed: `/dev/fd/63`, not its last component.
+        let file = path.display().to_string();
+        match e.failure {
+            ReadFailure::TooLarge { size, read, .. } => EmbeddingError::TooLarge {
+                file,
+                field: "file size".to_string(),
+                needed: size.unwrap_or(read),
+                limit: limit.max_bytes,
+                reason: "learned-embedding files are kilobytes; this is not one",
+            },
+            _ => io_err(&file, limit.field, e.into_reason()),
+        }
+    })?;
+    // A pipe's last component is a descriptor number (`63`): name the whole path.
+    let file = match contents.kind {
+        FileKind::Pipe => path.display().to_string(),
+        _ => display_name(path),
+    };
+    read_embedding_bytes(&contents.bytes, &file)
 }
 
 /// Read a learned embedding from memory. `name_hint` names the file in errors

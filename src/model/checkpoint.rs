@@ -78,7 +78,7 @@ pub fn index_model(
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read::read_text(path, &crate::io::read::MODEL_CONFIG)?;
     serde_json::from_str(&text).map_err(|e| model_err(path, format!("invalid config: {e}")))
 }
 

@@ -7,7 +7,6 @@
 //! converted to the compute dtype and device.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,7 +45,8 @@ pub struct WeightIndex {
 impl WeightIndex {
     /// Maps `path` and returns its keys with their shapes, for the caller to rename.
     pub fn map_file(&mut self, path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // A pipe or a device cannot be mapped (and opening a FIFO would wait for a writer).
+        let file = crate::io::read::open_regular(path, "model file")?;
         // SAFETY: the map is read-only; a checkpoint modified while training is the
         // user's concurrent write, as with every tool that mmaps weights.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

@@ -478,8 +478,8 @@ pub fn load_rgb(
     match source {
         ImageSource::File(path) => {
             let origin = path.display().to_string();
-            let bytes =
-                std::fs::read(path).map_err(|e| err(&origin, "file", DataErrorKind::Io(e)))?;
+            let bytes = crate::io::read::read_bounded(path, &crate::io::read::TRAINING_IMAGE)
+                .map_err(|e| err(&origin, "file", DataErrorKind::Io(e.into_reason())))?;
             let img = decode_bytes(&origin, &bytes, apply_exif_orientation)?;
             Ok(to_rgb(img, alpha))
         }
@@ -521,8 +521,8 @@ pub fn resolve_caption(image: &TrainImage) -> Result<Option<String>, TrainDataEr
     let sidecar = path.with_extension("txt");
     if sidecar != *path && sidecar.is_file() {
         let origin = sidecar.display().to_string();
-        let bytes = std::fs::read(&sidecar)
-            .map_err(|e| err(&origin, "caption file", DataErrorKind::Io(e)))?;
+        let bytes = crate::io::read::read_bounded(&sidecar, &crate::io::read::CAPTION)
+            .map_err(|e| err(&origin, "caption file", DataErrorKind::Io(e.into_reason())))?;
         let text = String::from_utf8(bytes)
             .map_err(|_| err(&origin, "caption file", DataErrorKind::NotUtf8))?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

@@ -223,10 +223,13 @@ impl TemplateSet {
 
     /// Loads an A1111-style template file (e.g. `textual_inversion_templates/style_filewords.txt`).
     pub fn from_file(path: &Path) -> Result<Self, PromptError> {
-        let bytes = std::fs::read(path).map_err(|source| PromptError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            crate::io::read::read_bounded(path, &crate::io::read::TEMPLATE_FILE).map_err(|e| {
+                PromptError::Io {
+                    path: path.to_path_buf(),
+                    source: e.into_reason(),
+                }
+            })?;
         let text = String::from_utf8(bytes).map_err(|_| PromptError::NotUtf8 {
             path: path.to_path_buf(),
         })?;

@@ -171,10 +171,13 @@ impl DdpmConfig {
 
     /// Reads a diffusers `scheduler/scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ScheduleError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScheduleError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::io::read::read_text(path, &crate::io::read::SCHEDULER_CONFIG).map_err(|e| {
+                ScheduleError::Io {
+                    path: path.to_path_buf(),
+                    source: e.into_reason(),
+                }
+            })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 

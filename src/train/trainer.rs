@@ -752,7 +752,7 @@ impl Trainer {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::read::read_bounded(path, &crate::io::read::TRAINING_CHECKPOINT)?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| err(format!("not a safetensors file: {e}")))?;
         let json = meta

@@ -7,5 +7,6 @@ mod ffi;
 mod learning;
 mod loading;
 mod parity;
+mod reads;
 mod tokenizer;
 mod training;
