@@ -14,7 +14,8 @@
 //!   `learned_embeds.bin` (`{token: tensor}`);
 //! * single-key safetensors (`emb_params`; kohya; OneTrainer `emp_params`),
 //!   diffusers `learned_embeds.safetensors`, SDXL `clip_l` + `clip_g`;
-//! * A1111 PNG (`sd-ti-embedding` text chunk) and A1111's pixel-border PNG (read).
+//! * A1111 PNG (`sd-ti-embedding` text chunk) and A1111's pixel-border PNG and
+//!   lossless WebP (read).
 
 mod inspect;
 mod json;
@@ -22,6 +23,7 @@ mod pickle;
 mod png;
 mod pt;
 mod safetensors_layouts;
+mod webp;
 mod zip;
 
 use std::cell::Cell;
@@ -111,10 +113,13 @@ pub enum Format {
     KohyaPt,
     /// kohya sd-scripts `.safetensors`: `emb_params` (same bytes as A1111's).
     KohyaSafetensors,
+    /// Lossless WebP with the data hidden in the pixel borders, as A1111 loads
+    /// `.webp` embeddings (read only).
+    A1111WebpPixels,
 }
 
 impl Format {
-    pub const ALL: [Format; 11] = [
+    pub const ALL: [Format; 12] = [
         Format::A1111Pt,
         Format::A1111Safetensors,
         Format::DiffusersSafetensors,
@@ -126,6 +131,7 @@ impl Format {
         Format::OneTrainer,
         Format::KohyaPt,
         Format::KohyaSafetensors,
+        Format::A1111WebpPixels,
     ];
 
     /// Canonical command-line name.
@@ -142,6 +148,7 @@ impl Format {
             Format::OneTrainer => "onetrainer",
             Format::KohyaPt => "kohya-pt",
             Format::KohyaSafetensors => "kohya-safetensors",
+            Format::A1111WebpPixels => "webp-pixels",
         }
     }
 
@@ -151,13 +158,17 @@ impl Format {
             Format::A1111Pt | Format::RinongalPt | Format::KohyaPt => "pt",
             Format::DiffusersBin => "bin",
             Format::A1111Png | Format::A1111PngPixels => "png",
+            Format::A1111WebpPixels => "webp",
             _ => "safetensors",
         }
     }
 
     /// Whether [`write_embedding`] can produce it.
     pub fn writable(self) -> bool {
-        !matches!(self, Format::A1111PngPixels | Format::RinongalPt)
+        !matches!(
+            self,
+            Format::A1111PngPixels | Format::RinongalPt | Format::A1111WebpPixels
+        )
     }
 }
 
@@ -182,6 +193,7 @@ impl FromStr for Format {
             "onetrainer" => Format::OneTrainer,
             "kohya-pt" => Format::KohyaPt,
             "kohya" | "kohya-safetensors" => Format::KohyaSafetensors,
+            "webp-pixels" | "a1111-webp-pixels" | "webp" => Format::A1111WebpPixels,
             _ => {
                 let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
                 return Err(EmbeddingError::UnknownFormatName {
@@ -692,6 +704,10 @@ pub fn read_embedding_bytes(
     let ctx = Ctx::new(name_hint, bytes.len());
     let mut emb = if bytes.starts_with(png::SIGNATURE) {
         png::read(&ctx, bytes)?
+    } else if webp::looks_like(bytes) {
+        webp::read(&ctx, bytes)?
+    } else if let Some(e) = webp::unsupported_picture(&ctx, bytes) {
+        return Err(e);
     } else if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         pt::read(&ctx, bytes)?
     } else if safetensors_layouts::looks_like(bytes) {
@@ -708,7 +724,7 @@ pub fn read_embedding_bytes(
         return Err(EmbeddingError::UnknownFormat {
             file: ctx.file.clone(),
             reason: format!(
-                "starts with bytes {}; expected a torch zip (.pt/.bin), safetensors or PNG",
+                "starts with bytes {}; expected a torch zip (.pt/.bin), safetensors, PNG or WebP",
                 magic.join(" ")
             ),
         });
@@ -793,7 +809,7 @@ pub fn write_embedding_bytes(
             safetensors_layouts::write(stem, &[("clip_g", g), ("clip_l", l)], precision, None)?
         }
         Format::A1111Png => png::write(emb, single("A1111 PNG")?, precision, stem)?,
-        Format::A1111PngPixels | Format::RinongalPt => {
+        Format::A1111PngPixels | Format::RinongalPt | Format::A1111WebpPixels => {
             return Err(EmbeddingError::Unsupported {
                 file: stem.to_string(),
                 format,
@@ -938,9 +954,18 @@ pub mod fuzzing {
         let ctx = Ctx::new("fuzz", bytes.len());
         let r = match bytes.first() {
             Some(0x89) => png::read(&ctx, bytes),
+            _ if webp::looks_like(bytes) => webp::read(&ctx, bytes),
             Some(b'P') => pt::read(&ctx, bytes),
             _ => safetensors_layouts::read(&ctx, bytes),
         };
         (r, ctx.budget.used(), ctx.budget.limit())
+    }
+
+    /// A copy of a PNG with every chunk's CRC-32 recomputed, so that a fuzzer's
+    /// mutations get past the checksum to the decoders behind it.
+    pub fn png_with_fixed_crcs(bytes: &[u8]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        png::fix_crcs(&mut out);
+        out
     }
 }

@@ -6,6 +6,9 @@
 //!   XOR-scrambled with an LCG and painted as two blocks left and right of the
 //!   preview, separated by black columns. Read only, mirroring
 //!   `extract_image_data_embed` step by step.
+//!
+//! Either way every chunk's CRC-32 is checked first: a changed byte is an error
+//! naming the chunk, as PIL and libpng report it, never a silently different read.
 
 use std::io::Read;
 
@@ -14,78 +17,97 @@ use super::{json, round_to, Ctx, EmbeddingError, EmbeddingFile, EmbeddingPart, F
 pub(crate) const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 const KEYWORD: &[u8] = b"sd-ti-embedding";
 
-/// Walk the chunk list for our keyword; CRCs are not checked (PIL does not either
-/// for ancillary text) but lengths are.
-fn find_text(ctx: &Ctx, bytes: &[u8]) -> Result<Option<Vec<u8>>, EmbeddingError> {
+/// One chunk of the walk, as an error message names it.
+fn chunk_field(index: usize, kind: &[u8], pos: usize) -> String {
+    format!("PNG chunk {index} ({} at byte {pos})", kind.escape_ascii())
+}
+
+/// An `sd-ti-embedding` chunk: its type and what follows the keyword's NUL.
+type TextChunk<'a> = (&'a [u8], &'a [u8]);
+
+/// Walk every chunk up to `IEND`, checking lengths and each chunk's CRC-32, and
+/// return the last `sd-ti-embedding` text chunk's kind and data (PIL's `.text`
+/// keeps the last of repeated keys). The CRCs are checked for every chunk, the
+/// pixel data included: PIL refuses a bad CRC in the chunks it parses, libpng in
+/// all of them, so a changed byte is an error here rather than a guess.
+fn walk_chunks<'a>(ctx: &Ctx, bytes: &'a [u8]) -> Result<Option<TextChunk<'a>>, EmbeddingError> {
     let mut pos = SIGNATURE.len();
-    loop {
+    let mut found = None;
+    for index in 0.. {
         let Some(head) = bytes.get(pos..pos + 8) else {
             return Err(ctx.truncated(
                 "PNG chunks",
-                format!("chunk header cut short at byte {pos}"),
+                format!("chunk {index}: header cut short at byte {pos} (no IEND)"),
             ));
         };
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let kind = &head[4..8];
+        let field = chunk_field(index, kind, pos);
         let data = bytes.get(pos + 8..pos + 8 + len).ok_or_else(|| {
-            ctx.truncated(
-                "PNG chunks",
-                format!(
-                    "{} chunk of {len} bytes runs past the end",
-                    String::from_utf8_lossy(kind)
-                ),
-            )
+            ctx.truncated(&field, format!("{len} bytes of data run past the end"))
         })?;
-        if bytes.len() < pos + 12 + len {
-            return Err(ctx.truncated("PNG chunks", "chunk CRC cut short"));
+        let Some(stored) = bytes.get(pos + 8 + len..pos + 12 + len) else {
+            return Err(ctx.truncated(&field, "CRC-32 cut short"));
+        };
+        let stored = u32::from_be_bytes([stored[0], stored[1], stored[2], stored[3]]);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        if crc.sum() != stored {
+            return Err(ctx.invalid(
+                field,
+                format!(
+                    "CRC-32 mismatch (stored 0x{stored:08x}, computed 0x{:08x}): the file is \
+                     corrupt, as PIL and libpng would also report",
+                    crc.sum()
+                ),
+            ));
         }
         pos += 12 + len;
-        let field = "PNG sd-ti-embedding chunk";
         match kind {
-            b"tEXt" => {
-                if let Some(rest) = data
+            b"tEXt" | b"zTXt" | b"iTXt"
+                if data
                     .strip_prefix(KEYWORD)
-                    .and_then(|r| r.strip_prefix(b"\0"))
-                {
-                    return Ok(Some(rest.to_vec()));
-                }
+                    .is_some_and(|r| r.first() == Some(&0)) =>
+            {
+                found = Some((kind, &data[KEYWORD.len() + 1..]));
             }
-            b"zTXt" => {
-                if let Some(rest) = data
-                    .strip_prefix(KEYWORD)
-                    .and_then(|r| r.strip_prefix(b"\0"))
-                {
-                    let comp = rest
-                        .get(1..)
-                        .ok_or_else(|| ctx.truncated(field, "zTXt without method byte"))?;
-                    return Ok(Some(inflate(ctx, field, comp)?));
-                }
-            }
-            b"iTXt" => {
-                if let Some(rest) = data
-                    .strip_prefix(KEYWORD)
-                    .and_then(|r| r.strip_prefix(b"\0"))
-                {
-                    // compression flag, method, language\0, translated keyword\0, text
-                    let (&flag, rest) = rest
-                        .split_first()
-                        .ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
-                    let rest = rest
-                        .get(1..)
-                        .ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
-                    let mut it = rest.splitn(3, |b| *b == 0);
-                    let (_, _, text) = (it.next(), it.next(), it.next());
-                    let text = text.ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
-                    return Ok(Some(if flag == 1 {
-                        inflate(ctx, field, text)?
-                    } else {
-                        text.to_vec()
-                    }));
-                }
-            }
-            b"IEND" => return Ok(None),
+            b"IEND" => break,
             _ => {}
         }
+    }
+    Ok(found)
+}
+
+/// The text of an `sd-ti-embedding` chunk (after its keyword and NUL), inflated
+/// where the chunk says it is compressed.
+fn chunk_text(ctx: &Ctx, kind: &[u8], rest: &[u8]) -> Result<Vec<u8>, EmbeddingError> {
+    let field = "PNG sd-ti-embedding chunk";
+    match kind {
+        b"zTXt" => {
+            let comp = rest
+                .get(1..)
+                .ok_or_else(|| ctx.truncated(field, "zTXt without method byte"))?;
+            inflate(ctx, field, comp)
+        }
+        b"iTXt" => {
+            // compression flag, method, language\0, translated keyword\0, text
+            let (&flag, rest) = rest
+                .split_first()
+                .ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
+            let rest = rest
+                .get(1..)
+                .ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
+            let mut it = rest.splitn(3, |b| *b == 0);
+            let (_, _, text) = (it.next(), it.next(), it.next());
+            let text = text.ok_or_else(|| ctx.truncated(field, "iTXt header cut short"))?;
+            if flag == 1 {
+                inflate(ctx, field, text)
+            } else {
+                Ok(text.to_vec())
+            }
+        }
+        _ => Ok(rest.to_vec()),
     }
 }
 
@@ -159,12 +181,17 @@ fn b64_encode(data: &[u8]) -> String {
 fn decode_rgb(ctx: &Ctx, bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), EmbeddingError> {
     let field = "PNG pixels";
     let avail = ctx.budget.limit().saturating_sub(ctx.budget.used());
-    let mut dec = ::png::Decoder::new_with_limits(
-        std::io::Cursor::new(bytes),
-        ::png::Limits {
-            bytes: usize::try_from(avail / 2).unwrap_or(usize::MAX),
-        },
-    );
+    // The chunk walk has checked every CRC already; the decoder is strict too (by
+    // default it skips ancillary chunks with a bad CRC and ignores zlib's Adler-32,
+    // which zlib itself, and so PIL and libpng, check).
+    let mut opts = ::png::DecodeOptions::default();
+    opts.set_ignore_crc(false);
+    opts.set_ignore_adler32(false);
+    opts.set_skip_ancillary_crc_failures(false);
+    let mut dec = ::png::Decoder::new_with_options(std::io::Cursor::new(bytes), opts);
+    dec.set_limits(::png::Limits {
+        bytes: usize::try_from(avail / 2).unwrap_or(usize::MAX),
+    });
     dec.set_transformations(::png::Transformations::EXPAND | ::png::Transformations::STRIP_16);
     let mut reader = dec
         .read_info()
@@ -212,15 +239,22 @@ impl Iterator for Lcg {
     }
 }
 
-/// `extract_image_data_embed`, step by step.
-fn extract_pixels(ctx: &Ctx, bytes: &[u8]) -> Result<Vec<u8>, EmbeddingError> {
-    let field = "PNG pixel-embedded data";
+/// `extract_image_data_embed`, step by step, on 8-bit RGB pixels (row-major,
+/// `w * h * 3` bytes): the zlib'd JSON it hides. `none` says what the picture
+/// is when it holds no such data.
+pub(crate) fn extract_pixel_data(
+    ctx: &Ctx,
+    field: &str,
+    (w, h, rgb): (usize, usize, &[u8]),
+    none: &str,
+) -> Result<Vec<u8>, EmbeddingError> {
     let none = || EmbeddingError::UnknownFormat {
         file: ctx.file.clone(),
-        reason: "a PNG with neither an sd-ti-embedding text chunk nor A1111 pixel-border data"
-            .to_string(),
+        reason: none.to_string(),
     };
-    let (w, h, rgb) = decode_rgb(ctx, bytes)?;
+    if rgb.len() != w * h * 3 {
+        return Err(ctx.truncated(field, format!("{} bytes for {w} x {h} RGB", rgb.len())));
+    }
     let px = |x: usize, y: usize| -> &[u8] { &rgb[(y * w + x) * 3..(y * w + x) * 3 + 3] };
     // crop_black(tol=0): bounding box of pixels whose channels are all > 0.
     let lit = |x: usize, y: usize| px(x, y).iter().all(|c| *c > 0);
@@ -273,13 +307,41 @@ fn extract_pixels(ctx: &Ctx, bytes: &[u8]) -> Result<Vec<u8>, EmbeddingError> {
 }
 
 pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingError> {
-    if let Some(text) = find_text(ctx, bytes)? {
+    if let Some((kind, rest)) = walk_chunks(ctx, bytes)? {
         let field = "PNG sd-ti-embedding chunk";
+        let text = chunk_text(ctx, kind, rest)?;
         let raw = b64_decode(ctx, field, &text)?;
         return json::parse(ctx, field, &raw, Format::A1111Png);
     }
-    let raw = extract_pixels(ctx, bytes)?;
-    json::parse(ctx, "PNG pixel-embedded data", &raw, Format::A1111PngPixels)
+    let field = "PNG pixel-embedded data";
+    let (w, h, rgb) = decode_rgb(ctx, bytes)?;
+    let raw = extract_pixel_data(
+        ctx,
+        field,
+        (w, h, &rgb),
+        "a PNG with neither an sd-ti-embedding text chunk nor A1111 pixel-border data",
+    )?;
+    json::parse(ctx, field, &raw, Format::A1111PngPixels)
+}
+
+/// Rewrite every chunk's CRC-32 so that mutated bytes reach the layers behind the
+/// checksum (for fuzzing); stops at IEND or at the first chunk that runs past the end.
+pub(crate) fn fix_crcs(bytes: &mut [u8]) {
+    let mut pos = SIGNATURE.len();
+    while let Some(head) = bytes.get(pos..pos + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let end = pos.saturating_add(8).saturating_add(len);
+        if end.saturating_add(4) > bytes.len() {
+            break;
+        }
+        let mut crc = flate2::Crc::new();
+        crc.update(&bytes[pos + 4..end]);
+        bytes[end..end + 4].copy_from_slice(&crc.sum().to_be_bytes());
+        if &bytes[pos + 4..pos + 8] == b"IEND" {
+            break;
+        }
+        pos = end + 4;
+    }
 }
 
 /// A small preview: one band per vector, columns = dimensions averaged into 128

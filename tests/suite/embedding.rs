@@ -854,3 +854,203 @@ fn cut_safetensors_header_says_truncated() {
     let e = read_embedding_bytes(&bytes[..40], "cut.safetensors").unwrap_err();
     assert!(matches!(e, EmbeddingError::Truncated { .. }), "{e}");
 }
+
+// ------------------------------------------------------------------ PNG CRCs, WebP (issue 10)
+
+/// `(type, offset of the length field, data length)` of every chunk up to IEND.
+fn png_chunk_spans(bytes: &[u8]) -> Vec<([u8; 4], usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 8;
+    while pos + 12 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let kind: [u8; 4] = bytes[pos + 4..pos + 8].try_into().unwrap();
+        out.push((kind, pos, len));
+        pos += 12 + len;
+        if &kind == b"IEND" {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn png_changed_byte_is_refused_naming_the_chunk() {
+    for (file, flips) in [
+        // (chunk type, where inside it: data byte n, or the CRC)
+        (
+            "a1111_text.png",
+            &[
+                ("tEXt", Some(40)),
+                ("IDAT", Some(10)),
+                ("IHDR", Some(3)),
+                ("tEXt", None),
+            ][..],
+        ),
+        (
+            "a1111_pixels.png",
+            &[
+                ("IDAT", Some(100)),
+                ("IHDR", Some(0)),
+                ("IDAT", None),
+                ("IEND", None),
+            ][..],
+        ),
+    ] {
+        let bytes = std::fs::read(fixtures().join(file)).unwrap();
+        let good = read_embedding_bytes(&bytes, file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(good, fixture(file));
+        let spans = png_chunk_spans(&bytes);
+        for &(kind, at) in flips {
+            let (index, &(_, pos, len)) = spans
+                .iter()
+                .enumerate()
+                .find(|(_, (k, _, _))| k == kind.as_bytes())
+                .unwrap_or_else(|| panic!("{file} has no {kind}"));
+            let byte = match at {
+                Some(n) => pos + 8 + n,
+                None => pos + 8 + len + 2,
+            };
+            let mut bad = bytes.clone();
+            bad[byte] ^= 0x01;
+            let e = read_embedding_bytes(&bad, file).expect_err(&format!("{file} {kind} {at:?}"));
+            let msg = e.to_string();
+            let chunk = format!("PNG chunk {index} ({kind} at byte {pos})");
+            assert!(
+                msg.starts_with(&format!("{file}: {chunk}: CRC-32 mismatch")),
+                "{file}, {kind} byte {byte}: {msg}"
+            );
+            // The fuzzing helper repairs the CRCs: a flipped CRC byte reads as before, a
+            // flipped data byte now gets past the checksum to the decoders.
+            let fixed = fuzzing::png_with_fixed_crcs(&bad);
+            let r = read_embedding_bytes(&fixed, file);
+            if at.is_none() {
+                assert_eq!(r.unwrap(), good, "{file}: repaired {kind} CRC");
+            } else if let Err(e) = r {
+                assert!(!e.to_string().contains("CRC-32"), "{file}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn png_missing_iend_is_truncated() {
+    let bytes = std::fs::read(fixtures().join("a1111_text.png")).unwrap();
+    let e = read_embedding_bytes(&bytes[..bytes.len() - 12], "cut.png").unwrap_err();
+    assert!(matches!(e, EmbeddingError::Truncated { .. }), "{e}");
+    assert!(e.to_string().contains("no IEND"), "{e}");
+}
+
+#[test]
+fn webp_pixel_embedding_reads_like_the_png() {
+    let png = fixture("a1111_pixels.png");
+    for file in ["a1111_pixels.webp", "a1111_pixels_rgba.webp"] {
+        let got = fixture(file);
+        assert_eq!(got.source_format, Format::A1111WebpPixels, "{file}");
+        assert_eq!(got.parts, png.parts, "{file}: vectors");
+        assert_eq!(got.name.as_deref(), Some("pixembed"), "{file}");
+        assert_eq!(
+            (got.name.clone(), got.step, got.sd_checkpoint.clone()),
+            (png.name.clone(), png.step, png.sd_checkpoint.clone()),
+            "{file}"
+        );
+        assert_eq!(got.sd_checkpoint_name, png.sd_checkpoint_name, "{file}");
+        assert_eq!(
+            inspect(&got, None, 0).source_format,
+            Format::A1111WebpPixels
+        );
+    }
+    let f = Format::A1111WebpPixels;
+    assert_eq!(f.to_string(), "webp-pixels");
+    assert_eq!("webp-pixels".parse::<Format>().unwrap(), f);
+    assert_eq!(f.extension(), "webp");
+    assert!(!f.writable());
+    let e = write_embedding_bytes(&png, f, Precision::F32, "x").unwrap_err();
+    assert!(matches!(e, EmbeddingError::Unsupported { .. }), "{e}");
+}
+
+#[test]
+fn webp_written_here_losslessly_reads_and_plain_pictures_are_named() {
+    let px = image::load_from_memory(&std::fs::read(fixtures().join("a1111_pixels.png")).unwrap())
+        .unwrap()
+        .to_rgb8();
+    let encode = |img: &image::RgbImage| {
+        let mut out = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut out)
+            .encode(
+                img,
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        out
+    };
+    let got = read_embedding_bytes(&encode(&px), "mine.webp").unwrap();
+    assert_eq!(got.parts, fixture("a1111_pixels.png").parts);
+    let grey = image::RgbImage::from_pixel(40, 30, image::Rgb([90, 90, 90]));
+    let e = read_embedding_bytes(&encode(&grey), "plain.webp").unwrap_err();
+    assert!(matches!(e, EmbeddingError::UnknownFormat { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("plain.webp: unrecognised learned-embedding file: a WebP without"),
+        "{e}"
+    );
+}
+
+#[test]
+fn lossy_webp_is_refused_with_the_reason() {
+    let e = read_embedding(&fixtures().join("a1111_pixels_lossy.webp")).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("a1111_pixels_lossy.webp: WebP pixel-embedded data: a lossy WebP"),
+        "{msg}"
+    );
+    assert!(msg.contains("lossless WebP"), "{msg}");
+}
+
+#[test]
+fn webp_dimensions_over_the_budget_are_refused_before_decoding() {
+    // A VP8L header declaring 16383 x 16383 (1.8 GB to decode) in a 40-byte file.
+    // (image-webp 0.2.4 reads a declared 16384 as 0, so stay one below.)
+    let mut vp8l = vec![0x2f];
+    vp8l.extend_from_slice(&(0x3FFE_u32 | 0x3FFE << 14).to_le_bytes());
+    vp8l.extend_from_slice(&[0u8; 15]);
+    let mut webp = b"RIFF".to_vec();
+    webp.extend_from_slice(&(4 + 8 + vp8l.len() as u32).to_le_bytes());
+    webp.extend_from_slice(b"WEBPVP8L");
+    webp.extend_from_slice(&(vp8l.len() as u32).to_le_bytes());
+    webp.extend_from_slice(&vp8l);
+    let e = read_embedding_bytes(&webp, "huge.webp").unwrap_err();
+    assert!(matches!(e, EmbeddingError::TooLarge { .. }), "{e}");
+    assert!(e.to_string().starts_with("huge.webp: WebP pixels:"), "{e}");
+    let (r, used, limit) = fuzzing::read_with_budget(&webp);
+    assert!(
+        r.is_err() && used <= limit && used < 1 << 20,
+        "{used} of {limit}"
+    );
+}
+
+#[test]
+fn jpeg_xl_and_avif_say_what_to_convert_to() {
+    let mut avif = b"\0\0\0\x20ftypavif".to_vec();
+    avif.extend_from_slice(&[0u8; 24]);
+    for (bytes, file, what) in [
+        (&b"\xff\x0a\xfa\x7f\x00\x00"[..], "w.jxl", "JPEG XL"),
+        (
+            &b"\0\0\0\x0cJXL \r\n\x87\n\0\0\0\x14ftypjxl "[..],
+            "w.jxl",
+            "JPEG XL",
+        ),
+        (&avif[..], "w.avif", "AVIF"),
+    ] {
+        let e = read_embedding_bytes(bytes, file).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{file}: unrecognised learned-embedding file: a"))
+                && msg.contains(what)
+                && msg.contains("convert it")
+                && msg.contains("PNG"),
+            "{msg}"
+        );
+    }
+}
