@@ -61,8 +61,8 @@ case $abi in
 esac
 
 dest="$comfy/custom_nodes/sdti"
-mkdir -p "$dest/tests"
-for f in __init__.py nodes.py sdti_lib.py pyproject.toml; do
+mkdir -p "$dest/tests" "$dest/web"
+for f in __init__.py nodes.py sdti_lib.py pyproject.toml web/sdti.js; do
     cp "$root/plugin-manifests/comfyui/$f" "$dest/$f"
 done
 cp "$root/plugin-manifests/comfyui/tests/test_nodes.py" "$dest/tests/test_nodes.py"

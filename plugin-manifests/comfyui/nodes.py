@@ -47,10 +47,17 @@ def library():
     """The sdti library, loaded on first use (so that importing never fails on it)."""
     global _library
     if _library is None:
-        _library = sdti_lib.Library(sdti_lib.find_library(PACK_DIR))
+        lib = sdti_lib.Library(sdti_lib.find_library(PACK_DIR))
+        minor = lib.abi_version() & 0xFFFF
+        if minor < MANIFEST["abi"]["minor"]:
+            raise ImportError(
+                f"{lib.path} has C ABI 1.{minor}; this pack needs 1.{MANIFEST['abi']['minor']} "
+                "or newer (install a newer sdti library)"
+            )
         for feature in MANIFEST["abi"]["required_features"]:
-            if not _library.has_feature(feature):
-                raise ImportError(f"{_library.path} lacks {feature}")
+            if not lib.has_feature(feature):
+                raise ImportError(f"{lib.path} lacks {feature}")
+        _library = lib  # only a library that passed the checks is kept
     return _library
 
 
@@ -85,25 +92,37 @@ def _folder_files(folder):
     return sorted(names)
 
 
+def _inside(path, folder):
+    """Whether `path` is `folder` or below it (both absolute, compared as given)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # another drive (Windows)
+        return False
+
+
 def resolve_file(folder, name):
     """A name from a ComfyUI model folder (a file, or a diffusers folder among the
     checkpoints) or, without ComfyUI, a path, to a path."""
-    if folder_paths is not None:
-        path = folder_paths.get_full_path(folder, name)
-        if path:
-            return path
+    if folder_paths is None:
+        if os.path.exists(name):
+            return os.path.abspath(name)
+        raise FileNotFoundError(f"{name}: no such file or folder")
+    # The name as get_full_path reads it: relative, never above the folder.
+    try:
+        rel = os.path.relpath(os.path.join("/", name), "/")
+    except ValueError:
+        rel = ""
+    # A diffusers folder first: get_full_path finds only files, and for a folder linked
+    # into models/checkpoints it logs "exists but doesn't link anywhere" on every run.
+    if rel not in ("", os.curdir):
         for base in folder_paths.get_folder_paths(folder):
-            base = os.path.abspath(base)
-            path = os.path.normpath(os.path.join(base, name))
-            try:
-                inside = os.path.commonpath([base, path]) == base
-            except ValueError:  # another drive (Windows)
-                inside = False
-            if inside and os.path.isfile(os.path.join(path, "model_index.json")):
+            path = os.path.join(base, rel)
+            if os.path.isfile(os.path.join(path, "model_index.json")):
                 return path
-    if os.path.exists(name):
-        return os.path.abspath(name)
-    raise FileNotFoundError(f"{name}: not in the '{folder}' folder")
+    path = folder_paths.get_full_path(folder, name)
+    if path:
+        return path
+    raise FileNotFoundError(f"{name}: not in ComfyUI's '{folder}' folder")
 
 
 def output_folder(folder):
@@ -114,6 +133,161 @@ def output_folder(folder):
         if dirs:
             return dirs[0]
     return os.environ.get(f"SDTI_{folder.upper()}_DIR", os.path.abspath(folder))
+
+
+def _host_folders(kinds):
+    """ComfyUI's folders for the manifest's 'within' names: 'input' and 'output' are its
+    input and output directories, anything else a model folder kind (all its paths)."""
+    folders = []
+    for kind in kinds:
+        if kind == "input":
+            folders.append(folder_paths.get_input_directory())
+        elif kind == "output":
+            folders.append(folder_paths.get_output_directory())
+        else:
+            folders.extend(folder_paths.get_folder_paths(kind))
+    return [os.path.abspath(f) for f in folders]
+
+
+def path_input(label, value, within):
+    """A path input's file. With ComfyUI only files that lie, after resolving links, in
+    the folders named by `within` are read; any other value gets one message that says
+    nothing about the file (a shared workflow must not probe the server's disk).
+    Without ComfyUI it is a plain path."""
+    value = str(value).strip()
+    if folder_paths is None:
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f"{value}: no such embedding file")
+        return os.path.abspath(value)
+    folders = _host_folders(within)
+    real_folders = [os.path.realpath(f) for f in folders]
+    # A relative value is a name inside one of the folders, never relative to the
+    # server's working directory.
+    candidates = [value] if os.path.isabs(value) else [os.path.join(f, value) for f in folders]
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if any(_inside(real, f) for f in real_folders) and os.path.isfile(real):
+            return os.path.abspath(candidate)
+    raise ValueError(
+        f"{label}: path {value!r} is not a file in ComfyUI's {' or '.join(within)} "
+        "folder; only files there are read"
+    )
+
+
+def check_name(label, input_name, value):
+    """sdti_name_check on a token or file stem, before anything runs."""
+    reason = library().name_check(value)
+    if reason:
+        raise ValueError(f"{label}: {input_name}: {reason}")  # the reason quotes the value
+
+
+def _kind(path):
+    if os.path.islink(path):
+        return "a link" if os.path.exists(path) else "a link to nothing"
+    return "a folder" if os.path.isdir(path) else "a file"
+
+
+def destination(label, stem, ext, overwrite, input_name, check_existing=True):
+    """The embeddings folder's <stem>.<ext>, checked to stay in that folder after
+    resolving links and, unless overwrite is on (or check_existing is off, when the
+    library's write checks it), not to exist as anything (a file, a folder, a link, a
+    dangling one included)."""
+    folder = os.path.abspath(output_folder("embeddings"))
+    path = os.path.join(folder, f"{stem}.{ext}")
+    if not _inside(os.path.realpath(os.path.dirname(path)), os.path.realpath(folder)):
+        raise ValueError(
+            f"{label}: {path} is not inside the embeddings folder {folder} "
+            f"(after resolving links); choose another {input_name}"
+        )
+    if check_existing and not overwrite and os.path.lexists(path):
+        raise FileExistsError(_exists_message(label, path, input_name))
+    return path
+
+
+def _exists_message(label, path, input_name):
+    return (
+        f"{label}: {path} already exists ({_kind(path)}); turn on 'overwrite' to replace "
+        f"it, or choose another {input_name}"
+    )
+
+
+def _check_write(lib, status, label, path, input_name, what):
+    """A write's status: SDTI_ERR_EXISTS (something appeared at the path after the
+    early check) as the same message as that check's."""
+    if status == sdti_lib.SDTI_ERR_EXISTS:
+        raise FileExistsError(_exists_message(label, path, input_name))
+    lib.check(status, what)
+
+
+def _write_flags(overwrite):
+    return MANIFEST["constants"]["write_flags"]["overwrite"] if overwrite else 0
+
+
+# ---------------------------------------------------------------- re-running after a file goes
+
+# ComfyUI keeps a node's outputs while its inputs and IS_CHANGED value stay the same, so a
+# node whose file was deleted would not run again. IS_CHANGED cannot be the file's stat
+# itself: it is computed before the run (no file yet), and the next queue would then always
+# differ and run again, to fail on the file it wrote. So it is a generation per output,
+# bumped when the file is no longer the one this process wrote (gone, replaced, changed).
+_written = {}  # key -> [path, the state this process left there, generation]
+
+
+def _file_state(path):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _remember_written(keys, path):
+    for key in keys:
+        generation = _written[key][2] if key in _written else 0
+        _written[key] = [path, _file_state(path), generation]
+
+
+def _output_fingerprint(key):
+    entry = _written.get(key)
+    if entry is not None:
+        state = _file_state(entry[0])
+        if state != entry[1]:
+            entry[1] = state
+            entry[2] += 1
+    return f"{key}#{entry[2] if entry else 0}"
+
+
+def _train_output_keys(token):
+    folder = os.path.abspath(output_folder("embeddings"))
+    return [("SDTI_TrainEmbedding", os.path.join(folder, f"{token}.safetensors"))]
+
+
+def is_changed_train(token=None, **_inputs):
+    # A linked token (None here) has no path yet: the upstream node's own key decides.
+    return _output_fingerprint(_train_output_keys(token)[0] if token else ("SDTI_TrainEmbedding",))
+
+
+def _convert_output_keys(format, name, embedding, path):
+    """The keys a convert's output is remembered under: its path when IS_CHANGED can know
+    it from constant inputs, and (format, name, embedding) for a linked path input."""
+    keys = [("SDTI_ConvertEmbedding", format, name, embedding)]
+    ext = MANIFEST["constants"]["format_extension"].get(format)
+    stem = None
+    if name and str(name).strip():
+        stem = str(name)
+    elif path is not None and str(path).strip():
+        stem = f"{os.path.splitext(os.path.basename(str(path).strip()))[0]}-{format}"
+    elif path is not None and embedding:
+        stem = f"{os.path.splitext(os.path.basename(str(embedding)))[0]}-{format}"
+    if stem and ext:
+        folder = os.path.abspath(output_folder("embeddings"))
+        keys.insert(0, ("SDTI_ConvertEmbedding", os.path.join(folder, f"{stem}.{ext}")))
+    return keys
+
+
+def is_changed_convert(format=None, name="", embedding="", path="", **_inputs):
+    # path is None when it is linked (ComfyUI passes only constants to IS_CHANGED).
+    return _output_fingerprint(_convert_output_keys(format, name, embedding, path)[0])
 
 
 # ---------------------------------------------------------------- images
@@ -154,9 +328,45 @@ def _constant(table, name):
     return MANIFEST["constants"][table][name]
 
 
+def _node(node_id):
+    return next(n for n in MANIFEST["nodes"] if n["id"] == node_id)
+
+
+def _label(node_id):
+    return _node(node_id)["display_name"]
+
+
+def _within(node_id, input_name):
+    spec = next(i for i in _node(node_id)["inputs"] if i["name"] == input_name)
+    return spec.get("within", [])
+
+
+def _model_hint(error):
+    """The library's message about a model, with where ComfyUI wants the fix."""
+    if folder_paths is not None and "diffusers folder" in error.message:
+        return sdti_lib.SdtiError(
+            error.status,
+            error.what,
+            f"{error.message} (in ComfyUI: put that folder, holding model_index.json, "
+            "into models/checkpoints and choose it as the checkpoint)",
+        )
+    return error
+
+
 def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rate,
-              batch_size, seed, template, resolution, device="auto", precision="auto"):
+              batch_size, seed, template, resolution, device="auto", precision="auto",
+              overwrite=False):
+    label = _label("SDTI_TrainEmbedding")
     lib = library()
+    token = str(token)
+    # Everything that can be known before training is checked first: a run can take hours.
+    check_name(label, "token", token)
+    if not str(init_text).strip():
+        raise ValueError(
+            f"{label}: init_text is empty; type a word close to the concept (such as "
+            "'cat' or 'painting'): its token vectors are where the new word starts"
+        )
+    destination(label, token, "safetensors", overwrite, "token")
     model_path = resolve_file("checkpoints", checkpoint)
     if device == "auto":
         device = "cuda" if lib.has_feature("sdti.cuda/1") else "cpu"
@@ -169,7 +379,8 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
         keep.append(b)
         return b
 
-    params.model_path = text(model_path)
+    params.model_path = os.fsencode(model_path)
+    keep.append(params.model_path)
     params.device = text(device)
     params.precision = _constant("precision", precision)
     params.token = text(token)
@@ -202,7 +413,10 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
     callback = sdti_lib.PROGRESS_FN(on_progress)
     params.progress = callback
     trainer = ctypes.c_void_p()
-    lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
+    try:
+        lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
+    except sdti_lib.SdtiError as e:
+        raise _model_hint(e) from None
     try:
         for data, width, height in image_batch_to_rgb8(images):
             lib.check(
@@ -220,52 +434,72 @@ def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rat
             model_management.throw_exception_if_processing_interrupted()
             raise model_management.InterruptProcessingException()
         lib.check(status, "sdti_trainer_step")
-        folder = output_folder("embeddings")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{token}.safetensors")
-        lib.check(
-            lib.trainer_export(trainer, path.encode("utf-8"), _constant("format", "safetensors")),
-            "sdti_trainer_export",
+        os.makedirs(output_folder("embeddings"), exist_ok=True)
+        # The folder again, now that it exists; whether something appeared at the path
+        # during training is the library's check as it writes (without
+        # SDTI_WRITE_OVERWRITE it refuses to replace anything).
+        path = destination(label, token, "safetensors", overwrite, "token", check_existing=False)
+        _check_write(
+            lib,
+            lib.trainer_export_ex(
+                trainer, os.fsencode(path), _constant("format", "safetensors"),
+                _write_flags(overwrite),
+            ),
+            label, path, "token", "sdti_trainer_export_ex",
         )
     finally:
         lib.trainer_free(trainer)
-    return (f"embedding:{token}", path)
+    _remember_written(_train_output_keys(token) + [("SDTI_TrainEmbedding",)], path)
+    prompt = f"embedding:{token}"
+    report = (
+        f"{token}: {stats.step} steps in {stats.seconds:.0f} s, loss {stats.loss:.4f}\n"
+        f"wrote {path}\nprompt: {prompt}"
+    )
+    # "ui" is what ComfyUI sends to the browser (web/sdti.js shows it on the node).
+    return {"ui": {"text": [report]}, "result": (prompt, path)}
 
 
-def _embedding_path(embedding, path):
+def _embedding_source(node_id, embedding, path):
     """The optional path input (e.g. Train's path output), else the dropdown's file."""
     if path and str(path).strip():
-        path = str(path).strip()
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such embedding file")
-        return os.path.abspath(path)
+        return path_input(_label(node_id), path, _within(node_id, "path"))
     if not embedding:
-        raise ValueError("choose an embedding file or connect a path")
+        raise ValueError(f"{_label(node_id)}: choose an embedding file or connect a path")
     return resolve_file("embeddings", embedding)
 
 
-def run_convert(format, precision, name="", embedding="", path=""):
+def run_convert(format, precision, name="", embedding="", path="", overwrite=False):
+    node_id = "SDTI_ConvertEmbedding"
+    label = _label(node_id)
     lib = library()
-    src = _embedding_path(embedding, path)
-    stem = name or f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
+    name = str(name)
+    if name.strip():
+        check_name(label, "name", name)
+    src = _embedding_source(node_id, embedding, path)
+    stem = name if name.strip() else f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
+    if not name.strip():
+        # The stem made from the source's file name: checked all the same.
+        check_name(label, "name (made from the source file's name; type one)", stem)
     ext = MANIFEST["constants"]["format_extension"][format]
-    folder = output_folder("embeddings")
-    os.makedirs(folder, exist_ok=True)
-    dst = os.path.join(folder, f"{stem}.{ext}")
-    lib.check(
-        lib.embedding_convert(
-            src.encode("utf-8"),
-            dst.encode("utf-8"),
+    os.makedirs(output_folder("embeddings"), exist_ok=True)
+    dst = destination(label, stem, ext, overwrite, "name")
+    _check_write(
+        lib,
+        lib.embedding_convert_ex(
+            os.fsencode(src),
+            os.fsencode(dst),
             _constant("format", format),
             _constant("precision", precision),
+            _write_flags(overwrite),
         ),
-        "sdti_embedding_convert",
+        label, dst, "name", "sdti_embedding_convert_ex",
     )
-    return (dst,)
+    _remember_written(_convert_output_keys(format, name, embedding, path), dst)
+    return {"ui": {"text": [f"wrote {dst}"]}, "result": (dst,)}
 
 
 def run_inspect(embedding="", path=""):
-    path = _embedding_path(embedding, path)
+    path = _embedding_source("SDTI_InspectEmbedding", embedding, path)
     info = library().inspect(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     return (json.dumps(info, indent=1), int(info.get("vectors") or 0), f"embedding:{stem}")
@@ -275,6 +509,12 @@ RUNNERS = {
     "SDTI_TrainEmbedding": run_train,
     "SDTI_ConvertEmbedding": run_convert,
     "SDTI_InspectEmbedding": run_inspect,
+}
+
+# ComfyUI's IS_CHANGED per node (see "re-running after a file goes").
+IS_CHANGED = {
+    "SDTI_TrainEmbedding": is_changed_train,
+    "SDTI_ConvertEmbedding": is_changed_convert,
 }
 
 
@@ -289,9 +529,9 @@ def comfy_input(spec):
         return (_folder_files(spec["folder"]),) + ((extra,) if extra else ())
     if kind == "CHOICE":
         return (list(spec["options"]), options)
-    if kind == "STRING":
+    if kind in ("STRING", "NAME"):
         return ("STRING", dict(options, multiline=False))
-    if kind in ("INT", "FLOAT", "IMAGE"):
+    if kind in ("INT", "FLOAT", "IMAGE", "BOOLEAN"):
         return (kind, options) if options else (kind,)
     raise ValueError(f"manifest input type {kind} has no ComfyUI mapping")
 
@@ -312,10 +552,25 @@ def make_node(node):
     def run(self, **kwargs):
         return runner(**kwargs)
 
+    attributes = {}
+    if node["id"] in IS_CHANGED:
+        fingerprint = IS_CHANGED[node["id"]]
+
+        def is_changed(cls, **kwargs):
+            # ComfyUI calls it with the constant inputs (linked ones are None); an
+            # exception would make it run the node on every queue, so none escapes.
+            try:
+                return fingerprint(**kwargs)
+            except Exception as e:  # noqa: BLE001
+                return f"unknown: {e}"
+
+        attributes["IS_CHANGED"] = classmethod(is_changed)
+
     return type(
         node["id"],
         (),
         {
+            **attributes,
             "INPUT_TYPES": classmethod(input_types),
             "RETURN_TYPES": tuple(o["type"] for o in node["outputs"]),
             "RETURN_NAMES": tuple(o["name"] for o in node["outputs"]),

@@ -12,7 +12,10 @@ import sys
 ABI_MAJOR = 1
 SDTI_OK = 0
 SDTI_CANCELLED = 1
+SDTI_ERR_INVALID_ARGUMENT = 2
 SDTI_ERR_BUFFER_TOO_SMALL = 5
+SDTI_ERR_EXISTS = 19  # the destination exists and SDTI_WRITE_OVERWRITE was not given (ABI 1.2)
+SDTI_WRITE_OVERWRITE = 1  # flag of sdti_trainer_export_ex / sdti_embedding_convert_ex
 
 
 class SdtiError(RuntimeError):
@@ -21,6 +24,8 @@ class SdtiError(RuntimeError):
     def __init__(self, status, what, message):
         super().__init__(f"{what}: {message}")
         self.status = status
+        self.what = what
+        self.message = message
 
 
 class SdtiCancelled(SdtiError):
@@ -118,15 +123,26 @@ class Library:
             "sdti_trainer_step": (c.c_int32, [c.c_void_p, c.c_uint32, c.POINTER(StepStats)]),
             "sdti_trainer_cancel": (None, [c.c_void_p]),
             "sdti_trainer_export": (c.c_int32, [c.c_void_p, c.c_char_p, c.c_uint32]),
+            "sdti_trainer_export_ex": (c.c_int32, [c.c_void_p, c.c_char_p, c.c_uint32, c.c_uint32]),
             "sdti_trainer_free": (None, [c.c_void_p]),
             "sdti_embedding_convert": (c.c_int32, [c.c_char_p, c.c_char_p, c.c_uint32, c.c_uint32]),
+            "sdti_embedding_convert_ex": (
+                c.c_int32,
+                [c.c_char_p, c.c_char_p, c.c_uint32, c.c_uint32, c.c_uint32],
+            ),
+            "sdti_name_check": (c.c_int32, [c.c_char_p]),
             "sdti_embedding_inspect": (
                 c.c_int32,
                 [c.c_char_p, c.c_char_p, c.c_size_t, c.POINTER(c.c_size_t)],
             ),
         }
         for name, (restype, argtypes) in sig.items():
-            fn = getattr(lib, name)
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:  # an older library: say which, not a bare ctypes error
+                raise ImportError(
+                    f"{path} lacks {name}: this pack needs sdti's C ABI {ABI_MAJOR}.2 or newer"
+                ) from None
             fn.restype = restype
             fn.argtypes = argtypes
             short = name[len("sdti_"):]
@@ -157,14 +173,23 @@ class Library:
         cls = SdtiCancelled if status == SDTI_CANCELLED else SdtiError
         raise cls(status, what, message)
 
+    def name_check(self, name):
+        """None when `name` can be a learned word's name and a file stem in a host's
+        folder, else the library's reason (sdti_name_check)."""
+        status = self._lib.sdti_name_check(name.encode("utf-8", "surrogatepass"))
+        if status == SDTI_OK:
+            return None
+        return self.last_error() or self.status_str(status).decode()
+
     def inspect(self, path):
         needed = ctypes.c_size_t(0)
-        status = self._lib.sdti_embedding_inspect(path.encode(), None, 0, ctypes.byref(needed))
+        raw = os.fsencode(path)
+        status = self._lib.sdti_embedding_inspect(raw, None, 0, ctypes.byref(needed))
         if status != SDTI_ERR_BUFFER_TOO_SMALL:
             self.check(status, f"inspect {path}")
         buf = ctypes.create_string_buffer(needed.value)
         self.check(
-            self._lib.sdti_embedding_inspect(path.encode(), buf, len(buf), ctypes.byref(needed)),
+            self._lib.sdti_embedding_inspect(raw, buf, len(buf), ctypes.byref(needed)),
             f"inspect {path}",
         )
         return json.loads(buf.value.decode())

@@ -1,6 +1,7 @@
 """Tests the ComfyUI node pack without ComfyUI: the nodes come from the manifest, train
 on the tiny model through the real library, convert and inspect; then again with stand-ins
-for ComfyUI's modules (folders, progress bar, interrupt).
+for ComfyUI's modules (folders, progress bar, interrupt, logging) that behave as ComfyUI
+0.3.x does where the pack depends on it.
 
     SDTI_LIBRARY=target/debug/libsdti.so SDTI_TEST_MODEL=tests/fixtures/tiny-sd \
         SDTI_TEST_OUT=/tmp/out python3 plugin-manifests/comfyui/tests/test_nodes.py
@@ -10,7 +11,10 @@ Run by tests/suite/ffi.rs. numpy is used when installed, else IMAGE is nested li
 
 import importlib.util
 import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -18,6 +22,8 @@ import types
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(PACK))
 MODEL = os.environ.get("SDTI_TEST_MODEL", os.path.join(REPO, "tests", "fixtures", "tiny-sd"))
+# The tiny model's single-file form: 32 wide, so its head count is unknown without a config.
+SINGLE_FILE = os.path.normpath(MODEL) + ".safetensors"
 OUT = os.environ.get("SDTI_TEST_OUT") or tempfile.mkdtemp(prefix="sdti-comfy-")
 
 try:
@@ -65,6 +71,24 @@ def train_args(**over):
     return args
 
 
+def expect(error, fn, *args, **kwargs):
+    """Runs fn, which must raise `error`; returns the message."""
+    try:
+        fn(*args, **kwargs)
+    except error as e:
+        return str(e)
+    raise AssertionError(f"{fn.__name__} did not raise {error.__name__}")
+
+
+def as_comfyui_merges(returned):
+    """A node's return value as ComfyUI's get_output_from_returns reads it: a dict gives
+    'ui' (each value a list, concatenated over calls) and 'result'; a tuple is the result."""
+    if isinstance(returned, dict):
+        ui = {k: [y for x in [returned["ui"]] for y in x[k]] for k in returned["ui"]}
+        return returned["result"], ui
+    return returned, {}
+
+
 def test_without_comfyui():
     for mod in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
         sys.modules.pop(mod, None)
@@ -87,79 +111,166 @@ def test_without_comfyui():
         assert cls.RETURN_TYPES == tuple(o["type"] for o in node["outputs"])
         assert cls.C_FUNCTIONS == tuple(node["c_functions"])
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node["id"]] == node["display_name"]
+    # overwrite is a BOOLEAN widget, off unless asked for.
+    assert pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"].INPUT_TYPES()["required"]["overwrite"] == (
+        "BOOLEAN", {"default": False, "tooltip": manifest["nodes"][0]["inputs"][-1]["tooltip"]})
+
+    lib = pack.nodes.library()
+    abi = lib.abi_version()
+    assert abi >> 16 == manifest["abi"]["major"] and abi & 0xFFFF >= manifest["abi"]["minor"], hex(abi)
+    for feature in manifest["abi"]["required_features"]:
+        assert lib.has_feature(feature), feature
+    assert lib.name_check("pyword") is None
+    assert lib.name_check("../x")
 
     os.environ["SDTI_EMBEDDINGS_DIR"] = os.path.join(OUT, "plain-embeddings")
     train = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]()
-    prompt, path = train.run(**train_args())
+    (prompt, path), ui = as_comfyui_merges(train.run(**train_args()))
     assert prompt == "embedding:pyword", prompt
     assert os.path.exists(path) and path.endswith("pyword.safetensors"), path
+    assert len(ui["text"]) == 1 and path in ui["text"][0] and "3 steps" in ui["text"][0], ui
 
     inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]()
     summary, vectors, text = inspect.run(embedding=path)
     info = json.loads(summary)
-    assert vectors == 2 and info["width"] == "32" and info["name"] == "pyword", summary
+    # "widths" (a list) is item 7's form of the older "width" string; either is read.
+    assert vectors == 2 and info["name"] == "pyword", summary
+    assert info.get("widths") == [32] or info.get("width") == "32", summary
     assert text == "embedding:pyword", summary
-    # Chained after Train: its path output goes to the optional path input.
+    # Chained after Train: its path output goes to the optional path input. Without
+    # ComfyUI any path is read (plain use).
     assert inspect.run(embedding="", path=path) == (summary, vectors, text)
+    outside = os.path.join(OUT, "plain-elsewhere.safetensors")
+    shutil.copy(path, outside)
+    assert inspect.run(path=outside)[2] == "embedding:plain-elsewhere"
 
     convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
-    (pt,) = convert.run(embedding=path, format="a1111-pt", precision="f16", name="")
+    (pt,), _ = as_comfyui_merges(convert.run(embedding=path, format="a1111-pt", precision="f16", name=""))
     assert pt.endswith("pyword-a1111-pt.pt") and os.path.exists(pt), pt
     assert json.loads(inspect.run(embedding=pt)[0])["source_format"] == "a1111-pt"
 
-    lib = pack.nodes.library()
-    try:
-        train.run(**train_args(token="two words"))
-        raise AssertionError("a token with a space must fail")
-    except pack.nodes.sdti_lib.SdtiError as e:
-        assert e.status == 2 and "token" in str(e), e
+    # A token is a name: refused by the pack, naming the input, before the library runs.
+    message = expect(ValueError, train.run, **train_args(token="two words"))
+    assert "token" in message and "two words" in message, message
     assert lib.has_feature("sdti.train/1") and not lib.has_feature("sdti.train/99")
     # precision: auto is f32 on the CPU; bf16 there is refused with the reason.
-    try:
-        train.run(**train_args(precision="bf16"))
-        raise AssertionError("bf16 on the CPU must fail")
-    except pack.nodes.sdti_lib.SdtiError as e:
-        assert "bf16 needs a GPU" in str(e), e
+    message = expect(pack.nodes.sdti_lib.SdtiError, train.run, **train_args(token="bf", precision="bf16"))
+    assert "bf16 needs a GPU" in message, message
+
+    # An empty init text is an error on the node, not a silent '*'.
+    for empty in ("", "   "):
+        message = expect(ValueError, train.run, **train_args(token="noinit", init_text=empty))
+        assert "init_text" in message and "'*'" not in message, message
+    # Hints name only what a front end has: no CLI options ("pass a model config").
+    if os.path.exists(SINGLE_FILE):
+        message = expect(pack.nodes.sdti_lib.SdtiError, train.run,
+                         **train_args(checkpoint=SINGLE_FILE, token="single"))
+        assert "head count" in message and "diffusers folder" in message, message
+        assert "model config" not in message, message
+    else:
+        print(f"SKIPPED: {SINGLE_FILE} missing; the model hint was not tested")
 
 
-def fake_comfyui(root, interrupt_after, hook=True):
-    """Stand-ins for the parts of ComfyUI the pack uses, behaving as ComfyUI 0.3.x does:
-    get_filename_list lists only files with model extensions (recursively), get_full_path
-    resolves only files, and the server's progress hook (main.py hijack_progress) calls
-    throw_exception_if_processing_interrupted, which clears the flag and raises."""
-    state = {"updates": [], "interrupt": False}
+def fake_comfyui(root, interrupt_after=None, hook=True):
+    """Stand-ins for the parts of ComfyUI the pack uses, behaving as ComfyUI 0.3.x does
+    (folder_paths.py, comfy/utils.py, comfy/model_management.py, main.py):
+    - get_folder_paths gives a copy of a kind's folders (embeddings has two here, as with
+      extra_model_paths.yaml); get_input_directory/get_output_directory their folders;
+    - get_filename_list lists files with model extensions, recursively, following linked
+      folders (os.path.isdir) and skipping .git;
+    - get_full_path reads the name as relpath(join('/', name), '/'), returns the first
+      folder's path that isfile, and for a link that is not a file logs
+      "WARNING path ... exists but doesn't link anywhere, skipping." through logging;
+    - the server's progress hook (main.py hijack_progress) calls
+      throw_exception_if_processing_interrupted, which clears the flag and raises.
+    The state's "warnings" are the logging warnings recorded meanwhile."""
+    state = {"updates": [], "interrupt": False, "warnings": [], "on_step": None}
     folder_paths = types.ModuleType("folder_paths")
-    folders = {
-        "checkpoints": os.path.join(root, "checkpoints"),
-        "embeddings": os.path.join(root, "embeddings"),
+    extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+    names_and_paths = {
+        "checkpoints": ([os.path.join(root, "models", "checkpoints")], extensions),
+        "embeddings": (
+            [os.path.join(root, "models", "embeddings"), os.path.join(root, "extra", "embeddings")],
+            extensions,
+        ),
     }
-    os.makedirs(folders["checkpoints"], exist_ok=True)
-    link = os.path.join(folders["checkpoints"], os.path.basename(MODEL))
-    if not os.path.exists(link):
-        try:
-            os.symlink(MODEL, link, target_is_directory=True)
+    directories = {"input": os.path.join(root, "input"), "output": os.path.join(root, "output")}
+    for d in [names_and_paths["checkpoints"][0][0], *directories.values()]:
+        os.makedirs(d, exist_ok=True)
+    checkpoints = names_and_paths["checkpoints"][0][0]
+    link = os.path.join(checkpoints, os.path.basename(MODEL))
+    if not os.path.lexists(link):
+        try:  # a diffusers folder linked into models/checkpoints, as users do
+            os.symlink(os.path.abspath(MODEL), link, target_is_directory=True)
         except OSError:
-            import shutil
             shutil.copytree(MODEL, link)
     for name in ("single.safetensors", "notes.txt"):
-        open(os.path.join(folders["checkpoints"], name), "wb").close()
-    extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+        open(os.path.join(checkpoints, name), "wb").close()
 
-    def get_filename_list(f):
-        out = []
-        for dirpath, _dirs, files in os.walk(folders[f], followlinks=True):
-            for name in files:
-                if os.path.splitext(name)[1].lower() in extensions:
-                    out.append(os.path.relpath(os.path.join(dirpath, name), folders[f]))
+    def get_folder_paths(kind):
+        return names_and_paths[kind][0][:]
+
+    def recursive_search(directory):
+        if not os.path.isdir(directory):
+            return []
+        result = []
+
+        def handle(path):
+            if not os.path.isdir(path):
+                result.append(os.path.relpath(path, directory))
+                return
+            for sub in os.listdir(path):
+                if sub != ".git":
+                    handle(os.path.join(path, sub))
+
+        handle(directory)
+        return result
+
+    def get_filename_list(kind):
+        paths, exts = names_and_paths[kind]
+        out = set()
+        for base in paths:
+            out.update(f for f in recursive_search(base) if os.path.splitext(f)[-1].lower() in exts)
         return sorted(out)
 
-    def get_full_path(f, name):
-        path = os.path.join(folders[f], name)
-        return path if os.path.isfile(path) else None
+    def get_full_path(kind, filename):
+        if kind not in names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for base in names_and_paths[kind][0]:
+            full_path = os.path.join(base, filename)
+            if os.path.isfile(full_path):
+                return full_path
+            elif os.path.islink(full_path):
+                logging.warning(
+                    "WARNING path {} exists but doesn't link anywhere, skipping.".format(full_path))
+        return None
 
+    def get_annotated_filepath(name, default_dir=None):
+        for tag, kind in (("[output]", "output"), ("[input]", "input")):
+            if name.endswith(tag):
+                return os.path.join(directories[kind], name[: -len(tag) - 1])
+        return os.path.join(default_dir or directories["input"], name)
+
+    folder_paths.folder_names_and_paths = names_and_paths
+    folder_paths.get_folder_paths = get_folder_paths
     folder_paths.get_filename_list = get_filename_list
     folder_paths.get_full_path = get_full_path
-    folder_paths.get_folder_paths = lambda f: [folders[f]]
+    folder_paths.get_annotated_filepath = get_annotated_filepath
+    folder_paths.get_input_directory = lambda: directories["input"]
+    folder_paths.get_output_directory = lambda: directories["output"]
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                state["warnings"].append(record.getMessage())
+
+    root_logger = logging.getLogger()
+    for handler in [h for h in root_logger.handlers if getattr(h, "sdti_test", False)]:
+        root_logger.removeHandler(handler)
+    recorder = Recorder()
+    recorder.sdti_test = True
+    root_logger.addHandler(recorder)
 
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
@@ -185,6 +296,8 @@ def fake_comfyui(root, interrupt_after, hook=True):
             state["interrupt"] = True  # the user pressed Cancel while this step ran
         throw()  # as hijack_progress does, before it reports the step
         state["updates"].append(value)
+        if state["on_step"] is not None:
+            state["on_step"](value)
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -204,10 +317,14 @@ def fake_comfyui(root, interrupt_after, hook=True):
     return state
 
 
+def comfy_pack(root, module, **kwargs):
+    state = fake_comfyui(root, **kwargs)
+    return state, load_pack(module)
+
+
 def test_with_comfyui_stand_ins():
     root = os.path.join(OUT, "comfy")
-    state = fake_comfyui(root, interrupt_after=None)
-    pack = load_pack("sdti_pack_comfy")
+    state, pack = comfy_pack(root, "sdti_pack_comfy")
     node = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]
     choices = node.INPUT_TYPES()["required"]["checkpoint"][0]
     # The tiny model is a diffusers folder (its single-file form needs a config: 32 wide):
@@ -216,54 +333,332 @@ def test_with_comfyui_stand_ins():
     assert name in choices and "single.safetensors" in choices, choices
     assert "notes.txt" not in choices, choices
     assert not [c for c in choices if c.startswith(name + os.sep)], choices  # its parts
-    assert pack.nodes.resolve_file("checkpoints", name) == os.path.join(root, "checkpoints", name)
-    try:
-        pack.nodes.resolve_file("checkpoints", os.path.join("..", "embeddings"))
-        raise AssertionError("a folder outside the checkpoints must not resolve")
-    except FileNotFoundError:
-        pass
-    prompt, path = node().run(**train_args(checkpoint=name, token="comfyword", steps=4))
+    checkpoints = os.path.join(root, "models", "checkpoints")
+    embeddings = os.path.join(root, "models", "embeddings")
+    assert pack.nodes.resolve_file("checkpoints", name) == os.path.join(checkpoints, name)
+    expect(FileNotFoundError, pack.nodes.resolve_file, "checkpoints", os.path.join("..", "embeddings"))
+
+    # Item 9: the pack looks for a diffusers folder before asking get_full_path, which
+    # logs a warning for a linked folder (as the stand-in shows it would).
+    del state["warnings"][:]
+    (prompt, path), ui = as_comfyui_merges(node().run(**train_args(checkpoint=name, token="comfyword", steps=4)))
+    assert not state["warnings"], state["warnings"]
+    if os.path.islink(os.path.join(checkpoints, name)):
+        sys.modules["folder_paths"].get_full_path("checkpoints", name)
+        assert any("doesn't link anywhere" in w for w in state["warnings"]), state["warnings"]
     assert prompt == "embedding:comfyword"
-    assert path == os.path.join(root, "embeddings", "comfyword.safetensors"), path
+    assert path == os.path.join(embeddings, "comfyword.safetensors"), path
+    assert ui["text"] and "embedding:comfyword" in ui["text"][0], ui
     assert state["updates"] == [1, 2, 3, 4], state["updates"]
     inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]
     assert "comfyword.safetensors" in inspect.INPUT_TYPES()["optional"]["embedding"][0]
     assert inspect().run(path=path)[2] == "embedding:comfyword"
-    (pt,) = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]().run(
-        format="a1111-pt", precision="f32", name="", path=path)
-    assert pt == os.path.join(root, "embeddings", "comfyword-a1111-pt.pt"), pt
+    (pt,), _ = as_comfyui_merges(pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]().run(
+        format="a1111-pt", precision="f32", name="", path=path))
+    assert pt == os.path.join(embeddings, "comfyword-a1111-pt.pt"), pt
+
+    # The model hint in ComfyUI's terms.
+    if os.path.exists(SINGLE_FILE):
+        shutil.copy(SINGLE_FILE, os.path.join(checkpoints, "tiny-single.safetensors"))
+        message = expect(pack.nodes.sdti_lib.SdtiError, node().run,
+                         **train_args(checkpoint="tiny-single.safetensors", token="single"))
+        assert "model_index.json" in message and "model config" not in message, message
 
     # ComfyUI's interrupt: the progress hook raises InterruptProcessingException; the
     # pack stops training and raises it again, so that ComfyUI reports
     # execution_interrupted rather than an error.
-    state = fake_comfyui(root, interrupt_after=2)
-    pack = load_pack("sdti_pack_comfy2")
+    state, pack = comfy_pack(root, "sdti_pack_comfy2", interrupt_after=2)
     mm = sys.modules["comfy.model_management"]
-    try:
-        pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run(**train_args(checkpoint=name, token="stopped", steps=500))
-        raise AssertionError("the interrupt must stop training")
-    except mm.InterruptProcessingException:
-        pass
+    expect(mm.InterruptProcessingException, pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run,
+           **train_args(checkpoint=name, token="stopped", steps=500))
     assert state["updates"] == [1, 2], state["updates"]
     assert not state["interrupt"], "the hook consumes the interrupt"
-    assert not os.path.exists(os.path.join(root, "embeddings", "stopped.safetensors"))
+    assert not os.path.exists(os.path.join(embeddings, "stopped.safetensors"))
 
     # Without the server's hook the pack polls the flag itself, and still raises
     # InterruptProcessingException.
-    state = fake_comfyui(root, interrupt_after=None, hook=False)
-    pack = load_pack("sdti_pack_comfy3")
+    state, pack = comfy_pack(root, "sdti_pack_comfy3", hook=False)
     mm = sys.modules["comfy.model_management"]
     state["interrupt"] = True
-    try:
-        pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run(**train_args(checkpoint=name, token="stopped", steps=500))
-        raise AssertionError("the interrupt must stop training")
-    except mm.InterruptProcessingException:
-        pass
+    expect(mm.InterruptProcessingException, pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run,
+           **train_args(checkpoint=name, token="stopped", steps=500))
     assert not state["interrupt"]
-    assert not os.path.exists(os.path.join(root, "embeddings", "stopped.safetensors"))
+    assert not os.path.exists(os.path.join(embeddings, "stopped.safetensors"))
+
+
+def snapshot(root):
+    """Every path under root with its bytes (links as their target), to show nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                out[p] = ("link", os.readlink(p))
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[p] = f.read()
+            else:
+                out[p] = "dir"
+    return out
+
+
+def test_names_stay_in_the_folder():
+    """Item 1: a workflow's token or name cannot write outside models/embeddings."""
+    root = os.path.join(OUT, "comfy-names")
+    state, pack = comfy_pack(root, "sdti_pack_names")
+    checkpoints = os.path.join(root, "models", "checkpoints")
+    victim = os.path.join(checkpoints, "victim.safetensors")
+    with open(victim, "wb") as f:
+        f.write(b"a checkpoint the workflow must not replace")
+    name = os.path.basename(MODEL)
+    train = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]()
+    convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
+    (_, source), _ = as_comfyui_merges(train.run(**train_args(checkpoint=name, token="source")))
+    before = snapshot(OUT)
+    bad = [
+        "../checkpoints/victim", "../../evil", os.path.join(OUT, "absolute-evil"),
+        "sub/word", "sub\\word", "..", ".hidden", "CON", "nul", "com1", "two words",
+        "tab\tword", "new\nline", "",
+    ]
+    for token in bad:
+        for overwrite in (False, True):
+            del state["updates"][:]
+            message = expect(ValueError, train.run,
+                             **train_args(checkpoint=name, token=token, overwrite=overwrite))
+            assert message.startswith("Train Embedding (sdti): token: "), message
+            assert not state["updates"], f"{token!r}: training started"
+            message = expect(ValueError, convert.run, format="a1111-pt", precision="f32",
+                             name=token, path=source, overwrite=overwrite) if token else None
+            assert message is None or message.startswith("Convert Embedding (sdti): name: "), message
+    assert snapshot(OUT) == before, "a refused name changed files"
+
+    # Second line of defence: were the library to accept such a name, the pack still
+    # refuses to write anywhere but the embeddings folder (after resolving links).
+    lib = pack.nodes.library()
+    lib.name_check = lambda _name: None
+    try:
+        for token in ("../checkpoints/victim", "../../evil", os.path.join(OUT, "absolute-evil")):
+            message = expect(ValueError, train.run,
+                             **train_args(checkpoint=name, token=token, overwrite=True))
+            assert "not inside the embeddings folder" in message, message
+            message = expect(ValueError, convert.run, format="safetensors", precision="f32",
+                             name=token, path=source, overwrite=True)
+            assert "not inside the embeddings folder" in message, message
+    finally:
+        del lib.name_check
+    assert snapshot(OUT) == before, "a refused name changed files"
+    # The library refuses such tokens by itself too (sdti_trainer_new).
+    assert lib.name_check("../checkpoints/victim")
+
+
+def test_overwrite():
+    """Item 1/5: an existing destination of any kind is an error unless overwrite is on,
+    found before training starts, and again by the library as it writes."""
+    root = os.path.join(OUT, "comfy-overwrite")
+    state, pack = comfy_pack(root, "sdti_pack_overwrite")
+    embeddings = os.path.join(root, "models", "embeddings")
+    os.makedirs(embeddings, exist_ok=True)
+    name = os.path.basename(MODEL)
+    train = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]()
+    convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
+    outside = os.path.join(OUT, "overwrite-outside.bin")
+    with open(outside, "wb") as f:
+        f.write(b"not the node's")
+
+    def make(kind, path):
+        if kind == "file":
+            with open(path, "wb") as f:
+                f.write(b"someone's embedding")
+        elif kind == "folder":
+            os.mkdir(path)
+        elif kind == "dangling link":
+            os.symlink(os.path.join(root, "nowhere"), path)
+        elif kind == "looping link":
+            os.symlink(os.path.basename(path), path)
+        elif kind == "link outside":
+            os.symlink(outside, path)
+
+    (_, source), _ = as_comfyui_merges(train.run(**train_args(checkpoint=name, token="source")))
+    kinds = ["file", "folder", "dangling link", "looping link", "link outside"]
+    for i, kind in enumerate(kinds):
+        token = f"taken{i}"
+        path = os.path.join(embeddings, f"{token}.safetensors")
+        make(kind, path)
+        del state["updates"][:]
+        message = expect(FileExistsError, train.run, **train_args(checkpoint=name, token=token))
+        assert path in message and "'overwrite'" in message and "token" in message, message
+        assert not state["updates"], f"{kind}: training started before the check"
+        message = expect(FileExistsError, convert.run, format="safetensors", precision="f32",
+                         name=token, path=source)
+        assert path in message and "'overwrite'" in message and "name" in message, message
+    assert open(outside, "rb").read() == b"not the node's"
+
+    # On: replaced; a link is replaced by the file, its target left alone.
+    for i, kind in enumerate(k for k in kinds if k != "folder"):
+        token = f"replaced{i}"
+        path = os.path.join(embeddings, f"{token}.safetensors")
+        make(kind, path)
+        (_, written), _ = as_comfyui_merges(train.run(**train_args(checkpoint=name, token=token, overwrite=True)))
+        assert written == path and os.path.isfile(path) and not os.path.islink(path), kind
+        assert pack.nodes.library().inspect(path)["name"] == token, kind
+    assert open(outside, "rb").read() == b"not the node's"
+    assert not os.path.exists(os.path.join(root, "nowhere"))
+
+    # Something appears at the destination while training runs: the library's own check
+    # (export without SDTI_WRITE_OVERWRITE) refuses, with the same message.
+    late = os.path.join(embeddings, "late.safetensors")
+
+    def appear(step):
+        if step == 2 and not os.path.lexists(late):
+            with open(late, "wb") as f:
+                f.write(b"written meanwhile")
+
+    state["on_step"] = appear
+    del state["updates"][:]
+    message = expect(FileExistsError, train.run, **train_args(checkpoint=name, token="late"))
+    state["on_step"] = None
+    assert late in message and "'overwrite'" in message, message
+    assert state["updates"] == [1, 2, 3], state["updates"]
+    assert open(late, "rb").read() == b"written meanwhile"
+
+    # Convert: the same rule.
+    (dst,), _ = as_comfyui_merges(convert.run(format="a1111-pt", precision="f32", name="conv",
+                                              path=source))
+    with open(dst, "rb") as f:
+        before = f.read()
+    message = expect(FileExistsError, convert.run, format="a1111-pt", precision="f16",
+                     name="conv", path=source)
+    assert dst in message and "name" in message, message
+    with open(dst, "rb") as f:
+        assert f.read() == before
+    convert.run(format="a1111-pt", precision="f16", name="conv", path=source, overwrite=True)
+    with open(dst, "rb") as f:
+        assert f.read() != before, "overwrite on: the f16 file replaced the f32 one"
+
+
+def test_path_inputs():
+    """Item 1: Inspect's and Convert's path inputs read only files in the embeddings and
+    input folders; anything else gets one message that tells nothing about the file."""
+    root = os.path.join(OUT, "comfy-paths")
+    state, pack = comfy_pack(root, "sdti_pack_paths")
+    embeddings = os.path.join(root, "models", "embeddings")
+    extra = os.path.join(root, "extra", "embeddings")
+    inputs = os.path.join(root, "input")
+    for d in (embeddings, extra):
+        os.makedirs(d, exist_ok=True)
+    name = os.path.basename(MODEL)
+    (_, trained), _ = as_comfyui_merges(
+        pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]().run(**train_args(checkpoint=name, token="pathword")))
+    shutil.copy(trained, os.path.join(extra, "extra-word.safetensors"))
+    shutil.copy(trained, os.path.join(inputs, "uploaded.safetensors"))
+    inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]()
+    convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
+
+    # Accepted: in either embeddings folder or the input folder, absolute or relative.
+    for value, stem in [
+        (trained, "pathword"), ("pathword.safetensors", "pathword"),
+        (os.path.join(extra, "extra-word.safetensors"), "extra-word"),
+        ("extra-word.safetensors", "extra-word"),
+        (os.path.join(inputs, "uploaded.safetensors"), "uploaded"),
+        ("uploaded.safetensors", "uploaded"),
+        (os.path.join(embeddings, "..", "embeddings", "pathword.safetensors"), "pathword"),
+    ]:
+        assert inspect.run(path=value)[2] == f"embedding:{stem}", value
+    (dst,), _ = as_comfyui_merges(convert.run(format="a1111-pt", precision="f32", name="", path="uploaded.safetensors"))
+    assert dst == os.path.join(embeddings, "uploaded-a1111-pt.pt"), dst
+
+    # Refused, all with the same words: a secret outside, a missing file, a device, a
+    # link in the folder that leads out, a relative climb, the server's working folder.
+    secret = os.path.join(OUT, "secret.bin")
+    with open(secret, "wb") as f:
+        f.write(b"SECRET!!" + bytes(range(256)))
+    os.symlink(secret, os.path.join(embeddings, "leak.safetensors"))
+    os.symlink(os.path.dirname(secret), os.path.join(embeddings, "up"))
+    fifo = os.path.join(embeddings, "pipe.pt")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(fifo)
+    refused = [
+        secret, os.path.join(OUT, "missing.pt"), "/dev/zero", "leak.safetensors",
+        os.path.join(embeddings, "leak.safetensors"), os.path.join("up", "secret.bin"),
+        os.path.join("..", "..", "..", os.path.basename(OUT), "secret.bin"),
+        os.path.join(embeddings, "..", "checkpoints", "single.safetensors"),
+        "pipe.pt", embeddings, "no-such.pt",
+    ]
+    messages = set()
+    for value in refused:
+        for run in (lambda v: inspect.run(path=v),
+                    lambda v: convert.run(format="safetensors", precision="f32", name="x", path=v)):
+            message = expect(ValueError, run, value)
+            assert "SECRET" not in message and "53 45" not in message, message
+            messages.add(message.split(": ", 1)[1].replace(repr(value), "<path>"))
+    assert len(messages) == 1, messages
+    assert not os.path.exists(os.path.join(embeddings, "x.safetensors"))
+
+
+def test_is_changed():
+    """Item 9: after the output file is deleted, re-queuing runs the node again; while it
+    is there, the same workflow stays cached."""
+    root = os.path.join(OUT, "comfy-cache")
+    state, pack = comfy_pack(root, "sdti_pack_cache")
+    name = os.path.basename(MODEL)
+    train_cls = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]
+    # What ComfyUI passes: the constant inputs, a linked one (images) as None.
+    constants = dict(train_args(checkpoint=name, token="cached"), images=None, overwrite=False)
+    v0 = train_cls.IS_CHANGED(**constants)
+    (_, path), _ = as_comfyui_merges(train_cls().run(**train_args(checkpoint=name, token="cached")))
+    v1 = train_cls.IS_CHANGED(**constants)
+    assert v1 == v0, (v0, v1)  # the same workflow again: cached, no error on its own file
+    os.remove(path)
+    v2 = train_cls.IS_CHANGED(**constants)
+    assert v2 != v1, v2  # deleted: runs again
+    train_cls().run(**train_args(checkpoint=name, token="cached"))
+    assert train_cls.IS_CHANGED(**constants) == v2
+
+    convert_cls = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]
+    source = os.path.join(root, "models", "embeddings", "cached.safetensors")
+    for linked in (True, False):
+        constants = dict(format="a1111-pt", precision="f32", name="" if linked else "conv",
+                         embedding="", path=None if linked else source, overwrite=False)
+        u0 = convert_cls.IS_CHANGED(**constants)
+        (dst,), _ = as_comfyui_merges(convert_cls().run(
+            format="a1111-pt", precision="f32", name=constants["name"], path=source))
+        assert convert_cls.IS_CHANGED(**constants) == u0
+        os.remove(dst)
+        u2 = convert_cls.IS_CHANGED(**constants)
+        assert u2 != u0, (linked, u2)
+
+    constants = dict(train_args(checkpoint=name, token="cached"), images=None, overwrite=False)
+    with open(path, "ab") as f:  # changed by someone else: run again
+        f.write(b"\0")
+    assert train_cls.IS_CHANGED(**constants) != v2
+
+
+def test_web_extension():
+    """Train shows its report on the node: ComfyUI serves WEB_DIRECTORY's .js files."""
+    for mod in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
+        sys.modules.pop(mod, None)
+    pack = load_pack("sdti_pack_web")
+    web = os.path.normpath(os.path.join(PACK, pack.WEB_DIRECTORY))
+    script = os.path.join(web, "sdti.js")
+    with open(script, encoding="utf-8") as f:
+        text = f.read()
+    for needle in ("SDTI_TrainEmbedding", "onExecuted", "message?.text", "registerExtension"):
+        assert needle in text, needle
+    node = shutil.which("node")
+    if node:
+        check = os.path.join(tempfile.mkdtemp(prefix="sdti-js-"), "sdti.mjs")
+        shutil.copy(script, check)
+        subprocess.run([node, "--check", check], check=True)
+    else:
+        print("SKIPPED: node not found; web/sdti.js was not syntax-checked")
 
 
 if __name__ == "__main__":
     test_without_comfyui()
     test_with_comfyui_stand_ins()
+    test_names_stay_in_the_folder()
+    test_path_inputs()
+    test_overwrite()
+    test_is_changed()
+    test_web_extension()
     print("comfyui pack: ok")
