@@ -190,8 +190,11 @@ fn a_fifo_without_a_writer_does_not_hang() {
     );
 
     // Model files are mapped: a FIFO is refused before it is opened.
+    let Some(model) = fifo(dir.path(), "model.safetensors") else {
+        return;
+    };
     let e = quick("model", || {
-        SdModel::load(&path, &LoadOptions::default())
+        SdModel::load(&model, &LoadOptions::default())
             .err()
             .expect("a FIFO is no model")
     })
