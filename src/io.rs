@@ -206,8 +206,16 @@ mod tests {
         }
         for (path, kind) in cases {
             let e = write_bytes_atomic(&path, b"new", Existing::Refuse).unwrap_err();
-            assert_eq!(e.source.kind(), std::io::ErrorKind::AlreadyExists, "{path:?}");
-            assert!(e.source.to_string().contains(kind), "{path:?}: {}", e.source);
+            assert_eq!(
+                e.source.kind(),
+                std::io::ErrorKind::AlreadyExists,
+                "{path:?}"
+            );
+            assert!(
+                e.source.to_string().contains(kind),
+                "{path:?}: {}",
+                e.source
+            );
         }
         assert_eq!(std::fs::read(&file).unwrap(), b"user data");
         // Nothing left behind.

@@ -14,8 +14,8 @@ const FORBIDDEN: &[char] = &['/', '\\', ':', '*', '?', '"', '|'];
 /// Device names Windows reserves whatever the extension (`con.pt` opens the console).
 const WINDOWS_RESERVED: &[&str] = &[
     "con", "prn", "aux", "nul", "com0", "com1", "com2", "com3", "com4", "com5", "com6", "com7",
-    "com8", "com9", "com¹", "com²", "com³", "lpt0", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5",
-    "lpt6", "lpt7", "lpt8", "lpt9", "lpt¹", "lpt²", "lpt³", "conin$", "conout$",
+    "com8", "com9", "com¹", "com²", "com³", "lpt0", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6",
+    "lpt7", "lpt8", "lpt9", "lpt¹", "lpt²", "lpt³", "conin$", "conout$",
 ];
 
 /// Checks that `name` can name a learned word and the files it is written to; the error
@@ -64,7 +64,14 @@ mod tests {
 
     #[test]
     fn words_are_names_not_paths() {
-        for ok in ["my-cat", "<cat-toy>", "a1111_style", "ÿ-word", "word.v2", "x"] {
+        for ok in [
+            "my-cat",
+            "<cat-toy>",
+            "a1111_style",
+            "ÿ-word",
+            "word.v2",
+            "x",
+        ] {
             assert!(check_word_name(ok).is_ok(), "{ok}");
         }
         let long = "w".repeat(MAX_NAME_BYTES + 1);

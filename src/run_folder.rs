@@ -7,14 +7,19 @@
 //! DIR/loss.csv                         step,loss,lr,seconds (seconds: that step's time)
 //! DIR/loss.png                         the loss and its moving average
 //! DIR/checkpoints/step-000500.safetensors   resumable state (vectors, AdamW, RNGs)
-//! DIR/embeddings/WORD-000500.pt        the word by step, one file per format
 //! DIR/previews/step-000500.png         what the word draws at that step
 //! DIR/previews.png                     every preview so far, in a labelled grid
-//! DIR/WORD.pt, DIR/WORD.safetensors    the word at the end of the run
+//! DIR/WORD.pt                          the word at the end, in the first chosen format
+//! DIR/embeddings/WORD-500.pt           the word by step, in the first chosen format
+//! DIR/formats/FORMAT/WORD.EXT          the same in each further chosen format, one
+//! DIR/formats/FORMAT/WORD-500.EXT      folder per format
 //! ```
 //!
-//! When two chosen formats share an extension, the later ones carry their format name
-//! (`WORD.diffusers.safetensors`).
+//! Hosts (A1111, ComfyUI) name a word after its file's stem, so every file's stem is the
+//! name stored inside it: `WORD` at the end, `WORD-500` at step 500 (A1111 names its own
+//! by-step files so), never `WORD.diffusers`. Within one format's files each name appears
+//! once: copying `DIR/WORD.pt`, or the `embeddings/` folder, or one `formats/FORMAT`
+//! folder into a host's embeddings folder adds those words and nothing else.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,7 +27,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::embedding::{Format, Precision};
+use crate::embedding::{write_embedding_to, Existing, Format, Precision};
 use crate::error::{Error, Result};
 use crate::plot::{loss_chart, write_png, LossPoint};
 use crate::preview::{grid, sample_image, SampleOptions};
@@ -366,18 +371,15 @@ impl RunFolder {
             .join(format!("step-{}.png", step_name(step)))
     }
 
-    /// The file name of the word in `format`: `stem.ext`, or `stem.FORMAT.ext` when an
-    /// earlier chosen format has the same extension.
-    pub fn embedding_file_name(&self, stem: &str, format: Format) -> String {
-        let clash = self
-            .formats
-            .iter()
-            .take_while(|f| **f != format)
-            .any(|f| f.extension() == format.extension());
-        if clash {
-            format!("{stem}.{}.{}", format.name(), format.extension())
-        } else {
-            format!("{stem}.{}", format.extension())
+    /// Where the word named `name` (`WORD`, or `WORD-500` for a step) goes in `format`:
+    /// the first chosen format at the top (the final word) or in `embeddings/` (by step),
+    /// each further format in its own `formats/FORMAT/` folder.
+    pub fn embedding_path(&self, name: &str, format: Format, by_step: bool) -> PathBuf {
+        let file = format!("{name}.{}", format.extension());
+        match self.formats.first() {
+            Some(first) if *first == format && by_step => self.dir.join("embeddings").join(file),
+            Some(first) if *first == format => self.dir.join(file),
+            _ => self.dir.join("formats").join(format.name()).join(file),
         }
     }
 
@@ -386,8 +388,25 @@ impl RunFolder {
         let token = &self.config.train.token;
         self.formats
             .iter()
-            .map(|f| self.dir.join(self.embedding_file_name(token, *f)))
+            .map(|f| self.embedding_path(token, *f, false))
             .collect()
+    }
+
+    /// Writes the word, named `name` inside as in its file name, in every chosen format.
+    fn export_all(&self, trainer: &Trainer, name: &str, by_step: bool) -> Result<Vec<Written>> {
+        let mut emb = trainer.embedding()?;
+        emb.name = Some(name.to_string());
+        let mut out = Vec::new();
+        for format in &self.formats {
+            let path = self.embedding_path(name, *format, by_step);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            // The run folder is sdti's: a resumed run writes its steps again.
+            write_embedding_to(&path, &emb, *format, self.precision, Existing::Replace)?;
+            out.push(Written::Embedding(path));
+        }
+        Ok(out)
     }
 
     /// The newest checkpoint: `(step, path)`.
@@ -450,9 +469,19 @@ impl RunFolder {
     /// from the newest checkpoint, and forgets what was logged after it. Returns the step
     /// it continues from (0 when no checkpoint was written yet).
     pub fn resume(&mut self, trainer: &mut Trainer) -> Result<u64> {
+        self.remove_stale_temp_files();
         let step = match self.latest_checkpoint()? {
             Some((step, path)) => {
                 trainer.load_checkpoint(&path)?;
+                // Killed between the checkpoint and its words: write them again.
+                let name = format!("{}-{step}", self.config.train.token);
+                let formats = self.formats.iter();
+                if formats
+                    .map(|f| self.embedding_path(&name, *f, true))
+                    .any(|p| !p.is_file())
+                {
+                    self.export_all(trainer, &name, true)?;
+                }
                 step
             }
             None => 0,
@@ -478,6 +507,20 @@ impl RunFolder {
         self.previews.retain(|(s, _)| *s <= step);
         self.last_plot = step;
         Ok(step)
+    }
+
+    /// Temporary files of writes cut short when an earlier process was killed.
+    fn remove_stale_temp_files(&self) {
+        let mut dirs = vec![self.dir.clone()];
+        for sub in ["checkpoints", "embeddings", "previews"] {
+            dirs.push(self.dir.join(sub));
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("formats")) {
+            dirs.extend(entries.flatten().map(|e| e.path()));
+        }
+        for d in dirs {
+            crate::io::remove_stale_temp_files(&d);
+        }
     }
 
     /// Before the first step: the preview of the initial word.
@@ -517,15 +560,7 @@ impl RunFolder {
         if !self.checkpoint_path(step).is_file() {
             out.extend(self.save(trainer)?);
         }
-        for (format, path) in self
-            .formats
-            .clone()
-            .into_iter()
-            .zip(self.final_embeddings())
-        {
-            trainer.export(&path, format, self.precision)?;
-            out.push(Written::Embedding(path));
-        }
+        out.extend(self.export_all(trainer, &self.config.train.token, false)?);
         if self.config.run.preview.every > 0 && !self.previews.iter().any(|(s, _)| *s == step) {
             out.push(self.preview(trainer)?);
         }
@@ -539,15 +574,8 @@ impl RunFolder {
         let ckpt = self.checkpoint_path(step);
         trainer.save_checkpoint(&ckpt)?;
         let mut out = vec![Written::Checkpoint(ckpt)];
-        let stem = format!("{}-{}", self.config.train.token, step_name(step));
-        for format in self.formats.clone() {
-            let path = self
-                .dir
-                .join("embeddings")
-                .join(self.embedding_file_name(&stem, format));
-            trainer.export(&path, format, self.precision)?;
-            out.push(Written::Embedding(path));
-        }
+        let name = format!("{}-{step}", self.config.train.token);
+        out.extend(self.export_all(trainer, &name, true)?);
         self.write_plot()?;
         Ok(out)
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use image::{Rgb, RgbImage};
-use sdti::embedding::{read_embedding, Format, Precision};
+use sdti::embedding::{read_embedding, Existing, Format, Precision};
 use sdti::eval::{fixed_noise_loss, image_latents};
 use sdti::model::random::{random_model, tiny_sd1_config};
 use sdti::model::SdModel;
@@ -250,7 +250,7 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
             .map_err(|e| CliError::new(format!("{}: {e}", sub.display())))?;
         let path = sub.join(format!("{TOKEN}.{}", format.extension()));
         trainer
-            .export(&path, format, Precision::F32)
+            .export(&path, format, Precision::F32, Existing::Replace)
             .context(format!("export {format}"))?;
         let back = read_embedding(&path)?;
         let same = back.parts.len() == 1 && back.parts[0].data == want;

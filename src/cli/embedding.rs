@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use clap::Args;
 use sdti::embedding::{
-    inspect as inspect_embedding, read_embedding, write_embedding, Format, Precision,
+    inspect as inspect_embedding, read_embedding, write_embedding_to, Existing, Format, Precision,
 };
 use sdti::prompt::{prompt_slots, Word};
 use sdti::tokenizer::{chunk_slots, ClipTokenizer, Slot, BOS, EOS};
@@ -21,19 +21,21 @@ Examples:
   sdti convert learned_embeds.bin cat.pt --name cat       # diffusers -> A1111, word 'cat'
   sdti convert cat.pt learned_embeds.safetensors --format diffusers --precision f16
 
-Formats (reads all; writes all but png-pixels and rinongal-pt):
+Formats (reads all; writes all but png-pixels, webp-pixels and rinongal-pt):
   a1111-pt           A1111 .pt (torch zip, string_to_param)         .pt
   safetensors        A1111 / kohya safetensors (emb_params)          .safetensors
   diffusers          diffusers learned_embeds.safetensors {token}    .safetensors
   diffusers-bin      diffusers learned_embeds.bin {token}            .bin
   png                A1111 PNG with an sd-ti-embedding text chunk    .png
   png-pixels         A1111 PNG with the data in the pixel border     (read only)
+  webp-pixels        the same in a lossless WebP (A1111 reads it)    (read only)
   sdxl               SDXL {clip_l, clip_g} safetensors               .safetensors
   onetrainer         OneTrainer safetensors (emp_params)             .safetensors
   kohya-pt           kohya sd-scripts .pt (emb_params)               .pt
   kohya-safetensors  kohya sd-scripts safetensors                    .safetensors
   rinongal-pt        rinongal/textual_inversion .pt                  (read only)
-Without --format the format follows DEST's extension: .pt a1111-pt, .safetensors
+An existing DEST (a file, a folder, a symlink, dangling or not) is kept unless
+--overwrite is given. Without --format the format follows DEST's extension: .pt a1111-pt, .safetensors
 safetensors, .bin diffusers-bin, .png png (an SDXL embedding goes to sdxl).";
 
 pub const INSPECT_EXAMPLES: &str = "\
@@ -90,9 +92,10 @@ fn format_for(dest: &Path, sdxl: bool) -> CliResult<Format> {
 }
 
 pub fn convert(a: ConvertArgs) -> CliResult<()> {
-    if a.dest.exists() && !a.overwrite {
+    // symlink_metadata: a dangling or looping symlink is something there too.
+    if let (Some(kind), false) = (sdti::io::existing_kind(&a.dest), a.overwrite) {
         return Err(CliError::new(format!(
-            "{} already exists; pass --overwrite to replace it",
+            "{} already exists ({kind}); pass --overwrite to replace it",
             a.dest.display()
         )));
     }
@@ -105,7 +108,12 @@ pub fn convert(a: ConvertArgs) -> CliResult<()> {
     if let Some(name) = &a.name {
         emb.name = Some(name.clone());
     }
-    write_embedding(&a.dest, &emb, format, precision)?;
+    let existing = if a.overwrite {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
+    write_embedding_to(&a.dest, &emb, format, precision, existing)?;
     println!(
         "{} ({}) -> {} ({format}, {})",
         a.source.display(),

@@ -35,8 +35,8 @@ pub struct Inspection {
     pub name: Option<String>,
     pub step: Option<u64>,
     pub vectors: usize,
-    /// e.g. "768" or "768+1280".
-    pub width: String,
+    /// One width per part: `[768]`, or `[768, 1280]` for SDXL (clip_l, clip_g).
+    pub widths: Vec<usize>,
     pub family: Option<Family>,
     pub source_format: Format,
     pub sd_checkpoint: Option<String>,
@@ -126,12 +126,7 @@ pub fn inspect(emb: &EmbeddingFile, vocab: Option<Vocab<'_>>, top_k: usize) -> I
         name: emb.name.clone(),
         step: emb.step,
         vectors: emb.parts.first().map_or(0, |p| p.vectors),
-        width: emb
-            .parts
-            .iter()
-            .map(|p| p.dim.to_string())
-            .collect::<Vec<_>>()
-            .join("+"),
+        widths: emb.parts.iter().map(|p| p.dim).collect(),
         family: Family::of(emb),
         source_format: emb.source_format,
         sd_checkpoint: emb.sd_checkpoint.clone(),
@@ -151,7 +146,11 @@ impl fmt::Display for Inspection {
             "shape:       {} vector{} x {} ({})",
             self.vectors,
             if self.vectors == 1 { "" } else { "s" },
-            self.width,
+            self.widths
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("+"),
             self.family
                 .map_or("no known family".to_string(), |fam| fam.to_string())
         )?;

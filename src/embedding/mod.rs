@@ -28,10 +28,10 @@ mod zip;
 
 use std::cell::Cell;
 use std::fmt;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
+pub use crate::io::Existing;
 pub use inspect::{inspect, Inspection, NearToken, PartInspection, VectorInspection, Vocab};
 
 /// Largest file any reader accepts. Real embeddings are kilobytes (75 x 2048
@@ -67,8 +67,8 @@ pub struct EmbeddingPart {
     pub data: Vec<f32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Which text encoder a part feeds; named as the files name it (`clip_l`, `clip_g`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoder {
     /// The only text encoder (SD1 CLIP ViT-L, SD2 OpenCLIP ViT-H).
     Single,
@@ -77,6 +77,33 @@ pub enum Encoder {
     /// SDXL's second encoder (OpenCLIP bigG, 1280 wide).
     ClipG,
 }
+
+impl FromStr for Encoder {
+    type Err = EmbeddingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "single" => Ok(Encoder::Single),
+            "clip_l" => Ok(Encoder::ClipL),
+            "clip_g" => Ok(Encoder::ClipG),
+            _ => Err(EmbeddingError::UnknownFormatName {
+                name: s.to_string(),
+                known: "single, clip_l, clip_g".to_string(),
+            }),
+        }
+    }
+}
+
+/// Names print and parse the same way, so what `inspect --json` prints can be given back.
+macro_rules! serialize_as_display {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    )*};
+}
+serialize_as_display!(Encoder, Format);
 
 impl fmt::Display for Encoder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -88,8 +115,9 @@ impl fmt::Display for Encoder {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Serialised (e.g. by `inspect --json`) as [`Format::name`], which [`Format::from_str`]
+/// and the C ABI's `sdti_format_from_name` take back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     /// torch zip pickle dict `{string_to_token, string_to_param, name, step, ...}`.
     A1111Pt,
@@ -190,7 +218,7 @@ impl FromStr for Format {
             "png" | "a1111-png" => Format::A1111Png,
             "png-pixels" | "a1111-png-pixels" => Format::A1111PngPixels,
             "rinongal" | "rinongal-pt" => Format::RinongalPt,
-            "onetrainer" => Format::OneTrainer,
+            "onetrainer" | "one-trainer" => Format::OneTrainer,
             "kohya-pt" => Format::KohyaPt,
             "kohya" | "kohya-safetensors" => Format::KohyaSafetensors,
             "webp-pixels" | "a1111-webp-pixels" | "webp" => Format::A1111WebpPixels,
@@ -273,6 +301,9 @@ pub enum EmbeddingError {
         #[source]
         source: std::io::Error,
     },
+    /// The destination exists and replacing it was not asked for.
+    #[error("{file}: {reason}")]
+    Exists { file: String, reason: String },
     #[error("{file}: {field}: {reason}")]
     Invalid {
         file: String,
@@ -820,15 +851,26 @@ pub fn write_embedding_bytes(
     Ok(out)
 }
 
-static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Write atomically: a temp file in the destination directory, fsync, rename.
-/// On any failure the destination is untouched and the temp file removed.
+/// Writes atomically (a temporary file beside `path`, synced, then put in place) and
+/// refuses to replace anything already at `path`, a symlink of any kind included; see
+/// [`write_embedding_to`] to replace.
 pub fn write_embedding(
     path: &Path,
     emb: &EmbeddingFile,
     format: Format,
     precision: Precision,
+) -> Result<(), EmbeddingError> {
+    write_embedding_to(path, emb, format, precision, Existing::Refuse)
+}
+
+/// [`write_embedding`], saying what to do when `path` exists. On any failure the
+/// destination is untouched and no temporary file remains.
+pub fn write_embedding_to(
+    path: &Path,
+    emb: &EmbeddingFile,
+    format: Format,
+    precision: Precision,
+    existing: Existing,
 ) -> Result<(), EmbeddingError> {
     let file = display_name(path);
     let stem = path
@@ -836,38 +878,29 @@ pub fn write_embedding(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "embedding".to_string());
     let bytes = write_embedding_bytes(emb, format, precision, &stem)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file}.sdti-tmp-{}-{n}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io_err(&file, "create temp file", e))?;
-        f.write_all(&bytes).map_err(|e| io_err(&file, "write", e))?;
-        f.sync_all().map_err(|e| io_err(&file, "sync", e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io_err(&file, "rename into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::io::write_bytes_atomic(path, &bytes, existing).map_err(|e| {
+        if e.source.kind() == std::io::ErrorKind::AlreadyExists {
+            EmbeddingError::Exists {
+                file: path.display().to_string(),
+                reason: e.source.to_string(),
+            }
+        } else {
+            io_err(&file, e.op, e.source)
+        }
+    })
 }
 
-/// Read `src` (any layout) and write it to `dst` as `format`.
+/// Read `src` (any layout) and write it to `dst` as `format`, never replacing what is
+/// at `dst` unless `existing` says so.
 pub fn convert(
     src: &Path,
     dst: &Path,
     format: Format,
     precision: Precision,
+    existing: Existing,
 ) -> Result<(), EmbeddingError> {
     let emb = read_embedding(src)?;
-    write_embedding(dst, &emb, format, precision)
+    write_embedding_to(dst, &emb, format, precision, existing)
 }
 
 /// Round to the precision a writer would store (what a reader gets back).

@@ -44,7 +44,10 @@ pub const SDTI_WRITE_OVERWRITE: u32 = 1;
 const FORMAT_CODES: [(u32, Format); 12] = [
     (SDTI_FORMAT_A1111_PT, Format::A1111Pt),
     (SDTI_FORMAT_SAFETENSORS, Format::A1111Safetensors),
-    (SDTI_FORMAT_DIFFUSERS_SAFETENSORS, Format::DiffusersSafetensors),
+    (
+        SDTI_FORMAT_DIFFUSERS_SAFETENSORS,
+        Format::DiffusersSafetensors,
+    ),
     (SDTI_FORMAT_DIFFUSERS_BIN, Format::DiffusersBin),
     (SDTI_FORMAT_A1111_PNG, Format::A1111Png),
     (SDTI_FORMAT_KOHYA_PT, Format::KohyaPt),

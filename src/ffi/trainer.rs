@@ -475,7 +475,8 @@ impl TrainerState {
                     Precision::F32,
                     Existing::Replace,
                 )?;
-                self.trainer.save_checkpoint(&run_checkpoint_path(dir, token))?;
+                self.trainer
+                    .save_checkpoint(&run_checkpoint_path(dir, token))?;
             }
         }
         Ok(stats)

@@ -15,7 +15,9 @@ use super::loss::{denoising_loss, DenoisingBatch, Prediction};
 use super::prompts::{Builtin, TemplateSet};
 use super::rng::{Rng, RngState};
 use super::schedule::{LrSchedule, NoiseSchedule};
-use crate::embedding::{write_embedding, EmbeddingFile, EmbeddingPart, Encoder, Format, Precision};
+use crate::embedding::{
+    write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
+};
 use crate::error::{Error, Result};
 use crate::model::{Injection, LatentDist, SdModel};
 use crate::prompt::{encode_prompts, Word};
@@ -120,12 +122,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Checks every value, naming the field that is wrong.
     pub fn validate(&self) -> Result<()> {
-        if self.token.trim().is_empty() || self.token.chars().any(char::is_whitespace) {
-            return Err(Error::config(
-                "token",
-                format!("'{}' must be one word without spaces", self.token),
-            ));
-        }
+        crate::names::check_word_name(&self.token).map_err(|why| Error::config("token", why))?;
         if !(1..=75).contains(&self.vectors) {
             return Err(Error::config(
                 "vectors",
@@ -436,13 +433,21 @@ impl Trainer {
         })
     }
 
-    /// Writes the learned word to `path` in `format` (atomically).
-    pub fn export(&self, path: &Path, format: Format, precision: Precision) -> Result<()> {
-        Ok(write_embedding(
+    /// Writes the learned word to `path` in `format` (atomically), replacing what is at
+    /// `path` only when `existing` says so.
+    pub fn export(
+        &self,
+        path: &Path,
+        format: Format,
+        precision: Precision,
+        existing: Existing,
+    ) -> Result<()> {
+        Ok(write_embedding_to(
             path,
             &self.embedding()?,
             format,
             precision,
+            existing,
         )?)
     }
 

@@ -236,6 +236,8 @@ int main(int argc, char **argv) {
            "export to a missing folder");
     expect(api.trainer_export(trainer, path_pt, 77), SDTI_ERR_INVALID_ARGUMENT,
            "export format 77");
+    expect(api.trainer_export(trainer, path_pt, SDTI_FORMAT_AUTO), SDTI_ERR_EXISTS,
+           "export over an existing file (ABI 1.2)");
     api.trainer_cancel(trainer);
     api.trainer_cancel(trainer);
     expect(api.trainer_step(trainer, 1, &stats), SDTI_CANCELLED, "step after cancel twice");

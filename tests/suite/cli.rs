@@ -156,6 +156,38 @@ fn help_names_every_command_with_examples() {
 }
 
 #[test]
+fn a_token_is_a_name_and_never_a_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 1);
+    let run = tmp.path().join("runs").join("run");
+    for (token, why) in [
+        ("../victim", "'/'"),
+        ("/tmp/abs", "'/'"),
+        ("..", "starts with '.'"),
+        ("CON", "device name"),
+    ] {
+        fails(
+            &[
+                "train",
+                "--model",
+                &tiny(),
+                &s(&images),
+                "-o",
+                &s(&run),
+                "--token",
+                token,
+                "--resolution",
+                "64",
+                "--steps",
+                "1",
+            ],
+            why,
+        );
+    }
+    assert!(!run.exists() && !tmp.path().join("runs/victim.pt").exists());
+}
+
+#[test]
 fn train_writes_the_run_folder_as_it_goes() {
     let tmp = tempfile::tempdir().unwrap();
     let images = pictures(tmp.path(), 2);
@@ -210,18 +242,47 @@ fn train_writes_the_run_folder_as_it_goes() {
         assert_eq!(cols[2].parse::<f64>().unwrap(), 0.005);
     }
 
-    for step in ["000003", "000006"] {
+    // The first format at the top and in embeddings/, each further one in formats/FORMAT;
+    // every file's stem is the name stored in it, once per format.
+    for step in [3, 6] {
         assert!(run
-            .join(format!("checkpoints/step-{step}.safetensors"))
+            .join(format!("checkpoints/step-{step:06}.safetensors"))
             .is_file());
-        for name in [
-            format!("sks-{step}.pt"),
-            format!("sks-{step}.safetensors"),
-            format!("sks-{step}.diffusers.safetensors"),
+        for path in [
+            format!("embeddings/sks-{step}.pt"),
+            format!("formats/safetensors/sks-{step}.safetensors"),
+            format!("formats/diffusers/sks-{step}.safetensors"),
         ] {
-            assert!(run.join("embeddings").join(&name).is_file(), "{name}");
+            let emb = read_embedding(&run.join(&path)).unwrap();
+            assert_eq!(
+                emb.name.as_deref(),
+                Some(format!("sks-{step}").as_str()),
+                "{path}"
+            );
+            if path.ends_with(".pt") {
+                assert_eq!(emb.step, Some(step), "{path}");
+            }
         }
     }
+    let mut stems = std::collections::HashMap::<String, Vec<String>>::new();
+    for dir in ["", "embeddings"] {
+        for e in std::fs::read_dir(run.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file()
+                && !p
+                    .extension()
+                    .is_some_and(|x| x == "json" || x == "csv" || x == "png")
+            {
+                let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+                stems.entry(stem).or_default().push(p.display().to_string());
+            }
+        }
+    }
+    assert!(stems.values().all(|v| v.len() == 1), "{stems:?}");
+    assert!(
+        stems.contains_key("sks") && !stems.keys().any(|k| k.contains('.')),
+        "{stems:?}"
+    );
     for step in ["000000", "000003", "000006"] {
         let p = image::open(run.join(format!("previews/step-{step}.png"))).unwrap();
         assert_eq!((p.width(), p.height()), (64, 64));
@@ -235,9 +296,10 @@ fn train_writes_the_run_folder_as_it_goes() {
     assert_eq!(word.name.as_deref(), Some("sks"));
     assert_eq!(word.step, Some(6));
     assert_eq!((word.parts[0].vectors, word.parts[0].dim), (2, 32));
-    let diffusers = read_embedding(&run.join("sks.diffusers.safetensors")).unwrap();
+    let diffusers = read_embedding(&run.join("formats/diffusers/sks.safetensors")).unwrap();
     assert_eq!(diffusers.parts[0].data, word.parts[0].data);
-    let by_step = read_embedding(&run.join("embeddings/sks-000006.safetensors")).unwrap();
+    assert_eq!(diffusers.name.as_deref(), Some("sks"));
+    let by_step = read_embedding(&run.join("formats/safetensors/sks-6.safetensors")).unwrap();
     assert_eq!(by_step.parts[0].data, word.parts[0].data);
 
     // The folder now exists: refused without --resume / --overwrite.
@@ -378,8 +440,8 @@ fn ctrl_c_writes_a_checkpoint_and_resume_matches_a_straight_run() {
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
-    let a = std::fs::read(stopped.join("sks.safetensors")).unwrap();
-    let b = std::fs::read(straight.join("sks.safetensors")).unwrap();
+    let a = std::fs::read(stopped.join("sks.pt")).unwrap();
+    let b = std::fs::read(straight.join("sks.pt")).unwrap();
     assert_eq!(a, b, "stopped + resumed differs from a straight run");
     let csv = std::fs::read_to_string(stopped.join("loss.csv")).unwrap();
     let steps: Vec<String> = csv
@@ -487,6 +549,17 @@ fn convert_inspect_and_encode_embeddings() {
     assert_eq!(back.source_format, Format::A1111Safetensors);
     assert_eq!(back.parts, read_embedding(&pt).unwrap().parts);
     fails(&["convert", &s(&pt), &s(&st)], "--overwrite");
+    // A dangling symlink is something there too: kept, not written through.
+    let dangling = tmp.path().join("dangling.safetensors");
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere.safetensors"), &dangling).unwrap();
+    fails(&["convert", &s(&pt), &s(&dangling)], "dangling");
+    assert!(!tmp.path().join("elsewhere.safetensors").exists());
+    ok(&["convert", &s(&pt), &s(&dangling), "--overwrite"]);
+    assert!(!std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!tmp.path().join("elsewhere.safetensors").exists());
     let bin = tmp.path().join("learned_embeds.bin");
     ok(&["convert", &s(&pt), &s(&bin), "--name", "<sks>"]);
     assert_eq!(
@@ -515,7 +588,7 @@ fn convert_inspect_and_encode_embeddings() {
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", &s(&st), "--json"])).unwrap();
     assert_eq!(json["vectors"], 2);
-    assert_eq!(json["width"], "32");
+    assert_eq!(json["widths"], serde_json::json!([32]));
     assert_eq!(
         json["parts"][0]["vectors_detail"].as_array().map(Vec::len),
         Some(2)
@@ -601,7 +674,7 @@ fn demo_runs_end_to_end_and_replaces_its_own_folder() {
         "run/loss.png",
         "run/previews.png",
         "run/red-disc.pt",
-        "run/red-disc.safetensors",
+        "run/formats/safetensors/red-disc.safetensors",
         "sample.png",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing");
@@ -774,4 +847,150 @@ fn errors_for_people_are_one_line() {
         ],
         "'tpu' is not a device",
     );
+}
+
+/// Every file under `dir`, recursively.
+#[cfg(unix)]
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// SIGKILL while a write of the file named like `hold` sits complete in its temporary
+/// file, just before it is put in place (the writer's crash-test hook): no destination is
+/// half-written, `--resume` finishes the run with the word of a run never killed, and no
+/// temporary file is left.
+#[cfg(unix)]
+fn sigkill_mid_write_then_resume(hold: &str, destination: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 2);
+    let args = |dir: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            &tiny(),
+            &s(&images),
+            "-o",
+            &s(dir),
+            "--token",
+            "sks",
+            "--resolution",
+            "64",
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+            "--preview-every",
+            "0",
+            "--seed",
+            "5",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdti"))
+        .args(args(&killed))
+        .env(sdti::io::HOLD_BEFORE_RENAME_ENV, hold)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let held = loop {
+        let marker = killed.is_dir().then(|| {
+            files_under(&killed)
+                .into_iter()
+                .find(|p| p.to_string_lossy().ends_with(".held"))
+        });
+        if let Some(Some(m)) = marker {
+            break m;
+        }
+        if start.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the write of {hold} was never held");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+
+    let name = held.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.contains(".sdti-tmp-"), "{name}");
+    assert!(!killed.join(destination).exists(), "{destination} in place");
+    let left = files_under(&killed);
+    assert!(
+        left.iter()
+            .any(|p| p.to_string_lossy().contains(".sdti-tmp-") && !p.ends_with(&held)),
+        "the complete temporary file was not left: {left:?}"
+    );
+    for path in &left {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if file.starts_with('.') {
+            continue;
+        }
+        if path.parent().unwrap().ends_with("checkpoints") {
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{path:?} is not a whole checkpoint: {e}"));
+        } else if file.ends_with(".pt") || file.ends_with(".safetensors") {
+            read_embedding(path).unwrap_or_else(|e| panic!("{path:?} is not a whole word: {e}"));
+        }
+    }
+
+    ok(&["train", "--resume", "-o", &s(&killed)]);
+    let straight = tmp.path().join("straight");
+    ok(&args(&straight)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let word = |dir: &Path| {
+        read_embedding(&dir.join("sks.pt")).unwrap().parts[0]
+            .data
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(word(&killed), word(&straight), "killed + resumed differs");
+    assert!(killed.join(destination).is_file(), "{destination} missing");
+    assert_eq!(
+        read_embedding(&killed.join("embeddings/sks-2.pt"))
+            .unwrap()
+            .parts[0]
+            .data,
+        read_embedding(&straight.join("embeddings/sks-2.pt"))
+            .unwrap()
+            .parts[0]
+            .data
+    );
+    let temps: Vec<PathBuf> = files_under(&killed)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".sdti-tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "left behind: {temps:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigkill_mid_checkpoint_then_resume_matches_a_straight_run() {
+    sigkill_mid_write_then_resume("step-000002", "checkpoints/step-000002.safetensors");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigkill_mid_export_then_resume_matches_a_straight_run() {
+    sigkill_mid_write_then_resume("sks-2.", "embeddings/sks-2.pt");
 }

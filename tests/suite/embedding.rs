@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use sdti::embedding::{
     check_for_family, convert, fuzzing, inspect, read_embedding, read_embedding_bytes, round_to,
-    write_embedding, write_embedding_bytes, zip_member_names, EmbeddingError, EmbeddingFile,
-    EmbeddingPart, Encoder, Family, Format, Precision,
+    write_embedding, write_embedding_bytes, write_embedding_to, zip_member_names, EmbeddingError,
+    EmbeddingFile, EmbeddingPart, Encoder, Existing, Family, Format, Precision,
 };
 use serde_json::Value;
 
@@ -290,8 +290,20 @@ fn writes_are_atomic_and_never_clobber_on_failure() {
     assert_eq!(std::fs::read(&dst).unwrap(), b"previous contents");
     let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(entries.len(), 1, "no temp files left behind");
-    // Success replaces it.
-    write_embedding(&dst, &big, Format::A1111Pt, Precision::F32).unwrap();
+    // A valid write still refuses to replace it unless asked to.
+    assert!(matches!(
+        write_embedding(&dst, &big, Format::A1111Pt, Precision::F32),
+        Err(EmbeddingError::Exists { .. })
+    ));
+    assert_eq!(std::fs::read(&dst).unwrap(), b"previous contents");
+    write_embedding_to(
+        &dst,
+        &big,
+        Format::A1111Pt,
+        Precision::F32,
+        Existing::Replace,
+    )
+    .unwrap();
     assert_eq!(read_embedding(&dst).unwrap().parts, big.parts);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
@@ -308,8 +320,14 @@ fn convert_between_layouts() {
     ];
     for (src, format) in pairs {
         let dst = dir.path().join(format!("out.{}", format.extension()));
-        convert(&fixtures().join(src), &dst, format, Precision::F32)
-            .unwrap_or_else(|e| panic!("{src}: {e}"));
+        convert(
+            &fixtures().join(src),
+            &dst,
+            format,
+            Precision::F32,
+            Existing::Replace,
+        )
+        .unwrap_or_else(|e| panic!("{src}: {e}"));
         assert_eq!(
             read_embedding(&dst).unwrap().parts,
             fixture(src).parts,
@@ -349,7 +367,7 @@ fn inspect_reports_norms_and_nearest_tokens() {
     let names = |id: u32| format!("tok{id}</w>");
     let ins = inspect(&emb, Some((&table, dim, &names)), 2);
     assert_eq!(ins.vectors, 2);
-    assert_eq!(ins.width, "768");
+    assert_eq!(ins.widths, [768]);
     assert_eq!(ins.family, Some(Family::Sd1));
     let v1 = &ins.parts[0].vectors_detail[1];
     assert_eq!(v1.nearest[0].id, 3);
@@ -378,7 +396,7 @@ fn inspect_reports_norms_and_nearest_tokens() {
     // Without a vocab (or with one of another width) there are no neighbours.
     let xl = fixture("sdxl.safetensors");
     let ins = inspect(&xl, Some((&table, dim, &names)), 2);
-    assert_eq!(ins.width, "768+1280");
+    assert_eq!(ins.widths, [768, 1280]);
     assert!(!ins.parts[0].vectors_detail[0].nearest.is_empty());
     assert!(ins.parts[1].vectors_detail[0].nearest.is_empty());
 }
@@ -1053,4 +1071,66 @@ fn jpeg_xl_and_avif_say_what_to_convert_to() {
             "{msg}"
         );
     }
+}
+
+/// The kept fuzz corpora (fuzz/corpus/<target>, minimised; fuzz/run.sh rebuilds and
+/// extends them) replayed through the same entry points and checks as each fuzz target
+/// (fuzz/fuzz_targets/<target>.rs): no panic, and the allocation budget holds.
+#[test]
+fn fuzz_corpora_replay_without_panics() {
+    let root = std::env::var_os("SDTI_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("fuzz/corpus");
+    let budget = |bytes: &[u8], what: &str| {
+        let (_, used, limit) = fuzzing::read_with_budget(bytes);
+        assert!(used <= limit, "{what}: used {used} of {limit}");
+    };
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+    let mut replayed = 0;
+    for target in ["pickle_zip", "safetensors", "png", "any"] {
+        let dir = root.join(target);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{}: empty", dir.display());
+        for path in files {
+            let data = std::fs::read(&path).unwrap();
+            let what = path.display().to_string();
+            match target {
+                "pickle_zip" => {
+                    let _ = fuzzing::pickle(&data);
+                    let _ = fuzzing::zip(&data);
+                    budget(&data, &what);
+                    let mut pt = b"PK\x03\x04".to_vec();
+                    pt.extend_from_slice(&data);
+                    let _ = read_embedding_bytes(&pt, "fuzz.pt");
+                }
+                "safetensors" => {
+                    let _ = read_embedding_bytes(&data, "fuzz.safetensors");
+                    budget(&data, &what);
+                }
+                "png" => {
+                    let mut png = PNG.to_vec();
+                    png.extend_from_slice(data.strip_prefix(PNG).unwrap_or(&data));
+                    let _ = read_embedding_bytes(&png, "fuzz.png");
+                    let fixed = fuzzing::png_with_fixed_crcs(&png);
+                    let _ = read_embedding_bytes(&fixed, "fuzz.png");
+                    budget(&fixed, &what);
+                }
+                _ => {
+                    let _ = read_embedding_bytes(&data, "fuzz");
+                    budget(&data, &what);
+                    if data.starts_with(PNG) {
+                        let _ = read_embedding_bytes(&fuzzing::png_with_fixed_crcs(&data), "fuzz");
+                    }
+                }
+            }
+            replayed += 1;
+        }
+    }
+    assert!(replayed > 0);
 }

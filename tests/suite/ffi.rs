@@ -534,7 +534,7 @@ fn exported_words_register_in_every_format_and_syntax() {
         .to_string();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["vectors"], 2, "{json}");
-    assert_eq!(v["width"], "32", "{json}");
+    assert_eq!(v["widths"], serde_json::json!([32]), "{json}");
     // SAFETY: NUL-terminated paths; an SD1 word cannot be written as SDXL.
     let rc = unsafe {
         sdti_embedding_convert(src.as_ptr(), dst.as_ptr(), SDTI_FORMAT_SDXL_SAFETENSORS, 0)
@@ -1163,6 +1163,156 @@ fn misuse_unknown_format_and_unwritable_export() {
         );
     }
     sdti_trainer_free(t);
+}
+
+#[test]
+fn writes_refuse_existing_paths_unless_asked_and_names_are_names() {
+    let dir = tempfile::tempdir().unwrap();
+    // A word's name is a name, never a path: refused by sdti_name_check and at _new.
+    for bad in [
+        "../checkpoints/victim",
+        "/abs",
+        "..",
+        ".hidden",
+        "a\\b",
+        "CON",
+        "x:y",
+    ] {
+        let name = c(bad);
+        // SAFETY: NUL-terminated.
+        let msg = expect(
+            unsafe { sdti_name_check(name.as_ptr()) },
+            SDTI_ERR_INVALID_ARGUMENT,
+            bad,
+        );
+        assert!(msg.contains("cannot name a word"), "{bad}: {msg}");
+        let (p, _s) = tiny_params(bad);
+        let mut t = std::ptr::null_mut();
+        // SAFETY: valid params and out-pointer.
+        let msg = expect(
+            unsafe { sdti_trainer_new(&p, &mut t) },
+            SDTI_ERR_INVALID_ARGUMENT,
+            bad,
+        );
+        assert!(msg.contains("token") && t.is_null(), "{bad}: {msg}");
+    }
+    // SAFETY: NUL-terminated.
+    expect(
+        unsafe { sdti_name_check(c"my-cat".as_ptr()) },
+        SDTI_OK,
+        "my-cat",
+    );
+
+    let (p, _s) = tiny_params("sks");
+    let t = new_trainer(&p);
+    let target = dir.path().join("victim.safetensors");
+    std::fs::write(&target, b"a user's checkpoint").unwrap();
+    let dangling = dir.path().join("dangling.pt");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    for path in [&target, &dangling] {
+        let pc = path_c(path);
+        // SAFETY: live trainer, NUL-terminated path.
+        let msg = expect(
+            unsafe { sdti_trainer_export(t, pc.as_ptr(), SDTI_FORMAT_AUTO) },
+            SDTI_ERR_EXISTS,
+            "export over an existing path",
+        );
+        assert!(msg.contains("already there"), "{msg}");
+        let src = path_c(&fixture("embeddings/a1111_sd1.pt"));
+        // SAFETY: NUL-terminated paths.
+        expect(
+            unsafe { sdti_embedding_convert(src.as_ptr(), pc.as_ptr(), SDTI_FORMAT_AUTO, 0) },
+            SDTI_ERR_EXISTS,
+            "convert over an existing path",
+        );
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"a user's checkpoint");
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let pc = path_c(&target);
+    // SAFETY: as above.
+    unsafe {
+        expect(
+            sdti_trainer_export_ex(t, pc.as_ptr(), SDTI_FORMAT_AUTO, 2),
+            SDTI_ERR_INVALID_ARGUMENT,
+            "unknown flag",
+        );
+        expect(
+            sdti_trainer_export_ex(t, pc.as_ptr(), SDTI_FORMAT_AUTO, SDTI_WRITE_OVERWRITE),
+            SDTI_OK,
+            "export with SDTI_WRITE_OVERWRITE",
+        );
+    }
+    assert_eq!(
+        sdti::embedding::read_embedding(&target).unwrap().parts[0].vectors,
+        2
+    );
+    sdti_trainer_free(t);
+
+    // A new run does not take over an output_dir that holds a run of the same word.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("sks.checkpoint.safetensors"), b"earlier").unwrap();
+    let run_c = path_c(&run);
+    let mut p2 = p;
+    p2.output_dir = run_c.as_ptr();
+    p2.save_every = 1;
+    let mut t2 = std::ptr::null_mut();
+    // SAFETY: valid params and out-pointer.
+    let msg = expect(
+        unsafe { sdti_trainer_new(&p2, &mut t2) },
+        SDTI_ERR_EXISTS,
+        "output_dir of an earlier run",
+    );
+    assert!(msg.contains("resume it"), "{msg}");
+}
+
+#[test]
+fn format_names_from_inspect_are_taken_back() {
+    use sdti::embedding::{Encoder, Format};
+    for f in Format::ALL {
+        let printed = serde_json::to_value(f).unwrap();
+        let name = printed.as_str().unwrap();
+        assert_eq!(name.parse::<Format>().unwrap(), f, "{name}");
+        let name_c = c(name);
+        let mut code = u32::MAX;
+        // SAFETY: NUL-terminated, writable.
+        expect(
+            unsafe { sdti_format_from_name(name_c.as_ptr(), &mut code) },
+            SDTI_OK,
+            name,
+        );
+        assert_ne!(code, SDTI_FORMAT_AUTO, "{name}");
+    }
+    for e in [Encoder::Single, Encoder::ClipL, Encoder::ClipG] {
+        let printed = serde_json::to_value(e).unwrap();
+        assert_eq!(printed.as_str().unwrap().parse::<Encoder>().unwrap(), e);
+        assert_eq!(printed.as_str().unwrap(), e.to_string());
+    }
+    let mut code = 0;
+    // SAFETY: NUL-terminated, writable.
+    let msg = expect(
+        unsafe { sdti_format_from_name(c"jpeg".as_ptr(), &mut code) },
+        SDTI_ERR_INVALID_ARGUMENT,
+        "unknown name",
+    );
+    assert!(msg.contains("a1111-pt"), "{msg}");
+    // inspect's JSON: widths are numbers, parts named as in the files.
+    let json = sdti::embedding::inspect(
+        &sdti::embedding::read_embedding(&fixture("embeddings/sdxl.safetensors")).unwrap(),
+        None,
+        0,
+    );
+    let v = serde_json::to_value(&json).unwrap();
+    assert_eq!(v["widths"], serde_json::json!([768, 1280]));
+    assert_eq!(v["parts"][0]["encoder"], "clip_l");
+    assert!(v["source_format"]
+        .as_str()
+        .unwrap()
+        .parse::<Format>()
+        .is_ok());
 }
 
 unsafe extern "C" fn cancel_at_two(user_data: *mut c_void, p: *const sdti_progress) -> i32 {

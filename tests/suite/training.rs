@@ -313,7 +313,13 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
         Format::A1111Png,
     ] {
         let path = dir.join(format!("sks.{}", format.extension()));
-        t.export(&path, format, Precision::F32).unwrap();
+        t.export(
+            &path,
+            format,
+            Precision::F32,
+            sdti::embedding::Existing::Refuse,
+        )
+        .unwrap();
         let mut enc = PromptEncoder::new(m.clone()).unwrap();
         let word = enc.register_file(None, &path).unwrap();
         assert_eq!(word, "sks");
