@@ -212,7 +212,7 @@ pub unsafe extern "C" fn sdti_name_check(name: *const c_char) -> sdti_status {
     call(|| {
         // SAFETY: NUL-terminated by contract.
         let name = unsafe { cstr(name, "name") }?;
-        crate::names::check_word_name(&name).map_err(invalid)?;
+        crate::names::check_word_name(name).map_err(invalid)?;
         Ok(())
     })
 }

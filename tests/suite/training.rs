@@ -317,7 +317,7 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
             &path,
             format,
             Precision::F32,
-            sdti::embedding::Existing::Refuse,
+            sdti::embedding::Existing::Replace,
         )
         .unwrap();
         let mut enc = PromptEncoder::new(m.clone()).unwrap();
