@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Run every embedding fuzz target for a bounded time (default 60 s each).
-#   fuzz/run.sh [seconds-per-target]
+# Run the embedding fuzz targets for a bounded time each (default 60 s), one at a time.
+#   fuzz/run.sh [seconds-per-target] [target...]
+#   fuzz/run.sh --cmin [target...]     minimise the kept corpora in place
 # cargo-fuzz needs nightly; on a stable toolchain RUSTC_BOOTSTRAP=1 unlocks the
-# -Z flags it uses. Seeds come from tests/fixtures/embeddings.
+# -Z flags it uses. The corpora in fuzz/corpus/<target> are kept in git; every run
+# first (re)seeds them with the fixtures in tests/fixtures/embeddings, so deleting
+# fuzz/corpus and running this script rebuilds a starting corpus from scratch.
+# Record long runs in fuzz/RUNS.md.
 set -euo pipefail
-SECS="${1:-60}"
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
+ALL=(pickle_zip safetensors png any)
 FIX=tests/fixtures/embeddings
 seed() { # target, extension glob...
   local t="$1"; shift
@@ -21,14 +25,31 @@ seed() { # target, extension glob...
 seed pickle_zip '*.pt' '*.bin'
 seed safetensors '*.safetensors'
 seed png '*.png'
-seed any '*.pt' '*.bin' '*.safetensors' '*.png'
+seed any '*.pt' '*.bin' '*.safetensors' '*.png' '*.webp'
+
+if [ "${1:-}" = "--cmin" ]; then
+  shift
+  targets=("$@")
+  [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
+  for t in "${targets[@]}"; do
+    echo "== cmin $t"
+    cargo fuzz cmin "$t" "fuzz/corpus/$t" -- -max_len=1048576 -rss_limit_mb=512 -timeout=10
+  done
+  exit 0
+fi
+
+SECS="${1:-60}"
+[ $# -gt 0 ] && shift
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
 status=0
-for t in pickle_zip safetensors png any; do
+for t in "${targets[@]}"; do
   echo "== $t (${SECS}s)"
   # -rss_limit_mb: the readers promise 2 x input + 64 MiB; libFuzzer inputs are
   # capped at 1 MiB here, so 512 MiB (incl. sanitizer overhead) is generous.
   if ! cargo fuzz run "$t" "fuzz/corpus/$t" -- \
-      -max_total_time="$SECS" -max_len=1048576 -rss_limit_mb=512 -timeout=10; then
+      -max_total_time="$SECS" -max_len=1048576 -rss_limit_mb=512 -timeout=10 \
+      -print_final_stats=1; then
     status=1
   fi
 done
