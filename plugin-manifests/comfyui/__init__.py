@@ -1,7 +1,7 @@
 """sdti for ComfyUI: train, convert and inspect Textual Inversion embeddings natively.
 
-The nodes are built at import time from sdti.plugin.json (see nodes.py); the work is
-done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this file, or in
+The node classes are in nodes.py, checked against sdti.plugin.json by tests/test_nodes.py;
+the work is done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this file, or in
 the repository's target folder.
 """
 

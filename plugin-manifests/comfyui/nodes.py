@@ -1,9 +1,12 @@
-"""ComfyUI nodes built from sdti.plugin.json at import time.
+"""The sdti nodes for ComfyUI: Train, Convert and Inspect Embedding.
 
-The manifest says what each node takes and returns (types, defaults, ranges) and which
-C functions run it; this module turns each entry into a ComfyUI node class and supplies
-only the behaviour (RUNNERS). ComfyUI's modules are optional: without them the nodes
-take plain paths and run the same code (that is how tests/test_nodes.py runs them).
+Each node is an ordinary ComfyUI node class (at the end of this file). The host-neutral
+manifest, sdti.plugin.json, describes the same nodes (types, defaults, ranges, the C
+functions behind them) and stays the source of truth: tests/test_nodes.py checks every
+class against it. At run time the pack reads from the manifest only the ABI it needs and
+the library's constants (format and precision codes, write flags, file extensions).
+ComfyUI's modules are optional: without them the nodes take plain paths and run the same
+code (that is how tests/test_nodes.py runs them).
 """
 
 import ctypes
@@ -322,23 +325,10 @@ def image_batch_to_rgb8(images):
     return out
 
 
-# ---------------------------------------------------------------- runners
+# ---------------------------------------------------------------- shared by the nodes
 
 def _constant(table, name):
     return MANIFEST["constants"][table][name]
-
-
-def _node(node_id):
-    return next(n for n in MANIFEST["nodes"] if n["id"] == node_id)
-
-
-def _label(node_id):
-    return _node(node_id)["display_name"]
-
-
-def _within(node_id, input_name):
-    spec = next(i for i in _node(node_id)["inputs"] if i["name"] == input_name)
-    return spec.get("within", [])
 
 
 def _model_hint(error):
@@ -353,236 +343,352 @@ def _model_hint(error):
     return error
 
 
-def run_train(checkpoint, images, token, init_text, vectors, steps, learning_rate,
-              batch_size, seed, template, resolution, device="auto", precision="auto",
-              overwrite=False):
-    label = _label("SDTI_TrainEmbedding")
-    lib = library()
-    token = str(token)
-    # Everything that can be known before training is checked first: a run can take hours.
-    check_name(label, "token", token)
-    if not str(init_text).strip():
-        raise ValueError(
-            f"{label}: init_text is empty; type a word close to the concept (such as "
-            "'cat' or 'painting'): its token vectors are where the new word starts"
-        )
-    destination(label, token, "safetensors", overwrite, "token")
-    model_path = resolve_file("checkpoints", checkpoint)
-    if device == "auto":
-        device = "cuda" if lib.has_feature("sdti.cuda/1") else "cpu"
-    params = sdti_lib.TrainerParams()
-    lib.check(lib.trainer_params_init(ctypes.byref(params)), "sdti_trainer_params_init")
-    keep = []  # the bytes the params point to, alive until sdti_trainer_new returns
-
-    def text(value):
-        b = str(value).encode("utf-8")
-        keep.append(b)
-        return b
-
-    params.model_path = os.fsencode(model_path)
-    keep.append(params.model_path)
-    params.device = text(device)
-    params.precision = _constant("precision", precision)
-    params.token = text(token)
-    params.init_text = text(init_text)
-    params.vectors = int(vectors)
-    params.resolution = int(resolution)
-    params.learning_rate = text(learning_rate)
-    params.batch_size = int(batch_size)
-    params.seed = int(seed)
-    params.templates = text(template)
-    params.max_steps = int(steps)
-
-    bar = comfy_utils.ProgressBar(int(steps)) if comfy_utils is not None else None
-
-    raised = []  # an exception from the callback, raised again once the step returns
-
-    def on_progress(_user_data, progress):
-        try:
-            # With ComfyUI's server, the bar's hook raises InterruptProcessingException
-            # (and clears the interrupt flag) when the user interrupts.
-            if bar is not None:
-                bar.update_absolute(progress.contents.step, progress.contents.total_steps)
-            if model_management is not None and model_management.processing_interrupted():
-                return 1  # ComfyUI's interrupt cancels the run
-            return 0
-        except Exception as e:  # an exception must not unwind through ctypes: keep it
-            raised.append(e)
-            return 1
-
-    callback = sdti_lib.PROGRESS_FN(on_progress)
-    params.progress = callback
-    trainer = ctypes.c_void_p()
-    try:
-        lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
-    except sdti_lib.SdtiError as e:
-        raise _model_hint(e) from None
-    try:
-        for data, width, height in image_batch_to_rgb8(images):
-            lib.check(
-                lib.trainer_add_image(trainer, data, width, height, 0, 0, None),
-                "sdti_trainer_add_image",
-            )
-        stats = sdti_lib.StepStats()
-        stats.struct_size = ctypes.sizeof(stats)
-        status = lib.trainer_step(trainer, int(steps), ctypes.byref(stats))
-        if raised:
-            raise raised[0]
-        if status == sdti_lib.SDTI_CANCELLED and model_management is not None:
-            # Cancelled by ComfyUI's interrupt: report it as one (execution_interrupted),
-            # not as an error.
-            model_management.throw_exception_if_processing_interrupted()
-            raise model_management.InterruptProcessingException()
-        lib.check(status, "sdti_trainer_step")
-        os.makedirs(output_folder("embeddings"), exist_ok=True)
-        # The folder again, now that it exists; whether something appeared at the path
-        # during training is the library's check as it writes (without
-        # SDTI_WRITE_OVERWRITE it refuses to replace anything).
-        path = destination(label, token, "safetensors", overwrite, "token", check_existing=False)
-        _check_write(
-            lib,
-            lib.trainer_export_ex(
-                trainer, os.fsencode(path), _constant("format", "safetensors"),
-                _write_flags(overwrite),
-            ),
-            label, path, "token", "sdti_trainer_export_ex",
-        )
-    finally:
-        lib.trainer_free(trainer)
-    _remember_written(_train_output_keys(token) + [("SDTI_TrainEmbedding",)], path)
-    prompt = f"embedding:{token}"
-    report = (
-        f"{token}: {stats.step} steps in {stats.seconds:.0f} s, loss {stats.loss:.4f}\n"
-        f"wrote {path}\nprompt: {prompt}"
-    )
-    # "ui" is what ComfyUI sends to the browser (web/sdti.js shows it on the node).
-    return {"ui": {"text": [report]}, "result": (prompt, path)}
-
-
-def _embedding_source(node_id, embedding, path):
+def _embedding_source(label, embedding, path):
     """The optional path input (e.g. Train's path output), else the dropdown's file."""
     if path and str(path).strip():
-        return path_input(_label(node_id), path, _within(node_id, "path"))
+        return path_input(label, path, PATH_WITHIN)
     if not embedding:
-        raise ValueError(f"{_label(node_id)}: choose an embedding file or connect a path")
+        raise ValueError(f"{label}: choose an embedding file or connect a path")
     return resolve_file("embeddings", embedding)
 
 
-def run_convert(format, precision, name="", embedding="", path="", overwrite=False):
-    node_id = "SDTI_ConvertEmbedding"
-    label = _label(node_id)
-    lib = library()
-    name = str(name)
-    if name.strip():
-        check_name(label, "name", name)
-    src = _embedding_source(node_id, embedding, path)
-    stem = name if name.strip() else f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
-    if not name.strip():
-        # The stem made from the source's file name: checked all the same.
-        check_name(label, "name (made from the source file's name; type one)", stem)
-    ext = MANIFEST["constants"]["format_extension"][format]
-    os.makedirs(output_folder("embeddings"), exist_ok=True)
-    dst = destination(label, stem, ext, overwrite, "name")
-    _check_write(
-        lib,
-        lib.embedding_convert_ex(
-            os.fsencode(src),
-            os.fsencode(dst),
-            _constant("format", format),
-            _constant("precision", precision),
-            _write_flags(overwrite),
-        ),
-        label, dst, "name", "sdti_embedding_convert_ex",
+def _is_changed(fingerprint, kwargs):
+    # ComfyUI calls IS_CHANGED with the constant inputs (linked ones are None); an
+    # exception would make it run the node on every queue, so none escapes.
+    try:
+        return fingerprint(**kwargs)
+    except Exception as e:  # noqa: BLE001
+        return f"unknown: {e}"
+
+
+# The folders whose files the path inputs of Convert and Inspect may read (the
+# manifest's "within"; see path_input).
+PATH_WITHIN = ("embeddings", "input")
+
+# Inputs that Convert and Inspect share, word for word (as the manifest has them).
+_EMBEDDING_TOOLTIP = "A file from the embeddings folder (unused when path is given)."
+_PATH_TOOLTIP = (
+    "A file in the embeddings or input folder (such as Train Embedding's path output); "
+    "when not empty it is {verb} instead of 'embedding'."
+)
+
+
+def _embedding_input():
+    return (_folder_files("embeddings"), {"tooltip": _EMBEDDING_TOOLTIP})
+
+
+def _path_input(verb):
+    return ("STRING", {"default": "", "tooltip": _PATH_TOOLTIP.format(verb=verb), "multiline": False})
+
+
+# ---------------------------------------------------------------- the nodes
+#
+# Written out as ComfyUI node classes; plugin-manifests/sdti.plugin.json describes the same
+# nodes for any host, and tests/test_nodes.py checks every class against it (inputs, their
+# order, types, defaults, ranges, options and tooltips; outputs; names; C functions).
+# Change both together. INPUT_TYPES is evaluated on every call: ComfyUI asks again when
+# its model folders change.
+
+
+class SDTI_TrainEmbedding:
+    DISPLAY_NAME = "Train Embedding (sdti)"
+    CATEGORY = "sdti"
+    DESCRIPTION = (
+        "Learns a new word (Textual Inversion) from a batch of pictures on an SD 1.x "
+        "checkpoint and writes it to the embeddings folder (an existing file is replaced "
+        "only when overwrite is on). Use the returned text in a prompt."
     )
-    _remember_written(_convert_output_keys(format, name, embedding, path), dst)
-    return {"ui": {"text": [f"wrote {dst}"]}, "result": (dst,)}
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("prompt", "path")
+    OUTPUT_TOOLTIPS = ("embedding:<token>, to put into a prompt", "the written .safetensors file")
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    # The C functions behind the node (the manifest's c_functions).
+    C_FUNCTIONS = (
+        "sdti_trainer_params_init",
+        "sdti_trainer_new",
+        "sdti_trainer_add_image",
+        "sdti_trainer_step",
+        "sdti_trainer_cancel",
+        "sdti_name_check",
+        "sdti_trainer_export_ex",
+        "sdti_trainer_free",
+        "sdti_last_error",
+    )
 
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (
+                    _folder_files("checkpoints"),
+                    {"tooltip": "The SD 1.x checkpoint to train on."},
+                ),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The pictures of the new concept (a few are enough)."},
+                ),
+                "token": ("STRING", {
+                    "default": "my-word",
+                    "tooltip": "The word to learn: a name, not a path (no spaces, slashes, '..' "
+                    "or leading dot); also the file name, <token>.safetensors in the "
+                    "embeddings folder.",
+                    "multiline": False,
+                }),
+                "init_text": ("STRING", {
+                    "default": "*",
+                    "tooltip": "Text whose token vectors start the word (A1111).",
+                    "multiline": False,
+                }),
+                "vectors": ("INT", {"default": 1, "min": 1, "max": 75, "step": 1}),
+                "steps": ("INT", {"default": 3000, "min": 1, "max": 1_000_000, "step": 1}),
+                "learning_rate": ("STRING", {
+                    "default": "0.005",
+                    "tooltip": "A number or an A1111 schedule such as 0.005:100, 1e-3:1000, 1e-5.",
+                    "multiline": False,
+                }),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "step": 1}),
+                # The seed is a u64 in the C params.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**64 - 1, "step": 1}),
+                "template": (["object", "style"], {
+                    "default": "object",
+                    "tooltip": "Prompt templates: an object ('a photo of a {}') or a style "
+                    "('a painting in the style of {}').",
+                }),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+                "device": (["auto", "cpu", "cuda", "metal"], {
+                    "default": "auto",
+                    "tooltip": "auto: cuda when this build has it (sdti.cuda/1), else cpu.",
+                }),
+                "precision": (["auto", "f32", "bf16", "f16"], {
+                    "default": "auto",
+                    "tooltip": "The UNet's and VAE's precision (the learned vectors stay f32). "
+                    "auto: bf16 on cuda, f32 elsewhere.",
+                }),
+                "overwrite": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Replace <token>.safetensors when the embeddings folder already "
+                    "has it. Off: stop with an error before training starts.",
+                }),
+            }
+        }
 
-def run_inspect(embedding="", path=""):
-    path = _embedding_source("SDTI_InspectEmbedding", embedding, path)
-    info = library().inspect(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return (json.dumps(info, indent=1), int(info.get("vectors") or 0), f"embedding:{stem}")
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        return _is_changed(is_changed_train, inputs)
 
+    def run(self, checkpoint, images, token, init_text, vectors, steps, learning_rate,
+            batch_size, seed, template, resolution, device="auto", precision="auto",
+            overwrite=False):
+        label = self.DISPLAY_NAME
+        lib = library()
+        token = str(token)
+        # Everything that can be known before training is checked first: a run can take hours.
+        check_name(label, "token", token)
+        if not str(init_text).strip():
+            raise ValueError(
+                f"{label}: init_text is empty; type a word close to the concept (such as "
+                "'cat' or 'painting'): its token vectors are where the new word starts"
+            )
+        destination(label, token, "safetensors", overwrite, "token")
+        model_path = resolve_file("checkpoints", checkpoint)
+        if device == "auto":
+            device = "cuda" if lib.has_feature("sdti.cuda/1") else "cpu"
+        params = sdti_lib.TrainerParams()
+        lib.check(lib.trainer_params_init(ctypes.byref(params)), "sdti_trainer_params_init")
+        keep = []  # the bytes the params point to, alive until sdti_trainer_new returns
 
-RUNNERS = {
-    "SDTI_TrainEmbedding": run_train,
-    "SDTI_ConvertEmbedding": run_convert,
-    "SDTI_InspectEmbedding": run_inspect,
-}
+        def text(value):
+            b = str(value).encode("utf-8")
+            keep.append(b)
+            return b
 
-# ComfyUI's IS_CHANGED per node (see "re-running after a file goes").
-IS_CHANGED = {
-    "SDTI_TrainEmbedding": is_changed_train,
-    "SDTI_ConvertEmbedding": is_changed_convert,
-}
+        params.model_path = os.fsencode(model_path)
+        keep.append(params.model_path)
+        params.device = text(device)
+        params.precision = _constant("precision", precision)
+        params.token = text(token)
+        params.init_text = text(init_text)
+        params.vectors = int(vectors)
+        params.resolution = int(resolution)
+        params.learning_rate = text(learning_rate)
+        params.batch_size = int(batch_size)
+        params.seed = int(seed)
+        params.templates = text(template)
+        params.max_steps = int(steps)
 
+        bar = comfy_utils.ProgressBar(int(steps)) if comfy_utils is not None else None
 
-# ---------------------------------------------------------------- classes from the manifest
+        raised = []  # an exception from the callback, raised again once the step returns
 
-def comfy_input(spec):
-    """One manifest input as ComfyUI's INPUT_TYPES entry."""
-    kind = spec["type"]
-    options = {k: spec[k] for k in ("default", "min", "max", "step", "tooltip") if k in spec}
-    if kind in ("MODEL_FILE", "EMBEDDING_FILE"):
-        extra = {"tooltip": spec["tooltip"]} if "tooltip" in spec else {}
-        return (_folder_files(spec["folder"]),) + ((extra,) if extra else ())
-    if kind == "CHOICE":
-        return (list(spec["options"]), options)
-    if kind in ("STRING", "NAME"):
-        return ("STRING", dict(options, multiline=False))
-    if kind in ("INT", "FLOAT", "IMAGE", "BOOLEAN"):
-        return (kind, options) if options else (kind,)
-    raise ValueError(f"manifest input type {kind} has no ComfyUI mapping")
-
-
-def make_node(node):
-    runner = RUNNERS[node["id"]]
-
-    def input_types(cls):
-        # Evaluated on every call: ComfyUI asks again when its model folders change.
-        types = {"required": {
-            spec["name"]: comfy_input(spec) for spec in node["inputs"] if not spec.get("optional")
-        }}
-        optional = {spec["name"]: comfy_input(spec) for spec in node["inputs"] if spec.get("optional")}
-        if optional:
-            types["optional"] = optional
-        return types
-
-    def run(self, **kwargs):
-        return runner(**kwargs)
-
-    attributes = {}
-    if node["id"] in IS_CHANGED:
-        fingerprint = IS_CHANGED[node["id"]]
-
-        def is_changed(cls, **kwargs):
-            # ComfyUI calls it with the constant inputs (linked ones are None); an
-            # exception would make it run the node on every queue, so none escapes.
+        def on_progress(_user_data, progress):
             try:
-                return fingerprint(**kwargs)
-            except Exception as e:  # noqa: BLE001
-                return f"unknown: {e}"
+                # With ComfyUI's server, the bar's hook raises InterruptProcessingException
+                # (and clears the interrupt flag) when the user interrupts.
+                if bar is not None:
+                    bar.update_absolute(progress.contents.step, progress.contents.total_steps)
+                if model_management is not None and model_management.processing_interrupted():
+                    return 1  # ComfyUI's interrupt cancels the run
+                return 0
+            except Exception as e:  # an exception must not unwind through ctypes: keep it
+                raised.append(e)
+                return 1
 
-        attributes["IS_CHANGED"] = classmethod(is_changed)
+        callback = sdti_lib.PROGRESS_FN(on_progress)
+        params.progress = callback
+        trainer = ctypes.c_void_p()
+        try:
+            lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
+        except sdti_lib.SdtiError as e:
+            raise _model_hint(e) from None
+        try:
+            for data, width, height in image_batch_to_rgb8(images):
+                lib.check(
+                    lib.trainer_add_image(trainer, data, width, height, 0, 0, None),
+                    "sdti_trainer_add_image",
+                )
+            stats = sdti_lib.StepStats()
+            stats.struct_size = ctypes.sizeof(stats)
+            status = lib.trainer_step(trainer, int(steps), ctypes.byref(stats))
+            if raised:
+                raise raised[0]
+            if status == sdti_lib.SDTI_CANCELLED and model_management is not None:
+                # Cancelled by ComfyUI's interrupt: report it as one (execution_interrupted),
+                # not as an error.
+                model_management.throw_exception_if_processing_interrupted()
+                raise model_management.InterruptProcessingException()
+            lib.check(status, "sdti_trainer_step")
+            os.makedirs(output_folder("embeddings"), exist_ok=True)
+            # The folder again, now that it exists; whether something appeared at the path
+            # during training is the library's check as it writes (without
+            # SDTI_WRITE_OVERWRITE it refuses to replace anything).
+            path = destination(label, token, "safetensors", overwrite, "token", check_existing=False)
+            _check_write(
+                lib,
+                lib.trainer_export_ex(
+                    trainer, os.fsencode(path), _constant("format", "safetensors"),
+                    _write_flags(overwrite),
+                ),
+                label, path, "token", "sdti_trainer_export_ex",
+            )
+        finally:
+            lib.trainer_free(trainer)
+        _remember_written(_train_output_keys(token) + [("SDTI_TrainEmbedding",)], path)
+        prompt = f"embedding:{token}"
+        report = (
+            f"{token}: {stats.step} steps in {stats.seconds:.0f} s, loss {stats.loss:.4f}\n"
+            f"wrote {path}\nprompt: {prompt}"
+        )
+        # "ui" is what ComfyUI sends to the browser (web/sdti.js shows it on the node).
+        return {"ui": {"text": [report]}, "result": (prompt, path)}
 
-    return type(
-        node["id"],
-        (),
-        {
-            **attributes,
-            "INPUT_TYPES": classmethod(input_types),
-            "RETURN_TYPES": tuple(o["type"] for o in node["outputs"]),
-            "RETURN_NAMES": tuple(o["name"] for o in node["outputs"]),
-            "FUNCTION": "run",
-            "CATEGORY": node["category"],
-            "DESCRIPTION": node["description"],
-            "OUTPUT_NODE": bool(node.get("output_node")),
-            "C_FUNCTIONS": tuple(node["c_functions"]),
-            "run": run,
-        },
+
+class SDTI_ConvertEmbedding:
+    DISPLAY_NAME = "Convert Embedding (sdti)"
+    CATEGORY = "sdti"
+    DESCRIPTION = (
+        "Rewrites a learned-embedding file in another format (A1111 .pt, safetensors, "
+        "diffusers, PNG, kohya, OneTrainer) into the embeddings folder; an existing file is "
+        "replaced only when overwrite is on."
     )
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("the written file",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    C_FUNCTIONS = ("sdti_name_check", "sdti_embedding_convert_ex", "sdti_last_error")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "format": ([
+                    "safetensors", "a1111-pt", "diffusers", "diffusers-bin", "png",
+                    "kohya-pt", "kohya-safetensors", "onetrainer",
+                ], {"default": "safetensors"}),
+                "precision": (["f32", "f16"], {"default": "f32"}),
+                "name": ("STRING", {
+                    "default": "",
+                    "tooltip": "The new file's stem, a name and not a path (empty: the "
+                    "source's stem plus the format).",
+                    "multiline": False,
+                }),
+            },
+            "optional": {
+                "embedding": _embedding_input(),
+                "path": _path_input("converted"),
+                "overwrite": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Replace the new file when the embeddings folder already has "
+                    "it. Off: stop with an error.",
+                }),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        return _is_changed(is_changed_convert, inputs)
+
+    def run(self, format, precision, name="", embedding="", path="", overwrite=False):
+        label = self.DISPLAY_NAME
+        lib = library()
+        name = str(name)
+        if name.strip():
+            check_name(label, "name", name)
+        src = _embedding_source(label, embedding, path)
+        stem = name if name.strip() else f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
+        if not name.strip():
+            # The stem made from the source's file name: checked all the same.
+            check_name(label, "name (made from the source file's name; type one)", stem)
+        ext = MANIFEST["constants"]["format_extension"][format]
+        os.makedirs(output_folder("embeddings"), exist_ok=True)
+        dst = destination(label, stem, ext, overwrite, "name")
+        _check_write(
+            lib,
+            lib.embedding_convert_ex(
+                os.fsencode(src),
+                os.fsencode(dst),
+                _constant("format", format),
+                _constant("precision", precision),
+                _write_flags(overwrite),
+            ),
+            label, dst, "name", "sdti_embedding_convert_ex",
+        )
+        _remember_written(_convert_output_keys(format, name, embedding, path), dst)
+        return {"ui": {"text": [f"wrote {dst}"]}, "result": (dst,)}
 
 
-NODE_CLASS_MAPPINGS = {node["id"]: make_node(node) for node in MANIFEST["nodes"]}
-NODE_DISPLAY_NAME_MAPPINGS = {node["id"]: node["display_name"] for node in MANIFEST["nodes"]}
+class SDTI_InspectEmbedding:
+    DISPLAY_NAME = "Inspect Embedding (sdti)"
+    CATEGORY = "sdti"
+    DESCRIPTION = (
+        "Reads a learned-embedding file and reports its name, vectors, width, model family, "
+        "format, step and A1111 checksum."
+    )
+    RETURN_TYPES = ("STRING", "INT", "STRING")
+    RETURN_NAMES = ("summary", "vectors", "prompt")
+    OUTPUT_TOOLTIPS = ("the inspection as JSON", "vectors per token", "embedding:<file stem>")
+    FUNCTION = "run"
+    OUTPUT_NODE = False
+    C_FUNCTIONS = ("sdti_embedding_inspect", "sdti_last_error")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {},
+            "optional": {
+                "embedding": _embedding_input(),
+                "path": _path_input("read"),
+            },
+        }
+
+    def run(self, embedding="", path=""):
+        path = _embedding_source(self.DISPLAY_NAME, embedding, path)
+        info = library().inspect(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return (json.dumps(info, indent=1), int(info.get("vectors") or 0), f"embedding:{stem}")
+
+
+NODES = (SDTI_TrainEmbedding, SDTI_ConvertEmbedding, SDTI_InspectEmbedding)
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.DISPLAY_NAME for cls in NODES}

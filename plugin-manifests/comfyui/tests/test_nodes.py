@@ -1,10 +1,10 @@
-"""Tests the ComfyUI node pack without ComfyUI: the nodes come from the manifest, train
+"""Tests the ComfyUI node pack without ComfyUI: the node classes match the manifest, train
 on the tiny model through the real library, convert and inspect; then again with stand-ins
 for ComfyUI's modules (folders, progress bar, interrupt, logging) that behave as ComfyUI
 0.3.x does where the pack depends on it.
 
     SDTI_LIBRARY=target/debug/libsdti.so SDTI_TEST_MODEL=tests/fixtures/tiny-sd \
-        SDTI_TEST_OUT=/tmp/out python3 plugin-manifests/comfyui/tests/test_nodes.py
+        SDTI_TEST_OUT="$(mktemp -d)" python3 plugin-manifests/comfyui/tests/test_nodes.py
 
 Run by tests/suite/ffi.rs. numpy is used when installed, else IMAGE is nested lists.
 """
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from inspect import signature
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(PACK))
@@ -89,6 +90,79 @@ def as_comfyui_merges(returned):
     return returned, {}
 
 
+def expected_input(spec, files):
+    """One manifest input as ComfyUI's INPUT_TYPES entry must read, written from the
+    manifest's type descriptions (types); files(folder) lists a model folder."""
+    kind = spec["type"]
+    options = {k: spec[k] for k in ("default", "min", "max", "step", "tooltip") if k in spec}
+    if kind in ("MODEL_FILE", "EMBEDDING_FILE"):
+        extra = {"tooltip": spec["tooltip"]} if "tooltip" in spec else {}
+        return (files(spec["folder"]),) + ((extra,) if extra else ())
+    if kind == "CHOICE":
+        return (list(spec["options"]), options)
+    if kind in ("STRING", "NAME"):
+        return ("STRING", dict(options, multiline=False))
+    if kind in ("INT", "FLOAT", "IMAGE", "BOOLEAN"):
+        return (kind, options) if options else (kind,)
+    raise AssertionError(f"manifest input type {kind} has no ComfyUI mapping in this test")
+
+
+def check_classes_match_manifest(pack, manifest):
+    """Item 7: the node classes are written out; the manifest stays the source of truth.
+    Every class says what the manifest says: inputs (names, order, required or optional,
+    types, defaults, ranges, options, tooltips), outputs, names, category, description, the
+    C functions, and the constants its choices name."""
+    nodes = pack.nodes
+    assert list(pack.NODE_CLASS_MAPPINGS) == [n["id"] for n in manifest["nodes"]], \
+        list(pack.NODE_CLASS_MAPPINGS)
+    assert set(manifest["types"]) >= {i["type"] for n in manifest["nodes"] for i in n["inputs"]}
+    constants = manifest["constants"]
+    for node in manifest["nodes"]:
+        nid = node["id"]
+        cls = pack.NODE_CLASS_MAPPINGS[nid]
+        assert cls.__name__ == nid, cls
+        want = {"required": {}}
+        for spec in node["inputs"]:
+            group = want.setdefault("optional", {}) if spec.get("optional") else want["required"]
+            group[spec["name"]] = expected_input(spec, nodes._folder_files)
+        got = cls.INPUT_TYPES()
+        assert list(got) == list(want), (nid, list(got))
+        for group in want:
+            # Order matters: ComfyUI draws the widgets in this order.
+            assert list(got[group]) == list(want[group]), (nid, group, list(got[group]))
+            for name, entry in want[group].items():
+                assert got[group][name] == entry, (nid, name, got[group][name], entry)
+                assert type(got[group][name]) is tuple, (nid, name)
+        # The node's run takes exactly the manifest's inputs.
+        params = list(signature(getattr(cls, cls.FUNCTION)).parameters)
+        assert params[0] == "self" and set(params[1:]) == {i["name"] for i in node["inputs"]}, \
+            (nid, params)
+        for spec in node["inputs"]:
+            if "within" in spec:
+                assert tuple(spec["within"]) == nodes.PATH_WITHIN, (nid, spec["name"])
+            if "flag" in spec:
+                assert spec["type"] == "BOOLEAN" and spec["flag"] in constants["write_flags"], spec
+            if spec["type"] == "CHOICE" and spec["name"] in ("format", "precision"):
+                unknown = set(spec["options"]) - set(constants[spec["name"]])
+                assert not unknown, (nid, spec["name"], unknown)
+                if spec["name"] == "format":
+                    assert set(spec["options"]) <= set(constants["format_extension"]), nid
+        assert cls.RETURN_TYPES == tuple(o["type"] for o in node["outputs"]), nid
+        assert cls.RETURN_NAMES == tuple(o["name"] for o in node["outputs"]), nid
+        assert cls.OUTPUT_TOOLTIPS == tuple(o["description"] for o in node["outputs"]), nid
+        assert cls.CATEGORY == node["category"], nid
+        assert cls.DESCRIPTION == node["description"], nid
+        assert cls.DISPLAY_NAME == node["display_name"], nid
+        assert pack.NODE_DISPLAY_NAME_MAPPINGS[nid] == node["display_name"], nid
+        assert cls.OUTPUT_NODE is bool(node.get("output_node")), nid
+        assert cls.C_FUNCTIONS == tuple(node["c_functions"]), nid
+        # A node that writes a file runs again when that file goes (test_is_changed).
+        assert hasattr(cls, "IS_CHANGED") == (node["output_folder"] is not None), nid
+        if node["output_folder"] is not None:
+            assert node["output_folder"] == "embeddings", nid
+    assert list(pack.NODE_DISPLAY_NAME_MAPPINGS) == list(pack.NODE_CLASS_MAPPINGS)
+
+
 def test_without_comfyui():
     for mod in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
         sys.modules.pop(mod, None)
@@ -111,6 +185,7 @@ def test_without_comfyui():
         assert cls.RETURN_TYPES == tuple(o["type"] for o in node["outputs"])
         assert cls.C_FUNCTIONS == tuple(node["c_functions"])
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node["id"]] == node["display_name"]
+    check_classes_match_manifest(pack, manifest)
     # overwrite is a BOOLEAN widget, off unless asked for.
     assert pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"].INPUT_TYPES()["required"]["overwrite"] == (
         "BOOLEAN", {"default": False, "tooltip": manifest["nodes"][0]["inputs"][-1]["tooltip"]})
@@ -331,6 +406,8 @@ def test_with_comfyui_stand_ins():
     assert name in choices and "single.safetensors" in choices, choices
     assert "notes.txt" not in choices, choices
     assert not [c for c in choices if c.startswith(name + os.sep)], choices  # its parts
+    with open(pack.nodes.find_manifest(), encoding="utf-8") as f:
+        check_classes_match_manifest(pack, json.load(f))  # with files in the lists
     checkpoints = os.path.join(root, "models", "checkpoints")
     embeddings = os.path.join(root, "models", "embeddings")
     assert pack.nodes.resolve_file("checkpoints", name) == os.path.join(checkpoints, name)
