@@ -4,9 +4,9 @@
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::app::plot::{draw_text, text_height, text_width};
 use crate::error::{Error, Result};
 use crate::model::SdModel;
-use crate::plot::{draw_text, text_height, text_width};
 use crate::prompt::encoder::PromptEncoder;
 use crate::sample::ddim_sample;
 use crate::tokenizer::CONTEXT_LEN;

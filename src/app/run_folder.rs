@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::app::plot::{loss_chart, write_png, LossPoint};
+use crate::app::preview::{grid, sample_image, SampleOptions};
 use crate::embedding::{write_embedding_to, Existing, Format, Precision};
 use crate::error::{Error, Result};
-use crate::plot::{loss_chart, write_png, LossPoint};
-use crate::preview::{grid, sample_image, SampleOptions};
 use crate::prompt::encoder::PromptEncoder;
 use crate::train::{StepStats, TrainConfig, Trainer};
 

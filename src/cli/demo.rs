@@ -7,15 +7,15 @@ use std::time::Instant;
 
 use clap::Args;
 use image::{Rgb, RgbImage};
-use sdti::embedding::{read_embedding, Existing, Format, Precision};
-use sdti::eval::{fixed_noise_loss, image_latents};
-use sdti::model::random::{random_model, tiny_sd1_config};
-use sdti::model::SdModel;
-use sdti::preview::{sample_image, SampleOptions};
-use sdti::prompt::encoder::PromptEncoder;
-use sdti::run_folder::{
+use sdti::app::eval::{fixed_noise_loss, image_latents};
+use sdti::app::preview::{sample_image, SampleOptions};
+use sdti::app::run_folder::{
     folder_state, FolderState, ImageEntry, PreviewSettings, RunConfig, RunFolder, RunSettings,
 };
+use sdti::embedding::{read_embedding, Existing, Format, Precision};
+use sdti::model::random::{random_model, tiny_sd1_config};
+use sdti::model::SdModel;
+use sdti::prompt::encoder::PromptEncoder;
 use sdti::train::data::TrainImage;
 use sdti::train::{Init, TrainConfig, Trainer};
 
@@ -159,7 +159,7 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     let mut images = Vec::new();
     for k in 0..6 {
         let path = images_dir.join(format!("concept-{k}.png"));
-        sdti::plot::write_png(&path, &concept_picture(k, picture_size))?;
+        sdti::app::plot::write_png(&path, &concept_picture(k, picture_size))?;
         images.push(ImageEntry {
             path,
             caption: Some("a red disc".into()),
@@ -310,7 +310,7 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
         ..SampleOptions::default()
     };
     let img = sample_image(&encoder, &opts)?;
-    sdti::plot::write_png(&sample_path, &img)?;
+    sdti::app::plot::write_png(&sample_path, &img)?;
     println!(
         "5/5 sampled \"{prompt}\" ({} DDIM steps, guidance {}) to {}",
         opts.steps,

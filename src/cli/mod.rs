@@ -1,6 +1,7 @@
 //! The `sdti` command: a thin front on the engine. Each subcommand parses its options,
-//! calls the engine and reports; run folders, previews and plots live in the engine
-//! (`sdti::run_folder`, `sdti::preview`, `sdti::plot`) so hosts can use them too.
+//! calls the engine and reports; run folders, previews and plots live in the library's
+//! layer above the engine (`sdti::app::run_folder`, `sdti::app::preview`,
+//! `sdti::app::plot`) so hosts can use them too.
 
 mod bench;
 mod common;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use sdti::preview::{sample_image, SampleOptions};
+use sdti::app::preview::{sample_image, SampleOptions};
 use sdti::prompt::encoder::PromptEncoder;
 
 use super::common::{load_model, Chunking, CliError, CliResult, Context, DeviceArgs, EmbeddingArg};
@@ -157,7 +157,7 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
         } else {
             a.output.join(format!("sample-{}.png", opts.seed))
         };
-        sdti::plot::write_png(&path, &img)?;
+        sdti::app::plot::write_png(&path, &img)?;
         println!(
             "{} (seed {}, {:.1}s)",
             path.display(),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sdti::run_folder::{
+use sdti::app::run_folder::{
     folder_state, FolderState, ImageEntry, PreviewSettings, RunConfig, RunFolder, RunSettings,
     Written,
 };
@@ -630,7 +630,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
 
     // 2. The model, the trainer and its images; only then the folder.
     let model = load_model(Path::new(&config.model), &a.device)?;
-    sdti::preview::check_size([
+    sdti::app::preview::check_size([
         ("resolution", config.train.resolution),
         (
             "preview_size",
@@ -681,9 +681,12 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
             for p in run.final_embeddings() {
                 println!("  {}", p.display());
             }
-            println!("  {}", dir.join(sdti::run_folder::LOSS_PNG).display());
+            println!("  {}", dir.join(sdti::app::run_folder::LOSS_PNG).display());
             if config.run.preview.every > 0 {
-                println!("  {}", dir.join(sdti::run_folder::PREVIEW_GRID).display());
+                println!(
+                    "  {}",
+                    dir.join(sdti::app::run_folder::PREVIEW_GRID).display()
+                );
             }
             Ok(())
         }
