@@ -12,6 +12,7 @@ pub mod io;
 pub mod model;
 pub mod names;
 pub mod prompt;
+pub mod rng;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;

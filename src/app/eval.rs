@@ -10,7 +10,7 @@ use crate::prompt::{encode_prompts, Word};
 use crate::tokenizer::{ChunkStyle, ClipTokenizer};
 use crate::train::data::{prepare_views, CropMode, TrainImage};
 use crate::train::loss::{denoising_loss, DenoisingBatch, Prediction};
-use crate::train::rng::Rng;
+use crate::rng::Rng;
 
 /// Images as scaled latent means (`[1, 4, r/8, r/8]` each, center crop, not mirrored).
 pub fn image_latents(

@@ -10,7 +10,7 @@ use crate::model::SdModel;
 use crate::prompt::encoder::PromptEncoder;
 use crate::sample::ddim_sample;
 use crate::tokenizer::CONTEXT_LEN;
-use crate::train::rng::Rng;
+use crate::rng::Rng;
 
 /// How to draw one image.
 #[derive(Clone, Debug, PartialEq)]

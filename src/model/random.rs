@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
 use crate::error::Result;
-use crate::train::rng::Rng;
+use crate::rng::Rng;
 
 /// Tensors of at least this many values are filled in parallel chunks of this size (none
 /// of the tiny test configurations' tensors is that large).

@@ -32,7 +32,7 @@ use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
 use thiserror::Error;
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// Largest accepted width or height, in pixels.
 pub const MAX_SIDE: u32 = 16384;

@@ -3,7 +3,6 @@
 pub mod data;
 pub mod loss;
 pub mod prompts;
-pub mod rng;
 pub mod schedule;
 pub mod trainer;
 

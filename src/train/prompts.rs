@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// Errors from loading template lists.
 #[derive(Debug, Error)]

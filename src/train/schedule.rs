@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// Errors from schedule configuration and learning-rate strings.
 #[derive(Debug, Error)]

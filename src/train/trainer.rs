@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
 use super::loss::{denoising_loss, DenoisingBatch, Prediction};
 use super::prompts::{Builtin, TemplateSet};
-use super::rng::{Rng, RngState};
+use crate::rng::{Rng, RngState};
 use super::schedule::{LrSchedule, NoiseSchedule};
 use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,

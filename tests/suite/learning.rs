@@ -10,7 +10,7 @@ use sdti::prompt::{encode_prompts, Word};
 use sdti::sample::ddim_sample;
 use sdti::tokenizer::{ChunkStyle, ClipTokenizer};
 use sdti::train::loss::{denoising_loss, DenoisingBatch, Prediction};
-use sdti::train::rng::Rng;
+use sdti::rng::Rng;
 use sdti::train::schedule::{DdpmConfig, NoiseSchedule};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
