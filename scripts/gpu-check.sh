@@ -12,19 +12,36 @@
 #   DIR/sdti.xz     a CUDA build of the sdti binary, xz-compressed (cargo build --release --features cuda)
 #   DIR/suite.xz    the matching test binary, xz-compressed (cargo test --release --features cuda --test suite --no-run)
 #   DIR/whl/*.whl   diffusers (and importlib_metadata) wheels, when the machine lacks them
-#   DIR/device-run.sh  puts the CUDA libraries of the machine's PyTorch on LD_LIBRARY_PATH
+# The CUDA 13 libraries (libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10,
+# libnvrtc.so.13) are taken from a CUDA toolkit already on LD_LIBRARY_PATH, or from the
+# `nvidia` wheels that PyTorch (cu13) installed: every site-packages/nvidia/*/lib folder of
+# `python3` (or $PYTHON) goes on LD_LIBRARY_PATH. libcuda.so.1 comes from the driver.
 # Results go to $OUT (default ./gpu-out): tests.log, bench.log, bench.json.
 set -u
 dir=${1:?usage: gpu-check.sh DIR}
 out=${OUT:-./gpu-out}
 mkdir -p "$out"
-run=(bash "$dir/device-run.sh")
+work=$(mktemp -d "${TMPDIR:-/tmp}/sdti-gpu.XXXXXX") || exit 2
+trap 'rm -rf "$work"' EXIT
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+
+libs=$("${PYTHON:-python3}" -c 'import glob, nvidia, os
+print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(os.path.join(os.path.realpath(p), "*", "lib")))))' 2>/dev/null)
+export LD_LIBRARY_PATH="${libs}${libs:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}"
+echo "gpu-check: CUDA libraries from ${libs:-the system (no nvidia wheels found)}" | tee "$out/libs.txt"
+for so in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+    found=""
+    IFS=: read -ra ds <<< "${LD_LIBRARY_PATH:-}"
+    for d in "${ds[@]}"; do [ -n "$d" ] && [ -e "$d/$so" ] && { found=$d; break; }; done
+    [ -n "$found" ] || ldconfig -p 2>/dev/null | grep -q "$so " \
+        || echo "gpu-check: WARNING $so not found" | tee -a "$out/libs.txt" >&2
+done
+
 if compgen -G "$dir/whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/sdti-site "$dir"/whl/*.whl && export PYTHONPATH=/tmp/sdti-site${PYTHONPATH:+:$PYTHONPATH}
+        --target "$work/site" "$dir"/whl/*.whl && export PYTHONPATH=$work/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-bin=/tmp/sdti-gpu-bin
+bin=$work/bin
 mkdir -p "$bin"
 unpack() {
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -41,12 +58,12 @@ echo "== tests on cuda:0" | tee "$out/tests.log"
 for filters in "parity::" "training::f16_training learning::inversion"; do
     # shellcheck disable=SC2086
     SDTI_TEST_DEVICE=cuda SDTI_REPO_ROOT=$PWD NVIDIA_TF32_OVERRIDE=0 \
-        timeout 120 "${run[@]}" "$bin/suite" --test-threads 1 --nocapture $filters 2>&1 | tee -a "$out/tests.log"
+        timeout 120 "$bin/suite" --test-threads 1 --nocapture $filters 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
 echo "== benchmark" | tee "$out/bench.log"
-timeout 330 "${run[@]}" python3 tests/reference/bench_gpu.py --sdti "$bin/sdti" \
+timeout 330 python3 tests/reference/bench_gpu.py --sdti "$bin/sdti" \
     --out "$out/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -1,8 +1,8 @@
 """sdti for ComfyUI: train, convert and inspect Textual Inversion embeddings natively.
 
 The node classes are in nodes.py, checked against sdti.plugin.json by tests/test_nodes.py;
-the work is done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this file, or in
-the repository's target folder.
+the work is done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this
+file, or in the repository's target folder.
 """
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
