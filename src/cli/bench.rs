@@ -340,7 +340,7 @@ fn profile(
         &tok,
         &prompts,
         &words,
-        sdti::tokenizer::ChunkStyle::A1111,
+        sdti::prompt::chunks::ChunkStyle::A1111,
         device,
     )?;
     let vectors = Var::from_tensor(trainer.vectors_tensor())?;

@@ -184,10 +184,10 @@ pub enum Chunking {
 }
 
 impl Chunking {
-    pub fn style(self) -> sdti::tokenizer::ChunkStyle {
+    pub fn style(self) -> sdti::prompt::chunks::ChunkStyle {
         match self {
-            Chunking::A1111 => sdti::tokenizer::ChunkStyle::A1111,
-            Chunking::Comfyui => sdti::tokenizer::ChunkStyle::ComfyUi,
+            Chunking::A1111 => sdti::prompt::chunks::ChunkStyle::A1111,
+            Chunking::Comfyui => sdti::prompt::chunks::ChunkStyle::ComfyUi,
         }
     }
 }

@@ -8,7 +8,8 @@ use sdti::embedding::{
     inspect as inspect_embedding, read_embedding, write_embedding_to, Existing, Format, Precision,
 };
 use sdti::prompt::{prompt_slots, Word};
-use sdti::tokenizer::{chunk_slots, ClipTokenizer, Slot, BOS, EOS};
+use sdti::prompt::chunks::{chunk_slots, Slot};
+use sdti::tokenizer::{ClipTokenizer, BOS, EOS};
 use serde::Serialize;
 
 use super::common::{

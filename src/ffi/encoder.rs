@@ -8,7 +8,7 @@ use super::boundary::*;
 use super::trainer::{load_model, sdti_trainer, TRAINERS};
 use super::*;
 use crate::prompt::encoder::PromptEncoder;
-use crate::tokenizer::ChunkStyle;
+use crate::prompt::chunks::ChunkStyle;
 
 /// An opaque prompt encoder on one model. Create with `sdti_encoder_new` or
 /// `sdti_encoder_new_from_trainer`, release with `sdti_encoder_free`.

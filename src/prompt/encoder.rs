@@ -10,7 +10,8 @@ use super::{encode_prompts, prompt_slots, Word};
 use crate::embedding::read_embedding;
 use crate::error::{Error, Result};
 use crate::model::{Injection, SdModel};
-use crate::tokenizer::{chunk_slots, ChunkStyle, ClipTokenizer, Slot};
+use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot};
+use crate::tokenizer::ClipTokenizer;
 
 /// A registered word and its vectors.
 #[derive(Clone, Debug)]

@@ -5,12 +5,14 @@
 //! (A1111 uses the embedding file's stem), `embedding:word` (ComfyUI; a file extension
 //! after the name is ignored) and `<word>` (diffusers' placeholder tokens).
 
+pub mod chunks;
 pub mod encoder;
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::tokenizer::{chunk_slots, ChunkStyle, ClipTokenizer, Slot};
+use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot};
+use crate::tokenizer::ClipTokenizer;
 
 /// A word whose vectors live in rows `offset .. offset + vectors` of a vector table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,7 +127,7 @@ pub fn encode_prompts(
         })
         .collect();
     let chunks = per_prompt.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let width = 77 * chunks;
+    let width = crate::tokenizer::CONTEXT_LEN * chunks;
     let mut ids = Vec::with_capacity(texts.len() * width);
     let mut index = Vec::with_capacity(texts.len() * width);
     let mut mask = Vec::with_capacity(texts.len() * width);
@@ -138,7 +140,7 @@ pub fn encode_prompts(
                     "the tokenizer produced no chunk for an empty prompt",
                 )
             })?;
-            if chunk.len() != 77 {
+            if chunk.len() != crate::tokenizer::CONTEXT_LEN {
                 return Err(Error::input(
                     "prompt",
                     format!("a chunk of {} slots instead of 77", chunk.len()),

@@ -21,7 +21,8 @@ use crate::embedding::{
 use crate::error::{Error, Result};
 use crate::model::{Injection, LatentDist, SdModel};
 use crate::prompt::{encode_prompts, Word};
-use crate::tokenizer::{ChunkStyle, ClipTokenizer};
+use crate::prompt::chunks::ChunkStyle;
+use crate::tokenizer::ClipTokenizer;
 
 /// How the learned vectors start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,10 +1,8 @@
 //! Tokenizer tests against transformers' slow `CLIPTokenizer` (no-ftfy path); fixtures
 //! come from `tests/reference/make_tokenizer_fixtures.py`.
 
-use sdti::tokenizer::{
-    chunk_groups_comfy, chunk_slots, ChunkStyle, ClipTokenizer, Slot, BOS, CONTEXT_LEN, EOS,
-    VOCAB_SIZE,
-};
+use sdti::prompt::chunks::{chunk_groups_comfy, chunk_slots, ChunkStyle, Slot};
+use sdti::tokenizer::{ClipTokenizer, BOS, CONTEXT_LEN, EOS, VOCAB_SIZE};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
