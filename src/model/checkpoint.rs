@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::{ClipConfig, ModelConfig, SchedulerConfig, UnetConfig, VaeConfig};
+use super::config::{
+    ClipConfig, DownBlockKind, ModelConfig, SchedulerConfig, UnetConfig, UpBlockKind, VaeConfig,
+};
 use super::weights::{WeightIndex, Weights};
 use crate::error::{Error, Result};
 
@@ -399,19 +401,12 @@ fn ldm_unet(
     let mut cfg = UnetConfig::sd1_with(boc, lpb, cross_dim);
     cfg.down_block_types = cross
         .iter()
-        .map(|&c| {
-            if c {
-                "CrossAttnDownBlock2D"
-            } else {
-                "DownBlock2D"
-            }
-            .to_string()
-        })
+        .map(|&c| DownBlockKind::with_cross_attention(c))
         .collect();
     cfg.up_block_types = cross
         .iter()
         .rev()
-        .map(|&c| if c { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string())
+        .map(|&c| UpBlockKind::with_cross_attention(c))
         .collect();
     if let Some(s) = keys.get("input_blocks.1.1.proj_in.weight") {
         cfg.use_linear_projection = s.len() == 2;
@@ -569,7 +564,7 @@ fn ldm_vae(
         layers_per_block: lpb,
         latent_channels: quant[0] / 2,
         norm_num_groups: 32,
-        scaling_factor: 0.18215,
+        scaling_factor: super::config::SD1_VAE_SCALING_FACTOR,
     };
     let map = keys
         .keys()

@@ -4,19 +4,21 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ClipConfig;
-use super::layers::{attention, quick_gelu, LayerNorm, Linear};
+use super::layers::{attention, gelu_erf, quick_gelu, LayerNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
 /// Learned vectors placed into token slots: `table` holds the vectors (`[M, dim]`,
 /// possibly a trainable variable), `index` (`[B, T]` u32) picks a row for each slot and
 /// `mask` (`[B, T]`, 1 where a slot carries a learned vector) says which slots use it.
+#[derive(Debug)]
 pub struct Injection<'a> {
     pub table: &'a Tensor,
     pub index: &'a Tensor,
     pub mask: &'a Tensor,
 }
 
+#[derive(Debug)]
 struct ClipAttention {
     q_proj: Linear,
     k_proj: Linear,
@@ -57,6 +59,7 @@ impl ClipAttention {
     }
 }
 
+#[derive(Debug)]
 struct ClipLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
@@ -88,13 +91,14 @@ impl ClipLayer {
         let h = if self.quick {
             quick_gelu(&h)?
         } else {
-            super::layers::gelu_erf(&h)?
+            gelu_erf(&h)?
         };
         Ok((x + self.fc2.forward(&h)?)?)
     }
 }
 
 /// The text transformer: token and position lookups, layers, final layer norm.
+#[derive(Debug)]
 pub struct ClipTextTransformer {
     token_embedding: Tensor,
     position_embedding: Tensor,

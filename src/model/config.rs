@@ -1,6 +1,14 @@
 //! Model configurations: the SD 1.x presets and the diffusers `config.json` files.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The token positions of SD 1.x's CLIP text encoder (openai/clip-vit-large-patch14's
+/// `max_position_embeddings`): one prompt chunk, BOS and EOS included.
+pub const CLIP_CONTEXT_LEN: usize = 77;
+
+/// The latent scaling factor of SD 1.x's VAE (runwayml/stable-diffusion-v1-5
+/// vae/config.json `scaling_factor`, diffusers' `AutoencoderKL` default).
+pub const SD1_VAE_SCALING_FACTOR: f64 = 0.18215;
 
 /// The CLIP text transformer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,7 +41,7 @@ impl ClipConfig {
             intermediate_size: 3072,
             num_hidden_layers: 12,
             num_attention_heads: 12,
-            max_position_embeddings: 77,
+            max_position_embeddings: CLIP_CONTEXT_LEN,
             hidden_act: default_clip_act(),
             layer_norm_eps: default_clip_eps(),
         }
@@ -57,6 +65,108 @@ impl PerBlock {
     }
 }
 
+/// A UNet down block, serialised under diffusers' class name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DownBlockKind {
+    /// Resnets each followed by a spatial transformer.
+    #[serde(rename = "CrossAttnDownBlock2D")]
+    CrossAttn,
+    /// Resnets only.
+    #[serde(rename = "DownBlock2D")]
+    Plain,
+}
+
+/// A UNet up block, serialised under diffusers' class name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpBlockKind {
+    /// Resnets each followed by a spatial transformer.
+    #[serde(rename = "CrossAttnUpBlock2D")]
+    CrossAttn,
+    /// Resnets only.
+    #[serde(rename = "UpBlock2D")]
+    Plain,
+}
+
+/// A block kind with diffusers' names, for parsing a config's block lists.
+trait BlockKind: Sized + Copy {
+    /// The config field that lists blocks of this kind.
+    const FIELD: &'static str;
+    /// diffusers' class names of the kinds sdti builds.
+    const NAMES: [(&'static str, Self); 2];
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, k)| k)
+    }
+}
+
+impl BlockKind for DownBlockKind {
+    const FIELD: &'static str = "down_block_types";
+    const NAMES: [(&'static str, Self); 2] = [
+        ("CrossAttnDownBlock2D", Self::CrossAttn),
+        ("DownBlock2D", Self::Plain),
+    ];
+}
+
+impl BlockKind for UpBlockKind {
+    const FIELD: &'static str = "up_block_types";
+    const NAMES: [(&'static str, Self); 2] = [
+        ("CrossAttnUpBlock2D", Self::CrossAttn),
+        ("UpBlock2D", Self::Plain),
+    ];
+}
+
+impl DownBlockKind {
+    pub fn has_cross_attention(self) -> bool {
+        self == Self::CrossAttn
+    }
+
+    /// The kind with or without cross-attention.
+    pub fn with_cross_attention(cross: bool) -> Self {
+        if cross {
+            Self::CrossAttn
+        } else {
+            Self::Plain
+        }
+    }
+}
+
+impl UpBlockKind {
+    pub fn has_cross_attention(self) -> bool {
+        self == Self::CrossAttn
+    }
+
+    /// The kind with or without cross-attention.
+    pub fn with_cross_attention(cross: bool) -> Self {
+        if cross {
+            Self::CrossAttn
+        } else {
+            Self::Plain
+        }
+    }
+}
+
+/// Parses a list of block names, naming the field and the value that is not a block of
+/// the SD 1.x UNet.
+fn block_kinds<'de, D: Deserializer<'de>, K: BlockKind>(d: D) -> Result<Vec<K>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|name| {
+            K::from_name(name).ok_or_else(|| {
+                let known: Vec<&str> = K::NAMES.iter().map(|(n, _)| *n).collect();
+                serde::de::Error::custom(format!(
+                    "{}: block type {name:?} is not part of the SD 1.x UNet (known: {})",
+                    K::FIELD,
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
 /// The SD 1.x UNet (diffusers `UNet2DConditionModel` config.json fields).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnetConfig {
@@ -64,8 +174,10 @@ pub struct UnetConfig {
     pub in_channels: usize,
     #[serde(default = "four")]
     pub out_channels: usize,
-    pub down_block_types: Vec<String>,
-    pub up_block_types: Vec<String>,
+    #[serde(deserialize_with = "block_kinds")]
+    pub down_block_types: Vec<DownBlockKind>,
+    #[serde(deserialize_with = "block_kinds")]
+    pub up_block_types: Vec<UpBlockKind>,
     pub block_out_channels: Vec<usize>,
     #[serde(default = "two")]
     pub layers_per_block: usize,
@@ -127,13 +239,13 @@ impl UnetConfig {
         cross_attention_dim: usize,
     ) -> Self {
         let levels = block_out_channels.len();
-        let mut down = vec!["CrossAttnDownBlock2D".to_string(); levels];
-        let mut up = vec!["CrossAttnUpBlock2D".to_string(); levels];
+        let mut down = vec![DownBlockKind::CrossAttn; levels];
+        let mut up = vec![UpBlockKind::CrossAttn; levels];
         if let Some(last) = down.last_mut() {
-            *last = "DownBlock2D".into();
+            *last = DownBlockKind::Plain;
         }
         if let Some(first) = up.first_mut() {
-            *first = "UpBlock2D".into();
+            *first = UpBlockKind::Plain;
         }
         Self {
             in_channels: 4,
@@ -192,7 +304,7 @@ fn one() -> usize {
     1
 }
 fn sd1_scaling() -> f64 {
-    0.18215
+    SD1_VAE_SCALING_FACTOR
 }
 
 impl VaeConfig {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod layers;
 pub mod profile;
 pub mod random;
+mod resnet;
 pub mod unet;
 pub mod vae;
 pub mod weights;
@@ -43,6 +44,7 @@ impl Default for LoadOptions {
 }
 
 /// A loaded SD 1.x model: text encoder, UNet and VAE, frozen.
+#[derive(Debug)]
 pub struct SdModel {
     pub text_encoder: ClipTextTransformer,
     pub unet: Unet,

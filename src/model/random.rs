@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
+use super::unet::{down_levels, up_levels, LevelPlan};
 use crate::error::Result;
 use crate::rng::Rng;
 
@@ -143,76 +144,46 @@ impl Builder<'_> {
         self.conv("unet.conv_in", c0, cfg.in_channels, 3)?;
         self.linear("unet.time_embedding.linear_1", temb, c0, true)?;
         self.linear("unet.time_embedding.linear_2", temb, temb, true)?;
-        let mut out_c = c0;
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let in_c = out_c;
-            out_c = boc[i];
-            for j in 0..cfg.layers_per_block {
-                let rin = if j == 0 { in_c } else { out_c };
-                self.resnet(
-                    &format!("unet.down_blocks.{i}.resnets.{j}"),
-                    rin,
-                    out_c,
-                    Some(temb),
-                )?;
-                if kind.starts_with("CrossAttn") {
-                    self.transformer(
-                        &format!("unet.down_blocks.{i}.attentions.{j}"),
-                        out_c,
-                        cross,
-                        lin,
-                    )?;
-                }
-            }
-            if i + 1 < levels {
-                self.conv(
-                    &format!("unet.down_blocks.{i}.downsamplers.0.conv"),
-                    out_c,
-                    out_c,
-                    3,
-                )?;
-            }
+        for (i, plan) in down_levels(cfg).iter().enumerate() {
+            self.unet_level(&format!("unet.down_blocks.{i}"), plan, cfg, "downsamplers")?;
         }
         let top = boc[levels - 1];
         self.resnet("unet.mid_block.resnets.0", top, top, Some(temb))?;
         self.transformer("unet.mid_block.attentions.0", top, cross, lin)?;
         self.resnet("unet.mid_block.resnets.1", top, top, Some(temb))?;
-        let rev: Vec<usize> = boc.iter().rev().copied().collect();
-        let mut output_c = rev[0];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let prev = output_c;
-            output_c = rev[i];
-            let input_c = rev[(i + 1).min(levels - 1)];
-            let layers = cfg.layers_per_block + 1;
-            for j in 0..layers {
-                let skip = if j == layers - 1 { input_c } else { output_c };
-                let rin = if j == 0 { prev } else { output_c };
-                self.resnet(
-                    &format!("unet.up_blocks.{i}.resnets.{j}"),
-                    rin + skip,
-                    output_c,
-                    Some(temb),
-                )?;
-                if kind.starts_with("CrossAttn") {
-                    self.transformer(
-                        &format!("unet.up_blocks.{i}.attentions.{j}"),
-                        output_c,
-                        cross,
-                        lin,
-                    )?;
-                }
-            }
-            if i + 1 < levels {
-                self.conv(
-                    &format!("unet.up_blocks.{i}.upsamplers.0.conv"),
-                    output_c,
-                    output_c,
-                    3,
-                )?;
-            }
+        for (i, plan) in up_levels(cfg).iter().enumerate() {
+            self.unet_level(&format!("unet.up_blocks.{i}"), plan, cfg, "upsamplers")?;
         }
         self.norm("unet.conv_norm_out", c0)?;
         self.conv("unet.conv_out", cfg.out_channels, c0, 3)
+    }
+
+    /// One down or up level `p` laid out as [`LevelPlan`] says; `resampler` names its
+    /// down- or upsampler.
+    fn unet_level(
+        &mut self,
+        p: &str,
+        plan: &LevelPlan,
+        cfg: &UnetConfig,
+        resampler: &str,
+    ) -> Result<()> {
+        let temb = 4 * cfg.block_out_channels[0];
+        let out_c = cfg.block_out_channels[plan.block];
+        for (j, &(rin, rout)) in plan.resnets.iter().enumerate() {
+            self.resnet(&format!("{p}.resnets.{j}"), rin, rout, Some(temb))?;
+            if plan.cross_attention {
+                self.transformer(
+                    &format!("{p}.attentions.{j}"),
+                    rout,
+                    cfg.cross_attention_dim,
+                    cfg.use_linear_projection,
+                )?;
+            }
+        }
+        if plan.resample {
+            self.conv(&format!("{p}.{resampler}.0.conv"), out_c, out_c, 3)?;
+        }
+        Ok(())
     }
 
     fn vae_mid(&mut self, p: &str, c: usize) -> Result<()> {

@@ -4,70 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::UnetConfig;
-use super::layers::{attention, gelu_erf, silu, upsample_nearest_to, Conv2d, GroupNorm, Linear};
+use super::layers::{
+    attention, geglu, silu, upsample_nearest_to, Conv2d, GroupNorm, LayerNorm, Linear,
+};
+use super::resnet::{ResnetBlock, ResnetConfig};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
-/// diffusers `ResnetBlock2D`.
-pub(crate) struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Option<Linear>,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock {
-    /// `temb`: whether the block takes a time embedding (the UNet's do, the VAE's don't).
-    pub(crate) fn new(
-        w: &Weights,
-        in_c: usize,
-        out_c: usize,
-        groups: usize,
-        eps: f64,
-        temb: bool,
-    ) -> Result<Self> {
-        let conv_shortcut = if in_c != out_c {
-            Some(Conv2d::new(w, "conv_shortcut", 1, 0)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            norm1: GroupNorm::new(w, "norm1", in_c, groups, eps)?,
-            conv1: Conv2d::new(w, "conv1", 1, 1)?,
-            time_emb_proj: if temb {
-                Some(Linear::new(w, "time_emb_proj", true)?)
-            } else {
-                None
-            },
-            norm2: GroupNorm::new(w, "norm2", out_c, groups, eps)?,
-            conv2: Conv2d::new(w, "conv2", 1, 1)?,
-            conv_shortcut,
-        })
-    }
-
-    /// `temb` is the already activated time embedding (`silu(temb)`), `[B, C]`.
-    pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward_after_norm_silu(&self.norm1, x)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => {
-                let t = proj.forward(t)?;
-                let (b, c) = t.dims2()?;
-                h.broadcast_add(&t.reshape((b, c, 1, 1))?)?
-            }
-            _ => h,
-        };
-        let h = self.conv2.forward_after_norm_silu(&self.norm2, &h)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        Ok((shortcut + h)?)
-    }
-}
-
 /// diffusers `Attention` as used by `BasicTransformerBlock`: no bias on q, k, v.
+#[derive(Debug)]
 struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
@@ -118,19 +63,20 @@ impl CrossAttention {
 }
 
 /// diffusers `BasicTransformerBlock` with a GEGLU feed-forward.
+#[derive(Debug)]
 struct TransformerBlock {
-    norm1: super::layers::LayerNorm,
+    norm1: LayerNorm,
     attn1: CrossAttention,
-    norm2: super::layers::LayerNorm,
+    norm2: LayerNorm,
     attn2: CrossAttention,
-    norm3: super::layers::LayerNorm,
+    norm3: LayerNorm,
     ff_proj: Linear,
     ff_out: Linear,
 }
 
 impl TransformerBlock {
-    fn new(w: &Weights, dim: usize, heads: usize) -> Result<Self> {
-        use super::layers::LayerNorm;
+    fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
+        let (dim, heads) = (cfg.channels, cfg.heads);
         Ok(Self {
             norm1: LayerNorm::new(w, "norm1", dim, 1e-5)?,
             attn1: CrossAttention::new(&w.pp("attn1"), heads)?,
@@ -149,62 +95,77 @@ impl TransformerBlock {
             .forward(&self.norm2.forward(&x)?, Some(context))?
             + &x)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(2)? / 2;
-        let gated = (h.narrow(2, 0, half)? * gelu_erf(&h.narrow(2, half, half)?)?)?;
-        Ok((self.ff_out.forward(&gated)? + x)?)
+        Ok((self.ff_out.forward(&geglu(&h)?)? + x)?)
+    }
+}
+
+/// The shape of one level's spatial transformers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct TransformerConfig {
+    channels: usize,
+    heads: usize,
+    /// Transformer blocks per spatial transformer.
+    depth: usize,
+    /// Group-norm groups of the input norm.
+    groups: usize,
+    /// Linear (SD 2.x style) instead of 1x1 convolution projections in and out.
+    linear_projection: bool,
+}
+
+impl TransformerConfig {
+    /// The transformers of config level `block` (an index into `block_out_channels`).
+    fn at(cfg: &UnetConfig, block: usize) -> Self {
+        Self {
+            channels: cfg.block_out_channels[block],
+            heads: cfg.heads(block),
+            depth: cfg
+                .transformer_layers_per_block
+                .as_ref()
+                .and_then(|d| d.at(block))
+                .unwrap_or(1),
+            groups: cfg.norm_num_groups,
+            linear_projection: cfg.use_linear_projection,
+        }
+    }
+}
+
+/// A projection in or out of a spatial transformer: a 1x1 convolution on the image or a
+/// linear layer on the tokens.
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Projection {
+    fn new(w: &Weights, name: &str, linear: bool) -> Result<Self> {
+        Ok(if linear {
+            Projection::Linear(Linear::new(w, name, true)?)
+        } else {
+            Projection::Conv(Conv2d::new(w, name, 1, 0)?)
+        })
     }
 }
 
 /// diffusers `Transformer2DModel` (SD 1.x: 1x1 convolutions in and out, one block).
+#[derive(Debug)]
 struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in_conv: Option<Conv2d>,
-    proj_in_linear: Option<Linear>,
+    proj_in: Projection,
     blocks: Vec<TransformerBlock>,
-    proj_out_conv: Option<Conv2d>,
-    proj_out_linear: Option<Linear>,
+    proj_out: Projection,
 }
 
 impl SpatialTransformer {
-    fn new(
-        w: &Weights,
-        channels: usize,
-        heads: usize,
-        cfg: &UnetConfig,
-        depth: usize,
-    ) -> Result<Self> {
-        let linear = cfg.use_linear_projection;
+    fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
+        let linear = cfg.linear_projection;
         Ok(Self {
-            norm: GroupNorm::new(w, "norm", channels, cfg.norm_num_groups, 1e-6)?,
-            proj_in_conv: if linear {
-                None
-            } else {
-                Some(Conv2d::new(w, "proj_in", 1, 0)?)
-            },
-            proj_in_linear: if linear {
-                Some(Linear::new(w, "proj_in", true)?)
-            } else {
-                None
-            },
-            blocks: (0..depth)
-                .map(|i| {
-                    TransformerBlock::new(
-                        &w.pp(&format!("transformer_blocks.{i}")),
-                        channels,
-                        heads,
-                    )
-                })
+            norm: GroupNorm::new(w, "norm", cfg.channels, cfg.groups, 1e-6)?,
+            proj_in: Projection::new(w, "proj_in", linear)?,
+            blocks: (0..cfg.depth)
+                .map(|i| TransformerBlock::new(&w.pp(&format!("transformer_blocks.{i}")), cfg))
                 .collect::<Result<Vec<_>>>()?,
-            proj_out_conv: if linear {
-                None
-            } else {
-                Some(Conv2d::new(w, "proj_out", 1, 0)?)
-            },
-            proj_out_linear: if linear {
-                Some(Linear::new(w, "proj_out", true)?)
-            } else {
-                None
-            },
+            proj_out: Projection::new(w, "proj_out", linear)?,
         })
     }
 
@@ -215,10 +176,9 @@ impl SpatialTransformer {
             let ch = t.dim(1)?;
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, hgt * wid, ch))?)
         };
-        let mut h = match (&self.proj_in_conv, &self.proj_in_linear) {
-            (Some(conv), _) => to_tokens(conv.forward(&h)?)?,
-            (None, Some(lin)) => lin.forward(&to_tokens(h)?)?,
-            (None, None) => to_tokens(h)?,
+        let mut h = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&h)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(h)?)?,
         };
         for block in &self.blocks {
             h = block.forward(&h, context)?;
@@ -227,23 +187,133 @@ impl SpatialTransformer {
         let to_image = |t: Tensor, ch: usize| -> Result<Tensor> {
             Ok(t.reshape((b, hgt, wid, ch))?.permute((0, 3, 1, 2))?)
         };
-        let h = match (&self.proj_out_conv, &self.proj_out_linear) {
-            (Some(conv), _) => conv.forward(&to_image(h, inner)?.contiguous()?)?,
-            (None, Some(lin)) => to_image(lin.forward(&h)?, c)?,
-            (None, None) => to_image(h, inner)?,
+        let h = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(h, inner)?.contiguous()?)?,
+            Projection::Linear(lin) => to_image(lin.forward(&h)?, c)?,
         };
         Ok((h + x)?)
     }
 }
 
+/// The layout of one down or up level as the config describes it, shared by the model
+/// and [`random`](super::random)'s weights.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LevelPlan {
+    /// Input and output channels of each resnet (up levels: skip channels included).
+    pub resnets: Vec<(usize, usize)>,
+    /// Whether each resnet is followed by a spatial transformer.
+    pub cross_attention: bool,
+    /// The config level (index into `block_out_channels`) whose heads and depth the
+    /// transformers take; the level's output channels are `block_out_channels[block]`.
+    pub block: usize,
+    /// Whether a down- or upsampler ends the level (all but the last).
+    pub resample: bool,
+}
+
+/// The down levels, in order.
+pub(crate) fn down_levels(cfg: &UnetConfig) -> Vec<LevelPlan> {
+    let boc = &cfg.block_out_channels;
+    let mut out_c = boc.first().copied().unwrap_or(0);
+    let mut levels = Vec::with_capacity(boc.len());
+    for (i, kind) in cfg.down_block_types.iter().enumerate() {
+        let in_c = out_c;
+        out_c = boc[i];
+        levels.push(LevelPlan {
+            resnets: (0..cfg.layers_per_block)
+                .map(|j| (if j == 0 { in_c } else { out_c }, out_c))
+                .collect(),
+            cross_attention: kind.has_cross_attention(),
+            block: i,
+            resample: i + 1 < boc.len(),
+        });
+    }
+    levels
+}
+
+/// The up levels, in order (widest first); each resnet also takes a skip connection.
+pub(crate) fn up_levels(cfg: &UnetConfig) -> Vec<LevelPlan> {
+    let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+    let count = rev.len();
+    let layers = cfg.layers_per_block + 1;
+    let mut output_c = rev.first().copied().unwrap_or(0);
+    let mut levels = Vec::with_capacity(count);
+    for (i, kind) in cfg.up_block_types.iter().enumerate() {
+        let prev_output_c = output_c;
+        output_c = rev[i];
+        let input_c = rev[(i + 1).min(count - 1)];
+        levels.push(LevelPlan {
+            resnets: (0..layers)
+                .map(|j| {
+                    let skip_c = if j == layers - 1 { input_c } else { output_c };
+                    let rin = if j == 0 { prev_output_c } else { output_c };
+                    (rin + skip_c, output_c)
+                })
+                .collect(),
+            cross_attention: kind.has_cross_attention(),
+            block: count - 1 - i,
+            resample: i + 1 < count,
+        });
+    }
+    levels
+}
+
 /// One down or up level: resnets, optional attentions, optional resampler.
+#[derive(Debug)]
 struct Level {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     resample: Option<Conv2d>,
 }
 
+/// A level's down- or upsampling convolution: its weight name and stride.
+struct Resampler {
+    name: &'static str,
+    stride: usize,
+}
+
+const DOWNSAMPLER: Resampler = Resampler {
+    name: "downsamplers.0.conv",
+    stride: 2,
+};
+const UPSAMPLER: Resampler = Resampler {
+    name: "upsamplers.0.conv",
+    stride: 1,
+};
+
+impl Level {
+    fn new(w: &Weights, plan: &LevelPlan, cfg: &UnetConfig, resampler: &Resampler) -> Result<Self> {
+        let transformer = TransformerConfig::at(cfg, plan.block);
+        let mut resnets = Vec::with_capacity(plan.resnets.len());
+        let mut attentions = Vec::new();
+        for (j, &(in_channels, out_channels)) in plan.resnets.iter().enumerate() {
+            let resnet = ResnetConfig {
+                in_channels,
+                out_channels,
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                time_embedding: true,
+            };
+            resnets.push(ResnetBlock::new(&w.pp(&format!("resnets.{j}")), &resnet)?);
+            if plan.cross_attention {
+                let wa = w.pp(&format!("attentions.{j}"));
+                attentions.push(SpatialTransformer::new(&wa, &transformer)?);
+            }
+        }
+        let resample = if plan.resample {
+            Some(Conv2d::new(w, resampler.name, resampler.stride, 1)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            resample,
+        })
+    }
+}
+
 /// The UNet.
+#[derive(Debug)]
 pub struct Unet {
     conv_in: Conv2d,
     time_linear_1: Linear,
@@ -265,118 +335,39 @@ impl Unet {
 
     pub fn new(w: &Weights, cfg: &UnetConfig) -> Result<Self> {
         validate(cfg)?;
-        let boc = &cfg.block_out_channels;
-        let levels = boc.len();
-        let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        let depth = |i: usize| {
-            cfg.transformer_layers_per_block
-                .as_ref()
-                .and_then(|d| d.at(i))
-                .unwrap_or(1)
-        };
+        let levels = cfg.block_out_channels.len();
         let conv_in = Conv2d::new(w, "conv_in", 1, 1)?;
         let time_linear_1 = Linear::new(w, "time_embedding.linear_1", true)?;
         let time_linear_2 = Linear::new(w, "time_embedding.linear_2", true)?;
-
-        let mut down = Vec::with_capacity(levels);
-        let mut out_c = boc[0];
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let wb = w.pp(&format!("down_blocks.{i}"));
-            let in_c = out_c;
-            out_c = boc[i];
-            let cross = kind.starts_with("CrossAttn");
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..cfg.layers_per_block {
-                let rin = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(
-                    &wb.pp(&format!("resnets.{j}")),
-                    rin,
-                    out_c,
-                    groups,
-                    eps,
-                    true,
-                )?);
-                if cross {
-                    attentions.push(SpatialTransformer::new(
-                        &wb.pp(&format!("attentions.{j}")),
-                        out_c,
-                        cfg.heads(i),
-                        cfg,
-                        depth(i),
-                    )?);
-                }
-            }
-            let resample = if i + 1 < levels {
-                Some(Conv2d::new(&wb, "downsamplers.0.conv", 2, 1)?)
-            } else {
-                None
-            };
-            down.push(Level {
-                resnets,
-                attentions,
-                resample,
-            });
-        }
-
-        let top = boc[levels - 1];
+        let down = down_levels(cfg)
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| {
+                Level::new(&w.pp(&format!("down_blocks.{i}")), plan, cfg, &DOWNSAMPLER)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let top = cfg.block_out_channels[levels - 1];
+        let mid = ResnetConfig {
+            in_channels: top,
+            out_channels: top,
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            time_embedding: true,
+        };
         let wm = w.pp("mid_block");
         let mid_resnets = [
-            ResnetBlock::new(&wm.pp("resnets.0"), top, top, groups, eps, true)?,
-            ResnetBlock::new(&wm.pp("resnets.1"), top, top, groups, eps, true)?,
+            ResnetBlock::new(&wm.pp("resnets.0"), &mid)?,
+            ResnetBlock::new(&wm.pp("resnets.1"), &mid)?,
         ];
         let mid_attention = SpatialTransformer::new(
             &wm.pp("attentions.0"),
-            top,
-            cfg.heads(levels - 1),
-            cfg,
-            depth(levels - 1),
+            &TransformerConfig::at(cfg, levels - 1),
         )?;
-
-        let rev: Vec<usize> = boc.iter().rev().copied().collect();
-        let mut up = Vec::with_capacity(levels);
-        let mut output_c = rev[0];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let wb = w.pp(&format!("up_blocks.{i}"));
-            let prev_output_c = output_c;
-            output_c = rev[i];
-            let input_c = rev[(i + 1).min(levels - 1)];
-            let cross = kind.starts_with("CrossAttn");
-            let layers = cfg.layers_per_block + 1;
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers {
-                let skip_c = if j == layers - 1 { input_c } else { output_c };
-                let rin = if j == 0 { prev_output_c } else { output_c };
-                resnets.push(ResnetBlock::new(
-                    &wb.pp(&format!("resnets.{j}")),
-                    rin + skip_c,
-                    output_c,
-                    groups,
-                    eps,
-                    true,
-                )?);
-                if cross {
-                    attentions.push(SpatialTransformer::new(
-                        &wb.pp(&format!("attentions.{j}")),
-                        output_c,
-                        cfg.heads(levels - 1 - i),
-                        cfg,
-                        depth(levels - 1 - i),
-                    )?);
-                }
-            }
-            let resample = if i + 1 < levels {
-                Some(Conv2d::new(&wb, "upsamplers.0.conv", 1, 1)?)
-            } else {
-                None
-            };
-            up.push(Level {
-                resnets,
-                attentions,
-                resample,
-            });
-        }
+        let up = up_levels(cfg)
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| Level::new(&w.pp(&format!("up_blocks.{i}")), plan, cfg, &UPSAMPLER))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             conv_in,
             time_linear_1,
@@ -385,7 +376,13 @@ impl Unet {
             mid_resnets,
             mid_attention,
             up,
-            conv_norm_out: GroupNorm::new(w, "conv_norm_out", boc[0], groups, eps)?,
+            conv_norm_out: GroupNorm::new(
+                w,
+                "conv_norm_out",
+                cfg.block_out_channels[0],
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+            )?,
             conv_out: Conv2d::new(w, "conv_out", 1, 1)?,
             config: cfg.clone(),
         })
@@ -477,7 +474,7 @@ impl Unet {
 
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them
 /// (f32 frequencies `exp(-ln(10000) * i / (half - shift))`).
-pub fn timestep_embedding(
+fn timestep_embedding(
     timesteps: &[f64],
     dim: usize,
     flip_sin_to_cos: bool,
@@ -521,20 +518,6 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
             ),
         ));
     }
-    for kind in cfg.down_block_types.iter().chain(&cfg.up_block_types) {
-        let known = [
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-            "CrossAttnUpBlock2D",
-            "UpBlock2D",
-        ];
-        if !known.contains(&kind.as_str()) {
-            return Err(Error::config(
-                "unet.down_block_types/up_block_types",
-                format!("block type {kind} is not part of the SD 1.x UNet"),
-            ));
-        }
-    }
     if cfg.layers_per_block == 0 {
         return Err(Error::config("unet.layers_per_block", "must be at least 1"));
     }
@@ -552,5 +535,3 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
     }
     Ok(())
 }
-
-pub(crate) use ResnetBlock as Resnet;

@@ -5,13 +5,26 @@ use candle_core::Tensor;
 
 use super::config::VaeConfig;
 use super::layers::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
-use super::unet::Resnet;
+use super::resnet::{ResnetBlock as Resnet, ResnetConfig};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
 const EPS: f64 = 1e-6;
 
+/// The VAE's resnets: no time embedding, epsilon 1e-6.
+fn resnet(w: &Weights, in_channels: usize, out_channels: usize, groups: usize) -> Result<Resnet> {
+    let cfg = ResnetConfig {
+        in_channels,
+        out_channels,
+        groups,
+        eps: EPS,
+        time_embedding: false,
+    };
+    Resnet::new(w, &cfg)
+}
+
 /// The mid-block self-attention: one head over all channels.
+#[derive(Debug)]
 struct VaeAttention {
     group_norm: GroupNorm,
     to_q: Linear,
@@ -57,6 +70,7 @@ impl VaeAttention {
     }
 }
 
+#[derive(Debug)]
 struct MidBlock {
     resnet0: Resnet,
     attention: VaeAttention,
@@ -66,9 +80,9 @@ struct MidBlock {
 impl MidBlock {
     fn new(w: &Weights, c: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            resnet0: Resnet::new(&w.pp("resnets.0"), c, c, groups, EPS, false)?,
+            resnet0: resnet(&w.pp("resnets.0"), c, c, groups)?,
             attention: VaeAttention::new(&w.pp("attentions.0"), c, groups)?,
-            resnet1: Resnet::new(&w.pp("resnets.1"), c, c, groups, EPS, false)?,
+            resnet1: resnet(&w.pp("resnets.1"), c, c, groups)?,
         })
     }
 
@@ -86,6 +100,7 @@ pub struct LatentDist {
     pub logvar: Tensor,
 }
 
+#[derive(Debug)]
 struct Encoder {
     conv_in: Conv2d,
     blocks: Vec<(Vec<Resnet>, Option<Conv2d>)>,
@@ -95,6 +110,7 @@ struct Encoder {
     quant_conv: Conv2d,
 }
 
+#[derive(Debug)]
 struct Decoder {
     post_quant_conv: Conv2d,
     conv_in: Conv2d,
@@ -105,6 +121,7 @@ struct Decoder {
 }
 
 /// The autoencoder.
+#[derive(Debug)]
 pub struct Vae {
     encoder: Encoder,
     decoder: Option<Decoder>,
@@ -130,14 +147,7 @@ impl Vae {
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let rin = if j == 0 { in_c } else { out_c };
-                    Resnet::new(
-                        &wb.pp(&format!("resnets.{j}")),
-                        rin,
-                        out_c,
-                        groups,
-                        EPS,
-                        false,
-                    )
+                    resnet(&wb.pp(&format!("resnets.{j}")), rin, out_c, groups)
                 })
                 .collect::<Result<Vec<_>>>()?;
             // Downsample2D with padding 0: the input is padded by one on the right and
@@ -185,14 +195,7 @@ impl Vae {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
                     let rin = if j == 0 { prev } else { out_c };
-                    Resnet::new(
-                        &wb.pp(&format!("resnets.{j}")),
-                        rin,
-                        out_c,
-                        groups,
-                        EPS,
-                        false,
-                    )
+                    resnet(&wb.pp(&format!("resnets.{j}")), rin, out_c, groups)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let up = if i + 1 < levels {
@@ -269,13 +272,5 @@ impl LatentDist {
     pub fn sample_with(&self, noise: &Tensor) -> Result<Tensor> {
         let std = (&self.logvar * 0.5)?.exp()?;
         Ok((&self.mean + std.mul(noise)?)?)
-    }
-
-    /// The distribution of sample `i` alone.
-    pub fn select(&self, i: usize) -> Result<LatentDist> {
-        Ok(LatentDist {
-            mean: self.mean.narrow(0, i, 1)?,
-            logvar: self.logvar.narrow(0, i, 1)?,
-        })
     }
 }

@@ -1,0 +1,243 @@
+//! Group normalisation with a frozen affine, with a fused one-pass CPU kernel.
+
+use candle_core::{DType, Tensor};
+
+use super::cpu::{is_cpu_f32, with_f32};
+use super::custom_op::input_grad_only_saving;
+use super::layer_norm::{
+    normalise_last_dim, normalise_last_dim_backward, stats_or_recomputed, uses_fused_norm, Stats,
+};
+use crate::error::Result;
+use crate::model::weights::Weights;
+
+/// Group normalisation over `[B, C, ...]` with a frozen per-channel affine.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(
+        w: &Weights,
+        prefix: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::error::Error::config(
+                format!("{prefix}: norm_num_groups"),
+                format!("{channels} channels cannot be split into {groups} groups"),
+            ));
+        }
+        Ok(Self {
+            weight: w.get_shaped(&format!("{prefix}.weight"), &[channels])?,
+            bias: w.get_shaped(&format!("{prefix}.bias"), &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let layer = self.clone();
+        let backward = move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<Stats>| {
+            layer.input_grad(g, x, stats.as_ref())
+        };
+        Ok(input_grad_only_saving(
+            "group_norm",
+            x,
+            |x| self.apply(x),
+            backward,
+        )?)
+    }
+
+    /// The normalisation of a tensor off the graph, with the per-group mean and `1/std`
+    /// when they came for free (None: the backward pass recomputes them).
+    pub(super) fn apply(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
+        let dims = x.dims().to_vec();
+        let b = dims[0];
+        let (groups, eps) = (self.groups, self.eps);
+        let (weight, bias) = (&self.weight, &self.bias);
+        if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
+            return Ok((y, Some(stats)));
+        }
+        let xg = x.reshape((b, groups, ()))?;
+        let (xhat, stats) = if uses_fused_norm(x) {
+            // One fused kernel for the normalisation (candle-nn's layer norm over each
+            // group's values, no affine); the backward pass recomputes the statistics.
+            let xg = xg.contiguous()?;
+            let n = xg.dim(2)?;
+            let ones = Tensor::ones(n, x.dtype(), x.device())?;
+            let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+            (
+                candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?,
+                None,
+            )
+        } else {
+            let (xhat, mean, rstd) = normalise_last_dim(&xg, eps)?;
+            (xhat, Some((mean, rstd)))
+        };
+        let (gamma, beta) = self.affine(dims.len())?;
+        let y = xhat
+            .reshape(dims)?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&beta)?;
+        Ok((y, stats))
+    }
+
+    /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
+    fn affine(&self, rank: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut shape = vec![1, self.weight.dim(0)?];
+        shape.extend(std::iter::repeat_n(1, rank - 2));
+        Ok((
+            self.weight.reshape(shape.clone())?,
+            self.bias.reshape(shape)?,
+        ))
+    }
+
+    /// d(loss)/d(x) from the output gradient `g`, with the statistics of [`Self::apply`].
+    pub(super) fn input_grad(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+    ) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let groups = self.groups;
+        let xg = x.reshape((b, groups, ()))?;
+        let (mean, rstd) = stats_or_recomputed(stats, &xg, self.eps)?;
+        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
+            return group_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, groups);
+        }
+        let (gamma, _) = self.affine(x.rank())?;
+        let gs = g.broadcast_mul(&gamma)?.reshape((b, groups, ()))?;
+        let gx = normalise_last_dim_backward(&gs, &xg, &mean, &rstd)?;
+        gx.reshape(g.dims())
+    }
+}
+
+/// Group normalisation of f32 CPU data in one pass per group (statistics accumulated in
+/// f64, then the normalised, scaled and shifted values written), in parallel over groups;
+/// returns the output and the per-group mean and `1/std` (`[B, G, 1]`, f32).
+fn group_norm_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+    use rayon::prelude::*;
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let per_channel: usize = dims[2..].iter().product();
+    let per_group = (c / groups) * per_channel;
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let beta: Vec<f32> = bias.to_vec1()?;
+    let (out, stats) = with_f32(x, |src| {
+        let mut out = vec![0f32; src.len()];
+        let mut stats = vec![(0f32, 0f32); b * groups];
+        out.par_chunks_mut(per_group)
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(gi, (dst, stat))| {
+                let part = &src[gi * per_group..(gi + 1) * per_group];
+                let mean = part.iter().map(|&v| v as f64).sum::<f64>() / per_group as f64;
+                let var =
+                    part.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per_group as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let first_channel = (gi % groups) * (c / groups);
+                for (ch, (d, s)) in dst
+                    .chunks_mut(per_channel)
+                    .zip(part.chunks(per_channel))
+                    .enumerate()
+                {
+                    let scale = rstd as f32 * gamma[first_channel + ch];
+                    let shift = beta[first_channel + ch] - mean as f32 * scale;
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = v * scale + shift;
+                    }
+                }
+                *stat = (mean as f32, rstd as f32);
+            });
+        (out, stats)
+    })?;
+    let device = x.device();
+    let y = Tensor::from_vec(out, dims, device)?;
+    let mean = Tensor::from_vec(
+        stats.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (b, groups, 1),
+        device,
+    )?;
+    let rstd = Tensor::from_vec(
+        stats.iter().map(|s| s.1).collect::<Vec<_>>(),
+        (b, groups, 1),
+        device,
+    )?;
+    Ok((y, (mean, rstd)))
+}
+/// The input gradient of [`group_norm_cpu`]: per group, with `gs = g * gamma` and
+/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`; two
+/// passes per group, in parallel over groups.
+fn group_norm_backward_cpu(
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let dims = g.dims().to_vec();
+    let c = dims[1];
+    let per_channel: usize = dims[2..].iter().product();
+    let per_group = (c / groups) * per_channel;
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+    let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
+    let out = with_f32(g, |gv| {
+        with_f32(x, |xv| {
+            let mut out = vec![0f32; gv.len()];
+            out.par_chunks_mut(per_group)
+                .enumerate()
+                .for_each(|(gi, dst)| {
+                    let range = gi * per_group..(gi + 1) * per_group;
+                    let (gp, xp) = (&gv[range.clone()], &xv[range]);
+                    let (m, r) = (means[gi], rstds[gi]);
+                    let first_channel = (gi % groups) * (c / groups);
+                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    for (ch, (gc, xc)) in gp
+                        .chunks(per_channel)
+                        .zip(xp.chunks(per_channel))
+                        .enumerate()
+                    {
+                        let w = gamma[first_channel + ch];
+                        for (&gi, &xi) in gc.iter().zip(xc) {
+                            let gs = (gi * w) as f64;
+                            sum_g += gs;
+                            sum_gx += gs * ((xi - m) * r) as f64;
+                        }
+                    }
+                    let mean_g = (sum_g / per_group as f64) as f32;
+                    let mean_gx = (sum_gx / per_group as f64) as f32;
+                    for (ch, ((d, gc), xc)) in dst
+                        .chunks_mut(per_channel)
+                        .zip(gp.chunks(per_channel))
+                        .zip(xp.chunks(per_channel))
+                        .enumerate()
+                    {
+                        let w = gamma[first_channel + ch];
+                        for ((o, &gi), &xi) in d.iter_mut().zip(gc).zip(xc) {
+                            let xhat = (xi - m) * r;
+                            *o = r * (gi * w - mean_g - xhat * mean_gx);
+                        }
+                    }
+                });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, dims, g.device())
+}
