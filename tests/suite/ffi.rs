@@ -1875,3 +1875,259 @@ fn install_script_installs_lib_header_and_pkg_config() {
     let text = run_ok(&mut Command::new(&exe), "hello");
     assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
 }
+
+/// The integer constants of `include/sdti.h`: `#define NAME value` and `const T NAME = value;`,
+/// where value is a literal, possibly cast or parenthesised (`((sdti_format)3)`, `3u`).
+/// Expressions of other constants (`SDTI_ABI_VERSION`) are left out.
+fn header_constants(header: &str) -> std::collections::BTreeMap<String, i64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in header.lines() {
+        let line = line.trim();
+        let (name, value) = if let Some(rest) = line.strip_prefix("#define ") {
+            match rest.split_once(char::is_whitespace) {
+                Some((name, value)) => (name, value),
+                None => continue,
+            }
+        } else if let (true, Some((lhs, value))) = (
+            line.starts_with("const ") || line.starts_with("static const "),
+            line.split_once('='),
+        ) {
+            match lhs.split_whitespace().last() {
+                Some(name) => (name, value.trim_end_matches(';')),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        // Drop casts such as `(sdti_format)` and the parentheses around the literal.
+        let mut v = value.trim().to_string();
+        // Innermost pair first, so `((sdti_format)3)` loses its cast, then its parentheses.
+        while let Some(close) = v.find(')') {
+            let Some(open) = v[..close].rfind('(') else {
+                break;
+            };
+            let inner = &v[open + 1..close];
+            let is_cast = inner
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ' ')
+                && inner.chars().any(|c| c.is_ascii_alphabetic());
+            let keep = if is_cast {
+                String::new()
+            } else {
+                inner.to_string()
+            };
+            v = format!("{}{}{}", &v[..open], keep, &v[close + 1..]);
+        }
+        let v = v.trim().trim_end_matches(['u', 'U', 'l', 'L']);
+        let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+            Some(hex) => i64::from_str_radix(hex, 16).ok(),
+            None => v.parse::<i64>().ok(),
+        };
+        if let Some(n) = parsed {
+            out.insert(name.to_string(), n);
+        }
+    }
+    out
+}
+
+/// Issue 11 item 6: every code in the manifest's `constants` (which the ComfyUI pack sends to
+/// the library) is the header's constant of the same meaning, its ABI is the header's, and
+/// every format the header can write is either in the manifest or left out for a reason
+/// stated here. The ctypes binding's own constants are checked the same way.
+#[test]
+fn plugin_manifest_codes_match_the_header() {
+    // The forms a typed header may use (cbindgen writes casts for typed constants).
+    let forms = header_constants(
+        "#define A ((sdti_format)3)\n#define B (sdti_precision)2u\n#define C 7\n\
+         #define D ((A << 16) | C)\nstatic const int32_t E = 0x13;\n",
+    );
+    let want = [("A", 3), ("B", 2), ("C", 7), ("E", 19)];
+    assert_eq!(
+        forms,
+        want.map(|(n, v)| (n.to_string(), v)).into(),
+        "header_constants"
+    );
+    let header = std::fs::read_to_string(root().join("include/sdti.h")).unwrap();
+    let defines = header_constants(&header);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("plugin-manifests/sdti.plugin.json")).unwrap(),
+    )
+    .unwrap();
+    let define = |name: &str| -> i64 {
+        *defines
+            .get(name)
+            .unwrap_or_else(|| panic!("include/sdti.h has no integer constant {name}"))
+    };
+    // Each manifest table, and each of its names with the header constant it stands for.
+    let meanings: &[(&str, &[(&str, &str)])] = &[
+        (
+            "format",
+            &[
+                ("auto", "SDTI_FORMAT_AUTO"),
+                ("a1111-pt", "SDTI_FORMAT_A1111_PT"),
+                ("safetensors", "SDTI_FORMAT_SAFETENSORS"),
+                ("diffusers", "SDTI_FORMAT_DIFFUSERS_SAFETENSORS"),
+                ("diffusers-bin", "SDTI_FORMAT_DIFFUSERS_BIN"),
+                ("png", "SDTI_FORMAT_A1111_PNG"),
+                ("kohya-pt", "SDTI_FORMAT_KOHYA_PT"),
+                ("kohya-safetensors", "SDTI_FORMAT_KOHYA_SAFETENSORS"),
+                ("onetrainer", "SDTI_FORMAT_ONETRAINER"),
+            ],
+        ),
+        (
+            "precision",
+            &[
+                ("f32", "SDTI_PRECISION_F32"),
+                ("f16", "SDTI_PRECISION_F16"),
+                ("bf16", "SDTI_PRECISION_BF16"),
+                ("auto", "SDTI_PRECISION_AUTO"),
+            ],
+        ),
+        (
+            "status",
+            &[
+                ("ok", "SDTI_OK"),
+                ("cancelled", "SDTI_CANCELLED"),
+                ("invalid_argument", "SDTI_ERR_INVALID_ARGUMENT"),
+                ("buffer_too_small", "SDTI_ERR_BUFFER_TOO_SMALL"),
+                ("exists", "SDTI_ERR_EXISTS"),
+            ],
+        ),
+        ("write_flags", &[("overwrite", "SDTI_WRITE_OVERWRITE")]),
+        (
+            "pixel_format",
+            &[("rgb8", "SDTI_PIXEL_RGB8"), ("rgba8", "SDTI_PIXEL_RGBA8")],
+        ),
+    ];
+    let constants = manifest["constants"]
+        .as_object()
+        .expect("manifest constants");
+    for (table, values) in constants {
+        if table == "format_extension" {
+            continue; // file extensions, not codes: checked below
+        }
+        let Some((_, names)) = meanings.iter().find(|(t, _)| t == table) else {
+            panic!("manifest constants.{table}: no header meaning known to this test; add it");
+        };
+        for (name, code) in values.as_object().expect("a table of codes") {
+            let Some((_, define_name)) = names.iter().find(|(n, _)| n == name) else {
+                panic!("manifest constants.{table}.{name}: no header constant known to this test");
+            };
+            assert_eq!(
+                code.as_i64(),
+                Some(define(define_name)),
+                "manifest constants.{table}.{name} is {code}, include/sdti.h has {define_name} {}",
+                define(define_name)
+            );
+        }
+    }
+
+    // The library's own name table agrees (sdti_format_from_name).
+    let formats = constants["format"].as_object().unwrap();
+    for (name, code) in formats.iter().filter(|(n, _)| n.as_str() != "auto") {
+        let mut got = u32::MAX;
+        let cname = c(name);
+        // SAFETY: a NUL-terminated name and a writable out-parameter.
+        let status = unsafe { sdti_format_from_name(cname.as_ptr(), &mut got) };
+        assert_eq!(
+            status,
+            SDTI_OK,
+            "sdti_format_from_name({name}): {}",
+            last_error()
+        );
+        assert_eq!(Some(i64::from(got)), code.as_i64(), "format {name}");
+    }
+    let extensions = constants["format_extension"].as_object().unwrap();
+    let mut written: Vec<&String> = extensions.keys().collect();
+    let mut named: Vec<&String> = formats.keys().filter(|n| n.as_str() != "auto").collect();
+    written.sort();
+    named.sort();
+    assert_eq!(
+        written, named,
+        "every manifest format has an extension, and only those"
+    );
+
+    // Every format the header has is in the manifest, or is one the pack cannot write.
+    let left_out = [
+        // SDXL's two-encoder layout: the pack trains and converts SD 1.x embeddings.
+        "SDTI_FORMAT_SDXL_SAFETENSORS",
+        // Read-only source formats (the header says so; checked below).
+        "SDTI_FORMAT_A1111_PNG_PIXELS",
+        "SDTI_FORMAT_RINONGAL_PT",
+        "SDTI_FORMAT_A1111_WEBP_PIXELS",
+    ];
+    let in_manifest: Vec<&str> = meanings[0].1.iter().map(|(_, d)| *d).collect();
+    let header_formats: Vec<&String> = defines
+        .keys()
+        .filter(|n| n.starts_with("SDTI_FORMAT_"))
+        .collect();
+    assert!(
+        header_formats.len() >= in_manifest.len(),
+        "{header_formats:?}"
+    );
+    for name in header_formats {
+        assert!(
+            in_manifest.contains(&name.as_str()) || left_out.contains(&name.as_str()),
+            "include/sdti.h has {name}, which the manifest lacks: add it to \
+             plugin-manifests/sdti.plugin.json (and the pack's Convert choices), or say here \
+             why the pack cannot write it"
+        );
+    }
+    for name in &left_out[1..] {
+        let doc = header
+            .lines()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1].trim_start().starts_with(&format!("#define {name} ")))
+            .map(|w| w[0])
+            .unwrap_or_else(|| panic!("{name} missing from include/sdti.h"));
+        assert!(
+            doc.contains("read only"),
+            "{name} is left out as read only; the header says: {doc}"
+        );
+    }
+
+    // The ABI: the same major, and a minor the header has reached.
+    let abi = &manifest["abi"];
+    assert_eq!(
+        abi["major"].as_i64(),
+        Some(define("SDTI_ABI_MAJOR")),
+        "manifest abi.major"
+    );
+    let minor = abi["minor"].as_i64().expect("manifest abi.minor");
+    assert!(
+        minor <= define("SDTI_ABI_MINOR"),
+        "manifest abi.minor {minor} is newer than the header's {}",
+        define("SDTI_ABI_MINOR")
+    );
+    assert_eq!(
+        (define("SDTI_ABI_MAJOR"), define("SDTI_ABI_MINOR")),
+        (i64::from(SDTI_ABI_MAJOR), i64::from(SDTI_ABI_MINOR)),
+        "include/sdti.h and the Rust ABI version differ"
+    );
+
+    // The ctypes binding's constants (`SDTI_X = n`, `ABI_MAJOR = n`).
+    let binding =
+        std::fs::read_to_string(root().join("plugin-manifests/comfyui/sdti_lib.py")).unwrap();
+    let mut checked = 0;
+    for line in binding.lines() {
+        let Some((name, value)) = line.split_once(" = ") else {
+            continue;
+        };
+        let value = value.split('#').next().unwrap().trim();
+        let Ok(value) = value.parse::<i64>() else {
+            continue;
+        };
+        let header_name = match name {
+            "ABI_MAJOR" => "SDTI_ABI_MAJOR",
+            n if n.starts_with("SDTI_") => n,
+            _ => continue,
+        };
+        assert_eq!(value, define(header_name), "sdti_lib.py: {line}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 5,
+        "sdti_lib.py's constants were not found ({checked})"
+    );
+}
