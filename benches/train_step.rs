@@ -3,7 +3,7 @@
 //! own step measured in the same invocation.
 //!
 //! ```sh
-//! SDTI_BENCH_PYTHON=/opt/refenv/bin/python \
+//! SDTI_BENCH_PYTHON=$REFENV/bin/python \
 //!     cargo bench --bench train_step -- [--resolution 256,512] [--steps N] [--no-reference] [--profile]
 //! ```
 //!

@@ -2,7 +2,7 @@
 """Time one textual-inversion training step of diffusers on the CPU (the reference for
 `benches/train_step.rs`).
 
-    /opt/refenv/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2]
+    $REFENV/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2]
 
 The step is the loop body of diffusers' `examples/textual_inversion/textual_inversion.py`
 (`with accelerator.accumulate(text_encoder): ...`), with accelerate left out (one process,

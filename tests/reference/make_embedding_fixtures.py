@@ -12,7 +12,7 @@ A1111's zip-member + restricted-unpickler allow-list, diffusers' textual-inversi
 state-dict helpers, safetensors.torch.load_file, PIL text chunks -- and records
 the outcome in python_load_results.json.
 
-Run:  /opt/refenv/bin/python tests/reference/make_embedding_fixtures.py [gen|verify|all]
+Run:  $REFENV/bin/python tests/reference/make_embedding_fixtures.py [gen|verify|all]
 """
 import base64
 import collections

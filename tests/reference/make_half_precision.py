@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """torch's own half-precision error on the tiny model, for sdti's mixed-precision test.
 
-    /opt/refenv/bin/python tests/reference/make_half_precision.py
+    $REFENV/bin/python tests/reference/make_half_precision.py
 
 Loads the committed tiny pipeline (tests/fixtures/tiny-sd) and the inputs of the f32
 reference step (tests/fixtures/tiny-sd-expected.safetensors: vectors, ids, latents, noise,

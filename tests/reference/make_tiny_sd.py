@@ -3,7 +3,7 @@
 
 Run from the repository root:
 
-    /opt/refenv/bin/python tests/reference/make_tiny_sd.py
+    $REFENV/bin/python tests/reference/make_tiny_sd.py
 
 Writes (see tests/reference/README.md for details):
 
@@ -59,10 +59,8 @@ PIPE = FIX / "tiny-sd"
 SINGLE = FIX / "tiny-sd.safetensors"
 EXPECTED = FIX / "tiny-sd-expected.safetensors"
 EXPECTED_JSON = FIX / "tiny-sd-expected.json"
-# the repo's copy (same sha256 924691ac...) or the shared asset
+# the repo's copy of CLIP's vocabulary (checked against BPE_SHA256 below)
 BPE_GZ = ROOT / "assets" / "bpe_simple_vocab_16e6.txt.gz"
-if not BPE_GZ.exists():
-    BPE_GZ = Path("/work/shared/assets/clip/bpe_simple_vocab_16e6.txt.gz")
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 VERSIONS = {

@@ -5,7 +5,7 @@ Reference: transformers' *slow* ``CLIPTokenizer`` (transformers 4.x; 4.57.6 was 
 without ftfy, i.e. the ``BasicTokenizer`` normalisation path that a default ComfyUI or
 diffusers install takes.  The tokenizer is built from a vocab.json / merges.txt pair
 derived from ``assets/bpe_simple_vocab_16e6.txt.gz`` exactly the way
-openai/clip-vit-large-patch14 ships them (see /work/shared/assets/clip/README.md).
+openai/clip-vit-large-patch14 ships them (assets/LICENSE-open_clip has its licence).
 
 Usage (needs ``pip install "transformers<5"``; ftfy optional, only used for the
 comparison statistics printed at the end):

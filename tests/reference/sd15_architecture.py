@@ -3,7 +3,7 @@
 
 Run from the repository root:
 
-    /opt/refenv/bin/python tests/reference/sd15_architecture.py
+    $REFENV/bin/python tests/reference/sd15_architecture.py
 
 Writes `tests/reference/sd15_shapes.json`: every tensor of the three networks with its
 shape, under sdti's internal names:
