@@ -151,11 +151,15 @@ pub fn check_size(fields: [(&str, usize); 2]) -> Result<()> {
     Ok(())
 }
 
-/// Draws one image: the prompt and negative prompt through `encoder` (learned words
-/// registered there), DDIM from seeded noise with classifier-free guidance, VAE decode.
-pub fn sample_image(encoder: &PromptEncoder, opts: &SampleOptions) -> Result<RgbImage> {
+/// Draws one image with `model`'s UNet and VAE: the prompt and negative prompt through
+/// `encoder` (learned words registered there), DDIM from seeded noise with
+/// classifier-free guidance, VAE decode.
+pub fn sample_image(
+    model: &SdModel,
+    encoder: &PromptEncoder,
+    opts: &SampleOptions,
+) -> Result<RgbImage> {
     opts.validate()?;
-    let model = encoder.model();
     check_size([("width", opts.width), ("height", opts.height)])?;
     let dtype = model.dtype();
     let cond = encoder.encode(&opts.prompt)?;

@@ -270,7 +270,7 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
 
     // 4. A prompt with the new word, through a host-style encoder.
     let prompt = format!("a photo of {TOKEN} on a table");
-    let mut encoder = PromptEncoder::new(Arc::clone(&model))?;
+    let mut encoder = PromptEncoder::new(Arc::clone(&model.text_encoder))?;
     let a1111_pt = exported
         .iter()
         .find(|(f, _)| *f == Format::A1111Pt)
@@ -309,7 +309,7 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
         height: resolution,
         ..SampleOptions::default()
     };
-    let img = sample_image(&encoder, &opts)?;
+    let img = sample_image(&model, &encoder, &opts)?;
     sdti::app::plot::write_png(&sample_path, &img)?;
     println!(
         "5/5 sampled \"{prompt}\" ({} DDIM steps, guidance {}) to {}",

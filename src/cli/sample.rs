@@ -73,7 +73,7 @@ pub fn encoder_with_words(
     model: std::sync::Arc<sdti::model::SdModel>,
     embeddings: &[EmbeddingArg],
 ) -> CliResult<PromptEncoder> {
-    let mut encoder = PromptEncoder::new(model)?;
+    let mut encoder = PromptEncoder::new(std::sync::Arc::clone(&model.text_encoder))?;
     for e in embeddings {
         let word = encoder
             .register_file(Some(&e.word_or_stem()), &e.path)
@@ -117,7 +117,7 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
         }
     }
     let model = load_model(&a.model, &a.device)?;
-    let mut encoder = encoder_with_words(model, &a.embedding)?;
+    let mut encoder = encoder_with_words(model.clone(), &a.embedding)?;
     encoder.set_chunk_style(a.chunking.style());
     encoder.set_clip_skip(a.clip_skip)?;
     let words = encoder.words();
@@ -151,7 +151,7 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
             ..base.clone()
         };
         let start = Instant::now();
-        let img = sample_image(&encoder, &opts)?;
+        let img = sample_image(&model, &encoder, &opts)?;
         let path = if single_file {
             a.output.clone()
         } else {

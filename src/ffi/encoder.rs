@@ -5,10 +5,11 @@ use std::ffi::c_char;
 use std::sync::{Arc, LazyLock};
 
 use super::boundary::*;
-use super::trainer::{load_model, sdti_trainer, TRAINERS};
+use super::trainer::{load_options, sdti_trainer, TRAINERS};
 use super::*;
-use crate::prompt::encoder::PromptEncoder;
+use crate::model::TextEncoder;
 use crate::prompt::chunks::ChunkStyle;
+use crate::prompt::encoder::PromptEncoder;
 
 /// An opaque prompt encoder on one model. Create with `sdti_encoder_new` or
 /// `sdti_encoder_new_from_trainer`, release with `sdti_encoder_free`.
@@ -76,7 +77,8 @@ pub unsafe extern "C" fn sdti_model_params_init(params: *mut sdti_model_params) 
     })
 }
 
-/// Loads a model's text encoder for prompt encoding; `*out` receives the handle.
+/// Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
+/// VAE weights are not read); `*out` receives the handle.
 ///
 /// Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 /// `SDTI_ERR_STRUCT_SIZE`, ...).
@@ -111,8 +113,9 @@ pub unsafe extern "C" fn sdti_encoder_new(
                 opt_cstr(p.device, "params.device")?,
             )
         };
-        let model = load_model(&path, device, p.precision)?;
-        insert(PromptEncoder::new(Arc::new(model))?, out);
+        let opts = load_options(device, p.precision)?;
+        let text_encoder = TextEncoder::load(&path, &opts)?;
+        insert(PromptEncoder::new(Arc::new(text_encoder))?, out);
         Ok(())
     })
 }
@@ -136,7 +139,7 @@ fn register_trainer_word(encoder: &mut PromptEncoder, trainer: *mut sdti_trainer
     Ok(())
 }
 
-/// A prompt encoder on the trainer's model (shared, not loaded again), with the trainer's
+/// A prompt encoder on the trainer's text encoder (shared, not loaded again), with the trainer's
 /// current word registered under its token. Call `sdti_encoder_register_trainer` to
 /// refresh the word after more steps. The encoder outlives the trainer if freed later.
 ///
@@ -153,15 +156,15 @@ pub unsafe extern "C" fn sdti_encoder_new_from_trainer(
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let model = {
+        let text_encoder = {
             let handle = TRAINERS.get(trainer as usize)?;
             let guard = lock_state(&handle, "trainer", false)?;
             match guard.as_ref() {
-                Some(state) => state.trainer.model().clone(),
+                Some(state) => Arc::clone(&state.trainer.model().text_encoder),
                 None => return Err(fail(SDTI_ERR_INVALID_HANDLE, "the trainer was freed")),
             }
         };
-        let mut encoder = PromptEncoder::new(model)?;
+        let mut encoder = PromptEncoder::new(text_encoder)?;
         register_trainer_word(&mut encoder, trainer)?;
         insert(encoder, out);
         Ok(())

@@ -177,6 +177,11 @@ pub(crate) static TRAINERS: LazyLock<Registry<TrainerState>> =
 
 /// Loads a model for a handle.
 pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> FfiResult<SdModel> {
+    Ok(SdModel::load(path, &load_options(device, precision)?)?)
+}
+
+/// The load options of `sdti_model_params`' device and precision.
+pub(crate) fn load_options(device: Option<&str>, precision: u32) -> FfiResult<LoadOptions> {
     // None: the device chooses.
     let dtype = match precision {
         SDTI_PRECISION_F32 => Some(candle_core::DType::F32),
@@ -191,14 +196,11 @@ pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> F
     };
     let device = open_device(device.unwrap_or("cpu"))?;
     let dtype = dtype.unwrap_or_else(|| auto_dtype(&device));
-    Ok(SdModel::load(
-        path,
-        &LoadOptions {
-            dtype,
-            device,
-            config: None,
-        },
-    )?)
+    Ok(LoadOptions {
+        dtype,
+        device,
+        config: None,
+    })
 }
 
 /// Fills `params` with the defaults (see each field) and its `struct_size`. Returns

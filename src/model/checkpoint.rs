@@ -273,6 +273,97 @@ fn index_single_file(
     })
 }
 
+/// Indexes only the CLIP text encoder of an SD 1.x model (a diffusers folder or a single
+/// `.safetensors` checkpoint), named under `text_encoder.`: what encoding prompts needs.
+/// The checks on the model's family are [`index_model`]'s; UNet and VAE weights are not
+/// mapped. `config` overrides the text encoder's configuration.
+pub fn index_text_encoder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    config: Option<&ClipConfig>,
+) -> Result<(Weights, ClipConfig)> {
+    if !path.exists() {
+        return Err(model_err(path, "no such file or folder"));
+    }
+    let mut index = WeightIndex::default();
+    let (family, text) = if path.is_dir() {
+        text_encoder_of_folder(path, &mut index)?
+    } else {
+        text_encoder_of_file(path, &mut index, config)?
+    };
+    if family != Family::Sd1 {
+        return Err(model_err(
+            path,
+            format!(
+                "this is an {family} model; sdti trains SD 1.x models (SD 1.4, 1.5 and their fine-tunes)"
+            ),
+        ));
+    }
+    let text = config.cloned().unwrap_or(text);
+    Ok((index.finish(dtype, device.clone()), text))
+}
+
+fn text_encoder_of_folder(dir: &Path, index: &mut WeightIndex) -> Result<(Family, ClipConfig)> {
+    if dir.join("text_encoder_2").is_dir() {
+        return Ok((Family::Sdxl, ClipConfig::sd1()));
+    }
+    for part in ["text_encoder", "unet", "vae"] {
+        if !dir.join(part).is_dir() {
+            return Err(model_err(
+                dir,
+                format!("not a diffusers model folder: the '{part}' subfolder is missing"),
+            ));
+        }
+    }
+    let text: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
+    // The UNet's config (a small JSON file) tells SD 2.x apart; its weights stay unread.
+    let unet: UnetConfig = read_json(&dir.join("unet/config.json"))?;
+    for file in component_files(&dir.join("text_encoder"), "model")? {
+        for (key, _) in index.map_file(&file)? {
+            if let Some(name) = text_encoder_name(&key) {
+                index.alias_last(&key, name);
+            }
+        }
+    }
+    Ok((family_from_configs(&text, &unet), text))
+}
+
+fn text_encoder_of_file(
+    path: &Path,
+    index: &mut WeightIndex,
+    config: Option<&ClipConfig>,
+) -> Result<(Family, ClipConfig)> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+        return Err(model_err(
+            path,
+            "pickled checkpoints (.ckpt/.pt/.bin) are not loaded, since unpickling can run code: \
+             use the .safetensors version of the model",
+        ));
+    }
+    let keys: HashMap<String, Vec<usize>> = index.map_file(path)?.into_iter().collect();
+    let family = family_from_keys(path, &keys)?;
+    if family != Family::Sd1 {
+        return Ok((family, ClipConfig::sd1()));
+    }
+    let text_keys = sub_keys(&keys, "cond_stage_model.transformer.");
+    let text = match config {
+        Some(c) => c.clone(),
+        None => ldm_clip_config(path, &text_keys)?,
+    };
+    for key in text_keys.keys() {
+        if let Some(name) = text_encoder_name(key) {
+            index.alias_last(&format!("cond_stage_model.transformer.{key}"), name);
+        }
+    }
+    Ok((family, text))
+}
+
 fn sub_keys(keys: &HashMap<String, Vec<usize>>, prefix: &str) -> HashMap<String, Vec<usize>> {
     keys.iter()
         .filter_map(|(k, s)| k.strip_prefix(prefix).map(|r| (r.to_string(), s.clone())))

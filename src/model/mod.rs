@@ -7,17 +7,20 @@ pub mod layers;
 pub mod profile;
 pub mod random;
 mod resnet;
+pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
 pub use checkpoint::Family;
 pub use clip::{ClipTextTransformer, Injection};
 pub use config::{ClipConfig, ModelConfig, SchedulerConfig, UnetConfig, VaeConfig};
+pub use text_encoder::TextEncoder;
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};
 
@@ -46,7 +49,8 @@ impl Default for LoadOptions {
 /// A loaded SD 1.x model: text encoder, UNet and VAE, frozen.
 #[derive(Debug)]
 pub struct SdModel {
-    pub text_encoder: ClipTextTransformer,
+    /// Shared, so a prompt encoder can hold it without the UNet and the VAE.
+    pub text_encoder: Arc<TextEncoder>,
     pub unet: Unet,
     pub vae: Vae,
     pub config: ModelConfig,
@@ -63,11 +67,8 @@ impl SdModel {
     /// Builds the model from in-memory weights (diffusers names under `text_encoder.`,
     /// `unet.`, `vae.`), e.g. a random model of the real architecture for benchmarks.
     ///
-    /// With f16 or bf16 weights (mixed precision) the text encoder still computes in f32:
-    /// the learned vectors enter there and their gradient comes out of it, and diffusers'
-    /// textual_inversion example keeps it in f32 too. It is small next to the UNet (77
-    /// tokens per prompt), so this costs little time; in f16 it cuts the gradient's error
-    /// from about 8% to the UNet's share (tests/suite/parity.rs).
+    /// With f16 or bf16 weights the text encoder still computes in f32
+    /// ([`TextEncoder::new`] says why).
     pub fn from_weights(
         w: &weights::Weights,
         config: ModelConfig,
@@ -79,15 +80,11 @@ impl SdModel {
                 "bf16 needs a GPU: candle's CPU backend has no bf16 matrix products (use f32 or f16 on the CPU)",
             ));
         }
-        let text_dtype = match w.dtype() {
-            DType::F16 | DType::BF16 => DType::F32,
-            other => other,
-        };
         Ok(Self {
-            text_encoder: ClipTextTransformer::new(
-                &w.pp("text_encoder").with_dtype(text_dtype),
+            text_encoder: Arc::new(TextEncoder::new(
+                &w.pp("text_encoder"),
                 &config.text_encoder,
-            )?,
+            )?),
             unet: Unet::new(&w.pp("unet"), &config.unet)?,
             vae: Vae::new(&w.pp("vae"), &config.vae)?,
             config,
@@ -100,7 +97,7 @@ impl SdModel {
     }
 
     /// The dtype the UNet and the VAE compute in (the weights' dtype); the text encoder
-    /// computes in [`ClipTextTransformer::dtype`].
+    /// computes in [`TextEncoder::dtype`].
     pub fn dtype(&self) -> DType {
         self.unet.dtype()
     }

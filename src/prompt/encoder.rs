@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{encode_prompts, prompt_slots, Word};
 use crate::embedding::read_embedding;
 use crate::error::{Error, Result};
-use crate::model::{Injection, SdModel};
+use crate::model::{Injection, TextEncoder};
 use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot};
 use crate::tokenizer::ClipTokenizer;
 
@@ -29,9 +29,10 @@ pub struct TokenSlot {
     pub learned: Option<(usize, usize)>,
 }
 
-/// Prompts to hidden states with learned words injected.
+/// Prompts to hidden states with learned words injected. Holds only the text encoder
+/// (shared with a model or a trainer, or loaded alone with [`TextEncoder::load`]).
 pub struct PromptEncoder {
-    model: Arc<SdModel>,
+    text_encoder: Arc<TextEncoder>,
     tokenizer: ClipTokenizer,
     words: Vec<Registered>,
     style: ChunkStyle,
@@ -39,9 +40,9 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    pub fn new(model: Arc<SdModel>) -> Result<Self> {
+    pub fn new(text_encoder: Arc<TextEncoder>) -> Result<Self> {
         Ok(Self {
-            model,
+            text_encoder,
             tokenizer: ClipTokenizer::new()
                 .map_err(|e| Error::input("tokenizer", e.to_string()))?,
             words: Vec::new(),
@@ -50,8 +51,8 @@ impl PromptEncoder {
         })
     }
 
-    pub fn model(&self) -> &Arc<SdModel> {
-        &self.model
+    pub fn text_encoder(&self) -> &Arc<TextEncoder> {
+        &self.text_encoder
     }
 
     /// Long prompts are chunked the way A1111 (default) or ComfyUI do it.
@@ -60,13 +61,11 @@ impl PromptEncoder {
     }
 
     pub fn set_clip_skip(&mut self, clip_skip: usize) -> Result<()> {
-        if clip_skip == 0 || clip_skip > self.model.config.text_encoder.num_hidden_layers {
+        let layers = self.text_encoder.config().num_hidden_layers;
+        if clip_skip == 0 || clip_skip > layers {
             return Err(Error::config(
                 "clip_skip",
-                format!(
-                    "{clip_skip} is outside 1..={}",
-                    self.model.config.text_encoder.num_hidden_layers
-                ),
+                format!("{clip_skip} is outside 1..={layers}"),
             ));
         }
         self.clip_skip = clip_skip;
@@ -75,7 +74,7 @@ impl PromptEncoder {
 
     /// The text encoder's width.
     pub fn dim(&self) -> usize {
-        self.model.config.text_encoder.hidden_size
+        self.text_encoder.config().hidden_size
     }
 
     /// Registers (or replaces) `name` with `vectors` (`[n, dim]` row-major).
@@ -202,7 +201,7 @@ impl PromptEncoder {
     /// Hidden states `[chunks * 77, dim]` (f32) for `prompt`.
     pub fn encode(&self, prompt: &str) -> Result<Tensor> {
         let (words, table) = self.layout();
-        let device: &Device = self.model.device();
+        let device: &Device = self.text_encoder.device();
         let enc = encode_prompts(
             &self.tokenizer,
             &[prompt.to_string()],
@@ -222,12 +221,9 @@ impl PromptEncoder {
             index: &enc.index,
             mask: &enc.mask,
         };
-        let states = crate::train::loss::encode_chunks(
-            &self.model,
-            &enc.ids,
-            Some(&injection),
-            self.clip_skip,
-        )?;
+        let states = self
+            .text_encoder
+            .encode(&enc.ids, Some(&injection), self.clip_skip)?;
         Ok(states.squeeze(0)?.to_dtype(DType::F32)?)
     }
 }

@@ -73,7 +73,9 @@ pub fn denoising_loss(
     let latents = batch.latents.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;
     let noisy = (latents.broadcast_mul(&sqrt_ac)? + noise.broadcast_mul(&sqrt_one_minus)?)?;
-    let context = encode_chunks(model, batch.ids, batch.injection, batch.clip_skip)?;
+    let context = model
+        .text_encoder
+        .encode(batch.ids, batch.injection, batch.clip_skip)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
     let pred = model.unet.forward(&noisy, &t, &context)?;
     let target = match prediction {
@@ -90,46 +92,4 @@ pub fn denoising_loss(
     };
     let diff = (pred.to_dtype(loss_dtype)? - target.to_dtype(loss_dtype)?)?;
     Ok(diff.sqr()?.mean_all()?)
-}
-
-/// Encodes `[B, 77*k]` ids chunk by chunk and concatenates the hidden states along the
-/// token axis, as A1111 and ComfyUI condition on prompts longer than one chunk.
-pub fn encode_chunks(
-    model: &SdModel,
-    ids: &Tensor,
-    injection: Option<&Injection<'_>>,
-    clip_skip: usize,
-) -> Result<Tensor> {
-    let (_, t) = ids.dims2()?;
-    let chunk = model.config.text_encoder.max_position_embeddings;
-    if t <= chunk {
-        return model.text_encoder.forward(ids, injection, clip_skip);
-    }
-    if t % chunk != 0 {
-        return Err(Error::input(
-            "prompt",
-            format!("{t} token slots are not whole chunks of {chunk}"),
-        ));
-    }
-    let mut parts = Vec::with_capacity(t / chunk);
-    for start in (0..t).step_by(chunk) {
-        let part_ids = ids.narrow(1, start, chunk)?;
-        let part = match injection {
-            Some(inj) => {
-                let index = inj.index.narrow(1, start, chunk)?;
-                let mask = inj.mask.narrow(1, start, chunk)?;
-                let sub = Injection {
-                    table: inj.table,
-                    index: &index,
-                    mask: &mask,
-                };
-                model
-                    .text_encoder
-                    .forward(&part_ids, Some(&sub), clip_skip)?
-            }
-            None => model.text_encoder.forward(&part_ids, None, clip_skip)?,
-        };
-        parts.push(part);
-    }
-    Ok(Tensor::cat(&parts, 1)?)
 }

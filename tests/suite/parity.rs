@@ -296,7 +296,7 @@ fn single_file_checkpoint_gives_the_same_numbers() {
 fn prompt_encoder_injects_registered_words() {
     let exp = expected();
     let model = std::sync::Arc::new(tiny_model(DType::F32));
-    let mut enc = sdti::prompt::encoder::PromptEncoder::new(model).unwrap();
+    let mut enc = sdti::prompt::encoder::PromptEncoder::new(model.text_encoder.clone()).unwrap();
     let vectors: Vec<f32> = exp["te.vectors"].flatten_all().unwrap().to_vec1().unwrap();
     enc.register("sks", &vectors).unwrap();
     let want = exp["te.last_hidden_state"].squeeze(0).unwrap();

@@ -300,7 +300,7 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
     let m = model();
     let mut t = trainer(&m, config(3));
     t.train(3, |_| true).unwrap();
-    let mut direct = PromptEncoder::new(m.clone()).unwrap();
+    let mut direct = PromptEncoder::new(m.text_encoder.clone()).unwrap();
     direct.register("sks", &t.vectors().unwrap()).unwrap();
     let want = direct.encode("a photo of sks on a table").unwrap();
     let dir = tempdir().join("exports");
@@ -320,7 +320,7 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
             sdti::embedding::Existing::Replace,
         )
         .unwrap();
-        let mut enc = PromptEncoder::new(m.clone()).unwrap();
+        let mut enc = PromptEncoder::new(m.text_encoder.clone()).unwrap();
         let word = enc.register_file(None, &path).unwrap();
         assert_eq!(word, "sks");
         let got = enc.encode("a photo of sks on a table").unwrap();
@@ -346,7 +346,7 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
     emb.parts[0].data = vec![0.0; 768 * emb.parts[0].vectors];
     emb.parts.push(g);
     sdti::embedding::write_embedding(&sdxl, &emb, Format::SdxlSafetensors, Precision::F16).unwrap();
-    let mut enc = PromptEncoder::new(m).unwrap();
+    let mut enc = PromptEncoder::new(m.text_encoder.clone()).unwrap();
     let err = enc.register_file(None, &sdxl).unwrap_err().to_string();
     assert!(err.contains("SDXL") && err.contains("sks-xl"), "{err}");
 }
