@@ -535,3 +535,53 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{DownBlockKind, UpBlockKind};
+
+    /// Block kinds read and write diffusers' class names; an unknown kind names the field
+    /// and the value.
+    #[test]
+    fn block_kinds_parse_with_the_config() {
+        let cfg = UnetConfig::sd1();
+        let json = serde_json::to_value(&cfg).expect("serialises");
+        assert_eq!(json["down_block_types"][0], "CrossAttnDownBlock2D");
+        assert_eq!(json["down_block_types"][3], "DownBlock2D");
+        assert_eq!(json["up_block_types"][0], "UpBlock2D");
+        assert_eq!(json["up_block_types"][1], "CrossAttnUpBlock2D");
+        let back: UnetConfig = serde_json::from_value(json.clone()).expect("parses");
+        assert_eq!(back, cfg);
+        assert_eq!(back.down_block_types[3], DownBlockKind::Plain);
+        assert_eq!(back.up_block_types[1], UpBlockKind::CrossAttn);
+
+        let mut bad = json;
+        bad["up_block_types"][2] = "AttnUpBlock2D".into();
+        let err = serde_json::from_value::<UnetConfig>(bad)
+            .expect_err("unknown kind")
+            .to_string();
+        assert!(
+            err.contains("up_block_types") && err.contains("AttnUpBlock2D"),
+            "{err}"
+        );
+    }
+
+    /// The level plans give SD 1.5's resnet channels (diffusers' UNet2DConditionModel).
+    #[test]
+    fn level_plans_follow_diffusers() {
+        let cfg = UnetConfig::sd1();
+        let down = down_levels(&cfg);
+        assert_eq!(down[1].resnets, vec![(320, 640), (640, 640)]);
+        assert!(down[0].cross_attention && !down[3].cross_attention);
+        assert!(down[2].resample && !down[3].resample);
+        let up = up_levels(&cfg);
+        assert_eq!(
+            up[0].resnets,
+            vec![(2560, 1280), (2560, 1280), (2560, 1280)]
+        );
+        assert_eq!(up[3].resnets, vec![(960, 320), (640, 320), (640, 320)]);
+        assert_eq!((up[0].block, up[3].block), (3, 0));
+        assert!(!up[0].cross_attention && up[1].cross_attention);
+    }
+}
