@@ -82,10 +82,13 @@ pub struct RunSettings {
     /// A checkpoint and the word in every chosen format every this many steps (and at
     /// the end).
     pub save_every: u64,
-    /// Format names as [`Format`] parses them.
-    pub formats: Vec<String>,
-    /// `f32` or `f16`.
-    pub precision: String,
+    /// The formats the word is written in; the first is the main one (see the module
+    /// docs). Stored in `config.json` by name (`"a1111-pt"`).
+    #[serde(with = "format_names")]
+    pub formats: Vec<Format>,
+    /// Stored as `"f32"` or `"f16"`.
+    #[serde(with = "precision_name")]
+    pub precision: Precision,
     pub preview: PreviewSettings,
 }
 
@@ -93,48 +96,77 @@ impl Default for RunSettings {
     fn default() -> Self {
         Self {
             save_every: 500,
-            formats: vec!["a1111-pt".into(), "safetensors".into()],
-            precision: "f32".into(),
+            formats: vec![Format::A1111Pt, Format::A1111Safetensors],
+            precision: Precision::F32,
             preview: PreviewSettings::default(),
         }
     }
 }
 
+/// `Vec<Format>` as the names `Format` parses, so `config.json` stays readable.
+mod format_names {
+    use super::Format;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(formats: &[Format], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(formats.iter().map(|f| f.name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Format>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|name| name.parse().map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// `Precision` as `"f32"` / `"f16"`.
+mod precision_name {
+    use super::Precision;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match p {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl RunSettings {
-    /// The formats, checked: known, writable and distinct.
-    pub fn parsed_formats(&self) -> Result<Vec<Format>> {
-        let mut out: Vec<Format> = Vec::new();
-        for name in &self.formats {
-            let f: Format = name.parse()?;
+    /// Checks the formats: at least one, each writable and SD 1.x-shaped, none twice.
+    fn check_formats(&self) -> Result<()> {
+        for (i, f) in self.formats.iter().enumerate() {
             if !f.writable() {
                 return Err(Error::config(
                     "formats",
-                    format!("'{name}' is a read-only layout"),
+                    format!("'{f}' is a read-only layout"),
                 ));
             }
-            if f == Format::SdxlSafetensors {
+            if *f == Format::SdxlSafetensors {
                 return Err(Error::config(
                     "formats",
                     "'sdxl' holds two text encoders' vectors; an SD 1.x word has one",
                 ));
             }
-            if !out.contains(&f) {
-                out.push(f);
+            if self.formats[..i].contains(f) {
+                return Err(Error::config("formats", format!("'{f}' is named twice")));
             }
         }
-        if out.is_empty() {
+        if self.formats.is_empty() {
             return Err(Error::config("formats", "name at least one format"));
         }
-        Ok(out)
-    }
-
-    pub fn parsed_precision(&self) -> Result<Precision> {
-        Ok(self.precision.parse()?)
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.parsed_formats()?;
-        self.parsed_precision()?;
+        self.check_formats()?;
         if self.save_every == 0 {
             return Err(Error::config("save_every", "must be at least 1"));
         }
@@ -317,10 +349,11 @@ impl RunFolder {
     }
 
     fn from_config(dir: &Path, config: RunConfig) -> Result<Self> {
+        config.run.validate()?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            formats: config.run.parsed_formats()?,
-            precision: config.run.parsed_precision()?,
+            formats: config.run.formats.clone(),
+            precision: config.run.precision,
             config,
             losses: Vec::new(),
             previews: Vec::new(),
@@ -337,8 +370,8 @@ impl RunFolder {
         images: &[ImageEntry],
     ) -> Result<()> {
         run.validate()?;
-        self.formats = run.parsed_formats()?;
-        self.precision = run.parsed_precision()?;
+        self.formats = run.formats.clone();
+        self.precision = run.precision;
         self.config.run = run;
         self.config.model = model.to_string();
         self.config.images = images.to_vec();

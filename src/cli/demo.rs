@@ -183,8 +183,8 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     };
     let run_settings = RunSettings {
         save_every: (steps / 3).max(1),
-        formats: vec!["a1111-pt".into(), "safetensors".into()],
-        precision: "f32".into(),
+        formats: vec![Format::A1111Pt, Format::A1111Safetensors],
+        precision: Precision::F32,
         preview: PreviewSettings {
             every: (steps / 4).max(1),
             prompt: "a photo of {}".into(),

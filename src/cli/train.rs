@@ -12,6 +12,7 @@ use sdti::app::run_folder::{
     folder_state, FolderState, ImageEntry, PreviewSettings, RunConfig, RunFolder, RunSettings,
     Written,
 };
+use sdti::embedding::Format;
 use sdti::train::data::ImageSource;
 use sdti::train::{Init, StepStats, Templates, TrainConfig, Trainer};
 
@@ -246,16 +247,23 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> TrainConfig {
 }
 
 /// `base` with the run-folder options given on the command line.
-fn run_settings(base: RunSettings, a: &TrainArgs) -> RunSettings {
+fn run_settings(base: RunSettings, a: &TrainArgs) -> CliResult<RunSettings> {
     let mut r = base;
     if let Some(v) = a.save_every {
         r.save_every = v;
     }
     if let Some(v) = &a.formats {
-        r.formats = v.iter().map(|f| f.trim().to_string()).collect();
+        // Parsed here, once; a format named twice counts once.
+        r.formats.clear();
+        for name in v {
+            let f: Format = name.trim().parse().context("--formats")?;
+            if !r.formats.contains(&f) {
+                r.formats.push(f);
+            }
+        }
     }
     if let Some(v) = &a.precision {
-        r.precision = v.clone();
+        r.precision = v.parse().context("--precision")?;
     }
     let p: &mut PreviewSettings = &mut r.preview;
     if let Some(v) = a.preview_every {
@@ -279,7 +287,7 @@ fn run_settings(base: RunSettings, a: &TrainArgs) -> RunSettings {
     if let Some(v) = a.preview_size {
         p.size = v;
     }
-    r
+    Ok(r)
 }
 
 /// The fields (as flags) whose values differ between two configurations.
@@ -572,7 +580,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
             )));
         }
         let mut config = saved.clone();
-        config.run = run_settings(saved.run, &a);
+        config.run = run_settings(saved.run, &a)?;
         if let Some(m) = &a.model {
             config.model = absolute(m).display().to_string();
         }
@@ -612,7 +620,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
             ));
         }
         let train = train_config(TrainConfig::default(), &a);
-        let run = run_settings(RunSettings::default(), &a);
+        let run = run_settings(RunSettings::default(), &a)?;
         let images = expand_images(&a.images)?
             .into_iter()
             .map(|path| ImageEntry {
