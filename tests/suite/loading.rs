@@ -182,8 +182,7 @@ fn reduced_precision_compute_stays_close() {
                 ..LoadOptions::default()
             },
         )
-        .err()
-        .expect("bf16 on the CPU is refused")
+        .expect_err("bf16 on the CPU is refused")
         .to_string();
         assert!(err.contains("bf16 needs a GPU"), "{err}");
     }

@@ -106,9 +106,7 @@ fn a_character_device_is_refused_everywhere_a_path_is_read() {
     );
 
     let e = quick("model", || {
-        SdModel::load(zero, &LoadOptions::default())
-            .err()
-            .expect("/dev/zero is no model")
+        SdModel::load(zero, &LoadOptions::default()).expect_err("/dev/zero is no model")
     })
     .to_string();
     assert!(
@@ -194,9 +192,7 @@ fn a_fifo_without_a_writer_does_not_hang() {
         return;
     };
     let e = quick("model", || {
-        SdModel::load(&model, &LoadOptions::default())
-            .err()
-            .expect("a FIFO is no model")
+        SdModel::load(&model, &LoadOptions::default()).expect_err("a FIFO is no model")
     })
     .to_string();
     assert!(
