@@ -1,14 +1,14 @@
 //! `sdti convert`, `sdti inspect` and `sdti encode`: embedding files and prompts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::Args;
 use sdti::embedding::{
     inspect as inspect_embedding, read_embedding, write_embedding_to, Existing, Format, Precision,
 };
-use sdti::prompt::{prompt_slots, Word};
 use sdti::prompt::chunks::{chunk_slots, Slot};
+use sdti::prompt::{prompt_slots, Word};
 use sdti::tokenizer::{ClipTokenizer, BOS, EOS};
 use serde::Serialize;
 
@@ -71,27 +71,6 @@ pub struct ConvertArgs {
     pub overwrite: bool,
 }
 
-fn format_for(dest: &Path, sdxl: bool) -> CliResult<Format> {
-    let ext = dest
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
-    Ok(match ext.as_str() {
-        "pt" => Format::A1111Pt,
-        "safetensors" if sdxl => Format::SdxlSafetensors,
-        "safetensors" => Format::A1111Safetensors,
-        "bin" => Format::DiffusersBin,
-        "png" => Format::A1111Png,
-        _ => {
-            return Err(CliError::new(format!(
-                "{}: cannot tell the format from the extension; pass --format",
-                dest.display()
-            )))
-        }
-    })
-}
-
 pub fn convert(a: ConvertArgs) -> CliResult<()> {
     // symlink_metadata: a dangling or looping symlink is something there too.
     if let (Some(kind), false) = (sdti::io::existing_kind(&a.dest), a.overwrite) {
@@ -104,7 +83,13 @@ pub fn convert(a: ConvertArgs) -> CliResult<()> {
     let mut emb = read_embedding(&a.source)?;
     let format = match &a.format {
         Some(f) => f.parse::<Format>().context("--format")?,
-        None => format_for(&a.dest, emb.parts.len() == 2)?,
+        // An SDXL embedding goes to `sdxl` for .safetensors: `emb_params` holds one encoder.
+        None => Format::from_extension(&a.dest, emb.parts.len() == 2).ok_or_else(|| {
+            CliError::new(format!(
+                "{}: cannot tell the format from the extension; pass --format",
+                a.dest.display()
+            ))
+        })?,
     };
     if let Some(name) = &a.name {
         emb.name = Some(name.clone());

@@ -159,6 +159,74 @@ impl Pickle {
     }
 }
 
+/// Pickle opcodes, named as in CPython's `pickletools`; only those `torch.save`
+/// writes (protocols 2 to 5) and their plain-text forms are read.
+pub(crate) mod op {
+    // Protocol, framing and the stack.
+    pub(crate) const PROTO: u8 = 0x80;
+    pub(crate) const FRAME: u8 = 0x95;
+    pub(crate) const STOP: u8 = b'.';
+    pub(crate) const MARK: u8 = b'(';
+    pub(crate) const POP: u8 = b'0';
+    pub(crate) const POP_MARK: u8 = b'1';
+    pub(crate) const DUP: u8 = b'2';
+    // Scalars.
+    pub(crate) const NONE: u8 = b'N';
+    pub(crate) const NEWTRUE: u8 = 0x88;
+    pub(crate) const NEWFALSE: u8 = 0x89;
+    pub(crate) const BININT: u8 = b'J';
+    pub(crate) const BININT1: u8 = b'K';
+    pub(crate) const BININT2: u8 = b'M';
+    pub(crate) const INT: u8 = b'I';
+    pub(crate) const LONG1: u8 = 0x8a;
+    pub(crate) const LONG4: u8 = 0x8b;
+    pub(crate) const BINFLOAT: u8 = b'G';
+    pub(crate) const FLOAT: u8 = b'F';
+    // Strings and bytes.
+    pub(crate) const BINUNICODE: u8 = b'X';
+    pub(crate) const SHORT_BINUNICODE: u8 = 0x8c;
+    pub(crate) const BINUNICODE8: u8 = 0x8d;
+    pub(crate) const BINSTRING: u8 = b'T';
+    pub(crate) const SHORT_BINSTRING: u8 = b'U';
+    pub(crate) const BINBYTES: u8 = b'B';
+    pub(crate) const SHORT_BINBYTES: u8 = b'C';
+    pub(crate) const BINBYTES8: u8 = 0x8e;
+    pub(crate) const BYTEARRAY8: u8 = 0x96;
+    // Tuples and lists.
+    pub(crate) const EMPTY_TUPLE: u8 = b')';
+    pub(crate) const TUPLE: u8 = b't';
+    pub(crate) const TUPLE1: u8 = 0x85;
+    pub(crate) const TUPLE2: u8 = 0x86;
+    pub(crate) const TUPLE3: u8 = 0x87;
+    pub(crate) const EMPTY_LIST: u8 = b']';
+    pub(crate) const LIST: u8 = b'l';
+    pub(crate) const APPEND: u8 = b'a';
+    pub(crate) const APPENDS: u8 = b'e';
+    // Dicts and sets.
+    pub(crate) const EMPTY_DICT: u8 = b'}';
+    pub(crate) const DICT: u8 = b'd';
+    pub(crate) const SETITEM: u8 = b's';
+    pub(crate) const SETITEMS: u8 = b'u';
+    pub(crate) const EMPTY_SET: u8 = 0x8f;
+    pub(crate) const ADDITEMS: u8 = 0x90;
+    pub(crate) const FROZENSET: u8 = 0x91;
+    // The memo.
+    pub(crate) const PUT: u8 = b'p';
+    pub(crate) const BINPUT: u8 = b'q';
+    pub(crate) const LONG_BINPUT: u8 = b'r';
+    pub(crate) const MEMOIZE: u8 = 0x94;
+    pub(crate) const GET: u8 = b'g';
+    pub(crate) const BINGET: u8 = b'h';
+    pub(crate) const LONG_BINGET: u8 = b'j';
+    // Globals, calls, instances and persistent ids.
+    pub(crate) const GLOBAL: u8 = b'c';
+    pub(crate) const STACK_GLOBAL: u8 = 0x93;
+    pub(crate) const REDUCE: u8 = b'R';
+    pub(crate) const NEWOBJ: u8 = 0x81;
+    pub(crate) const BUILD: u8 = b'b';
+    pub(crate) const BINPERSID: u8 = b'Q';
+}
+
 /// Bytes charged per arena object on top of its payload: the slot, doubled
 /// because a growing Vec may hold twice its length, plus stack/memo slack.
 const OBJ_COST: u64 = 2 * std::mem::size_of::<Obj>() as u64 + 16;
@@ -354,73 +422,12 @@ impl<'a> Vm<'a> {
             _ => return Err(self.err(at, "REDUCE arguments are not a tuple")),
         };
         match g {
-            Global::RebuildTensorV2 => {
-                if args.len() != 6 && args.len() != 7 {
-                    return Err(self.err(
-                        at,
-                        format!(
-                            "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
-                            args.len()
-                        ),
-                    ));
-                }
-                let (storage, key, numel) = match self.arena.get(args[0]) {
-                    Some(Obj::Storage(s)) => (s.0, s.1.clone(), s.2),
-                    _ => {
-                        return Err(
-                            self.err(at, "_rebuild_tensor_v2: first argument is not a storage")
-                        )
-                    }
-                };
-                let offset = self
-                    .int_of(args[1])
-                    .and_then(|v| u64::try_from(v).ok())
-                    .ok_or_else(|| self.err(at, "_rebuild_tensor_v2: bad storage offset"))?;
-                let size = self.uint_tuple(args[2], at, "size")?;
-                let stride = self.uint_tuple(args[3], at, "stride")?;
-                if size.len() != stride.len() {
-                    return Err(
-                        self.err(at, "_rebuild_tensor_v2: size and stride differ in length")
-                    );
-                }
-                self.alloc(Obj::Tensor(Box::new(TensorRef {
-                    storage,
-                    key,
-                    storage_numel: numel,
-                    offset,
-                    size,
-                    stride,
-                })))
-            }
+            Global::RebuildTensorV2 => self.rebuild_tensor(at, &args),
             Global::RebuildParameter | Global::RebuildParameterWithState => match args.first() {
                 Some(&t) if matches!(self.arena.get(t), Some(Obj::Tensor(_))) => Ok(t),
                 _ => Err(self.err(at, "_rebuild_parameter: first argument is not a tensor")),
             },
-            Global::OrderedDict => {
-                let mut pairs = Vec::new();
-                if let Some(&src) = args.first() {
-                    let items = match self.arena.get(src) {
-                        Some(Obj::List(v)) | Some(Obj::Tuple(v)) => v.clone(),
-                        Some(Obj::Dict(d)) => d.iter().flat_map(|(k, v)| [*k, *v]).collect(),
-                        _ => return Err(self.err(at, "OrderedDict(...) of an unsupported value")),
-                    };
-                    if matches!(self.arena.get(src), Some(Obj::Dict(_))) {
-                        pairs = items.chunks_exact(2).map(|c| (c[0], c[1])).collect();
-                    } else {
-                        for it in items {
-                            match self.arena.get(it) {
-                                Some(Obj::Tuple(kv)) | Some(Obj::List(kv)) if kv.len() == 2 => {
-                                    pairs.push((kv[0], kv[1]))
-                                }
-                                _ => {
-                                    return Err(self.err(at, "OrderedDict(...) item is not a pair"))
-                                }
-                            }
-                        }
-                    }
-                }
-                self.alloc(Obj::Dict(pairs))
-            }
+            Global::OrderedDict => self.ordered_dict(at, &args),
             Global::Set => {
                 let items = match args.first().and_then(|a| self.arena.get(*a)) {
                     None => Vec::new(),
@@ -445,6 +452,65 @@ impl<'a> Vm<'a> {
                 "calling a storage or module class directly is not part of any embedding layout",
             )),
         }
+    }
+
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`.
+    fn rebuild_tensor(&mut self, at: usize, args: &[Id]) -> Result<Id, EmbeddingError> {
+        if args.len() != 6 && args.len() != 7 {
+            return Err(self.err(
+                at,
+                format!(
+                    "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
+                    args.len()
+                ),
+            ));
+        }
+        let (storage, key, numel) = match self.arena.get(args[0]) {
+            Some(Obj::Storage(s)) => (s.0, s.1.clone(), s.2),
+            _ => return Err(self.err(at, "_rebuild_tensor_v2: first argument is not a storage")),
+        };
+        let offset = self
+            .int_of(args[1])
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(|| self.err(at, "_rebuild_tensor_v2: bad storage offset"))?;
+        let size = self.uint_tuple(args[2], at, "size")?;
+        let stride = self.uint_tuple(args[3], at, "stride")?;
+        if size.len() != stride.len() {
+            return Err(self.err(at, "_rebuild_tensor_v2: size and stride differ in length"));
+        }
+        self.alloc(Obj::Tensor(Box::new(TensorRef {
+            storage,
+            key,
+            storage_numel: numel,
+            offset,
+            size,
+            stride,
+        })))
+    }
+
+    /// `OrderedDict(pairs)` or `OrderedDict(dict)`; no argument is an empty dict.
+    fn ordered_dict(&mut self, at: usize, args: &[Id]) -> Result<Id, EmbeddingError> {
+        let mut pairs = Vec::new();
+        if let Some(&src) = args.first() {
+            let items = match self.arena.get(src) {
+                Some(Obj::List(v)) | Some(Obj::Tuple(v)) => v.clone(),
+                Some(Obj::Dict(d)) => d.iter().flat_map(|(k, v)| [*k, *v]).collect(),
+                _ => return Err(self.err(at, "OrderedDict(...) of an unsupported value")),
+            };
+            if matches!(self.arena.get(src), Some(Obj::Dict(_))) {
+                pairs = items.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+            } else {
+                for it in items {
+                    match self.arena.get(it) {
+                        Some(Obj::Tuple(kv)) | Some(Obj::List(kv)) if kv.len() == 2 => {
+                            pairs.push((kv[0], kv[1]))
+                        }
+                        _ => return Err(self.err(at, "OrderedDict(...) item is not a pair")),
+                    }
+                }
+            }
+        }
+        self.alloc(Obj::Dict(pairs))
     }
 
     fn persistent_load(&mut self, at: usize, pid: Id) -> Result<Id, EmbeddingError> {
@@ -490,284 +556,365 @@ impl<'a> Vm<'a> {
         self.alloc(Obj::Storage(Box::new((storage, key, numel))))
     }
 
+    /// Runs opcodes to STOP, one family at a time; an opcode torch.save never
+    /// writes is refused by name of its byte.
     fn run(&mut self) -> Result<Id, EmbeddingError> {
         loop {
             let at = self.pos;
-            let op = self.u8()?;
-            match op {
-                0x80 => {
-                    let proto = self.u8()?;
-                    if proto > 5 {
-                        return Err(
-                            self.err(at, format!("pickle protocol {proto} is newer than 5"))
-                        );
-                    }
+            let code = self.u8()?;
+            match code {
+                op::STOP => return self.pop(at),
+                op::PROTO | op::FRAME | op::MARK | op::POP | op::POP_MARK | op::DUP => {
+                    self.stack_op(at, code)?
                 }
-                0x95 => {
-                    self.u64()?; // FRAME length: frames are only a buffering hint
-                }
-                b'.' => return self.pop(at),
-                b'(' => self.marks.push(self.stack.len()),
-                b'0' => {
-                    self.pop(at)?;
-                }
-                b'1' => {
-                    self.pop_mark(at)?;
-                }
-                b'2' => {
-                    let t = self.top(at)?;
-                    self.stack.push(t);
-                }
-                b'N' => self.push(Obj::None)?,
-                0x88 => self.push(Obj::Bool(true))?,
-                0x89 => self.push(Obj::Bool(false))?,
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.push(Obj::Int(v as i64))?
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.push(Obj::Int(v as i64))?
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.push(Obj::Int(v as i64))?
-                }
-                b'I' => {
-                    let l = self.line()?;
-                    let o = match l {
-                        "00" => Obj::Bool(false),
-                        "01" => Obj::Bool(true),
-                        _ => Obj::Int(
-                            l.trim()
-                                .parse()
-                                .map_err(|_| self.err(at, "bad INT literal"))?,
-                        ),
-                    };
-                    self.push(o)?
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.u8()? as usize
-                    } else {
-                        self.u32()? as usize
-                    };
-                    let b = self.take(n)?;
-                    let o = if n == 0 {
-                        Obj::Int(0)
-                    } else if n <= 8 {
-                        let mut a = [if b[n - 1] & 0x80 != 0 { 0xFF } else { 0 }; 8];
-                        a[..n].copy_from_slice(b);
-                        Obj::Int(i64::from_le_bytes(a))
-                    } else {
-                        Obj::BigInt
-                    };
-                    self.push(o)?
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.push(Obj::Float(f64::from_be_bytes(a)))?
-                }
-                b'F' => {
-                    let l = self.line()?;
-                    let v = l
-                        .trim()
-                        .parse()
-                        .map_err(|_| self.err(at, "bad FLOAT literal"))?;
-                    self.push(Obj::Float(v))?
-                }
-                b'X' | 0x8c | 0x8d => {
-                    let n = match op {
-                        b'X' => self.u32()? as u64,
-                        0x8c => self.u8()? as u64,
-                        _ => self.u64()?,
-                    };
-                    let n =
-                        usize::try_from(n).map_err(|_| self.err(at, "string length overflows"))?;
-                    let b = self.take(n)?;
-                    let s =
-                        std::str::from_utf8(b).map_err(|_| self.err(at, "string is not UTF-8"))?;
-                    self.push(Obj::Str(s.to_string()))?
-                }
-                b'T' | b'U' | b'B' | b'C' | 0x8e | 0x96 => {
-                    // BINSTRING/SHORT_BINSTRING (py2 str) and the bytes family.
-                    let n = match op {
-                        b'T' | b'B' => self.u32()? as u64,
-                        b'U' | b'C' => self.u8()? as u64,
-                        _ => self.u64()?,
-                    };
-                    let n = usize::try_from(n).map_err(|_| self.err(at, "length overflows"))?;
-                    let b = self.take(n)?;
-                    let o = if matches!(op, b'T' | b'U') {
-                        Obj::Str(b.iter().map(|c| *c as char).collect())
-                    } else {
-                        Obj::Bytes(b.to_vec())
-                    };
-                    self.push(o)?
-                }
-                b')' => self.push(Obj::Tuple(Vec::new()))?,
-                b't' => {
-                    let items = self.pop_mark(at)?;
-                    self.push(Obj::Tuple(items))?
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop(at)?);
-                    }
-                    items.reverse();
-                    self.push(Obj::Tuple(items))?
-                }
-                b']' => self.push(Obj::List(Vec::new()))?,
-                b'l' => {
-                    let items = self.pop_mark(at)?;
-                    self.push(Obj::List(items))?
-                }
-                b'a' => {
-                    let v = self.pop(at)?;
-                    let l = self.top(at)?;
-                    self.append(at, l, vec![v])?
-                }
-                b'e' => {
-                    let items = self.pop_mark(at)?;
-                    let l = self.top(at)?;
-                    self.append(at, l, items)?
-                }
-                b'}' => self.push(Obj::Dict(Vec::new()))?,
-                b'd' => {
-                    let items = self.pop_mark(at)?;
-                    let id = self.alloc(Obj::Dict(Vec::new()))?;
-                    self.setitems(at, id, items)?;
-                    self.stack.push(id)
-                }
-                b's' => {
-                    let v = self.pop(at)?;
-                    let k = self.pop(at)?;
-                    let d = self.top(at)?;
-                    self.setitems(at, d, vec![k, v])?
-                }
-                b'u' => {
-                    let items = self.pop_mark(at)?;
-                    let d = self.top(at)?;
-                    self.setitems(at, d, items)?
-                }
-                0x8f => self.push(Obj::Set(Vec::new()))?,
-                0x90 => {
-                    let items = self.pop_mark(at)?;
-                    let s = self.top(at)?;
-                    self.append(at, s, items)?
-                }
-                0x91 => {
-                    let items = self.pop_mark(at)?;
-                    self.push(Obj::Set(items))?
-                }
-                b'q' | b'r' | 0x94 | b'p' => {
-                    let key = match op {
-                        b'q' => self.u8()? as u64,
-                        b'r' => self.u32()? as u64,
-                        b'p' => self
-                            .line()?
-                            .trim()
-                            .parse()
-                            .map_err(|_| self.err(at, "bad PUT index"))?,
-                        _ => self.memo.len() as u64,
-                    };
-                    let t = self.top(at)?;
-                    self.ctx.charge(32, self.field)?;
-                    self.memo.insert(key, t);
-                }
-                b'h' | b'j' | b'g' => {
-                    let key = match op {
-                        b'h' => self.u8()? as u64,
-                        b'j' => self.u32()? as u64,
-                        _ => self
-                            .line()?
-                            .trim()
-                            .parse()
-                            .map_err(|_| self.err(at, "bad GET index"))?,
-                    };
-                    let id = *self
-                        .memo
-                        .get(&key)
-                        .ok_or_else(|| self.err(at, format!("memo {key} was never stored")))?;
-                    self.stack.push(id);
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.global(at, module, name)?
-                }
-                0x93 => {
-                    let name = self.pop(at)?;
-                    let module = self.pop(at)?;
-                    let (Some(Obj::Str(m)), Some(Obj::Str(n))) =
-                        (self.arena.get(module), self.arena.get(name))
-                    else {
-                        return Err(self.err(at, "STACK_GLOBAL operands are not strings"));
-                    };
-                    let (m, n) = (m.clone(), n.clone());
-                    self.global(at, &m, &n)?
-                }
-                b'R' => {
-                    let args = self.pop(at)?;
-                    let func = self.pop(at)?;
-                    let id = self.reduce(at, func, args)?;
-                    self.stack.push(id)
-                }
-                0x81 => {
-                    let args = self.pop(at)?;
-                    let cls = self.pop(at)?;
-                    match (self.arena.get(cls), self.arena.get(args)) {
-                        (Some(Obj::Global(Global::ParameterDict)), Some(Obj::Tuple(a)))
-                            if a.is_empty() =>
-                        {
-                            self.push(Obj::Object {
-                                class: Global::ParameterDict,
-                                state: None,
-                            })?
-                        }
-                        (Some(Obj::Global(Global::OrderedDict)), Some(Obj::Tuple(a)))
-                            if a.is_empty() =>
-                        {
-                            self.push(Obj::Dict(Vec::new()))?
-                        }
-                        _ => {
-                            return Err(
-                                self.err(at, "NEWOBJ of a class that no embedding layout uses")
-                            )
-                        }
-                    }
-                }
-                b'b' => {
-                    let state = self.pop(at)?;
-                    let obj = self.top(at)?;
-                    match self.arena.get_mut(obj) {
-                        Some(Obj::Object { state: s, .. }) => *s = Some(state),
-                        // An OrderedDict's BUILD state is None or its attribute dict: nothing to keep.
-                        Some(Obj::Dict(_)) => {}
-                        _ => {
-                            return Err(
-                                self.err(at, "BUILD on an object that no embedding layout uses")
-                            )
-                        }
-                    }
-                }
-                b'Q' => {
-                    let pid = self.pop(at)?;
-                    let id = self.persistent_load(at, pid)?;
-                    self.stack.push(id)
-                }
-                other => {
-                    return Err(self.err(
-                        at,
-                        format!("opcode 0x{other:02x} is not used by torch.save and is refused"),
-                    ))
-                }
+                op::NONE
+                | op::NEWTRUE
+                | op::NEWFALSE
+                | op::BININT
+                | op::BININT1
+                | op::BININT2
+                | op::INT
+                | op::LONG1
+                | op::LONG4
+                | op::BINFLOAT
+                | op::FLOAT => self.scalar(at, code)?,
+                op::BINUNICODE
+                | op::SHORT_BINUNICODE
+                | op::BINUNICODE8
+                | op::BINSTRING
+                | op::SHORT_BINSTRING
+                | op::BINBYTES
+                | op::SHORT_BINBYTES
+                | op::BINBYTES8
+                | op::BYTEARRAY8 => self.text(at, code)?,
+                op::EMPTY_TUPLE
+                | op::TUPLE
+                | op::TUPLE1..=op::TUPLE3
+                | op::EMPTY_LIST
+                | op::LIST
+                | op::APPEND
+                | op::APPENDS => self.sequence(at, code)?,
+                op::EMPTY_DICT
+                | op::DICT
+                | op::SETITEM
+                | op::SETITEMS
+                | op::EMPTY_SET
+                | op::ADDITEMS
+                | op::FROZENSET => self.mapping_or_set(at, code)?,
+                op::BINPUT | op::LONG_BINPUT | op::MEMOIZE | op::PUT => self.memo_put(at, code)?,
+                op::BINGET | op::LONG_BINGET | op::GET => self.memo_get(at, code)?,
+                op::GLOBAL | op::STACK_GLOBAL => self.global_op(at, code)?,
+                op::REDUCE | op::NEWOBJ | op::BUILD | op::BINPERSID => self.object_op(at, code)?,
+                other => return Err(self.refused(at, other)),
             }
         }
+    }
+
+    fn refused(&self, at: usize, code: u8) -> EmbeddingError {
+        self.err(
+            at,
+            format!("opcode 0x{code:02x} is not used by torch.save and is refused"),
+        )
+    }
+
+    /// Protocol, framing and the mark stack.
+    fn stack_op(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        match code {
+            op::PROTO => {
+                let proto = self.u8()?;
+                if proto > 5 {
+                    return Err(self.err(at, format!("pickle protocol {proto} is newer than 5")));
+                }
+            }
+            op::FRAME => {
+                self.u64()?; // FRAME length: frames are only a buffering hint
+            }
+            op::MARK => self.marks.push(self.stack.len()),
+            op::POP => {
+                self.pop(at)?;
+            }
+            op::POP_MARK => {
+                self.pop_mark(at)?;
+            }
+            op::DUP => {
+                let t = self.top(at)?;
+                self.stack.push(t);
+            }
+            other => return Err(self.refused(at, other)),
+        }
+        Ok(())
+    }
+
+    /// None, booleans, integers and floats.
+    fn scalar(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        let o = match code {
+            op::NONE => Obj::None,
+            op::NEWTRUE => Obj::Bool(true),
+            op::NEWFALSE => Obj::Bool(false),
+            op::BININT => Obj::Int(self.u32()? as i32 as i64),
+            op::BININT1 => Obj::Int(self.u8()? as i64),
+            op::BININT2 => Obj::Int(self.u16()? as i64),
+            op::INT => {
+                let l = self.line()?;
+                match l {
+                    "00" => Obj::Bool(false),
+                    "01" => Obj::Bool(true),
+                    _ => Obj::Int(
+                        l.trim()
+                            .parse()
+                            .map_err(|_| self.err(at, "bad INT literal"))?,
+                    ),
+                }
+            }
+            op::LONG1 | op::LONG4 => {
+                let n = if code == op::LONG1 {
+                    self.u8()? as usize
+                } else {
+                    self.u32()? as usize
+                };
+                let b = self.take(n)?;
+                if n == 0 {
+                    Obj::Int(0)
+                } else if n <= 8 {
+                    let mut a = [if b[n - 1] & 0x80 != 0 { 0xFF } else { 0 }; 8];
+                    a[..n].copy_from_slice(b);
+                    Obj::Int(i64::from_le_bytes(a))
+                } else {
+                    Obj::BigInt
+                }
+            }
+            op::BINFLOAT => {
+                let b = self.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                Obj::Float(f64::from_be_bytes(a))
+            }
+            op::FLOAT => {
+                let l = self.line()?;
+                let v = l
+                    .trim()
+                    .parse()
+                    .map_err(|_| self.err(at, "bad FLOAT literal"))?;
+                Obj::Float(v)
+            }
+            other => return Err(self.refused(at, other)),
+        };
+        self.push(o)
+    }
+
+    /// Unicode strings, py2 byte strings (read as latin-1 text) and the bytes family.
+    fn text(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        if matches!(
+            code,
+            op::BINUNICODE | op::SHORT_BINUNICODE | op::BINUNICODE8
+        ) {
+            let n = match code {
+                op::BINUNICODE => self.u32()? as u64,
+                op::SHORT_BINUNICODE => self.u8()? as u64,
+                _ => self.u64()?,
+            };
+            let n = usize::try_from(n).map_err(|_| self.err(at, "string length overflows"))?;
+            let b = self.take(n)?;
+            let s = std::str::from_utf8(b).map_err(|_| self.err(at, "string is not UTF-8"))?;
+            return self.push(Obj::Str(s.to_string()));
+        }
+        let n = match code {
+            op::BINSTRING | op::BINBYTES => self.u32()? as u64,
+            op::SHORT_BINSTRING | op::SHORT_BINBYTES => self.u8()? as u64,
+            op::BINBYTES8 | op::BYTEARRAY8 => self.u64()?,
+            other => return Err(self.refused(at, other)),
+        };
+        let n = usize::try_from(n).map_err(|_| self.err(at, "length overflows"))?;
+        let b = self.take(n)?;
+        let o = if matches!(code, op::BINSTRING | op::SHORT_BINSTRING) {
+            Obj::Str(b.iter().map(|c| *c as char).collect())
+        } else {
+            Obj::Bytes(b.to_vec())
+        };
+        self.push(o)
+    }
+
+    /// Tuples and lists.
+    fn sequence(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        match code {
+            op::EMPTY_TUPLE => self.push(Obj::Tuple(Vec::new())),
+            op::TUPLE => {
+                let items = self.pop_mark(at)?;
+                self.push(Obj::Tuple(items))
+            }
+            op::TUPLE1..=op::TUPLE3 => {
+                let n = (code - op::TUPLE1 + 1) as usize;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop(at)?);
+                }
+                items.reverse();
+                self.push(Obj::Tuple(items))
+            }
+            op::EMPTY_LIST => self.push(Obj::List(Vec::new())),
+            op::LIST => {
+                let items = self.pop_mark(at)?;
+                self.push(Obj::List(items))
+            }
+            op::APPEND => {
+                let v = self.pop(at)?;
+                let l = self.top(at)?;
+                self.append(at, l, vec![v])
+            }
+            op::APPENDS => {
+                let items = self.pop_mark(at)?;
+                let l = self.top(at)?;
+                self.append(at, l, items)
+            }
+            other => Err(self.refused(at, other)),
+        }
+    }
+
+    /// Dicts and sets.
+    fn mapping_or_set(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        match code {
+            op::EMPTY_DICT => self.push(Obj::Dict(Vec::new())),
+            op::DICT => {
+                let items = self.pop_mark(at)?;
+                let id = self.alloc(Obj::Dict(Vec::new()))?;
+                self.setitems(at, id, items)?;
+                self.stack.push(id);
+                Ok(())
+            }
+            op::SETITEM => {
+                let v = self.pop(at)?;
+                let k = self.pop(at)?;
+                let d = self.top(at)?;
+                self.setitems(at, d, vec![k, v])
+            }
+            op::SETITEMS => {
+                let items = self.pop_mark(at)?;
+                let d = self.top(at)?;
+                self.setitems(at, d, items)
+            }
+            op::EMPTY_SET => self.push(Obj::Set(Vec::new())),
+            op::ADDITEMS => {
+                let items = self.pop_mark(at)?;
+                let s = self.top(at)?;
+                self.append(at, s, items)
+            }
+            op::FROZENSET => {
+                let items = self.pop_mark(at)?;
+                self.push(Obj::Set(items))
+            }
+            other => Err(self.refused(at, other)),
+        }
+    }
+
+    /// Stores the stack top in the memo.
+    fn memo_put(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        let key = match code {
+            op::BINPUT => self.u8()? as u64,
+            op::LONG_BINPUT => self.u32()? as u64,
+            op::PUT => self
+                .line()?
+                .trim()
+                .parse()
+                .map_err(|_| self.err(at, "bad PUT index"))?,
+            op::MEMOIZE => self.memo.len() as u64,
+            other => return Err(self.refused(at, other)),
+        };
+        let t = self.top(at)?;
+        self.ctx.charge(32, self.field)?;
+        self.memo.insert(key, t);
+        Ok(())
+    }
+
+    /// Pushes a memo entry again (the same object, shared).
+    fn memo_get(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        let key = match code {
+            op::BINGET => self.u8()? as u64,
+            op::LONG_BINGET => self.u32()? as u64,
+            op::GET => self
+                .line()?
+                .trim()
+                .parse()
+                .map_err(|_| self.err(at, "bad GET index"))?,
+            other => return Err(self.refused(at, other)),
+        };
+        let id = *self
+            .memo
+            .get(&key)
+            .ok_or_else(|| self.err(at, format!("memo {key} was never stored")))?;
+        self.stack.push(id);
+        Ok(())
+    }
+
+    /// A class or function by module and name, checked against the allow-list.
+    fn global_op(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        match code {
+            op::GLOBAL => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.global(at, module, name)
+            }
+            op::STACK_GLOBAL => {
+                let name = self.pop(at)?;
+                let module = self.pop(at)?;
+                let (Some(Obj::Str(m)), Some(Obj::Str(n))) =
+                    (self.arena.get(module), self.arena.get(name))
+                else {
+                    return Err(self.err(at, "STACK_GLOBAL operands are not strings"));
+                };
+                let (m, n) = (m.clone(), n.clone());
+                self.global(at, &m, &n)
+            }
+            other => Err(self.refused(at, other)),
+        }
+    }
+
+    /// Calls, instances, their state and persistent ids: interpreted for the
+    /// allowed globals only, never executed.
+    fn object_op(&mut self, at: usize, code: u8) -> Result<(), EmbeddingError> {
+        let id = match code {
+            op::REDUCE => {
+                let args = self.pop(at)?;
+                let func = self.pop(at)?;
+                self.reduce(at, func, args)?
+            }
+            op::NEWOBJ => return self.newobj(at),
+            op::BUILD => return self.build(at),
+            op::BINPERSID => {
+                let pid = self.pop(at)?;
+                self.persistent_load(at, pid)?
+            }
+            other => return Err(self.refused(at, other)),
+        };
+        self.stack.push(id);
+        Ok(())
+    }
+
+    fn newobj(&mut self, at: usize) -> Result<(), EmbeddingError> {
+        let args = self.pop(at)?;
+        let cls = self.pop(at)?;
+        match (self.arena.get(cls), self.arena.get(args)) {
+            (Some(Obj::Global(Global::ParameterDict)), Some(Obj::Tuple(a))) if a.is_empty() => self
+                .push(Obj::Object {
+                    class: Global::ParameterDict,
+                    state: None,
+                }),
+            (Some(Obj::Global(Global::OrderedDict)), Some(Obj::Tuple(a))) if a.is_empty() => {
+                self.push(Obj::Dict(Vec::new()))
+            }
+            _ => Err(self.err(at, "NEWOBJ of a class that no embedding layout uses")),
+        }
+    }
+
+    fn build(&mut self, at: usize) -> Result<(), EmbeddingError> {
+        let state = self.pop(at)?;
+        let obj = self.top(at)?;
+        match self.arena.get_mut(obj) {
+            Some(Obj::Object { state: s, .. }) => *s = Some(state),
+            // An OrderedDict's BUILD state is None or its attribute dict: nothing to keep.
+            Some(Obj::Dict(_)) => {}
+            _ => return Err(self.err(at, "BUILD on an object that no embedding layout uses")),
+        }
+        Ok(())
     }
 }
 
@@ -798,24 +945,26 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn new() -> Writer {
-        Writer { out: vec![0x80, 2] }
+        Writer {
+            out: vec![op::PROTO, 2],
+        }
     }
     pub(crate) fn op(&mut self, op: u8) {
         self.out.push(op);
     }
     pub(crate) fn str(&mut self, s: &str) {
-        self.out.push(b'X');
+        self.out.push(op::BINUNICODE);
         self.out.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.out.extend_from_slice(s.as_bytes());
     }
     pub(crate) fn int(&mut self, v: i64) {
         if (0..256).contains(&v) {
-            self.out.extend_from_slice(&[b'K', v as u8]);
+            self.out.extend_from_slice(&[op::BININT1, v as u8]);
         } else if (0..65536).contains(&v) {
-            self.out.push(b'M');
+            self.out.push(op::BININT2);
             self.out.extend_from_slice(&(v as u16).to_le_bytes());
         } else if i32::try_from(v).is_ok() {
-            self.out.push(b'J');
+            self.out.push(op::BININT);
             self.out.extend_from_slice(&(v as i32).to_le_bytes());
         } else {
             // LONG1 with the minimal two's-complement width, as pickle does.
@@ -830,18 +979,18 @@ impl Writer {
                     break;
                 }
             }
-            self.out.extend_from_slice(&[0x8a, n as u8]);
+            self.out.extend_from_slice(&[op::LONG1, n as u8]);
             self.out.extend_from_slice(&bytes[..n]);
         }
     }
     pub(crate) fn opt_str(&mut self, s: Option<&str>) {
         match s {
             Some(s) => self.str(s),
-            None => self.op(b'N'),
+            None => self.op(op::NONE),
         }
     }
     pub(crate) fn global(&mut self, module: &str, name: &str) {
-        self.out.push(b'c');
+        self.out.push(op::GLOBAL);
         self.out.extend_from_slice(module.as_bytes());
         self.out.push(b'\n');
         self.out.extend_from_slice(name.as_bytes());
@@ -850,31 +999,31 @@ impl Writer {
     /// `torch._utils._rebuild_tensor_v2(storage 'key', 0, (n, dim), (dim, 1), False, OrderedDict())`
     pub(crate) fn tensor_2d(&mut self, storage_class: &str, key: &str, n: usize, dim: usize) {
         self.global("torch._utils", "_rebuild_tensor_v2");
-        self.op(b'(');
-        self.op(b'(');
+        self.op(op::MARK);
+        self.op(op::MARK);
         self.str("storage");
         self.global("torch", storage_class);
         self.str(key);
         self.str("cpu");
         self.int((n * dim) as i64);
-        self.op(b't');
-        self.op(b'Q');
+        self.op(op::TUPLE);
+        self.op(op::BINPERSID);
         self.int(0);
         self.int(n as i64);
         self.int(dim as i64);
-        self.op(0x86);
+        self.op(op::TUPLE2);
         self.int(dim as i64);
         self.int(1);
-        self.op(0x86);
-        self.op(0x89);
+        self.op(op::TUPLE2);
+        self.op(op::NEWFALSE);
         self.global("collections", "OrderedDict");
-        self.op(b')');
-        self.op(b'R');
-        self.op(b't');
-        self.op(b'R');
+        self.op(op::EMPTY_TUPLE);
+        self.op(op::REDUCE);
+        self.op(op::TUPLE);
+        self.op(op::REDUCE);
     }
     pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.out.push(b'.');
+        self.out.push(op::STOP);
         self.out
     }
 }

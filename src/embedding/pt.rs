@@ -1,7 +1,7 @@
 //! torch zip archives (`torch.save` since 1.6): A1111 `.pt`, rinongal `.pt`,
 //! kohya `.pt` and diffusers `learned_embeds.bin`.
 
-use super::pickle::{self, Obj, Pickle, StorageType, TensorRef};
+use super::pickle::{self, op, Obj, Pickle, StorageType, TensorRef};
 use super::zip::{self, Archive};
 use super::{
     encode_part, make_part, Ctx, DType, EmbeddingError, EmbeddingFile, EmbeddingPart, Encoder,
@@ -386,30 +386,30 @@ pub(crate) fn write_a1111(
 ) -> Result<Vec<u8>, EmbeddingError> {
     let data = encode_part(stem, "string_to_param", part, precision)?;
     let mut w = pickle::Writer::new();
-    w.op(b'}');
-    w.op(b'(');
+    w.op(op::EMPTY_DICT);
+    w.op(op::MARK);
     w.str("string_to_token");
-    w.op(b'}');
+    w.op(op::EMPTY_DICT);
     w.str("*");
     w.int(265); // A1111 always writes 265, the id of '*'
-    w.op(b's');
+    w.op(op::SETITEM);
     w.str("string_to_param");
-    w.op(b'}');
+    w.op(op::EMPTY_DICT);
     w.str("*");
     w.tensor_2d(storage_class(precision), "0", part.vectors, part.dim);
-    w.op(b's');
+    w.op(op::SETITEM);
     w.str("name");
     w.opt_str(emb.name.as_deref().or(Some(stem)));
     w.str("step");
     match emb.step {
         Some(s) => w.int(i64::try_from(s).unwrap_or(i64::MAX)),
-        None => w.op(b'N'),
+        None => w.op(op::NONE),
     }
     w.str("sd_checkpoint");
     w.opt_str(emb.sd_checkpoint.as_deref());
     w.str("sd_checkpoint_name");
     w.opt_str(emb.sd_checkpoint_name.as_deref());
-    w.op(b'u');
+    w.op(op::SETITEMS);
     Ok(archive(stem, w.finish(), vec![data]))
 }
 
@@ -421,8 +421,8 @@ pub(crate) fn write_tensor_dict(
 ) -> Result<Vec<u8>, EmbeddingError> {
     let mut w = pickle::Writer::new();
     let mut storages = Vec::new();
-    w.op(b'}');
-    w.op(b'(');
+    w.op(op::EMPTY_DICT);
+    w.op(op::MARK);
     for (i, (key, part)) in entries.iter().enumerate() {
         storages.push(encode_part(stem, key, part, precision)?);
         w.str(key);
@@ -433,6 +433,6 @@ pub(crate) fn write_tensor_dict(
             part.dim,
         );
     }
-    w.op(b'u');
+    w.op(op::SETITEMS);
     Ok(archive(stem, w.finish(), storages))
 }

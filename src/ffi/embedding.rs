@@ -73,24 +73,13 @@ pub(crate) fn existing_for(flags: u32) -> FfiResult<Existing> {
 /// The engine format of an `SDTI_FORMAT_*` code.
 pub(crate) fn format_for(code: u32, path: &Path) -> FfiResult<Format> {
     Ok(match code {
-        SDTI_FORMAT_AUTO => {
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            match ext.as_str() {
-                "pt" => Format::A1111Pt,
-                "safetensors" => Format::A1111Safetensors,
-                "bin" => Format::DiffusersBin,
-                "png" => Format::A1111Png,
-                _ => {
-                    return Err(invalid(format!(
-                        "{}: SDTI_FORMAT_AUTO needs the extension .pt, .safetensors, .bin or .png; pass a format",
-                        path.display()
-                    )))
-                }
-            }
-        }
+        // The C ABI always picks `emb_params` for .safetensors, whatever the embedding.
+        SDTI_FORMAT_AUTO => Format::from_extension(path, false).ok_or_else(|| {
+            invalid(format!(
+                "{}: SDTI_FORMAT_AUTO needs the extension .pt, .safetensors, .bin or .png; pass a format",
+                path.display()
+            ))
+        })?,
         other => match FORMAT_CODES.iter().find(|(c, _)| *c == other) {
             Some((_, f)) => *f,
             None => {
