@@ -24,70 +24,8 @@
 //    `sdti_format_from_name` and codes for the read-only formats.
 #define SDTI_ABI_MINOR 2
 
-// Weights computed in 32-bit floats.
-#define SDTI_PRECISION_F32 0
-
-// Weights computed in IEEE half floats (for GPUs).
-#define SDTI_PRECISION_F16 1
-
-// Weights computed in bfloat16 (for GPUs; refused on the CPU).
-#define SDTI_PRECISION_BF16 2
-
-// The device chooses (the default since ABI 1.1): bf16 on CUDA, f32 elsewhere. The text
-// encoder, the learned vectors, the optimizer and the loss are f32 in every precision.
-#define SDTI_PRECISION_AUTO 3
-
-// Pixels of 3 bytes, R G B.
-#define SDTI_PIXEL_RGB8 0
-
-// Pixels of 4 bytes, R G B A (straight alpha; alpha is ignored).
-#define SDTI_PIXEL_RGBA8 1
-
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 #define SDTI_ABI_VERSION ((SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR)
-
-// Pick the format from the file extension (`.pt`, `.safetensors`, `.bin`, `.png`).
-#define SDTI_FORMAT_AUTO 0
-
-// A1111 `.pt` (torch zip pickle with `string_to_param`).
-#define SDTI_FORMAT_A1111_PT 1
-
-// safetensors with the single key `emb_params` (A1111, kohya).
-#define SDTI_FORMAT_SAFETENSORS 2
-
-// diffusers `learned_embeds.safetensors` (`{token: [n, dim]}`).
-#define SDTI_FORMAT_DIFFUSERS_SAFETENSORS 3
-
-// diffusers `learned_embeds.bin` (torch zip pickle `{token: tensor}`).
-#define SDTI_FORMAT_DIFFUSERS_BIN 4
-
-// A1111 PNG with the `sd-ti-embedding` text chunk.
-#define SDTI_FORMAT_A1111_PNG 5
-
-// kohya sd-scripts `.pt` (`emb_params`).
-#define SDTI_FORMAT_KOHYA_PT 6
-
-// kohya sd-scripts `.safetensors` (`emb_params`).
-#define SDTI_FORMAT_KOHYA_SAFETENSORS 7
-
-// OneTrainer safetensors (`emp_params`, or `clip_l`/`clip_g`).
-#define SDTI_FORMAT_ONETRAINER 8
-
-// SDXL safetensors (`clip_l` + `clip_g`); only for SDXL embeddings.
-#define SDTI_FORMAT_SDXL_SAFETENSORS 9
-
-// A1111 PNG with the vectors in the pixel borders (read only: a source format).
-#define SDTI_FORMAT_A1111_PNG_PIXELS 10
-
-// rinongal/textual_inversion `.pt` (read only: a source format).
-#define SDTI_FORMAT_RINONGAL_PT 11
-
-// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
-#define SDTI_FORMAT_A1111_WEBP_PIXELS 12
-
-// Write flag: replace whatever is at the destination (without it, a write refuses with
-// `SDTI_ERR_EXISTS`).
-#define SDTI_WRITE_OVERWRITE 1
 
 // Long prompts chunked as AUTOMATIC1111 does (the default).
 #define SDTI_CHUNKS_A1111 0
@@ -105,6 +43,15 @@ typedef struct sdti_trainer sdti_trainer;
 
 // The result of every fallible call. Codes are never renumbered.
 typedef int32_t sdti_status;
+
+// An `SDTI_FORMAT_*` value (a `uint32_t`).
+typedef uint32_t sdti_format;
+
+// An `SDTI_PRECISION_*` value (a `uint32_t`: the type says which constants fit).
+typedef uint32_t sdti_precision;
+
+// `SDTI_WRITE_*` flags, or-ed (a `uint32_t`).
+typedef uint32_t sdti_write_flags;
 
 // Which model to load. Fill with `sdti_model_params_init`.
 typedef struct sdti_model_params {
@@ -150,7 +97,7 @@ typedef struct sdti_trainer_params {
     uint32_t struct_size;
     // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     // `_BF16`: the dtype of the frozen UNet and VAE.
-    uint32_t precision;
+    sdti_precision precision;
     // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     const char *model_path;
     // `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
@@ -191,6 +138,9 @@ typedef struct sdti_trainer_params {
     // Passed to `progress` unchanged.
     void *progress_user_data;
 } sdti_trainer_params;
+
+// An `SDTI_PIXEL_*` value (a `uint32_t`).
+typedef uint32_t sdti_pixel_format;
 
 // What `sdti_trainer_step` did. Set `struct_size = sizeof(sdti_step_stats)` first.
 typedef struct sdti_step_stats {
@@ -271,6 +221,68 @@ typedef struct sdti_step_stats {
 // was not asked for (`SDTI_WRITE_OVERWRITE`).
 #define SDTI_ERR_EXISTS 19
 
+// Weights computed in 32-bit floats.
+#define SDTI_PRECISION_F32 0
+
+// Weights computed in IEEE half floats (for GPUs).
+#define SDTI_PRECISION_F16 1
+
+// Weights computed in bfloat16 (for GPUs; refused on the CPU).
+#define SDTI_PRECISION_BF16 2
+
+// The device chooses (the default since ABI 1.1): bf16 on CUDA, f32 elsewhere. The text
+// encoder, the learned vectors, the optimizer and the loss are f32 in every precision.
+#define SDTI_PRECISION_AUTO 3
+
+// Pixels of 3 bytes, R G B.
+#define SDTI_PIXEL_RGB8 0
+
+// Pixels of 4 bytes, R G B A (straight alpha; alpha is ignored).
+#define SDTI_PIXEL_RGBA8 1
+
+// Pick the format from the file extension (`.pt`, `.safetensors`, `.bin`, `.png`).
+#define SDTI_FORMAT_AUTO 0
+
+// A1111 `.pt` (torch zip pickle with `string_to_param`).
+#define SDTI_FORMAT_A1111_PT 1
+
+// safetensors with the single key `emb_params` (A1111, kohya).
+#define SDTI_FORMAT_SAFETENSORS 2
+
+// diffusers `learned_embeds.safetensors` (`{token: [n, dim]}`).
+#define SDTI_FORMAT_DIFFUSERS_SAFETENSORS 3
+
+// diffusers `learned_embeds.bin` (torch zip pickle `{token: tensor}`).
+#define SDTI_FORMAT_DIFFUSERS_BIN 4
+
+// A1111 PNG with the `sd-ti-embedding` text chunk.
+#define SDTI_FORMAT_A1111_PNG 5
+
+// kohya sd-scripts `.pt` (`emb_params`).
+#define SDTI_FORMAT_KOHYA_PT 6
+
+// kohya sd-scripts `.safetensors` (`emb_params`).
+#define SDTI_FORMAT_KOHYA_SAFETENSORS 7
+
+// OneTrainer safetensors (`emp_params`, or `clip_l`/`clip_g`).
+#define SDTI_FORMAT_ONETRAINER 8
+
+// SDXL safetensors (`clip_l` + `clip_g`); only for SDXL embeddings.
+#define SDTI_FORMAT_SDXL_SAFETENSORS 9
+
+// A1111 PNG with the vectors in the pixel borders (read only: a source format).
+#define SDTI_FORMAT_A1111_PNG_PIXELS 10
+
+// rinongal/textual_inversion `.pt` (read only: a source format).
+#define SDTI_FORMAT_RINONGAL_PT 11
+
+// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
+#define SDTI_FORMAT_A1111_WEBP_PIXELS 12
+
+// Write flag: replace whatever is at the destination (without it, a write refuses with
+// `SDTI_ERR_EXISTS`).
+#define SDTI_WRITE_OVERWRITE 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -326,8 +338,8 @@ sdti_status sdti_last_error(char *buf, size_t len, size_t *needed);
 // `[thread-safe]`
 sdti_status sdti_embedding_convert(const char *src,
                                    const char *dst,
-                                   uint32_t format,
-                                   uint32_t precision);
+                                   sdti_format format,
+                                   sdti_precision precision);
 
 // Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
 // `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically. `flags`: 0, or
@@ -344,9 +356,9 @@ sdti_status sdti_embedding_convert(const char *src,
 // `[thread-safe]`
 sdti_status sdti_embedding_convert_ex(const char *src,
                                       const char *dst,
-                                      uint32_t format,
-                                      uint32_t precision,
-                                      uint32_t flags);
+                                      sdti_format format,
+                                      sdti_precision precision,
+                                      sdti_write_flags flags);
 
 // The `SDTI_FORMAT_*` code of a format name: any name `sdti_embedding_inspect` prints as
 // `source_format` (`"a1111-pt"`, `"safetensors"`, `"png-pixels"`, ...) or the `sdti`
@@ -360,7 +372,7 @@ sdti_status sdti_embedding_convert_ex(const char *src,
 // `name` is NULL or NUL-terminated; `code` is NULL or writable.
 //
 // `[thread-safe]`
-sdti_status sdti_format_from_name(const char *name, uint32_t *code);
+sdti_status sdti_format_from_name(const char *name, sdti_format *code);
 
 // Checks that `name` can name a learned word and the files it is written to: one token,
 // a file name and never a path (no `/`, `\`, `:`, `..` or leading `.`, no control
@@ -398,7 +410,8 @@ sdti_status sdti_embedding_inspect(const char *path, char *json, size_t len, siz
 // `[thread-safe]`
 sdti_status sdti_model_params_init(struct sdti_model_params *params);
 
-// Loads a model's text encoder for prompt encoding; `*out` receives the handle.
+// Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
+// VAE weights are not read); `*out` receives the handle.
 //
 // Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 // `SDTI_ERR_STRUCT_SIZE`, ...).
@@ -410,7 +423,7 @@ sdti_status sdti_model_params_init(struct sdti_model_params *params);
 // `[thread-safe]`
 sdti_status sdti_encoder_new(const struct sdti_model_params *params, struct sdti_encoder **out);
 
-// A prompt encoder on the trainer's model (shared, not loaded again), with the trainer's
+// A prompt encoder on the trainer's text encoder (shared, not loaded again), with the trainer's
 // current word registered under its token. Call `sdti_encoder_register_trainer` to
 // refresh the word after more steps. The encoder outlives the trainer if freed later.
 //
@@ -563,7 +576,7 @@ sdti_status sdti_trainer_add_image(struct sdti_trainer *trainer,
                                    uint32_t width,
                                    uint32_t height,
                                    size_t stride,
-                                   uint32_t pixel_format,
+                                   sdti_pixel_format pixel_format,
                                    const char *caption);
 
 // Adds a training image from a PNG, JPEG or WebP file (a `.txt` beside it is its
@@ -621,7 +634,7 @@ void sdti_trainer_cancel(struct sdti_trainer *trainer);
 // `path` is a NUL-terminated string.
 //
 // `[one thread at a time per handle]`
-sdti_status sdti_trainer_export(struct sdti_trainer *trainer, const char *path, uint32_t format);
+sdti_status sdti_trainer_export(struct sdti_trainer *trainer, const char *path, sdti_format format);
 
 // Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
 // picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
@@ -638,8 +651,8 @@ sdti_status sdti_trainer_export(struct sdti_trainer *trainer, const char *path, 
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_export_ex(struct sdti_trainer *trainer,
                                    const char *path,
-                                   uint32_t format,
-                                   uint32_t flags);
+                                   sdti_format format,
+                                   sdti_write_flags flags);
 
 // Writes a checkpoint (vectors, optimizer moments, step, RNG states, options) to
 // `path`, atomically. Resume it with `params.resume_checkpoint`.

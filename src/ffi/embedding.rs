@@ -9,35 +9,35 @@ use super::*;
 use crate::embedding::{inspect, read_embedding, write_embedding_to, Existing, Format, Precision};
 
 /// Pick the format from the file extension (`.pt`, `.safetensors`, `.bin`, `.png`).
-pub const SDTI_FORMAT_AUTO: u32 = 0;
+pub const SDTI_FORMAT_AUTO: sdti_format = 0;
 /// A1111 `.pt` (torch zip pickle with `string_to_param`).
-pub const SDTI_FORMAT_A1111_PT: u32 = 1;
+pub const SDTI_FORMAT_A1111_PT: sdti_format = 1;
 /// safetensors with the single key `emb_params` (A1111, kohya).
-pub const SDTI_FORMAT_SAFETENSORS: u32 = 2;
+pub const SDTI_FORMAT_SAFETENSORS: sdti_format = 2;
 /// diffusers `learned_embeds.safetensors` (`{token: [n, dim]}`).
-pub const SDTI_FORMAT_DIFFUSERS_SAFETENSORS: u32 = 3;
+pub const SDTI_FORMAT_DIFFUSERS_SAFETENSORS: sdti_format = 3;
 /// diffusers `learned_embeds.bin` (torch zip pickle `{token: tensor}`).
-pub const SDTI_FORMAT_DIFFUSERS_BIN: u32 = 4;
+pub const SDTI_FORMAT_DIFFUSERS_BIN: sdti_format = 4;
 /// A1111 PNG with the `sd-ti-embedding` text chunk.
-pub const SDTI_FORMAT_A1111_PNG: u32 = 5;
+pub const SDTI_FORMAT_A1111_PNG: sdti_format = 5;
 /// kohya sd-scripts `.pt` (`emb_params`).
-pub const SDTI_FORMAT_KOHYA_PT: u32 = 6;
+pub const SDTI_FORMAT_KOHYA_PT: sdti_format = 6;
 /// kohya sd-scripts `.safetensors` (`emb_params`).
-pub const SDTI_FORMAT_KOHYA_SAFETENSORS: u32 = 7;
+pub const SDTI_FORMAT_KOHYA_SAFETENSORS: sdti_format = 7;
 /// OneTrainer safetensors (`emp_params`, or `clip_l`/`clip_g`).
-pub const SDTI_FORMAT_ONETRAINER: u32 = 8;
+pub const SDTI_FORMAT_ONETRAINER: sdti_format = 8;
 /// SDXL safetensors (`clip_l` + `clip_g`); only for SDXL embeddings.
-pub const SDTI_FORMAT_SDXL_SAFETENSORS: u32 = 9;
+pub const SDTI_FORMAT_SDXL_SAFETENSORS: sdti_format = 9;
 /// A1111 PNG with the vectors in the pixel borders (read only: a source format).
-pub const SDTI_FORMAT_A1111_PNG_PIXELS: u32 = 10;
+pub const SDTI_FORMAT_A1111_PNG_PIXELS: sdti_format = 10;
 /// rinongal/textual_inversion `.pt` (read only: a source format).
-pub const SDTI_FORMAT_RINONGAL_PT: u32 = 11;
+pub const SDTI_FORMAT_RINONGAL_PT: sdti_format = 11;
 /// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
-pub const SDTI_FORMAT_A1111_WEBP_PIXELS: u32 = 12;
+pub const SDTI_FORMAT_A1111_WEBP_PIXELS: sdti_format = 12;
 
 /// Write flag: replace whatever is at the destination (without it, a write refuses with
 /// `SDTI_ERR_EXISTS`).
-pub const SDTI_WRITE_OVERWRITE: u32 = 1;
+pub const SDTI_WRITE_OVERWRITE: sdti_write_flags = 1;
 
 /// Every `SDTI_FORMAT_*` code but `AUTO`, with its engine format: one table for both
 /// directions.
@@ -104,8 +104,8 @@ pub(crate) fn format_for(code: u32, path: &Path) -> FfiResult<Format> {
 pub unsafe extern "C" fn sdti_embedding_convert(
     src: *const c_char,
     dst: *const c_char,
-    format: u32,
-    precision: u32,
+    format: sdti_format,
+    precision: sdti_precision,
 ) -> sdti_status {
     // SAFETY: forwarded contract.
     unsafe { sdti_embedding_convert_ex(src, dst, format, precision, 0) }
@@ -128,9 +128,9 @@ pub unsafe extern "C" fn sdti_embedding_convert(
 pub unsafe extern "C" fn sdti_embedding_convert_ex(
     src: *const c_char,
     dst: *const c_char,
-    format: u32,
-    precision: u32,
-    flags: u32,
+    format: sdti_format,
+    precision: sdti_precision,
+    flags: sdti_write_flags,
 ) -> sdti_status {
     call(|| {
         // SAFETY: NUL-terminated by contract.
@@ -165,7 +165,10 @@ pub unsafe extern "C" fn sdti_embedding_convert_ex(
 ///
 /// `[thread-safe]`
 #[no_mangle]
-pub unsafe extern "C" fn sdti_format_from_name(name: *const c_char, code: *mut u32) -> sdti_status {
+pub unsafe extern "C" fn sdti_format_from_name(
+    name: *const c_char,
+    code: *mut sdti_format,
+) -> sdti_status {
     call(|| {
         // SAFETY: NUL-terminated by contract.
         let name = unsafe { cstr(name, "name") }?;

@@ -90,20 +90,29 @@ pub const SDTI_ERR_COMPUTE: sdti_status = 18;
 /// was not asked for (`SDTI_WRITE_OVERWRITE`).
 pub const SDTI_ERR_EXISTS: sdti_status = 19;
 
+/// An `SDTI_PRECISION_*` value (a `uint32_t`: the type says which constants fit).
+pub type sdti_precision = u32;
+/// An `SDTI_PIXEL_*` value (a `uint32_t`).
+pub type sdti_pixel_format = u32;
+/// An `SDTI_FORMAT_*` value (a `uint32_t`).
+pub type sdti_format = u32;
+/// `SDTI_WRITE_*` flags, or-ed (a `uint32_t`).
+pub type sdti_write_flags = u32;
+
 /// Weights computed in 32-bit floats.
-pub const SDTI_PRECISION_F32: u32 = 0;
+pub const SDTI_PRECISION_F32: sdti_precision = 0;
 /// Weights computed in IEEE half floats (for GPUs).
-pub const SDTI_PRECISION_F16: u32 = 1;
+pub const SDTI_PRECISION_F16: sdti_precision = 1;
 /// Weights computed in bfloat16 (for GPUs; refused on the CPU).
-pub const SDTI_PRECISION_BF16: u32 = 2;
+pub const SDTI_PRECISION_BF16: sdti_precision = 2;
 /// The device chooses (the default since ABI 1.1): bf16 on CUDA, f32 elsewhere. The text
 /// encoder, the learned vectors, the optimizer and the loss are f32 in every precision.
-pub const SDTI_PRECISION_AUTO: u32 = 3;
+pub const SDTI_PRECISION_AUTO: sdti_precision = 3;
 
 /// Pixels of 3 bytes, R G B.
-pub const SDTI_PIXEL_RGB8: u32 = 0;
+pub const SDTI_PIXEL_RGB8: sdti_pixel_format = 0;
 /// Pixels of 4 bytes, R G B A (straight alpha; alpha is ignored).
-pub const SDTI_PIXEL_RGBA8: u32 = 1;
+pub const SDTI_PIXEL_RGBA8: sdti_pixel_format = 1;
 
 /// `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 pub const SDTI_ABI_VERSION: u32 = (SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR;

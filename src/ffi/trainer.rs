@@ -76,7 +76,7 @@ pub struct sdti_trainer_params {
     pub struct_size: u32,
     /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     /// `_BF16`: the dtype of the frozen UNet and VAE.
-    pub precision: u32,
+    pub precision: sdti_precision,
     /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     pub model_path: *const c_char,
     /// `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
@@ -338,7 +338,7 @@ pub unsafe extern "C" fn sdti_trainer_add_image(
     width: u32,
     height: u32,
     stride: usize,
-    pixel_format: u32,
+    pixel_format: sdti_pixel_format,
     caption: *const c_char,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
@@ -627,7 +627,7 @@ pub extern "C" fn sdti_trainer_cancel(trainer: *mut sdti_trainer) {
 pub unsafe extern "C" fn sdti_trainer_export(
     trainer: *mut sdti_trainer,
     path: *const c_char,
-    format: u32,
+    format: sdti_format,
 ) -> sdti_status {
     // SAFETY: forwarded contract.
     unsafe { sdti_trainer_export_ex(trainer, path, format, 0) }
@@ -650,8 +650,8 @@ pub unsafe extern "C" fn sdti_trainer_export(
 pub unsafe extern "C" fn sdti_trainer_export_ex(
     trainer: *mut sdti_trainer,
     path: *const c_char,
-    format: u32,
-    flags: u32,
+    format: sdti_format,
+    flags: sdti_write_flags,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
         // SAFETY: NUL-terminated by contract.
