@@ -1,25 +1,23 @@
 //! `sdti bench`: training steps per second on a random model of the SD 1.x architecture
 //! (tiny or real size) or on a given model.
 //!
-//! benches/train_step.rs (`cargo bench`) is the fuller benchmark, with diffusers' step
-//! beside sdti's; once its reusable core moves into the library this command should call
-//! it instead of repeating the timing loop here.
+//! The timing itself is `sdti::app::bench`, which benches/train_step.rs (`cargo bench`,
+//! with diffusers' step beside sdti's) shares; this file holds the flags, the report and
+//! the `--profile` breakdown.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use sdti::app::bench::{BenchRun, BenchSetup, BENCH_TOKEN};
 use sdti::model::config::ModelConfig;
 use sdti::model::random::{random_model, tiny_sd1_config};
 use sdti::model::SdModel;
-use sdti::train::data::{ImageSource, PixelFormat};
-use sdti::train::{Init, TrainConfig, Trainer};
+use sdti::train::Trainer;
 use serde::Serialize;
 
-use super::common::{
-    human_duration, load_model, peak_rss_mib, print_json, CliError, CliResult, DeviceArgs,
-};
+use super::common::{human_duration, load_model, print_json, CliError, CliResult, DeviceArgs};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -119,28 +117,6 @@ struct Profile {
     layers: Vec<(String, f64, f64)>,
 }
 
-/// A synthetic picture: a disc on a gradient.
-fn picture(size: usize) -> ImageSource {
-    let mut data = vec![0u8; size * size * 3];
-    let c = size as f32 / 2.0;
-    for y in 0..size {
-        for x in 0..size {
-            let (dx, dy) = (x as f32 - c, y as f32 - c);
-            let inside = dx * dx + dy * dy < (size as f32 / 4.0).powi(2);
-            let p = (y * size + x) * 3;
-            let g = (255 * y / size.max(1)) as u8;
-            data[p..p + 3].copy_from_slice(&if inside { [220, 60, 40] } else { [20, g, 140] });
-        }
-    }
-    ImageSource::Pixels {
-        data,
-        width: size as u32,
-        height: size as u32,
-        stride: size * 3,
-        format: PixelFormat::Rgb8,
-    }
-}
-
 pub fn run(a: BenchArgs) -> CliResult<()> {
     if a.steps == 0 {
         return Err(CliError::new("--steps must be at least 1"));
@@ -203,39 +179,25 @@ fn bench_batch(
     if batch == 0 {
         return Err(CliError::new("--batch-size must be at least 1"));
     }
-    let config = TrainConfig {
-        token: "bench-word".into(),
-        init: Init::Text("thing".into()),
-        vectors: a.vectors,
+    let steps = usize::try_from(a.steps).map_err(|_| CliError::new("--steps is too large"))?;
+    let setup = BenchSetup {
         resolution,
         batch_size: batch,
-        max_steps: a.steps + 3,
-        seed: 1,
-        ..TrainConfig::default()
+        vectors: a.vectors,
+        steps,
     };
-    let mut trainer = Trainer::new(model.clone(), config)?;
-    let start = Instant::now();
-    trainer.add_image(picture(resolution), Some("a red disc".into()))?;
-    let cache_seconds = start.elapsed().as_secs_f64();
-    let warmup = trainer.step()?;
-    sdti::device::reset_memory_peak(model.device());
-    let mut times = Vec::new();
-    for _ in 0..a.steps {
-        let s = trainer.step()?;
-        times.push(s.seconds * 1000.0);
-        if !a.json {
+    let mut run = BenchRun::new(model.clone(), setup)?;
+    let times = run.time_steps(|s| {
+        if !a.json && s.index > 0 {
             eprintln!(
                 "batch {batch} step {}: {:.1} ms (loss {:.4})",
-                s.step - 1,
-                s.seconds * 1000.0,
-                s.loss
+                s.index, s.ms, s.loss
             );
         }
-    }
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let device_peak = sdti::device::memory_peak(model.device());
+    })?;
+    let mean = times.mean_ms();
     let profile = if a.profile {
-        Some(profile(model, &mut trainer, batch, resolution)?)
+        Some(profile(model, run.trainer_mut(), batch, resolution)?)
     } else {
         None
     };
@@ -249,16 +211,16 @@ fn bench_batch(
         vectors: a.vectors,
         steps: a.steps,
         load_seconds: 0.0,
-        cache_seconds,
-        warmup_ms: warmup.seconds * 1000.0,
+        cache_seconds: run.cache_seconds,
+        warmup_ms: times.warmup_ms,
         mean_ms_per_step: mean,
-        min_ms_per_step: times.iter().copied().fold(f64::INFINITY, f64::min),
-        max_ms_per_step: times.iter().copied().fold(0.0, f64::max),
+        min_ms_per_step: times.min_ms(),
+        max_ms_per_step: times.max_ms(),
         steps_per_second: 1000.0 / mean,
         images_per_second: 1000.0 / mean * batch as f64,
-        peak_rss_mib: peak_rss_mib(),
-        device_peak_mib: device_peak.map(|p| mib(p.0)),
-        device_reserved_peak_mib: device_peak.map(|p| mib(p.1)),
+        peak_rss_mib: times.peak_rss_mib,
+        device_peak_mib: times.device_peak.map(|p| mib(p.0)),
+        device_reserved_peak_mib: times.device_peak.map(|p| mib(p.1)),
         profile,
     })
 }
@@ -330,9 +292,9 @@ fn profile(
     let device = model.device();
     let sync = || device.synchronize();
     let tok = ClipTokenizer::new().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let prompts = vec!["a photo of a bench-word".to_string(); batch];
+    let prompts = vec![format!("a photo of a {BENCH_TOKEN}"); batch];
     let words = [Word {
-        name: "bench-word".into(),
+        name: BENCH_TOKEN.into(),
         vectors: trainer.vectors_tensor().dim(0)?,
         offset: 0,
     }];

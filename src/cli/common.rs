@@ -215,11 +215,3 @@ pub fn human_duration(seconds: f64) -> String {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
     }
 }
-
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), when known.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}

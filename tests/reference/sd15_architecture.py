@@ -14,7 +14,8 @@ shape, under sdti's internal names:
                                             removed first (transformers >= 5.6 has none,
                                             older versions and every SD 1.x checkpoint do)
 
-`benches/train_step.rs` builds a random model of the real architecture from that file, and
+`benches/train_step.rs` checks the random SD 1.5 it times (`sdti::model::random` at
+`ModelConfig::sd1()`) against that file, name by name and shape by shape, and
 `tests/reference/bench_diffusers_step.py` imports the configs below (`TE_CONFIG`,
 `UNET_CONFIG`, `VAE_CONFIG`, `SCHED_CONFIG`) to build the same networks in torch.
 
