@@ -7,12 +7,23 @@
 # first (re)seeds them with the fixtures in tests/fixtures/embeddings, so deleting
 # fuzz/corpus and running this script rebuilds a starting corpus from scratch.
 # Record long runs in fuzz/RUNS.md.
+#
+# FUZZ_BUILD: cargo-fuzz build flags. Default: release with debug assertions and
+# overflow checks (cargo-fuzz's default); FUZZ_BUILD=-O drops those checks (the build
+# `cargo fuzz build -O` makes). Both with AddressSanitizer.
+# FUZZ_NO_BUILD=1: run the binaries already in fuzz/target as they are (cargo fuzz
+# rebuilds the crate first, which fails while a shared working tree is mid-edit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
+read -r -a BUILD <<< "${FUZZ_BUILD:-}"
 ALL=(pickle_zip safetensors png any)
 FIX=tests/fixtures/embeddings
+# -rss_limit_mb: the readers promise 2 x input + 64 MiB; libFuzzer inputs are
+# capped at 1 MiB here, so 512 MiB (incl. sanitizer overhead) is generous.
+OPTS=(-max_len=1048576 -rss_limit_mb=512 -timeout=10)
+
 seed() { # target, extension glob...
   local t="$1"; shift
   mkdir -p "fuzz/corpus/$t"
@@ -27,13 +38,23 @@ seed safetensors '*.safetensors'
 seed png '*.png'
 seed any '*.pt' '*.bin' '*.safetensors' '*.png' '*.webp'
 
+binary() {
+  echo "fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release/$1"
+}
+
 if [ "${1:-}" = "--cmin" ]; then
   shift
   targets=("$@")
   [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
   for t in "${targets[@]}"; do
     echo "== cmin $t"
-    cargo fuzz cmin "$t" "fuzz/corpus/$t" -- -max_len=1048576 -rss_limit_mb=512 -timeout=10
+    if [ -n "${FUZZ_NO_BUILD:-}" ]; then
+      rm -rf "fuzz/corpus/$t.min" && mkdir "fuzz/corpus/$t.min"
+      "$(binary "$t")" -merge=1 "fuzz/corpus/$t.min" "fuzz/corpus/$t" "${OPTS[@]}"
+      rm -rf "fuzz/corpus/$t" && mv "fuzz/corpus/$t.min" "fuzz/corpus/$t"
+    else
+      cargo fuzz cmin "${BUILD[@]}" "$t" "fuzz/corpus/$t" -- "${OPTS[@]}"
+    fi
   done
   exit 0
 fi
@@ -45,12 +66,12 @@ targets=("$@")
 status=0
 for t in "${targets[@]}"; do
   echo "== $t (${SECS}s)"
-  # -rss_limit_mb: the readers promise 2 x input + 64 MiB; libFuzzer inputs are
-  # capped at 1 MiB here, so 512 MiB (incl. sanitizer overhead) is generous.
-  if ! cargo fuzz run "$t" "fuzz/corpus/$t" -- \
-      -max_total_time="$SECS" -max_len=1048576 -rss_limit_mb=512 -timeout=10 \
-      -print_final_stats=1; then
-    status=1
+  run=(-max_total_time="$SECS" "${OPTS[@]}" -print_final_stats=1)
+  if [ -n "${FUZZ_NO_BUILD:-}" ]; then
+    mkdir -p "fuzz/artifacts/$t"
+    "$(binary "$t")" -artifact_prefix="fuzz/artifacts/$t/" "fuzz/corpus/$t" "${run[@]}" || status=1
+  else
+    cargo fuzz run "${BUILD[@]}" "$t" "fuzz/corpus/$t" -- "${run[@]}" || status=1
   fi
 done
 exit $status
