@@ -11,8 +11,11 @@ struct Counting;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every call forwards to the system allocator with the caller's layout; the
+// counters only observe sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded: the caller's layout is valid for alloc.
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
             let now = CURRENT.fetch_add(l.size(), Ordering::SeqCst) + l.size();
@@ -21,6 +24,7 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded: `p` came from this allocator with layout `l`.
         unsafe { System.dealloc(p, l) };
         CURRENT.fetch_sub(l.size(), Ordering::SeqCst);
     }

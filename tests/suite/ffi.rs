@@ -311,6 +311,7 @@ fn versions_features_and_status_strings() {
     // SAFETY: static NUL-terminated strings.
     let version = unsafe { CStr::from_ptr(sdti_version_string()) };
     assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let has = |id: &str| unsafe { sdti_has_feature(c(id).as_ptr()) };
     for id in ["sdti.train/1", "sdti.encoder/1", "sdti.formats.a1111-pt/1"] {
         assert_eq!(has(id), 1, "{id}");
@@ -333,6 +334,7 @@ fn versions_features_and_status_strings() {
     assert_eq!(unsafe { mp.assume_init() }.precision, SDTI_PRECISION_AUTO);
     // SAFETY: NULL and invalid UTF-8 are answered with 0.
     assert_eq!(unsafe { sdti_has_feature(std::ptr::null()) }, 0);
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     assert_eq!(unsafe { sdti_has_feature(c"\xff\xfe".as_ptr()) }, 0);
     for code in 0..=SDTI_ERR_COMPUTE {
         // SAFETY: static strings.
@@ -344,6 +346,7 @@ fn versions_features_and_status_strings() {
     }
     // SAFETY: static string.
     assert_eq!(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { CStr::from_ptr(sdti_status_str(-5)) }.to_bytes(),
         b"unknown status"
     );
@@ -366,6 +369,7 @@ fn last_error_is_per_thread_with_a_size_query() {
     assert_eq!(rc, SDTI_ERR_BUFFER_TOO_SMALL);
     // SAFETY: truncated but NUL-terminated.
     assert_eq!(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { CStr::from_ptr(small.as_ptr()) }.to_bytes(),
         &msg.as_bytes()[..6]
     );
@@ -540,6 +544,7 @@ fn exported_words_register_in_every_format_and_syntax() {
         sdti_embedding_convert(src.as_ptr(), dst.as_ptr(), SDTI_FORMAT_SDXL_SAFETENSORS, 0)
     };
     expect(rc, SDTI_ERR_UNSUPPORTED, "convert SD1 to sdxl");
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_embedding_convert(src.as_ptr(), dst.as_ptr(), 0, SDTI_PRECISION_BF16) };
     expect(rc, SDTI_ERR_INVALID_ARGUMENT, "convert to bf16");
     let junk = path_c(&fixture("tiny-sd/model_index.json"));
@@ -618,13 +623,17 @@ fn encoder_registers_vectors_and_tokenizes_learned_slots() {
         ]
     );
     // The dim must be the model's; NULL vectors; n out of range.
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_vectors(e, word.as_ptr(), vectors.as_ptr(), 1, 768) };
     expect(rc, SDTI_ERR_INVALID_ARGUMENT, "register 768-wide vectors");
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_vectors(e, word.as_ptr(), std::ptr::null(), 1, 32) };
     expect(rc, SDTI_ERR_INVALID_ARGUMENT, "register NULL vectors");
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_vectors(e, word.as_ptr(), vectors.as_ptr(), 0, 32) };
     expect(rc, SDTI_ERR_INVALID_ARGUMENT, "register 0 vectors");
     let spaced = c("two words");
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_vectors(e, spaced.as_ptr(), vectors.as_ptr(), 1, 32) };
     expect(
         rc,
@@ -633,15 +642,18 @@ fn encoder_registers_vectors_and_tokenizes_learned_slots() {
     );
     // A file for another model width.
     let sd2 = path_c(&fixture("embeddings/a1111_sd2.pt"));
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_token(e, std::ptr::null(), sd2.as_ptr()) };
     let msg = expect(rc, SDTI_ERR_EMBEDDING, "register an SD2 file");
     assert!(msg.contains("width"), "{msg}");
     let missing = path_c(Path::new("/nonexistent/x.pt"));
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe { sdti_encoder_register_token(e, std::ptr::null(), missing.as_ptr()) };
     expect(rc, SDTI_ERR_IO, "register a missing file");
     // Encode into a too-small buffer: the size comes back, nothing runs.
     let mut small = vec![0f32; 10];
     let (mut needed, mut rows) = (0usize, 0u32);
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe {
         sdti_encoder_encode(
             e,
@@ -918,6 +930,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.device = c"tpu".as_ptr();
     let msg = expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_DEVICE,
         "device tpu",
@@ -926,6 +939,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     if !cfg!(feature = "cuda") {
         q.device = c"cuda:0".as_ptr();
         expect(
+            // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
             unsafe { sdti_trainer_new(&q, &mut t) },
             SDTI_ERR_DEVICE,
             "cuda without CUDA",
@@ -934,6 +948,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.precision = 9;
     expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_INVALID_ARGUMENT,
         "precision 9",
@@ -941,6 +956,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.vectors = 0;
     let msg = expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_INVALID_ARGUMENT,
         "0 vectors",
@@ -949,6 +965,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.learning_rate = c"fast".as_ptr();
     expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_INVALID_ARGUMENT,
         "learning rate 'fast'",
@@ -956,6 +973,7 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.resolution = 65;
     expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_INVALID_ARGUMENT,
         "resolution 65",
@@ -963,12 +981,14 @@ fn misuse_invalid_utf8_and_bad_values() {
     let mut q = p;
     q.templates = c"/nonexistent/templates.txt".as_ptr();
     expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_new(&q, &mut t) },
         SDTI_ERR_INVALID_ARGUMENT,
         "missing template file",
     );
     let mut q = p;
     q.model_path = c"/nonexistent/model".as_ptr();
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let st = unsafe { sdti_trainer_new(&q, &mut t) };
     assert!(
         st == SDTI_ERR_MODEL || st == SDTI_ERR_IO,
@@ -979,6 +999,7 @@ fn misuse_invalid_utf8_and_bad_values() {
 
     let t = new_trainer(&p);
     let e = encoder_of(t);
+    // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     let rc = unsafe {
         sdti_encoder_encode(
             e,
@@ -992,10 +1013,12 @@ fn misuse_invalid_utf8_and_bad_values() {
     expect(rc, SDTI_ERR_INVALID_UTF8, "prompt not UTF-8");
     let px = picture(0);
     let rc =
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_add_image(t, px.as_ptr(), 64, 64, 0, SDTI_PIXEL_RGB8, bad.as_ptr()) };
     expect(rc, SDTI_ERR_INVALID_UTF8, "caption not UTF-8");
     let mut count = 9;
     expect(
+        // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
         unsafe { sdti_trainer_image_count(t, &mut count) },
         SDTI_OK,
         "count",
