@@ -255,46 +255,7 @@ pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingEr
         source_format: Format::A1111Pt,
     };
     if let Some(stp) = p.lookup(p.root, "string_to_param") {
-        let items = p.dict_items(stp).ok_or_else(|| {
-            ctx.invalid(
-                "string_to_param",
-                format!("is a {}, expected a dict", p.type_name(stp)),
-            )
-        })?;
-        match items {
-            [] => {
-                return Err(EmbeddingError::Empty {
-                    file: ctx.file.clone(),
-                    field: "string_to_param".to_string(),
-                })
-            }
-            [(_, t)] => emb
-                .parts
-                .push(l.part(ctx, "string_to_param", Encoder::Single, *t)?),
-            many => {
-                return Err(EmbeddingError::MultipleTerms {
-                    file: ctx.file.clone(),
-                    field: "string_to_param".to_string(),
-                    terms: l.keys(many),
-                })
-            }
-        }
-        // rinongal's trainer saves an nn.ParameterDict and 0-d token tensors.
-        let token_tensors = p
-            .lookup(p.root, "string_to_token")
-            .and_then(|s| p.dict_items(s))
-            .is_some_and(|its| its.iter().any(|(_, v)| matches!(p.get(*v), Obj::Tensor(_))));
-        let is_module = matches!(p.get(stp), Obj::Object { .. });
-        emb.source_format = if token_tensors || is_module {
-            Format::RinongalPt
-        } else {
-            Format::A1111Pt
-        };
-        emb.name = l.meta_str(ctx, "name")?;
-        emb.step = l.meta_step(ctx)?;
-        emb.sd_checkpoint = l.meta_str(ctx, "sd_checkpoint")?;
-        emb.sd_checkpoint_name = l.meta_str(ctx, "sd_checkpoint_name")?;
-        return Ok(emb);
+        return read_a1111(ctx, &l, stp, emb);
     }
     if let Some(t) = p.lookup(p.root, "emb_params") {
         emb.source_format = Format::KohyaPt;
@@ -338,6 +299,57 @@ pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingEr
             l.keys(root_items).join(", ")
         ),
     })
+}
+
+/// A1111's dict (`string_to_param` holding one tensor, plus name, step and
+/// checkpoint), or rinongal's, which has the same keys.
+fn read_a1111(
+    ctx: &Ctx,
+    l: &Loaded,
+    stp: pickle::Id,
+    mut emb: EmbeddingFile,
+) -> Result<EmbeddingFile, EmbeddingError> {
+    let p = &l.pickle;
+    let items = p.dict_items(stp).ok_or_else(|| {
+        ctx.invalid(
+            "string_to_param",
+            format!("is a {}, expected a dict", p.type_name(stp)),
+        )
+    })?;
+    match items {
+        [] => {
+            return Err(EmbeddingError::Empty {
+                file: ctx.file.clone(),
+                field: "string_to_param".to_string(),
+            })
+        }
+        [(_, t)] => emb
+            .parts
+            .push(l.part(ctx, "string_to_param", Encoder::Single, *t)?),
+        many => {
+            return Err(EmbeddingError::MultipleTerms {
+                file: ctx.file.clone(),
+                field: "string_to_param".to_string(),
+                terms: l.keys(many),
+            })
+        }
+    }
+    // rinongal's trainer saves an nn.ParameterDict and 0-d token tensors.
+    let token_tensors = p
+        .lookup(p.root, "string_to_token")
+        .and_then(|s| p.dict_items(s))
+        .is_some_and(|its| its.iter().any(|(_, v)| matches!(p.get(*v), Obj::Tensor(_))));
+    let is_module = matches!(p.get(stp), Obj::Object { .. });
+    emb.source_format = if token_tensors || is_module {
+        Format::RinongalPt
+    } else {
+        Format::A1111Pt
+    };
+    emb.name = l.meta_str(ctx, "name")?;
+    emb.step = l.meta_step(ctx)?;
+    emb.sd_checkpoint = l.meta_str(ctx, "sd_checkpoint")?;
+    emb.sd_checkpoint_name = l.meta_str(ctx, "sd_checkpoint_name")?;
+    Ok(emb)
 }
 
 /// torch names the archive folder after the file stem; A1111's check wants `[^/]+`.
