@@ -59,7 +59,7 @@ typedef struct sdti_model_params {
     uint32_t struct_size;
     // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     // `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
-    uint32_t precision;
+    sdti_precision precision;
     // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     const char *model_path;
     // `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.

@@ -30,7 +30,7 @@ pub struct sdti_model_params {
     pub struct_size: u32,
     /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     /// `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
-    pub precision: u32,
+    pub precision: sdti_precision,
     /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
     pub model_path: *const c_char,
     /// `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
