@@ -57,7 +57,9 @@ fn part(
     make_part(ctx, field, encoder, t.shape(), data)
 }
 
-pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingError> {
+/// The header, checked for size first and parsed by the safetensors crate, and
+/// whether its metadata is kohya's (`ss_*` keys).
+fn parse_header<'b>(ctx: &Ctx, bytes: &'b [u8]) -> Result<(SafeTensors<'b>, bool), EmbeddingError> {
     let field = "safetensors header";
     let n = bytes
         .get(..8)
@@ -89,6 +91,12 @@ pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingEr
         .metadata()
         .as_ref()
         .is_some_and(|m| m.keys().any(|k| k.starts_with("ss_")));
+    Ok((st, kohya_meta))
+}
+
+pub(crate) fn read(ctx: &Ctx, bytes: &[u8]) -> Result<EmbeddingFile, EmbeddingError> {
+    let field = "safetensors header";
+    let (st, kohya_meta) = parse_header(ctx, bytes)?;
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
     if names.len() > MAX_TENSORS {
