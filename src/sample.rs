@@ -1,20 +1,13 @@
 //! Drawing latents with the frozen UNet: a deterministic DDIM sampler (eta 0) with
-//! classifier-free guidance, as users check what a learned word draws.
+//! classifier-free guidance, as users check what a learned word draws. The DDIM math
+//! (timesteps, alphas, the step) is the model's scheduler's:
+//! [`crate::model::scheduler::DdimSchedule`].
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::scheduler::DdimSchedule;
 use crate::model::SdModel;
-
-/// DDIM timesteps with diffusers' "leading" spacing and `steps_offset` 1 (SD 1.x's
-/// scheduler config): `t_i = i * (T / steps) + 1`, from the last to the first.
-pub fn ddim_timesteps(train_steps: usize, steps: usize) -> Vec<usize> {
-    let ratio = train_steps / steps.max(1);
-    (0..steps.max(1))
-        .rev()
-        .map(|i| (i * ratio + 1).min(train_steps - 1))
-        .collect()
-}
 
 /// Runs `steps` DDIM steps from `noise` (`[B, 4, h, w]`) under `cond` (and `uncond`
 /// with guidance `scale` when given); returns unscaled latents for the VAE decoder.
@@ -25,21 +18,20 @@ pub fn ddim_sample(
     uncond: Option<(&Tensor, f64)>,
     steps: usize,
 ) -> Result<Tensor> {
-    if steps == 0 || steps > 1000 {
+    let scheduler = &model.config.scheduler;
+    let max = scheduler.num_train_timesteps;
+    if steps == 0 || steps > max {
         return Err(Error::config(
             "steps",
-            format!("{steps} is outside 1..=1000"),
+            format!("{steps} is outside 1..={max}"),
         ));
     }
-    let schedule = model.config.scheduler.noise_schedule()?;
-    let ac = schedule.alphas_cumprod();
-    let train_steps = ac.len();
-    let ratio = train_steps / steps;
-    let velocity = model.config.scheduler.prediction_type == "v_prediction";
+    let ddim = DdimSchedule::new(scheduler, steps)
+        .map_err(|e| Error::config("scheduler", e.to_string()))?;
     let b = noise.dim(0)?;
     let mut x = noise.to_dtype(model.dtype())?;
-    for t in ddim_timesteps(train_steps, steps) {
-        let ts = vec![t as f64; b];
+    for step in ddim.steps() {
+        let ts = vec![step.timestep as f64; b];
         let out = match uncond {
             Some((u, scale)) => {
                 let both = model.unet.forward(
@@ -52,21 +44,7 @@ pub fn ddim_sample(
             }
             None => model.unet.forward(&x, &ts, cond)?,
         };
-        let a_t = ac[t] as f64;
-        let a_prev = if t >= ratio {
-            ac[t - ratio] as f64
-        } else {
-            1.0
-        };
-        let (x0, eps) = if velocity {
-            let x0 = ((&x * a_t.sqrt())? - (&out * (1.0 - a_t).sqrt())?)?;
-            let eps = ((&out * a_t.sqrt())? + (&x * (1.0 - a_t).sqrt())?)?;
-            (x0, eps)
-        } else {
-            let x0 = ((&x - (&out * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
-            (x0, out)
-        };
-        x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
+        x = ddim.step(step, &x, &out)?;
     }
     Ok((x / model.config.vae.scaling_factor)?.to_dtype(DType::F32)?)
 }

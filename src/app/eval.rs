@@ -6,12 +6,12 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{Injection, SdModel};
-use crate::prompt::{encode_prompts, Word};
 use crate::prompt::chunks::ChunkStyle;
+use crate::prompt::{encode_prompts, Word};
+use crate::rng::Rng;
 use crate::tokenizer::ClipTokenizer;
 use crate::train::data::{prepare_views, CropMode, TrainImage};
-use crate::train::loss::{denoising_loss, DenoisingBatch, Prediction};
-use crate::rng::Rng;
+use crate::train::loss::{denoising_loss, DenoisingBatch};
 
 /// Images as scaled latent means (`[1, 4, r/8, r/8]` each, center crop, not mirrored).
 pub fn image_latents(
@@ -66,7 +66,6 @@ pub fn fixed_noise_loss(
         mask: &enc.mask,
     };
     let schedule = model.config.scheduler.noise_schedule()?;
-    let prediction = Prediction::parse(&model.config.scheduler.prediction_type)?;
     let mut rng = Rng::new(seed);
     let (mut total, mut count) = (0f64, 0usize);
     for latent in latents {
@@ -77,17 +76,15 @@ pub fn fixed_noise_loss(
             let noise = Tensor::from_vec(noise, latent.dims(), &Device::Cpu)?
                 .to_dtype(latent.dtype())?
                 .to_device(latent.device())?;
-            let ac = schedule.alphas_cumprod().get(t).copied().unwrap_or(1.0);
             let batch = DenoisingBatch {
                 latents: latent,
                 noise: &noise,
                 timesteps: &[t],
-                alphas_cumprod: &[ac],
                 ids: &enc.ids,
                 injection: Some(&injection),
                 clip_skip: 1,
             };
-            let loss = denoising_loss(model, &batch, prediction)?;
+            let loss = denoising_loss(model, &batch, &schedule)?;
             total += f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
             count += 1;
         }

@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::{
-    ClipConfig, DownBlockKind, ModelConfig, SchedulerConfig, UnetConfig, UpBlockKind, VaeConfig,
-};
+use super::config::{ClipConfig, DownBlockKind, ModelConfig, UnetConfig, UpBlockKind, VaeConfig};
+use super::scheduler::SchedulerConfig;
 use super::weights::{WeightIndex, Weights};
 use crate::error::{Error, Result};
 
@@ -145,7 +144,7 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
     let vae: VaeConfig = read_json(&dir.join("vae/config.json"))?;
     let sched_path = dir.join("scheduler/scheduler_config.json");
     let scheduler = if sched_path.is_file() {
-        read_json(&sched_path)?
+        SchedulerConfig::from_file(&sched_path)?
     } else {
         SchedulerConfig::default()
     };

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::scheduler::SchedulerConfig;
+
 /// The token positions of SD 1.x's CLIP text encoder (openai/clip-vit-large-patch14's
 /// `max_position_embeddings`): one prompt chunk, BOS and EOS included.
 pub const CLIP_CONTEXT_LEN: usize = 77;
@@ -318,67 +320,6 @@ impl VaeConfig {
             latent_channels: 4,
             norm_num_groups: 32,
             scaling_factor: sd1_scaling(),
-        }
-    }
-}
-
-/// What the noise schedule and training target are.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SchedulerConfig {
-    #[serde(default = "beta_start")]
-    pub beta_start: f64,
-    #[serde(default = "beta_end")]
-    pub beta_end: f64,
-    #[serde(default = "scaled_linear")]
-    pub beta_schedule: String,
-    #[serde(default = "thousand")]
-    pub num_train_timesteps: usize,
-    #[serde(default = "epsilon")]
-    pub prediction_type: String,
-    #[serde(default)]
-    pub trained_betas: Option<Vec<f64>>,
-}
-
-impl SchedulerConfig {
-    /// The DDPM noise schedule this configuration describes (read through the same
-    /// parser as a `scheduler_config.json`, so both are checked alike).
-    pub fn noise_schedule(&self) -> crate::error::Result<crate::train::schedule::NoiseSchedule> {
-        use crate::error::Error;
-        use crate::train::schedule::{DdpmConfig, NoiseSchedule};
-        let err = |e: &dyn std::fmt::Display| Error::config("scheduler", e.to_string());
-        let json = serde_json::to_string(self).map_err(|e| err(&e))?;
-        let ddpm =
-            DdpmConfig::from_json_str(&json, "model scheduler config").map_err(|e| err(&e))?;
-        NoiseSchedule::new(&ddpm).map_err(|e| err(&e))
-    }
-}
-
-fn beta_start() -> f64 {
-    0.00085
-}
-fn beta_end() -> f64 {
-    0.012
-}
-fn scaled_linear() -> String {
-    "scaled_linear".into()
-}
-fn thousand() -> usize {
-    1000
-}
-fn epsilon() -> String {
-    "epsilon".into()
-}
-
-impl Default for SchedulerConfig {
-    /// runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json.
-    fn default() -> Self {
-        Self {
-            beta_start: beta_start(),
-            beta_end: beta_end(),
-            beta_schedule: scaled_linear(),
-            num_train_timesteps: thousand(),
-            prediction_type: epsilon(),
-            trained_betas: None,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod layers;
 pub mod profile;
 pub mod random;
 mod resnet;
+pub mod scheduler;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;
@@ -19,7 +20,8 @@ use candle_core::{DType, Device};
 
 pub use checkpoint::Family;
 pub use clip::{ClipTextTransformer, Injection};
-pub use config::{ClipConfig, ModelConfig, SchedulerConfig, UnetConfig, VaeConfig};
+pub use config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
+pub use scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
 pub use text_encoder::TextEncoder;
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};

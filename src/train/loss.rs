@@ -4,29 +4,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::scheduler::{Coefs, NoiseSchedule, SchedulerError};
 use crate::model::{Injection, SdModel};
-
-/// What the UNet is trained to predict (the model's `prediction_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Prediction {
-    /// The added noise (SD 1.x).
-    Epsilon,
-    /// `sqrt(ac) * noise - sqrt(1 - ac) * latents` (v-prediction fine-tunes).
-    Velocity,
-}
-
-impl Prediction {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "epsilon" => Ok(Prediction::Epsilon),
-            "v_prediction" => Ok(Prediction::Velocity),
-            other => Err(Error::config(
-                "prediction_type",
-                format!("'{other}' is not supported (epsilon or v_prediction)"),
-            )),
-        }
-    }
-}
 
 /// One batch of the denoising objective.
 pub struct DenoisingBatch<'a> {
@@ -36,54 +15,44 @@ pub struct DenoisingBatch<'a> {
     pub noise: &'a Tensor,
     /// Training timesteps, one per sample.
     pub timesteps: &'a [usize],
-    /// `alphas_cumprod[t]` for each sample, as the schedule computes them.
-    pub alphas_cumprod: &'a [f32],
     /// Token ids `[B, T]` (u32), T a multiple of 77.
     pub ids: &'a Tensor,
     pub injection: Option<&'a Injection<'a>>,
     pub clip_skip: usize,
 }
 
-/// Mean squared error between the UNet's prediction and its target, in f32.
+/// Mean squared error between the UNet's prediction and its target, in f32: the latents
+/// noised with `schedule`'s `add_noise` coefficients, the target its prediction type's.
 pub fn denoising_loss(
     model: &SdModel,
     batch: &DenoisingBatch<'_>,
-    prediction: Prediction,
+    schedule: &NoiseSchedule,
 ) -> Result<Tensor> {
     let b = batch.latents.dim(0)?;
-    if batch.timesteps.len() != b || batch.alphas_cumprod.len() != b {
+    if batch.timesteps.len() != b {
         return Err(Error::input(
             "training batch",
-            format!(
-                "{b} latents with {} timesteps and {} schedule values",
-                batch.timesteps.len(),
-                batch.alphas_cumprod.len()
-            ),
+            format!("{b} latents with {} timesteps", batch.timesteps.len()),
         ));
     }
-    let dtype = model.dtype();
-    let device = batch.latents.device();
-    let column = |f: &dyn Fn(f32) -> f32| -> Result<Tensor> {
-        let v: Vec<f32> = batch.alphas_cumprod.iter().map(|&a| f(a)).collect();
-        Ok(Tensor::from_vec(v, (b, 1, 1, 1), device)?.to_dtype(dtype)?)
+    type CoefsAt = fn(&NoiseSchedule, usize) -> std::result::Result<Coefs, SchedulerError>;
+    let coefs = |f: CoefsAt| -> Result<Vec<Coefs>> {
+        batch
+            .timesteps
+            .iter()
+            .map(|&t| f(schedule, t).map_err(|e| Error::input("training batch", e.to_string())))
+            .collect()
     };
-    // diffusers' add_noise: sqrt(ac) and sqrt(1 - ac) in f32, then the compute dtype.
-    let sqrt_ac = column(&|a| a.sqrt())?;
-    let sqrt_one_minus = column(&|a| (1.0 - a).sqrt())?;
+    let dtype = model.dtype();
     let latents = batch.latents.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;
-    let noisy = (latents.broadcast_mul(&sqrt_ac)? + noise.broadcast_mul(&sqrt_one_minus)?)?;
+    let noisy = combine(&latents, &noise, &coefs(NoiseSchedule::add_noise_coefs)?)?;
     let context = model
         .text_encoder
         .encode(batch.ids, batch.injection, batch.clip_skip)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
     let pred = model.unet.forward(&noisy, &t, &context)?;
-    let target = match prediction {
-        Prediction::Epsilon => noise,
-        Prediction::Velocity => {
-            (noise.broadcast_mul(&sqrt_ac)? - latents.broadcast_mul(&sqrt_one_minus)?)?
-        }
-    };
+    let target = combine(&latents, &noise, &coefs(NoiseSchedule::target_coefs)?)?;
     // The loss in f32 at least (f64 models keep f64, for gradient checks).
     let loss_dtype = if dtype == DType::F64 {
         DType::F64
@@ -92,4 +61,35 @@ pub fn denoising_loss(
     };
     let diff = (pred.to_dtype(loss_dtype)? - target.to_dtype(loss_dtype)?)?;
     Ok(diff.sqr()?.mean_all()?)
+}
+
+/// `sample_coef * latents + noise_coef * noise` per sample, the coefficients in f32 (as
+/// diffusers computes them) cast to the latents' dtype. A term whose coefficients are all
+/// 0 is left out and one whose coefficients are all 1 taken as it is, so the epsilon
+/// target is the noise itself.
+fn combine(latents: &Tensor, noise: &Tensor, coefs: &[Coefs]) -> Result<Tensor> {
+    let column = |f: fn(&Coefs) -> f32| -> Result<Option<Tensor>> {
+        let v: Vec<f32> = coefs.iter().map(f).collect();
+        if v.iter().all(|&c| c == 1.0) {
+            return Ok(None);
+        }
+        let column = Tensor::from_vec(v, (coefs.len(), 1, 1, 1), latents.device())?;
+        Ok(Some(column.to_dtype(latents.dtype())?))
+    };
+    let term = |x: &Tensor, f: fn(&Coefs) -> f32| -> Result<Option<Tensor>> {
+        if coefs.iter().all(|c| f(c) == 0.0) {
+            return Ok(None);
+        }
+        Ok(Some(match column(f)? {
+            Some(c) => x.broadcast_mul(&c)?,
+            None => x.clone(),
+        }))
+    };
+    let sample = term(latents, |c| c.sample_coef)?;
+    let noise = term(noise, |c| c.noise_coef)?;
+    Ok(match (sample, noise) {
+        (Some(s), Some(n)) => (s + n)?,
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => latents.zeros_like()?,
+    })
 }

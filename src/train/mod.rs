@@ -1,9 +1,9 @@
-//! Training: data, prompts, schedules, the step and its optimizer.
+//! Training: data, prompts, learning-rate schedules, the step and its optimizer.
 
 pub mod data;
 pub mod loss;
+pub mod lr_schedule;
 pub mod prompts;
-pub mod schedule;
 pub mod trainer;
 
 pub use trainer::{Init, StepStats, Templates, TrainConfig, Trainer};

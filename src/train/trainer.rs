@@ -11,17 +11,17 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
-use super::loss::{denoising_loss, DenoisingBatch, Prediction};
+use super::loss::{denoising_loss, DenoisingBatch};
+use super::lr_schedule::{LrSchedule, LrScheduleError};
 use super::prompts::{Builtin, TemplateSet};
-use crate::rng::{Rng, RngState};
-use super::schedule::{LrSchedule, NoiseSchedule};
 use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };
 use crate::error::{Error, Result};
-use crate::model::{Injection, LatentDist, SdModel};
-use crate::prompt::{encode_prompts, Word};
+use crate::model::{Injection, LatentDist, NoiseSchedule, SchedulerConfig, SdModel};
 use crate::prompt::chunks::ChunkStyle;
+use crate::prompt::{encode_prompts, Word};
+use crate::rng::{Rng, RngState};
 use crate::tokenizer::ClipTokenizer;
 
 /// How the learned vectors start.
@@ -184,7 +184,7 @@ impl TrainConfig {
 
     /// The learning-rate schedule these options describe.
     pub fn lr_schedule(&self) -> Result<LrSchedule> {
-        let bad = |e: super::schedule::ScheduleError| Error::config("learning_rate", e.to_string());
+        let bad = |e: LrScheduleError| Error::config("learning_rate", e.to_string());
         match &self.lr_scheduler {
             None => LrSchedule::parse(&self.learning_rate).map_err(bad),
             Some(name) => {
@@ -293,7 +293,6 @@ pub struct Trainer {
     noise_schedule: NoiseSchedule,
     lr: LrSchedule,
     templates: TemplateSet,
-    prediction: Prediction,
     cancel: Arc<AtomicBool>,
     /// Present when the model computes in f16.
     loss_scale: Option<LossScale>,
@@ -309,13 +308,19 @@ impl Trainer {
         config.validate()?;
         let tokenizer =
             ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
-        let noise_schedule = model.config.scheduler.noise_schedule()?;
-        let prediction = Prediction::parse(
-            config
-                .prediction_type
-                .as_deref()
-                .unwrap_or(&model.config.scheduler.prediction_type),
-        )?;
+        let noise_schedule = match config.prediction_type.as_deref() {
+            None => model.config.scheduler.noise_schedule()?,
+            Some(p) => SchedulerConfig {
+                prediction_type: p.parse().map_err(|_| {
+                    Error::config(
+                        "prediction_type",
+                        format!("'{p}' is not supported (epsilon or v_prediction)"),
+                    )
+                })?,
+                ..model.config.scheduler.clone()
+            }
+            .noise_schedule()?,
+        };
         let templates = match &config.templates {
             Templates::Object => TemplateSet::builtin(Builtin::Object),
             Templates::Style => TemplateSet::builtin(Builtin::Style),
@@ -348,7 +353,6 @@ impl Trainer {
             images: Vec::new(),
             noise_schedule,
             templates,
-            prediction,
             cancel: Arc::new(AtomicBool::new(false)),
             loss_scale: (model.dtype() == DType::F16).then(LossScale::new),
             model,
@@ -358,6 +362,12 @@ impl Trainer {
 
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The noise schedule the loss draws timesteps and coefficients from: the model's,
+    /// with the run's `prediction_type` where it overrides the model's.
+    pub fn noise_schedule(&self) -> &NoiseSchedule {
+        &self.noise_schedule
     }
 
     pub fn model(&self) -> &Arc<SdModel> {
@@ -563,11 +573,6 @@ impl Trainer {
         }
         let latents = Tensor::cat(&latents, 0)?;
         let noise = self.normal(latents.dims())?;
-        let ac = self.noise_schedule.alphas_cumprod();
-        let alphas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| ac.get(t).copied().unwrap_or(1.0))
-            .collect();
         let words = [Word {
             name: self.config.token.clone(),
             vectors: self.config.vectors,
@@ -589,12 +594,11 @@ impl Trainer {
             latents: &latents,
             noise: &noise,
             timesteps: &timesteps,
-            alphas_cumprod: &alphas,
             ids: &enc.ids,
             injection: Some(&injection),
             clip_skip: self.config.clip_skip,
         };
-        let loss = denoising_loss(&self.model, &batch, self.prediction)?;
+        let loss = denoising_loss(&self.model, &batch, &self.noise_schedule)?;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
         let grads = if scale == 1.0 {
             loss.backward()?

@@ -5,9 +5,9 @@ torch 2.15 / diffusers 0.42.1, CPU):
 
     python tests/reference/make_schedule_fixtures.py > tests/fixtures/schedule_reference.json
 
-The Rust tests in src/train/schedule.rs compare against this file, so the
-DDPM tables and LR curves are checked against the reference implementation
-rather than against our own reading of it.
+The Rust tests in src/model/scheduler/ddpm.rs and src/train/lr_schedule.rs
+compare against this file, so the DDPM tables and LR curves are checked against
+the reference implementation rather than against our own reading of it.
 """
 
 import json

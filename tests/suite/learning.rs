@@ -5,14 +5,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sdti::model::weights::Weights;
-use sdti::model::{Injection, LatentDist, SdModel};
-use sdti::prompt::{encode_prompts, Word};
-use sdti::sample::ddim_sample;
+use sdti::model::{Injection, LatentDist, SchedulerConfig, SdModel};
 use sdti::prompt::chunks::ChunkStyle;
-use sdti::tokenizer::ClipTokenizer;
-use sdti::train::loss::{denoising_loss, DenoisingBatch, Prediction};
+use sdti::prompt::{encode_prompts, Word};
 use sdti::rng::Rng;
-use sdti::train::schedule::{DdpmConfig, NoiseSchedule};
+use sdti::sample::ddim_sample;
+use sdti::tokenizer::ClipTokenizer;
+use sdti::train::loss::{denoising_loss, DenoisingBatch};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
 use crate::common::{fixture, test_device, tiny_model};
@@ -49,7 +48,7 @@ fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
         index: &enc.index,
         mask: &enc.mask,
     };
-    let schedule = NoiseSchedule::new(&DdpmConfig::stable_diffusion()).unwrap();
+    let schedule = SchedulerConfig::default().noise_schedule().unwrap();
     let mut rng = Rng::new(1234);
     let mut total = 0.0;
     let mut count = 0;
@@ -63,12 +62,11 @@ fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
                 latents: lat,
                 noise: &noise,
                 timesteps: &[t],
-                alphas_cumprod: &[schedule.alphas_cumprod()[t]],
                 ids: &enc.ids,
                 injection: Some(&inj),
                 clip_skip: 1,
             };
-            total += denoising_loss(model, &batch, Prediction::Epsilon)
+            total += denoising_loss(model, &batch, &schedule)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap() as f64;
@@ -260,7 +258,7 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
     .unwrap();
     let target = token_vector(&model, "dog");
     let init = token_vector(&model, "cat");
-    let schedule = NoiseSchedule::new(&DdpmConfig::stable_diffusion()).unwrap();
+    let schedule = SchedulerConfig::default().noise_schedule().unwrap();
     let inj = Injection {
         table: &target,
         index: &enc.index,
@@ -294,12 +292,11 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
                 latents: x0,
                 noise: eps,
                 timesteps: &[*t],
-                alphas_cumprod: &[schedule.alphas_cumprod()[*t]],
                 ids: &enc.ids,
                 injection: Some(&inj),
                 clip_skip: 1,
             };
-            let l = denoising_loss(&model, &batch, Prediction::Epsilon).unwrap();
+            let l = denoising_loss(&model, &batch, &schedule).unwrap();
             total = Some(match total {
                 Some(s) => (s + l).unwrap(),
                 None => l,

@@ -8,5 +8,6 @@ mod learning;
 mod loading;
 mod parity;
 mod reads;
+mod scheduler;
 mod tokenizer;
 mod training;

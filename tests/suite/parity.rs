@@ -1,8 +1,10 @@
 //! Reference parity against tests/reference/make_tiny_sd.py (diffusers, transformers).
 
 use candle_core::{DType, Tensor, Var};
-use sdti::model::{Injection, LoadOptions, SdModel};
-use sdti::train::loss::{denoising_loss, DenoisingBatch, Prediction};
+use sdti::model::{
+    Injection, LoadOptions, NoiseSchedule, PredictionType, SchedulerConfig, SdModel,
+};
+use sdti::train::loss::{denoising_loss, DenoisingBatch};
 
 use crate::common::{assert_close, expected, fixture, rel_err, test_device, tiny_model};
 
@@ -120,10 +122,27 @@ fn unet_noise_prediction_matches_diffusers() {
     assert_close("noise prediction", &pred, &exp["unet.noise_pred"], 1e-4);
 }
 
+/// The model's noise schedule with `prediction`, which is diffusers' to the bit.
+fn schedule(
+    model: &SdModel,
+    exp: &std::collections::HashMap<String, Tensor>,
+    prediction: PredictionType,
+) -> NoiseSchedule {
+    let schedule = SchedulerConfig {
+        prediction_type: prediction,
+        ..model.config.scheduler.clone()
+    }
+    .noise_schedule()
+    .unwrap();
+    let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
+    assert_eq!(schedule.alphas_cumprod(), &ac[..]);
+    schedule
+}
+
 fn loss_and_grad(
     model: &SdModel,
     exp: &std::collections::HashMap<String, Tensor>,
-    prediction: Prediction,
+    prediction: PredictionType,
 ) -> (f64, Tensor) {
     let p = reference_prompt(exp);
     // The learned vectors are f32 as in training (f64 for the f64 gradient checks).
@@ -138,7 +157,7 @@ fn loss_and_grad(
         mask: &p.mask,
     };
     let t = exp["loss.timestep"].to_vec1::<i64>().unwrap()[0] as usize;
-    let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
+    let schedule = schedule(model, exp, prediction);
     let latents = exp["loss.latents"]
         .to_dtype(model.text_encoder.dtype())
         .unwrap();
@@ -149,12 +168,11 @@ fn loss_and_grad(
         latents: &latents,
         noise: &noise,
         timesteps: &[t],
-        alphas_cumprod: &[ac[t]],
         ids: &p.ids,
         injection: Some(&inj),
         clip_skip: 1,
     };
-    let loss = denoising_loss(model, &batch, prediction).unwrap();
+    let loss = denoising_loss(model, &batch, &schedule).unwrap();
     let grads = loss.backward().unwrap();
     let grad = grads
         .get(vectors.as_tensor())
@@ -173,7 +191,7 @@ fn loss_and_grad(
 fn loss_and_gradient_on_the_vectors_match_torch() {
     let exp = expected();
     let model = tiny_model(DType::F32);
-    let (loss, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
+    let (loss, grad) = loss_and_grad(&model, &exp, PredictionType::Epsilon);
     let want = exp["loss.value"].to_scalar::<f32>().unwrap() as f64;
     assert!(
         ((loss - want) / want).abs() <= 1e-5,
@@ -181,7 +199,7 @@ fn loss_and_gradient_on_the_vectors_match_torch() {
     );
     assert_close("gradient", &grad, &exp["loss.grad"], 1e-3);
 
-    let (loss_v, grad_v) = loss_and_grad(&model, &exp, Prediction::Velocity);
+    let (loss_v, grad_v) = loss_and_grad(&model, &exp, PredictionType::VPrediction);
     let want_v = exp["loss_v.value"].to_scalar::<f32>().unwrap() as f64;
     assert!(
         ((loss_v - want_v) / want_v).abs() <= 1e-5,
@@ -196,7 +214,7 @@ fn loss_and_gradient_on_the_vectors_match_torch() {
 fn gradient_matches_finite_differences_in_f64() {
     let exp = expected();
     let model = tiny_model(DType::F64);
-    let (_, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
+    let (_, grad) = loss_and_grad(&model, &exp, PredictionType::Epsilon);
     assert_close(
         "f64 gradient vs torch f64",
         &grad,
@@ -206,7 +224,7 @@ fn gradient_matches_finite_differences_in_f64() {
 
     let p = reference_prompt(&exp);
     let t = exp["loss.timestep"].to_vec1::<i64>().unwrap()[0] as usize;
-    let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
+    let schedule = schedule(&model, &exp, PredictionType::Epsilon);
     let latents = exp["loss.latents"].to_dtype(DType::F64).unwrap();
     let noise = exp["loss.noise"].to_dtype(DType::F64).unwrap();
     let base: Vec<f64> = exp["te.vectors"]
@@ -227,12 +245,11 @@ fn gradient_matches_finite_differences_in_f64() {
             latents: &latents,
             noise: &noise,
             timesteps: &[t],
-            alphas_cumprod: &[ac[t]],
             ids: &p.ids,
             injection: Some(&inj),
             clip_skip: 1,
         };
-        denoising_loss(&model, &batch, Prediction::Epsilon)
+        denoising_loss(&model, &batch, &schedule)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -367,6 +384,7 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
         .cos()
         .unwrap();
     let base = exp["te.vectors"].to_dtype(DType::F64).unwrap();
+    let schedule = schedule(&model, &exp, PredictionType::Epsilon);
     let loss_of = |table: &Tensor| -> Tensor {
         let inj = Injection {
             table,
@@ -377,12 +395,11 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
             latents: &latents,
             noise: &noise,
             timesteps: &[400],
-            alphas_cumprod: &[0.3],
             ids: &p.ids,
             injection: Some(&inj),
             clip_skip: 1,
         };
-        denoising_loss(&model, &batch, Prediction::Epsilon).unwrap()
+        denoising_loss(&model, &batch, &schedule).unwrap()
     };
     let var = Var::from_tensor(&base).unwrap();
     let grad = loss_of(var.as_tensor())
@@ -454,7 +471,7 @@ fn half_precision_models_stay_within_torchs_own_error() {
         let pred = reference_prediction(&model, &exp);
         assert_eq!(pred.dtype(), dtype);
         let unet = rel_err(&pred, &exp["unet.noise_pred"]);
-        let (loss, grad) = loss_and_grad(&model, &exp, Prediction::Epsilon);
+        let (loss, grad) = loss_and_grad(&model, &exp, PredictionType::Epsilon);
         assert_eq!(grad.dtype(), DType::F32, "the vectors' gradient is f32");
         let loss_err = ((loss - want_loss) / want_loss).abs();
         let grad_err = rel_err(&grad, &exp["loss.grad"]);
