@@ -8,9 +8,9 @@ use crate::app::plot::{draw_text, text_height, text_width};
 use crate::error::{Error, Result};
 use crate::model::SdModel;
 use crate::prompt::encoder::PromptEncoder;
+use crate::rng::Rng;
 use crate::sample::ddim_sample;
 use crate::tokenizer::CONTEXT_LEN;
-use crate::rng::Rng;
 
 /// How to draw one image.
 #[derive(Clone, Debug, PartialEq)]
