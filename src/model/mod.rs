@@ -1,8 +1,8 @@
 //! Training-grade Stable Diffusion 1.x model code on candle tensors.
 
-pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod files;
 pub mod layers;
 pub mod profile;
 pub mod random;
@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-pub use checkpoint::Family;
 pub use clip::{ClipTextTransformer, Injection};
 pub use config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
+pub use files::Family;
 pub use scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
 pub use text_encoder::TextEncoder;
 pub use unet::Unet;
@@ -62,7 +62,7 @@ pub struct SdModel {
 impl SdModel {
     /// Loads a diffusers folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let loaded = checkpoint::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
+        let loaded = files::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
         Self::from_weights(&loaded.weights, loaded.config, loaded.source)
     }
 

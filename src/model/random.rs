@@ -310,7 +310,7 @@ pub fn random_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::checkpoint::index_model;
+    use crate::model::files::index_model;
 
     /// The generator and the loader agree with the reference checkpoint on every name
     /// and shape: what diffusers writes is what the random model holds.

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::checkpoint::index_text_encoder;
 use super::clip::{ClipTextTransformer, Injection};
 use super::config::ClipConfig;
+use super::files::index_text_encoder;
 use super::weights::Weights;
 use super::LoadOptions;
 use crate::error::{Error, Result};

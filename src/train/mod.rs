@@ -3,7 +3,7 @@
 pub mod data;
 pub mod loss;
 pub mod lr_schedule;
-pub mod prompts;
+pub mod templates;
 pub mod trainer;
 
 pub use trainer::{Init, StepStats, Templates, TrainConfig, Trainer};

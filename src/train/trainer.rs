@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
 use super::loss::{denoising_loss, DenoisingBatch};
 use super::lr_schedule::{LrSchedule, LrScheduleError};
-use super::prompts::{Builtin, TemplateSet};
+use super::templates::{Builtin, TemplateSet};
 use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };

@@ -13,7 +13,7 @@ use sdti::embedding::{read_embedding, EmbeddingError, MAX_FILE_BYTES};
 use sdti::io::read::{read_bounded_within, ReadFailure, ReadLimit, EMBEDDING_FILE, TEMPLATE_FILE};
 use sdti::model::{LoadOptions, SdModel};
 use sdti::train::data::{load_rgb, AlphaMode, ImageSource};
-use sdti::train::prompts::TemplateSet;
+use sdti::train::templates::TemplateSet;
 
 use crate::common::fixture;
 

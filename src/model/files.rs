@@ -1,5 +1,6 @@
 //! Finding, identifying and indexing SD model files: diffusers folders and the
 //! single-file checkpoints A1111 and ComfyUI keep, mapped to one internal layout.
+//! (Named `files`, not `checkpoint`: elsewhere a checkpoint is a training run's state.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
