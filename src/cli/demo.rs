@@ -335,15 +335,16 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
             "run/checkpoints/",
             "resumable checkpoints (sdti train --resume -o DIR/run)",
         ),
-        ("run/embeddings/", "the word by step (.pt, .safetensors)"),
+        ("run/embeddings/", "the word by step (red-disc-N.pt)"),
         (
             "run/previews.png",
             "previews over time (run/previews/ one by one)",
         ),
         (
             "run/red-disc.pt",
-            "the trained word (A1111; also .safetensors)",
+            "the trained word (A1111); copy it into a host's embeddings folder",
         ),
+        ("run/formats/safetensors/", "the same words as safetensors"),
         ("export/FORMAT/", "the word in every writable format"),
         ("sample.png", "a picture drawn with the word"),
     ];
