@@ -1,9 +1,14 @@
 //! Training: data, prompts, learning-rate schedules, the step and its optimizer.
 
+pub mod config;
 pub mod data;
 pub mod loss;
 pub mod lr_schedule;
+pub mod optimizer;
+pub mod state;
 pub mod templates;
 pub mod trainer;
 
-pub use trainer::{Init, StepStats, Templates, TrainConfig, Trainer};
+pub use config::{Init, Templates, TrainConfig};
+pub use optimizer::{AdamW, LossScale};
+pub use trainer::{StepStats, Trainer};

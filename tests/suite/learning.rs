@@ -305,7 +305,7 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
         (total.unwrap() / data.len() as f64).unwrap()
     };
     let var = candle_core::Var::from_tensor(&init).unwrap();
-    let mut opt = sdti::train::trainer::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
+    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
     let before_loss = loss_at(&init).to_scalar::<f32>().unwrap();
     let before_cos = cosine(&init, &target);
     for _ in 0..STEPS {

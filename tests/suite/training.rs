@@ -130,7 +130,7 @@ fn training_changes_only_the_vectors_and_adamw_matches_torch() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut opt = sdti::train::trainer::AdamW::new(0.9, 0.999, 1e-8, 1e-2, None);
+    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 1e-2, None);
     let p = Tensor::from_vec(p0, (2, 32), &Device::Cpu).unwrap();
     let p1 = opt
         .update(
@@ -160,7 +160,7 @@ fn training_changes_only_the_vectors_and_adamw_matches_torch() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut clip = sdti::train::trainer::AdamW::new(0.9, 0.999, 1e-8, 1e-2, Some(0.1));
+    let mut clip = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 1e-2, Some(0.1));
     let c1 = clip
         .update(
             &p,
@@ -356,7 +356,7 @@ fn exported_words_condition_prompts_like_the_trained_vectors() {
 /// scale survives a checkpoint. bf16 and f32 runs need no scale.
 #[test]
 fn f16_training_scales_the_loss_and_skips_overflowing_steps() {
-    use sdti::train::trainer::LossScale;
+    use sdti::train::LossScale;
     let model = Arc::new(tiny_model(DType::F16));
     let mut t = trainer(&model, config(10));
     assert_eq!(t.loss_scale().map(|s| s.scale), Some(LossScale::INITIAL));

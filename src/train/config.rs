@@ -1,0 +1,187 @@
+//! Every training option, with its defaults and their references, checked once.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::lr_schedule::{LrSchedule, LrScheduleError};
+use crate::error::{Error, Result};
+
+/// How the learned vectors start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// The token vectors of a text, repeated or truncated to the vector count (A1111).
+    Text(String),
+    Zeros,
+    /// Gaussian with the token table's standard deviation.
+    Random,
+}
+
+/// Which prompt templates to train with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Templates {
+    /// The paper's / diffusers' object list ("a photo of a {}", ...).
+    Object,
+    /// The paper's / diffusers' style list ("a painting in the style of {}", ...).
+    Style,
+    /// An A1111-style template file (`[name]`, `[filewords]`).
+    File(PathBuf),
+    /// Given templates.
+    List(Vec<String>),
+}
+
+/// Every training option. Defaults name their reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// The word the vectors are learned for.
+    pub token: String,
+    /// Default: the text "*" (A1111's default initialization text).
+    pub init: Init,
+    /// Vectors per token (A1111 default 1).
+    pub vectors: usize,
+    /// Training resolution in pixels, a multiple of 8 (SD 1.x: 512).
+    pub resolution: usize,
+    /// Center crop (diffusers' default) or random crop (one crop per image, cached).
+    pub random_crop: bool,
+    /// Probability of the horizontally flipped view (diffusers' flip_p 0.5).
+    pub flip_probability: f64,
+    /// A number or an A1111 schedule string (A1111 default 0.005).
+    pub learning_rate: String,
+    /// `constant`, `constant_with_warmup`, `linear` or `cosine` (diffusers' get_scheduler);
+    /// when set, `learning_rate` must be a plain number.
+    pub lr_scheduler: Option<String>,
+    pub lr_warmup_steps: u64,
+    /// Optimizer steps (the diffusers example README runs 3000).
+    pub max_steps: u64,
+    /// Images per micro-batch (diffusers' train_batch_size default 1... its README uses 4).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (A1111 and diffusers default 1).
+    pub gradient_accumulation: usize,
+    /// AdamW as diffusers' example configures it: 0.9, 0.999, 1e-8, weight decay 1e-2.
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    /// Clip the gradient's L2 norm (off by default, as in both references).
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub templates: Templates,
+    /// 1 = the last CLIP layer, as SD 1.x was trained.
+    pub clip_skip: usize,
+    /// Overrides the model's scheduler `prediction_type` (`epsilon` / `v_prediction`).
+    pub prediction_type: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            token: "sdti-word".into(),
+            init: Init::Text("*".into()),
+            vectors: 1,
+            resolution: 512,
+            random_crop: false,
+            flip_probability: 0.5,
+            learning_rate: "0.005".into(),
+            lr_scheduler: None,
+            lr_warmup_steps: 0,
+            max_steps: 3000,
+            batch_size: 1,
+            gradient_accumulation: 1,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: None,
+            seed: 0,
+            templates: Templates::Object,
+            clip_skip: 1,
+            prediction_type: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every value, naming the field that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        crate::names::check_word_name(&self.token).map_err(|why| Error::config("token", why))?;
+        if !(1..=75).contains(&self.vectors) {
+            return Err(Error::config(
+                "vectors",
+                format!("{} is outside 1..=75", self.vectors),
+            ));
+        }
+        if self.resolution < 64 || self.resolution % 8 != 0 || self.resolution > 4096 {
+            return Err(Error::config(
+                "resolution",
+                format!(
+                    "{} must be a multiple of 8 between 64 and 4096",
+                    self.resolution
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.flip_probability) {
+            return Err(Error::config("flip_probability", "must be within 0..=1"));
+        }
+        if self.batch_size == 0 || self.batch_size > 256 {
+            return Err(Error::config(
+                "batch_size",
+                format!("{} is outside 1..=256", self.batch_size),
+            ));
+        }
+        if self.gradient_accumulation == 0 {
+            return Err(Error::config("gradient_accumulation", "must be at least 1"));
+        }
+        for (field, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(field, format!("{v} is outside [0, 1)")));
+            }
+        }
+        let eps_ok = self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0;
+        let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !(eps_ok && wd_ok) {
+            return Err(Error::config(
+                "adam_epsilon/weight_decay",
+                "must be positive / non-negative",
+            ));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !n.is_finite() || n <= 0.0 {
+                return Err(Error::config(
+                    "max_grad_norm",
+                    format!("{n} must be positive"),
+                ));
+            }
+        }
+        if self.clip_skip == 0 {
+            return Err(Error::config("clip_skip", "must be at least 1"));
+        }
+        self.lr_schedule()?;
+        Ok(())
+    }
+
+    /// The learning-rate schedule these options describe.
+    pub fn lr_schedule(&self) -> Result<LrSchedule> {
+        let bad = |e: LrScheduleError| Error::config("learning_rate", e.to_string());
+        match &self.lr_scheduler {
+            None => LrSchedule::parse(&self.learning_rate).map_err(bad),
+            Some(name) => {
+                let base: f64 = self.learning_rate.trim().parse().map_err(|_| {
+                    Error::config(
+                        "learning_rate",
+                        format!(
+                            "'{}' must be a number when lr_scheduler is '{name}'",
+                            self.learning_rate
+                        ),
+                    )
+                })?;
+                LrSchedule::diffusers(name, base, self.lr_warmup_steps, self.max_steps).map_err(bad)
+            }
+        }
+    }
+}
