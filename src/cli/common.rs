@@ -51,11 +51,21 @@ impl From<sdti::Error> for CliError {
     }
 }
 
-impl From<sdti::embedding::EmbeddingError> for CliError {
-    fn from(e: sdti::embedding::EmbeddingError) -> Self {
-        CliError::new(e.to_string())
-    }
+/// Errors of values parsed from the command line (the caller adds the flag).
+macro_rules! cli_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> Self {
+                CliError::new(e.to_string())
+            }
+        }
+    )*};
 }
+cli_error_from!(
+    sdti::embedding::EmbeddingError,
+    sdti::train::lr_schedule::LrScheduleError,
+    sdti::model::scheduler::SchedulerError
+);
 
 /// `max_steps` -> `--steps`, `learning_rate` -> `--learning-rate`.
 pub fn flag_name(field: &str) -> String {

@@ -14,6 +14,7 @@ use sdti::app::run_folder::{
 };
 use sdti::embedding::Format;
 use sdti::train::data::ImageSource;
+use sdti::train::lr_schedule::LrSchedule;
 use sdti::train::{Init, StepStats, Templates, TrainConfig, Trainer};
 
 use super::common::{load_model, CliError, CliResult, Context, DeviceArgs};
@@ -187,7 +188,7 @@ pub struct TrainArgs {
 }
 
 /// `base` with the options given on the command line.
-fn train_config(base: TrainConfig, a: &TrainArgs) -> TrainConfig {
+fn train_config(base: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
     let mut c = base;
     if let Some(v) = &a.token {
         c.token = v.clone();
@@ -210,7 +211,6 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> TrainConfig {
         vectors <- vectors,
         resolution <- resolution,
         flip_probability <- flip_probability,
-        learning_rate <- learning_rate,
         lr_warmup_steps <- lr_warmup_steps,
         max_steps <- steps,
         batch_size <- batch_size,
@@ -225,14 +225,18 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> TrainConfig {
     if a.random_crop {
         c.random_crop = true;
     }
+    // Parsed here, once, with the flag in the error.
+    if let Some(v) = &a.learning_rate {
+        c.learning_rate = LrSchedule::parse(v).context("--learning-rate")?;
+    }
     if let Some(v) = &a.lr_scheduler {
-        c.lr_scheduler = Some(v.clone());
+        c.lr_scheduler = Some(v.parse().context("--lr-scheduler")?);
     }
     if let Some(v) = a.max_grad_norm {
         c.max_grad_norm = Some(v);
     }
     if let Some(v) = &a.prediction_type {
-        c.prediction_type = Some(v.clone());
+        c.prediction_type = Some(v.parse().context("--prediction-type")?);
     }
     if !a.template_list.is_empty() {
         c.templates = Templates::List(a.template_list.clone());
@@ -243,7 +247,7 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> TrainConfig {
             path => Templates::File(absolute(Path::new(path))),
         };
     }
-    c
+    Ok(c)
 }
 
 /// `base` with the run-folder options given on the command line.
@@ -570,7 +574,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
         }
         let folder = RunFolder::open(&dir)?;
         let saved = folder.config().clone();
-        let train = train_config(saved.train.clone(), &a);
+        let train = train_config(saved.train.clone(), &a)?;
         let diff = differing_options(&saved.train, &train);
         if !diff.is_empty() {
             return Err(CliError::new(format!(
@@ -619,7 +623,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
                 "no training images given: pass image files or folders",
             ));
         }
-        let train = train_config(TrainConfig::default(), &a);
+        let train = train_config(TrainConfig::default(), &a)?;
         let run = run_settings(RunSettings::default(), &a)?;
         let images = expand_images(&a.images)?
             .into_iter()

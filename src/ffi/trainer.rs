@@ -264,9 +264,12 @@ pub unsafe extern "C" fn sdti_trainer_new(
                 ),
                 vectors: p.vectors as usize,
                 resolution: p.resolution as usize,
-                learning_rate: opt_cstr(p.learning_rate, "params.learning_rate")?
-                    .map(str::to_string)
-                    .unwrap_or(defaults.learning_rate.clone()),
+                learning_rate: match opt_cstr(p.learning_rate, "params.learning_rate")? {
+                    None => defaults.learning_rate.clone(),
+                    // Parsed here, once: the engine holds the schedule, not its text.
+                    Some(text) => crate::train::lr_schedule::LrSchedule::parse(text)
+                        .map_err(|e| invalid(format!("params.learning_rate: {e}")))?,
+                },
                 batch_size: p.batch_size as usize,
                 gradient_accumulation: p.gradient_accumulation as usize,
                 seed: p.seed,

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::lr_schedule::{LrSchedule, LrScheduleError};
+use super::lr_schedule::{DiffusersLrKind, LrSchedule};
 use crate::error::{Error, Result};
+use crate::model::PredictionType;
 
 /// How the learned vectors start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,11 +49,14 @@ pub struct TrainConfig {
     pub random_crop: bool,
     /// Probability of the horizontally flipped view (diffusers' flip_p 0.5).
     pub flip_probability: f64,
-    /// A number or an A1111 schedule string (A1111 default 0.005).
-    pub learning_rate: String,
-    /// `constant`, `constant_with_warmup`, `linear` or `cosine` (diffusers' get_scheduler);
-    /// when set, `learning_rate` must be a plain number.
-    pub lr_scheduler: Option<String>,
+    /// A number or an A1111 schedule (A1111 default 0.005), parsed where it enters
+    /// (`LrSchedule::parse`); stored in `config.json` and checkpoints as its text.
+    #[serde(with = "schedule_text")]
+    pub learning_rate: LrSchedule,
+    /// diffusers' get_scheduler curve (`constant`, `constant_with_warmup`, `linear`,
+    /// `cosine`); when set, `learning_rate` must be a plain number.
+    #[serde(with = "lr_scheduler_name")]
+    pub lr_scheduler: Option<DiffusersLrKind>,
     pub lr_warmup_steps: u64,
     /// Optimizer steps (the diffusers example README runs 3000).
     pub max_steps: u64,
@@ -72,7 +76,47 @@ pub struct TrainConfig {
     /// 1 = the last CLIP layer, as SD 1.x was trained.
     pub clip_skip: usize,
     /// Overrides the model's scheduler `prediction_type` (`epsilon` / `v_prediction`).
-    pub prediction_type: Option<String>,
+    pub prediction_type: Option<PredictionType>,
+}
+
+/// `LrSchedule` as the text `LrSchedule::parse` reads back (a number or A1111's string).
+mod schedule_text {
+    use super::LrSchedule;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(lr: &LrSchedule, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(lr)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LrSchedule, D::Error> {
+        let text = String::deserialize(d)?;
+        LrSchedule::parse(&text)
+            .map_err(|e| serde::de::Error::custom(format!("learning_rate: {e}")))
+    }
+}
+
+/// `Option<DiffusersLrKind>` as diffusers' name, or null.
+mod lr_scheduler_name {
+    use super::DiffusersLrKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(k: &Option<DiffusersLrKind>, s: S) -> Result<S::Ok, S::Error> {
+        match k {
+            Some(k) => s.serialize_some(k.name()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DiffusersLrKind>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|name| {
+                name.parse()
+                    .map_err(|e| serde::de::Error::custom(format!("lr_scheduler: {e}")))
+            })
+            .transpose()
+    }
 }
 
 impl Default for TrainConfig {
@@ -84,7 +128,7 @@ impl Default for TrainConfig {
             resolution: 512,
             random_crop: false,
             flip_probability: 0.5,
-            learning_rate: "0.005".into(),
+            learning_rate: LrSchedule::Constant(0.005),
             lr_scheduler: None,
             lr_warmup_steps: 0,
             max_steps: 3000,
@@ -167,21 +211,19 @@ impl TrainConfig {
 
     /// The learning-rate schedule these options describe.
     pub fn lr_schedule(&self) -> Result<LrSchedule> {
-        let bad = |e: LrScheduleError| Error::config("learning_rate", e.to_string());
-        match &self.lr_scheduler {
-            None => LrSchedule::parse(&self.learning_rate).map_err(bad),
-            Some(name) => {
-                let base: f64 = self.learning_rate.trim().parse().map_err(|_| {
-                    Error::config(
-                        "learning_rate",
-                        format!(
-                            "'{}' must be a number when lr_scheduler is '{name}'",
-                            self.learning_rate
-                        ),
-                    )
-                })?;
-                LrSchedule::diffusers(name, base, self.lr_warmup_steps, self.max_steps).map_err(bad)
+        match (self.lr_scheduler, &self.learning_rate) {
+            (None, lr) => Ok(lr.clone()),
+            (Some(kind), LrSchedule::Constant(base)) => {
+                LrSchedule::diffusers(kind, *base, self.lr_warmup_steps, self.max_steps)
+                    .map_err(|e| Error::config("learning_rate", e.to_string()))
             }
+            (Some(kind), other) => Err(Error::config(
+                "learning_rate",
+                format!(
+                    "'{other}' must be a number when lr_scheduler is '{}'",
+                    kind.name()
+                ),
+            )),
         }
     }
 }

@@ -55,6 +55,35 @@ pub enum DiffusersLrKind {
     Cosine,
 }
 
+impl DiffusersLrKind {
+    /// diffusers' name (`get_scheduler`'s `name`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiffusersLrKind::Constant => "constant",
+            DiffusersLrKind::ConstantWithWarmup => "constant_with_warmup",
+            DiffusersLrKind::Linear => "linear",
+            DiffusersLrKind::Cosine => "cosine",
+        }
+    }
+}
+
+impl std::str::FromStr for DiffusersLrKind {
+    type Err = LrScheduleError;
+    fn from_str(name: &str) -> Result<Self, LrScheduleError> {
+        Ok(match name.trim() {
+            "constant" => DiffusersLrKind::Constant,
+            "constant_with_warmup" => DiffusersLrKind::ConstantWithWarmup,
+            "linear" => DiffusersLrKind::Linear,
+            "cosine" => DiffusersLrKind::Cosine,
+            other => {
+                return Err(LrScheduleError::UnknownLrScheduler {
+                    name: other.to_string(),
+                })
+            }
+        })
+    }
+}
+
 /// A diffusers-style schedule: `base_lr * lambda(step)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiffusersLr {
@@ -205,22 +234,11 @@ impl LrSchedule {
     /// `linear`, `cosine`. diffusers' default in the Textual Inversion example is
     /// `constant` with `lr_warmup_steps=500`, which therefore means *no* warmup.
     pub fn diffusers(
-        name: &str,
+        kind: DiffusersLrKind,
         base_lr: f64,
         warmup_steps: u64,
         total_steps: u64,
     ) -> Result<Self, LrScheduleError> {
-        let kind = match name.trim() {
-            "constant" => DiffusersLrKind::Constant,
-            "constant_with_warmup" => DiffusersLrKind::ConstantWithWarmup,
-            "linear" => DiffusersLrKind::Linear,
-            "cosine" => DiffusersLrKind::Cosine,
-            other => {
-                return Err(LrScheduleError::UnknownLrScheduler {
-                    name: other.to_string(),
-                })
-            }
-        };
         if !(base_lr.is_finite() && base_lr >= 0.0) {
             return Err(LrScheduleError::LearningRate {
                 input: base_lr.to_string(),
@@ -285,12 +303,7 @@ impl fmt::Display for LrSchedule {
                 Ok(())
             }
             LrSchedule::Diffusers(d) => {
-                let name = match d.kind {
-                    DiffusersLrKind::Constant => "constant",
-                    DiffusersLrKind::ConstantWithWarmup => "constant_with_warmup",
-                    DiffusersLrKind::Linear => "linear",
-                    DiffusersLrKind::Cosine => "cosine",
-                };
+                let name = d.kind.name();
                 write!(
                     f,
                     "{name} (lr {}, warmup {}, total {})",
@@ -323,7 +336,7 @@ mod tests {
         for c in curves {
             let name = c["name"].as_str().unwrap();
             let sched = LrSchedule::diffusers(
-                name,
+                name.parse().unwrap(),
                 c["base_lr"].as_f64().unwrap(),
                 c["warmup"].as_u64().unwrap(),
                 c["total"].as_u64().unwrap(),
@@ -342,22 +355,22 @@ mod tests {
 
     #[test]
     fn diffusers_lr_shape_and_errors() {
-        let cos = LrSchedule::diffusers("cosine", 1.0, 10, 110).unwrap();
+        let cos = LrSchedule::diffusers(DiffusersLrKind::Cosine, 1.0, 10, 110).unwrap();
         assert_eq!(cos.lr_at(0), 0.0);
         assert_eq!(cos.lr_at(5), 0.5);
         assert_eq!(cos.lr_at(10), 1.0);
         assert!((cos.lr_at(60) - 0.5).abs() < 1e-12);
         assert!(cos.lr_at(110).abs() < 1e-12);
-        let constant = LrSchedule::diffusers("constant", 2.0, 500, 1000).unwrap();
+        let constant = LrSchedule::diffusers(DiffusersLrKind::Constant, 2.0, 500, 1000).unwrap();
         assert_eq!(constant.lr_at(0), 2.0, "diffusers' constant ignores warmup");
-        let lin = LrSchedule::diffusers("linear", 1.0, 0, 4).unwrap();
+        let lin = LrSchedule::diffusers(DiffusersLrKind::Linear, 1.0, 0, 4).unwrap();
         let got: Vec<f64> = (0..6).map(|s| lin.lr_at(s)).collect();
         assert_eq!(got, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]);
         assert!(matches!(
-            LrSchedule::diffusers("polynomial", 1.0, 0, 10),
+            "polynomial".parse::<DiffusersLrKind>(),
             Err(LrScheduleError::UnknownLrScheduler { .. })
         ));
-        assert!(LrSchedule::diffusers("linear", f64::NAN, 0, 10).is_err());
+        assert!(LrSchedule::diffusers(DiffusersLrKind::Linear, f64::NAN, 0, 10).is_err());
     }
 
     #[test]

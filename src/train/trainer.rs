@@ -73,15 +73,10 @@ impl Trainer {
         config.validate()?;
         let tokenizer =
             ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
-        let noise_schedule = match config.prediction_type.as_deref() {
+        let noise_schedule = match config.prediction_type {
             None => model.config.scheduler.noise_schedule()?,
-            Some(p) => SchedulerConfig {
-                prediction_type: p.parse().map_err(|_| {
-                    Error::config(
-                        "prediction_type",
-                        format!("'{p}' is not supported (epsilon or v_prediction)"),
-                    )
-                })?,
+            Some(prediction_type) => SchedulerConfig {
+                prediction_type,
                 ..model.config.scheduler.clone()
             }
             .noise_schedule()?,

@@ -137,7 +137,7 @@ fn trainer_on(model: &Arc<SdModel>, latents: &[Tensor], steps: u64, lr: &str) ->
         resolution: 64,
         max_steps: steps,
         batch_size: 2,
-        learning_rate: lr.into(),
+        learning_rate: sdti::train::lr_schedule::LrSchedule::parse(lr).unwrap(),
         weight_decay: 0.0,
         flip_probability: 0.0,
         seed: 5,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use sdti::model::SdModel;
 use sdti::train::data::{ImageSource, PixelFormat};
+use sdti::train::lr_schedule::{DiffusersLrKind, LrSchedule};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
 use crate::common::tiny_model;
@@ -210,8 +211,10 @@ fn bad_options_name_their_field() {
             "vectors",
         ),
         (
+            // A schedule string where diffusers' curve needs one number.
             TrainConfig {
-                learning_rate: "0.005:abc".into(),
+                learning_rate: LrSchedule::parse("0.005:100, 1e-3").unwrap(),
+                lr_scheduler: Some(DiffusersLrKind::Cosine),
                 ..config(1)
             },
             "learning_rate",
@@ -230,6 +233,14 @@ fn bad_options_name_their_field() {
             .to_string();
         assert!(err.starts_with(field), "{err}");
     }
+    // A malformed rate is refused where the text enters: parsing, or reading config.json.
+    assert!(LrSchedule::parse("0.005:abc").is_err());
+    let mut json = serde_json::to_value(config(1)).unwrap();
+    json["learning_rate"] = "0.005:abc".into();
+    let err = serde_json::from_value::<TrainConfig>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("learning_rate"), "{err}");
 }
 
 pub fn tempdir() -> std::path::PathBuf {
