@@ -10,9 +10,9 @@ pub fn open_device(name: &str) -> Result<Device> {
     let name = name.trim().to_ascii_lowercase();
     let (kind, ordinal) = match name.split_once(':') {
         Some((k, n)) => {
-            let n: usize = n.parse().map_err(|_| {
-                Error::config("device", format!("'{name}': '{n}' is not a device number"))
-            })?;
+            let n: usize = n
+                .parse()
+                .map_err(|_| Error::Device(format!("'{name}': '{n}' is not a device number")))?;
             (k.to_string(), n)
         }
         None => (name.clone(), 0),
@@ -21,33 +21,27 @@ pub fn open_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if !cfg!(feature = "cuda") {
-                return Err(Error::config(
-                    "device",
-                    "'cuda' was asked for, but this build has no CUDA support (build with --features cuda)",
+                return Err(Error::Device(
+                    "'cuda' was asked for, but this build has no CUDA support (build with --features cuda)"
+                        .into(),
                 ));
             }
-            Device::new_cuda(ordinal).map_err(|e| {
-                Error::config("device", format!("cuda:{ordinal} could not be opened: {e}"))
-            })
+            Device::new_cuda(ordinal)
+                .map_err(|e| Error::Device(format!("cuda:{ordinal} could not be opened: {e}")))
         }
         "metal" => {
             if !cfg!(feature = "metal") {
-                return Err(Error::config(
-                    "device",
-                    "'metal' was asked for, but this build has no Metal support (build with --features metal)",
+                return Err(Error::Device(
+                    "'metal' was asked for, but this build has no Metal support (build with --features metal)"
+                        .into(),
                 ));
             }
-            Device::new_metal(ordinal).map_err(|e| {
-                Error::config(
-                    "device",
-                    format!("metal:{ordinal} could not be opened: {e}"),
-                )
-            })
+            Device::new_metal(ordinal)
+                .map_err(|e| Error::Device(format!("metal:{ordinal} could not be opened: {e}")))
         }
-        other => Err(Error::config(
-            "device",
-            format!("'{other}' is not a device (cpu, cuda, cuda:N, metal)"),
-        )),
+        other => Err(Error::Device(format!(
+            "'{other}' is not a device (cpu, cuda, cuda:N, metal)"
+        ))),
     }
 }
 

@@ -29,9 +29,40 @@ pub enum Error {
         reason: String,
     },
 
-    /// A configuration value is out of range or malformed.
+    /// A configuration value is out of range or malformed: `field` names the option as
+    /// the engine's structs call it (`max_steps`), which the fronts map to their own
+    /// names (`--steps`, `params.max_steps`).
     #[error("{field}: {reason}")]
-    Config { field: String, reason: String },
+    Config { field: &'static str, reason: String },
+
+    /// The device name is unknown, or this build or this machine lacks that device.
+    #[error("device: {0}")]
+    Device(String),
+
+    /// A training image is unusable (its file, size, stride or pixels; the error names
+    /// which image and field).
+    #[error("training image: {0}")]
+    Data(#[from] crate::train::data::TrainDataError),
+
+    /// The learning rate does not parse, or does not fit the chosen curve.
+    #[error("learning_rate: {0}")]
+    LrSchedule(#[from] crate::train::lr_schedule::LrScheduleError),
+
+    /// The model's scheduler configuration asks for what sdti does not implement.
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] crate::model::scheduler::SchedulerError),
+
+    /// A template file cannot be read or holds no usable template.
+    #[error("templates: {0}")]
+    Templates(#[from] crate::train::templates::PromptError),
+
+    /// The CLIP tokenizer's built-in tables could not be prepared.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+
+    /// A saved random-generator state is not a valid one.
+    #[error(transparent)]
+    Rng(#[from] crate::rng::RngError),
 
     /// An image or other input could not be used.
     #[error("{what}: {reason}")]
@@ -61,9 +92,9 @@ impl Error {
         }
     }
 
-    pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Error::Config {
-            field: field.into(),
+            field,
             reason: reason.into(),
         }
     }

@@ -26,8 +26,7 @@ pub fn ddim_sample(
             format!("{steps} is outside 1..={max}"),
         ));
     }
-    let ddim = DdimSchedule::new(scheduler, steps)
-        .map_err(|e| Error::config("scheduler", e.to_string()))?;
+    let ddim = DdimSchedule::new(scheduler, steps)?;
     let b = noise.dim(0)?;
     let mut x = noise.to_dtype(model.dtype())?;
     for step in ddim.steps() {

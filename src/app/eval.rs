@@ -46,7 +46,7 @@ pub fn fixed_noise_loss(
     samples: usize,
     seed: u64,
 ) -> Result<f32> {
-    let tokenizer = ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
+    let tokenizer = ClipTokenizer::new()?;
     let words = [Word {
         name: word.to_string(),
         vectors: vectors.dim(0)?,

@@ -138,7 +138,7 @@ pub fn decode_rgb8(model: &SdModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
 pub const SIZE_MULTIPLE: usize = 8;
 
 /// Checks that image sides are whole latent cells, naming the field.
-pub fn check_size(fields: [(&str, usize); 2]) -> Result<()> {
+pub fn check_size(fields: [(&'static str, usize); 2]) -> Result<()> {
     let m = SIZE_MULTIPLE;
     for (field, v) in fields {
         if v % m != 0 {

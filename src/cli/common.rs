@@ -42,12 +42,27 @@ impl fmt::Display for CliError {
 /// Engine errors, with configuration fields named as the command-line flags.
 impl From<sdti::Error> for CliError {
     fn from(e: sdti::Error) -> Self {
-        match e {
-            sdti::Error::Config { field, reason } => {
-                CliError::new(format!("{}: {reason}", flag_name(&field)))
-            }
-            other => CliError::new(other.to_string()),
-        }
+        use sdti::Error as E;
+        // Exhaustive: each kind of engine error says which flag it is about, if any.
+        let message = match &e {
+            E::Config { field, reason } => format!("{}: {reason}", flag_name(field)),
+            E::LrSchedule(inner) => format!("--learning-rate: {inner}"),
+            E::Templates(inner) => format!("--templates: {inner}"),
+            E::Device(reason) => format!("--device: {reason}"),
+            E::Candle(_)
+            | E::Io { .. }
+            | E::Model { .. }
+            | E::Weight { .. }
+            | E::Scheduler(_)
+            | E::Data(_)
+            | E::Tokenizer(_)
+            | E::Rng(_)
+            | E::Input { .. }
+            | E::Checkpoint { .. }
+            | E::Embedding(_)
+            | E::Cancelled => e.to_string(),
+        };
+        CliError::new(message)
     }
 }
 

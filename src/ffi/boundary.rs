@@ -41,15 +41,19 @@ pub(crate) fn invalid(message: impl Into<String>) -> Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
+        // Exhaustive: a new kind of error must be given its status here.
         let status = match &e {
             Error::Candle(_) => SDTI_ERR_COMPUTE,
             Error::Io { .. } => SDTI_ERR_IO,
-            Error::Model { .. } | Error::Weight { .. } => SDTI_ERR_MODEL,
-            Error::Config { field, .. } if field == "device" => SDTI_ERR_DEVICE,
-            Error::Config { .. } => SDTI_ERR_INVALID_ARGUMENT,
-            Error::Input { what, .. } if what == "training image" => SDTI_ERR_IMAGE,
+            Error::Model { .. } | Error::Weight { .. } | Error::Scheduler(_) => SDTI_ERR_MODEL,
+            Error::Tokenizer(_) => SDTI_ERR_MODEL,
+            Error::Config { .. } | Error::LrSchedule(_) | Error::Templates(_) => {
+                SDTI_ERR_INVALID_ARGUMENT
+            }
+            Error::Device(_) => SDTI_ERR_DEVICE,
+            Error::Data(_) => SDTI_ERR_IMAGE,
             Error::Input { .. } => SDTI_ERR_INVALID_ARGUMENT,
-            Error::Checkpoint { .. } => SDTI_ERR_CHECKPOINT,
+            Error::Checkpoint { .. } | Error::Rng(_) => SDTI_ERR_CHECKPOINT,
             Error::Embedding(inner) => embedding_status(inner),
             Error::Cancelled => SDTI_CANCELLED,
         };

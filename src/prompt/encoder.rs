@@ -43,8 +43,7 @@ impl PromptEncoder {
     pub fn new(text_encoder: Arc<TextEncoder>) -> Result<Self> {
         Ok(Self {
             text_encoder,
-            tokenizer: ClipTokenizer::new()
-                .map_err(|e| Error::input("tokenizer", e.to_string()))?,
+            tokenizer: ClipTokenizer::new()?,
             words: Vec::new(),
             style: ChunkStyle::A1111,
             clip_skip: 1,

@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn slots_carry_every_vector_of_the_word() -> Result<()> {
-        let tok = ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
+        let tok = ClipTokenizer::new()?;
         let slots = prompt_slots(&tok, "a photo of sks toy", &words());
         let learned: Vec<&Slot> = slots
             .iter()

@@ -215,7 +215,7 @@ impl TrainConfig {
             (None, lr) => Ok(lr.clone()),
             (Some(kind), LrSchedule::Constant(base)) => {
                 LrSchedule::diffusers(kind, *base, self.lr_warmup_steps, self.max_steps)
-                    .map_err(|e| Error::config("learning_rate", e.to_string()))
+                    .map_err(Error::from)
             }
             (Some(kind), other) => Err(Error::config(
                 "learning_rate",

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::optimizer::LossScale;
-use super::trainer::{rng_err, Trainer};
+use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::rng::{Rng, RngState};
 
@@ -125,8 +125,8 @@ impl Trainer {
         if self.loss_scale.is_some() {
             self.loss_scale = Some(state.loss_scale.unwrap_or_else(LossScale::new));
         }
-        self.rng_data = Rng::from_state(state.rng_data).map_err(rng_err)?;
-        self.rng_noise = Rng::from_state(state.rng_noise).map_err(rng_err)?;
+        self.rng_data = Rng::from_state(state.rng_data)?;
+        self.rng_noise = Rng::from_state(state.rng_noise)?;
         self.order = state.order;
         self.order_pos = state.order_pos;
         Ok(())

@@ -63,16 +63,11 @@ pub struct Trainer {
     pub(super) loss_scale: Option<LossScale>,
 }
 
-pub(super) fn rng_err(e: impl std::fmt::Display) -> Error {
-    Error::config("rng state", e.to_string())
-}
-
 impl Trainer {
     /// Starts a run: validates the options and initialises the vectors.
     pub fn new(model: Arc<SdModel>, config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        let tokenizer =
-            ClipTokenizer::new().map_err(|e| Error::input("tokenizer", e.to_string()))?;
+        let tokenizer = ClipTokenizer::new()?;
         let noise_schedule = match config.prediction_type {
             None => model.config.scheduler.noise_schedule()?,
             Some(prediction_type) => SchedulerConfig {
@@ -84,11 +79,8 @@ impl Trainer {
         let templates = match &config.templates {
             Templates::Object => TemplateSet::builtin(Builtin::Object),
             Templates::Style => TemplateSet::builtin(Builtin::Style),
-            Templates::File(p) => {
-                TemplateSet::from_file(p).map_err(|e| Error::config("templates", e.to_string()))?
-            }
-            Templates::List(l) => TemplateSet::custom(l.iter())
-                .map_err(|e| Error::config("templates", e.to_string()))?,
+            Templates::File(p) => TemplateSet::from_file(p)?,
+            Templates::List(l) => TemplateSet::custom(l.iter())?,
         };
         let root = Rng::new(config.seed);
         let mut rng_init = root.fork(3);
@@ -236,8 +228,7 @@ impl Trainer {
             .map_err(|_| Error::config("resolution", "is too large"))?;
         let image = TrainImage { source, caption };
         // The data module's errors already name the file (or in-memory image) and field.
-        let views = prepare_views(&image, resolution, crop, &mut crop_rng)
-            .map_err(|e| Error::input("training image", e.to_string()))?;
+        let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
         let res = self.config.resolution;
         let device = self.model.device().clone();
         let dtype = self.model.dtype();
@@ -415,8 +406,8 @@ impl Trainer {
             Ok(v) => v,
             Err(e) => {
                 let (data, noise, order, pos) = saved;
-                self.rng_data = Rng::from_state(data).map_err(rng_err)?;
-                self.rng_noise = Rng::from_state(noise).map_err(rng_err)?;
+                self.rng_data = Rng::from_state(data)?;
+                self.rng_noise = Rng::from_state(noise)?;
                 self.order = order;
                 self.order_pos = pos;
                 return Err(e);

@@ -29,8 +29,8 @@ impl GroupNorm {
     ) -> Result<Self> {
         if groups == 0 || channels % groups != 0 {
             return Err(crate::error::Error::config(
-                format!("{prefix}: norm_num_groups"),
-                format!("{channels} channels cannot be split into {groups} groups"),
+                "norm_num_groups",
+                format!("{prefix}: {channels} channels cannot be split into {groups} groups"),
             ));
         }
         Ok(Self {

@@ -447,8 +447,7 @@ impl SchedulerConfig {
 
     /// The DDPM noise schedule this configuration describes.
     pub fn noise_schedule(&self) -> crate::error::Result<NoiseSchedule> {
-        NoiseSchedule::new(self)
-            .map_err(|e| crate::error::Error::config("scheduler", e.to_string()))
+        NoiseSchedule::new(self).map_err(crate::error::Error::Scheduler)
     }
 }
 
