@@ -152,6 +152,54 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     }
 
     // 1. Pictures of the concept.
+    let images = write_pictures(&dir, resolution)?;
+
+    // 2. Training into a run folder.
+    let plan = TrainPlan {
+        steps,
+        resolution,
+        seed: a.seed,
+        real,
+    };
+    let trainer = train_word(&model, &model_name, &images, &dir, &plan)?;
+
+    // 3. Every writable format, each read back and compared.
+    let exported = export_every_format(&trainer, &dir)?;
+
+    // 4. A prompt with the new word, through a host-style encoder.
+    let prompt = format!("a photo of {TOKEN} on a table");
+    let a1111_pt = exported
+        .iter()
+        .find(|(f, _)| *f == Format::A1111Pt)
+        .map(|(_, p)| p.clone())
+        .ok_or_else(|| CliError::new("the a1111-pt export is missing"))?;
+    let encoder = encode_with_word(&model, &a1111_pt, &prompt, &dir)?;
+
+    // 5. A picture drawn with the word.
+    let sample_path = dir.join("sample.png");
+    let opts = SampleOptions {
+        prompt: prompt.clone(),
+        steps: if real { 30 } else { 20 },
+        seed: a.seed,
+        width: resolution,
+        height: resolution,
+        ..SampleOptions::default()
+    };
+    let img = sample_image(&model, &encoder, &opts)?;
+    sdti::app::plot::write_png(&sample_path, &img)?;
+    println!(
+        "5/5 sampled \"{prompt}\" ({} DDIM steps, guidance {}) to {}",
+        opts.steps,
+        opts.guidance,
+        rel(&sample_path, &dir)
+    );
+
+    print_summary(&dir, started, &a1111_pt, &prompt);
+    Ok(())
+}
+
+/// Six synthetic pictures of the concept (a red disc), written to DIR/images.
+fn write_pictures(dir: &Path, resolution: usize) -> CliResult<Vec<ImageEntry>> {
     let images_dir = dir.join("images");
     std::fs::create_dir_all(&images_dir)
         .map_err(|e| CliError::new(format!("{}: {e}", images_dir.display())))?;
@@ -168,76 +216,15 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     println!(
         "1/5 pictures: {} synthetic pictures of a red disc in {}",
         images.len(),
-        rel(&images_dir, &dir)
+        rel(&images_dir, dir)
     );
 
-    // 2. Training into a run folder.
-    let train = TrainConfig {
-        token: TOKEN.into(),
-        init: Init::Text("ball".into()),
-        vectors: 2,
-        resolution,
-        max_steps: steps,
-        seed: a.seed,
-        ..TrainConfig::default()
-    };
-    let run_settings = RunSettings {
-        save_every: (steps / 3).max(1),
-        formats: vec![Format::A1111Pt, Format::A1111Safetensors],
-        precision: Precision::F32,
-        preview: PreviewSettings {
-            every: (steps / 4).max(1),
-            prompt: "a photo of {}".into(),
-            steps: if real { 20 } else { 10 },
-            seed: a.seed,
-            ..PreviewSettings::default()
-        },
-    };
-    let run_dir = dir.join("run");
-    let config = RunConfig::new(
-        model_name.clone(),
-        images.clone(),
-        train.clone(),
-        run_settings,
-    );
-    let mut trainer = Trainer::new(Arc::clone(&model), train)?;
-    add_images(&mut trainer, &images)?;
-    let mut run = RunFolder::create(&run_dir, config, false)?;
-    // A yardstick that, unlike the per-step loss, does not swing with the timestep.
-    let eval_images: Vec<TrainImage> = images.iter().map(|i| TrainImage::file(&i.path)).collect();
-    let latents = image_latents(&model, &eval_images, resolution)?;
-    let eval_prompt = format!("a photo of a {TOKEN}");
-    let eval = |v: &candle_core::Tensor| {
-        fixed_noise_loss(&model, &latents, TOKEN, v, &eval_prompt, 8, 1234)
-    };
-    let before = eval(trainer.vectors_tensor())?;
-    println!(
-        "2/5 training '{TOKEN}' (2 vectors, init 'ball') at {resolution} px for {steps} steps into {}",
-        rel(&run_dir, &dir)
-    );
-    let train_start = Instant::now();
-    let outcome = train_loop(&mut trainer, &mut run, Some((steps / 10).max(1)))?;
-    if outcome == Outcome::Interrupted {
-        eprintln!(
-            "stopped at step {}; the run folder {} has its checkpoint",
-            trainer.step_count(),
-            run_dir.display()
-        );
-        return Err(CliError {
-            message: String::new(),
-            code: 130,
-        });
-    }
-    let train_seconds = train_start.elapsed().as_secs_f64();
-    let after = eval(trainer.vectors_tensor())?;
-    println!(
-        "    done in {} ({:.0} ms/step); loss at fixed noise and timesteps: {before:.4} with the initial word, {after:.4} with the trained one ({:+.1}%)",
-        human_duration(train_seconds),
-        train_seconds * 1000.0 / steps as f64,
-        (f64::from(after) / f64::from(before) - 1.0) * 100.0
-    );
+    Ok(images)
+}
 
-    // 3. Every writable format, each read back and compared.
+/// The trained word in every writable SD 1.x format under DIR/export, each read back and
+/// compared with the trained vectors.
+fn export_every_format(trainer: &Trainer, dir: &Path) -> CliResult<Vec<(Format, PathBuf)>> {
     let export_dir = dir.join("export");
     let want = trainer.vectors()?;
     let mut exported = Vec::new();
@@ -265,19 +252,23 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     println!(
         "3/5 exported {} formats to {} (sdxl needs two text encoders; png-pixels and rinongal-pt are read-only), each read back identical",
         exported.len(),
-        rel(&export_dir, &dir)
+        rel(&export_dir, dir)
     );
 
-    // 4. A prompt with the new word, through a host-style encoder.
-    let prompt = format!("a photo of {TOKEN} on a table");
+    Ok(exported)
+}
+
+/// A host-style encoder with the exported word registered from its file; prints how the
+/// prompt tokenizes and the shape of its hidden states.
+fn encode_with_word(
+    model: &SdModel,
+    a1111_pt: &Path,
+    prompt: &str,
+    dir: &Path,
+) -> CliResult<PromptEncoder> {
     let mut encoder = PromptEncoder::new(Arc::clone(&model.text_encoder))?;
-    let a1111_pt = exported
-        .iter()
-        .find(|(f, _)| *f == Format::A1111Pt)
-        .map(|(_, p)| p.clone())
-        .ok_or_else(|| CliError::new("the a1111-pt export is missing"))?;
-    encoder.register_file(None, &a1111_pt)?;
-    let slots = encoder.tokenize(&prompt);
+    encoder.register_file(None, a1111_pt)?;
+    let slots = encoder.tokenize(prompt);
     let end = slots
         .iter()
         .enumerate()
@@ -291,33 +282,19 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
             None => s.id.to_string(),
         })
         .collect();
-    let states = encoder.encode(&prompt)?;
+    let states = encoder.encode(prompt)?;
     println!(
         "4/5 encoded \"{prompt}\" (word from {}): {} -> hidden states {:?}",
-        rel(&a1111_pt, &dir),
+        rel(a1111_pt, dir),
         shown.join(" "),
         states.dims()
     );
 
-    // 5. A picture drawn with the word.
-    let sample_path = dir.join("sample.png");
-    let opts = SampleOptions {
-        prompt: prompt.clone(),
-        steps: if real { 30 } else { 20 },
-        seed: a.seed,
-        width: resolution,
-        height: resolution,
-        ..SampleOptions::default()
-    };
-    let img = sample_image(&model, &encoder, &opts)?;
-    sdti::app::plot::write_png(&sample_path, &img)?;
-    println!(
-        "5/5 sampled \"{prompt}\" ({} DDIM steps, guidance {}) to {}",
-        opts.steps,
-        opts.guidance,
-        rel(&sample_path, &dir)
-    );
+    Ok(encoder)
+}
 
+/// Where everything is, and what to try next.
+fn print_summary(dir: &Path, started: Instant, a1111_pt: &Path, prompt: &str) {
     println!();
     println!(
         "Everything is in {} ({} in all):",
@@ -356,5 +333,90 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
         a1111_pt.display(),
         a1111_pt.display()
     );
-    Ok(())
+}
+
+/// What the demo trains: its length, size, seed, and whether the model is a real one.
+struct TrainPlan {
+    steps: u64,
+    resolution: usize,
+    seed: u64,
+    real: bool,
+}
+
+/// Trains the word into DIR/run, reporting the loss at fixed noise before and after.
+fn train_word(
+    model: &Arc<SdModel>,
+    model_name: &str,
+    images: &[ImageEntry],
+    dir: &Path,
+    plan: &TrainPlan,
+) -> CliResult<Trainer> {
+    let train = TrainConfig {
+        token: TOKEN.into(),
+        init: Init::Text("ball".into()),
+        vectors: 2,
+        resolution: plan.resolution,
+        max_steps: plan.steps,
+        seed: plan.seed,
+        ..TrainConfig::default()
+    };
+    let run_settings = RunSettings {
+        save_every: (plan.steps / 3).max(1),
+        formats: vec![Format::A1111Pt, Format::A1111Safetensors],
+        precision: Precision::F32,
+        preview: PreviewSettings {
+            every: (plan.steps / 4).max(1),
+            prompt: "a photo of {}".into(),
+            steps: if plan.real { 20 } else { 10 },
+            seed: plan.seed,
+            ..PreviewSettings::default()
+        },
+    };
+    let run_dir = dir.join("run");
+    let config = RunConfig::new(
+        model_name.to_string(),
+        images.to_vec(),
+        train.clone(),
+        run_settings,
+    );
+    let mut trainer = Trainer::new(Arc::clone(model), train)?;
+    add_images(&mut trainer, images)?;
+    let mut run = RunFolder::create(&run_dir, config, false)?;
+    // A yardstick that, unlike the per-step loss, does not swing with the timestep.
+    let eval_images: Vec<TrainImage> = images.iter().map(|i| TrainImage::file(&i.path)).collect();
+    let latents = image_latents(model, &eval_images, plan.resolution)?;
+    let eval_prompt = format!("a photo of a {TOKEN}");
+    let eval = |v: &candle_core::Tensor| {
+        fixed_noise_loss(model, &latents, TOKEN, v, &eval_prompt, 8, 1234)
+    };
+    let before = eval(trainer.vectors_tensor())?;
+    println!(
+        "2/5 training '{TOKEN}' (2 vectors, init 'ball') at {} px for {} steps into {}",
+        plan.resolution,
+        plan.steps,
+        rel(&run_dir, dir)
+    );
+    let train_start = Instant::now();
+    let outcome = train_loop(&mut trainer, &mut run, Some((plan.steps / 10).max(1)))?;
+    if outcome == Outcome::Interrupted {
+        eprintln!(
+            "stopped at step {}; the run folder {} has its checkpoint",
+            trainer.step_count(),
+            run_dir.display()
+        );
+        return Err(CliError {
+            message: String::new(),
+            code: 130,
+        });
+    }
+    let train_seconds = train_start.elapsed().as_secs_f64();
+    let after = eval(trainer.vectors_tensor())?;
+    println!(
+        "    done in {} ({:.0} ms/step); loss at fixed noise and timesteps: {before:.4} with the initial word, {after:.4} with the trained one ({:+.1}%)",
+        human_duration(train_seconds),
+        train_seconds * 1000.0 / plan.steps as f64,
+        (f64::from(after) / f64::from(before) - 1.0) * 100.0
+    );
+
+    Ok(trainer)
 }
