@@ -342,6 +342,8 @@ impl RunFolder {
     /// Opens an existing run folder (to resume it).
     pub fn open(dir: &Path) -> Result<Self> {
         let config = read_config(dir)?;
+        // create() checks before it touches the folder; a folder read back is checked here.
+        config.run.validate()?;
         let mut folder = Self::from_config(dir, config)?;
         folder.losses = folder.read_losses()?;
         folder.previews = folder.scan_previews()?;
@@ -349,7 +351,6 @@ impl RunFolder {
     }
 
     fn from_config(dir: &Path, config: RunConfig) -> Result<Self> {
-        config.run.validate()?;
         Ok(Self {
             dir: dir.to_path_buf(),
             formats: config.run.formats.clone(),
@@ -506,15 +507,6 @@ impl RunFolder {
         let step = match self.latest_checkpoint()? {
             Some((step, path)) => {
                 trainer.load_checkpoint(&path)?;
-                // Killed between the checkpoint and its words: write them again.
-                let name = format!("{}-{step}", self.config.train.token);
-                let formats = self.formats.iter();
-                if formats
-                    .map(|f| self.embedding_path(&name, *f, true))
-                    .any(|p| !p.is_file())
-                {
-                    self.export_all(trainer, &name, true)?;
-                }
                 step
             }
             None => 0,
@@ -604,11 +596,14 @@ impl RunFolder {
     /// Writes the checkpoint and the word of the current step only (Ctrl-C).
     pub fn save(&mut self, trainer: &Trainer) -> Result<Vec<Written>> {
         let step = trainer.step_count();
+        // The words before the checkpoint: a checkpoint on disk then means its step's words
+        // are too, so a run killed in between resumes from the step before and writes them.
+        let name = format!("{}-{step}", self.config.train.token);
+        let words = self.export_all(trainer, &name, true)?;
         let ckpt = self.checkpoint_path(step);
         trainer.save_checkpoint(&ckpt)?;
         let mut out = vec![Written::Checkpoint(ckpt)];
-        let name = format!("{}-{step}", self.config.train.token);
-        out.extend(self.export_all(trainer, &name, true)?);
+        out.extend(words);
         self.write_plot()?;
         Ok(out)
     }
