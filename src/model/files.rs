@@ -124,24 +124,15 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
 }
 
 fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedWeights> {
-    if dir.join("text_encoder_2").is_dir() {
+    let mut index = WeightIndex::default();
+    let Some((text, unet)) = diffusers_text_encoder(dir, &mut index)? else {
         return Ok(LoadedWeights {
-            weights: WeightIndex::default().finish(dtype, device.clone()),
+            weights: index.finish(dtype, device.clone()),
             config: ModelConfig::sd1(),
             family: Family::Sdxl,
             source: dir.to_path_buf(),
         });
-    }
-    for part in ["text_encoder", "unet", "vae"] {
-        if !dir.join(part).is_dir() {
-            return Err(model_err(
-                dir,
-                format!("not a diffusers model folder: the '{part}' subfolder is missing"),
-            ));
-        }
-    }
-    let text: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
-    let unet: UnetConfig = read_json(&dir.join("unet/config.json"))?;
+    };
     let vae: VaeConfig = read_json(&dir.join("vae/config.json"))?;
     let sched_path = dir.join("scheduler/scheduler_config.json");
     let scheduler = if sched_path.is_file() {
@@ -150,14 +141,6 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
         SchedulerConfig::default()
     };
     let family = family_from_configs(&text, &unet);
-    let mut index = WeightIndex::default();
-    for file in component_files(&dir.join("text_encoder"), "model")? {
-        for (key, _) in index.map_file(&file)? {
-            if let Some(name) = text_encoder_name(&key) {
-                index.alias_last(&key, name);
-            }
-        }
-    }
     for (part, stem) in [
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
@@ -214,21 +197,8 @@ fn index_single_file(
     device: &Device,
     config: Option<&ModelConfig>,
 ) -> Result<LoadedWeights> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
-        return Err(model_err(
-            path,
-            "pickled checkpoints (.ckpt/.pt/.bin) are not loaded, since unpickling can run code: \
-             use the .safetensors version of the model",
-        ));
-    }
     let mut index = WeightIndex::default();
-    let keys: HashMap<String, Vec<usize>> = index.map_file(path)?.into_iter().collect();
-    let family = family_from_keys(path, &keys)?;
+    let (keys, family) = map_single_file(path, &mut index)?;
     if family != Family::Sd1 {
         return Ok(LoadedWeights {
             weights: index.finish(dtype, device.clone()),
@@ -255,11 +225,7 @@ fn index_single_file(
     for (ldm, name) in vae_map {
         index.alias_last(&format!("first_stage_model.{ldm}"), format!("vae.{name}"));
     }
-    for key in text_keys.keys() {
-        if let Some(name) = text_encoder_name(key) {
-            index.alias_last(&format!("cond_stage_model.transformer.{key}"), name);
-        }
-    }
+    alias_ldm_text_encoder(&mut index, &text_keys);
     Ok(LoadedWeights {
         weights: index.finish(dtype, device.clone()),
         config: ModelConfig {
@@ -305,8 +271,21 @@ pub fn index_text_encoder(
 }
 
 fn text_encoder_of_folder(dir: &Path, index: &mut WeightIndex) -> Result<(Family, ClipConfig)> {
+    Ok(match diffusers_text_encoder(dir, index)? {
+        Some((text, unet)) => (family_from_configs(&text, &unet), text),
+        None => (Family::Sdxl, ClipConfig::sd1()),
+    })
+}
+
+/// A diffusers folder's text encoder, mapped under `text_encoder.`, with its config and
+/// the UNet's (a small JSON file that tells SD 2.x apart; the UNet's weights stay
+/// unread). `None` for SDXL (a second text encoder). Every part must be there.
+fn diffusers_text_encoder(
+    dir: &Path,
+    index: &mut WeightIndex,
+) -> Result<Option<(ClipConfig, UnetConfig)>> {
     if dir.join("text_encoder_2").is_dir() {
-        return Ok((Family::Sdxl, ClipConfig::sd1()));
+        return Ok(None);
     }
     for part in ["text_encoder", "unet", "vae"] {
         if !dir.join(part).is_dir() {
@@ -317,7 +296,6 @@ fn text_encoder_of_folder(dir: &Path, index: &mut WeightIndex) -> Result<(Family
         }
     }
     let text: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
-    // The UNet's config (a small JSON file) tells SD 2.x apart; its weights stay unread.
     let unet: UnetConfig = read_json(&dir.join("unet/config.json"))?;
     for file in component_files(&dir.join("text_encoder"), "model")? {
         for (key, _) in index.map_file(&file)? {
@@ -326,7 +304,7 @@ fn text_encoder_of_folder(dir: &Path, index: &mut WeightIndex) -> Result<(Family
             }
         }
     }
-    Ok((family_from_configs(&text, &unet), text))
+    Ok(Some((text, unet)))
 }
 
 fn text_encoder_of_file(
@@ -334,6 +312,25 @@ fn text_encoder_of_file(
     index: &mut WeightIndex,
     config: Option<&ClipConfig>,
 ) -> Result<(Family, ClipConfig)> {
+    let (keys, family) = map_single_file(path, index)?;
+    if family != Family::Sd1 {
+        return Ok((family, ClipConfig::sd1()));
+    }
+    let text_keys = sub_keys(&keys, "cond_stage_model.transformer.");
+    let text = match config {
+        Some(c) => c.clone(),
+        None => ldm_clip_config(path, &text_keys)?,
+    };
+    alias_ldm_text_encoder(index, &text_keys);
+    Ok((family, text))
+}
+
+/// Maps a single-file checkpoint's tensors (refusing pickles, which could run code) and
+/// tells its family from the keys.
+fn map_single_file(
+    path: &Path,
+    index: &mut WeightIndex,
+) -> Result<(HashMap<String, Vec<usize>>, Family)> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -348,20 +345,17 @@ fn text_encoder_of_file(
     }
     let keys: HashMap<String, Vec<usize>> = index.map_file(path)?.into_iter().collect();
     let family = family_from_keys(path, &keys)?;
-    if family != Family::Sd1 {
-        return Ok((family, ClipConfig::sd1()));
-    }
-    let text_keys = sub_keys(&keys, "cond_stage_model.transformer.");
-    let text = match config {
-        Some(c) => c.clone(),
-        None => ldm_clip_config(path, &text_keys)?,
-    };
+    Ok((keys, family))
+}
+
+/// Names a single file's CLIP tensors (`cond_stage_model.transformer.*`, given without
+/// that prefix) as the text encoder's.
+fn alias_ldm_text_encoder(index: &mut WeightIndex, text_keys: &HashMap<String, Vec<usize>>) {
     for key in text_keys.keys() {
         if let Some(name) = text_encoder_name(key) {
             index.alias_last(&format!("cond_stage_model.transformer.{key}"), name);
         }
     }
-    Ok((family, text))
 }
 
 fn sub_keys(keys: &HashMap<String, Vec<usize>>, prefix: &str) -> HashMap<String, Vec<usize>> {
@@ -512,6 +506,16 @@ fn ldm_unet(
     Ok((cfg, map))
 }
 
+/// `rest` with the first matching old prefix of `renames` replaced by its new one.
+fn rename_prefix(rest: &str, renames: &[(&str, &str)]) -> String {
+    for (old, new) in renames {
+        if let Some(r) = rest.strip_prefix(old) {
+            return format!("{new}{r}");
+        }
+    }
+    rest.to_string()
+}
+
 fn resnet_name(rest: &str) -> String {
     const RENAMES: [(&str, &str); 6] = [
         ("in_layers.0.", "norm1."),
@@ -521,12 +525,7 @@ fn resnet_name(rest: &str) -> String {
         ("out_layers.3.", "conv2."),
         ("skip_connection.", "conv_shortcut."),
     ];
-    for (old, new) in RENAMES {
-        if let Some(r) = rest.strip_prefix(old) {
-            return format!("{new}{r}");
-        }
-    }
-    rest.to_string()
+    rename_prefix(rest, &RENAMES)
 }
 
 fn is_resnet_part(rest: &str) -> bool {
@@ -679,12 +678,7 @@ fn vae_attention_name(rest: &str) -> String {
         ("v.", "to_v."),
         ("proj_out.", "to_out.0."),
     ];
-    for (old, new) in RENAMES {
-        if let Some(r) = rest.strip_prefix(old) {
-            return format!("{new}{r}");
-        }
-    }
-    rest.to_string()
+    rename_prefix(rest, &RENAMES)
 }
 
 fn ldm_vae_name(key: &str, levels: usize) -> Option<String> {
