@@ -22,7 +22,7 @@ mod linear;
 mod upsample;
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu, QUICK_GELU_ALPHA};
-pub use attention::attention;
+pub use attention::{attention, attention_backward, attention_forward, AttentionMask};
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
 pub use layer_norm::LayerNorm;

@@ -1,4 +1,14 @@
 //! Memory-bounded scaled dot-product attention with a recomputing backward pass.
+//!
+//! Two interfaces: [`attention_forward`] and [`attention_backward`] work off the graph on
+//! the merged-head `[B, tokens, H*dh]` layout (the block-level ops call them and keep `o`
+//! and `lse` for their own backward), and the graph-level [`attention`] over split heads.
+//! f32 on the CPU runs the flash kernel of [`flash`]; everything else runs candle ops
+//! ([`generic`]).
+
+#[cfg(test)]
+mod api_tests;
+mod generic;
 
 use std::sync::Mutex;
 
@@ -87,7 +97,7 @@ fn mask_rows(mask: Option<&Tensor>, r: usize, n: usize) -> candle_core::Result<O
     mask.map(|m| m.narrow(0, r, n)).transpose()
 }
 
-fn attention_forward(
+fn split_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -121,6 +131,113 @@ fn attention_forward(
             .collect::<candle_core::Result<_>>()?;
         Tensor::cat(&rows, 0)
     }
+}
+
+/// Attention mask kinds the models use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMask {
+    None,
+    /// Query `i` sees keys `0..=i` (CLIP's text encoder).
+    Causal,
+}
+
+/// The shapes of an attention call, checked: `(batch, queries, keys, channels)`.
+fn check_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (b, n, c) = q.dims3()?;
+    let (kb, m, kc) = k.dims3()?;
+    let vd = v.dims3()?;
+    if heads == 0 || c % heads != 0 {
+        candle_core::bail!("attention: {c} channels do not split into {heads} heads");
+    }
+    if (kb, kc) != (b, c) || vd != (b, m, c) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not match ([B, N, C], [B, M, C], [B, M, C])",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if b == 0 || n == 0 || m == 0 || c == 0 {
+        candle_core::bail!(
+            "attention: empty input (q {:?}, k {:?})",
+            q.dims(),
+            k.dims()
+        );
+    }
+    for t in [k, v] {
+        if t.dtype() != q.dtype() || !t.device().same_device(q.device()) {
+            candle_core::bail!(
+                "attention: q, k and v differ in dtype or device ({:?}/{:?} vs {:?}/{:?})",
+                q.dtype(),
+                q.device().location(),
+                t.dtype(),
+                t.device().location()
+            );
+        }
+    }
+    Ok((b, n, m, c))
+}
+
+/// Off-graph multi-head attention forward. q: `[B, N, H*dh]`, k and v: `[B, M, H*dh]`; each
+/// may be a strided view whose last dimension is contiguous (e.g. `qkv.narrow(2, 0, C)` of
+/// a fused `[B, N, 3C]` projection output), heads are the consecutive dh-wide slices of
+/// the last dimension.
+///
+/// Returns o: `[B, N, H*dh]` contiguous (heads already merged, ready for the output
+/// projection) and lse: `[B, H, N]` (f32, f64 for f64 inputs), the row log-sum-exp of the
+/// scaled scores, which is what [`attention_backward`] needs.
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: AttentionMask,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    check_inputs(q, k, v, heads)?;
+    profile::time("attention", Pass::Forward, q.device(), || {
+        generic::forward(q, k, v, heads, scale, mask)
+    })
+}
+
+/// Off-graph backward: given the forward's inputs, its output `o` and `lse`, and the
+/// output gradient `g` (`[B, N, H*dh]`), the gradients of q, k and v in the same
+/// `[B, tokens, H*dh]` layout (contiguous). `need` says which are wanted (`[q, k, v]`);
+/// the others come back `None` and are not computed.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: AttentionMask,
+    need: [bool; 3],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (b, n, _, _) = check_inputs(q, k, v, heads)?;
+    if o.dims() != q.dims() || g.dims() != q.dims() || lse.dims() != [b, heads, n] {
+        candle_core::bail!(
+            "attention backward: o {:?}, g {:?} and lse {:?} do not match q {:?} and {heads} heads",
+            o.dims(),
+            g.dims(),
+            lse.dims(),
+            q.dims()
+        );
+    }
+    if !need.iter().any(|&x| x) {
+        return Ok((None, None, None));
+    }
+    profile::time("attention", Pass::Backward, q.device(), || {
+        generic::backward(q, k, v, o, lse, g, heads, scale, mask, need)
+    })
 }
 
 impl candle_core::CustomOp3 for AttentionOp {
@@ -283,11 +400,11 @@ pub fn attention(
             "attention",
             Pass::Forward,
             q.device(),
-            || attention_forward(&q, &k, &v, scale, mask),
+            || split_forward(&q, &k, &v, scale, mask),
         )?);
     }
     let out = profile::time("attention", Pass::Forward, q.device(), || {
-        standalone(attention_forward(
+        standalone(split_forward(
             &q.detach(),
             &k.detach(),
             &v.detach(),
