@@ -320,6 +320,67 @@ mod tests {
         Ok(())
     }
 
+    /// The charts of tests/fixtures/loss-chart/: a long run with spikes (one far above the
+    /// rest, one not finite), a resumed run with small losses, a single point and no points
+    /// at a size below the minimum.
+    fn pinned_charts() -> Result<Vec<(&'static str, RgbImage)>> {
+        let run: Vec<LossPoint> = (1..=300)
+            .map(|s| LossPoint {
+                step: s,
+                loss: match s {
+                    150 => 4.0,
+                    200 => f32::NAN,
+                    _ => 0.3 / (s as f32).sqrt() + if s % 7 == 0 { 0.05 } else { 0.0 },
+                },
+            })
+            .collect();
+        let resumed: Vec<LossPoint> = (1001..=1040)
+            .map(|s| LossPoint {
+                step: s,
+                loss: 0.012 + 0.003 * ((s as f32) * 0.7).sin(),
+            })
+            .collect();
+        let single = [LossPoint {
+            step: 1,
+            loss: 0.25,
+        }];
+        Ok(vec![
+            ("run", loss_chart(&run, 800, 480)?),
+            ("resumed", loss_chart(&resumed, 320, 200)?),
+            ("single", loss_chart(&single, 400, 240)?),
+            ("empty", loss_chart(&[], 100, 100)?),
+        ])
+    }
+
+    /// The charts, pixel for pixel, against the committed pictures
+    /// (`SDTI_WRITE_REFERENCE=1 cargo test --lib plot::tests::charts_match` rewrites them).
+    #[test]
+    fn charts_match_the_committed_pictures() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss-chart");
+        for (name, img) in pinned_charts()? {
+            let path = dir.join(format!("{name}.png"));
+            if std::env::var_os("SDTI_WRITE_REFERENCE").is_some() {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                write_png(&path, &img)?;
+                continue;
+            }
+            let want = image::open(&path)
+                .map_err(|e| plot_err(format!("{}: {e}", path.display())))?
+                .to_rgb8();
+            assert_eq!(img.dimensions(), want.dimensions(), "{name}");
+            let differing = img
+                .pixels()
+                .zip(want.pixels())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(
+                differing, 0,
+                "{name}: {differing} pixels differ from {path:?}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn ticks_are_nice_and_smoothing_starts_unbiased() {
         let (t, step) = nice_ticks(0.0, 1000.0, 5);

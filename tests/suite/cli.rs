@@ -631,6 +631,81 @@ fn convert_inspect_and_encode_embeddings() {
     assert!(human.contains("padding slots"), "{human}");
 }
 
+/// `sdti encode`'s output, byte for byte, against tests/fixtures/encode/ (run in the
+/// words' folder so the paths printed are the relative ones given):
+/// `SDTI_WRITE_REFERENCE=1 cargo test --test suite cli::encode_output` rewrites them.
+#[test]
+fn encode_output_matches_the_committed_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_word(&tmp.path().join("sks.pt"), "sks", 2, Format::A1111Pt);
+    write_word(
+        &tmp.path().join("style.safetensors"),
+        "style",
+        1,
+        Format::A1111Safetensors,
+    );
+    let long = format!(
+        "a good photo of my sks, {}, in the style of painter, embedding:sks",
+        ["red hat", "blue coat", "green scarf", "old boots"]
+            .iter()
+            .cycle()
+            .take(24)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let cases: [(&str, Vec<&str>); 4] = [
+        (
+            "short.json",
+            vec![
+                "--embedding",
+                "sks.pt",
+                "a photo of sks, embedding:sks",
+                "--json",
+            ],
+        ),
+        ("short.txt", vec!["-e", "sks.pt", "a photo of sks"]),
+        (
+            "long-a1111.txt",
+            vec!["-e", "sks.pt", "-e", "painter=style.safetensors", &long],
+        ),
+        (
+            "long-comfyui.txt",
+            vec![
+                "-e",
+                "sks.pt",
+                "-e",
+                "painter=style.safetensors",
+                "--chunking",
+                "comfyui",
+                &long,
+            ],
+        ),
+    ];
+    let dir = fixture("encode");
+    for (name, args) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdti"))
+            .arg("encode")
+            .args(&args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let path = dir.join(name);
+        if std::env::var_os("SDTI_WRITE_REFERENCE").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &out.stdout).unwrap();
+            continue;
+        }
+        let want = std::fs::read(&path).unwrap();
+        assert!(
+            out.stdout == want,
+            "{name} differs from {path:?}:\n{}",
+            text(&out.stdout)
+        );
+    }
+}
+
 #[test]
 fn bench_times_steps_on_a_random_tiny_model() {
     let json: serde_json::Value = serde_json::from_str(&ok(&[
