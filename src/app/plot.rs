@@ -157,129 +157,179 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Room around the plot area in pixels: tick labels on the left and below, the title and
+/// the legend above.
+const MARGIN_LEFT: u32 = 76;
+const MARGIN_RIGHT: u32 = 20;
+const MARGIN_TOP: u32 = 34;
+const MARGIN_BOTTOM: u32 = 44;
+
+/// Text colours: labels, and the curves' own colours for the title and legend.
+const INK: [u8; 3] = [40, 40, 40];
+const RAW_INK: [u8; 3] = [120, 160, 225];
+const SMOOTH_INK: [u8; 3] = [20, 60, 160];
+
+/// The data range each axis shows.
+#[derive(Clone, Copy, Debug)]
+struct Axes {
+    x0: f64,
+    x1: f64,
+    y0: f64,
+    y1: f64,
+}
+
+impl Axes {
+    /// The steps run from the one before the first point to the last; the losses from the
+    /// lowest to the 98th percentile, padded by 5%.
+    fn fit(points: &[LossPoint]) -> Self {
+        let x0 = points.first().map_or(0, |p| p.step.saturating_sub(1)) as f64;
+        let x1 = (points.last().map_or(1, |p| p.step) as f64).max(x0 + 1.0);
+        // The top of the axis ignores the highest 2% of losses: single spikes would flatten
+        // the curve that matters.
+        let mut sorted: Vec<f32> = points.iter().map(|p| p.loss).collect();
+        sorted.sort_by(f32::total_cmp);
+        let lo = sorted.first().map_or(0.0, |v| f64::from(*v));
+        let hi_index = ((sorted.len() as f64 - 1.0) * 0.98).round().max(0.0) as usize;
+        let hi = sorted.get(hi_index).map_or(1.0, |v| f64::from(*v)).max(lo);
+        let pad = ((hi - lo) * 0.05).max(1e-6);
+        // Losses are not negative: the axis starts at zero at the lowest.
+        let y0 = (lo - pad).max(lo.min(0.0));
+        let y1 = hi + pad;
+        Self { x0, x1, y0, y1 }
+    }
+
+    /// A loss held inside the axis, so that a spike runs along the top edge.
+    fn clamp(&self, v: f64) -> f64 {
+        v.clamp(self.y0, self.y1)
+    }
+}
+
+/// The raw curve and its moving average, as (step, loss) inside the axes.
+type Curves = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+
+fn curves(points: &[LossPoint], axes: &Axes) -> Curves {
+    let raw = points
+        .iter()
+        .map(|p| (p.step as f64, axes.clamp(f64::from(p.loss))))
+        .collect();
+    let losses: Vec<f32> = points.iter().map(|p| p.loss).collect();
+    let smoothed = points
+        .iter()
+        .zip(smooth(&losses, 0.9))
+        .map(|(p, s)| (p.step as f64, axes.clamp(s)))
+        .collect();
+    (raw, smoothed)
+}
+
+/// A tick's label and the pixel where its grid line meets the axis.
+type TickLabel = ((i32, i32), String);
+
+/// Draws the grid, the frame and the curves with plotters into `buf` (RGB, `width` x
+/// `height`); returns the tick labels of the x and y axes, for [`draw_tick_labels`].
+fn draw_plot(
+    buf: &mut [u8],
+    (width, height): (u32, u32),
+    axes: &Axes,
+    (raw, smoothed): Curves,
+) -> Result<(Vec<TickLabel>, Vec<TickLabel>)> {
+    let Axes { x0, x1, y0, y1 } = *axes;
+    let (x_ticks, x_step) = nice_ticks(x0, x1, 8);
+    let (y_ticks, y_step) = nice_ticks(y0, y1, 8);
+    let mut x_labels = Vec::new();
+    let mut y_labels = Vec::new();
+    let root = BitMapBackend::with_buffer(buf, (width, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .margin_left(MARGIN_LEFT)
+        .margin_right(MARGIN_RIGHT)
+        .margin_top(MARGIN_TOP)
+        .margin_bottom(MARGIN_BOTTOM)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err)?;
+    let grid = RGBColor(228, 228, 228);
+    for &t in &x_ticks {
+        chart
+            .draw_series(LineSeries::new([(t, y0), (t, y1)], grid))
+            .map_err(plot_err)?;
+        x_labels.push((chart.backend_coord(&(t, y0)), tick_label(t, x_step)));
+    }
+    for &t in &y_ticks {
+        chart
+            .draw_series(LineSeries::new([(x0, t), (x1, t)], grid))
+            .map_err(plot_err)?;
+        y_labels.push((chart.backend_coord(&(x0, t)), tick_label(t, y_step)));
+    }
+    let frame = RGBColor(90, 90, 90);
+    chart
+        .draw_series(LineSeries::new(
+            [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)],
+            frame,
+        ))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(raw, RGBColor(160, 190, 235)))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            smoothed,
+            RGBColor(20, 60, 160).stroke_width(2),
+        ))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok((x_labels, y_labels))
+}
+
+/// Step labels centred below their ticks, loss labels right-aligned left of theirs.
+fn draw_tick_labels(img: &mut RgbImage, x_labels: &[TickLabel], y_labels: &[TickLabel]) {
+    for ((x, y), label) in x_labels {
+        let w = i64::from(text_width(label, 2));
+        draw_text(img, i64::from(*x) - w / 2, i64::from(*y) + 8, label, 2, INK);
+    }
+    for ((x, y), label) in y_labels {
+        let w = i64::from(text_width(label, 2));
+        draw_text(img, i64::from(*x) - w - 8, i64::from(*y) - 7, label, 2, INK);
+    }
+}
+
+/// The title above the plot, the legend at the top right in the curves' own colours and
+/// the step axis's name below.
+fn draw_titles(img: &mut RgbImage) {
+    let (width, height) = img.dimensions();
+    draw_text(img, i64::from(MARGIN_LEFT), 10, "loss", 2, SMOOTH_INK);
+    let (raw_label, smooth_label) = ("raw", "smoothed (ema 0.9)");
+    let lw = i64::from(text_width(raw_label, 1) + 12 + text_width(smooth_label, 1));
+    let lx = i64::from(width - MARGIN_RIGHT) - lw;
+    draw_text(img, lx, 14, raw_label, 1, RAW_INK);
+    let sx = lx + i64::from(text_width(raw_label, 1)) + 12;
+    draw_text(img, sx, 14, smooth_label, 1, SMOOTH_INK);
+    let xlabel = "step";
+    let xw = i64::from(text_width(xlabel, 2));
+    draw_text(
+        img,
+        i64::from(width) / 2 - xw / 2,
+        i64::from(height) - 16,
+        xlabel,
+        2,
+        INK,
+    );
+}
+
 /// The loss curve as an RGB image: the raw loss per step (light) and its moving average
-/// (dark), with step and loss ticks.
+/// (dark), with step and loss ticks. Losses that are not finite are left out.
 pub fn loss_chart(points: &[LossPoint], width: u32, height: u32) -> Result<RgbImage> {
-    let (width, height) = (width.max(200), height.max(150));
-    let mut buf = vec![255u8; width as usize * height as usize * 3];
-    let (left, right, top, bottom) = (76u32, 20u32, 34u32, 44u32);
+    let size = (width.max(200), height.max(150));
     let finite: Vec<LossPoint> = points
         .iter()
         .copied()
         .filter(|p| p.loss.is_finite())
         .collect();
-    let x0 = finite.first().map_or(0, |p| p.step.saturating_sub(1)) as f64;
-    let x1 = (finite.last().map_or(1, |p| p.step) as f64).max(x0 + 1.0);
-    // The top of the axis ignores the highest 2% of losses: single spikes would flatten
-    // the curve that matters.
-    let mut sorted: Vec<f32> = finite.iter().map(|p| p.loss).collect();
-    sorted.sort_by(f32::total_cmp);
-    let lo = sorted.first().map_or(0.0, |v| f64::from(*v));
-    let hi_index = ((sorted.len() as f64 - 1.0) * 0.98).round().max(0.0) as usize;
-    let hi = sorted.get(hi_index).map_or(1.0, |v| f64::from(*v)).max(lo);
-    let pad = ((hi - lo) * 0.05).max(1e-6);
-    // Losses are not negative: the axis starts at zero at the lowest.
-    let y0 = (lo - pad).max(lo.min(0.0));
-    let y1 = hi + pad;
-    let clamp = |v: f64| v.clamp(y0, y1);
-    let raw: Vec<(f64, f64)> = finite
-        .iter()
-        .map(|p| (p.step as f64, clamp(f64::from(p.loss))))
-        .collect();
-    let losses: Vec<f32> = finite.iter().map(|p| p.loss).collect();
-    let smoothed: Vec<(f64, f64)> = finite
-        .iter()
-        .zip(smooth(&losses, 0.9))
-        .map(|(p, s)| (p.step as f64, clamp(s)))
-        .collect();
-    let (x_ticks, x_step) = nice_ticks(x0, x1, 8);
-    let (y_ticks, y_step) = nice_ticks(y0, y1, 8);
-    let mut x_labels = Vec::new();
-    let mut y_labels = Vec::new();
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .margin_left(left)
-            .margin_right(right)
-            .margin_top(top)
-            .margin_bottom(bottom)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(plot_err)?;
-        let grid = RGBColor(228, 228, 228);
-        for &t in &x_ticks {
-            chart
-                .draw_series(LineSeries::new([(t, y0), (t, y1)], grid))
-                .map_err(plot_err)?;
-            x_labels.push((chart.backend_coord(&(t, y0)), tick_label(t, x_step)));
-        }
-        for &t in &y_ticks {
-            chart
-                .draw_series(LineSeries::new([(x0, t), (x1, t)], grid))
-                .map_err(plot_err)?;
-            y_labels.push((chart.backend_coord(&(x0, t)), tick_label(t, y_step)));
-        }
-        let frame = RGBColor(90, 90, 90);
-        chart
-            .draw_series(LineSeries::new(
-                [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)],
-                frame,
-            ))
-            .map_err(plot_err)?;
-        chart
-            .draw_series(LineSeries::new(raw, RGBColor(160, 190, 235)))
-            .map_err(plot_err)?;
-        chart
-            .draw_series(LineSeries::new(
-                smoothed,
-                RGBColor(20, 60, 160).stroke_width(2),
-            ))
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    let mut img = RgbImage::from_raw(width, height, buf)
+    let axes = Axes::fit(&finite);
+    let mut buf = vec![255u8; size.0 as usize * size.1 as usize * 3];
+    let (x_labels, y_labels) = draw_plot(&mut buf, size, &axes, curves(&finite, &axes))?;
+    let mut img = RgbImage::from_raw(size.0, size.1, buf)
         .ok_or_else(|| plot_err("the chart buffer has the wrong size"))?;
-    let ink = [40, 40, 40];
-    for ((x, y), label) in x_labels {
-        let w = i64::from(text_width(&label, 2));
-        draw_text(
-            &mut img,
-            i64::from(x) - w / 2,
-            i64::from(y) + 8,
-            &label,
-            2,
-            ink,
-        );
-    }
-    for ((x, y), label) in y_labels {
-        let w = i64::from(text_width(&label, 2));
-        draw_text(
-            &mut img,
-            i64::from(x) - w - 8,
-            i64::from(y) - 7,
-            &label,
-            2,
-            ink,
-        );
-    }
-    draw_text(&mut img, i64::from(left), 10, "loss", 2, [20, 60, 160]);
-    // The legend in the curves' own colours.
-    let (raw_label, smooth_label) = ("raw", "smoothed (ema 0.9)");
-    let lw = i64::from(text_width(raw_label, 1) + 12 + text_width(smooth_label, 1));
-    let lx = i64::from(width - right) - lw;
-    draw_text(&mut img, lx, 14, raw_label, 1, [120, 160, 225]);
-    let sx = lx + i64::from(text_width(raw_label, 1)) + 12;
-    draw_text(&mut img, sx, 14, smooth_label, 1, [20, 60, 160]);
-    let xlabel = "step";
-    let xw = i64::from(text_width(xlabel, 2));
-    draw_text(
-        &mut img,
-        i64::from(width) / 2 - xw / 2,
-        i64::from(height) - 16,
-        xlabel,
-        2,
-        ink,
-    );
+    draw_tick_labels(&mut img, &x_labels, &y_labels);
+    draw_titles(&mut img);
     Ok(img)
 }
 

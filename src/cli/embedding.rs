@@ -9,7 +9,7 @@ use sdti::embedding::{
 };
 use sdti::prompt::chunks::{chunk_slots, Slot};
 use sdti::prompt::{prompt_slots, Word};
-use sdti::tokenizer::{ClipTokenizer, BOS, EOS};
+use sdti::tokenizer::{ClipTokenizer, BOS, CONTEXT_LEN, EOS};
 use serde::Serialize;
 
 use super::common::{
@@ -207,14 +207,15 @@ struct EncodeReport {
     learned_slots: Vec<(usize, usize)>,
 }
 
-pub fn encode(a: EncodeArgs) -> CliResult<()> {
-    let tokenizer = ClipTokenizer::new().map_err(|e| CliError::new(format!("tokenizer: {e}")))?;
+/// The learned words of `--embedding` arguments, their vectors placed one after another
+/// (as the prompt encoder stacks them), and what to report of each.
+fn read_words(args: &[EmbeddingArg]) -> CliResult<(Vec<Word>, Vec<WordReport>)> {
     let mut words = Vec::new();
-    let mut word_reports = Vec::new();
+    let mut reports = Vec::new();
     let mut offset = 0;
-    for e in &a.embedding {
+    for e in args {
         let emb = read_embedding(&e.path)?;
-        let name = e.word.clone().unwrap_or_else(|| e.word_or_stem());
+        let name = e.word_or_stem();
         let vectors = emb.parts.first().map_or(0, |p| p.vectors);
         words.push(Word {
             name: name.clone(),
@@ -222,96 +223,140 @@ pub fn encode(a: EncodeArgs) -> CliResult<()> {
             offset,
         });
         offset += vectors;
-        word_reports.push(WordReport {
+        reports.push(WordReport {
             name,
             vectors,
             file: e.path.clone(),
         });
     }
-    let slots = prompt_slots(&tokenizer, &a.prompt, &words);
+    Ok((words, reports))
+}
+
+fn slot_report(tokenizer: &ClipTokenizer, words: &[Word], slot: &Slot) -> SlotReport {
+    match slot {
+        Slot::Token(id) => SlotReport {
+            id: Some(*id),
+            text: tokenizer.id_to_token(*id).unwrap_or("?").to_string(),
+            learned: None,
+        },
+        Slot::Learned { word, index } => {
+            let name = words.get(*word).map_or("?", |w| w.name.as_str());
+            SlotReport {
+                id: None,
+                text: format!("{name}#{index}"),
+                learned: Some(LearnedSlot {
+                    word: name.to_string(),
+                    vector: *index,
+                }),
+            }
+        }
+    }
+}
+
+/// The prompt's slots in 77-slot chunks, as the prompt encoder would fill them.
+fn encode_report(
+    tokenizer: &ClipTokenizer,
+    a: &EncodeArgs,
+    words: &[Word],
+    word_reports: Vec<WordReport>,
+) -> EncodeReport {
+    let slots = prompt_slots(tokenizer, &a.prompt, words);
     let chunks = chunk_slots(&slots, a.chunking.style(), tokenizer.comma_id());
-    let mut report = EncodeReport {
+    let learned_slots = chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s, Slot::Learned { .. }))
+                .map(move |(i, _)| (c, i))
+        })
+        .collect();
+    EncodeReport {
         prompt: a.prompt.clone(),
         chunking: format!("{:?}", a.chunking).to_ascii_lowercase(),
         words: word_reports,
-        chunks: Vec::new(),
-        learned_slots: Vec::new(),
-    };
-    for (c, chunk) in chunks.iter().enumerate() {
-        let mut out = Vec::new();
-        for (i, slot) in chunk.iter().enumerate() {
-            out.push(match slot {
-                Slot::Token(id) => SlotReport {
-                    id: Some(*id),
-                    text: tokenizer.id_to_token(*id).unwrap_or("?").to_string(),
-                    learned: None,
-                },
-                Slot::Learned { word, index } => {
-                    report.learned_slots.push((c, i));
-                    let name = words.get(*word).map_or("?", |w| w.name.as_str());
-                    SlotReport {
-                        id: None,
-                        text: format!("{name}#{index}"),
-                        learned: Some(LearnedSlot {
-                            word: name.to_string(),
-                            vector: *index,
-                        }),
-                    }
-                }
-            });
+        chunks: chunks
+            .iter()
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|slot| slot_report(tokenizer, words, slot))
+                    .collect()
+            })
+            .collect(),
+        learned_slots,
+    }
+}
+
+/// "s" unless there is one.
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// One chunk's slots up to the first EOS after the text; the padding is summarised.
+fn print_chunk(tokenizer: &ClipTokenizer, c: usize, chunk: &[SlotReport]) {
+    println!("chunk {c}:");
+    let end = chunk
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, s)| s.id == Some(EOS))
+        .map_or(chunk.len(), |(i, _)| i + 1);
+    for (i, s) in chunk.iter().take(end).enumerate() {
+        match (&s.id, &s.learned) {
+            (_, Some(l)) => println!("  {i:>3}  learned  {} vector {}", l.word, l.vector),
+            (Some(id), None) => {
+                let text = if *id == BOS || *id == EOS {
+                    s.text.clone()
+                } else {
+                    tokenizer.decode(&[*id])
+                };
+                println!("  {i:>3}  {id:>7}  {text}");
+            }
+            (None, None) => {}
         }
-        report.chunks.push(out);
     }
-    if a.json {
-        return print_json(&report);
+    if end < chunk.len() {
+        println!("  ... {} padding slots ({EOS})", chunk.len() - end);
     }
+}
+
+fn print_report(tokenizer: &ClipTokenizer, report: &EncodeReport) {
     println!("prompt:   {}", report.prompt);
     for w in &report.words {
         println!(
             "word:     {} ({} vector{}, {})",
             w.name,
             w.vectors,
-            if w.vectors == 1 { "" } else { "s" },
+            plural(w.vectors),
             w.file.display()
         );
     }
     println!(
-        "chunks:   {} of 77 slots ({} chunking); {} learned slot{}",
+        "chunks:   {} of {CONTEXT_LEN} slots ({} chunking); {} learned slot{}",
         report.chunks.len(),
         report.chunking,
         report.learned_slots.len(),
-        if report.learned_slots.len() == 1 {
-            ""
-        } else {
-            "s"
-        }
+        plural(report.learned_slots.len())
     );
     for (c, chunk) in report.chunks.iter().enumerate() {
-        println!("chunk {c}:");
-        // The slots up to the first EOS after the text; the padding is summarised.
-        let end = chunk
-            .iter()
-            .enumerate()
-            .skip(1)
-            .find(|(_, s)| s.id == Some(EOS))
-            .map_or(chunk.len(), |(i, _)| i + 1);
-        for (i, s) in chunk.iter().take(end).enumerate() {
-            match (&s.id, &s.learned) {
-                (_, Some(l)) => println!("  {i:>3}  learned  {} vector {}", l.word, l.vector),
-                (Some(id), None) => {
-                    let text = if *id == BOS || *id == EOS {
-                        s.text.clone()
-                    } else {
-                        tokenizer.decode(&[*id])
-                    };
-                    println!("  {i:>3}  {id:>7}  {text}");
-                }
-                (None, None) => {}
-            }
-        }
-        if end < chunk.len() {
-            println!("  ... {} padding slots ({EOS})", chunk.len() - end);
-        }
+        print_chunk(tokenizer, c, chunk);
     }
+}
+
+pub fn encode(a: EncodeArgs) -> CliResult<()> {
+    let tokenizer = ClipTokenizer::new().map_err(|e| CliError::new(format!("tokenizer: {e}")))?;
+    let (words, word_reports) = read_words(&a.embedding)?;
+    let report = encode_report(&tokenizer, &a, &words, word_reports);
+    if a.json {
+        return print_json(&report);
+    }
+    print_report(&tokenizer, &report);
     Ok(())
 }
