@@ -4,7 +4,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ClipConfig;
-use super::layers::{attention, gelu_erf, quick_gelu, LayerNorm, Linear};
+use super::layers::{
+    apply_block, attention_backward, attention_forward, Activation, AttentionMask, Block,
+    LayerNorm, Linear, Recompute, Stats,
+};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -18,82 +21,155 @@ pub struct Injection<'a> {
     pub mask: &'a Tensor,
 }
 
-#[derive(Debug)]
-struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-}
-
-impl ClipAttention {
-    fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
-        Ok(Self {
-            q_proj: Linear::new(w, "q_proj", true)?,
-            k_proj: Linear::new(w, "k_proj", true)?,
-            v_proj: Linear::new(w, "v_proj", true)?,
-            out_proj: Linear::new(w, "out_proj", true)?,
-            heads: cfg.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let h = self.heads;
-        let dh = d / h;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, h, dh))?
-                .transpose(1, 2)?
-                .reshape((b * h, t, dh))?)
-        };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let o = attention(&q, &k, &v, (dh as f64).powf(-0.5), Some(mask))?;
-        let o = o
-            .reshape((b, h, t, dh))?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
-        self.out_proj.forward(&o)
-    }
-}
-
-#[derive(Debug)]
+/// One CLIP encoder layer (pre-norm self-attention with a causal mask, then a two-layer
+/// MLP), one graph node with a hand-written backward pass: it keeps its input, the fused
+/// q/k/v projection, the attention's output and row log-sum-exp, the residual sum after
+/// attention, the MLP's hidden pre-activation and the norms' statistics.
+#[derive(Clone, Debug)]
 struct ClipLayer {
     layer_norm1: LayerNorm,
-    self_attn: ClipAttention,
+    /// `q_proj`, `k_proj`, `v_proj` stacked: `[3D, D]`.
+    qkv_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
     layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-    quick: bool,
+    activation: Activation,
+}
+
+/// What a CLIP layer's backward pass reads besides its input.
+struct ClipSaved {
+    stats1: Option<Stats>,
+    qkv: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    x1: Tensor,
+    stats2: Option<Stats>,
+    h: Tensor,
 }
 
 impl ClipLayer {
     fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         let d = cfg.hidden_size;
+        let a = w.pp("self_attn");
         Ok(Self {
             layer_norm1: LayerNorm::new(w, "layer_norm1", d, cfg.layer_norm_eps)?,
-            self_attn: ClipAttention::new(&w.pp("self_attn"), cfg)?,
+            qkv_proj: Linear::concat(&[
+                Linear::new(&a, "q_proj", true)?,
+                Linear::new(&a, "k_proj", true)?,
+                Linear::new(&a, "v_proj", true)?,
+            ])?,
+            out_proj: Linear::new(&a, "out_proj", true)?,
+            heads: cfg.num_attention_heads,
             layer_norm2: LayerNorm::new(w, "layer_norm2", d, cfg.layer_norm_eps)?,
             fc1: Linear::new(w, "mlp.fc1", true)?,
             fc2: Linear::new(w, "mlp.fc2", true)?,
-            quick: cfg.hidden_act == "quick_gelu",
+            activation: if cfg.hidden_act == "quick_gelu" {
+                Activation::QuickGelu
+            } else {
+                Activation::GeluErf
+            },
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?;
-        let x = (x + h)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let h = if self.quick {
-            quick_gelu(&h)?
-        } else {
-            gelu_erf(&h)?
-        };
-        Ok((x + self.fc2.forward(&h)?)?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(apply_block(self, x, None, Recompute::Off)?)
+    }
+
+    /// q, k and v of the fused projection, as views.
+    fn split(qkv: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let d = qkv.dim(2)? / 3;
+        Ok((
+            qkv.narrow(2, 0, d)?,
+            qkv.narrow(2, d, d)?,
+            qkv.narrow(2, 2 * d, d)?,
+        ))
+    }
+
+    fn scale(&self, d: usize) -> f64 {
+        ((d / self.heads) as f64).powf(-0.5)
+    }
+}
+
+impl Block for ClipLayer {
+    type Saved = ClipSaved;
+    const KIND: &'static str = "clip_layer";
+
+    fn run(
+        &self,
+        x: &Tensor,
+        _: Option<&Tensor>,
+        save: bool,
+    ) -> candle_core::Result<(Tensor, Option<ClipSaved>)> {
+        let (n1, stats1) = self.layer_norm1.apply(x)?;
+        let qkv = self.qkv_proj.apply(&n1)?;
+        drop(n1);
+        let (q, k, v) = Self::split(&qkv)?;
+        let scale = self.scale(q.dim(2)?);
+        let (o, lse) = attention_forward(&q, &k, &v, self.heads, scale, AttentionMask::Causal)?;
+        let x1 = (x + self.out_proj.apply(&o)?)?;
+        let (n2, stats2) = self.layer_norm2.apply(&x1)?;
+        let h = self.fc1.apply(&n2)?;
+        drop(n2);
+        let y = (&x1 + self.fc2.apply(&self.activation.apply(&h)?)?)?;
+        let saved = save.then_some(ClipSaved {
+            stats1,
+            qkv,
+            o,
+            lse,
+            x1,
+            stats2,
+            h,
+        });
+        Ok((y, saved))
+    }
+
+    fn backward(
+        &self,
+        s: ClipSaved,
+        x: &Tensor,
+        _: Option<&Tensor>,
+        g: &Tensor,
+        need: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !need[0] {
+            return Ok((None, None));
+        }
+        // y = x1 + fc2(act(fc1(norm2(x1)))), x1 = x + out(attn(qkv(norm1(x)))).
+        let da = self.fc2.input_grad(g)?;
+        let dh = self.activation.input_grad(&da, &s.h)?;
+        drop((da, s.h));
+        let dn2 = self.fc1.input_grad(&dh)?;
+        drop(dh);
+        let dx1 = (g + self
+            .layer_norm2
+            .input_grad(&dn2, &s.x1, s.stats2.as_ref())?)?;
+        drop((dn2, s.x1));
+        let do_ = self.out_proj.input_grad(&dx1)?;
+        let (q, k, v) = Self::split(&s.qkv)?;
+        let scale = self.scale(q.dim(2)?);
+        let grads = attention_backward(
+            &q,
+            &k,
+            &v,
+            &s.o,
+            &s.lse,
+            &do_,
+            self.heads,
+            scale,
+            AttentionMask::Causal,
+            [true; 3],
+        )?;
+        drop((do_, q, k, v, s.qkv, s.o, s.lse));
+        let parts = [grads.0, grads.1, grads.2]
+            .into_iter()
+            .map(|d| d.ok_or_else(|| candle_core::Error::Msg("attention: missing gradient".into())))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dn1 = self.qkv_proj.input_grad(&Tensor::cat(&parts, 2)?)?;
+        drop(parts);
+        let dx = (dx1 + self.layer_norm1.input_grad(&dn1, x, s.stats1.as_ref())?)?;
+        Ok((Some(dx), None))
     }
 }
 
@@ -200,19 +276,10 @@ impl ClipTextTransformer {
         }
         let pos = self.position_embedding.narrow(0, 0, t)?;
         x = x.broadcast_add(&pos)?;
-        let mask = causal_mask(t, x.dtype(), x.device())?;
         let keep = self.layers.len() + 1 - clip_skip;
         for layer in &self.layers[..keep] {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x)?;
         }
         self.final_layer_norm.forward(&x)
     }
-}
-
-/// `[T, T]` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)?)
 }

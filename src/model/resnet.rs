@@ -3,9 +3,11 @@
 
 use candle_core::Tensor;
 
-use super::layers::{Conv2d, GroupNorm, Linear};
+use super::layers::{
+    apply_block, silu_apply, silu_grad, Block, Conv2d, GroupNorm, Linear, Recompute, Stats,
+};
 use super::weights::Weights;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The shape of one resnet block.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -20,7 +22,7 @@ pub(crate) struct ResnetConfig {
 }
 
 /// diffusers `ResnetBlock2D`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -51,22 +53,109 @@ impl ResnetBlock {
         })
     }
 
-    /// `temb` is the already activated time embedding (`silu(temb)`), `[B, C]`.
-    pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward_after_norm_silu(&self.norm1, x)?;
-        let h = match (&self.time_emb_proj, temb) {
+    /// `temb` is the already activated time embedding (`silu(temb)`), `[B, C]`; it depends
+    /// on the timesteps only, so it is off the gradient path.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        recompute: Recompute,
+    ) -> Result<Tensor> {
+        let time = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(t)?;
+                if t.track_op() {
+                    return Err(Error::input(
+                        "resnet block",
+                        "the time embedding is on a gradient path, which the block's backward pass does not cover",
+                    ));
+                }
+                let t = proj.apply(t)?;
                 let (b, c) = t.dims2()?;
-                h.broadcast_add(&t.reshape((b, c, 1, 1))?)?
+                Some(t.reshape((b, c, 1, 1))?)
             }
-            _ => h,
+            _ => None,
         };
-        let h = self.conv2.forward_after_norm_silu(&self.norm2, &h)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
+        let call = ResnetCall {
+            block: self.clone(),
+            time,
         };
-        Ok((shortcut + h)?)
+        Ok(apply_block(&call, x, None, recompute)?)
+    }
+}
+
+/// One resnet block applied with its projected time embedding (`[B, C, 1, 1]`).
+#[derive(Clone, Debug)]
+struct ResnetCall {
+    block: ResnetBlock,
+    time: Option<Tensor>,
+}
+
+/// What a resnet block's backward pass reads besides its input: the first convolution's
+/// output (time embedding added, the second norm's input) and the norms' statistics.
+struct ResnetSaved {
+    stats1: Option<Stats>,
+    h1: Tensor,
+    stats2: Option<Stats>,
+}
+
+impl Block for ResnetCall {
+    type Saved = ResnetSaved;
+    const KIND: &'static str = "resnet";
+
+    fn run(
+        &self,
+        x: &Tensor,
+        _: Option<&Tensor>,
+        save: bool,
+    ) -> candle_core::Result<(Tensor, Option<ResnetSaved>)> {
+        let r = &self.block;
+        let (n1, stats1) = r.norm1.apply(x)?;
+        let h1 = r.conv1.apply(&silu_apply(&n1)?)?;
+        drop(n1);
+        let h1 = match &self.time {
+            Some(t) => h1.broadcast_add(t)?,
+            None => h1,
+        };
+        let (n2, stats2) = r.norm2.apply(&h1)?;
+        let h2 = r.conv2.apply(&silu_apply(&n2)?)?;
+        drop(n2);
+        let y = match &r.conv_shortcut {
+            Some(c) => (c.apply(x)? + h2)?,
+            None => (x + h2)?,
+        };
+        Ok((y, save.then_some(ResnetSaved { stats1, h1, stats2 })))
+    }
+
+    fn backward(
+        &self,
+        s: ResnetSaved,
+        x: &Tensor,
+        _: Option<&Tensor>,
+        g: &Tensor,
+        need: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !need[0] {
+            return Ok((None, None));
+        }
+        let r = &self.block;
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, h1h, h1w) = s.h1.dims4()?;
+        // y = shortcut(x) + conv2(silu(norm2(h1))), h1 = conv1(silu(norm1(x))) + time.
+        let da2 = r.conv2.input_grad(g, h1h, h1w)?;
+        // The SiLU's input is recomputed from h1 (one elementwise pass), not kept.
+        let dn2 = silu_grad(&da2, &r.norm2.apply(&s.h1)?.0)?;
+        drop(da2);
+        let dh1 = r.norm2.input_grad(&dn2, &s.h1, s.stats2.as_ref())?;
+        drop((dn2, s.h1));
+        let da1 = r.conv1.input_grad(&dh1, h, w)?;
+        drop(dh1);
+        let dn1 = silu_grad(&da1, &r.norm1.apply(x)?.0)?;
+        drop(da1);
+        let dx = r.norm1.input_grad(&dn1, x, s.stats1.as_ref())?;
+        let shortcut = match &r.conv_shortcut {
+            Some(c) => c.input_grad(g, h, w)?,
+            None => g.clone(),
+        };
+        Ok((Some((dx + shortcut)?), None))
     }
 }

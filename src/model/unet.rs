@@ -4,196 +4,11 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::UnetConfig;
-use super::layers::{
-    attention, geglu, silu, upsample_nearest_to, Conv2d, GroupNorm, LayerNorm, Linear,
-};
+use super::layers::{silu, upsample_nearest_to, Conv2d, GroupNorm, Linear, Recompute};
 use super::resnet::{ResnetBlock, ResnetConfig};
+use super::transformer::{SpatialTransformer, TransformerConfig};
 use super::weights::Weights;
 use crate::error::{Error, Result};
-
-/// diffusers `Attention` as used by `BasicTransformerBlock`: no bias on q, k, v.
-#[derive(Debug)]
-struct CrossAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    heads: usize,
-}
-
-impl CrossAttention {
-    fn new(w: &Weights, heads: usize) -> Result<Self> {
-        Ok(Self {
-            to_q: Linear::new(w, "to_q", false)?,
-            to_k: Linear::new(w, "to_k", false)?,
-            to_v: Linear::new(w, "to_v", false)?,
-            to_out: Linear::new(w, "to_out.0", true)?,
-            heads,
-        })
-    }
-
-    /// `x`: `[B, N, C]`; `context`: `[B, M, D]` or `None` for self-attention.
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
-        let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
-        let (b, n, inner) = q.dims3()?;
-        let m = k.dim(1)?;
-        let h = self.heads;
-        let dh = inner / h;
-        let split = |y: Tensor, len: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, len, h, dh))?
-                .transpose(1, 2)?
-                .reshape((b * h, len, dh))?)
-        };
-        let o = attention(
-            &split(q, n)?,
-            &split(k, m)?,
-            &split(v, m)?,
-            (dh as f64).powf(-0.5),
-            None,
-        )?;
-        let o = o
-            .reshape((b, h, n, dh))?
-            .transpose(1, 2)?
-            .reshape((b, n, inner))?;
-        self.to_out.forward(&o)
-    }
-}
-
-/// diffusers `BasicTransformerBlock` with a GEGLU feed-forward.
-#[derive(Debug)]
-struct TransformerBlock {
-    norm1: LayerNorm,
-    attn1: CrossAttention,
-    norm2: LayerNorm,
-    attn2: CrossAttention,
-    norm3: LayerNorm,
-    ff_proj: Linear,
-    ff_out: Linear,
-}
-
-impl TransformerBlock {
-    fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
-        let (dim, heads) = (cfg.channels, cfg.heads);
-        Ok(Self {
-            norm1: LayerNorm::new(w, "norm1", dim, 1e-5)?,
-            attn1: CrossAttention::new(&w.pp("attn1"), heads)?,
-            norm2: LayerNorm::new(w, "norm2", dim, 1e-5)?,
-            attn2: CrossAttention::new(&w.pp("attn2"), heads)?,
-            norm3: LayerNorm::new(w, "norm3", dim, 1e-5)?,
-            ff_proj: Linear::new(w, "ff.net.0.proj", true)?,
-            ff_out: Linear::new(w, "ff.net.2", true)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        Ok((self.ff_out.forward(&geglu(&h)?)? + x)?)
-    }
-}
-
-/// The shape of one level's spatial transformers.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct TransformerConfig {
-    channels: usize,
-    heads: usize,
-    /// Transformer blocks per spatial transformer.
-    depth: usize,
-    /// Group-norm groups of the input norm.
-    groups: usize,
-    /// Linear (SD 2.x style) instead of 1x1 convolution projections in and out.
-    linear_projection: bool,
-}
-
-impl TransformerConfig {
-    /// The transformers of config level `block` (an index into `block_out_channels`).
-    fn at(cfg: &UnetConfig, block: usize) -> Self {
-        Self {
-            channels: cfg.block_out_channels[block],
-            heads: cfg.heads(block),
-            depth: cfg
-                .transformer_layers_per_block
-                .as_ref()
-                .and_then(|d| d.at(block))
-                .unwrap_or(1),
-            groups: cfg.norm_num_groups,
-            linear_projection: cfg.use_linear_projection,
-        }
-    }
-}
-
-/// A projection in or out of a spatial transformer: a 1x1 convolution on the image or a
-/// linear layer on the tokens.
-#[derive(Debug)]
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
-impl Projection {
-    fn new(w: &Weights, name: &str, linear: bool) -> Result<Self> {
-        Ok(if linear {
-            Projection::Linear(Linear::new(w, name, true)?)
-        } else {
-            Projection::Conv(Conv2d::new(w, name, 1, 0)?)
-        })
-    }
-}
-
-/// diffusers `Transformer2DModel` (SD 1.x: 1x1 convolutions in and out, one block).
-#[derive(Debug)]
-struct SpatialTransformer {
-    norm: GroupNorm,
-    proj_in: Projection,
-    blocks: Vec<TransformerBlock>,
-    proj_out: Projection,
-}
-
-impl SpatialTransformer {
-    fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
-        let linear = cfg.linear_projection;
-        Ok(Self {
-            norm: GroupNorm::new(w, "norm", cfg.channels, cfg.groups, 1e-6)?,
-            proj_in: Projection::new(w, "proj_in", linear)?,
-            blocks: (0..cfg.depth)
-                .map(|i| TransformerBlock::new(&w.pp(&format!("transformer_blocks.{i}")), cfg))
-                .collect::<Result<Vec<_>>>()?,
-            proj_out: Projection::new(w, "proj_out", linear)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, hgt, wid) = x.dims4()?;
-        let h = self.norm.forward(x)?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> {
-            let ch = t.dim(1)?;
-            Ok(t.permute((0, 2, 3, 1))?.reshape((b, hgt * wid, ch))?)
-        };
-        let mut h = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&h)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(h)?)?,
-        };
-        for block in &self.blocks {
-            h = block.forward(&h, context)?;
-        }
-        let inner = h.dim(2)?;
-        let to_image = |t: Tensor, ch: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, hgt, wid, ch))?.permute((0, 3, 1, 2))?)
-        };
-        let h = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(h, inner)?.contiguous()?)?,
-            Projection::Linear(lin) => to_image(lin.forward(&h)?, c)?,
-        };
-        Ok((h + x)?)
-    }
-}
 
 /// The layout of one down or up level as the config describes it, shared by the model
 /// and [`random`](super::random)'s weights.
@@ -395,6 +210,18 @@ impl Unet {
     /// Noise (or velocity) prediction for `sample` `[B, 4, h, w]` at `timesteps` (one per
     /// sample, in training steps 0..1000) under `context` `[B, 77*k, D]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, Recompute::Off)
+    }
+
+    /// [`Self::forward`], with the resnets and transformers keeping their activations for
+    /// the backward pass or recomputing them there.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        recompute: Recompute,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         if timesteps.len() != b || context.dim(0)? != b {
             return Err(Error::input(
@@ -432,9 +259,9 @@ impl Unet {
         let mut skips = vec![x.clone()];
         for level in &self.down {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                x = resnet.forward(&x, temb)?;
+                x = resnet.forward(&x, temb, recompute)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, recompute)?;
                 }
                 skips.push(x.clone());
             }
@@ -443,17 +270,17 @@ impl Unet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, temb)?;
-        x = self.mid_attention.forward(&x, context)?;
-        x = self.mid_resnets[1].forward(&x, temb)?;
+        x = self.mid_resnets[0].forward(&x, temb, recompute)?;
+        x = self.mid_attention.forward(&x, context, recompute)?;
+        x = self.mid_resnets[1].forward(&x, temb, recompute)?;
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::input("unet", "skip stack underflow"))?;
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb)?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb, recompute)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, recompute)?;
                 }
             }
             if let Some(upc) = &level.resample {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::VaeConfig;
-use super::layers::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use super::layers::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear, Recompute};
 use super::resnet::{ResnetBlock as Resnet, ResnetConfig};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -87,9 +87,9 @@ impl MidBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.resnet0.forward(x, None)?;
+        let x = self.resnet0.forward(x, None, Recompute::Off)?;
         let x = self.attention.forward(&x)?;
-        self.resnet1.forward(&x, None)
+        self.resnet1.forward(&x, None, Recompute::Off)
     }
 }
 
@@ -226,7 +226,7 @@ impl Vae {
         let mut x = e.conv_in.forward(&image)?;
         for (resnets, down) in &e.blocks {
             for r in resnets {
-                x = r.forward(&x, None)?;
+                x = r.forward(&x, None, Recompute::Off)?;
             }
             if let Some(d) = down {
                 x = d.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
@@ -252,7 +252,7 @@ impl Vae {
         x = d.mid.forward(&x)?;
         for (resnets, up) in &d.blocks {
             for r in resnets {
-                x = r.forward(&x, None)?;
+                x = r.forward(&x, None, Recompute::Off)?;
             }
             if let Some(u) = up {
                 x = u.forward(&upsample_nearest_2x(&x)?)?;

@@ -32,6 +32,26 @@ impl Conv2d {
         })
     }
 
+    /// A 1x1 convolution's kernel as a matrix (`[out, in]`) and its bias, for layers that
+    /// apply it as a matrix product on tokens.
+    pub(crate) fn matrix(&self) -> Result<(Tensor, Tensor)> {
+        let (o, i, kh, kw) = self.weight.dims4()?;
+        if (kh, kw, self.stride, self.padding) != (1, 1, 1, 0) {
+            return Err(crate::error::Error::input(
+                "convolution",
+                format!(
+                    "a {kh}x{kw} kernel (stride {}, padding {}) is not a 1x1 projection",
+                    self.stride, self.padding
+                ),
+            ));
+        }
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(o, self.weight.dtype(), self.weight.device())?,
+        };
+        Ok((self.weight.reshape((o, i))?, bias))
+    }
+
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -49,7 +69,7 @@ impl Conv2d {
     }
 
     /// The convolution of a tensor off the graph.
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -58,7 +78,12 @@ impl Conv2d {
     }
 
     /// d(loss)/d(input) for an input of `in_h` x `in_w` from the output gradient `g`.
-    fn input_grad(&self, g: &Tensor, in_h: usize, in_w: usize) -> candle_core::Result<Tensor> {
+    pub(crate) fn input_grad(
+        &self,
+        g: &Tensor,
+        in_h: usize,
+        in_w: usize,
+    ) -> candle_core::Result<Tensor> {
         let (w, stride, padding) = (&self.weight, self.stride, self.padding);
         if is_cpu_f32(&[g, w]) {
             return conv2d_input_grad_cpu(g, w, stride, padding, in_h, in_w);

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
 use crate::model::profile::{self, Pass};
@@ -159,4 +159,193 @@ where
         }),
     };
     x.apply_op1(op)
+}
+
+/// The input gradients of a block (`[x, context]`) from its output gradient; consumed
+/// when the backward pass reaches the block, so what it captured (the block's saved
+/// activations) is freed there and peak memory falls during the backward pass.
+type BlockBackward =
+    Box<dyn FnOnce(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// One graph node for a whole block (a resnet, a spatial transformer, a CLIP layer):
+/// the block's output, computed off the graph, and its hand-written backward pass.
+struct BlockOp {
+    kind: &'static str,
+    output: Mutex<Option<Tensor>>,
+    backward: Mutex<Option<BlockBackward>>,
+}
+
+impl BlockOp {
+    fn run_backward(&self, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let backward = self
+            .backward
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("block backward lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{}: the backward pass ran twice over one forward pass",
+                    self.kind
+                ))
+            })?;
+        profile::time(self.kind, Pass::Backward, g.device(), || backward(g))
+    }
+}
+
+impl CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "sdti-block"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(take_output(&self.output)?)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(take_output(&self.output)?)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        metal_result(take_output(&self.output)?)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.run_backward(g)?.0)
+    }
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "sdti-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(take_output(&self.output)?)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(take_output(&self.output)?)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        metal_result(take_output(&self.output)?)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.run_backward(g)
+    }
+}
+
+/// A block of layers with a hand-written backward pass: a forward pass off the graph
+/// that can keep what the backward pass reads, and that backward pass.
+///
+/// Implementors are cheap to clone (their weights are shared tensors): the backward pass
+/// owns a clone.
+pub(crate) trait Block: Clone + Send + Sync + 'static {
+    /// What the forward pass keeps for the backward pass.
+    type Saved: Send + Sync + 'static;
+    /// The block's name in profiles.
+    const KIND: &'static str;
+
+    /// The block's output for `x` (and the `context` the block attends to, if any);
+    /// with `save`, also what [`Block::backward`] reads.
+    fn run(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        save: bool,
+    ) -> candle_core::Result<(Tensor, Option<Self::Saved>)>;
+
+    /// The gradients of `x` and of the context (each when `need` says so) from the output
+    /// gradient `g`.
+    fn backward(
+        &self,
+        saved: Self::Saved,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        g: &Tensor,
+        need: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
+/// Whether a block keeps its activations for the backward pass or recomputes them there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep what each block's backward pass reads (fastest).
+    #[default]
+    Off,
+    /// Keep only each block's inputs and rerun its forward pass inside the backward pass:
+    /// about one more forward pass per step, for a fraction of the activation memory.
+    On,
+}
+
+/// Runs `block` on `x` (and `context`) as one graph node: when either input is on a
+/// gradient path, the output carries the block's backward pass; otherwise the block runs
+/// with no graph and keeps nothing.
+pub(crate) fn apply_block<B: Block>(
+    block: &B,
+    x: &Tensor,
+    context: Option<&Tensor>,
+    recompute: Recompute,
+) -> candle_core::Result<Tensor> {
+    let need = [x.track_op(), context.is_some_and(Tensor::track_op)];
+    if !need[0] && !need[1] {
+        return profile::time(B::KIND, Pass::Forward, x.device(), || {
+            Ok(block.run(x, context, false)?.0)
+        });
+    }
+    let (xd, cd) = (x.detach(), context.map(Tensor::detach));
+    let save = recompute == Recompute::Off;
+    let (out, saved) = profile::time(B::KIND, Pass::Forward, x.device(), || {
+        let (out, saved) = block.run(&xd, cd.as_ref(), save)?;
+        Ok((standalone(out)?, saved))
+    })?;
+    let b = block.clone();
+    let backward: BlockBackward = Box::new(move |g: &Tensor| {
+        let saved = match saved {
+            Some(s) => s,
+            None => b.run(&xd, cd.as_ref(), true)?.1.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
+            })?,
+        };
+        b.backward(saved, &xd, cd.as_ref(), g, need)
+    });
+    let op = BlockOp {
+        kind: B::KIND,
+        output: Mutex::new(Some(out)),
+        backward: Mutex::new(Some(backward)),
+    };
+    match context {
+        Some(c) => x.apply_op2(c, op),
+        None => x.apply_op1(op),
+    }
 }

@@ -56,7 +56,7 @@ impl GroupNorm {
 
     /// The normalisation of a tensor off the graph, with the per-group mean and `1/std`
     /// when they came for free (None: the backward pass recomputes them).
-    pub(super) fn apply(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
         let dims = x.dims().to_vec();
         let b = dims[0];
         let (groups, eps) = (self.groups, self.eps);
@@ -100,7 +100,7 @@ impl GroupNorm {
     }
 
     /// d(loss)/d(x) from the output gradient `g`, with the statistics of [`Self::apply`].
-    pub(super) fn input_grad(
+    pub(crate) fn input_grad(
         &self,
         g: &Tensor,
         x: &Tensor,

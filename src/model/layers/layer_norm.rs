@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::input_grad_only_saving;
 use crate::error::Result;
 use crate::model::weights::Weights;
@@ -25,36 +26,146 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gamma, beta, eps) = (&self.weight, &self.bias, self.eps);
         // candle-nn's fused kernel has no f64 version.
         if !x.track_op() && x.dtype() != DType::F64 {
-            return Ok(candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                gamma,
-                beta,
-                eps as f32,
-            )?);
+            return Ok(self.apply(x)?.0);
         }
-        let forward = |x: &Tensor| {
-            if uses_fused_norm(x) {
-                let y = candle_nn::ops::layer_norm(&x.contiguous()?, gamma, beta, eps as f32)?;
-                return Ok((y, None));
-            }
-            let (xhat, mean, rstd) = normalise_last_dim(x, eps)?;
-            let y = xhat.broadcast_mul(gamma)?.broadcast_add(beta)?;
-            Ok((y, Some((mean, rstd))))
-        };
-        let gamma_b = gamma.clone();
+        let layer = self.clone();
         let backward = move |g: &Tensor, x: &Tensor, _: &Tensor, stats: &Option<Stats>| {
-            let (mean, rstd) = stats_or_recomputed(stats.as_ref(), x, eps)?;
-            normalise_last_dim_backward(&g.broadcast_mul(&gamma_b)?, x, &mean, &rstd)
+            layer.input_grad(g, x, stats.as_ref())
         };
-        Ok(input_grad_only_saving("layer_norm", x, forward, backward)?)
+        Ok(input_grad_only_saving(
+            "layer_norm",
+            x,
+            |x| self.apply(x),
+            backward,
+        )?)
+    }
+
+    /// The normalisation of a tensor off the graph, with the per-row mean and `1/std`
+    /// when they came for free (None: [`Self::input_grad`] recomputes them).
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
+        let (gamma, beta, eps) = (&self.weight, &self.bias, self.eps);
+        if is_cpu_f32(&[x, gamma]) {
+            let (y, stats) = layer_norm_cpu(x, gamma, beta, eps)?;
+            return Ok((y, Some(stats)));
+        }
+        if uses_fused_norm(x) {
+            let y = candle_nn::ops::layer_norm(&x.contiguous()?, gamma, beta, eps as f32)?;
+            return Ok((y, None));
+        }
+        let (xhat, mean, rstd) = normalise_last_dim(x, eps)?;
+        let y = xhat.broadcast_mul(gamma)?.broadcast_add(beta)?;
+        Ok((y, Some((mean, rstd))))
+    }
+
+    /// d(loss)/d(x) from the output gradient `g`, with the statistics of [`Self::apply`].
+    pub(crate) fn input_grad(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+    ) -> candle_core::Result<Tensor> {
+        let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
+        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
+            return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight);
+        }
+        normalise_last_dim_backward(&g.broadcast_mul(&self.weight)?, x, &mean, &rstd)
     }
 }
 
+/// Layer normalisation of f32 CPU rows in one pass per row (statistics accumulated in
+/// f64, as the group norm's), in parallel over rows; returns the output and the per-row
+/// mean and `1/std` (`[..., 1]`, f32). candle's composed version is eight passes, most of
+/// them on one thread.
+fn layer_norm_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Stats)> {
+    use rayon::prelude::*;
+    let dims = x.dims().to_vec();
+    let c = *dims.last().unwrap_or(&1);
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let beta: Vec<f32> = bias.to_vec1()?;
+    let (out, mean, rstd) = with_f32(x, |src| {
+        let rows = src.len() / c.max(1);
+        let mut out = vec![0f32; src.len()];
+        let mut mean = vec![0f32; rows];
+        let mut rstd = vec![0f32; rows];
+        out.par_chunks_mut(c)
+            .zip(src.par_chunks(c))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .for_each(|((dst, row), (m_out, r_out))| {
+                let m = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
+                let r = 1.0 / (var + eps).sqrt();
+                let (mf, rf) = (m as f32, r as f32);
+                for (((o, &v), &gm), &bt) in dst.iter_mut().zip(row).zip(&gamma).zip(&beta) {
+                    *o = (v - mf) * rf * gm + bt;
+                }
+                *m_out = mf;
+                *r_out = rf;
+            });
+        (out, mean, rstd)
+    })?;
+    let mut stat_dims = dims.clone();
+    if let Some(last) = stat_dims.last_mut() {
+        *last = 1;
+    }
+    let device = x.device();
+    Ok((
+        Tensor::from_vec(out, dims, device)?,
+        (
+            Tensor::from_vec(mean, stat_dims.clone(), device)?,
+            Tensor::from_vec(rstd, stat_dims, device)?,
+        ),
+    ))
+}
+
+/// The input gradient of [`layer_norm_cpu`] per row: with `gs = g * gamma` and
+/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`.
+fn layer_norm_backward_cpu(
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let dims = g.dims().to_vec();
+    let c = *dims.last().unwrap_or(&1);
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+    let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
+    let out = with_f32(g, |gv| {
+        with_f32(x, |xv| {
+            let mut out = vec![0f32; gv.len()];
+            out.par_chunks_mut(c)
+                .zip(gv.par_chunks(c).zip(xv.par_chunks(c)))
+                .zip(means.par_iter().zip(rstds.par_iter()))
+                .for_each(|((dst, (gr, xr)), (&m, &r))| {
+                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    for ((&gi, &xi), &w) in gr.iter().zip(xr).zip(&gamma) {
+                        let gs = (gi * w) as f64;
+                        sum_g += gs;
+                        sum_gx += gs * ((xi - m) * r) as f64;
+                    }
+                    let mean_g = (sum_g / c as f64) as f32;
+                    let mean_gx = (sum_gx / c as f64) as f32;
+                    for (((o, &gi), &xi), &w) in dst.iter_mut().zip(gr).zip(xr).zip(&gamma) {
+                        *o = r * (gi * w - mean_g - (xi - m) * r * mean_gx);
+                    }
+                });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, dims, g.device())
+}
+
 /// Per-group (or per-row) mean and `1/std`, `[..., 1]`.
-pub(super) type Stats = (Tensor, Tensor);
+pub(crate) type Stats = (Tensor, Tensor);
 /// Whether a norm's forward pass runs candle-nn's fused layer-norm kernel: on GPUs (where
 /// the composed version costs a dozen kernel launches), not in f64 (no such kernel) and
 /// not on the CPU (which has its own fused group norm and keeps the exact composition).

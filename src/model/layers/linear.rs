@@ -25,32 +25,60 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// The layers stacked along their outputs (same inputs): one matrix product computes
+    /// all their outputs side by side, e.g. an attention's q, k and v. Concatenated once,
+    /// when the model loads; the parts' weights are not kept.
+    pub(crate) fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().all(|l| l.bias.is_none()) {
+            None
+        } else {
+            let biases = parts
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => l.weight.narrow(1, 0, 1)?.squeeze(1)?.zeros_like(),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        };
+        Ok(Self { weight, bias })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight.clone();
-        let bias = self.bias.clone();
-        let forward = |x: &Tensor| {
-            let dims = x.dims().to_vec();
-            let last = dims.len() - 1;
-            let rows = x.elem_count() / dims[last];
-            let y = x.reshape((rows, dims[last]))?.matmul(&weight.t()?)?;
-            let y = match &bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            };
-            let mut out_dims = dims;
-            out_dims[last] = weight.dim(0)?;
-            y.reshape(out_dims)
+        let layer = self.clone();
+        Ok(input_grad_only(
+            "linear",
+            x,
+            |x| self.apply(x),
+            move |g| layer.input_grad(g),
+        )?)
+    }
+
+    /// The layer on a tensor off the graph.
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows = x.elem_count() / dims[last];
+        let y = x.reshape((rows, dims[last]))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         };
-        let w = self.weight.clone();
-        let backward = move |g: &Tensor| {
-            let dims = g.dims().to_vec();
-            let last = dims.len() - 1;
-            let rows = g.elem_count() / dims[last];
-            let gx = g.reshape((rows, dims[last]))?.matmul(&w)?;
-            let mut in_dims = dims;
-            in_dims[last] = w.dim(1)?;
-            gx.reshape(in_dims)
-        };
-        Ok(input_grad_only("linear", x, forward, backward)?)
+        let mut out_dims = dims;
+        out_dims[last] = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+
+    /// d(loss)/d(input) from the output gradient `g`: `g W` (the input is not needed).
+    pub(crate) fn input_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = g.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows = g.elem_count() / dims[last];
+        let gx = g.reshape((rows, dims[last]))?.matmul(&self.weight)?;
+        let mut in_dims = dims;
+        in_dims[last] = self.weight.dim(1)?;
+        gx.reshape(in_dims)
     }
 }

@@ -21,10 +21,14 @@ mod layer_norm;
 mod linear;
 mod upsample;
 
-pub use activation::{geglu, gelu_erf, quick_gelu, silu, QUICK_GELU_ALPHA};
+pub use activation::{geglu, gelu_erf, quick_gelu, silu, Activation, QUICK_GELU_ALPHA};
+pub(crate) use activation::{geglu_apply, geglu_input_grad, silu_apply, silu_grad};
 pub use attention::{attention, attention_backward, attention_forward, AttentionMask};
 pub use conv::Conv2d;
+pub use custom_op::Recompute;
+pub(crate) use custom_op::{apply_block, Block};
 pub use group_norm::GroupNorm;
 pub use layer_norm::LayerNorm;
+pub(crate) use layer_norm::Stats;
 pub use linear::Linear;
 pub use upsample::{upsample_nearest_2x, upsample_nearest_to};

@@ -1,0 +1,445 @@
+//! diffusers' `Transformer2DModel` and its `BasicTransformerBlock`s as one graph node per
+//! spatial transformer, with a hand-written backward pass.
+//!
+//! The forward pass runs off the graph and keeps, per transformer block, only what the
+//! backward pass reads: the block's input, the fused q/k/v projection, each attention's
+//! output and row log-sum-exp, the two residual sums, the cross-attention query and its
+//! context keys and values, the GEGLU input and the norms' statistics. No linear layer's
+//! input is kept (its input gradient is `dy W`), no head is split or merged by a copy, and
+//! the saved state is freed block by block as the backward pass goes through it.
+
+use candle_core::Tensor;
+
+use super::config::UnetConfig;
+use super::layers::AttentionMask;
+use super::layers::{
+    apply_block, attention_backward, attention_forward, geglu_apply, geglu_input_grad, Block,
+    Conv2d, GroupNorm, LayerNorm, Linear, Recompute, Stats,
+};
+use super::weights::Weights;
+use crate::error::Result;
+
+/// The shape of one level's spatial transformers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    /// Transformer blocks per spatial transformer.
+    pub depth: usize,
+    /// Group-norm groups of the input norm.
+    pub groups: usize,
+    /// Linear (SD 2.x style) instead of 1x1 convolution projections in and out.
+    pub linear_projection: bool,
+}
+
+impl TransformerConfig {
+    /// The transformers of config level `block` (an index into `block_out_channels`).
+    pub(crate) fn at(cfg: &UnetConfig, block: usize) -> Self {
+        Self {
+            channels: cfg.block_out_channels[block],
+            heads: cfg.heads(block),
+            depth: cfg
+                .transformer_layers_per_block
+                .as_ref()
+                .and_then(|d| d.at(block))
+                .unwrap_or(1),
+            groups: cfg.norm_num_groups,
+            linear_projection: cfg.use_linear_projection,
+        }
+    }
+}
+
+/// diffusers `BasicTransformerBlock` with a GEGLU feed-forward: self-attention (q, k and
+/// v from one fused projection, no bias), cross-attention to the text context (k and v
+/// fused), each after a layer norm and added to the residual stream.
+#[derive(Clone, Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    /// `to_q`, `to_k`, `to_v` of `attn1`, stacked: `[3C, C]`.
+    qkv1: Linear,
+    out1: Linear,
+    norm2: LayerNorm,
+    q2: Linear,
+    /// `to_k`, `to_v` of `attn2`, stacked: `[2C, D]`.
+    kv2: Linear,
+    out2: Linear,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+    heads: usize,
+}
+
+/// What one transformer block's backward pass reads.
+struct BlockSaved {
+    /// The block's input (the residual stream before `norm1`).
+    x: Tensor,
+    stats1: Option<Stats>,
+    qkv: Tensor,
+    o1: Tensor,
+    lse1: Tensor,
+    /// The residual stream after self-attention (`norm2`'s input).
+    x1: Tensor,
+    stats2: Option<Stats>,
+    q2: Tensor,
+    kv2: Tensor,
+    o2: Tensor,
+    lse2: Tensor,
+    /// The residual stream after cross-attention (`norm3`'s input).
+    x2: Tensor,
+    stats3: Option<Stats>,
+    /// The GEGLU's input, `ff_proj`'s output.
+    h: Tensor,
+}
+
+impl TransformerBlock {
+    fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
+        let dim = cfg.channels;
+        let (a1, a2) = (w.pp("attn1"), w.pp("attn2"));
+        Ok(Self {
+            norm1: LayerNorm::new(w, "norm1", dim, 1e-5)?,
+            qkv1: Linear::concat(&[
+                Linear::new(&a1, "to_q", false)?,
+                Linear::new(&a1, "to_k", false)?,
+                Linear::new(&a1, "to_v", false)?,
+            ])?,
+            out1: Linear::new(&a1, "to_out.0", true)?,
+            norm2: LayerNorm::new(w, "norm2", dim, 1e-5)?,
+            q2: Linear::new(&a2, "to_q", false)?,
+            kv2: Linear::concat(&[
+                Linear::new(&a2, "to_k", false)?,
+                Linear::new(&a2, "to_v", false)?,
+            ])?,
+            out2: Linear::new(&a2, "to_out.0", true)?,
+            norm3: LayerNorm::new(w, "norm3", dim, 1e-5)?,
+            ff_proj: Linear::new(w, "ff.net.0.proj", true)?,
+            ff_out: Linear::new(w, "ff.net.2", true)?,
+            heads: cfg.heads,
+        })
+    }
+
+    /// The attention scale of heads `inner / heads` wide.
+    fn scale(&self, inner: usize) -> f64 {
+        ((inner / self.heads) as f64).powf(-0.5)
+    }
+
+    /// The block on tokens `[B, N, C]` off the graph; with `save`, what the backward pass
+    /// reads.
+    fn run(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        save: bool,
+    ) -> candle_core::Result<(Tensor, Option<BlockSaved>)> {
+        let heads = self.heads;
+        let (n1, stats1) = self.norm1.apply(x)?;
+        let qkv = self.qkv1.apply(&n1)?;
+        drop(n1);
+        let inner = qkv.dim(2)? / 3;
+        let scale = self.scale(inner);
+        let (q, k, v) = (
+            qkv.narrow(2, 0, inner)?,
+            qkv.narrow(2, inner, inner)?,
+            qkv.narrow(2, 2 * inner, inner)?,
+        );
+        let (o1, lse1) = attention_forward(&q, &k, &v, heads, scale, AttentionMask::None)?;
+        let x1 = (self.out1.apply(&o1)? + x)?;
+
+        let (n2, stats2) = self.norm2.apply(&x1)?;
+        let q2 = self.q2.apply(&n2)?;
+        drop(n2);
+        let kv2 = self.kv2.apply(context)?;
+        let (k2, v2) = (kv2.narrow(2, 0, inner)?, kv2.narrow(2, inner, inner)?);
+        let (o2, lse2) = attention_forward(&q2, &k2, &v2, heads, scale, AttentionMask::None)?;
+        let x2 = (self.out2.apply(&o2)? + &x1)?;
+
+        let (n3, stats3) = self.norm3.apply(&x2)?;
+        let h = self.ff_proj.apply(&n3)?;
+        drop(n3);
+        let y = (self.ff_out.apply(&geglu_apply(&h)?)? + &x2)?;
+        let saved = save.then(|| BlockSaved {
+            x: x.clone(),
+            stats1,
+            qkv,
+            o1,
+            lse1,
+            x1,
+            stats2,
+            q2,
+            kv2,
+            o2,
+            lse2,
+            x2,
+            stats3,
+            h,
+        });
+        Ok((y, saved))
+    }
+
+    /// The gradients of the block's input (when `need_x`) and of the context from the
+    /// output gradient `g`.
+    fn backward(
+        &self,
+        s: BlockSaved,
+        context: &Tensor,
+        g: &Tensor,
+        need_x: bool,
+        need_context: bool,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let heads = self.heads;
+        let inner = s.o1.dim(2)?;
+        let scale = self.scale(inner);
+        // Feed-forward: y = x2 + ff_out(geglu(ff_proj(norm3(x2)))).
+        let da = self.ff_out.input_grad(g)?;
+        let dh = geglu_input_grad(&da, &s.h)?;
+        drop((da, s.h));
+        let dn3 = self.ff_proj.input_grad(&dh)?;
+        drop(dh);
+        let dx2 = (g + self.norm3.input_grad(&dn3, &s.x2, s.stats3.as_ref())?)?;
+        drop((dn3, s.x2));
+
+        // Cross-attention: x2 = x1 + out2(attn(q2(norm2(x1)), kv2(context))).
+        let do2 = self.out2.input_grad(&dx2)?;
+        let (k2, v2) = (s.kv2.narrow(2, 0, inner)?, s.kv2.narrow(2, inner, inner)?);
+        let (dq2, dk2, dv2) = attention_backward(
+            &s.q2,
+            &k2,
+            &v2,
+            &s.o2,
+            &s.lse2,
+            &do2,
+            heads,
+            scale,
+            AttentionMask::None,
+            [need_x, need_context, need_context],
+        )?;
+        drop((do2, k2, v2, s.kv2, s.q2, s.o2, s.lse2));
+        let dcontext = match (need_context, dk2, dv2) {
+            (true, Some(dk), Some(dv)) => Some(self.kv2.input_grad(&Tensor::cat(&[dk, dv], 2)?)?),
+            _ => None,
+        };
+        let _ = context;
+        if !need_x {
+            return Ok((None, dcontext));
+        }
+        let dq2 =
+            dq2.ok_or_else(|| candle_core::Error::Msg("attention: no query gradient".into()))?;
+        let dn2 = self.q2.input_grad(&dq2)?;
+        drop(dq2);
+        let dx1 = (&dx2 + self.norm2.input_grad(&dn2, &s.x1, s.stats2.as_ref())?)?;
+        drop((dn2, dx2, s.x1));
+
+        // Self-attention: x1 = x + out1(attn(qkv1(norm1(x)))).
+        let do1 = self.out1.input_grad(&dx1)?;
+        let (q, k, v) = (
+            s.qkv.narrow(2, 0, inner)?,
+            s.qkv.narrow(2, inner, inner)?,
+            s.qkv.narrow(2, 2 * inner, inner)?,
+        );
+        let (dq, dk, dv) = attention_backward(
+            &q,
+            &k,
+            &v,
+            &s.o1,
+            &s.lse1,
+            &do1,
+            heads,
+            scale,
+            AttentionMask::None,
+            [true; 3],
+        )?;
+        drop((do1, q, k, v, s.qkv, s.o1, s.lse1));
+        let parts = [dq, dk, dv]
+            .into_iter()
+            .map(|d| d.ok_or_else(|| candle_core::Error::Msg("attention: missing gradient".into())))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dn1 = self.qkv1.input_grad(&Tensor::cat(&parts, 2)?)?;
+        drop(parts);
+        let dx = (dx1 + self.norm1.input_grad(&dn1, &s.x, s.stats1.as_ref())?)?;
+        Ok((Some(dx), dcontext))
+    }
+}
+
+/// A projection in or out of a spatial transformer: a 1x1 convolution on the image or a
+/// linear layer on the tokens.
+#[derive(Clone, Debug)]
+enum Projection {
+    /// The convolution's kernel as a matrix, `[out, in]`, and its bias.
+    Conv {
+        weight: Tensor,
+        bias: Tensor,
+    },
+    Linear(Linear),
+}
+
+impl Projection {
+    fn new(w: &Weights, name: &str, linear: bool) -> Result<Self> {
+        Ok(if linear {
+            Projection::Linear(Linear::new(w, name, true)?)
+        } else {
+            let conv = Conv2d::new(w, name, 1, 0)?;
+            let (weight, bias) = conv.matrix()?;
+            Projection::Conv { weight, bias }
+        })
+    }
+
+    /// Image `[B, C, H, W]` to tokens `[B, H*W, C']`. A 1x1 convolution is a matrix
+    /// product, read from the image through a transposed view (no permuted copy).
+    fn image_to_tokens(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?;
+        match self {
+            Projection::Conv { weight, bias } => {
+                tokens.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)
+            }
+            Projection::Linear(l) => l.apply(&tokens.contiguous()?),
+        }
+    }
+
+    /// The input gradient of [`Self::image_to_tokens`] from the tokens' gradient, in the
+    /// image's layout.
+    fn image_to_tokens_grad(&self, g: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+        let b = g.dim(0)?;
+        let gx = match self {
+            // dX [C, HW] = W^T [C, C'] g^T [C', HW], g^T a view.
+            Projection::Conv { weight, .. } => weight.t()?.broadcast_matmul(&g.transpose(1, 2)?)?,
+            Projection::Linear(l) => l.input_grad(g)?.transpose(1, 2)?.contiguous()?,
+        };
+        let c = gx.dim(1)?;
+        gx.reshape((b, c, h, w))
+    }
+
+    /// Tokens `[B, H*W, C']` to the image `[B, C, H, W]`.
+    fn tokens_to_image(&self, t: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+        let b = t.dim(0)?;
+        let y = match self {
+            // Y [C, HW] = W [C, C'] T^T [C', HW], T^T a view.
+            Projection::Conv { weight, bias } => weight
+                .broadcast_matmul(&t.transpose(1, 2)?)?
+                .broadcast_add(&bias.reshape((bias.dim(0)?, 1))?)?,
+            Projection::Linear(l) => l.apply(t)?.transpose(1, 2)?.contiguous()?,
+        };
+        let c = y.dim(1)?;
+        y.reshape((b, c, h, w))
+    }
+
+    /// The input gradient of [`Self::tokens_to_image`] from the image's gradient.
+    fn tokens_to_image_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = g.dims4()?;
+        let g = g.reshape((b, c, h * w))?.transpose(1, 2)?;
+        match self {
+            Projection::Conv { weight, .. } => g.broadcast_matmul(weight),
+            Projection::Linear(l) => l.input_grad(&g.contiguous()?),
+        }
+    }
+}
+
+/// diffusers `Transformer2DModel`: group norm, projection in, transformer blocks,
+/// projection out, residual.
+#[derive(Clone, Debug)]
+pub(crate) struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+/// What a spatial transformer's backward pass reads.
+pub(crate) struct SpatialSaved {
+    norm_stats: Option<Stats>,
+    blocks: Vec<BlockSaved>,
+}
+
+impl SpatialTransformer {
+    pub(crate) fn new(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
+        let linear = cfg.linear_projection;
+        Ok(Self {
+            norm: GroupNorm::new(w, "norm", cfg.channels, cfg.groups, 1e-6)?,
+            proj_in: Projection::new(w, "proj_in", linear)?,
+            blocks: (0..cfg.depth)
+                .map(|i| TransformerBlock::new(&w.pp(&format!("transformer_blocks.{i}")), cfg))
+                .collect::<Result<Vec<_>>>()?,
+            proj_out: Projection::new(w, "proj_out", linear)?,
+        })
+    }
+
+    /// `x` `[B, C, H, W]` attending to `context` `[B, M, D]`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        recompute: Recompute,
+    ) -> Result<Tensor> {
+        Ok(apply_block(self, x, Some(context), recompute)?)
+    }
+}
+
+impl Block for SpatialTransformer {
+    type Saved = SpatialSaved;
+    const KIND: &'static str = "transformer";
+
+    fn run(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        save: bool,
+    ) -> candle_core::Result<(Tensor, Option<SpatialSaved>)> {
+        let context = context
+            .ok_or_else(|| candle_core::Error::Msg("spatial transformer: no context".into()))?;
+        let (_, _, hgt, wid) = x.dims4()?;
+        let (hn, norm_stats) = self.norm.apply(x)?;
+        let mut h = self.proj_in.image_to_tokens(&hn)?;
+        drop(hn);
+        let mut blocks = Vec::with_capacity(if save { self.blocks.len() } else { 0 });
+        for block in &self.blocks {
+            let (next, saved) = block.run(&h, context, save)?;
+            blocks.extend(saved);
+            h = next;
+        }
+        let y = (self.proj_out.tokens_to_image(&h, hgt, wid)? + x)?;
+        Ok((y, save.then_some(SpatialSaved { norm_stats, blocks })))
+    }
+
+    fn backward(
+        &self,
+        saved: SpatialSaved,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        g: &Tensor,
+        need: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let context = context
+            .ok_or_else(|| candle_core::Error::Msg("spatial transformer: no context".into()))?;
+        let (_, _, hgt, wid) = x.dims4()?;
+        let SpatialSaved {
+            norm_stats,
+            mut blocks,
+        } = saved;
+        let mut dh = self.proj_out.tokens_to_image_grad(g)?;
+        let mut dcontext: Option<Tensor> = None;
+        for (i, block) in self.blocks.iter().enumerate().rev() {
+            let s = blocks.pop().ok_or_else(|| {
+                candle_core::Error::Msg("transformer: saved state missing".into())
+            })?;
+            // The first block's input gradient is needed only when x's is.
+            let need_x = i > 0 || need[0];
+            let (dx, dc) = block.backward(s, context, &dh, need_x, need[1])?;
+            if let Some(dc) = dc {
+                dcontext = Some(match dcontext {
+                    Some(sum) => (sum + dc)?,
+                    None => dc,
+                });
+            }
+            match dx {
+                Some(dx) => dh = dx,
+                None => break,
+            }
+        }
+        if !need[0] {
+            return Ok((None, dcontext));
+        }
+        let dhn = self.proj_in.image_to_tokens_grad(&dh, hgt, wid)?;
+        drop(dh);
+        let dx = (g + self.norm.input_grad(&dhn, x, norm_stats.as_ref())?)?;
+        Ok((Some(dx), dcontext))
+    }
+}
