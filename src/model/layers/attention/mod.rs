@@ -8,12 +8,14 @@
 
 #[cfg(test)]
 mod api_tests;
+mod flash;
 mod generic;
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CudaStorage, Layout, MetalStorage, Shape, Tensor, D};
 
+use super::cpu::is_cpu_f32;
 use super::custom_op::{cpu_result, cuda_result, metal_result, standalone, take_output};
 use crate::error::Result;
 use crate::model::profile::{self, Pass};
@@ -201,7 +203,11 @@ pub fn attention_forward(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     check_inputs(q, k, v, heads)?;
     profile::time("attention", Pass::Forward, q.device(), || {
-        generic::forward(q, k, v, heads, scale, mask)
+        if is_cpu_f32(&[q, k, v]) {
+            flash::forward(q, k, v, heads, scale, mask)
+        } else {
+            generic::forward(q, k, v, heads, scale, mask)
+        }
     })
 }
 
@@ -236,7 +242,11 @@ pub fn attention_backward(
         return Ok((None, None, None));
     }
     profile::time("attention", Pass::Backward, q.device(), || {
-        generic::backward(q, k, v, o, lse, g, heads, scale, mask, need)
+        if is_cpu_f32(&[q, k, v, o, lse, g]) {
+            flash::backward(q, k, v, o, lse, g, heads, scale, mask, need)
+        } else {
+            generic::backward(q, k, v, o, lse, g, heads, scale, mask, need)
+        }
     })
 }
 
