@@ -9,5 +9,6 @@ mod loading;
 mod parity;
 mod reads;
 mod scheduler;
+mod threads;
 mod tokenizer;
 mod training;
