@@ -10,6 +10,8 @@
 mod api_tests;
 mod flash;
 mod generic;
+#[cfg(test)]
+mod timing;
 
 use std::sync::Mutex;
 
@@ -27,6 +29,9 @@ struct AttentionOp {
     scale: f64,
     mask: Option<Tensor>,
     need: [bool; 3],
+    /// The forward's row log-sum-exp when it ran through [`attention_forward`] (no mask):
+    /// the backward pass is then [`attention_backward`].
+    lse: Option<Tensor>,
 }
 
 /// Score-matrix values per block on the CPU: small enough that a block's scores,
@@ -300,9 +305,23 @@ impl candle_core::CustomOp3 for AttentionOp {
         res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::time("attention", Pass::Backward, g.device(), || {
-            self.backward(q, k, v, res, g)
-        })
+        match &self.lse {
+            Some(lse) => attention_backward(
+                &q.detach(),
+                &k.detach(),
+                &v.detach(),
+                &res.detach(),
+                lse,
+                g,
+                1,
+                self.scale,
+                AttentionMask::None,
+                self.need,
+            ),
+            None => profile::time("attention", Pass::Backward, g.device(), || {
+                self.backward(q, k, v, res, g)
+            }),
+        }
     }
 }
 
@@ -405,6 +424,29 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let need = [q.track_op(), k.track_op(), v.track_op()];
+    if mask.is_none() {
+        // The off-graph attention with one head per slice: the flash kernel for f32 on
+        // the CPU. (Arbitrary mask tensors keep the blocked path below.)
+        if !need.iter().any(|&n| n) {
+            return Ok(attention_forward(&q, &k, &v, 1, scale, AttentionMask::None)?.0);
+        }
+        let (out, lse) = attention_forward(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            1,
+            scale,
+            AttentionMask::None,
+        )?;
+        let op = AttentionOp {
+            output: Mutex::new(Some(standalone(out)?)),
+            scale,
+            mask: None,
+            need,
+            lse: Some(lse),
+        };
+        return Ok(q.apply_op3(&k, &v, op)?);
+    }
     if !need.iter().any(|&n| n) {
         return Ok(profile::time(
             "attention",
@@ -427,6 +469,7 @@ pub fn attention(
         scale,
         mask: mask.cloned(),
         need,
+        lse: None,
     };
     Ok(q.apply_op3(&k, &v, op)?)
 }
@@ -436,21 +479,46 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Blocked attention (whole slices, and row blocks of long slices) gives the output
+    /// The graph attention, without a mask (the flash kernel) and with a causal mask
+    /// tensor (blocked: whole slices, and row blocks of long slices), gives the output
     /// and the q, k, v gradients of the plain composition, which candle differentiates.
     #[test]
     fn blocked_attention_matches_the_plain_composition() -> candle_core::Result<()> {
         use candle_core::Var;
         let d = Device::Cpu;
-        for (slices, t, dh) in [(3usize, 50usize, 8usize), (2, 1500, 8)] {
+        for (slices, t, dh, masked) in [
+            (3usize, 50usize, 8usize, false),
+            (2, 1500, 8, false),
+            (3, 50, 8, true),
+            (2, 1500, 8, true),
+        ] {
+            let mask = masked
+                .then(|| {
+                    let m: Vec<f32> = (0..t)
+                        .flat_map(|i| {
+                            (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })
+                        })
+                        .collect();
+                    Tensor::from_vec(m, (t, t), &d)
+                })
+                .transpose()?;
             let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (slices, t, dh), &d)?)?;
             let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (slices, t, dh), &d)?)?;
             let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (slices, t, dh), &d)?)?;
             let w = Tensor::randn(0f32, 1.0, (slices, t, dh), &d)?;
             let scale = 0.3;
-            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, None)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
+            let ours = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                mask.as_ref(),
+            )
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let mut scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
+            if let Some(m) = &mask {
+                scores = scores.broadcast_add(m)?;
+            }
             let max = scores.max_keepdim(D::Minus1)?.detach();
             let e = scores.broadcast_sub(&max)?.exp()?;
             let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;

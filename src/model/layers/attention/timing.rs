@@ -1,0 +1,170 @@
+//! Timing of the attention shapes of a 512 px SD 1.5 training step (batch 1), the graph
+//! attention over split heads (with the callers' head split and merge copies) against
+//! the off-graph API. Not a test: run it by hand, in release, with
+//! `cargo test --release --lib attention_step_timing -- --ignored --nocapture`
+//! (`RAYON_NUM_THREADS` sets the threads).
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{attention_backward, attention_forward, split_forward, AttentionMask, AttentionOp};
+
+/// One attention shape: label, queries, keys, heads, head width, causal, calls per step.
+type Shape = (&'static str, usize, usize, usize, usize, bool, usize);
+
+/// The UNet's attentions at 512 px: down blocks 0-2 have two transformers each, up
+/// blocks 1-3 three, the mid block one; each has a self- and a cross-attention (77
+/// context tokens). CLIP's twelve layers are listed for reference, not in the UNet sum.
+const SHAPES: [Shape; 9] = [
+    ("self 4096 x 40", 4096, 4096, 8, 40, false, 5),
+    ("cross 4096x77 x 40", 4096, 77, 8, 40, false, 5),
+    ("self 1024 x 80", 1024, 1024, 8, 80, false, 5),
+    ("cross 1024x77 x 80", 1024, 77, 8, 80, false, 5),
+    ("self 256 x 160", 256, 256, 8, 160, false, 5),
+    ("cross 256x77 x 160", 256, 77, 8, 160, false, 5),
+    ("self 64 x 160", 64, 64, 8, 160, false, 1),
+    ("cross 64x77 x 160", 64, 77, 8, 160, false, 1),
+    ("clip 77 causal x 64", 77, 77, 12, 64, true, 0),
+];
+
+/// The fastest of `reps` runs of `f`, in seconds.
+fn best<R>(reps: usize, mut f: impl FnMut() -> candle_core::Result<R>) -> candle_core::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        std::hint::black_box(f()?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn split(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b, t, heads, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b * heads, t, c / heads))
+}
+
+fn merge(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (bh, t, dh) = x.dims3()?;
+    x.reshape((bh / heads, heads, t, dh))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, t, heads * dh))
+}
+
+#[test]
+#[ignore = "timing, run by hand in release"]
+fn attention_step_timing() -> candle_core::Result<()> {
+    let d = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    println!("threads: {threads}");
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "shape", "old fwd", "old bwd", "new fwd", "new bwd", "calls"
+    );
+    let mut sums = [0f64; 4];
+    for (label, n, m, heads, dh, causal, calls) in SHAPES {
+        let c = heads * dh;
+        let scale = (dh as f64).powf(-0.5);
+        // q, k, v as views of one fused projection when they share the tokens, as the
+        // block ops will pass them.
+        let (q, k, v) = if n == m {
+            let qkv = Tensor::randn(0f32, 1.0, (1, n, 3 * c), &d)?;
+            (
+                qkv.narrow(2, 0, c)?,
+                qkv.narrow(2, c, c)?,
+                qkv.narrow(2, 2 * c, c)?,
+            )
+        } else {
+            let kv = Tensor::randn(0f32, 1.0, (1, m, 2 * c), &d)?;
+            (
+                Tensor::randn(0f32, 1.0, (1, n, c), &d)?,
+                kv.narrow(2, 0, c)?,
+                kv.narrow(2, c, c)?,
+            )
+        };
+        let g = Tensor::randn(0f32, 1.0, (1, n, c), &d)?;
+        let mask_tensor = if causal {
+            let v: Vec<f32> = (0..n)
+                .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(v, (n, m), &d)?)
+        } else {
+            None
+        };
+        let mask = if causal {
+            AttentionMask::Causal
+        } else {
+            AttentionMask::None
+        };
+        let reps = if n >= 4096 { 2 } else { 5 };
+        // SDTI_ATTENTION_TIMING_NEW=1 times the new path only (for profiling it).
+        let old_reps = if std::env::var_os("SDTI_ATTENTION_TIMING_NEW").is_some() {
+            0
+        } else {
+            reps
+        };
+        // The old path as the callers run it: separate q, k, v projections (contiguous),
+        // split copies, the blocked op, merge copy.
+        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let old_fwd = best(old_reps, || {
+            let o = split_forward(
+                &split(&qc, heads)?.contiguous()?,
+                &split(&kc, heads)?.contiguous()?,
+                &split(&vc, heads)?.contiguous()?,
+                scale,
+                mask_tensor.as_ref(),
+            )?;
+            merge(&o, heads)?.contiguous()
+        })?;
+        let (qs, ks, vs) = (
+            split(&qc, heads)?.contiguous()?,
+            split(&kc, heads)?.contiguous()?,
+            split(&vc, heads)?.contiguous()?,
+        );
+        let os = split_forward(&qs, &ks, &vs, scale, mask_tensor.as_ref())?;
+        let old_bwd = best(old_reps, || {
+            let op = AttentionOp {
+                output: Mutex::new(None),
+                scale,
+                mask: mask_tensor.clone(),
+                need: [true; 3],
+                lse: None,
+            };
+            let (dq, dk, dv) = op.backward(&qs, &ks, &vs, &os, &split(&g, heads)?)?;
+            let merged = [dq, dk, dv]
+                .into_iter()
+                .flatten()
+                .map(|t| merge(&t, heads)?.contiguous())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(merged)
+        })?;
+        let new_fwd = best(reps, || attention_forward(&q, &k, &v, heads, scale, mask))?;
+        let (o, lse) = attention_forward(&q, &k, &v, heads, scale, mask)?;
+        assert_eq!(lse.dtype(), DType::F32);
+        let new_bwd = best(reps, || {
+            attention_backward(&q, &k, &v, &o, &lse, &g, heads, scale, mask, [true; 3])
+        })?;
+        println!(
+            "{label:<22} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {calls:>6}",
+            old_fwd * 1e3,
+            old_bwd * 1e3,
+            new_fwd * 1e3,
+            new_bwd * 1e3
+        );
+        for (s, t) in sums.iter_mut().zip([old_fwd, old_bwd, new_fwd, new_bwd]) {
+            *s += t * calls as f64;
+        }
+    }
+    println!(
+        "{:<22} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms",
+        "UNet step sum",
+        sums[0] * 1e3,
+        sums[1] * 1e3,
+        sums[2] * 1e3,
+        sums[3] * 1e3
+    );
+    Ok(())
+}
