@@ -4,6 +4,7 @@ pub mod clip;
 pub mod config;
 pub mod files;
 pub mod layers;
+pub mod memory;
 pub mod profile;
 pub mod random;
 mod resnet;

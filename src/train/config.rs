@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lr_schedule::{DiffusersLrKind, LrSchedule};
 use crate::error::{Error, Result};
-use crate::model::PredictionType;
+use crate::model::{PredictionType, Recompute};
 
 /// How the learned vectors start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -225,5 +225,193 @@ impl TrainConfig {
                 ),
             )),
         }
+    }
+}
+
+/// Whether a run recomputes the UNet blocks' activations in the backward pass
+/// ([`Recompute`]): always, never, or only when the step would not fit in memory without.
+///
+/// Not a [`TrainConfig`] field, and not stored in a run folder or a checkpoint: recompute
+/// changes a step's memory and time, never its numbers (each block reruns the same ops in
+/// the same order), so a run may continue with another choice or on another machine,
+/// while a checkpoint and `--resume` compare every [`TrainConfig`] field. Like the device,
+/// each invocation chooses it ([`crate::train::Trainer::choose_recompute`]).
+///
+/// The default is [`RecomputeMode::Auto`]: the people who train are on their own GPU or
+/// CPU, where a run that runs out of memory is lost (or swaps for hours) and a run that
+/// fits should not pay the extra forward pass; auto keeps recompute off wherever the step
+/// fits, so a run that fitted before is as fast as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecomputeMode {
+    /// Keep every block's activations (fastest, most memory).
+    Off,
+    /// Keep only the blocks' inputs; about one more UNet forward pass per step.
+    On,
+    /// Off when the estimated peak fits the memory budget, else on.
+    #[default]
+    Auto,
+}
+
+impl RecomputeMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for RecomputeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for RecomputeMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(Self::Off),
+            "on" => Ok(Self::On),
+            "auto" => Ok(Self::Auto),
+            other => Err(Error::config(
+                "recompute",
+                format!("'{other}' is not off, on or auto"),
+            )),
+        }
+    }
+}
+
+/// Where the memory budget of an automatic recompute choice came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetSource {
+    /// Given by the user (`--memory-budget`, `memory_budget_mib`).
+    Given,
+    /// What this process holds plus the system's `MemAvailable` when training started.
+    Available,
+}
+
+/// A memory budget in bytes for the process's peak during a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub bytes: u64,
+    pub source: BudgetSource,
+}
+
+/// What [`RecomputeMode`] decided, and on what grounds (printed by the CLI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecomputeChoice {
+    pub mode: RecomputeMode,
+    pub recompute: Recompute,
+    /// Estimated peak bytes of a step without and with recompute (weights included).
+    pub peak_off: u64,
+    pub peak_on: u64,
+    /// The budget auto compared with (None: none was known, or the mode was not auto).
+    pub budget: Option<MemoryBudget>,
+}
+
+impl RecomputeChoice {
+    /// The choice for `mode` from the estimates and the budget: auto recomputes only when
+    /// the step without recompute would not fit (and without a budget it does not).
+    pub fn decide(
+        mode: RecomputeMode,
+        peak_off: u64,
+        peak_on: u64,
+        budget: Option<MemoryBudget>,
+    ) -> Self {
+        let recompute = match (mode, budget) {
+            (RecomputeMode::Off, _) => Recompute::Off,
+            (RecomputeMode::On, _) => Recompute::On,
+            (RecomputeMode::Auto, Some(b)) if peak_off > b.bytes => Recompute::On,
+            (RecomputeMode::Auto, _) => Recompute::Off,
+        };
+        Self {
+            mode,
+            recompute,
+            peak_off,
+            peak_on,
+            budget: if mode == RecomputeMode::Auto {
+                budget
+            } else {
+                None
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RecomputeChoice {
+    /// `recompute off (auto: a step needs about 6.2 GiB without recompute, 4.9 GiB with;
+    /// 9.8 GiB available)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        let on = self.recompute == Recompute::On;
+        write!(f, "recompute {}", if on { "on" } else { "off" })?;
+        let estimate = format!(
+            "a step needs about {:.1} GiB without recompute, {:.1} GiB with",
+            gib(self.peak_off),
+            gib(self.peak_on)
+        );
+        match (self.mode, self.budget) {
+            (RecomputeMode::Auto, Some(b)) => {
+                let what = match b.source {
+                    BudgetSource::Given => "the memory budget",
+                    BudgetSource::Available => "available",
+                };
+                write!(f, " (auto: {estimate}; {:.1} GiB {what}", gib(b.bytes))?;
+                if on && self.peak_on > b.bytes {
+                    write!(f, "; even that may not fit")?;
+                }
+                write!(f, ")")
+            }
+            (RecomputeMode::Auto, None) => write!(
+                f,
+                " (auto: no memory budget known on this device; give one to let auto choose; {estimate})"
+            ),
+            _ => write!(f, " (as asked; {estimate})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recompute_modes_parse_and_decide() {
+        for (text, mode) in [
+            ("off", RecomputeMode::Off),
+            ("ON", RecomputeMode::On),
+            (" auto", RecomputeMode::Auto),
+        ] {
+            assert_eq!(text.parse::<RecomputeMode>().unwrap(), mode);
+        }
+        let err = "sometimes"
+            .parse::<RecomputeMode>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("recompute") && err.contains("sometimes"),
+            "{err}"
+        );
+        assert_eq!(RecomputeMode::default(), RecomputeMode::Auto);
+
+        let budget = |bytes| {
+            Some(MemoryBudget {
+                bytes,
+                source: BudgetSource::Given,
+            })
+        };
+        let decide = |mode, b| RecomputeChoice::decide(mode, 100, 60, b).recompute;
+        assert_eq!(decide(RecomputeMode::Auto, budget(100)), Recompute::Off);
+        assert_eq!(decide(RecomputeMode::Auto, budget(99)), Recompute::On);
+        // No budget known (a GPU without one): off, as before recompute existed.
+        assert_eq!(decide(RecomputeMode::Auto, None), Recompute::Off);
+        assert_eq!(decide(RecomputeMode::Off, budget(1)), Recompute::Off);
+        assert_eq!(decide(RecomputeMode::On, budget(1000)), Recompute::On);
+        let tight = RecomputeChoice::decide(RecomputeMode::Auto, 100, 60, budget(50));
+        assert!(tight.to_string().contains("may not fit"), "{tight}");
     }
 }

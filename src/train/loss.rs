@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::scheduler::{Coefs, NoiseSchedule, SchedulerError};
-use crate::model::{Injection, SdModel};
+use crate::model::{Injection, Recompute, SdModel};
 
 /// One batch of the denoising objective.
 pub struct DenoisingBatch<'a> {
@@ -27,6 +27,19 @@ pub fn denoising_loss(
     model: &SdModel,
     batch: &DenoisingBatch<'_>,
     schedule: &NoiseSchedule,
+) -> Result<Tensor> {
+    denoising_loss_with(model, batch, schedule, Recompute::Off)
+}
+
+/// [`denoising_loss`] with the UNet's blocks keeping their activations for the backward
+/// pass or recomputing them there: the same loss and gradients, bit for bit, for less
+/// memory and more time. (An argument rather than a [`DenoisingBatch`] field, so that the
+/// batches of evaluations and tests, which never train a whole run, stay as they are.)
+pub fn denoising_loss_with(
+    model: &SdModel,
+    batch: &DenoisingBatch<'_>,
+    schedule: &NoiseSchedule,
+    recompute: Recompute,
 ) -> Result<Tensor> {
     let b = batch.latents.dim(0)?;
     if batch.timesteps.len() != b {
@@ -51,7 +64,7 @@ pub fn denoising_loss(
         .text_encoder
         .encode(batch.ids, batch.injection, batch.clip_skip)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-    let pred = model.unet.forward(&noisy, &t, &context)?;
+    let pred = model.unet.forward_with(&noisy, &t, &context, recompute)?;
     let target = combine(&latents, &noise, &coefs(NoiseSchedule::target_coefs)?)?;
     // The loss in f32 at least (f64 models keep f64, for gradient checks).
     let loss_dtype = if dtype == DType::F64 {

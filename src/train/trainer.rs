@@ -9,9 +9,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
-use super::config::{Init, Templates, TrainConfig};
+use super::config::{
+    BudgetSource, Init, MemoryBudget, RecomputeChoice, RecomputeMode, Templates, TrainConfig,
+};
 use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
-use super::loss::{denoising_loss, DenoisingBatch};
+use super::loss::{denoising_loss_with, DenoisingBatch};
 use super::lr_schedule::LrSchedule;
 use super::optimizer::{AdamW, LossScale};
 use super::templates::{Builtin, TemplateSet};
@@ -19,7 +21,8 @@ use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };
 use crate::error::{Error, Result};
-use crate::model::{Injection, LatentDist, NoiseSchedule, SchedulerConfig, SdModel};
+use crate::model::memory::{available_bytes, StepMemory};
+use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SchedulerConfig, SdModel};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
 use crate::rng::Rng;
@@ -61,6 +64,9 @@ pub struct Trainer {
     pub(super) cancel: Arc<AtomicBool>,
     /// Present when the model computes in f16.
     pub(super) loss_scale: Option<LossScale>,
+    /// How the UNet's blocks treat their activations: a runtime choice, not an option of
+    /// the run ([`RecomputeMode`] says why).
+    pub(super) recompute: Recompute,
 }
 
 impl Trainer {
@@ -107,6 +113,7 @@ impl Trainer {
             templates,
             cancel: Arc::new(AtomicBool::new(false)),
             loss_scale: (model.dtype() == DType::F16).then(LossScale::new),
+            recompute: Recompute::Off,
             model,
             config,
         })
@@ -136,6 +143,60 @@ impl Trainer {
         if self.loss_scale.is_some() {
             self.loss_scale = Some(scale);
         }
+    }
+
+    /// Whether the steps recompute the UNet blocks' activations (Off until set).
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    /// Sets recompute for the following steps; the numbers stay the same, bit for bit.
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+    }
+
+    /// The estimated peak memory of one of this run's steps (see
+    /// [`crate::model::memory`]).
+    pub fn step_memory(&self, recompute: Recompute) -> StepMemory {
+        let latent = self.config.resolution / 8;
+        StepMemory::estimate(
+            &self.model.config,
+            self.config.batch_size,
+            latent,
+            latent,
+            self.model.dtype().size_in_bytes(),
+            recompute,
+        )
+    }
+
+    /// Decides recompute for this run, once, before training: `mode` off or on as given;
+    /// auto compares the estimated peak of a step without recompute with `budget_mib`
+    /// (MiB for the whole process), or without one with what the device has available
+    /// now ([`available_bytes`]), and recomputes only when the step would not fit.
+    /// Returns the decision and its grounds, for the caller to show.
+    pub fn choose_recompute(
+        &mut self,
+        mode: RecomputeMode,
+        budget_mib: Option<u64>,
+    ) -> RecomputeChoice {
+        let off = self.step_memory(Recompute::Off);
+        let on = self.step_memory(Recompute::On);
+        let budget = match budget_mib {
+            Some(mib) => Some(MemoryBudget {
+                bytes: mib.saturating_mul(1 << 20),
+                source: BudgetSource::Given,
+            }),
+            None if mode == RecomputeMode::Auto => {
+                available_bytes(self.model.device(), off.weights).map(|bytes| MemoryBudget {
+                    bytes,
+                    source: BudgetSource::Available,
+                })
+            }
+            None => None,
+        };
+        let choice = RecomputeChoice::decide(mode, off.total(), on.total(), budget);
+        self.recompute = choice.recompute;
+        choice
     }
 
     /// Optimizer steps done.
@@ -349,7 +410,7 @@ impl Trainer {
             injection: Some(&injection),
             clip_skip: self.config.clip_skip,
         };
-        let loss = denoising_loss(&self.model, &batch, &self.noise_schedule)?;
+        let loss = denoising_loss_with(&self.model, &batch, &self.noise_schedule, self.recompute)?;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
         let grads = if scale == 1.0 {
             loss.backward()?

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use sdti::model::SdModel;
+use sdti::model::{Recompute, SdModel};
+use sdti::train::config::RecomputeMode;
 use sdti::train::data::{ImageSource, PixelFormat};
 use sdti::train::lr_schedule::{DiffusersLrKind, LrSchedule};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
@@ -77,6 +78,69 @@ fn same_seed_same_vectors_bit_for_bit() {
     );
     c.train(4, |_| true).unwrap();
     assert_ne!(a.vectors().unwrap(), c.vectors().unwrap());
+}
+
+/// Recompute reruns each block's ops in the same order: the same vectors bit for bit, and
+/// a run checkpointed without it resumes with it (it is no option a checkpoint compares).
+#[test]
+fn recompute_changes_no_bit_and_may_change_on_resume() {
+    let m = model();
+    let mut off = trainer(&m, config(4));
+    off.train(4, |_| true).unwrap();
+    let mut on = trainer(&m, config(4));
+    let choice = on.choose_recompute(RecomputeMode::On, None);
+    assert_eq!(
+        (choice.recompute, on.recompute()),
+        (Recompute::On, Recompute::On)
+    );
+    let losses_on = on.train(4, |_| true).unwrap();
+    assert_eq!(on.vectors().unwrap(), off.vectors().unwrap());
+    assert!(losses_on.iter().all(|s| s.loss.is_finite()));
+
+    let dir = tempdir();
+    let ckpt = dir.join("recompute.safetensors");
+    let mut first = trainer(&m, config(4));
+    first.train(2, |_| true).unwrap();
+    first.save_checkpoint(&ckpt).unwrap();
+    let mut resumed = trainer(&m, config(4));
+    resumed.set_recompute(Recompute::On);
+    resumed.load_checkpoint(&ckpt).unwrap();
+    resumed.train(2, |_| true).unwrap();
+    assert_eq!(resumed.vectors().unwrap(), off.vectors().unwrap());
+}
+
+/// Auto recomputes only when the estimated step does not fit the budget; off and on are
+/// taken as given whatever the budget.
+#[test]
+fn auto_recompute_follows_the_memory_budget() {
+    let m = model();
+    let mut t = trainer(&m, config(1));
+    let need = t.step_memory(Recompute::Off).total();
+    assert!(t.step_memory(Recompute::On).total() < need);
+    let mib = need >> 20;
+    let fits = t.choose_recompute(RecomputeMode::Auto, Some(mib + 1));
+    assert_eq!(fits.recompute, Recompute::Off, "{fits}");
+    assert_eq!(t.recompute(), Recompute::Off);
+    let tight = t.choose_recompute(RecomputeMode::Auto, Some(mib - 1));
+    assert_eq!(tight.recompute, Recompute::On, "{tight}");
+    assert_eq!(t.recompute(), Recompute::On);
+    assert!(
+        tight.to_string().starts_with("recompute on (auto:"),
+        "{tight}"
+    );
+    assert_eq!(
+        t.choose_recompute(RecomputeMode::Off, Some(1)).recompute,
+        Recompute::Off
+    );
+    assert_eq!(
+        t.choose_recompute(RecomputeMode::On, Some(1 << 40))
+            .recompute,
+        Recompute::On
+    );
+    // Without a budget the CPU's available memory decides: the tiny model fits anywhere.
+    let free = t.choose_recompute(RecomputeMode::Auto, None);
+    assert_eq!(free.recompute, Recompute::Off, "{free}");
+    assert!(free.budget.is_some(), "{free}");
 }
 
 #[test]

@@ -1,0 +1,444 @@
+//! How much memory a training step needs, estimated from the model's configuration, so
+//! that training can choose [`Recompute`] before the first step instead of running out
+//! of memory in it.
+//!
+//! The estimate walks the UNet as [`Unet::forward_with`](super::Unet::forward_with) runs
+//! it and counts what stays alive until the backward pass reaches it:
+//!
+//! * the tensors between graph nodes, which candle's graph holds until the backward pass
+//!   ends (each block's input, the skip concatenations, the inputs of `conv_in`, of the
+//!   down- and upsamplers and of `conv_out`), with or without recompute;
+//! * what each block keeps for its backward pass (`ResnetSaved`: the first half's output;
+//!   `SpatialSaved`: per transformer block its input, the fused q/k/v, both attentions'
+//!   queries, outputs and row log-sum-exps, the context keys and values, the two residual
+//!   sums and the GEGLU input: 17 activations of the block's width plus the small ones).
+//!   Without recompute all of them are alive when the backward pass starts, the peak;
+//!   with recompute only one block's at a time, rebuilt inside its backward pass, while
+//!   the skip connections' gradients wait for the down path;
+//! * the largest transient of a block's passes (the convolutions' column buffers, the
+//!   feed-forward's gradients);
+//! * the weights (counted from the configuration; the text encoder always in f32), the
+//!   text encoder's saved state and a fixed allowance for the process itself.
+//!
+//! Calibration (random SD 1.5, f32, batch 1, CPU, 2 threads; `sdti bench --recompute`,
+//! peak RSS over the timed steps): see [`OVERHEAD_BYTES`] and the report of issue 12.
+
+use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
+use super::layers::Recompute;
+use super::transformer::TransformerConfig;
+use super::unet::{down_levels, up_levels};
+
+/// What the process holds besides the weights and the step: the code, the tokenizer,
+/// the cached latents, the allocator's slack and the threads' stacks. Measured as the
+/// difference between `sdti bench`'s peak RSS and the estimate without it.
+pub const OVERHEAD_BYTES: u64 = 256 << 20;
+
+/// The estimated peak memory of one training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepMemory {
+    /// The model's weights (text encoder, UNet and VAE).
+    pub weights: u64,
+    /// What the step adds at its peak: [`activation_bytes`] plus the text encoder's.
+    pub activations: u64,
+    /// [`OVERHEAD_BYTES`].
+    pub overhead: u64,
+}
+
+impl StepMemory {
+    /// The estimate for `config` at `batch` samples of `latent_h` x `latent_w` latents,
+    /// the UNet and VAE computing in `dtype_bytes`-byte floats.
+    pub fn estimate(
+        config: &ModelConfig,
+        batch: usize,
+        latent_h: usize,
+        latent_w: usize,
+        dtype_bytes: usize,
+        recompute: Recompute,
+    ) -> Self {
+        Self {
+            weights: weight_bytes(config, dtype_bytes),
+            activations: activation_bytes(
+                &config.unet,
+                batch,
+                latent_h,
+                latent_w,
+                dtype_bytes,
+                recompute,
+            ) + text_encoder_bytes(&config.text_encoder, batch),
+            overhead: OVERHEAD_BYTES,
+        }
+    }
+
+    /// Everything together: the process's expected peak.
+    pub fn total(&self) -> u64 {
+        self.weights + self.activations + self.overhead
+    }
+}
+
+/// Bytes of the weights of `config`: the UNet and the VAE in `dtype_bytes`, the text
+/// encoder in f32 (it computes in f32 in every precision).
+pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
+    let unet = unet_parameters(&config.unet) + vae_parameters(&config.vae);
+    unet * dtype_bytes as u64 + clip_parameters(&config.text_encoder) * 4
+}
+
+/// Parameters of a diffusers `ResnetBlock2D` (with a time projection of `temb` inputs).
+fn resnet_parameters(inp: usize, out: usize, temb: Option<usize>) -> u64 {
+    let (i, o) = (inp as u64, out as u64);
+    let mut n = 2 * i + (9 * i * o + o) + 2 * o + (9 * o * o + o);
+    if let Some(t) = temb {
+        n += t as u64 * o + o;
+    }
+    if i != o {
+        n += i * o + o;
+    }
+    n
+}
+
+/// Parameters of a `Transformer2DModel` of `depth` blocks, `c` wide, attending to a
+/// `cross`-wide context.
+fn transformer_parameters(c: usize, cross: usize, depth: usize) -> u64 {
+    let (c, d) = (c as u64, cross as u64);
+    let block = 6 * c // three layer norms
+        + (3 * c * c + c * c + c) // attn1: q, k, v, out
+        + (c * c + 2 * c * d + c * c + c) // attn2
+        + (8 * c * c + 8 * c) // GEGLU projection
+        + (4 * c * c + c); // feed-forward out
+    2 * c + 2 * (c * c + c) + depth as u64 * block
+}
+
+fn unet_parameters(cfg: &UnetConfig) -> u64 {
+    let boc = &cfg.block_out_channels;
+    let (Some(&c0), Some(&top)) = (boc.first(), boc.last()) else {
+        return 0;
+    };
+    let temb = 4 * c0;
+    let conv3 = |o: usize, i: usize| 9 * (o * i) as u64 + o as u64;
+    let mut n = conv3(c0, cfg.in_channels)
+        + (c0 * temb + temb) as u64
+        + (temb * temb + temb) as u64
+        + 2 * c0 as u64
+        + conv3(cfg.out_channels, c0);
+    let depth = |block: usize| TransformerConfig::at(cfg, block).depth;
+    for plan in down_levels(cfg).iter().chain(up_levels(cfg).iter()) {
+        let out_c = boc[plan.block];
+        for &(rin, rout) in &plan.resnets {
+            n += resnet_parameters(rin, rout, Some(temb));
+            if plan.cross_attention {
+                n += transformer_parameters(rout, cfg.cross_attention_dim, depth(plan.block));
+            }
+        }
+        if plan.resample {
+            n += conv3(out_c, out_c);
+        }
+    }
+    n + 2 * resnet_parameters(top, top, Some(temb))
+        + transformer_parameters(top, cfg.cross_attention_dim, depth(boc.len() - 1))
+}
+
+fn vae_parameters(cfg: &VaeConfig) -> u64 {
+    let boc = &cfg.block_out_channels;
+    let (Some(&c0), Some(&top)) = (boc.first(), boc.last()) else {
+        return 0;
+    };
+    let conv = |o: usize, i: usize, k: usize| (k * k * o * i + o) as u64;
+    let mid = |c: usize| 2 * resnet_parameters(c, c, None) + 2 * c as u64 + 4 * (c * c + c) as u64;
+    let lat = cfg.latent_channels;
+    let mut n = conv(c0, cfg.in_channels, 3) + mid(top) + 2 * top as u64;
+    n += conv(2 * lat, top, 3) + conv(2 * lat, 2 * lat, 1) + conv(lat, lat, 1);
+    n += conv(top, lat, 3) + mid(top) + 2 * c0 as u64 + conv(cfg.out_channels, c0, 3);
+    let mut out_c = c0;
+    for (i, &c) in boc.iter().enumerate() {
+        let in_c = std::mem::replace(&mut out_c, c);
+        for j in 0..cfg.layers_per_block {
+            n += resnet_parameters(if j == 0 { in_c } else { c }, c, None);
+        }
+        if i + 1 < boc.len() {
+            n += conv(c, c, 3);
+        }
+    }
+    let mut out_c = top;
+    for (i, &c) in boc.iter().rev().enumerate() {
+        let prev = std::mem::replace(&mut out_c, c);
+        for j in 0..cfg.layers_per_block + 1 {
+            n += resnet_parameters(if j == 0 { prev } else { c }, c, None);
+        }
+        if i + 1 < boc.len() {
+            n += conv(c, c, 3);
+        }
+    }
+    n
+}
+
+fn clip_parameters(cfg: &ClipConfig) -> u64 {
+    let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let layer = 4 * (d * d + d) + 4 * d + (i * d + i) + (d * i + d);
+    (cfg.vocab_size + cfg.max_position_embeddings) as u64 * d
+        + cfg.num_hidden_layers as u64 * layer
+        + 2 * d
+}
+
+/// What the text encoder keeps for the gradient of the learned vectors, in f32: per
+/// layer about sixteen activations of its width and the attention weights, for one
+/// 77-token chunk per sample (longer prompts are rare in training).
+fn text_encoder_bytes(cfg: &ClipConfig, batch: usize) -> u64 {
+    let tokens = (batch * CLIP_CONTEXT_LEN) as u64;
+    let per_layer = tokens * (16 * cfg.hidden_size as u64 + 2 * cfg.intermediate_size as u64)
+        + tokens * CLIP_CONTEXT_LEN as u64 * cfg.num_attention_heads as u64;
+    4 * per_layer * cfg.num_hidden_layers as u64
+}
+
+/// Running sums of the walk, in elements of the UNet's dtype.
+#[derive(Default)]
+struct Tally {
+    /// Tensors between graph nodes, alive until the backward pass ends.
+    held: u64,
+    /// Every block's saved state (all alive at the start of the backward pass without
+    /// recompute).
+    saved: u64,
+    /// The largest saved state of one block plus its backward pass's transient (the peak
+    /// inside one block's backward pass with recompute: its rebuilt state and its work).
+    block_peak: u64,
+    /// The largest transient of any block's passes.
+    transient: u64,
+    /// The skip connections, whose gradients the up path's backward pass leaves waiting
+    /// for the down path.
+    skips: u64,
+    /// Whether the activations are on a gradient path yet: the sample is not, the text
+    /// context is, so the blocks before the first transformer run with no graph.
+    tracked: bool,
+}
+
+impl Tally {
+    fn block(&mut self, output: u64, saved: u64, transient: u64) {
+        self.held += output;
+        if self.tracked {
+            self.saved += saved;
+            self.block_peak = self.block_peak.max(saved + transient);
+        }
+        self.transient = self.transient.max(transient);
+    }
+
+    /// A resnet from `inp` to `out` channels on `hw` positions (times the batch).
+    fn resnet(&mut self, inp: u64, out: u64, hw: u64) {
+        // Saved: h1 (the second norm's input). Transient: a convolution's column buffer
+        // (9 shifted copies of its input) and three activations of the output's width.
+        let columns = 9 * inp.max(out) * hw;
+        self.block(out * hw, out * hw, columns + 3 * out * hw + inp * hw);
+    }
+
+    /// A spatial transformer `c` wide on `n` tokens (times the batch) of `depth` blocks
+    /// with `heads` heads, attending to `m` context tokens `d` wide.
+    fn transformer(&mut self, c: u64, n: u64, depth: u64, heads: u64, m: u64, d: u64) {
+        self.tracked = true;
+        // BlockSaved: x, qkv (3), o1, x1, q2, o2, x2 and the GEGLU input h (8): 17
+        // activations of width c; two log-sum-exps per head and position (f32, counted
+        // as one element each, close enough in f32 and under by half in f16); kv2.
+        let per_block = 17 * c * n + 2 * heads * n + 2 * c * m;
+        // The backward pass's largest moment: the GEGLU input's gradient (8c), the
+        // feed-forward's (4c), the output gradient and the attention gradients (4c).
+        let transient = 17 * c * n + c * d;
+        self.block(c * n, depth * per_block, transient);
+    }
+}
+
+/// Bytes that candle's graph and the blocks keep alive at the peak of a training step's
+/// UNet pass for `batch` samples of `latent_h` x `latent_w` latents in `dtype_bytes`-byte
+/// floats, with or without `recompute` (the weights not included: see [`StepMemory`]).
+pub fn activation_bytes(
+    config: &UnetConfig,
+    batch: usize,
+    latent_h: usize,
+    latent_w: usize,
+    dtype_bytes: usize,
+    recompute: Recompute,
+) -> u64 {
+    let boc = &config.block_out_channels;
+    if boc.is_empty() {
+        return 0;
+    }
+    let b = batch as u64;
+    let m = b * CLIP_CONTEXT_LEN as u64;
+    let d = config.cross_attention_dim as u64;
+    let mut t = Tally::default();
+    let transformer = |t: &mut Tally, block: usize, hw: u64| {
+        let tc = TransformerConfig::at(config, block);
+        t.transformer(
+            tc.channels as u64,
+            hw,
+            tc.depth as u64,
+            tc.heads as u64,
+            m,
+            d,
+        );
+    };
+    let (mut h, mut w) = (latent_h, latent_w);
+    let mut hw = b * (h * w) as u64;
+    // conv_in's output, the first skip.
+    let c0 = boc[0] as u64;
+    t.held += c0 * hw;
+    t.transient = 9 * config.in_channels as u64 * hw;
+    // The skips as (channels, positions): the up path's concatenations take them back.
+    let mut skips = vec![(c0, hw)];
+    for plan in down_levels(config) {
+        let c = boc[plan.block] as u64;
+        for &(rin, rout) in &plan.resnets {
+            t.resnet(rin as u64, rout as u64, hw);
+            if plan.cross_attention {
+                transformer(&mut t, plan.block, hw);
+            }
+            skips.push((c, hw));
+        }
+        if plan.resample {
+            // Stride 2, padding 1: each side halves, rounded up.
+            (h, w) = (h.div_ceil(2), w.div_ceil(2));
+            let out = b * (h * w) as u64;
+            t.held += c * out;
+            t.transient = t.transient.max(9 * c * out);
+            hw = out;
+            skips.push((c, hw));
+        }
+    }
+    let top = boc[boc.len() - 1] as u64;
+    t.resnet(top, top, hw);
+    transformer(&mut t, boc.len() - 1, hw);
+    t.resnet(top, top, hw);
+    t.skips = skips.iter().map(|&(c, n)| c * n).sum();
+    for plan in up_levels(config) {
+        let c = boc[plan.block] as u64;
+        for &(rin, rout) in &plan.resnets {
+            // The concatenation with the skip is a tensor of its own.
+            t.held += rin as u64 * hw;
+            t.resnet(rin as u64, rout as u64, hw);
+            if plan.cross_attention {
+                transformer(&mut t, plan.block, hw);
+            }
+            skips.pop();
+        }
+        if plan.resample {
+            // To the size of the skip it meets next (twice the size, or one less).
+            let out = skips.last().map_or(4 * hw, |&(_, n)| n);
+            // The nearest upsampling and the convolution after it.
+            t.held += 2 * c * out;
+            t.transient = t.transient.max(9 * c * out);
+            hw = out;
+        }
+    }
+    // conv_out's input is the last level's output (held above); the prediction, the
+    // difference and its square are small.
+    t.held += 3 * config.out_channels as u64 * hw;
+    let elements = match recompute {
+        Recompute::Off => t.held + t.saved + t.transient,
+        Recompute::On => t.held + t.skips + t.block_peak.max(t.transient),
+    };
+    elements * dtype_bytes as u64
+}
+
+/// The memory a training step may use on `device` as far as the system says: on the CPU
+/// what this process holds now (`VmRSS`) plus what the system could still give it
+/// (`MemAvailable` of `/proc/meminfo`), read once; on CUDA the device's free memory plus
+/// `resident` (the weights the process already holds there). None where neither is
+/// known (another system, Metal).
+pub fn available_bytes(device: &candle_core::Device, resident: u64) -> Option<u64> {
+    match device {
+        candle_core::Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            Some(kib_field(&meminfo, "MemAvailable")? + kib_field(&status, "VmRSS")?)
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda_free(d).ok().map(|free| free + resident),
+        _ => {
+            let _ = resident;
+            None
+        }
+    }
+}
+
+/// A `NAME: N kB` line of a /proc file, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(':')))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The device's free memory (`cuMemGetInfo`), with the device's context bound as
+/// `crate::device` binds it for its memory-pool queries.
+#[cfg(feature = "cuda")]
+fn cuda_free(
+    d: &candle_core::cuda_backend::CudaDevice,
+) -> std::result::Result<u64, candle_core::cuda_backend::cudarc::driver::DriverError> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = d.cuda_stream();
+    stream.context().bind_to_thread()?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both are valid out-pointers to size_t values, and a context is bound.
+    unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }.result()?;
+    Ok(free as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::random::tiny_sd1_config;
+
+    /// The counts match the weights a random model of the architecture has.
+    #[test]
+    fn parameter_counts_match_the_reference_layout() -> crate::error::Result<()> {
+        let config = tiny_sd1_config();
+        let weights = crate::model::random::random_weights(&config, 1)?;
+        let count = |prefix: &str| -> u64 {
+            weights
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, t)| t.elem_count() as u64)
+                .sum()
+        };
+        assert_eq!(unet_parameters(&config.unet), count("unet."));
+        assert_eq!(vae_parameters(&config.vae), count("vae."));
+        assert_eq!(
+            clip_parameters(&config.text_encoder),
+            count("text_encoder.")
+        );
+        // SD 1.5's UNet: 859,520,964 parameters (diffusers' num_parameters()).
+        assert_eq!(unet_parameters(&UnetConfig::sd1()), 859_520_964);
+        Ok(())
+    }
+
+    #[test]
+    fn proc_fields_are_read_in_bytes() {
+        let text = "MemTotal:       16315592 kB\nMemAvailable:    9010180 kB\n";
+        assert_eq!(kib_field(text, "MemAvailable"), Some(9_010_180 * 1024));
+        assert_eq!(kib_field(text, "Mem"), None);
+        if cfg!(target_os = "linux") {
+            assert!(available_bytes(&candle_core::Device::Cpu, 0).is_some_and(|b| b > 0));
+        }
+    }
+
+    /// More pixels or samples need more memory; recompute needs less.
+    #[test]
+    fn the_estimate_grows_with_the_step_and_shrinks_with_recompute() {
+        let unet = UnetConfig::sd1();
+        let at = |b: usize, side: usize, r: Recompute| activation_bytes(&unet, b, side, side, 4, r);
+        for r in [Recompute::Off, Recompute::On] {
+            assert!(at(1, 64, r) > at(1, 32, r), "{r:?}");
+            assert!(at(2, 64, r) > at(1, 64, r), "{r:?}");
+            assert!(at(1, 64, r) > 0);
+        }
+        for (b, side) in [(1, 32), (1, 64), (4, 64), (1, 128)] {
+            let (off, on) = (at(b, side, Recompute::Off), at(b, side, Recompute::On));
+            assert!(on < off, "{b}x{side}: on {on} off {off}");
+        }
+        // Odd latent sides round up through the downsamplers and still count.
+        assert!(
+            activation_bytes(&unet, 1, 33, 31, 4, Recompute::Off) > at(1, 32, Recompute::Off) / 2
+        );
+        // Half-size floats halve the activations.
+        assert_eq!(
+            activation_bytes(&unet, 1, 64, 64, 2, Recompute::On) * 2,
+            at(1, 64, Recompute::On)
+        );
+    }
+}
