@@ -18,6 +18,7 @@ use sdti::train::Trainer;
 use serde::Serialize;
 
 use super::common::{human_duration, load_model, print_json, CliError, CliResult, DeviceArgs};
+use super::train::RecomputeArgs;
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -25,6 +26,7 @@ Examples:
   sdti bench --config tiny --resolution 64 --steps 20
   sdti bench --model v1-5.safetensors --device cuda --dtype f16 --batch-size 4
   sdti bench --device cuda --batch-size 1,4,8 --profile   # where each step's time goes
+  sdti bench --resolution 256 --recompute on   # the time recompute costs, the memory it saves
   sdti bench --json
 
 A step is the whole optimizer step: forward through CLIP and the UNet, the backward pass to
@@ -74,6 +76,8 @@ pub struct BenchArgs {
     pub profile: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub memory: RecomputeArgs,
 }
 
 #[derive(Serialize)]
@@ -94,7 +98,13 @@ struct BenchReport {
     max_ms_per_step: f64,
     steps_per_second: f64,
     images_per_second: f64,
+    /// The process's peak RSS over the steps, the warm-up step included (Linux).
     peak_rss_mib: Option<f64>,
+    /// Whether the steps recomputed the blocks' activations ("off" or "on").
+    recompute: String,
+    /// The estimated peak memory of a step with that choice (`sdti::model::memory`), to
+    /// compare with the measured peaks.
+    estimated_peak_mib: f64,
     /// Device memory high-water marks over the timed steps (CUDA): in use by tensors and
     /// workspaces, and reserved by the memory pool.
     device_peak_mib: Option<f64>,
@@ -187,6 +197,18 @@ fn bench_batch(
         steps,
     };
     let mut run = BenchRun::new(model.clone(), setup)?;
+    let choice = a.memory.choose(run.trainer_mut())?;
+    if !a.json {
+        eprintln!("batch {batch}: {choice}");
+    }
+    let recompute = choice.recompute;
+    // The peak of the steps (the warm-up included), not of building the model or caching
+    // the latents.
+    sdti::app::bench::reset_peak_rss();
+    let estimated_peak = match recompute {
+        sdti::model::Recompute::Off => choice.peak_off,
+        sdti::model::Recompute::On => choice.peak_on,
+    };
     let times = run.time_steps(|s| {
         if !a.json && s.index > 0 {
             eprintln!(
@@ -219,6 +241,8 @@ fn bench_batch(
         steps_per_second: 1000.0 / mean,
         images_per_second: 1000.0 / mean * batch as f64,
         peak_rss_mib: times.peak_rss_mib,
+        recompute: format!("{recompute:?}").to_ascii_lowercase(),
+        estimated_peak_mib: mib(estimated_peak),
         device_peak_mib: times.device_peak.map(|p| mib(p.0)),
         device_reserved_peak_mib: times.device_peak.map(|p| mib(p.1)),
         profile,
@@ -255,7 +279,15 @@ fn print_report(report: &BenchReport) {
         human_duration(3000.0 * mean / 1000.0)
     );
     if let Some(rss) = report.peak_rss_mib {
-        println!("  peak memory {rss:.0} MiB");
+        println!(
+            "  peak memory {rss:.0} MiB (recompute {}; estimated {:.0} MiB)",
+            report.recompute, report.estimated_peak_mib
+        );
+    } else {
+        println!(
+            "  recompute {}; estimated peak {:.0} MiB",
+            report.recompute, report.estimated_peak_mib
+        );
     }
     if let (Some(used), Some(reserved)) = (report.device_peak_mib, report.device_reserved_peak_mib)
     {
@@ -325,7 +357,9 @@ fn profile(
         let ctx = model.text_encoder.forward(&enc.ids, Some(&inj), 1)?;
         sync()?;
         let t1 = Instant::now();
-        let pred = model.unet.forward(&noisy, &timesteps, &ctx)?;
+        let pred = model
+            .unet
+            .forward_with(&noisy, &timesteps, &ctx, trainer.recompute())?;
         let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
         sync()?;
         let t2 = Instant::now();

@@ -13,6 +13,7 @@ use sdti::app::run_folder::{
     Written,
 };
 use sdti::embedding::Format;
+use sdti::train::config::{RecomputeChoice, RecomputeMode};
 use sdti::train::data::ImageSource;
 use sdti::train::lr_schedule::LrSchedule;
 use sdti::train::{Init, StepStats, Templates, TrainConfig, Trainer};
@@ -102,7 +103,12 @@ pub struct TrainArgs {
     pub template_list: Vec<String>,
 
     /// Optimizer steps [3000]
-    #[arg(long, value_name = "N", help_heading = "Optimization")]
+    #[arg(
+        long = "steps",
+        id = "max_steps",
+        value_name = "N",
+        help_heading = "Optimization"
+    )]
     pub steps: Option<u64>,
     /// A number or an A1111 schedule such as '0.005:100, 1e-3:1000, 1e-5' [0.005]
     #[arg(long, alias = "lr", value_name = "LR", help_heading = "Optimization")]
@@ -185,6 +191,43 @@ pub struct TrainArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub memory: RecomputeArgs,
+}
+
+/// How much of the step's activations to keep (`sdti train` and `sdti bench`). Not saved
+/// in the run folder: a resumed run chooses again (see `RecomputeMode`).
+#[derive(Args, Clone, Debug)]
+pub struct RecomputeArgs {
+    /// Rerun each UNet block's forward pass in the backward pass instead of keeping its
+    /// activations: on (less memory, about one more forward pass per step), off, or auto
+    /// (on only when a step would not fit in --memory-budget or the memory available)
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "off|on|auto",
+        value_parser = ["off", "on", "auto"],
+        help_heading = "Memory"
+    )]
+    pub recompute: String,
+    /// The memory auto may plan for, in MiB, for the whole process (or the GPU) [on the
+    /// CPU: what the process holds plus the system's available memory when training starts]
+    #[arg(long, value_name = "MIB", help_heading = "Memory")]
+    pub memory_budget: Option<u64>,
+}
+
+impl RecomputeArgs {
+    pub fn mode(&self) -> CliResult<RecomputeMode> {
+        self.recompute.parse().context("--recompute")
+    }
+
+    /// Decides recompute for `trainer` (once, before its first step).
+    pub fn choose(&self, trainer: &mut Trainer) -> CliResult<RecomputeChoice> {
+        if self.memory_budget == Some(0) {
+            return Err(CliError::new("--memory-budget must be at least 1 MiB"));
+        }
+        Ok(trainer.choose_recompute(self.mode()?, self.memory_budget))
+    }
 }
 
 /// `base` with the options given on the command line.
@@ -650,6 +693,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
         ),
     ])?;
     let mut trainer = Trainer::new(model, config.train.clone())?;
+    let recompute = a.memory.choose(&mut trainer)?;
     add_images(&mut trainer, &config.images)?;
     let mut run = match folder.take() {
         Some(mut f) => {
@@ -674,6 +718,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
         if config.images.len() == 1 { "" } else { "s" },
         dir.display()
     );
+    eprintln!("{recompute}");
     let outcome = train_loop(&mut trainer, &mut run, a.log_every)?;
     let step = trainer.step_count();
     match outcome {
@@ -702,5 +747,54 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Train {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<TrainArgs, clap::Error> {
+        let base = ["sdti-train", "-o", "run"];
+        Train::try_parse_from(base.iter().chain(extra)).map(|t| t.args)
+    }
+
+    #[test]
+    fn recompute_flags_parse() {
+        let default = parse(&[]).unwrap();
+        assert_eq!(default.memory.mode().unwrap(), RecomputeMode::Auto);
+        assert_eq!(default.memory.memory_budget, None);
+        let given = parse(&["--recompute", "on", "--memory-budget", "22000"]).unwrap();
+        assert_eq!(given.memory.mode().unwrap(), RecomputeMode::On);
+        assert_eq!(given.memory.memory_budget, Some(22000));
+        assert_eq!(
+            parse(&["--recompute", "off"])
+                .unwrap()
+                .memory
+                .mode()
+                .unwrap(),
+            RecomputeMode::Off
+        );
+        let err = parse(&["--recompute", "sometimes"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sometimes") && err.contains("auto"), "{err}");
+        assert!(parse(&["--memory-budget", "lots"]).is_err());
+    }
+
+    /// Recompute is no training option: a resumed run compares none of it.
+    #[test]
+    fn recompute_is_not_compared_on_resume() {
+        let a = parse(&["--recompute", "on", "--memory-budget", "1"]).unwrap();
+        let saved = TrainConfig::default();
+        let given = train_config(saved.clone(), &a).unwrap();
+        assert!(differing_options(&saved, &given).is_empty());
     }
 }
