@@ -22,7 +22,9 @@
 // 2: writes refuse to replace an existing path (`SDTI_ERR_EXISTS`) unless
 //    `SDTI_WRITE_OVERWRITE` is passed to the `_ex` functions; `sdti_name_check`;
 //    `sdti_format_from_name` and codes for the read-only formats.
-#define SDTI_ABI_MINOR 2
+// 3: `sdti_trainer_params.recompute` and `.memory_budget_mib` (revision 2 of the params),
+//    `SDTI_RECOMPUTE_*`, `sdti_trainer_recompute`.
+#define SDTI_ABI_MINOR 3
 
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 #define SDTI_ABI_VERSION ((SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR)
@@ -90,6 +92,9 @@ typedef struct sdti_progress {
 // value cancels (the step call returns `SDTI_CANCELLED`).
 typedef int32_t (*sdti_progress_fn)(void *user_data, const struct sdti_progress *progress);
 
+// An `SDTI_RECOMPUTE_*` value (a `uint32_t`).
+typedef uint32_t sdti_recompute;
+
 // Everything a training run is made from. Fill with `sdti_trainer_params_init`, then
 // set fields. Strings are copied by `sdti_trainer_new`; NULL picks the default.
 typedef struct sdti_trainer_params {
@@ -137,6 +142,15 @@ typedef struct sdti_trainer_params {
     sdti_progress_fn progress;
     // Passed to `progress` unchanged.
     void *progress_user_data;
+    // Since ABI 1.3 (revision 2 of this struct): `SDTI_RECOMPUTE_AUTO` (the default),
+    // `_OFF` or `_ON`; `sdti_trainer_recompute` tells what auto chose. It never changes
+    // the numbers, so a resumed run may use another.
+    sdti_recompute recompute;
+    // Since ABI 1.3: the memory `SDTI_RECOMPUTE_AUTO` may plan a step for, in MiB, for
+    // the whole process (the GPU's memory on CUDA); 0 (the default): on the CPU what the
+    // process holds plus the system's available memory when the run starts, on CUDA the
+    // device's free memory plus the weights; elsewhere auto stays off.
+    uint32_t memory_budget_mib;
 } sdti_trainer_params;
 
 // An `SDTI_PIXEL_*` value (a `uint32_t`).
@@ -282,6 +296,20 @@ typedef struct sdti_step_stats {
 // Write flag: replace whatever is at the destination (without it, a write refuses with
 // `SDTI_ERR_EXISTS`).
 #define SDTI_WRITE_OVERWRITE 1
+
+// Keep every UNet block's activations for the backward pass (fastest, most memory).
+#define SDTI_RECOMPUTE_OFF 0
+
+// Keep only each block's inputs and rerun its forward pass inside the backward pass:
+// the same numbers for much less activation memory and about one more UNet forward pass
+// per step.
+#define SDTI_RECOMPUTE_ON 1
+
+// Off when the estimated peak of a step fits `memory_budget_mib` (or, at 0, what the
+// device has available when the run starts), else on. The default since ABI 1.3; a host
+// built against an older header gets it too (its steps are recomputed only where they
+// would not fit).
+#define SDTI_RECOMPUTE_AUTO 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -596,6 +624,16 @@ sdti_status sdti_trainer_add_image_file(struct sdti_trainer *trainer, const char
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_image_count(struct sdti_trainer *trainer, uint32_t *count);
+
+// Whether the run's steps recompute the UNet blocks' activations, into `*recompute`:
+// `SDTI_RECOMPUTE_OFF` or `SDTI_RECOMPUTE_ON` (what `SDTI_RECOMPUTE_AUTO` chose when
+// the run was created). Since ABI 1.3.
+//
+// # Safety
+// `recompute` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_recompute(struct sdti_trainer *trainer, sdti_recompute *recompute);
 
 // Runs up to `steps` optimizer steps (fewer when the run reaches `max_steps`, which is
 // `SDTI_OK` with `stats->step == stats->total_steps`). `stats` (NULL allowed, else its

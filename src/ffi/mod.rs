@@ -43,7 +43,9 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 /// 2: writes refuse to replace an existing path (`SDTI_ERR_EXISTS`) unless
 ///    `SDTI_WRITE_OVERWRITE` is passed to the `_ex` functions; `sdti_name_check`;
 ///    `sdti_format_from_name` and codes for the read-only formats.
-pub const SDTI_ABI_MINOR: u32 = 2;
+/// 3: `sdti_trainer_params.recompute` and `.memory_budget_mib` (revision 2 of the params),
+///    `SDTI_RECOMPUTE_*`, `sdti_trainer_recompute`.
+pub const SDTI_ABI_MINOR: u32 = 3;
 
 /// The result of every fallible call. Codes are never renumbered.
 pub type sdti_status = i32;
@@ -123,6 +125,7 @@ fn features() -> Vec<&'static str> {
         "sdti.train/1",
         "sdti.precision.auto/1",
         "sdti.train.resume/1",
+        "sdti.train.recompute/1",
         "sdti.encoder/1",
         "sdti.encoder.tokenize/1",
         "sdti.embedding.convert/1",

@@ -10,9 +10,26 @@ use super::embedding::format_for;
 use super::*;
 use crate::device::{auto_dtype, open_device};
 use crate::embedding::{write_embedding_to, Existing, Precision};
+use crate::model::Recompute;
 use crate::model::{LoadOptions, SdModel};
+use crate::train::config::RecomputeMode;
 use crate::train::data::{ImageSource, PixelFormat, MAX_PIXELS, MAX_SIDE, MIN_SIDE};
 use crate::train::{Init, StepStats, Templates, TrainConfig, Trainer};
+
+/// An `SDTI_RECOMPUTE_*` value (a `uint32_t`).
+pub type sdti_recompute = u32;
+
+/// Keep every UNet block's activations for the backward pass (fastest, most memory).
+pub const SDTI_RECOMPUTE_OFF: sdti_recompute = 0;
+/// Keep only each block's inputs and rerun its forward pass inside the backward pass:
+/// the same numbers for much less activation memory and about one more UNet forward pass
+/// per step.
+pub const SDTI_RECOMPUTE_ON: sdti_recompute = 1;
+/// Off when the estimated peak of a step fits `memory_budget_mib` (or, at 0, what the
+/// device has available when the run starts), else on. The default since ABI 1.3; a host
+/// built against an older header gets it too (its steps are recomputed only where they
+/// would not fit).
+pub const SDTI_RECOMPUTE_AUTO: sdti_recompute = 2;
 
 /// An opaque training run. Create with `sdti_trainer_new`, release with
 /// `sdti_trainer_free`.
@@ -116,20 +133,30 @@ pub struct sdti_trainer_params {
     pub progress: sdti_progress_fn,
     /// Passed to `progress` unchanged.
     pub progress_user_data: *mut c_void,
+    /// Since ABI 1.3 (revision 2 of this struct): `SDTI_RECOMPUTE_AUTO` (the default),
+    /// `_OFF` or `_ON`; `sdti_trainer_recompute` tells what auto chose. It never changes
+    /// the numbers, so a resumed run may use another.
+    pub recompute: sdti_recompute,
+    /// Since ABI 1.3: the memory `SDTI_RECOMPUTE_AUTO` may plan a step for, in MiB, for
+    /// the whole process (the GPU's memory on CUDA); 0 (the default): on the CPU what the
+    /// process holds plus the system's available memory when the run starts, on CUDA the
+    /// device's free memory plus the weights; elsewhere auto stays off.
+    pub memory_budget_mib: u32,
 }
 
-// Revision 1 has no implicit padding, so any later revision's `struct_size` cut ends
+// Neither revision has implicit padding, so any later revision's `struct_size` cut ends
 // on a field boundary.
 #[cfg(target_pointer_width = "64")]
-const _: () = assert!(std::mem::size_of::<sdti_trainer_params>() == 128);
-const PARAMS_V1: usize = std::mem::size_of::<sdti_trainer_params>();
+const _: () = assert!(std::mem::size_of::<sdti_trainer_params>() == 136);
+/// Revision 1 ends with `progress_user_data`.
+const PARAMS_V1: usize = std::mem::offset_of!(sdti_trainer_params, recompute);
 const STATS_V1: usize = std::mem::size_of::<sdti_step_stats>();
 
 impl Default for sdti_trainer_params {
     fn default() -> Self {
         let d = TrainConfig::default();
         Self {
-            struct_size: PARAMS_V1 as u32,
+            struct_size: std::mem::size_of::<sdti_trainer_params>() as u32,
             precision: SDTI_PRECISION_AUTO,
             model_path: std::ptr::null(),
             device: std::ptr::null(),
@@ -148,7 +175,21 @@ impl Default for sdti_trainer_params {
             resume_checkpoint: std::ptr::null(),
             progress: None,
             progress_user_data: std::ptr::null_mut(),
+            recompute: SDTI_RECOMPUTE_AUTO,
+            memory_budget_mib: 0,
         }
+    }
+}
+
+/// The engine's mode for a params' `recompute` value.
+fn recompute_mode(value: sdti_recompute) -> FfiResult<RecomputeMode> {
+    match value {
+        SDTI_RECOMPUTE_OFF => Ok(RecomputeMode::Off),
+        SDTI_RECOMPUTE_ON => Ok(RecomputeMode::On),
+        SDTI_RECOMPUTE_AUTO => Ok(RecomputeMode::Auto),
+        other => Err(invalid(format!(
+            "params.recompute {other} is not SDTI_RECOMPUTE_OFF (0), _ON (1) or _AUTO (2)"
+        ))),
     }
 }
 
@@ -287,6 +328,7 @@ pub unsafe extern "C" fn sdti_trainer_new(
         };
         // Check the options before the (slow) model load.
         config.validate()?;
+        let recompute = recompute_mode(p.recompute)?;
         if let (Some(dir), None) = (&output_dir, &resume) {
             // A new run must not take over the files of an earlier run of the same word.
             let ckpt = run_checkpoint_path(dir, &config.token);
@@ -302,7 +344,9 @@ pub unsafe extern "C" fn sdti_trainer_new(
             }
         }
         let model = load_model(&model_path, device.as_deref(), p.precision)?;
-        let trainer = Trainer::new(Arc::new(model), config)?;
+        let mut trainer = Trainer::new(Arc::new(model), config)?;
+        let budget = (p.memory_budget_mib > 0).then_some(u64::from(p.memory_budget_mib));
+        trainer.choose_recompute(recompute, budget);
         let cancel = trainer.cancel_flag();
         let state = TrainerState {
             trainer,
@@ -435,6 +479,33 @@ pub unsafe extern "C" fn sdti_trainer_image_count(
         }
         // SAFETY: writable by contract.
         unsafe { count.write(state.trainer.image_count() as u32) };
+        Ok(())
+    })
+}
+
+/// Whether the run's steps recompute the UNet blocks' activations, into `*recompute`:
+/// `SDTI_RECOMPUTE_OFF` or `SDTI_RECOMPUTE_ON` (what `SDTI_RECOMPUTE_AUTO` chose when
+/// the run was created). Since ABI 1.3.
+///
+/// # Safety
+/// `recompute` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_recompute(
+    trainer: *mut sdti_trainer,
+    recompute: *mut sdti_recompute,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        if recompute.is_null() {
+            return Err(invalid("recompute is NULL"));
+        }
+        let value = match state.trainer.recompute() {
+            Recompute::Off => SDTI_RECOMPUTE_OFF,
+            Recompute::On => SDTI_RECOMPUTE_ON,
+        };
+        // SAFETY: writable by contract.
+        unsafe { recompute.write(value) };
         Ok(())
     })
 }

@@ -320,6 +320,7 @@ fn versions_features_and_status_strings() {
     assert_eq!(has("sdti.train"), 0);
     assert_eq!(has("sdti.cuda/1"), i32::from(cfg!(feature = "cuda")));
     assert_eq!(has("sdti.precision.auto/1"), 1);
+    assert_eq!(has("sdti.train.recompute/1"), 1);
     // Since ABI 1.1 the device chooses the precision unless the host does (every other
     // test here trains through that default on the CPU, i.e. in f32).
     assert_eq!(unsafe_params_init().precision, SDTI_PRECISION_AUTO);
@@ -838,6 +839,83 @@ fn misuse_null_arguments_and_handles() {
         sdti_encoder_free(e);
         sdti_trainer_free(t);
     }
+}
+
+/// Revision 2 of the params (ABI 1.3): `recompute` and `memory_budget_mib`. A host built
+/// against revision 1 (struct_size 128) gets the default, auto, whatever lies past its
+/// struct; what auto chose can be read back; recompute never changes the vectors.
+#[test]
+fn recompute_params_old_hosts_and_choices() {
+    let recompute_of = |t: *mut sdti_trainer| {
+        let mut r = u32::MAX;
+        // SAFETY: a live trainer and a writable out-parameter.
+        expect(
+            unsafe { sdti_trainer_recompute(t, &mut r) },
+            SDTI_OK,
+            "sdti_trainer_recompute",
+        );
+        r
+    };
+    let init = unsafe_params_init();
+    assert_eq!(
+        (init.recompute, init.memory_budget_mib),
+        (SDTI_RECOMPUTE_AUTO, 0)
+    );
+    assert_eq!(
+        init.struct_size as usize,
+        std::mem::size_of::<sdti_trainer_params>()
+    );
+    let (p, _s) = tiny_params("rc");
+    // Revision 1: the two fields past its end are not read (a 1 MiB budget would turn
+    // recompute on, 77 is no mode); auto keeps the tiny model's steps as they are.
+    let old = sdti_trainer_params {
+        struct_size: 128,
+        recompute: 77,
+        memory_budget_mib: 1,
+        ..p
+    };
+    let mut by_choice = Vec::new();
+    for (params, want) in [
+        (old, SDTI_RECOMPUTE_OFF),
+        (
+            sdti_trainer_params {
+                recompute: SDTI_RECOMPUTE_ON,
+                ..p
+            },
+            SDTI_RECOMPUTE_ON,
+        ),
+        // Auto with a budget the step does not fit in.
+        (
+            sdti_trainer_params {
+                memory_budget_mib: 1,
+                ..p
+            },
+            SDTI_RECOMPUTE_ON,
+        ),
+    ] {
+        let t = new_trainer(&params);
+        assert_eq!(recompute_of(t), want, "struct_size {}", params.struct_size);
+        add_pictures(t, 1);
+        let mut st = stats();
+        // SAFETY: a live trainer and a stats struct with struct_size set.
+        expect(unsafe { sdti_trainer_step(t, 2, &mut st) }, SDTI_OK, "step");
+        by_choice.push(vectors_of(t));
+        sdti_trainer_free(t);
+    }
+    assert_eq!(by_choice[0], by_choice[1], "recompute changed the vectors");
+    assert_eq!(by_choice[1], by_choice[2]);
+    let bad = sdti_trainer_params { recompute: 3, ..p };
+    let mut t = std::ptr::null_mut();
+    // SAFETY: valid params and out pointer.
+    let msg = expect(
+        unsafe { sdti_trainer_new(&bad, &mut t) },
+        SDTI_ERR_INVALID_ARGUMENT,
+        "recompute 3",
+    );
+    assert!(msg.contains("params.recompute"), "{msg}");
+    // SAFETY: a NULL handle and a NULL out-parameter are refused, not read.
+    let rc = unsafe { sdti_trainer_recompute(std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert_ne!(rc, SDTI_OK);
 }
 
 #[test]
@@ -2004,6 +2082,14 @@ fn plugin_manifest_codes_match_the_header() {
                 ("f16", "SDTI_PRECISION_F16"),
                 ("bf16", "SDTI_PRECISION_BF16"),
                 ("auto", "SDTI_PRECISION_AUTO"),
+            ],
+        ),
+        (
+            "recompute",
+            &[
+                ("off", "SDTI_RECOMPUTE_OFF"),
+                ("on", "SDTI_RECOMPUTE_ON"),
+                ("auto", "SDTI_RECOMPUTE_AUTO"),
             ],
         ),
         (
