@@ -70,6 +70,9 @@ class TrainerParams(ctypes.Structure):
         ("resume_checkpoint", ctypes.c_char_p),
         ("progress", PROGRESS_FN),
         ("progress_user_data", ctypes.c_void_p),
+        # Revision 2 (ABI 1.3).
+        ("recompute", ctypes.c_uint32),
+        ("memory_budget_mib", ctypes.c_uint32),
     ]
 
 
@@ -116,6 +119,7 @@ class Library:
             "sdti_last_error": (c.c_int32, [c.c_char_p, c.c_size_t, c.POINTER(c.c_size_t)]),
             "sdti_trainer_params_init": (c.c_int32, [c.POINTER(TrainerParams)]),
             "sdti_trainer_new": (c.c_int32, [c.POINTER(TrainerParams), c.POINTER(c.c_void_p)]),
+            "sdti_trainer_recompute": (c.c_int32, [c.c_void_p, c.POINTER(c.c_uint32)]),
             "sdti_trainer_add_image": (
                 c.c_int32,
                 [c.c_void_p, c.c_char_p, c.c_uint32, c.c_uint32, c.c_size_t, c.c_uint32, c.c_char_p],
@@ -141,7 +145,7 @@ class Library:
                 fn = getattr(lib, name)
             except AttributeError:  # an older library: say which, not a bare ctypes error
                 raise ImportError(
-                    f"{path} lacks {name}: this pack needs sdti's C ABI {ABI_MAJOR}.2 or newer"
+                    f"{path} lacks {name}: this pack needs sdti's C ABI {ABI_MAJOR}.3 or newer"
                 ) from None
             fn.restype = restype
             fn.argtypes = argtypes

@@ -142,7 +142,7 @@ def check_classes_match_manifest(pack, manifest):
                 assert tuple(spec["within"]) == nodes.PATH_WITHIN, (nid, spec["name"])
             if "flag" in spec:
                 assert spec["type"] == "BOOLEAN" and spec["flag"] in constants["write_flags"], spec
-            if spec["type"] == "CHOICE" and spec["name"] in ("format", "precision"):
+            if spec["type"] == "CHOICE" and spec["name"] in ("format", "precision", "recompute"):
                 unknown = set(spec["options"]) - set(constants[spec["name"]])
                 assert not unknown, (nid, spec["name"], unknown)
                 if spec["name"] == "format":
@@ -204,6 +204,12 @@ def test_without_comfyui():
     assert prompt == "embedding:pyword", prompt
     assert os.path.exists(path) and path.endswith("pyword.safetensors"), path
     assert len(ui["text"]) == 1 and path in ui["text"][0] and "3 steps" in ui["text"][0], ui
+    # The tiny model fits anywhere: auto keeps recompute off; asked for, it is on, and the
+    # report says so.
+    assert "recompute" not in ui["text"][0], ui
+    _, ui = as_comfyui_merges(
+        train.run(**train_args(token="pyword-on", recompute="on")))
+    assert "(recompute on)" in ui["text"][0], ui
 
     inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]()
     summary, vectors, text = inspect.run(embedding=path)
