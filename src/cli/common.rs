@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::DType;
 use clap::Args;
@@ -46,9 +46,9 @@ impl From<sdti::Error> for CliError {
         // Exhaustive: each kind of engine error says which flag it is about, if any.
         let message = match &e {
             E::Config { field, reason } => format!("{}: {reason}", flag_name(field)),
-            E::LrSchedule(inner) => format!("--learning-rate: {inner}"),
-            E::Templates(inner) => format!("--templates: {inner}"),
-            E::Device(reason) => format!("--device: {reason}"),
+            E::LrSchedule(inner) => format!("{}: {inner}", flag_name("learning_rate")),
+            E::Templates(inner) => format!("{}: {inner}", flag_name("templates")),
+            E::Device(reason) => format!("{}: {reason}", flag_name("device")),
             E::Candle(_)
             | E::Io { .. }
             | E::Model { .. }
@@ -82,18 +82,33 @@ cli_error_from!(
     sdti::model::scheduler::SchedulerError
 );
 
-/// `max_steps` -> `--steps`, `learning_rate` -> `--learning-rate`.
+/// The subcommand being run, set once by `main`: its flags name the configuration fields
+/// in errors.
+static SUBCOMMAND: OnceLock<clap::Command> = OnceLock::new();
+
+/// Names configuration fields in errors by `command`'s flags from now on.
+pub fn set_subcommand(command: clap::Command) {
+    // Set once per process; a second call would be a second subcommand, which clap rules out.
+    let _ = SUBCOMMAND.set(command);
+}
+
+/// The long flag of `command` that sets the configuration field `field`: the flag whose
+/// clap id is the field's name (`max_steps` -> `--steps`, `guidance` -> `--cfg`), so the
+/// argument definitions are the one table. A field no flag sets (`unet.layers_per_block`,
+/// `run configuration`) is named as it is.
+pub fn flag_for(command: &clap::Command, field: &str) -> String {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_id() == field)
+        .and_then(|arg| arg.get_long())
+        .map_or_else(|| field.to_string(), |long| format!("--{long}"))
+}
+
+/// [`flag_for`] the subcommand being run.
 pub fn flag_name(field: &str) -> String {
-    match field {
-        "max_steps" => "--steps".into(),
-        "guidance" => "--cfg".into(),
-        f if f
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()) =>
-        {
-            format!("--{}", f.replace('_', "-"))
-        }
-        f => f.to_string(),
+    match SUBCOMMAND.get() {
+        Some(command) => flag_for(command, field),
+        None => field.to_string(),
     }
 }
 
@@ -238,5 +253,74 @@ pub fn human_duration(seconds: f64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     } else {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use sdti::app::run_folder::RunSettings;
+    use sdti::train::TrainConfig;
+
+    use super::*;
+
+    fn subcommand(name: &str) -> clap::Command {
+        super::super::Cli::command()
+            .find_subcommand(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no subcommand {name}"))
+    }
+
+    fn fields(value: serde_json::Value) -> Vec<String> {
+        match value {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    /// Every option a run folder saves is named in errors by a flag of `sdti train` (and
+    /// `--resume` names the ones that differ the same way).
+    #[test]
+    fn every_saved_option_names_a_flag_of_train() {
+        // `preview` is the group of the --preview-* options, not an option of its own.
+        const NO_FLAG: [&str; 1] = ["preview"];
+        let train = subcommand("train");
+        let longs: Vec<String> = train
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(|l| format!("--{l}"))
+            .collect();
+        let train_fields = fields(serde_json::to_value(TrainConfig::default()).unwrap());
+        let run_fields = fields(serde_json::to_value(RunSettings::default()).unwrap());
+        assert!(train_fields.len() > 15, "{train_fields:?}");
+        for field in train_fields.iter().chain(&run_fields) {
+            let flag = flag_for(&train, field);
+            if NO_FLAG.contains(&field.as_str()) {
+                assert_eq!(&flag, field);
+            } else {
+                assert!(longs.contains(&flag), "{field} -> {flag}: no such flag");
+            }
+        }
+        assert_eq!(flag_for(&train, "max_steps"), "--steps");
+        assert_eq!(flag_for(&train, "learning_rate"), "--learning-rate");
+    }
+
+    /// Fields are found by the flags' ids, per subcommand; a field no flag sets is named as
+    /// it is.
+    #[test]
+    fn flags_are_looked_up_by_id_in_the_subcommand() {
+        let (train, sample) = (subcommand("train"), subcommand("sample"));
+        assert_eq!(flag_for(&sample, "guidance"), "--cfg");
+        assert_eq!(flag_for(&sample, "steps"), "--steps");
+        assert_eq!(flag_for(&subcommand("demo"), "max_steps"), "--steps");
+        assert_eq!(flag_for(&subcommand("bench"), "batch_size"), "--batch-size");
+        // `steps` is the long name of train's `max_steps`, not a field of its own.
+        assert_eq!(flag_for(&train, "steps"), "steps");
+        assert_eq!(flag_for(&train, "guidance"), "guidance");
+        assert_eq!(flag_for(&train, "device"), "--device");
+        for field in ["unet.layers_per_block", "run configuration", "images"] {
+            assert_eq!(flag_for(&train, field), field);
+        }
     }
 }

@@ -45,7 +45,7 @@ pub struct DemoArgs {
     #[arg(long, short, default_value = "sdti-demo", value_name = "DIR")]
     pub output: PathBuf,
     /// Training steps [500; 1000 with --model]
-    #[arg(long)]
+    #[arg(long = "steps", id = "max_steps")]
     pub steps: Option<u64>,
     /// Training resolution [128; 512 with --model]
     #[arg(long)]

@@ -12,7 +12,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 const ABOUT: &str = "Textual Inversion for Stable Diffusion 1.x, natively: learn a new word \
 from a few pictures, check what it draws, and convert it between the common embedding formats.";
@@ -62,7 +62,17 @@ enum Command {
 
 /// Parses the command line, runs the subcommand and turns an error into one line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `Cli::parse()`, keeping the parsed subcommand's definition: errors name
+    // configuration fields by its flags.
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
+    if let Some(sub) = matches
+        .subcommand_name()
+        .and_then(|name| command.find_subcommand(name))
+    {
+        common::set_subcommand(sub.clone());
+    }
     let result = match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Sample(a) => sample::run(a),

@@ -41,7 +41,7 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
     /// Classifier-free guidance scale (1 turns guidance off)
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long = "cfg", id = "guidance", default_value_t = 7.5)]
     pub cfg: f64,
     /// Seed of the first image; the next images use the next seeds
     #[arg(long, default_value_t = 0)]

@@ -331,6 +331,10 @@ fn train_writes_the_run_folder_as_it_goes() {
         ],
         "--learning-rate (saved \"0.005\", given \"0.1\")",
     );
+    fails(
+        &["train", "--resume", "-o", &s(&run), "--steps", "7"],
+        "--steps (saved 6, given 7)",
+    );
     // --overwrite replaces it.
     ok(&[
         "train",
@@ -922,6 +926,73 @@ fn errors_for_people_are_one_line() {
         ],
         "'tpu' is not a device",
     );
+}
+
+/// A wrong value of each training option is refused before anything is written, in an
+/// error that names the option's flag (the engine names the field; the CLI maps it).
+#[test]
+fn train_errors_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 1);
+    let out = tmp.path().join("run");
+    let cases: [(&[&str], &str); 20] = [
+        (&["--batch-size", "0"], "--batch-size: 0 is outside 1..=256"),
+        (
+            &["--resolution", "7"],
+            "--resolution: 7 must be a multiple of 8",
+        ),
+        (
+            &["--gradient-accumulation", "0"],
+            "--gradient-accumulation: must be at least 1",
+        ),
+        (
+            &["--flip-probability", "2"],
+            "--flip-probability: must be within 0..=1",
+        ),
+        (&["--vectors", "0"], "--vectors: 0 is outside 1..=75"),
+        (&["--adam-beta1", "1"], "--adam-beta1: 1 is outside [0, 1)"),
+        (&["--adam-beta2", "1"], "--adam-beta2: 1 is outside [0, 1)"),
+        (
+            &["--max-grad-norm", "0"],
+            "--max-grad-norm: 0 must be positive",
+        ),
+        (&["--clip-skip", "0"], "--clip-skip: must be at least 1"),
+        (&["--learning-rate", "x"], "--learning-rate: "),
+        (
+            &[
+                "--lr-scheduler",
+                "cosine",
+                "--learning-rate",
+                "0.1:10, 0.01",
+            ],
+            "--learning-rate: '0.1:10, 0.01' must be a number",
+        ),
+        (&["--lr-scheduler", "bogus"], "--lr-scheduler: "),
+        (&["--prediction-type", "bogus"], "--prediction-type: "),
+        (&["--token", "a/b"], "--token: 'a/b' cannot name a word"),
+        (&["--init", ""], "--init: the init text '' has no tokens"),
+        (&["--templates", "no-such-file.txt"], "--templates: "),
+        (&["--save-every", "0"], "--save-every: must be at least 1"),
+        (&["--formats", "png-pixels"], "--formats: 'png-pixels'"),
+        (&["--precision", "f8"], "--precision: "),
+        (&["--device", "tpu"], "--device: "),
+    ];
+    let (tiny, images, o) = (tiny(), s(&images), s(&out));
+    for (wrong, want) in cases {
+        let mut args = vec!["train", "--model", &tiny, &images, "-o", &o];
+        for default in [
+            ["--resolution", "64"],
+            ["--steps", "1"],
+            ["--preview-every", "0"],
+        ] {
+            if !wrong.contains(&default[0]) {
+                args.extend(default);
+            }
+        }
+        args.extend(wrong);
+        fails(&args, want);
+        assert!(!out.exists(), "{wrong:?} left {o} behind");
+    }
 }
 
 /// Every file under `dir`, recursively.
