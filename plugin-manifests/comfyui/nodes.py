@@ -469,7 +469,7 @@ class SDTI_TrainEmbedding:
                 "recompute": (["auto", "off", "on"], {
                     "default": "auto",
                     "tooltip": "on: rerun each UNet block in the backward pass instead of keeping "
-                    "its activations (the same result, much less memory, about a third more time "
+                    "its activations (the same result, less memory, one more UNet forward pass "
                     "per step). auto: on only when a step would not fit in the memory available.",
                 }),
                 "overwrite": ("BOOLEAN", {

@@ -357,7 +357,7 @@ impl std::fmt::Display for RecomputeChoice {
         match (self.mode, self.budget) {
             (RecomputeMode::Auto, Some(b)) => {
                 let what = match b.source {
-                    BudgetSource::Given => "the memory budget",
+                    BudgetSource::Given => "budget",
                     BudgetSource::Available => "available",
                 };
                 write!(f, " (auto: {estimate}; {:.1} GiB {what}", gib(b.bytes))?;
