@@ -60,6 +60,20 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `sdti train` on the tiny model at 64 px from `images` into `dir`, then `extra`.
+fn tiny_train_args(images: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let head = ["train", "--model", &tiny(), &s(images), "-o", &s(dir)];
+    head.iter()
+        .map(|a| a.to_string())
+        .chain(
+            ["--resolution", "64"]
+                .iter()
+                .chain(extra)
+                .map(|a| a.to_string()),
+        )
+        .collect()
+}
+
 /// A picture of a red disc on a green ground, shifted by `k`.
 fn write_picture(path: &Path, k: u32) {
     let img = image::RgbImage::from_fn(80, 72, |x, y| {
@@ -365,34 +379,27 @@ fn train_writes_the_run_folder_as_it_goes() {
 fn ctrl_c_writes_a_checkpoint_and_resume_matches_a_straight_run() {
     let tmp = tempfile::tempdir().unwrap();
     let images = pictures(tmp.path(), 2);
-    let args = |dir: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            &tiny(),
-            &s(&images),
-            "-o",
-            &s(dir),
-            "--token",
-            "sks",
-            "--resolution",
-            "64",
-            "--steps",
-            "24",
-            "--save-every",
-            "100",
-            "--preview-every",
-            "0",
-            "--seed",
-            "11",
-            "--batch-size",
-            "2",
-            "--gradient-accumulation",
-            "2",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+    let args = |dir: &Path| {
+        tiny_train_args(
+            &images,
+            dir,
+            &[
+                "--token",
+                "sks",
+                "--steps",
+                "24",
+                "--save-every",
+                "100",
+                "--preview-every",
+                "0",
+                "--seed",
+                "11",
+                "--batch-size",
+                "2",
+                "--gradient-accumulation",
+                "2",
+            ],
+        )
     };
     let stopped = tmp.path().join("stopped");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdti"))
@@ -1022,30 +1029,23 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 fn sigkill_mid_write_then_resume(hold: &str, destination: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let images = pictures(tmp.path(), 2);
-    let args = |dir: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            &tiny(),
-            &s(&images),
-            "-o",
-            &s(dir),
-            "--token",
-            "sks",
-            "--resolution",
-            "64",
-            "--steps",
-            "4",
-            "--save-every",
-            "2",
-            "--preview-every",
-            "0",
-            "--seed",
-            "5",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+    let args = |dir: &Path| {
+        tiny_train_args(
+            &images,
+            dir,
+            &[
+                "--token",
+                "sks",
+                "--steps",
+                "4",
+                "--save-every",
+                "2",
+                "--preview-every",
+                "0",
+                "--seed",
+                "5",
+            ],
+        )
     };
     let killed = tmp.path().join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdti"))
