@@ -535,6 +535,11 @@ fn sample_draws_the_same_picture_for_the_same_seed() {
         ],
         "--width: 60 must be a multiple of 8",
     );
+    // The engine's `guidance` is sample's --cfg.
+    fails(
+        &["sample", "--model", &tiny(), "--prompt", "x", "--cfg=-1"],
+        "--cfg: -1 must be a number >= 0",
+    );
     fails(
         &[
             "sample",
