@@ -11,7 +11,9 @@
 //! `dQ += dS K scale`, `dK += dS^T Q scale`. A task owns (batch, head, range of key
 //! tiles), so dK and dV are written by one task each; dQ sums over key tiles and is
 //! written directly when a head is one task (the usual case: batch * heads >= threads),
-//! else into per-task partial sums added at the end.
+//! else into per-task partial sums added at the end. Measured on 2 threads at 512 px:
+//! one task per head makes a UNet step's attention backward 6.6-6.9 s against 8.3-9.1 s
+//! with one task per key tile and partial dQ sums (same run, loaded machine).
 //!
 //! The inputs are read in place through their strides (the heads of a `[B, T, H*dh]`
 //! view are column ranges), and the outputs are written in the merged layout, so no head
