@@ -18,8 +18,9 @@
 //! The inputs are read in place through their strides (the heads of a `[B, T, H*dh]`
 //! view are column ranges), and the outputs are written in the merged layout, so no head
 //! split or merge copies exist. The tile products run on the `gemm` crate (candle's own
-//! CPU matmul, with runtime dispatch to AVX-512/AVX2/FMA); the elementwise passes (exp,
-//! max, sums) are plain loops compiled per instruction set and chosen at run time.
+//! CPU matmul, with runtime dispatch to AVX2/FMA: its AVX-512 kernels are behind its
+//! `x86-v4` feature, which needs Rust 1.89); the elementwise passes (exp, max, sums) are
+//! plain loops compiled for AVX2 when the CPU has it, chosen at run time.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -177,26 +178,19 @@ unsafe fn matmul(
     }
 }
 
-/// Generates a function that runs `$body` compiled for the best instruction set the CPU
-/// has: the elementwise loops are written so that the compiler vectorises them, and the
-/// baseline x86-64 build only has SSE2.
+/// Generates a function that runs `$body` compiled for AVX2 and FMA when the CPU has
+/// them: the elementwise loops are written so that the compiler vectorises them, and the
+/// baseline x86-64 build only has SSE2. (An AVX-512 variant would need Rust 1.89, above
+/// the crate's minimum; these loops are a few percent of the kernel's time.)
 macro_rules! multiversion {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, checked just above.
-                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
