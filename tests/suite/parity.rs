@@ -2,9 +2,9 @@
 
 use candle_core::{DType, Tensor, Var};
 use sdti::model::{
-    Injection, LoadOptions, NoiseSchedule, PredictionType, SchedulerConfig, SdModel,
+    Injection, LoadOptions, NoiseSchedule, PredictionType, Recompute, SchedulerConfig, SdModel,
 };
-use sdti::train::loss::{denoising_loss, DenoisingBatch};
+use sdti::train::loss::{denoising_loss, denoising_loss_with, DenoisingBatch};
 
 use crate::common::{assert_close, expected, fixture, rel_err, test_device, tiny_model};
 
@@ -144,6 +144,15 @@ fn loss_and_grad(
     exp: &std::collections::HashMap<String, Tensor>,
     prediction: PredictionType,
 ) -> (f64, Tensor) {
+    loss_and_grad_with(model, exp, prediction, Recompute::Off)
+}
+
+fn loss_and_grad_with(
+    model: &SdModel,
+    exp: &std::collections::HashMap<String, Tensor>,
+    prediction: PredictionType,
+    recompute: Recompute,
+) -> (f64, Tensor) {
     let p = reference_prompt(exp);
     // The learned vectors are f32 as in training (f64 for the f64 gradient checks).
     let vector_dtype = match model.text_encoder.dtype() {
@@ -172,7 +181,7 @@ fn loss_and_grad(
         injection: Some(&inj),
         clip_skip: 1,
     };
-    let loss = denoising_loss(model, &batch, &schedule).unwrap();
+    let loss = denoising_loss_with(model, &batch, &schedule, recompute).unwrap();
     let grads = loss.backward().unwrap();
     let grad = grads
         .get(vectors.as_tensor())
@@ -206,6 +215,41 @@ fn loss_and_gradient_on_the_vectors_match_torch() {
         "v loss {loss_v} vs torch {want_v}"
     );
     assert_close("v gradient", &grad_v, &exp["loss_v.grad"], 1e-3);
+}
+
+/// Recomputing each block's activations in the backward pass runs the same operations
+/// on the same values: the loss and the gradient are those of the saving mode, bit for
+/// bit, in f32 and in f64 (whose gradient the central differences below check).
+#[test]
+fn recompute_gives_the_same_loss_and_gradient_bit_for_bit() {
+    let exp = expected();
+    for dtype in [DType::F32, DType::F64] {
+        let model = tiny_model(dtype);
+        for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
+            let (loss, grad) = loss_and_grad_with(&model, &exp, prediction, Recompute::Off);
+            let (loss_r, grad_r) = loss_and_grad_with(&model, &exp, prediction, Recompute::On);
+            assert_eq!(
+                loss.to_bits(),
+                loss_r.to_bits(),
+                "{dtype:?} {prediction:?} loss"
+            );
+            let a: Vec<f64> = grad
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f64> = grad_r
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{dtype:?} {prediction:?} gradient");
+        }
+    }
 }
 
 /// Central differences in f64 against the backward pass, on every coordinate of both
@@ -385,7 +429,7 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
         .unwrap();
     let base = exp["te.vectors"].to_dtype(DType::F64).unwrap();
     let schedule = schedule(&model, &exp, PredictionType::Epsilon);
-    let loss_of = |table: &Tensor| -> Tensor {
+    let loss_of = |table: &Tensor, recompute: Recompute| -> Tensor {
         let inj = Injection {
             table,
             index: &p.index,
@@ -399,16 +443,24 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
             injection: Some(&inj),
             clip_skip: 1,
         };
-        denoising_loss(&model, &batch, &schedule).unwrap()
+        denoising_loss_with(&model, &batch, &schedule, recompute).unwrap()
     };
-    let var = Var::from_tensor(&base).unwrap();
-    let grad = loss_of(var.as_tensor())
-        .backward()
-        .unwrap()
-        .get(var.as_tensor())
-        .unwrap()
-        .clone();
-    let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+    let grad_of = |recompute: Recompute| -> Vec<f64> {
+        let var = Var::from_tensor(&base).unwrap();
+        let grad = loss_of(var.as_tensor(), recompute)
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .clone();
+        grad.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let grad = grad_of(Recompute::Off);
+    assert_eq!(
+        grad,
+        grad_of(Recompute::On),
+        "recompute changes the gradient"
+    );
     let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
     let h = 1e-6;
     for i in [0usize, 17, 40, 63] {
@@ -417,9 +469,12 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
         let mut minus = flat.clone();
         minus[i] -= h;
         let at = |v: Vec<f64>| {
-            loss_of(&Tensor::from_vec(v, (2, 32), &test_device()).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
+            loss_of(
+                &Tensor::from_vec(v, (2, 32), &test_device()).unwrap(),
+                Recompute::Off,
+            )
+            .to_scalar::<f64>()
+            .unwrap()
         };
         let fd = (at(plus) - at(minus)) / (2.0 * h);
         assert!(
