@@ -246,7 +246,10 @@ impl TrainConfig {
 pub enum RecomputeMode {
     /// Keep every block's activations (fastest, most memory).
     Off,
-    /// Keep only the blocks' inputs; about one more UNet forward pass per step.
+    /// Keep only the blocks' inputs; about one more UNet forward pass per step. Measured
+    /// with `sdti bench` on a random SD 1.5 (f32, batch 1, a shared 2-core CPU): 27% and
+    /// 41% longer steps at 256 px in two interleaved pairs, 21% at 512 px, for 185 MiB
+    /// (256 px) and 657 MiB (512 px) less peak memory (`crate::model::memory`).
     On,
     /// Off when the estimated peak fits the memory budget, else on.
     #[default]
