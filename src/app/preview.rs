@@ -43,9 +43,30 @@ impl Default for SampleOptions {
     }
 }
 
+/// The names [`SampleOptions::validate_named`] gives its fields in errors.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleFieldNames {
+    pub width: &'static str,
+    pub height: &'static str,
+    pub steps: &'static str,
+    pub guidance: &'static str,
+}
+
 impl SampleOptions {
+    /// Checks every value, naming the field as `sdti sample` does.
     pub fn validate(&self) -> Result<()> {
-        for (field, v) in [("width", self.width), ("height", self.height)] {
+        self.validate_named(SampleFieldNames {
+            width: "width",
+            height: "height",
+            steps: "steps",
+            guidance: "guidance",
+        })
+    }
+
+    /// Checks every value, naming the fields as given (a run folder's previews name them
+    /// `preview_steps`, `preview_cfg`, ...).
+    pub fn validate_named(&self, names: SampleFieldNames) -> Result<()> {
+        for (field, v) in [(names.width, self.width), (names.height, self.height)] {
             if v < 8 || v % 8 != 0 || v > 4096 {
                 return Err(Error::config(
                     field,
@@ -55,13 +76,13 @@ impl SampleOptions {
         }
         if self.steps == 0 || self.steps > 1000 {
             return Err(Error::config(
-                "steps",
+                names.steps,
                 format!("{} is outside 1..=1000", self.steps),
             ));
         }
         if !self.guidance.is_finite() || self.guidance < 0.0 {
             return Err(Error::config(
-                "guidance",
+                names.guidance,
                 format!("{} must be a number >= 0", self.guidance),
             ));
         }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::app::plot::{loss_chart, write_png, LossPoint};
-use crate::app::preview::{grid, sample_image, SampleOptions};
+use crate::app::preview::{grid, sample_image, SampleFieldNames, SampleOptions};
 use crate::embedding::{write_embedding_to, Existing, Format, Precision};
 use crate::error::{Error, Result};
 use crate::prompt::encoder::PromptEncoder;
@@ -172,9 +172,9 @@ impl RunSettings {
         }
         if self.preview.every > 0 {
             let size = self.preview.size;
-            if size != 0 && (size % 8 != 0 || size < 64) {
+            if size != 0 && (!size.is_multiple_of(8) || size < 64) {
                 return Err(Error::config(
-                    "preview size",
+                    "preview_size",
                     format!("{size} must be a multiple of 8, at least 64"),
                 ));
             }
@@ -183,7 +183,12 @@ impl RunSettings {
                 guidance: self.preview.guidance,
                 ..SampleOptions::default()
             }
-            .validate()?;
+            .validate_named(SampleFieldNames {
+                width: "preview_size",
+                height: "preview_size",
+                steps: "preview_steps",
+                guidance: "preview_cfg",
+            })?;
         }
         Ok(())
     }
@@ -564,11 +569,11 @@ impl RunFolder {
         self.log(stats)?;
         let step = stats.step;
         let mut out = Vec::new();
-        if step % self.config.run.save_every == 0 {
+        if step.is_multiple_of(self.config.run.save_every) {
             out.extend(self.save(trainer)?);
         }
         let every = self.config.run.preview.every;
-        if every > 0 && step % every == 0 {
+        if every > 0 && step.is_multiple_of(every) {
             out.push(self.preview(trainer)?);
         }
         if !out.is_empty() || step >= self.last_plot + PLOT_EVERY {

@@ -477,7 +477,7 @@ impl Progress {
         let msg = format!("loss {smooth:.4} lr {:.2e} {rate:.2} it/s", s.learning_rate);
         self.bar.set_message(msg.clone());
         self.bar.set_position(s.step);
-        if self.bar.is_hidden() && (s.step % self.log_every == 0 || s.step == self.total) {
+        if self.bar.is_hidden() && (s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             let eta = (self.total - s.step) as f64 / rate.max(1e-9);
             eprintln!(
                 "step {}/{} {msg} eta {} (this step: loss {:.4}, {:.0} ms)",

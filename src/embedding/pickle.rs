@@ -370,7 +370,7 @@ impl<'a> Vm<'a> {
     }
 
     fn setitems(&mut self, at: usize, dict: Id, items: Vec<Id>) -> Result<(), EmbeddingError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err(at, "SETITEMS with an odd number of items"));
         }
         self.ctx.charge(items.len() as u64 * 16, self.field)?;

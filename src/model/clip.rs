@@ -186,7 +186,8 @@ pub struct ClipTextTransformer {
 impl ClipTextTransformer {
     /// Loads from weights named as transformers names them under `text_model.`.
     pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::config(
                 "text_encoder.num_attention_heads",
                 format!(

@@ -86,7 +86,7 @@ impl PromptEncoder {
                 format!("'{name}' must be one word without spaces"),
             ));
         }
-        if vectors.is_empty() || vectors.len() % dim != 0 || n > 75 {
+        if vectors.is_empty() || !vectors.len().is_multiple_of(dim) || n > 75 {
             return Err(Error::input(
                 format!("vectors of '{name}'"),
                 format!(

@@ -122,7 +122,7 @@ impl Nfc {
             return char::from_u32(S_BASE + ((a32 - L_BASE) * V_COUNT + (b32 - V_BASE)) * T_COUNT);
         }
         if (S_BASE..S_BASE + S_COUNT).contains(&a32)
-            && (a32 - S_BASE) % T_COUNT == 0
+            && (a32 - S_BASE).is_multiple_of(T_COUNT)
             && (T_BASE + 1..T_BASE + T_COUNT).contains(&b32)
         {
             return char::from_u32(a32 + (b32 - T_BASE));

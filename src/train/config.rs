@@ -157,7 +157,7 @@ impl TrainConfig {
                 format!("{} is outside 1..=75", self.vectors),
             ));
         }
-        if self.resolution < 64 || self.resolution % 8 != 0 || self.resolution > 4096 {
+        if self.resolution < 64 || !self.resolution.is_multiple_of(8) || self.resolution > 4096 {
             return Err(Error::config(
                 "resolution",
                 format!(
@@ -175,6 +175,9 @@ impl TrainConfig {
                 format!("{} is outside 1..=256", self.batch_size),
             ));
         }
+        if self.max_steps == 0 {
+            return Err(Error::config("max_steps", "must be at least 1"));
+        }
         if self.gradient_accumulation == 0 {
             return Err(Error::config("gradient_accumulation", "must be at least 1"));
         }
@@ -186,12 +189,16 @@ impl TrainConfig {
                 return Err(Error::config(field, format!("{v} is outside [0, 1)")));
             }
         }
-        let eps_ok = self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0;
-        let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
-        if !(eps_ok && wd_ok) {
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
             return Err(Error::config(
-                "adam_epsilon/weight_decay",
-                "must be positive / non-negative",
+                "adam_epsilon",
+                format!("{} must be positive", self.adam_epsilon),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::config(
+                "weight_decay",
+                format!("{} must be zero or positive", self.weight_decay),
             ));
         }
         if let Some(n) = self.max_grad_norm {

@@ -289,7 +289,7 @@ pub struct PreparedImage {
 
 /// Checks a training resolution: a multiple of 8 in `64..=16384`.
 pub fn validate_resolution(resolution: u32) -> Result<(), TrainDataError> {
-    if resolution % 8 != 0 || !(MIN_RESOLUTION..=MAX_SIDE).contains(&resolution) {
+    if !resolution.is_multiple_of(8) || !(MIN_RESOLUTION..=MAX_SIDE).contains(&resolution) {
         return Err(err(
             "training settings",
             "resolution",

@@ -73,6 +73,17 @@ impl Trainer {
     /// Starts a run: validates the options and initialises the vectors.
     pub fn new(model: Arc<SdModel>, config: TrainConfig) -> Result<Self> {
         config.validate()?;
+        // Checked here, against the model, rather than at the first step.
+        let layers = model.config.text_encoder.num_hidden_layers;
+        if config.clip_skip > layers {
+            return Err(Error::config(
+                "clip_skip",
+                format!(
+                    "{} is more than this text encoder's {layers} layers",
+                    config.clip_skip
+                ),
+            ));
+        }
         let tokenizer = ClipTokenizer::new()?;
         let noise_schedule = match config.prediction_type {
             None => model.config.scheduler.noise_schedule()?,

@@ -947,8 +947,33 @@ fn train_errors_name_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let images = pictures(tmp.path(), 1);
     let out = tmp.path().join("run");
-    let cases: [(&[&str], &str); 20] = [
+    let cases: [(&[&str], &str); 27] = [
         (&["--batch-size", "0"], "--batch-size: 0 is outside 1..=256"),
+        (&["--steps", "0"], "--steps: must be at least 1"),
+        (
+            &["--adam-epsilon", "0"],
+            "--adam-epsilon: 0 must be positive",
+        ),
+        (
+            &["--weight-decay=-1"],
+            "--weight-decay: -1 must be zero or positive",
+        ),
+        (
+            &["--clip-skip", "9"],
+            "--clip-skip: 9 is more than this text encoder's",
+        ),
+        (
+            &["--preview-every", "1", "--preview-steps", "0"],
+            "--preview-steps: 0 is outside 1..=1000",
+        ),
+        (
+            &["--preview-every", "1", "--preview-cfg=-1"],
+            "--preview-cfg: -1 must be a number >= 0",
+        ),
+        (
+            &["--preview-every", "1", "--preview-size", "60"],
+            "--preview-size: 60 must be a multiple of 8",
+        ),
         (
             &["--resolution", "7"],
             "--resolution: 7 must be a multiple of 8",

@@ -27,7 +27,7 @@ impl GroupNorm {
         groups: usize,
         eps: f64,
     ) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::error::Error::config(
                 "norm_num_groups",
                 format!("{prefix}: {channels} channels cannot be split into {groups} groups"),
