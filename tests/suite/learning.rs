@@ -184,10 +184,13 @@ fn conditioned_model(gain: f64, dtype: DType) -> SdModel {
 }
 
 /// The trainer on pictures of a concept (latents the model draws under a word) lowers the
-/// denoising loss against the init word.
+/// denoising loss against the init word. On the conditioned tiny model: the plain one
+/// responds so little to its conditioning (the loss moved 1.13321 -> 1.13290 in 150 steps)
+/// that a change of rounding in the matrix products (gemm's AVX-512 kernels) turned the
+/// drop into a rise of 5e-5, which said nothing about training.
 #[test]
 fn training_lowers_the_loss_on_the_concept() {
-    let model = Arc::new(tiny_model(DType::F32));
+    let model = Arc::new(conditioned_model(GAIN, DType::F32));
     let target = token_vector(&model, "dog");
     let init = token_vector(&model, "cat");
     let latents: Vec<Tensor> = latents_made_with(&model, &target, 6)
@@ -199,9 +202,7 @@ fn training_lowers_the_loss_on_the_concept() {
     trainer.train(150, |_| true).unwrap();
     let after = eval_loss(&model, &latents, trainer.vectors_tensor());
     eprintln!("loss at fixed noise and timesteps: init {before:.5}, learned {after:.5}");
-    // Measured 1.13321 -> 1.13290 (seed 5, 150 steps, lr 0.01): the tiny random UNet
-    // responds little to its conditioning, so the drop is small (deterministic on the
-    // CPU); the inversion test below is the one with a clear margin.
+    // Measured 1.11727 -> 1.11400 (seed 5, 150 steps, lr 0.01; deterministic on the CPU).
     assert!(after < before, "loss {after} did not drop below {before}");
 }
 
