@@ -4,7 +4,9 @@
 use candle_core::Tensor;
 
 use super::config::VaeConfig;
-use super::layers::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear, Recompute};
+use super::layers::{
+    attention_forward, upsample_nearest_2x, AttentionMask, Conv2d, GroupNorm, Linear, Recompute,
+};
 use super::resnet::{ResnetBlock as Resnet, ResnetConfig};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -63,7 +65,8 @@ impl VaeAttention {
         let q = self.to_q.forward(&t)?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
-        let o = attention(&q, &k, &v, (c as f64).powf(-0.5), None)?;
+        // One head over all channels; the VAE has no backward pass.
+        let (o, _) = attention_forward(&q, &k, &v, 1, (c as f64).powf(-0.5), AttentionMask::None)?;
         let o = self.to_out.forward(&o)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((o + x)?)

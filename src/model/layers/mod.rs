@@ -23,7 +23,7 @@ mod upsample;
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu, Activation, QUICK_GELU_ALPHA};
 pub(crate) use activation::{geglu_apply, geglu_input_grad, silu_apply, silu_grad};
-pub use attention::{attention, attention_backward, attention_forward, AttentionMask};
+pub use attention::{attention_backward, attention_forward, AttentionMask};
 pub use conv::Conv2d;
 pub use custom_op::Recompute;
 pub(crate) use custom_op::{apply_block, Block};

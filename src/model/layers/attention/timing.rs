@@ -1,12 +1,12 @@
-//! Timing of the attention shapes of a 512 px SD 1.5 training step (batch 1), the graph
-//! attention over split heads (with the callers' head split and merge copies) against
-//! the off-graph API. Not a test: run it by hand, in release, with
+//! Timing of the attention shapes of a 512 px SD 1.5 training step (batch 1) through the
+//! off-graph API. Not a test: run it by hand, in release, with
 //! `cargo test --release --lib attention_step_timing -- --ignored --nocapture`
-//! (`RAYON_NUM_THREADS` sets the threads; `SDTI_ATTENTION_TIMING_NEW=1` skips the old
-//! path, for profiling the new one).
+//! (`RAYON_NUM_THREADS` sets the threads).
 //!
 //! Measured on the 2-core Xeon (AVX-512) development machine, 2 threads, best of 2-5
-//! runs, q/k/v as views of a fused projection for the new path (ms):
+//! runs, q/k/v as views of a fused projection for the new path, against the graph-level
+//! attention over split heads it replaced (with the callers' head split and merge copies;
+//! removed once no caller was left), in ms:
 //!
 //! | shape (8 heads)      | old fwd | old bwd | new fwd | new bwd |
 //! |----------------------|--------:|--------:|--------:|--------:|
@@ -26,14 +26,15 @@
 //! gemm's `x86-v4` feature (AVX-512 micro-kernels; it needs Rust 1.89) the new path's
 //! step sum was 903 + 1875 ms in the same conditions. (The table was measured with the
 //! kernel's elementwise loops compiled for AVX-512; for Rust 1.85 they are AVX2 now, and
-//! their share of the new path's time went from about 6% to 11% in a profile.)
+//! their share of the new path's time went from about 6% to 11% in a profile.) With both
+//! AVX-512 changes in (rust-version 1.89), the new path's step sum was 1013 + 1967 ms in
+//! a run where the old path's was 2330 + 6926.
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{attention_backward, attention_forward, split_forward, AttentionMask, AttentionOp};
+use super::{attention_backward, attention_forward, AttentionMask};
 
 /// One attention shape: label, queries, keys, heads, head width, causal, calls per step.
 type Shape = (&'static str, usize, usize, usize, usize, bool, usize);
@@ -64,31 +65,14 @@ fn best<R>(reps: usize, mut f: impl FnMut() -> candle_core::Result<R>) -> candle
     Ok(best)
 }
 
-fn split(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    x.reshape((b, t, heads, c / heads))?
-        .transpose(1, 2)?
-        .reshape((b * heads, t, c / heads))
-}
-
-fn merge(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (bh, t, dh) = x.dims3()?;
-    x.reshape((bh / heads, heads, t, dh))?
-        .transpose(1, 2)?
-        .reshape((bh / heads, t, heads * dh))
-}
-
 #[test]
 #[ignore = "timing, run by hand in release"]
 fn attention_step_timing() -> candle_core::Result<()> {
     let d = Device::Cpu;
     let threads = rayon::current_num_threads();
     println!("threads: {threads}");
-    println!(
-        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>6}",
-        "shape", "old fwd", "old bwd", "new fwd", "new bwd", "calls"
-    );
-    let mut sums = [0f64; 4];
+    println!("{:<22} {:>9} {:>9} {:>6}", "shape", "fwd", "bwd", "calls");
+    let mut sums = [0f64; 2];
     for (label, n, m, heads, dh, causal, calls) in SHAPES {
         let c = heads * dh;
         let scale = (dh as f64).powf(-0.5);
@@ -110,61 +94,12 @@ fn attention_step_timing() -> candle_core::Result<()> {
             )
         };
         let g = Tensor::randn(0f32, 1.0, (1, n, c), &d)?;
-        let mask_tensor = if causal {
-            let v: Vec<f32> = (0..n)
-                .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            Some(Tensor::from_vec(v, (n, m), &d)?)
-        } else {
-            None
-        };
         let mask = if causal {
             AttentionMask::Causal
         } else {
             AttentionMask::None
         };
         let reps = if n >= 4096 { 2 } else { 5 };
-        // SDTI_ATTENTION_TIMING_NEW=1 times the new path only (for profiling it).
-        let old_reps = if std::env::var_os("SDTI_ATTENTION_TIMING_NEW").is_some() {
-            0
-        } else {
-            reps
-        };
-        // The old path as the callers run it: separate q, k, v projections (contiguous),
-        // split copies, the blocked op, merge copy.
-        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let old_fwd = best(old_reps, || {
-            let o = split_forward(
-                &split(&qc, heads)?.contiguous()?,
-                &split(&kc, heads)?.contiguous()?,
-                &split(&vc, heads)?.contiguous()?,
-                scale,
-                mask_tensor.as_ref(),
-            )?;
-            merge(&o, heads)?.contiguous()
-        })?;
-        let (qs, ks, vs) = (
-            split(&qc, heads)?.contiguous()?,
-            split(&kc, heads)?.contiguous()?,
-            split(&vc, heads)?.contiguous()?,
-        );
-        let os = split_forward(&qs, &ks, &vs, scale, mask_tensor.as_ref())?;
-        let old_bwd = best(old_reps, || {
-            let op = AttentionOp {
-                output: Mutex::new(None),
-                scale,
-                mask: mask_tensor.clone(),
-                need: [true; 3],
-                lse: None,
-            };
-            let (dq, dk, dv) = op.backward(&qs, &ks, &vs, &os, &split(&g, heads)?)?;
-            let merged = [dq, dk, dv]
-                .into_iter()
-                .flatten()
-                .map(|t| merge(&t, heads)?.contiguous())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(merged)
-        })?;
         let new_fwd = best(reps, || attention_forward(&q, &k, &v, heads, scale, mask))?;
         let (o, lse) = attention_forward(&q, &k, &v, heads, scale, mask)?;
         assert_eq!(lse.dtype(), DType::F32);
@@ -172,23 +107,19 @@ fn attention_step_timing() -> candle_core::Result<()> {
             attention_backward(&q, &k, &v, &o, &lse, &g, heads, scale, mask, [true; 3])
         })?;
         println!(
-            "{label:<22} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {calls:>6}",
-            old_fwd * 1e3,
-            old_bwd * 1e3,
+            "{label:<22} {:>8.1}ms {:>8.1}ms {calls:>6}",
             new_fwd * 1e3,
             new_bwd * 1e3
         );
-        for (s, t) in sums.iter_mut().zip([old_fwd, old_bwd, new_fwd, new_bwd]) {
+        for (s, t) in sums.iter_mut().zip([new_fwd, new_bwd]) {
             *s += t * calls as f64;
         }
     }
     println!(
-        "{:<22} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms",
+        "{:<22} {:>8.0}ms {:>8.0}ms",
         "UNet step sum",
         sums[0] * 1e3,
-        sums[1] * 1e3,
-        sums[2] * 1e3,
-        sums[3] * 1e3
+        sums[1] * 1e3
     );
     Ok(())
 }
