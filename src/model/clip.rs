@@ -77,16 +77,6 @@ impl ClipLayer {
         Ok(apply_block(self, x, None, Recompute::Off)?)
     }
 
-    /// q, k and v of the fused projection, as views.
-    fn split(qkv: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let d = qkv.dim(2)? / 3;
-        Ok((
-            qkv.narrow(2, 0, d)?,
-            qkv.narrow(2, d, d)?,
-            qkv.narrow(2, 2 * d, d)?,
-        ))
-    }
-
     fn scale(&self, d: usize) -> f64 {
         ((d / self.heads) as f64).powf(-0.5)
     }
@@ -105,7 +95,7 @@ impl Block for ClipLayer {
         let (n1, stats1) = self.layer_norm1.apply(x)?;
         let qkv = self.qkv_proj.apply(&n1)?;
         drop(n1);
-        let (q, k, v) = Self::split(&qkv)?;
+        let [q, k, v] = Linear::parts(&qkv)?;
         let scale = self.scale(q.dim(2)?);
         let (o, lse) = attention_forward(&q, &k, &v, self.heads, scale, AttentionMask::Causal)?;
         let x1 = (x + self.out_proj.apply(&o)?)?;
@@ -147,7 +137,7 @@ impl Block for ClipLayer {
             .input_grad(&dn2, &s.x1, s.stats2.as_ref())?)?;
         drop((dn2, s.x1));
         let do_ = self.out_proj.input_grad(&dx1)?;
-        let (q, k, v) = Self::split(&s.qkv)?;
+        let [q, k, v] = Linear::parts(&s.qkv)?;
         let scale = self.scale(q.dim(2)?);
         let grads = attention_backward(
             &q,
@@ -162,12 +152,9 @@ impl Block for ClipLayer {
             [true; 3],
         )?;
         drop((do_, q, k, v, s.qkv, s.o, s.lse));
-        let parts = [grads.0, grads.1, grads.2]
-            .into_iter()
-            .map(|d| d.ok_or_else(|| candle_core::Error::Msg("attention: missing gradient".into())))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let dn1 = self.qkv_proj.input_grad(&Tensor::cat(&parts, 2)?)?;
-        drop(parts);
+        let dn1 = self
+            .qkv_proj
+            .input_grad_of_parts([grads.0, grads.1, grads.2])?;
         let dx = (dx1 + self.layer_norm1.input_grad(&dn1, x, s.stats1.as_ref())?)?;
         Ok((Some(dx), None))
     }

@@ -134,13 +134,8 @@ impl TransformerBlock {
         let (n1, stats1) = self.norm1.apply(x)?;
         let qkv = self.qkv1.apply(&n1)?;
         drop(n1);
-        let inner = qkv.dim(2)? / 3;
-        let scale = self.scale(inner);
-        let (q, k, v) = (
-            qkv.narrow(2, 0, inner)?,
-            qkv.narrow(2, inner, inner)?,
-            qkv.narrow(2, 2 * inner, inner)?,
-        );
+        let [q, k, v] = Linear::parts(&qkv)?;
+        let scale = self.scale(q.dim(2)?);
         let (o1, lse1) = attention_forward(&q, &k, &v, heads, scale, AttentionMask::None)?;
         let x1 = (self.out1.apply(&o1)? + x)?;
 
@@ -148,7 +143,7 @@ impl TransformerBlock {
         let q2 = self.q2.apply(&n2)?;
         drop(n2);
         let kv2 = self.kv2.apply(context)?;
-        let (k2, v2) = (kv2.narrow(2, 0, inner)?, kv2.narrow(2, inner, inner)?);
+        let [k2, v2] = Linear::parts(&kv2)?;
         let (o2, lse2) = attention_forward(&q2, &k2, &v2, heads, scale, AttentionMask::None)?;
         let x2 = (self.out2.apply(&o2)? + &x1)?;
 
@@ -180,14 +175,12 @@ impl TransformerBlock {
     fn backward(
         &self,
         s: BlockSaved,
-        context: &Tensor,
         g: &Tensor,
         need_x: bool,
         need_context: bool,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let heads = self.heads;
-        let inner = s.o1.dim(2)?;
-        let scale = self.scale(inner);
+        let scale = self.scale(s.o1.dim(2)?);
         // Feed-forward: y = x2 + ff_out(geglu(ff_proj(norm3(x2)))).
         let da = self.ff_out.input_grad(g)?;
         let dh = geglu_input_grad(&da, &s.h)?;
@@ -199,7 +192,7 @@ impl TransformerBlock {
 
         // Cross-attention: x2 = x1 + out2(attn(q2(norm2(x1)), kv2(context))).
         let do2 = self.out2.input_grad(&dx2)?;
-        let (k2, v2) = (s.kv2.narrow(2, 0, inner)?, s.kv2.narrow(2, inner, inner)?);
+        let [k2, v2] = Linear::parts(&s.kv2)?;
         let (dq2, dk2, dv2) = attention_backward(
             &s.q2,
             &k2,
@@ -213,11 +206,11 @@ impl TransformerBlock {
             [need_x, need_context, need_context],
         )?;
         drop((do2, k2, v2, s.kv2, s.q2, s.o2, s.lse2));
-        let dcontext = match (need_context, dk2, dv2) {
-            (true, Some(dk), Some(dv)) => Some(self.kv2.input_grad(&Tensor::cat(&[dk, dv], 2)?)?),
-            _ => None,
+        let dcontext = if need_context {
+            Some(self.kv2.input_grad_of_parts([dk2, dv2])?)
+        } else {
+            None
         };
-        let _ = context;
         if !need_x {
             return Ok((None, dcontext));
         }
@@ -230,11 +223,7 @@ impl TransformerBlock {
 
         // Self-attention: x1 = x + out1(attn(qkv1(norm1(x)))).
         let do1 = self.out1.input_grad(&dx1)?;
-        let (q, k, v) = (
-            s.qkv.narrow(2, 0, inner)?,
-            s.qkv.narrow(2, inner, inner)?,
-            s.qkv.narrow(2, 2 * inner, inner)?,
-        );
+        let [q, k, v] = Linear::parts(&s.qkv)?;
         let (dq, dk, dv) = attention_backward(
             &q,
             &k,
@@ -248,12 +237,7 @@ impl TransformerBlock {
             [true; 3],
         )?;
         drop((do1, q, k, v, s.qkv, s.o1, s.lse1));
-        let parts = [dq, dk, dv]
-            .into_iter()
-            .map(|d| d.ok_or_else(|| candle_core::Error::Msg("attention: missing gradient".into())))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let dn1 = self.qkv1.input_grad(&Tensor::cat(&parts, 2)?)?;
-        drop(parts);
+        let dn1 = self.qkv1.input_grad_of_parts([dq, dk, dv])?;
         let dx = (dx1 + self.norm1.input_grad(&dn1, &s.x, s.stats1.as_ref())?)?;
         Ok((Some(dx), dcontext))
     }
@@ -403,12 +387,11 @@ impl Block for SpatialTransformer {
         &self,
         saved: SpatialSaved,
         x: &Tensor,
-        context: Option<&Tensor>,
+        // The context's keys and values are in the saved state.
+        _: Option<&Tensor>,
         g: &Tensor,
         need: [bool; 2],
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let context = context
-            .ok_or_else(|| candle_core::Error::Msg("spatial transformer: no context".into()))?;
         let (_, _, hgt, wid) = x.dims4()?;
         let SpatialSaved {
             norm_stats,
@@ -422,7 +405,7 @@ impl Block for SpatialTransformer {
             })?;
             // The first block's input gradient is needed only when x's is.
             let need_x = i > 0 || need[0];
-            let (dx, dc) = block.backward(s, context, &dh, need_x, need[1])?;
+            let (dx, dc) = block.backward(s, &dh, need_x, need[1])?;
             if let Some(dc) = dc {
                 dcontext = Some(match dcontext {
                     Some(sum) => (sum + dc)?,

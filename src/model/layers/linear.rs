@@ -46,6 +46,38 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// The `N` equal parts of a [`Linear::concat`] layer's output `y` (last dimension), as
+    /// views: e.g. q, k and v of a fused projection.
+    pub(crate) fn parts<const N: usize>(y: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let last = y.rank() - 1;
+        let width = y.dim(last)? / N;
+        let mut parts = Vec::with_capacity(N);
+        for i in 0..N {
+            parts.push(y.narrow(last, i * width, width)?);
+        }
+        parts
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("fused projection: wrong part count".into()))
+    }
+
+    /// The input gradient of a [`Linear::concat`] layer from its parts' output gradients,
+    /// each of which must be there: one product with the stacked weights.
+    pub(crate) fn input_grad_of_parts<const N: usize>(
+        &self,
+        parts: [Option<Tensor>; N],
+    ) -> candle_core::Result<Tensor> {
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                p.ok_or_else(|| {
+                    candle_core::Error::Msg("fused projection: a part's gradient is missing".into())
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = parts.first().map_or(0, |p| p.rank().saturating_sub(1));
+        self.input_grad(&Tensor::cat(&parts, last)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let layer = self.clone();
         Ok(input_grad_only(
