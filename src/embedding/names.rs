@@ -220,10 +220,16 @@ impl FromStr for Precision {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// A Stable Diffusion model family: which text encoders condition the UNet, hence which
+/// embedding widths fit it. Model loading tells it from a model's files
+/// ([`crate::model::files`]); an embedding's shape says which it fits ([`Family::of`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
     /// CLIP ViT-L/14: 768 wide.
+    #[default]
     Sd1,
     /// OpenCLIP ViT-H/14: 1024 wide.
     Sd2,
@@ -237,6 +243,15 @@ impl Family {
         [Family::Sd1, Family::Sd2, Family::Sdxl]
             .into_iter()
             .find(|f| check_for_family(emb, *f).is_ok())
+    }
+
+    /// The family's name in sentences about models: "SD 1.x", "SD 2.x", "SDXL".
+    pub fn model_name(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
+        }
     }
 
     pub(super) fn widths(self) -> &'static str {

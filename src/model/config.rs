@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::scheduler::SchedulerConfig;
+use super::scheduler::{PredictionType, SchedulerConfig};
+pub use crate::embedding::Family;
 
 /// The token positions of SD 1.x's CLIP text encoder (openai/clip-vit-large-patch14's
 /// `max_position_embeddings`): one prompt chunk, BOS and EOS included.
@@ -11,6 +12,10 @@ pub const CLIP_CONTEXT_LEN: usize = 77;
 /// The latent scaling factor of SD 1.x's VAE (runwayml/stable-diffusion-v1-5
 /// vae/config.json `scaling_factor`, diffusers' `AutoencoderKL` default).
 pub const SD1_VAE_SCALING_FACTOR: f64 = 0.18215;
+
+/// The latent scaling factor of SDXL's VAE (Stability's sd_xl_base.yaml `scale_factor`,
+/// stable-diffusion-xl-base-1.0 vae/config.json).
+pub const SDXL_VAE_SCALING_FACTOR: f64 = 0.13025;
 
 /// The CLIP text transformer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,6 +30,10 @@ pub struct ClipConfig {
     pub hidden_act: String,
     #[serde(default = "default_clip_eps")]
     pub layer_norm_eps: f64,
+    /// The width of `text_projection` (transformers' `CLIPTextModelWithProjection`), which
+    /// SDXL's second encoder applies to its pooled state; `None` without a projection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_dim: Option<usize>,
 }
 
 fn default_clip_act() -> String {
@@ -46,6 +55,39 @@ impl ClipConfig {
             max_position_embeddings: CLIP_CONTEXT_LEN,
             hidden_act: default_clip_act(),
             layer_norm_eps: default_clip_eps(),
+            projection_dim: None,
+        }
+    }
+
+    /// OpenCLIP ViT-H/14's text tower, SD 2.x's encoder, with `layers` blocks: 24 in the
+    /// original (single-file) checkpoints, 23 in diffusers folders, which drop the last
+    /// block because SD 2.x conditions on the penultimate one.
+    pub fn open_clip_h(layers: usize) -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: layers,
+            num_attention_heads: 16,
+            max_position_embeddings: CLIP_CONTEXT_LEN,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: default_clip_eps(),
+            projection_dim: Some(1024),
+        }
+    }
+
+    /// OpenCLIP ViT-bigG/14's text tower, SDXL's second encoder (`text_encoder_2`).
+    pub fn open_clip_bigg() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            max_position_embeddings: CLIP_CONTEXT_LEN,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: default_clip_eps(),
+            projection_dim: Some(1280),
         }
     }
 }
@@ -207,6 +249,14 @@ pub struct UnetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub transformer_layers_per_block: Option<PerBlock>,
+    /// SDXL's added conditioning (`addition_embed_type = "text_time"`): the sinusoid width
+    /// of each of the six size/crop time ids (256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL's `add_embedding.linear_1` input: the pooled text vector plus six time-id
+    /// sinusoids (1280 + 6 * 256 = 2816).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 fn four() -> usize {
@@ -268,6 +318,45 @@ impl UnetConfig {
             addition_embed_type: None,
             class_embed_type: None,
             transformer_layers_per_block: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+        }
+    }
+
+    /// stabilityai/stable-diffusion-2-1 unet/config.json: SD 1.x's blocks with 64-channel
+    /// heads (5, 10, 20, 20), linear projections in and out of the transformers, a 1024-wide
+    /// context and attention scores in f32.
+    pub fn sd2() -> Self {
+        Self {
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
+            use_linear_projection: true,
+            upcast_attention: true,
+            ..Self::sd1_with(vec![320, 640, 1280, 1280], 2, 1024)
+        }
+    }
+
+    /// stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: three levels (no
+    /// attention in the first), transformer depths 1/2/10 (mid 10), 64-channel heads, a
+    /// 2048-wide context and the pooled-text + time-id embedding.
+    pub fn sdxl() -> Self {
+        Self {
+            down_block_types: vec![
+                DownBlockKind::Plain,
+                DownBlockKind::CrossAttn,
+                DownBlockKind::CrossAttn,
+            ],
+            up_block_types: vec![
+                UpBlockKind::CrossAttn,
+                UpBlockKind::CrossAttn,
+                UpBlockKind::Plain,
+            ],
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            transformer_layers_per_block: Some(PerBlock::Each(vec![1, 2, 10])),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Self::sd1_with(vec![320, 640, 1280], 2, 2048)
         }
     }
 
@@ -324,10 +413,17 @@ impl VaeConfig {
     }
 }
 
-/// The three networks' configurations of one SD 1.x model.
+/// The networks' configurations of one model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Which family the model is (configurations written before sdti knew more than
+    /// SD 1.x have no field and are SD 1.x).
+    #[serde(default)]
+    pub family: Family,
     pub text_encoder: ClipConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG, diffusers' `text_encoder_2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_2: Option<ClipConfig>,
     pub unet: UnetConfig,
     pub vae: VaeConfig,
     pub scheduler: SchedulerConfig,
@@ -337,9 +433,52 @@ impl ModelConfig {
     /// Stable Diffusion 1.5.
     pub fn sd1() -> Self {
         Self {
+            family: Family::Sd1,
             text_encoder: ClipConfig::sd1(),
+            text_encoder_2: None,
             unet: UnetConfig::sd1(),
             vae: VaeConfig::sd1(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+
+    /// Stable Diffusion 2.1 (768 px, v-prediction) as a diffusers folder holds it: the
+    /// text encoder without its last block. [`ModelConfig::sd2_base`] is the 512 px
+    /// epsilon model.
+    pub fn sd2() -> Self {
+        let scheduler = SchedulerConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..SchedulerConfig::default()
+        };
+        Self {
+            family: Family::Sd2,
+            text_encoder: ClipConfig::open_clip_h(23),
+            text_encoder_2: None,
+            unet: UnetConfig::sd2(),
+            vae: VaeConfig::sd1(),
+            scheduler,
+        }
+    }
+
+    /// Stable Diffusion 2.1-base (512 px, epsilon).
+    pub fn sd2_base() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            ..Self::sd2()
+        }
+    }
+
+    /// SDXL base 1.0.
+    pub fn sdxl() -> Self {
+        Self {
+            family: Family::Sdxl,
+            text_encoder: ClipConfig::sd1(),
+            text_encoder_2: Some(ClipConfig::open_clip_bigg()),
+            unet: UnetConfig::sdxl(),
+            vae: VaeConfig {
+                scaling_factor: SDXL_VAE_SCALING_FACTOR,
+                ..VaeConfig::sd1()
+            },
             scheduler: SchedulerConfig::default(),
         }
     }

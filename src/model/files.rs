@@ -12,23 +12,7 @@ use super::scheduler::SchedulerConfig;
 use super::weights::{WeightIndex, Weights};
 use crate::error::{Error, Result};
 
-/// The model families the loader can tell apart. Only SD 1.x trains here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    Sd1,
-    Sd2,
-    Sdxl,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::Sd1 => "SD 1.x",
-            Family::Sd2 => "SD 2.x",
-            Family::Sdxl => "SDXL",
-        })
-    }
-}
+pub use crate::embedding::Family;
 
 /// Indexed weights with their configuration.
 pub struct LoadedWeights {
@@ -66,7 +50,7 @@ pub fn index_model(
             path,
             format!(
                 "this is an {} model; sdti trains SD 1.x models (SD 1.4, 1.5 and their fine-tunes)",
-                loaded.family
+                loaded.family.model_name()
             ),
         ));
     }
@@ -154,6 +138,8 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
     Ok(LoadedWeights {
         weights: index.finish(dtype, device.clone()),
         config: ModelConfig {
+            family,
+            text_encoder_2: None,
             text_encoder: text,
             unet,
             vae,
@@ -229,6 +215,8 @@ fn index_single_file(
     Ok(LoadedWeights {
         weights: index.finish(dtype, device.clone()),
         config: ModelConfig {
+            family,
+            text_encoder_2: None,
             text_encoder: text_cfg,
             unet: unet_cfg,
             vae: vae_cfg,
@@ -262,7 +250,8 @@ pub fn index_text_encoder(
         return Err(model_err(
             path,
             format!(
-                "this is an {family} model; sdti trains SD 1.x models (SD 1.4, 1.5 and their fine-tunes)"
+                "this is an {} model; sdti trains SD 1.x models (SD 1.4, 1.5 and their fine-tunes)",
+                family.model_name()
             ),
         ));
     }
@@ -780,5 +769,6 @@ fn ldm_clip_config(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<Cl
         max_position_embeddings: positions[0],
         hidden_act: "quick_gelu".into(),
         layer_norm_eps: 1e-5,
+        projection_dim: None,
     })
 }
