@@ -9,6 +9,8 @@ mod loading;
 mod parity;
 mod reads;
 mod scheduler;
+mod sd2;
+mod sdxl;
 mod threads;
 mod tokenizer;
 mod training;
