@@ -285,6 +285,61 @@ pub struct PreparedImage {
     pub flipped: bool,
     /// Resolved caption (sidecar `.txt`, else the given caption, else file-name words).
     pub caption: Option<String>,
+    /// Where the view came from, for SDXL's size and crop conditioning.
+    pub size: SizeCond,
+}
+
+/// SDXL's micro-conditioning of one training view (the SDXL paper's size and crop
+/// conditioning, diffusers' `add_time_ids`): the decoded source image's size and the
+/// crop's top-left corner in the resized image, both height first. The target size is the
+/// training resolution. A mirrored view's crop is mirrored too (kohya's rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCond {
+    /// `(height, width)` of the decoded image, before resizing.
+    pub original: (u32, u32),
+    /// `(top, left)` of the crop in the resized image.
+    pub crop_top_left: (u32, u32),
+}
+
+impl SizeCond {
+    /// The six time ids `(orig_h, orig_w, crop_top, crop_left, target_h, target_w)` for a
+    /// square target of side `resolution`.
+    pub fn time_ids(&self, resolution: u32) -> [f64; 6] {
+        [
+            f64::from(self.original.0),
+            f64::from(self.original.1),
+            f64::from(self.crop_top_left.0),
+            f64::from(self.crop_top_left.1),
+            f64::from(resolution),
+            f64::from(resolution),
+        ]
+    }
+}
+
+/// A square crop of a resized image, with its SDXL size conditioning.
+struct Square {
+    image: RgbImage,
+    /// The resized image's width.
+    resized_width: u32,
+    size: SizeCond,
+}
+
+impl Square {
+    /// The size conditioning of the view, mirrored or not.
+    fn size(&self, flipped: bool, res: u32) -> SizeCond {
+        let (top, left) = self.size.crop_top_left;
+        SizeCond {
+            crop_top_left: (
+                top,
+                if flipped {
+                    self.resized_width - left - res
+                } else {
+                    left
+                },
+            ),
+            ..self.size
+        }
+    }
 }
 
 /// Checks a training resolution: a multiple of 8 in `64..=16384`.
@@ -539,7 +594,7 @@ fn resize_and_crop(
     img: &RgbImage,
     opts: &PrepareOptions,
     rng: &mut Rng,
-) -> Result<RgbImage, TrainDataError> {
+) -> Result<Square, TrainDataError> {
     let res = opts.resolution;
     let (w, h) = img.dimensions();
     let (short, long) = (u64::from(w.min(h)), u64::from(w.max(h)));
@@ -582,7 +637,14 @@ fn resize_and_crop(
             rng.uniform_usize((nh - res) as usize + 1) as u32,
         ),
     };
-    Ok(imageops::crop_imm(scaled, x, y, res, res).to_image())
+    Ok(Square {
+        image: imageops::crop_imm(scaled, x, y, res, res).to_image(),
+        resized_width: nw,
+        size: SizeCond {
+            original: (h, w),
+            crop_top_left: (y, x),
+        },
+    })
 }
 
 /// `x / 127.5 - 1` for every byte value, computed like numpy (f64, then f32).
@@ -637,9 +699,10 @@ pub fn prepare_views_with(
     Ok([false, true]
         .into_iter()
         .map(|flipped| PreparedImage {
-            chw: to_chw(&square, flipped),
+            chw: to_chw(&square.image, flipped),
             flipped,
             caption: caption.clone(),
+            size: square.size(flipped, opts.resolution),
         })
         .collect())
 }
@@ -659,9 +722,10 @@ pub fn prepare_image(
     let square = resize_and_crop(&rgb, opts, rng)?;
     let flipped = rng.bernoulli(flip_p);
     Ok(PreparedImage {
-        chw: to_chw(&square, flipped),
+        chw: to_chw(&square.image, flipped),
         flipped,
         caption,
+        size: square.size(flipped, opts.resolution),
     })
 }
 
@@ -1182,6 +1246,37 @@ mod tests {
         let before = rng.state();
         prepare_views(&sq, 64, CropMode::Random, &mut rng).unwrap();
         assert_eq!(rng.state(), before);
+    }
+
+    /// The size conditioning is height first and names the crop in the resized image; a
+    /// mirrored view's crop is mirrored (a 192x96 source resized to 128x64 at 64 px).
+    #[test]
+    fn views_carry_sdxl_size_conditioning() {
+        let t = TrainImage {
+            source: rgb_pixels(&RgbImage::from_fn(192, 96, |x, _| {
+                Rgb([(x % 251) as u8, 0, 0])
+            })),
+            caption: None,
+        };
+        for seed in 0..6 {
+            let views = prepare_views(&t, 64, CropMode::Random, &mut Rng::new(seed)).unwrap();
+            let (plain, mirror) = (views[0].size, views[1].size);
+            assert_eq!(plain.original, (96, 192));
+            assert_eq!(plain.crop_top_left.0, 0);
+            assert!(plain.crop_top_left.1 <= 64);
+            assert_eq!(mirror.crop_top_left, (0, 64 - plain.crop_top_left.1));
+            // The crop's first column is the source's column 1.5 * left (red = x).
+            let left = plain.crop_top_left.1 as f64 * 1.5;
+            let red = (views[0].chw[0] as f64 + 1.0) * 127.5;
+            assert!((red - left).abs() <= 2.0, "red {red} at left {left}");
+            assert_eq!(
+                plain.time_ids(64),
+                [96.0, 192.0, 0.0, plain.crop_top_left.1 as f64, 64.0, 64.0]
+            );
+        }
+        let center = prepare_views(&t, 64, CropMode::Center, &mut Rng::new(0)).unwrap();
+        assert_eq!(center[0].size.crop_top_left, (0, 32));
+        assert_eq!(center[1].size.crop_top_left, (0, 32));
     }
 
     #[test]
