@@ -34,6 +34,16 @@ pub struct ClipConfig {
     /// SDXL's second encoder applies to its pooled state; `None` without a projection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection_dim: Option<usize>,
+    /// Final blocks of the original encoder these weights lack: 1 for an SD 2.x diffusers
+    /// folder, whose conversion drops OpenCLIP's block 24 (SD 2.x conditions on block 23,
+    /// so the folder's last layer is the original's penultimate). Clip skip counts from
+    /// the original's end (`hidden_states[-clip_skip]` of the full-depth encoder).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_final_layers: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_clip_act() -> String {
@@ -56,6 +66,7 @@ impl ClipConfig {
             hidden_act: default_clip_act(),
             layer_norm_eps: default_clip_eps(),
             projection_dim: None,
+            dropped_final_layers: 0,
         }
     }
 
@@ -73,6 +84,7 @@ impl ClipConfig {
             hidden_act: "gelu".into(),
             layer_norm_eps: default_clip_eps(),
             projection_dim: Some(1024),
+            dropped_final_layers: 24usize.saturating_sub(layers),
         }
     }
 
@@ -88,6 +100,7 @@ impl ClipConfig {
             hidden_act: "gelu".into(),
             layer_norm_eps: default_clip_eps(),
             projection_dim: Some(1280),
+            dropped_final_layers: 0,
         }
     }
 }

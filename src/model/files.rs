@@ -770,5 +770,6 @@ fn ldm_clip_config(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Result<Cl
         hidden_act: "quick_gelu".into(),
         layer_norm_eps: 1e-5,
         projection_dim: None,
+        dropped_final_layers: 0,
     })
 }
