@@ -24,9 +24,14 @@ struct Entry {
     start: usize,
     end: usize,
     dtype: StDtype,
+    /// The shape under this name (the stored shape reversed when `transpose2d`).
     shape: Vec<usize>,
     /// The key as written in the file, for error messages.
     source_key: String,
+    /// A 2-D tensor stored as the transpose of what this name means (OpenCLIP's
+    /// `text_projection` is `x @ P`, transformers' is a Linear weight `P^T`): transposed
+    /// into a copy when read.
+    transpose2d: bool,
 }
 
 /// One mapped safetensors file.
@@ -80,6 +85,7 @@ impl WeightIndex {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
                     source_key: key,
+                    transpose2d: false,
                 },
             );
         }
@@ -100,6 +106,133 @@ impl WeightIndex {
         {
             self.entries.insert(name, entry);
         }
+    }
+
+    /// The raw entry `source_key` of the most recently mapped file, or an error naming it.
+    fn last_entry(&self, source_key: &str) -> Result<Entry> {
+        let file = self.files.len().saturating_sub(1);
+        self.entries
+            .get(&format!("\0{file}\0{source_key}"))
+            .cloned()
+            .ok_or_else(|| Error::Weight {
+                path: self
+                    .files
+                    .get(file)
+                    .map(|f| f.path.clone())
+                    .unwrap_or_default(),
+                key: source_key.to_string(),
+                reason: "missing from the model".into(),
+            })
+    }
+
+    fn entry_error(&self, e: &Entry, reason: String) -> Error {
+        Error::Weight {
+            path: self
+                .files
+                .get(e.file)
+                .map(|f| f.path.clone())
+                .unwrap_or_default(),
+            key: e.source_key.clone(),
+            reason,
+        }
+    }
+
+    /// Makes rows `row_start .. row_start + rows` of the most recently mapped file's
+    /// `source_key` (a matrix, or a vector: its elements) available as `name`, without a
+    /// copy: the rows of a row-major tensor are one contiguous byte range. OpenCLIP packs
+    /// the query, key and value projections into one `in_proj_weight [3d, d]` (and
+    /// `in_proj_bias [3d]`); transformers' CLIP reads them as three `[d, d]` (and `[d]`).
+    pub fn alias_rows(
+        &mut self,
+        source_key: &str,
+        name: String,
+        row_start: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let e = self.last_entry(source_key)?;
+        if e.shape.is_empty() || e.shape.len() > 2 {
+            return Err(self.entry_error(
+                &e,
+                format!(
+                    "has shape {:?}; rows are sliced off a matrix or a vector",
+                    e.shape
+                ),
+            ));
+        }
+        let total_rows = e.shape[0];
+        let end_row = row_start.checked_add(rows).unwrap_or(usize::MAX);
+        if end_row > total_rows {
+            return Err(self.entry_error(
+                &e,
+                format!(
+                    "has {total_rows} rows; rows {row_start}..{end_row} do not fit (shape {:?})",
+                    e.shape
+                ),
+            ));
+        }
+        let cols: usize = e.shape[1..].iter().product();
+        let bits = e.dtype.bitsize();
+        let row_bits = cols * bits;
+        if row_bits % 8 != 0 {
+            return Err(self.entry_error(
+                &e,
+                format!("rows of {cols} {:?} values are not whole bytes", e.dtype),
+            ));
+        }
+        let row_bytes = row_bits / 8;
+        if e.end - e.start != total_rows * row_bytes {
+            return Err(self.entry_error(
+                &e,
+                format!(
+                    "holds {} bytes, but shape {:?} of {:?} needs {}",
+                    e.end - e.start,
+                    e.shape,
+                    e.dtype,
+                    total_rows * row_bytes
+                ),
+            ));
+        }
+        let start = e.start + row_start * row_bytes;
+        let mut shape = e.shape.clone();
+        shape[0] = rows;
+        self.entries.insert(
+            name,
+            Entry {
+                start,
+                end: start + rows * row_bytes,
+                shape,
+                ..e
+            },
+        );
+        Ok(())
+    }
+
+    /// Makes the most recently mapped file's 2-D `source_key` available as `name`
+    /// transposed (`[a, b]` stored, `[b, a]` read). Reading it copies, so this is for small
+    /// matrices: OpenCLIP's `text_projection` (1-6 MB).
+    pub fn alias_transposed(&mut self, source_key: &str, name: String) -> Result<()> {
+        let e = self.last_entry(source_key)?;
+        if e.shape.len() != 2 {
+            return Err(self.entry_error(
+                &e,
+                format!("has shape {:?}; only a matrix can be transposed", e.shape),
+            ));
+        }
+        let shape = vec![e.shape[1], e.shape[0]];
+        self.entries.insert(
+            name,
+            Entry {
+                shape,
+                transpose2d: true,
+                ..e
+            },
+        );
+        Ok(())
+    }
+
+    /// The stored dtype of the most recently mapped file's `source_key`.
+    pub fn dtype_last(&self, source_key: &str) -> Option<StDtype> {
+        self.last_entry(source_key).ok().map(|e| e.dtype)
     }
 
     /// Drops the per-file raw keys, keeping only the aliases.
@@ -252,7 +385,12 @@ impl Weights {
                 })
             }
         };
-        let expected = e.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let stored: Vec<usize> = if e.transpose2d {
+            e.shape.iter().rev().copied().collect()
+        } else {
+            e.shape.clone()
+        };
+        let expected = stored.iter().product::<usize>() * dtype.size_in_bytes();
         if bytes.len() != expected {
             return Err(Error::Weight {
                 path: file.path.clone(),
@@ -260,16 +398,15 @@ impl Weights {
                 reason: format!(
                     "holds {} bytes, but shape {:?} of {dtype:?} needs {expected}",
                     bytes.len(),
-                    e.shape
+                    stored
                 ),
             });
         }
-        Ok(Tensor::from_raw_buffer(
-            bytes,
-            dtype,
-            &e.shape,
-            &Device::Cpu,
-        )?)
+        let t = Tensor::from_raw_buffer(bytes, dtype, &stored, &Device::Cpu)?;
+        if e.transpose2d {
+            return Ok(t.t()?.contiguous()?);
+        }
+        Ok(t)
     }
 
     /// Reads `name` converted to the compute dtype and device.
@@ -335,5 +472,133 @@ impl Weights {
             ));
         }
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file with `packed [6, 2]` f32 = 0..12, `bias [6]` f16 = 0..6 and
+    /// `proj [2, 3]` f32 = 0..6, as OpenCLIP stores `in_proj_weight`, `in_proj_bias` and
+    /// `text_projection` (scaled down).
+    fn packed_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("packed.safetensors");
+        let packed = Tensor::arange(0f32, 12., &Device::Cpu)
+            .unwrap()
+            .reshape((6, 2))
+            .unwrap();
+        let bias = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let proj = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let tensors: HashMap<String, Tensor> = [
+            ("packed".to_string(), packed),
+            ("bias".to_string(), bias),
+            ("proj".to_string(), proj),
+        ]
+        .into_iter()
+        .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        (dir, path)
+    }
+
+    fn entry_of<'a>(index: &'a WeightIndex, name: &str) -> &'a Entry {
+        &index.entries[name]
+    }
+
+    #[test]
+    fn row_aliases_are_byte_ranges_of_the_packed_tensor() -> Result<()> {
+        let (_dir, path) = packed_file();
+        let mut index = WeightIndex::default();
+        index.map_file(&path)?;
+        for (i, part) in ["q", "k", "v"].iter().enumerate() {
+            index.alias_rows("packed", format!("{part}.weight"), 2 * i, 2)?;
+            index.alias_rows("bias", format!("{part}.bias"), 2 * i, 2)?;
+        }
+        let raw = index.last_entry("packed")?;
+        let raw_bias = index.last_entry("bias")?;
+        // Three 2x2 f32 blocks of 16 bytes, back to back in the packed tensor's range.
+        for (i, part) in ["q", "k", "v"].iter().enumerate() {
+            let w = entry_of(&index, &format!("{part}.weight"));
+            assert_eq!(
+                (w.start, w.end),
+                (raw.start + 16 * i, raw.start + 16 * (i + 1))
+            );
+            assert_eq!(w.shape, vec![2, 2]);
+            let b = entry_of(&index, &format!("{part}.bias"));
+            assert_eq!(
+                (b.start, b.end),
+                (raw_bias.start + 4 * i, raw_bias.start + 4 * (i + 1))
+            );
+            assert_eq!(b.shape, vec![2]);
+        }
+        let w = index.finish(DType::F32, Device::Cpu);
+        assert_eq!(w.shape_of("k.weight"), Some(vec![2, 2]));
+        assert_eq!(
+            w.get("k.weight")?.to_vec2::<f32>()?,
+            vec![vec![4., 5.], vec![6., 7.]]
+        );
+        assert_eq!(
+            w.get("v.weight")?.to_vec2::<f32>()?,
+            vec![vec![8., 9.], vec![10., 11.]]
+        );
+        assert_eq!(w.get_raw("v.bias")?.dtype(), DType::F16);
+        assert_eq!(w.get("v.bias")?.to_vec1::<f32>()?, vec![4., 5.]);
+        assert_eq!(w.get("q.bias")?.to_vec1::<f32>()?, vec![0., 1.]);
+        Ok(())
+    }
+
+    #[test]
+    fn transposed_alias_reads_the_transpose() -> Result<()> {
+        let (_dir, path) = packed_file();
+        let mut index = WeightIndex::default();
+        index.map_file(&path)?;
+        index.alias_transposed("proj", "proj.weight".into())?;
+        index.alias_last("proj", "proj.raw".into());
+        let w = index.finish(DType::F32, Device::Cpu);
+        assert_eq!(w.shape_of("proj.weight"), Some(vec![3, 2]));
+        let t = w.get("proj.weight")?;
+        assert!(t.is_contiguous());
+        assert_eq!(
+            t.to_vec2::<f32>()?,
+            vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]
+        );
+        assert_eq!(w.get("proj.raw")?.dims(), &[2, 3]);
+        assert_eq!(w.get2("proj.weight")?.dims(), &[3, 2]);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_aliases_name_the_key_and_the_reason() -> Result<()> {
+        let (_dir, path) = packed_file();
+        let mut index = WeightIndex::default();
+        index.map_file(&path)?;
+        let err = index
+            .alias_rows("packed", "x".into(), 4, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'packed'") && err.contains("rows 4..7"),
+            "{err}"
+        );
+        let err = index
+            .alias_rows("absent", "x".into(), 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'absent'") && err.contains("missing"), "{err}");
+        let err = index
+            .alias_transposed("bias", "x".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'bias'") && err.contains("matrix"), "{err}");
+        assert_eq!(index.dtype_last("bias"), Some(StDtype::F16));
+        assert_eq!(index.dtype_last("absent"), None);
+        Ok(())
     }
 }
