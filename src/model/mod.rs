@@ -1,4 +1,4 @@
-//! Training-grade Stable Diffusion 1.x model code on candle tensors.
+//! Training-grade Stable Diffusion model code (SD 1.x, SD 2.x, SDXL) on candle tensors.
 
 pub mod clip;
 pub mod config;
@@ -51,26 +51,35 @@ impl Default for LoadOptions {
     }
 }
 
-/// A loaded SD 1.x model: text encoder, UNet and VAE, frozen.
+/// A loaded model: text encoder(s), UNet and VAE, frozen.
 #[derive(Debug)]
 pub struct SdModel {
     /// Shared, so a prompt encoder can hold it without the UNet and the VAE.
     pub text_encoder: Arc<TextEncoder>,
+    /// SDXL's second text encoder (OpenCLIP bigG), `None` for SD 1.x and 2.x.
+    pub text_encoder_2: Option<Arc<TextEncoder>>,
     pub unet: Unet,
     pub vae: Vae,
     pub config: ModelConfig,
     pub source: PathBuf,
+    /// What loading decided from clues rather than a configuration (a single file's
+    /// prediction type and the rule that chose it), one sentence each, for a front to
+    /// print ([`files::LoadedWeights::notes`]).
+    pub notes: Vec<String>,
 }
 
 impl SdModel {
     /// Loads a diffusers folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let loaded = files::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
-        Self::from_weights(&loaded.weights, loaded.config, loaded.source)
+        let mut model = Self::from_weights(&loaded.weights, loaded.config, loaded.source)?;
+        model.notes = loaded.notes;
+        Ok(model)
     }
 
-    /// Builds the model from in-memory weights (diffusers names under `text_encoder.`,
-    /// `unet.`, `vae.`), e.g. a random model of the real architecture for benchmarks.
+    /// Builds the model from indexed or in-memory weights (diffusers names under
+    /// `text_encoder.`, `text_encoder_2.` for SDXL, `unet.`, `vae.`), e.g. a random model
+    /// of the real architecture for benchmarks.
     ///
     /// With f16 or bf16 weights the text encoder still computes in f32
     /// ([`TextEncoder::new`] says why).
@@ -90,10 +99,15 @@ impl SdModel {
                 &w.pp("text_encoder"),
                 &config.text_encoder,
             )?),
+            text_encoder_2: match &config.text_encoder_2 {
+                Some(c) => Some(Arc::new(TextEncoder::new(&w.pp("text_encoder_2"), c)?)),
+                None => None,
+            },
             unet: Unet::new(&w.pp("unet"), &config.unet)?,
             vae: Vae::new(&w.pp("vae"), &config.vae)?,
             config,
             source,
+            notes: Vec::new(),
         })
     }
 

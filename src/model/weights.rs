@@ -160,7 +160,7 @@ impl WeightIndex {
             ));
         }
         let total_rows = e.shape[0];
-        let end_row = row_start.checked_add(rows).unwrap_or(usize::MAX);
+        let end_row = row_start.saturating_add(rows);
         if end_row > total_rows {
             return Err(self.entry_error(
                 &e,
@@ -173,7 +173,7 @@ impl WeightIndex {
         let cols: usize = e.shape[1..].iter().product();
         let bits = e.dtype.bitsize();
         let row_bits = cols * bits;
-        if row_bits % 8 != 0 {
+        if !row_bits.is_multiple_of(8) {
             return Err(self.entry_error(
                 &e,
                 format!("rows of {cols} {:?} values are not whole bytes", e.dtype),
