@@ -293,6 +293,11 @@ typedef struct sdti_step_stats {
 // A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
 #define SDTI_FORMAT_A1111_WEBP_PIXELS 12
 
+// diffusers' SDXL pair (`textual_inversion_sdxl.py`), only for SDXL embeddings: a write to
+// `NAME.safetensors` also writes `NAME_2.safetensors` beside it (clip_l `{token: [n, 768]}`
+// in the first, clip_g `{token: [n, 1280]}` in the second), both or neither.
+#define SDTI_FORMAT_DIFFUSERS_SDXL 13
+
 // Write flag: replace whatever is at the destination (without it, a write refuses with
 // `SDTI_ERR_EXISTS`).
 #define SDTI_WRITE_OVERWRITE 1
@@ -371,7 +376,10 @@ sdti_status sdti_embedding_convert(const char *src,
 
 // Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
 // `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically. `flags`: 0, or
-// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`.
+// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`. A diffusers SDXL pair is read from
+// `"FIRST+SECOND"` (`learned_embeds.safetensors+learned_embeds_2.safetensors`) or from a
+// folder holding those two names; `SDTI_FORMAT_DIFFUSERS_SDXL` writes `dst` and
+// `NAME_2.safetensors` beside it, and with `flags` 0 refuses when either exists.
 //
 // Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_EXISTS`
 // (something is at `dst`, a dangling symlink included, and `flags` is 0), `SDTI_ERR_IO`,

@@ -1,11 +1,12 @@
 //! `sdti convert`, `sdti inspect` and `sdti encode`: embedding files and prompts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use clap::Args;
 use sdti::embedding::{
-    inspect as inspect_embedding, read_embedding, write_embedding_to, Existing, Format, Precision,
+    diffusers_sdxl_second_path, inspect as inspect_embedding, read_embedding, write_embedding_to,
+    EmbeddingFile, Existing, Format, Precision,
 };
 use sdti::prompt::chunks::{chunk_slots, Slot};
 use sdti::prompt::{prompt_slots, Word};
@@ -21,6 +22,10 @@ Examples:
   sdti convert my-cat.pt my-cat.safetensors               # A1111 .pt -> A1111 safetensors
   sdti convert learned_embeds.bin cat.pt --name cat       # diffusers -> A1111, word 'cat'
   sdti convert cat.pt learned_embeds.safetensors --format diffusers --precision f16
+  # diffusers' SDXL pair (textual_inversion_sdxl.py) <-> one {clip_l, clip_g} file
+  sdti convert learned_embeds.safetensors+learned_embeds_2.safetensors cat-xl.safetensors
+  sdti convert textual_inversion_cat_sdxl/ cat-xl.safetensors   # a folder holding the pair
+  sdti convert cat-xl.safetensors out/learned_embeds.safetensors --format diffusers-sdxl
 
 Formats (reads all; writes all but png-pixels, webp-pixels and rinongal-pt):
   a1111-pt           A1111 .pt (torch zip, string_to_param)         .pt
@@ -35,15 +40,20 @@ Formats (reads all; writes all but png-pixels, webp-pixels and rinongal-pt):
   kohya-pt           kohya sd-scripts .pt (emb_params)               .pt
   kohya-safetensors  kohya sd-scripts safetensors                    .safetensors
   rinongal-pt        rinongal/textual_inversion .pt                  (read only)
+  diffusers-sdxl     diffusers' SDXL pair: DEST NAME.safetensors     .safetensors
+                     {token: [n,768]} + NAME_2.safetensors {token: [n,1280]} beside it
+SOURCE may be FIRST+SECOND, the two files of a diffusers SDXL pair (clip_l's 768-wide
+file first), or a folder holding learned_embeds.safetensors and learned_embeds_2.safetensors.
 An existing DEST (a file, a folder, a symlink, dangling or not) is kept unless
---overwrite is given. Without --format the format follows DEST's extension: .pt a1111-pt, .safetensors
+--overwrite is given; a pair is written whole or not at all. Without --format the format follows DEST's extension: .pt a1111-pt, .safetensors
 safetensors, .bin diffusers-bin, .png png (an SDXL embedding goes to sdxl).";
 
 pub const INSPECT_EXAMPLES: &str = "\
 Examples:
   sdti inspect my-cat.pt
   sdti inspect my-cat.pt --model v1-5.safetensors --top 8   # nearest vocabulary tokens
-  sdti inspect learned_embeds.bin --json";
+  sdti inspect learned_embeds.bin --json
+  sdti inspect learned_embeds.safetensors+learned_embeds_2.safetensors   # diffusers SDXL pair";
 
 pub const ENCODE_EXAMPLES: &str = "\
 Examples:
@@ -53,7 +63,7 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// The embedding to read (any format sdti reads)
+    /// The embedding to read (any format sdti reads; FIRST+SECOND or a folder for a diffusers SDXL pair)
     pub source: PathBuf,
     /// The file to write
     pub dest: PathBuf,
@@ -91,6 +101,21 @@ pub fn convert(a: ConvertArgs) -> CliResult<()> {
             ))
         })?,
     };
+    note_pair_half(&a.source, &emb);
+    // A pair's second file is as much the destination as DEST.
+    let second = match format {
+        Format::DiffusersSdxl => Some(diffusers_sdxl_second_path(&a.dest)?),
+        _ => None,
+    };
+    if let (Some(second), false) = (&second, a.overwrite) {
+        if let Some(kind) = sdti::io::existing_kind(second) {
+            return Err(CliError::new(format!(
+                "{} already exists ({kind}); it is the second file of the diffusers-sdxl pair {}: pass --overwrite to replace both",
+                second.display(),
+                a.dest.display()
+            )));
+        }
+    }
     if let Some(name) = &a.name {
         emb.name = Some(name.clone());
     }
@@ -100,19 +125,41 @@ pub fn convert(a: ConvertArgs) -> CliResult<()> {
         Existing::Refuse
     };
     write_embedding_to(&a.dest, &emb, format, precision, existing)?;
+    let written = match &second {
+        Some(second) => format!("{} + {}", a.dest.display(), second.display()),
+        None => a.dest.display().to_string(),
+    };
     println!(
-        "{} ({}) -> {} ({format}, {})",
+        "{} ({}) -> {written} ({format}, {})",
         a.source.display(),
         emb.source_format,
-        a.dest.display(),
         a.precision.to_ascii_lowercase()
     );
     Ok(())
 }
 
+/// Says so on stderr when `path` read as one diffusers file and `NAME_2.safetensors` beside
+/// it looks like the clip_g half of a diffusers SDXL pair (read alone, it is only clip_l).
+fn note_pair_half(path: &Path, emb: &EmbeddingFile) {
+    if emb.source_format != Format::DiffusersSafetensors {
+        return;
+    }
+    let Ok(second) = diffusers_sdxl_second_path(path) else {
+        return;
+    };
+    if second.is_file() {
+        eprintln!(
+            "note: {} beside it looks like the clip_g half of a diffusers SDXL pair; read this file alone it is only clip_l: give {}+{} for the SDXL word",
+            second.display(),
+            path.display(),
+            second.display()
+        );
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The embedding file (any format sdti reads)
+    /// The embedding file (any format sdti reads; FIRST+SECOND or a folder for a diffusers SDXL pair)
     pub file: PathBuf,
     /// An SD 1.x model whose vocabulary gives the nearest tokens of each vector
     #[arg(long, value_name = "PATH")]
@@ -129,6 +176,7 @@ pub struct InspectArgs {
 
 pub fn inspect(a: InspectArgs) -> CliResult<()> {
     let emb = read_embedding(&a.file)?;
+    note_pair_half(&a.file, &emb);
     let report = match &a.model {
         None => inspect_embedding(&emb, None, a.top),
         Some(path) => {

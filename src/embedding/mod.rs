@@ -14,10 +14,12 @@
 //!   `learned_embeds.bin` (`{token: tensor}`);
 //! * single-key safetensors (`emb_params`; kohya; OneTrainer `emp_params`),
 //!   diffusers `learned_embeds.safetensors`, SDXL `clip_l` + `clip_g`;
+//! * diffusers' SDXL pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors`;
 //! * A1111 PNG (`sd-ti-embedding` text chunk) and A1111's pixel-border PNG and
 //!   lossless WebP (read).
 
 mod budget;
+mod diffusers_pair;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -36,6 +38,10 @@ mod zip;
 
 pub use crate::io::Existing;
 pub use budget::{ALLOC_SLACK_BYTES, MAX_FILE_BYTES};
+pub use diffusers_pair::{
+    diffusers_sdxl_second_path, read_embedding_pair, write_embedding_pair_bytes,
+    DIFFUSERS_SDXL_FIRST, DIFFUSERS_SDXL_SECOND,
+};
 pub use error::EmbeddingError;
 pub use inspect::{inspect, Inspection, NearToken, PartInspection, VectorInspection, Vocab};
 pub use names::{Encoder, Family, Format, Precision};

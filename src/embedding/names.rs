@@ -85,10 +85,16 @@ pub enum Format {
     /// Lossless WebP with the data hidden in the pixel borders, as A1111 loads
     /// `.webp` embeddings (read only).
     A1111WebpPixels,
+    /// diffusers' SDXL pair (`textual_inversion_sdxl.py`): `NAME.safetensors`
+    /// `{token: [n, 768]}` for `text_encoder` and `NAME_2.safetensors` `{token: [n, 1280]}`
+    /// for `text_encoder_2`. Written from one path (`NAME.safetensors`, the second file
+    /// beside it); read from `FIRST+SECOND` or a folder with diffusers' two names
+    /// ([`read_embedding`](super::read_embedding)).
+    DiffusersSdxl,
 }
 
 impl Format {
-    pub const ALL: [Format; 12] = [
+    pub const ALL: [Format; 13] = [
         Format::A1111Pt,
         Format::A1111Safetensors,
         Format::DiffusersSafetensors,
@@ -101,6 +107,7 @@ impl Format {
         Format::KohyaPt,
         Format::KohyaSafetensors,
         Format::A1111WebpPixels,
+        Format::DiffusersSdxl,
     ];
 
     /// Canonical command-line name.
@@ -118,6 +125,7 @@ impl Format {
             Format::KohyaPt => "kohya-pt",
             Format::KohyaSafetensors => "kohya-safetensors",
             Format::A1111WebpPixels => "webp-pixels",
+            Format::DiffusersSdxl => "diffusers-sdxl",
         }
     }
 
@@ -164,6 +172,21 @@ impl Format {
             Format::A1111PngPixels | Format::RinongalPt | Format::A1111WebpPixels
         )
     }
+
+    /// Whether it holds only SDXL words (`clip_l` + `clip_g`): `sdxl` and `diffusers-sdxl`.
+    /// The other writable layouts hold one encoder's vectors (kohya-pt and onetrainer
+    /// hold either).
+    pub fn sdxl_only(self) -> bool {
+        matches!(self, Format::SdxlSafetensors | Format::DiffusersSdxl)
+    }
+
+    /// How many files a write produces: two for `diffusers-sdxl`, else one.
+    pub fn files(self) -> usize {
+        match self {
+            Format::DiffusersSdxl => 2,
+            _ => 1,
+        }
+    }
 }
 
 impl fmt::Display for Format {
@@ -188,6 +211,7 @@ impl FromStr for Format {
             "kohya-pt" => Format::KohyaPt,
             "kohya" | "kohya-safetensors" => Format::KohyaSafetensors,
             "webp-pixels" | "a1111-webp-pixels" | "webp" => Format::A1111WebpPixels,
+            "diffusers-sdxl" | "diffusers-sdxl-pair" | "diffusers-pair" => Format::DiffusersSdxl,
             _ => {
                 let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
                 return Err(EmbeddingError::UnknownFormatName {

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use super::{
-    png, pt, safetensors_layouts, validate, webp, zip, Ctx, EmbeddingError, EmbeddingFile,
-    EmbeddingPart, Existing, Format, Precision, MAX_FILE_BYTES,
+    diffusers_pair, png, pt, safetensors_layouts, validate, webp, zip, Ctx, EmbeddingError,
+    EmbeddingFile, EmbeddingPart, Existing, Format, Precision, MAX_FILE_BYTES,
 };
 
 fn display_name(path: &Path) -> String {
@@ -24,8 +24,19 @@ fn io_err(file: &str, op: &'static str, source: std::io::Error) -> EmbeddingErro
 
 /// Read a learned embedding from disk, whatever its layout.
 /// Regular files and pipes are read (at most [`MAX_FILE_BYTES`], counted as bytes
-/// arrive); devices, sockets and folders are refused.
+/// arrive); devices, sockets and folders are refused, except diffusers' SDXL pair:
+/// `FIRST+SECOND` where nothing is at that path itself (`learned_embeds.safetensors+learned_embeds_2.safetensors`),
+/// or a folder holding `learned_embeds.safetensors` and `learned_embeds_2.safetensors`
+/// (see [`read_embedding_pair`](super::read_embedding_pair)).
 pub fn read_embedding(path: &Path) -> Result<EmbeddingFile, EmbeddingError> {
+    if let Some((first, second)) = diffusers_pair::pair_paths(path) {
+        return diffusers_pair::read_embedding_pair(&first, &second);
+    }
+    read_one(path)
+}
+
+/// One file, whatever its layout.
+pub(super) fn read_one(path: &Path) -> Result<EmbeddingFile, EmbeddingError> {
     use crate::io::read::{self, FileKind, ReadFailure};
     let limit = read::EMBEDDING_FILE;
     let contents = read::read_bounded_within(path, &limit, read::PIPE_WAIT).map_err(|e| {
@@ -173,6 +184,15 @@ pub fn write_embedding_bytes(
             safetensors_layouts::write(stem, &[("clip_g", g), ("clip_l", l)], precision, None)?
         }
         Format::A1111Png => png::write(emb, single("A1111 PNG")?, precision, stem)?,
+        Format::DiffusersSdxl => {
+            return Err(EmbeddingError::Unsupported {
+                file: stem.to_string(),
+                format,
+                reason: "two files (NAME.safetensors + NAME_2.safetensors): write it to a path \
+                         with write_embedding, or take both files' bytes from write_embedding_pair_bytes"
+                    .to_string(),
+            })
+        }
         Format::A1111PngPixels | Format::RinongalPt | Format::A1111WebpPixels => {
             return Err(EmbeddingError::Unsupported {
                 file: stem.to_string(),
@@ -197,7 +217,10 @@ pub fn write_embedding(
 }
 
 /// [`write_embedding`], saying what to do when `path` exists. On any failure the
-/// destination is untouched and no temporary file remains.
+/// destination is untouched and no temporary file remains. `diffusers-sdxl` writes two
+/// files, `path` (`NAME.safetensors`) and
+/// [`diffusers_sdxl_second_path`](super::diffusers_sdxl_second_path) (`NAME_2.safetensors`),
+/// both or neither.
 pub fn write_embedding_to(
     path: &Path,
     emb: &EmbeddingFile,
@@ -205,13 +228,25 @@ pub fn write_embedding_to(
     precision: Precision,
     existing: Existing,
 ) -> Result<(), EmbeddingError> {
-    let file = display_name(path);
+    if format == Format::DiffusersSdxl {
+        return diffusers_pair::write(path, emb, precision, existing);
+    }
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "embedding".to_string());
     let bytes = write_embedding_bytes(emb, format, precision, &stem)?;
-    crate::io::write_bytes_atomic(path, &bytes, existing).map_err(|e| {
+    put_file(path, &bytes, existing)
+}
+
+/// `bytes` to `path` atomically, refusing or replacing what is there, with the writers' errors.
+pub(super) fn put_file(
+    path: &Path,
+    bytes: &[u8],
+    existing: Existing,
+) -> Result<(), EmbeddingError> {
+    let file = display_name(path);
+    crate::io::write_bytes_atomic(path, bytes, existing).map_err(|e| {
         if e.source.kind() == std::io::ErrorKind::AlreadyExists {
             EmbeddingError::Exists {
                 file: path.display().to_string(),

@@ -78,8 +78,10 @@ pub(crate) fn validate(emb: &EmbeddingFile, file: &str) -> Result<(), EmbeddingE
                     file: file.to_string(),
                     field: "clip_l/clip_g".to_string(),
                     reason: format!(
-                        "clip_l has {} vectors but clip_g has {}; SDXL needs one per token in both",
-                        l.vectors, g.vectors
+                        "clip_l has {} vector{} but clip_g has {}: an SDXL word needs the same number in both encoders (diffusers would load them misaligned without a word)",
+                        l.vectors,
+                        if l.vectors == 1 { "" } else { "s" },
+                        g.vectors
                     ),
                 });
             }

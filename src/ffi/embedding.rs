@@ -34,6 +34,10 @@ pub const SDTI_FORMAT_A1111_PNG_PIXELS: sdti_format = 10;
 pub const SDTI_FORMAT_RINONGAL_PT: sdti_format = 11;
 /// A1111 lossless WebP with the vectors in the pixel borders (read only: a source format).
 pub const SDTI_FORMAT_A1111_WEBP_PIXELS: sdti_format = 12;
+/// diffusers' SDXL pair (`textual_inversion_sdxl.py`), only for SDXL embeddings: a write to
+/// `NAME.safetensors` also writes `NAME_2.safetensors` beside it (clip_l `{token: [n, 768]}`
+/// in the first, clip_g `{token: [n, 1280]}` in the second), both or neither.
+pub const SDTI_FORMAT_DIFFUSERS_SDXL: sdti_format = 13;
 
 /// Write flag: replace whatever is at the destination (without it, a write refuses with
 /// `SDTI_ERR_EXISTS`).
@@ -41,7 +45,7 @@ pub const SDTI_WRITE_OVERWRITE: sdti_write_flags = 1;
 
 /// Every `SDTI_FORMAT_*` code but `AUTO`, with its engine format: one table for both
 /// directions.
-const FORMAT_CODES: [(u32, Format); 12] = [
+const FORMAT_CODES: [(u32, Format); 13] = [
     (SDTI_FORMAT_A1111_PT, Format::A1111Pt),
     (SDTI_FORMAT_SAFETENSORS, Format::A1111Safetensors),
     (
@@ -57,6 +61,7 @@ const FORMAT_CODES: [(u32, Format); 12] = [
     (SDTI_FORMAT_A1111_PNG_PIXELS, Format::A1111PngPixels),
     (SDTI_FORMAT_RINONGAL_PT, Format::RinongalPt),
     (SDTI_FORMAT_A1111_WEBP_PIXELS, Format::A1111WebpPixels),
+    (SDTI_FORMAT_DIFFUSERS_SDXL, Format::DiffusersSdxl),
 ];
 
 /// What a write does with an existing destination, from `SDTI_WRITE_*` flags.
@@ -113,7 +118,10 @@ pub unsafe extern "C" fn sdti_embedding_convert(
 
 /// Reads `src` (any layout sdti reads, detected from the bytes) and writes it to `dst` as
 /// `format` at `precision` (`SDTI_PRECISION_F32` or `_F16`), atomically. `flags`: 0, or
-/// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`.
+/// `SDTI_WRITE_OVERWRITE` to replace what is at `dst`. A diffusers SDXL pair is read from
+/// `"FIRST+SECOND"` (`learned_embeds.safetensors+learned_embeds_2.safetensors`) or from a
+/// folder holding those two names; `SDTI_FORMAT_DIFFUSERS_SDXL` writes `dst` and
+/// `NAME_2.safetensors` beside it, and with `flags` 0 refuses when either exists.
 ///
 /// Statuses: `SDTI_ERR_EMBEDDING` (unreadable or malformed `src`), `SDTI_ERR_EXISTS`
 /// (something is at `dst`, a dangling symlink included, and `flags` is 0), `SDTI_ERR_IO`,

@@ -9,8 +9,10 @@ Part 2 (`verify`): loads the files sdti wrote into
 tests/fixtures/embeddings/written_by_sdti/ (see the env-gated Rust test
 `write_reference_outputs`) the way the home tools do -- torch.load(weights_only=True),
 A1111's zip-member + restricted-unpickler allow-list, diffusers' textual-inversion
-state-dict helpers, safetensors.torch.load_file, PIL text chunks -- and records
-the outcome in python_load_results.json.
+state-dict helpers, safetensors.torch.load_file, PIL text chunks, and for SDXL words
+diffusers' own `load_textual_inversion` into two tiny text encoders of SDXL's widths
+(`sd["clip_l"]`/`sd["clip_g"]`, and the two-file pair by folder + weight_name) -- and
+records the outcome in python_load_results.json.
 
 Run:  $REFENV/bin/python tests/reference/make_embedding_fixtures.py [gen|verify|all]
 """
@@ -312,6 +314,38 @@ def gen():
     save_file({"clip_g": g, "clip_l": l}, os.path.join(FIX, "sdxl.safetensors"))
     rec("sdxl.safetensors", "sdxl", [("clip-l", l), ("clip-g", g)])
 
+    # kohya sdxl_train_textual_inversion.save_weights to .pt: torch.save({"clip_l", "clip_g"}).
+    l, g = vec(1, 768, 30), vec(1, 1280, 31)
+    torch.save({"clip_l": l, "clip_g": g}, os.path.join(FIX, "kohya_sdxl.pt"))
+    rec("kohya_sdxl.pt", "kohya-pt", [("clip-l", l), ("clip-g", g)])
+
+    # OneTrainer StableDiffusionXLEmbeddingSaver with output embeddings: clip_l/clip_g plus
+    # clip_l_out/clip_g_out, which are not input vectors (sdti ignores them).
+    l, g = vec(1, 768, 32, torch.bfloat16), vec(1, 1280, 33, torch.bfloat16)
+    save_file({"clip_l": l, "clip_g": g, "clip_l_out": vec(1, 768, 34, torch.bfloat16),
+               "clip_g_out": vec(1, 1280, 35, torch.bfloat16)}, os.path.join(FIX, "onetrainer_sdxl.safetensors"))
+    rec("onetrainer_sdxl.safetensors", "sdxl", [("clip-l", l), ("clip-g", g)])
+
+    # diffusers textual_inversion_sdxl.py save_progress, twice, into its output folder:
+    # learned_embeds.safetensors {token: [n,768]} + learned_embeds_2.safetensors {token: [n,1280]}.
+    pair_dir = os.path.join(FIX, "diffusers_sdxl")
+    os.makedirs(pair_dir, exist_ok=True)
+    l, g = vec(2, 768, 36, torch.float16), vec(2, 1280, 37, torch.float16)
+    save_file({"<cat-toy>": l}, os.path.join(pair_dir, "learned_embeds.safetensors"), metadata={"format": "pt"})
+    save_file({"<cat-toy>": g}, os.path.join(pair_dir, "learned_embeds_2.safetensors"), metadata={"format": "pt"})
+    rec("diffusers_sdxl", "diffusers-sdxl", [("clip-l", l), ("clip-g", g)], "<cat-toy>")
+    rec("diffusers_sdxl/learned_embeds.safetensors+diffusers_sdxl/learned_embeds_2.safetensors",
+        "diffusers-sdxl", [("clip-l", l), ("clip-g", g)], "<cat-toy>")
+
+    # Two-part files whose clip_l and clip_g disagree on the number of vectors (diffusers loads
+    # such a word silently; sdti refuses it naming both counts).
+    save_file({"clip_l": vec(1, 768, 38, torch.float16), "clip_g": vec(2, 1280, 39, torch.float16)},
+              os.path.join(FIX, "sdxl_rows_differ.safetensors"))
+    rec("sdxl_rows_differ.safetensors", "sdxl", [], error="clip_l has 1 vector but clip_g has 2")
+    torch.save({"clip_l": vec(3, 768, 40, torch.float16), "clip_g": vec(1, 1280, 41, torch.float16)},
+               os.path.join(FIX, "kohya_sdxl_rows_differ.pt"))
+    rec("kohya_sdxl_rows_differ.pt", "kohya-pt", [], error="clip_l has 3 vectors but clip_g has 1")
+
     # A1111 PNG with sd-ti-embedding text chunk (what train_embedding saves, via embedding_to_b64).
     t = vec(1, 768, 19, dyadic=True)
     data = a1111_dict(t, "pngembed", 250)
@@ -390,9 +424,72 @@ def load_source(fname):
     return {"single": vecs[""]}
 
 
+TINY_TOKENIZER = os.path.normpath(os.path.join(HERE, "..", "fixtures", "tiny-sd", "tokenizer"))
+
+
+class TinySdxlTextEncoders:
+    """Just enough of an SDXL pipeline for diffusers' own `load_textual_inversion`: CLIP's
+    tokenizer twice and two one-layer text encoders of SDXL's widths (768, and 1280 with a
+    projection, as text_encoder_2 is), random weights."""
+
+    def __init__(self):
+        from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        torch.manual_seed(0)
+
+        def config(width):
+            return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+                                  hidden_act="gelu")
+
+        class Host(TextualInversionLoaderMixin):
+            hf_device_map = None
+
+            def __init__(self, **components):
+                self.components = components
+                for k, v in components.items():
+                    setattr(self, k, v)
+
+        self.host = Host(tokenizer=CLIPTokenizer.from_pretrained(TINY_TOKENIZER),
+                         tokenizer_2=CLIPTokenizer.from_pretrained(TINY_TOKENIZER),
+                         text_encoder=CLIPTextModel(config(768)).eval(),
+                         text_encoder_2=CLIPTextModelWithProjection(config(1280)).eval())
+        self.count = 0
+
+    def encoders(self):
+        h = self.host
+        return {"clip-l": (h.text_encoder, h.tokenizer), "clip-g": (h.text_encoder_2, h.tokenizer_2)}
+
+    def fresh_token(self):
+        self.count += 1
+        return f"<sdti-word-{self.count}>"
+
+    def load(self, source, enc, token=None, **kwargs):
+        """diffusers' documented SDXL call for one encoder; returns the rows the word's tokens
+        got in that encoder's table, in prompt order, after a forward pass that uses them."""
+        te, tok = self.encoders()[enc]
+        self.host.load_textual_inversion(source, token=token, text_encoder=te, tokenizer=tok, **kwargs)
+        # A file's own token (token=None) is looked up by the caller, who knows it.
+        return None if token is None else self.rows(enc, token)
+
+    def rows(self, enc, token):
+        te, tok = self.encoders()[enc]
+        prompt = self.host.maybe_convert_prompt(f"a photo of {token}", tok)
+        ids = tok(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = te(ids)[0]
+        assert torch.isfinite(out).all(), "non-finite text encoder output"
+        added = [i for i in ids[0].tolist() if i >= 49408]
+        assert added, f"{token} tokenised to no added token: {prompt}"
+        return te.get_input_embeddings().weight[added].detach()
+
+
 def verify():
     import diffusers
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin, load_textual_inversion_state_dicts
+
+    sdxl = TinySdxlTextEncoders()
 
     with open(os.path.join(WRITTEN, "manifest.json")) as f:
         manifest = json.load(f)
@@ -411,6 +508,15 @@ def verify():
             except Exception as e:  # noqa: BLE001
                 r["checks"][label] = f"FAIL: {type(e).__name__}: {e}"
                 r["ok"] = False
+
+        def load_sdxl_dict(sd):
+            # diffusers' documented SDXL recipe (load_textual_inversion docstring), for real:
+            # load_textual_inversion(sd["clip_l"], text_encoder, tokenizer) and the same with
+            # sd["clip_g"] into text_encoder_2/tokenizer_2; the rows must be the file's, bit for bit.
+            token = sdxl.fresh_token()
+            for key, enc in (("clip_l", "clip-l"), ("clip_g", "clip-g")):
+                same(sdxl.load(sd[key], enc, token=token), enc)
+            return {"token": token}
 
         def same(got, key="single"):
             w = want[key]
@@ -449,19 +555,32 @@ def verify():
                         dtype_of(data["string_to_param"]["*"])
                         same(data["string_to_param"]["*"])
                     check("a1111_dict_layout", meta)
-                if fmt == "kohya-pt":
+                if fmt == "kohya-pt" and "clip_l" in data:
+                    def kohya_sdxl():
+                        assert set(data.keys()) == {"clip_l", "clip_g"}, data.keys()
+                        dtype_of(data["clip_l"])
+                        dtype_of(data["clip_g"])
+                        same(data["clip_l"], "clip-l")
+                        same(data["clip_g"], "clip-g")
+                    check("kohya_sdxl_layout", kohya_sdxl)
+                    check("diffusers_load_textual_inversion_sdxl", lambda: load_sdxl_dict(data))
+                elif fmt == "kohya-pt":
                     check("kohya_layout", lambda: (dtype_of(data["emb_params"]), same(data["emb_params"])) and None)
 
                 def a1111_branch():
                     branch, vecs = a1111_create_embedding_from_data(data)
-                    same(vecs[""])
+                    if branch == "sdxl":
+                        same(vecs["clip_l"], "clip-l")
+                        same(vecs["clip_g"], "clip-g")
+                    else:
+                        same(vecs[""])
                     return branch
                 check("a1111_create_embedding_from_data", a1111_branch)
-        if fmt in ("diffusers", "diffusers-bin", "safetensors", "kohya-safetensors", "sdxl"):
+        if fmt in ("diffusers", "diffusers-bin", "safetensors", "kohya-safetensors", "sdxl", "onetrainer"):
             if fmt != "diffusers-bin":
                 def st():
                     sd = load_file(path)
-                    if fmt == "sdxl":
+                    if fmt in ("sdxl", "onetrainer"):
                         assert set(sd) == {"clip_l", "clip_g"}, set(sd)
                         dtype_of(sd["clip_l"])
                         same(sd["clip_l"], "clip-l")
@@ -475,14 +594,14 @@ def verify():
 
                 def a1111_branch():
                     branch, vecs = a1111_create_embedding_from_data(load_file(path))
-                    if fmt == "sdxl":
+                    if fmt in ("sdxl", "onetrainer"):
                         same(vecs["clip_l"], "clip-l")
                         same(vecs["clip_g"], "clip-g")
                     else:
                         same(vecs[""])
                     return branch
                 check("a1111_create_embedding_from_data", a1111_branch)
-            if fmt != "sdxl":
+            if fmt not in ("sdxl", "onetrainer"):
                 def dif():
                     sds = load_textual_inversion_state_dicts([WRITTEN], weight_name=fname)
                     toks, embs = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([None], sds, DummyTokenizer())
@@ -498,6 +617,30 @@ def verify():
                         _, embs = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings(["<x>"], [sd[key]], DummyTokenizer())
                         same(embs[0], enc)
                 check("diffusers_sdxl_recipe", dif_xl)
+                check("diffusers_load_textual_inversion_sdxl", lambda: load_sdxl_dict(load_file(path)))
+        if fmt == "diffusers-sdxl":
+            second = m["second"]
+
+            def pair_files():
+                # Each file as diffusers' textual_inversion_sdxl.py save_progress writes it.
+                from safetensors import safe_open
+                for f, enc in ((fname, "clip-l"), (second, "clip-g")):
+                    with safe_open(os.path.join(WRITTEN, f), "pt") as h:
+                        assert h.metadata() == {"format": "pt"}, h.metadata()
+                        assert list(h.keys()) == [m["name"]], list(h.keys())
+                        t = h.get_tensor(m["name"])
+                    dtype_of(t)
+                    same(t, enc)
+            check("diffusers_sdxl_pair_layout", pair_files)
+
+            def pair_load():
+                # What a diffusers user runs on textual_inversion_sdxl.py's output folder.
+                sdxl.load(WRITTEN, "clip-l", weight_name=fname)
+                sdxl.load(WRITTEN, "clip-g", weight_name=second)
+                for enc in ("clip-l", "clip-g"):
+                    same(sdxl.rows(enc, m["name"]), enc)
+                return {"token": m["name"]}
+            check("diffusers_load_textual_inversion_pair", pair_load)
         if fmt == "png":
             def png():
                 im = Image.open(path)
@@ -518,6 +661,16 @@ def verify():
                 assert text == again, "JSON differs from python json.dumps"
             check("json_byte_identical_to_a1111_encoder", json_identity)
         results["files"][fname] = r
+
+    # What diffusers itself does with a two-part word whose encoders disagree on the number of
+    # vectors (sdti refuses it): it loads both halves without a word.
+    try:
+        token = sdxl.fresh_token()
+        sdxl.load(vec(1, 768, 50), "clip-l", token=token)
+        sdxl.load(vec(2, 1280, 51), "clip-g", token=token)
+        results["diffusers_loads_rows_differ"] = "loaded silently: clip_l 1 vector, clip_g 2"
+    except Exception as e:  # noqa: BLE001
+        results["diffusers_loads_rows_differ"] = f"refused: {type(e).__name__}: {e}"
 
     # Negative control: the comparison really detects a one-ulp change.
     try:

@@ -9,8 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sdti::embedding::{
-    check_for_family, convert, fuzzing, inspect, read_embedding, read_embedding_bytes, round_to,
-    write_embedding, write_embedding_bytes, write_embedding_to, zip_member_names, EmbeddingError,
+    check_for_family, convert, diffusers_sdxl_second_path, fuzzing, inspect, read_embedding,
+    read_embedding_bytes, read_embedding_pair, round_to, write_embedding, write_embedding_bytes,
+    write_embedding_pair_bytes, write_embedding_to, zip_member_names, EmbeddingError,
     EmbeddingFile, EmbeddingPart, Encoder, Existing, Family, Format, Precision,
 };
 use serde_json::Value;
@@ -56,7 +57,17 @@ fn every_fixture_reads_exactly_as_torch_wrote_it() {
     let all = exp["fixtures"].as_object().expect("fixtures");
     assert!(all.len() >= 20);
     for (file, want) in all {
-        let got = read_embedding(&fixtures().join(file));
+        // `FIRST+SECOND` names a diffusers SDXL pair: each half under the fixtures.
+        let path = match file.split_once('+') {
+            Some((a, b)) => {
+                let mut p = fixtures().join(a).into_os_string();
+                p.push("+");
+                p.push(fixtures().join(b));
+                PathBuf::from(p)
+            }
+            None => fixtures().join(file),
+        };
+        let got = read_embedding(&path);
         if let Some(err) = want["error"].as_str() {
             let e = got.expect_err(file);
             let msg = e.to_string();
@@ -73,7 +84,7 @@ fn every_fixture_reads_exactly_as_torch_wrote_it() {
             want["format"].as_str().unwrap(),
             "{file}"
         );
-        let stem = file.rsplit_once('.').unwrap().0;
+        let stem = file.rsplit_once('.').map_or(file.as_str(), |(s, _)| s);
         assert_eq!(
             got.name.as_deref(),
             Some(want["name"].as_str().unwrap_or(stem)),
@@ -208,7 +219,11 @@ fn read_back_format(f: Format) -> Format {
 fn round_trips_are_exact_for_every_writable_format() {
     let single = fixture("a1111_sd1.pt");
     let xl = fixture("sdxl.safetensors");
-    for format in Format::ALL.into_iter().filter(|f| f.writable()) {
+    // diffusers-sdxl writes two files: sdxl_layouts_round_trip_exactly covers it.
+    for format in Format::ALL
+        .into_iter()
+        .filter(|f| f.writable() && *f != Format::DiffusersSdxl)
+    {
         for precision in [Precision::F32, Precision::F16] {
             let src = match format {
                 Format::SdxlSafetensors => &xl,
@@ -346,8 +361,26 @@ fn format_names_round_trip() {
         "diffusers".parse::<Format>().unwrap(),
         Format::DiffusersSafetensors
     );
+    assert_eq!(
+        "diffusers-sdxl".parse::<Format>().unwrap(),
+        Format::DiffusersSdxl
+    );
+    assert_eq!(
+        "Diffusers_SDXL".parse::<Format>().unwrap(),
+        Format::DiffusersSdxl
+    );
     let e = "ckpt".parse::<Format>().unwrap_err().to_string();
-    assert!(e.contains("a1111-pt") && e.contains("sdxl"), "{e}");
+    assert!(
+        e.contains("a1111-pt") && e.contains("sdxl") && e.contains("diffusers-sdxl"),
+        "{e}"
+    );
+    // The layouts only an SDXL word fits, and how many files each writes.
+    let sdxl_only: Vec<Format> = Format::ALL.into_iter().filter(|f| f.sdxl_only()).collect();
+    assert_eq!(sdxl_only, [Format::SdxlSafetensors, Format::DiffusersSdxl]);
+    for f in Format::ALL {
+        let files = if f == Format::DiffusersSdxl { 2 } else { 1 };
+        assert_eq!(f.files(), files, "{f}");
+    }
     assert_eq!("fp16".parse::<Precision>().unwrap(), Precision::F16);
 }
 
@@ -605,10 +638,21 @@ fn zip_bombs_are_refused() {
 #[test]
 fn truncated_and_corrupt_files_fail_cleanly() {
     let exp = expected();
+    let mut files = Vec::new();
     for (file, want) in exp["fixtures"].as_object().unwrap() {
-        if !want["error"].is_null() {
-            continue;
+        if !want["error"].is_null() || file.contains('+') {
+            continue; // `FIRST+SECOND` names the files of a folder entry
         }
+        if fixtures().join(file).is_dir() {
+            // A diffusers SDXL pair: each half is one file.
+            for half in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
+                files.push(format!("{file}/{half}"));
+            }
+        } else {
+            files.push(file.clone());
+        }
+    }
+    for file in &files {
         let bytes = std::fs::read(fixtures().join(file)).unwrap();
         for cut in [
             0,
@@ -757,7 +801,37 @@ fn reference_outputs() -> Vec<(String, &'static str, Format, Precision)> {
         Format::SdxlSafetensors,
         Precision::F32,
     ));
+    // The other SDXL layouts, loaded by diffusers' own load_textual_inversion in the script.
+    v.push((
+        "sdxl_kohya_pt_f32.pt".to_string(),
+        "sdxl.safetensors",
+        Format::KohyaPt,
+        Precision::F32,
+    ));
+    v.push((
+        "sdxl_onetrainer_f16.safetensors".to_string(),
+        "sdxl.safetensors",
+        Format::OneTrainer,
+        Precision::F16,
+    ));
+    // Also writes sdxl_diffusers_sdxl_f16_2.safetensors.
+    v.push((
+        "sdxl_diffusers_sdxl_f16.safetensors".to_string(),
+        "sdxl.safetensors",
+        Format::DiffusersSdxl,
+        Precision::F16,
+    ));
     v
+}
+
+/// The word a reference output is written from: the fixture, and for the diffusers pair a
+/// placeholder token as diffusers' example names it (the token is the key in both files).
+fn reference_source(src: &str, format: Format) -> EmbeddingFile {
+    let mut emb = fixture(src);
+    if format == Format::DiffusersSdxl {
+        emb.name = Some("<sdxl-word>".to_string());
+    }
+    emb
 }
 
 #[test]
@@ -770,19 +844,22 @@ fn write_reference_outputs() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut manifest = serde_json::Map::new();
     for (name, src, format, precision) in reference_outputs() {
-        let emb = fixture(src);
-        write_embedding(&dir.join(&name), &emb, format, precision).unwrap();
-        manifest.insert(
-            name,
-            serde_json::json!({
-                "format": format.name(),
-                "precision": if precision == Precision::F32 { "f32" } else { "f16" },
-                "source": src,
-                "name": emb.name, "step": emb.step,
-                "sd_checkpoint": emb.sd_checkpoint, "sd_checkpoint_name": emb.sd_checkpoint_name,
-                "parts": emb.parts.iter().map(|p| serde_json::json!({"encoder": enc_name(p.encoder)})).collect::<Vec<_>>(),
-            }),
-        );
+        let emb = reference_source(src, format);
+        let path = dir.join(&name);
+        write_embedding_to(&path, &emb, format, precision, Existing::Replace).unwrap();
+        let mut entry = serde_json::json!({
+            "format": format.name(),
+            "precision": if precision == Precision::F32 { "f32" } else { "f16" },
+            "source": src,
+            "name": emb.name, "step": emb.step,
+            "sd_checkpoint": emb.sd_checkpoint, "sd_checkpoint_name": emb.sd_checkpoint_name,
+            "parts": emb.parts.iter().map(|p| serde_json::json!({"encoder": enc_name(p.encoder)})).collect::<Vec<_>>(),
+        });
+        if format == Format::DiffusersSdxl {
+            let second = diffusers_sdxl_second_path(&path).unwrap();
+            entry["second"] = Value::from(second.file_name().unwrap().to_str().unwrap());
+        }
+        manifest.insert(name, entry);
     }
     let text = serde_json::to_string_pretty(&Value::Object(manifest)).unwrap();
     std::fs::write(dir.join("manifest.json"), text + "\n").unwrap();
@@ -801,7 +878,20 @@ fn committed_sdti_outputs_match_the_writer_and_passed_python() {
         // (apart from A1111 .pt archive names, which follow the file stem).
         let committed = std::fs::read(dir.join(&name)).unwrap_or_else(|_| panic!("{name} missing"));
         let stem = name.rsplit_once('.').unwrap().0;
-        let now = write_embedding_bytes(&fixture(src), format, precision, stem).unwrap();
+        let emb = reference_source(src, format);
+        let now = if format == Format::DiffusersSdxl {
+            let (first, second) = write_embedding_pair_bytes(&emb, precision, stem).unwrap();
+            let second_name = format!("{stem}_2.safetensors");
+            let committed_second = std::fs::read(dir.join(&second_name))
+                .unwrap_or_else(|_| panic!("{second_name} missing"));
+            assert!(
+                committed_second == second,
+                "{second_name}: writer output changed; rerun write_reference_outputs + the python script"
+            );
+            first
+        } else {
+            write_embedding_bytes(&emb, format, precision, stem).unwrap()
+        };
         assert!(
             committed == now,
             "{name}: writer output changed; rerun write_reference_outputs + the python script"
@@ -812,6 +902,18 @@ fn committed_sdti_outputs_match_the_writer_and_passed_python() {
             Value::Bool(true),
             "{name}: python load failed: {r}"
         );
+        // SDXL words went through diffusers' own load_textual_inversion, both encoders.
+        let loaded_by_diffusers = match format {
+            Format::DiffusersSdxl => Some("diffusers_load_textual_inversion_pair"),
+            _ if name.starts_with("sdxl_") => Some("diffusers_load_textual_inversion_sdxl"),
+            _ => None,
+        };
+        if let Some(check) = loaded_by_diffusers {
+            assert!(
+                r["checks"][check].is_object(),
+                "{name}: no '{check}' result: {r}"
+            );
+        }
     }
 }
 
@@ -1133,4 +1235,599 @@ fn fuzz_corpora_replay_without_panics() {
         }
     }
     assert!(replayed > 0);
+}
+
+// ------------------------------------------------------------------ SDXL and SD 2.x files
+
+/// `FIRST+SECOND`, as `--embedding word=FIRST+SECOND` and the C ABI take a diffusers pair.
+fn plus(first: &Path, second: &Path) -> PathBuf {
+    let mut p = first.as_os_str().to_owned();
+    p.push("+");
+    p.push(second);
+    PathBuf::from(p)
+}
+
+/// Reads what `write_embedding_to` wrote at `path` in `format` (a pair through `FIRST+SECOND`).
+fn read_written(path: &Path, format: Format) -> EmbeddingFile {
+    let r = match format {
+        Format::DiffusersSdxl => {
+            read_embedding(&plus(path, &diffusers_sdxl_second_path(path).unwrap()))
+        }
+        _ => read_embedding(path),
+    };
+    r.unwrap_or_else(|e| panic!("{format}: {e}"))
+}
+
+const SDXL_LAYOUTS: [Format; 4] = [
+    Format::SdxlSafetensors,
+    Format::KohyaPt,
+    Format::OneTrainer,
+    Format::DiffusersSdxl,
+];
+
+/// What an SDXL word written as `f` reads back as (OneTrainer's clip_l/clip_g safetensors is
+/// the sdxl layout byte for byte, apart from the key order).
+fn sdxl_read_back_format(f: Format) -> Format {
+    match f {
+        Format::OneTrainer => Format::SdxlSafetensors,
+        f => f,
+    }
+}
+
+#[test]
+fn sdxl_layouts_round_trip_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every SDXL file the reference tools wrote, through every SDXL layout and back.
+    let sources = [
+        "sdxl.safetensors",
+        "kohya_sdxl.pt",
+        "onetrainer_sdxl.safetensors",
+        "diffusers_sdxl",
+    ];
+    for src in sources {
+        let emb = fixture(src);
+        assert_eq!(Family::of(&emb), Some(Family::Sdxl), "{src}");
+        for format in SDXL_LAYOUTS {
+            for precision in [Precision::F32, Precision::F16] {
+                let path = dir.path().join(format!(
+                    "{}-{}-{precision:?}.{}",
+                    src.replace('.', "_"),
+                    format.name(),
+                    format.extension()
+                ));
+                write_embedding(&path, &emb, format, precision)
+                    .unwrap_or_else(|e| panic!("{src} -> {format}: {e}"));
+                let back = read_written(&path, format);
+                assert_eq!(back.source_format, sdxl_read_back_format(format));
+                assert_eq!(back.parts.len(), 2, "{src} -> {format}");
+                for (a, b) in back.parts.iter().zip(&emb.parts) {
+                    assert_eq!((a.encoder, a.vectors, a.dim), (b.encoder, b.vectors, b.dim));
+                    assert!(
+                        a.data == round_to(&b.data, precision),
+                        "{src} -> {format} {precision:?}: {} values differ",
+                        a.encoder
+                    );
+                }
+                if format == Format::DiffusersSdxl {
+                    assert_eq!(back.name, emb.name, "the pair keeps the token");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn onetrainer_output_vectors_are_not_read_as_input_vectors() {
+    // The fixture holds clip_l, clip_g, clip_l_out and clip_g_out (different values).
+    let emb = fixture("onetrainer_sdxl.safetensors");
+    let encoders: Vec<Encoder> = emb.parts.iter().map(|p| p.encoder).collect();
+    assert_eq!(encoders, [Encoder::ClipL, Encoder::ClipG]);
+    let exp = expected();
+    let want = &exp["fixtures"]["onetrainer_sdxl.safetensors"]["parts"];
+    for (p, w) in emb.parts.iter().zip(want.as_array().unwrap()) {
+        assert_eq!(fnv1a64(&p.data), w["fnv1a64"].as_str().unwrap());
+    }
+    // A third input tensor beside clip_l/clip_g is still refused.
+    let bytes = safetensors_file(&[("clip_l", 1, 768), ("clip_g", 1, 1280), ("extra", 1, 768)]);
+    match read_embedding_bytes(&bytes, "three.safetensors") {
+        Err(EmbeddingError::MultipleTerms { terms, .. }) => {
+            assert!(terms.contains(&"extra".to_string()), "{terms:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A safetensors file of f32 tensors `(key, rows, width)` with small distinct values.
+fn safetensors_file(tensors: &[(&str, usize, usize)]) -> Vec<u8> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .enumerate()
+        .map(|(t, (_, n, d))| {
+            (0..n * d)
+                .flat_map(|i| (((i % 97) as f32 - 48.0) * 1e-3 + t as f32 * 1e-4).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((k, n, d), bytes)| {
+            (
+                k.to_string(),
+                TensorView::new(Dtype::F32, vec![*n, *d], bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+#[test]
+fn two_part_files_with_different_row_counts_are_refused_naming_both_counts() {
+    // Written by torch (sdxl safetensors, kohya .pt) and by hand (OneTrainer with *_out).
+    for (file, counts) in [
+        (
+            "sdxl_rows_differ.safetensors",
+            "clip_l has 1 vector but clip_g has 2",
+        ),
+        (
+            "kohya_sdxl_rows_differ.pt",
+            "clip_l has 3 vectors but clip_g has 1",
+        ),
+    ] {
+        let msg = check_err(file).to_string();
+        assert!(msg.contains(file) && msg.contains(counts), "{msg}");
+    }
+    let bytes = safetensors_file(&[
+        ("clip_l", 2, 768),
+        ("clip_g", 3, 1280),
+        ("clip_l_out", 2, 768),
+        ("clip_g_out", 2, 1280),
+    ]);
+    let msg = read_embedding_bytes(&bytes, "ot.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("ot.safetensors") && msg.contains("clip_l has 2 vectors but clip_g has 3"),
+        "{msg}"
+    );
+    // diffusers itself loads such a word without a word (the script records it).
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("python_load_results.json")).unwrap(),
+    )
+    .unwrap();
+    let seen = results["diffusers_loads_rows_differ"]
+        .as_str()
+        .unwrap_or("");
+    assert!(seen.starts_with("loaded silently"), "{seen}");
+}
+
+/// Writes one diffusers half `{token: [n, dim]}` at `path`.
+fn write_half(path: &Path, token: &str, n: usize, dim: usize) {
+    let emb = EmbeddingFile {
+        name: Some(token.to_string()),
+        step: None,
+        sd_checkpoint: None,
+        sd_checkpoint_name: None,
+        parts: vec![EmbeddingPart {
+            encoder: Encoder::Single,
+            vectors: n,
+            dim,
+            data: (0..n * dim).map(|i| (i % 13) as f32 * 1e-3).collect(),
+        }],
+        source_format: Format::DiffusersSafetensors,
+    };
+    write_embedding(path, &emb, Format::DiffusersSafetensors, Precision::F32).unwrap();
+}
+
+#[test]
+fn diffusers_pair_reads_from_both_files_or_their_folder() {
+    let folder = fixtures().join("diffusers_sdxl");
+    let first = folder.join("learned_embeds.safetensors");
+    let second = folder.join("learned_embeds_2.safetensors");
+    let by_folder = read_embedding(&folder).unwrap();
+    let by_plus = read_embedding(&plus(&first, &second)).unwrap();
+    let by_fn = read_embedding_pair(&first, &second).unwrap();
+    assert_eq!(by_folder, by_plus);
+    assert_eq!(by_folder, by_fn);
+    assert_eq!(by_folder.source_format, Format::DiffusersSdxl);
+    assert_eq!(by_folder.name.as_deref(), Some("<cat-toy>"));
+    assert!(check_for_family(&by_folder, Family::Sdxl).is_ok());
+    // Each half alone is an ordinary one-encoder diffusers file.
+    let half = read_embedding(&first).unwrap();
+    assert_eq!(half.source_format, Format::DiffusersSafetensors);
+    assert_eq!(half.parts[0].data, by_folder.parts[0].data);
+    // inspect names the layout as convert takes it.
+    let report = inspect(&by_folder, None, 0);
+    assert_eq!(report.source_format, Format::DiffusersSdxl);
+    assert_eq!(report.widths, [768, 1280]);
+    assert_eq!(report.family, Some(Family::Sdxl));
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["source_format"], "diffusers-sdxl");
+    // A folder without the pair is still not an embedding.
+    assert!(read_embedding(&fixtures()).is_err());
+}
+
+#[test]
+fn diffusers_pair_mistakes_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let l = d.join("learned_embeds.safetensors");
+    let g = d.join("learned_embeds_2.safetensors");
+    write_half(&l, "<w>", 2, 768);
+    write_half(&g, "<w>", 2, 1280);
+    assert!(read_embedding(&plus(&l, &g)).is_ok());
+    let err = |first: &Path, second: &Path| match read_embedding(&plus(first, second)) {
+        Ok(_) => panic!("{} + {} read", first.display(), second.display()),
+        Err(e) => e.to_string(),
+    };
+    // Swapped: G first.
+    let msg = err(&g, &l);
+    assert!(
+        msg.contains("swapped")
+            && msg.contains("learned_embeds_2.safetensors + learned_embeds.safetensors"),
+        "{msg}"
+    );
+    // One file missing, either one: the message names it and which half it is.
+    let missing = d.join("nothing_2.safetensors");
+    let msg = err(&l, &missing);
+    assert!(
+        msg.contains("nothing_2.safetensors") && msg.contains("second (clip_g"),
+        "{msg}"
+    );
+    let msg = err(&d.join("nothing.safetensors"), &g);
+    assert!(
+        msg.contains("nothing.safetensors") && msg.contains("first (clip_l"),
+        "{msg}"
+    );
+    // Different numbers of vectors: both files, both counts.
+    let g3 = d.join("three_2.safetensors");
+    write_half(&g3, "<w>", 3, 1280);
+    let msg = err(&l, &g3);
+    assert!(
+        msg.contains("learned_embeds.safetensors has 2 vectors (clip_l)")
+            && msg.contains("three_2.safetensors has 3 (clip_g)"),
+        "{msg}"
+    );
+    // Two words.
+    let other = d.join("other_2.safetensors");
+    write_half(&other, "<v>", 2, 1280);
+    let msg = err(&l, &other);
+    assert!(
+        msg.contains("'<w>'") && msg.contains("'<v>'") && msg.contains("one word"),
+        "{msg}"
+    );
+    // A half that already holds both encoders.
+    let msg = err(&fixtures().join("sdxl.safetensors"), &g);
+    assert!(
+        msg.contains("sdxl.safetensors") && msg.contains("holds clip_l and clip_g already"),
+        "{msg}"
+    );
+    // A path with a `+` that names a file is that file.
+    let literal = d.join("a+b.safetensors");
+    std::fs::copy(fixtures().join("a1111.safetensors"), &literal).unwrap();
+    assert_eq!(
+        read_embedding(&literal).unwrap().parts,
+        fixture("a1111.safetensors").parts
+    );
+}
+
+#[test]
+fn diffusers_pair_is_written_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let xl = fixture("sdxl.safetensors");
+    let first = d.join("learned_embeds.safetensors");
+    let second = d.join("learned_embeds_2.safetensors");
+    assert_eq!(diffusers_sdxl_second_path(&first).unwrap(), second);
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // Not a .safetensors path, an SD 1.x word, the bytes API: refused, nothing written.
+    for bad in ["word.pt", "word"] {
+        let e =
+            write_embedding(&d.join(bad), &xl, Format::DiffusersSdxl, Precision::F32).unwrap_err();
+        assert!(e.to_string().contains(".safetensors"), "{e}");
+    }
+    let e = write_embedding(
+        &first,
+        &fixture("a1111_sd1.pt"),
+        Format::DiffusersSdxl,
+        Precision::F32,
+    )
+    .unwrap_err();
+    assert!(matches!(e, EmbeddingError::Unsupported { .. }), "{e}");
+    let e = write_embedding_bytes(&xl, Format::DiffusersSdxl, Precision::F32, "x").unwrap_err();
+    assert!(e.to_string().contains("two files"), "{e}");
+    assert!(listing().is_empty(), "{:?}", listing());
+
+    // The second path taken: refused, and the first is not written either.
+    std::fs::write(&second, b"theirs").unwrap();
+    let e = write_embedding(&first, &xl, Format::DiffusersSdxl, Precision::F32).unwrap_err();
+    assert!(matches!(e, EmbeddingError::Exists { .. }), "{e}");
+    assert!(
+        e.to_string().contains("learned_embeds_2.safetensors"),
+        "{e}"
+    );
+    assert_eq!(listing(), ["learned_embeds_2.safetensors"]);
+    assert_eq!(std::fs::read(&second).unwrap(), b"theirs");
+    std::fs::remove_file(&second).unwrap();
+
+    // The first path taken (a dangling symlink counts): refused, the second not written.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(d.join("nowhere"), &first).unwrap();
+        let e = write_embedding(&first, &xl, Format::DiffusersSdxl, Precision::F32).unwrap_err();
+        assert!(matches!(e, EmbeddingError::Exists { .. }), "{e}");
+        assert_eq!(listing(), ["learned_embeds.safetensors"]);
+        std::fs::remove_file(&first).unwrap();
+    }
+
+    // Written: both files, diffusers' names, the token in both.
+    write_embedding(&first, &xl, Format::DiffusersSdxl, Precision::F32).unwrap();
+    assert_eq!(
+        listing(),
+        ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+    );
+    assert_eq!(read_embedding(d).unwrap().parts, xl.parts);
+    let halves = [
+        read_embedding(&first).unwrap(),
+        read_embedding(&second).unwrap(),
+    ];
+    for (half, want) in halves.iter().zip(&xl.parts) {
+        assert_eq!(half.name, xl.name);
+        assert_eq!(half.parts[0].data, want.data);
+    }
+    // Again: refused; replaced when asked.
+    let e = write_embedding(&first, &xl, Format::DiffusersSdxl, Precision::F32).unwrap_err();
+    assert!(matches!(e, EmbeddingError::Exists { .. }), "{e}");
+    let mut renamed = xl.clone();
+    renamed.name = Some("<new>".to_string());
+    write_embedding_to(
+        &first,
+        &renamed,
+        Format::DiffusersSdxl,
+        Precision::F16,
+        Existing::Replace,
+    )
+    .unwrap();
+    assert_eq!(read_embedding(d).unwrap().name.as_deref(), Some("<new>"));
+
+    // Replacing, the second write fails (a folder is there): the first keeps what it held.
+    let before = std::fs::read(&first).unwrap();
+    std::fs::remove_file(&second).unwrap();
+    std::fs::create_dir(&second).unwrap();
+    std::fs::write(second.join("keep"), b"x").unwrap();
+    let e = write_embedding_to(
+        &first,
+        &xl,
+        Format::DiffusersSdxl,
+        Precision::F32,
+        Existing::Replace,
+    );
+    assert!(e.is_err());
+    assert_eq!(std::fs::read(&first).unwrap(), before);
+    assert_eq!(
+        listing(),
+        ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+    );
+    assert!(second.join("keep").is_file());
+}
+
+#[test]
+fn sd2_words_are_1024_wide_and_768_is_refused_for_sd2() {
+    let sd2 = fixture("a1111_sd2.pt");
+    let sd1 = fixture("a1111_sd1.pt");
+    let xl = fixture("sdxl.safetensors");
+    assert_eq!(
+        (sd2.parts[0].encoder, sd2.parts[0].dim),
+        (Encoder::Single, 1024)
+    );
+    assert_eq!(Family::of(&sd2), Some(Family::Sd2));
+    assert_eq!(inspect(&sd2, None, 0).family, Some(Family::Sd2));
+    assert!(check_for_family(&sd2, Family::Sd2).is_ok());
+    // 768 (SD 1.x) and SDXL words where SD 2.x is expected: the existing message.
+    let msg = check_for_family(&sd1, Family::Sd2).unwrap_err().to_string();
+    assert!(
+        msg.contains("width single 768 does not fit SD2, which needs 1024 (OpenCLIP ViT-H/14)"),
+        "{msg}"
+    );
+    let msg = check_for_family(&xl, Family::Sd2).unwrap_err().to_string();
+    assert!(
+        msg.contains("clip_l 768 + clip_g 1280") && msg.contains("needs 1024"),
+        "{msg}"
+    );
+    // Every layout that holds one encoder keeps a 1024-wide word exactly, still SD 2.x.
+    let dir = tempfile::tempdir().unwrap();
+    for format in Format::ALL
+        .into_iter()
+        .filter(|f| f.writable() && !f.sdxl_only())
+    {
+        let path = dir
+            .path()
+            .join(format!("sd2-{}.{}", format.name(), format.extension()));
+        convert(
+            &fixtures().join("a1111_sd2.pt"),
+            &path,
+            format,
+            Precision::F32,
+            Existing::Refuse,
+        )
+        .unwrap_or_else(|e| panic!("{format}: {e}"));
+        let back = read_embedding(&path).unwrap();
+        assert_eq!(back.parts, sd2.parts, "{format}");
+        assert_eq!(Family::of(&back), Some(Family::Sd2), "{format}");
+    }
+    // An SD 2.x word is not an SDXL pair.
+    let e = write_embedding(
+        &dir.path().join("x.safetensors"),
+        &sd2,
+        Format::DiffusersSdxl,
+        Precision::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("needs clip_l and clip_g"), "{e}");
+}
+
+#[test]
+fn c_abi_writes_and_reads_the_diffusers_pair() {
+    use sdti::ffi::*;
+    use std::ffi::CString;
+    let c = |p: &Path| CString::new(p.to_str().unwrap()).unwrap();
+    let mut code = u32::MAX;
+    // SAFETY: NUL-terminated name, writable out-parameter.
+    let rc = unsafe { sdti_format_from_name(c"diffusers-sdxl".as_ptr(), &mut code) };
+    assert_eq!((rc, code), (SDTI_OK, SDTI_FORMAT_DIFFUSERS_SDXL));
+    assert_eq!(SDTI_FORMAT_DIFFUSERS_SDXL, 13, "codes are never renumbered");
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("learned_embeds.safetensors");
+    let src = c(&fixtures().join("sdxl.safetensors"));
+    let dst = c(&first);
+    // SAFETY: NUL-terminated paths.
+    let rc = unsafe {
+        sdti_embedding_convert(
+            src.as_ptr(),
+            dst.as_ptr(),
+            SDTI_FORMAT_DIFFUSERS_SDXL,
+            SDTI_PRECISION_F32,
+        )
+    };
+    assert_eq!(rc, SDTI_OK);
+    assert!(dir.path().join("learned_embeds_2.safetensors").is_file());
+    // SAFETY: as above.
+    let again = unsafe {
+        sdti_embedding_convert(
+            src.as_ptr(),
+            dst.as_ptr(),
+            SDTI_FORMAT_DIFFUSERS_SDXL,
+            SDTI_PRECISION_F32,
+        )
+    };
+    assert_eq!(again, SDTI_ERR_EXISTS);
+    // Back from FIRST+SECOND to one sdxl file.
+    let pair = c(&plus(
+        &first,
+        &dir.path().join("learned_embeds_2.safetensors"),
+    ));
+    let out = dir.path().join("back.safetensors");
+    let out_c = c(&out);
+    // SAFETY: as above.
+    let rc = unsafe {
+        sdti_embedding_convert(
+            pair.as_ptr(),
+            out_c.as_ptr(),
+            SDTI_FORMAT_SDXL_SAFETENSORS,
+            SDTI_PRECISION_F32,
+        )
+    };
+    assert_eq!(rc, SDTI_OK);
+    assert_eq!(
+        read_embedding(&out).unwrap().parts,
+        fixture("sdxl.safetensors").parts
+    );
+    // An SD 1.x word cannot be the pair.
+    let sd1 = c(&fixtures().join("a1111_sd1.pt"));
+    let nope = c(&dir.path().join("sd1.safetensors"));
+    // SAFETY: as above.
+    let rc = unsafe {
+        sdti_embedding_convert(
+            sd1.as_ptr(),
+            nope.as_ptr(),
+            SDTI_FORMAT_DIFFUSERS_SDXL,
+            SDTI_PRECISION_F32,
+        )
+    };
+    assert_eq!(rc, SDTI_ERR_UNSUPPORTED);
+}
+
+#[test]
+fn cli_converts_and_inspects_the_diffusers_pair() {
+    use std::process::Command;
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdti"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = fixtures().join("diffusers_sdxl");
+    let one = dir.path().join("cat-xl.safetensors");
+    // Folder -> one sdxl file (the format follows from .safetensors for an SDXL word).
+    let (ok, out, err) = run(&["convert".as_ref(), folder.as_os_str(), one.as_os_str()]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("(diffusers-sdxl)") && out.contains("(sdxl, f32)"),
+        "{out}"
+    );
+    assert_eq!(
+        read_embedding(&one).unwrap().parts,
+        fixture("diffusers_sdxl").parts
+    );
+    // One sdxl file -> the pair, then refused when either file of the pair exists.
+    let first = dir.path().join("out").join("learned_embeds.safetensors");
+    std::fs::create_dir(first.parent().unwrap()).unwrap();
+    let to_pair = [
+        "convert".as_ref(),
+        one.as_os_str(),
+        first.as_os_str(),
+        "--format".as_ref(),
+        "diffusers-sdxl".as_ref(),
+    ];
+    let (ok, out, err) = run(&to_pair);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("learned_embeds_2.safetensors"), "{out}");
+    std::fs::remove_file(&first).unwrap();
+    let (ok, _, err) = run(&to_pair);
+    assert!(!ok);
+    assert!(
+        err.contains("learned_embeds_2.safetensors already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert!(
+        !first.exists(),
+        "nothing written when the second file is taken"
+    );
+    // inspect of FIRST+SECOND; and of one half, with a note about the other.
+    let second = first.with_file_name("learned_embeds_2.safetensors");
+    let (ok, out, err) = run(&[
+        "inspect".as_ref(),
+        plus(
+            &folder.join("learned_embeds.safetensors"),
+            &folder.join("learned_embeds_2.safetensors"),
+        )
+        .as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["source_format"], "diffusers-sdxl");
+    assert_eq!(json["family"], "sdxl");
+    let (ok, _, err) = run(&[
+        "inspect".as_ref(),
+        folder.join("learned_embeds.safetensors").as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("note:") && err.contains("learned_embeds_2.safetensors"),
+        "{err}"
+    );
+    // Swapped halves: a one-line error that says so.
+    let (ok, _, err) = run(&[
+        "inspect".as_ref(),
+        plus(&second, &folder.join("learned_embeds.safetensors")).as_os_str(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("swapped"), "{err}");
 }
