@@ -803,10 +803,10 @@ fn reference_outputs() -> Vec<(String, &'static str, Format, Precision)> {
     ));
     // The other SDXL layouts, loaded by diffusers' own load_textual_inversion in the script.
     v.push((
-        "sdxl_kohya_pt_f32.pt".to_string(),
+        "sdxl_kohya_pt_f16.pt".to_string(),
         "sdxl.safetensors",
         Format::KohyaPt,
-        Precision::F32,
+        Precision::F16,
     ));
     v.push((
         "sdxl_onetrainer_f16.safetensors".to_string(),
