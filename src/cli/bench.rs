@@ -359,7 +359,7 @@ fn profile(
         let t1 = Instant::now();
         let pred = model
             .unet
-            .forward_with(&noisy, &timesteps, &ctx, trainer.recompute())?;
+            .forward_with(&noisy, &timesteps, &ctx, None, trainer.recompute())?;
         let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
         sync()?;
         let t2 = Instant::now();

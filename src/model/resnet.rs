@@ -1,7 +1,7 @@
 //! diffusers `ResnetBlock2D`, shared by the UNet (with a time embedding) and the VAE
 //! (without one).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::layers::{
     apply_block, silu_apply, silu_grad, Block, Conv2d, GroupNorm, Linear, Recompute, Stats,
@@ -53,68 +53,67 @@ impl ResnetBlock {
         })
     }
 
-    /// `temb` is the already activated time embedding (`silu(temb)`), `[B, C]`; it depends
-    /// on the timesteps only, so it is off the gradient path.
+    /// `temb` is the already activated time embedding (`silu(temb)`), `[B, T]`. It is the
+    /// block's second input: when it is on a gradient path (SDXL's pooled text vector
+    /// feeds it through the added embedding), the block's backward pass yields its
+    /// gradient too.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb: Option<&Tensor>,
         recompute: Recompute,
     ) -> Result<Tensor> {
-        let time = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => {
-                if t.track_op() {
-                    return Err(Error::input(
-                        "resnet block",
-                        "the time embedding is on a gradient path, which the block's backward pass does not cover",
-                    ));
-                }
-                let t = proj.apply(t)?;
-                let (b, c) = t.dims2()?;
-                Some(t.reshape((b, c, 1, 1))?)
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(_), Some(t)) => Some(t),
+            (Some(_), None) => {
+                return Err(Error::input(
+                    "resnet block",
+                    "the block projects a time embedding but none was given",
+                ))
             }
-            _ => None,
+            (None, Some(_)) => {
+                return Err(Error::input(
+                    "resnet block",
+                    "a time embedding was given to a block without a time projection",
+                ))
+            }
+            (None, None) => None,
         };
-        let call = ResnetCall {
-            block: self.clone(),
-            time,
-        };
-        Ok(apply_block(&call, x, None, recompute)?)
+        Ok(apply_block(self, x, temb, recompute)?)
     }
-}
-
-/// One resnet block applied with its projected time embedding (`[B, C, 1, 1]`).
-#[derive(Clone, Debug)]
-struct ResnetCall {
-    block: ResnetBlock,
-    time: Option<Tensor>,
 }
 
 /// What a resnet block's backward pass reads besides its input: the first convolution's
 /// output (time embedding added, the second norm's input) and the norms' statistics.
-struct ResnetSaved {
+pub(crate) struct ResnetSaved {
     stats1: Option<Stats>,
     h1: Tensor,
     stats2: Option<Stats>,
 }
 
-impl Block for ResnetCall {
+impl Block for ResnetBlock {
     type Saved = ResnetSaved;
     const KIND: &'static str = "resnet";
 
+    /// `temb`: the activated time embedding `[B, T]` (the UNet's blocks), projected here
+    /// to `[B, C]` and added to every position.
     fn run(
         &self,
         x: &Tensor,
-        _: Option<&Tensor>,
+        temb: Option<&Tensor>,
         save: bool,
     ) -> candle_core::Result<(Tensor, Option<ResnetSaved>)> {
-        let r = &self.block;
+        let r = self;
         let (n1, stats1) = r.norm1.apply(x)?;
         let h1 = r.conv1.apply(&silu_apply(&n1)?)?;
         drop(n1);
-        let h1 = match &self.time {
-            Some(t) => h1.broadcast_add(t)?,
-            None => h1,
+        let h1 = match (&r.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.apply(t)?;
+                let (b, c) = t.dims2()?;
+                h1.broadcast_add(&t.reshape((b, c, 1, 1))?)?
+            }
+            _ => h1,
         };
         let (n2, stats2) = r.norm2.apply(&h1)?;
         let h2 = r.conv2.apply(&silu_apply(&n2)?)?;
@@ -134,10 +133,10 @@ impl Block for ResnetCall {
         g: &Tensor,
         need: [bool; 2],
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if !need[0] {
+        if !need[0] && !need[1] {
             return Ok((None, None));
         }
-        let r = &self.block;
+        let r = self;
         let (_, _, h, w) = x.dims4()?;
         let (_, _, h1h, h1w) = s.h1.dims4()?;
         // y = shortcut(x) + conv2(silu(norm2(h1))), h1 = conv1(silu(norm1(x))) + time.
@@ -147,6 +146,24 @@ impl Block for ResnetCall {
         drop(da2);
         let dh1 = r.norm2.input_grad(&dn2, &s.h1, s.stats2.as_ref())?;
         drop((dn2, s.h1));
+        // The time embedding is added at every position: its projection's gradient is
+        // dh1 summed over space (in f32 at least), then through the projection.
+        let dtemb = match (&r.time_emb_proj, need[1]) {
+            (Some(proj), true) => {
+                let dtype = dh1.dtype();
+                let acc = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let dt = dh1.to_dtype(acc)?.sum((2, 3))?.to_dtype(dtype)?;
+                Some(proj.input_grad(&dt)?)
+            }
+            _ => None,
+        };
+        if !need[0] {
+            return Ok((None, dtemb));
+        }
         let da1 = r.conv1.input_grad(&dh1, h, w)?;
         drop(dh1);
         let dn1 = silu_grad(&da1, &r.norm1.apply(x)?.0)?;
@@ -156,6 +173,6 @@ impl Block for ResnetCall {
             Some(c) => c.input_grad(g, h, w)?,
             None => g.clone(),
         };
-        Ok((Some((dx + shortcut)?), None))
+        Ok((Some((dx + shortcut)?), dtemb))
     }
 }

@@ -8,7 +8,7 @@
 //! input is kept (its input gradient is `dy W`), no head is split or merged by a copy, and
 //! the saved state is freed block by block as the backward pass goes through it.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::UnetConfig;
 use super::layers::AttentionMask;
@@ -30,6 +30,9 @@ pub(crate) struct TransformerConfig {
     pub groups: usize,
     /// Linear (SD 2.x style) instead of 1x1 convolution projections in and out.
     pub linear_projection: bool,
+    /// Attention scores, softmax and probabilities in f32 when the UNet computes in f16
+    /// or bf16 (diffusers' `upcast_attention`, SD 2.1's `ATTN_PRECISION=fp32`).
+    pub upcast: bool,
 }
 
 impl TransformerConfig {
@@ -45,6 +48,7 @@ impl TransformerConfig {
                 .unwrap_or(1),
             groups: cfg.norm_num_groups,
             linear_projection: cfg.use_linear_projection,
+            upcast: cfg.upcast_attention,
         }
     }
 }
@@ -67,6 +71,7 @@ struct TransformerBlock {
     ff_proj: Linear,
     ff_out: Linear,
     heads: usize,
+    upcast: bool,
 }
 
 /// What one transformer block's backward pass reads.
@@ -114,7 +119,86 @@ impl TransformerBlock {
             ff_proj: Linear::new(w, "ff.net.0.proj", true)?,
             ff_out: Linear::new(w, "ff.net.2", true)?,
             heads: cfg.heads,
+            upcast: cfg.upcast,
         })
+    }
+
+    /// Whether attention on `dtype` inputs runs in f32: with upcast attention and a half
+    /// precision UNet (f32 and f64 runs are untouched).
+    fn upcasts(&self, dtype: DType) -> bool {
+        self.upcast && matches!(dtype, DType::F16 | DType::BF16)
+    }
+
+    /// Attention of q over k and v (`[B, tokens, C]`), in f32 when [`Self::upcasts`]: q,
+    /// k and v are converted for the kernel and the output converted back (the row
+    /// log-sum-exp is f32 either way).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dtype = q.dtype();
+        if !self.upcasts(dtype) {
+            return attention_forward(q, k, v, self.heads, scale, AttentionMask::None);
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (o, lse) = attention_forward(
+            &f32(q)?,
+            &f32(k)?,
+            &f32(v)?,
+            self.heads,
+            scale,
+            AttentionMask::None,
+        )?;
+        Ok((o.to_dtype(dtype)?, lse))
+    }
+
+    /// The backward pass of [`Self::attend`], in f32 when it ran in f32; the gradients
+    /// come back in the inputs' dtype.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn attend_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        g: &Tensor,
+        scale: f64,
+        need: [bool; 3],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = q.dtype();
+        if !self.upcasts(dtype) {
+            return attention_backward(
+                q,
+                k,
+                v,
+                o,
+                lse,
+                g,
+                self.heads,
+                scale,
+                AttentionMask::None,
+                need,
+            );
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (dq, dk, dv) = attention_backward(
+            &f32(q)?,
+            &f32(k)?,
+            &f32(v)?,
+            &f32(o)?,
+            lse,
+            &f32(g)?,
+            self.heads,
+            scale,
+            AttentionMask::None,
+            need,
+        )?;
+        let back = |t: Option<Tensor>| t.map(|t| t.to_dtype(dtype)).transpose();
+        Ok((back(dq)?, back(dk)?, back(dv)?))
     }
 
     /// The attention scale of heads `inner / heads` wide.
@@ -130,13 +214,12 @@ impl TransformerBlock {
         context: &Tensor,
         save: bool,
     ) -> candle_core::Result<(Tensor, Option<BlockSaved>)> {
-        let heads = self.heads;
         let (n1, stats1) = self.norm1.apply(x)?;
         let qkv = self.qkv1.apply(&n1)?;
         drop(n1);
         let [q, k, v] = Linear::parts(&qkv)?;
         let scale = self.scale(q.dim(2)?);
-        let (o1, lse1) = attention_forward(&q, &k, &v, heads, scale, AttentionMask::None)?;
+        let (o1, lse1) = self.attend(&q, &k, &v, scale)?;
         let x1 = (self.out1.apply(&o1)? + x)?;
 
         let (n2, stats2) = self.norm2.apply(&x1)?;
@@ -144,7 +227,7 @@ impl TransformerBlock {
         drop(n2);
         let kv2 = self.kv2.apply(context)?;
         let [k2, v2] = Linear::parts(&kv2)?;
-        let (o2, lse2) = attention_forward(&q2, &k2, &v2, heads, scale, AttentionMask::None)?;
+        let (o2, lse2) = self.attend(&q2, &k2, &v2, scale)?;
         let x2 = (self.out2.apply(&o2)? + &x1)?;
 
         let (n3, stats3) = self.norm3.apply(&x2)?;
@@ -179,7 +262,6 @@ impl TransformerBlock {
         need_x: bool,
         need_context: bool,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let heads = self.heads;
         let scale = self.scale(s.o1.dim(2)?);
         // Feed-forward: y = x2 + ff_out(geglu(ff_proj(norm3(x2)))).
         let da = self.ff_out.input_grad(g)?;
@@ -193,16 +275,14 @@ impl TransformerBlock {
         // Cross-attention: x2 = x1 + out2(attn(q2(norm2(x1)), kv2(context))).
         let do2 = self.out2.input_grad(&dx2)?;
         let [k2, v2] = Linear::parts(&s.kv2)?;
-        let (dq2, dk2, dv2) = attention_backward(
+        let (dq2, dk2, dv2) = self.attend_backward(
             &s.q2,
             &k2,
             &v2,
             &s.o2,
             &s.lse2,
             &do2,
-            heads,
             scale,
-            AttentionMask::None,
             [need_x, need_context, need_context],
         )?;
         drop((do2, k2, v2, s.kv2, s.q2, s.o2, s.lse2));
@@ -224,18 +304,8 @@ impl TransformerBlock {
         // Self-attention: x1 = x + out1(attn(qkv1(norm1(x)))).
         let do1 = self.out1.input_grad(&dx1)?;
         let [q, k, v] = Linear::parts(&s.qkv)?;
-        let (dq, dk, dv) = attention_backward(
-            &q,
-            &k,
-            &v,
-            &s.o1,
-            &s.lse1,
-            &do1,
-            heads,
-            scale,
-            AttentionMask::None,
-            [true; 3],
-        )?;
+        let (dq, dk, dv) =
+            self.attend_backward(&q, &k, &v, &s.o1, &s.lse1, &do1, scale, [true; 3])?;
         drop((do1, q, k, v, s.qkv, s.o1, s.lse1));
         let dn1 = self.qkv1.input_grad_of_parts([dq, dk, dv])?;
         let dx = (dx1 + self.norm1.input_grad(&dn1, &s.x, s.stats1.as_ref())?)?;
@@ -424,5 +494,149 @@ impl Block for SpatialTransformer {
         drop(dh);
         let dx = (g + self.norm.input_grad(&dhn, x, norm_stats.as_ref())?)?;
         Ok((Some(dx), dcontext))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::*;
+
+    /// Deterministic values of `shape`, `scale` times a sine of the index.
+    fn wave(shape: &[usize], seed: f64, scale: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|i| (scale * ((i as f64 + 1.0) * 0.7137 + seed).sin()) as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape")
+    }
+
+    /// The weights of one SD 2.x-style spatial transformer (linear projections), `c`
+    /// wide, one block, attending to a `d`-wide context; q and k `qk` times larger than
+    /// the rest, so that the scores can leave f16's range.
+    fn transformer_weights(c: usize, d: usize, qk: f64) -> HashMap<String, Tensor> {
+        let mut w = HashMap::new();
+        let mut seed = 0.0;
+        let mut put = |name: &str, shape: &[usize], scale: f64| {
+            seed += 1.0;
+            w.insert(name.to_string(), wave(shape, seed, scale));
+        };
+        let norm = |put: &mut dyn FnMut(&str, &[usize], f64), p: &str| {
+            put(&format!("{p}.weight"), &[c], 1.0);
+            put(&format!("{p}.bias"), &[c], 0.1);
+        };
+        let b = "transformer_blocks.0";
+        put("norm.weight", &[c], 0.2);
+        put("norm.bias", &[c], 0.1);
+        for p in ["proj_in", "proj_out"] {
+            put(&format!("{p}.weight"), &[c, c], 0.3);
+            put(&format!("{p}.bias"), &[c], 0.1);
+        }
+        for n in ["norm1", "norm2", "norm3"] {
+            norm(&mut put, &format!("{b}.{n}"));
+        }
+        for (attn, ctx) in [("attn1", c), ("attn2", d)] {
+            put(&format!("{b}.{attn}.to_q.weight"), &[c, c], 0.3 * qk);
+            put(&format!("{b}.{attn}.to_k.weight"), &[c, ctx], 0.3 * qk);
+            put(&format!("{b}.{attn}.to_v.weight"), &[c, ctx], 0.3);
+            put(&format!("{b}.{attn}.to_out.0.weight"), &[c, c], 0.3);
+            put(&format!("{b}.{attn}.to_out.0.bias"), &[c], 0.1);
+        }
+        put(&format!("{b}.ff.net.0.proj.weight"), &[8 * c, c], 0.3);
+        put(&format!("{b}.ff.net.0.proj.bias"), &[8 * c], 0.1);
+        put(&format!("{b}.ff.net.2.weight"), &[c, 4 * c], 0.3);
+        put(&format!("{b}.ff.net.2.bias"), &[c], 0.1);
+        w
+    }
+
+    /// The transformer's output and the context's gradient (of the output's sum of
+    /// squares), in f32.
+    fn run(
+        tensors: &HashMap<String, Tensor>,
+        cfg: &TransformerConfig,
+        dtype: DType,
+    ) -> (Tensor, Tensor) {
+        let w = Weights::from_tensors(tensors.clone(), dtype, Device::Cpu);
+        let st = SpatialTransformer::new(&w, cfg).expect("weights");
+        let x = wave(&[1, cfg.channels, 4, 4], 0.5, 2.0)
+            .to_dtype(dtype)
+            .expect("x");
+        let ctx = Var::from_tensor(
+            &wave(&[1, 5, 8], 0.25, 1.0)
+                .to_dtype(dtype)
+                .expect("context"),
+        )
+        .expect("var");
+        let y = st
+            .forward(&x, ctx.as_tensor(), Recompute::Off)
+            .expect("forward");
+        let loss = y
+            .to_dtype(DType::F32)
+            .and_then(|y| y.sqr()?.sum_all())
+            .expect("loss");
+        let grads = loss.backward().expect("backward");
+        let g = grads.get(ctx.as_tensor()).expect("context gradient");
+        (
+            y.to_dtype(DType::F32).expect("y"),
+            g.to_dtype(DType::F32).expect("g"),
+        )
+    }
+
+    fn finite(t: &Tensor) -> bool {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values")
+            .iter()
+            .all(|v| v.is_finite())
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
+        let n = b.sqr().and_then(|n| n.sum_all()?.to_scalar::<f32>());
+        (d.expect("diff") / n.expect("norm")).sqrt()
+    }
+
+    /// Upcast attention: scores past f16's range stay finite when upcast and match f32
+    /// (output and context gradient); without upcast f16 overflows (SD 2.1's black
+    /// images); in f32 upcast changes nothing, bit for bit.
+    #[test]
+    fn upcast_attention_keeps_half_precision_scores_in_range() {
+        let cfg = TransformerConfig {
+            channels: 8,
+            heads: 2,
+            depth: 1,
+            groups: 4,
+            linear_projection: true,
+            upcast: true,
+        };
+        let plain = TransformerConfig {
+            upcast: false,
+            ..cfg
+        };
+        // q and k 1000x larger: scores of order 1e5, past f16's 65504.
+        let tensors = transformer_weights(8, 8, 1000.0);
+        let (y32, g32) = run(&tensors, &cfg, DType::F32);
+        let (y32_plain, g32_plain) = run(&tensors, &plain, DType::F32);
+        assert!(finite(&y32) && finite(&g32));
+        let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+        assert_eq!(bits(&y32), bits(&y32_plain), "f32 output changed by upcast");
+        assert_eq!(
+            bits(&g32),
+            bits(&g32_plain),
+            "f32 gradient changed by upcast"
+        );
+
+        let (y16, g16) = run(&tensors, &cfg, DType::F16);
+        assert!(finite(&y16) && finite(&g16), "upcast f16 is not finite");
+        assert!(rel(&y16, &y32) < 1e-2, "output {}", rel(&y16, &y32));
+        assert!(rel(&g16, &g32) < 1e-2, "gradient {}", rel(&g16, &g32));
+        let (y16_plain, _) = run(&tensors, &plain, DType::F16);
+        assert!(
+            !finite(&y16_plain),
+            "the scores were meant to overflow f16 without upcast"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The SD 1.x UNet (diffusers `UNet2DConditionModel` key names), training grade: frozen
-//! weights, gradients flow to the conditioning only.
+//! The UNet of SD 1.x, SD 2.x and SDXL (diffusers `UNet2DConditionModel` key names),
+//! training grade: frozen weights, gradients flow to the conditioning only (the text
+//! context and, for SDXL, the pooled text vector through the added embedding).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -127,12 +128,87 @@ impl Level {
     }
 }
 
+/// SDXL's added conditioning (diffusers `added_cond_kwargs`): the pooled text vector and
+/// the size and crop conditioning.
+#[derive(Clone, Debug)]
+pub struct AddedCond {
+    /// The second text encoder's pooled, projected vector `[B, P]` (`text_embeds`); on a
+    /// gradient path when the learned vectors train through it.
+    pub pooled: Tensor,
+    /// `[B, 6]`: original height and width, crop top and left, target height and width
+    /// (diffusers' `time_ids`, height first), in pixels.
+    pub time_ids: Tensor,
+}
+
+/// SDXL's `add_time_proj` and `add_embedding` (`addition_embed_type = "text_time"`).
+#[derive(Debug)]
+struct AddEmbedding {
+    /// Sinusoid width per time id (`addition_time_embed_dim`).
+    time_dim: usize,
+    /// `linear_1`'s input: pooled width + 6 * `time_dim`.
+    input_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+/// The six time ids SDXL conditions on.
+const TIME_IDS: usize = 6;
+
+impl AddEmbedding {
+    fn new(w: &Weights, cfg: &UnetConfig) -> Result<Option<Self>> {
+        let Some(kind) = cfg.addition_embed_type.as_deref() else {
+            return Ok(None);
+        };
+        if kind != "text_time" {
+            return Err(Error::config(
+                "unet.addition_embed_type",
+                format!("{kind:?} is not implemented (sdti builds \"text_time\", SDXL's)"),
+            ));
+        }
+        let time_dim = cfg.addition_time_embed_dim.ok_or_else(|| {
+            Error::config(
+                "unet.addition_time_embed_dim",
+                "missing, which addition_embed_type \"text_time\" needs",
+            )
+        })?;
+        let input_dim = cfg.projection_class_embeddings_input_dim.ok_or_else(|| {
+            Error::config(
+                "unet.projection_class_embeddings_input_dim",
+                "missing, which addition_embed_type \"text_time\" needs",
+            )
+        })?;
+        if time_dim == 0 || input_dim <= TIME_IDS * time_dim {
+            return Err(Error::config(
+                "unet.projection_class_embeddings_input_dim",
+                format!(
+                    "{input_dim} leaves no room for a pooled vector beside {TIME_IDS} time ids of {time_dim}"
+                ),
+            ));
+        }
+        let wa = w.pp("add_embedding");
+        let linear_1 = Linear::new(&wa, "linear_1", true)?;
+        let linear_2 = Linear::new(&wa, "linear_2", true)?;
+        Ok(Some(Self {
+            time_dim,
+            input_dim,
+            linear_1,
+            linear_2,
+        }))
+    }
+
+    /// The pooled vector's width.
+    fn pooled_dim(&self) -> usize {
+        self.input_dim - TIME_IDS * self.time_dim
+    }
+}
+
 /// The UNet.
 #[derive(Debug)]
 pub struct Unet {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddEmbedding>,
     down: Vec<Level>,
     mid_resnets: [ResnetBlock; 2],
     mid_attention: SpatialTransformer,
@@ -154,6 +230,7 @@ impl Unet {
         let conv_in = Conv2d::new(w, "conv_in", 1, 1)?;
         let time_linear_1 = Linear::new(w, "time_embedding.linear_1", true)?;
         let time_linear_2 = Linear::new(w, "time_embedding.linear_2", true)?;
+        let add_embedding = AddEmbedding::new(w, cfg)?;
         let down = down_levels(cfg)
             .iter()
             .enumerate()
@@ -187,6 +264,7 @@ impl Unet {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down,
             mid_resnets,
             mid_attention,
@@ -207,19 +285,27 @@ impl Unet {
         &self.config
     }
 
-    /// Noise (or velocity) prediction for `sample` `[B, 4, h, w]` at `timesteps` (one per
-    /// sample, in training steps 0..1000) under `context` `[B, 77*k, D]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
-        self.forward_with(sample, timesteps, context, Recompute::Off)
+    /// Whether the UNet takes SDXL's added conditioning ([`AddedCond`]).
+    pub fn takes_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
-    /// [`Self::forward`], with the resnets and transformers keeping their activations for
-    /// the backward pass or recomputing them there.
+    /// Noise (or velocity) prediction for `sample` `[B, 4, h, w]` at `timesteps` (one per
+    /// sample, in training steps 0..1000) under `context` `[B, 77*k, D]`, for a UNet without
+    /// added conditioning (SD 1.x, SD 2.x; an SDXL UNet needs [`Self::forward_with`]).
+    pub fn forward(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None, Recompute::Off)
+    }
+
+    /// [`Self::forward`] with SDXL's `added` conditioning (required by an SDXL UNet,
+    /// refused by others), the resnets and transformers keeping their activations for the
+    /// backward pass or recomputing them there.
     pub fn forward_with(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
         context: &Tensor,
+        added: Option<&AddedCond>,
         recompute: Recompute,
     ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
@@ -251,6 +337,22 @@ impl Unet {
         let temb = self
             .time_linear_2
             .forward(&silu(&self.time_linear_1.forward(&temb)?)?)?;
+        let temb = match (&self.add_embedding, added) {
+            (Some(add), Some(cond)) => (temb + add.forward(cond, b, &self.config, sample.dtype())?)?,
+            (None, None) => temb,
+            (Some(_), None) => {
+                return Err(Error::input(
+                    "unet input",
+                    "this UNet (addition_embed_type \"text_time\", SDXL) needs the pooled text vector and the time ids, and none were given",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::input(
+                    "unet input",
+                    "a pooled text vector and time ids were given to a UNet without an added embedding (only SDXL's takes them)",
+                ))
+            }
+        };
         // Every resnet applies silu to the time embedding first: do it once.
         let temb = silu(&temb)?;
         let temb = Some(&temb);
@@ -299,6 +401,75 @@ impl Unet {
     }
 }
 
+impl AddEmbedding {
+    /// `add_embedding(concat(pooled, add_time_proj(time_ids)))` `[B, 1280]`, in the UNet's
+    /// dtype (diffusers `UNet2DConditionModel.get_aug_embed`, "text_time").
+    fn forward(
+        &self,
+        cond: &AddedCond,
+        batch: usize,
+        cfg: &UnetConfig,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let features = self.features(cond, batch, cfg)?;
+        let pooled = cond.pooled.to_dtype(dtype)?;
+        let input = Tensor::cat(&[&pooled, &features.to_dtype(dtype)?], 1)?;
+        self.linear_2
+            .forward(&silu(&self.linear_1.forward(&input)?)?)
+    }
+
+    /// `add_time_proj` of the time ids, `[B, 6 * time_dim]` in f32, checking the inputs'
+    /// shapes against the configuration.
+    fn features(&self, cond: &AddedCond, batch: usize, cfg: &UnetConfig) -> Result<Tensor> {
+        let pooled = cond.pooled.dims();
+        if pooled != [batch, self.pooled_dim()] {
+            return Err(Error::input(
+                "unet added conditioning",
+                format!(
+                    "pooled text vector of shape {pooled:?} where the UNet takes [{batch}, {}] (projection_class_embeddings_input_dim {} minus {TIME_IDS} x {})",
+                    self.pooled_dim(),
+                    self.input_dim,
+                    self.time_dim
+                ),
+            ));
+        }
+        let ids = cond.time_ids.dims();
+        if ids != [batch, TIME_IDS] {
+            return Err(Error::input(
+                "unet added conditioning",
+                format!("time ids of shape {ids:?} where the UNet takes [{batch}, {TIME_IDS}]"),
+            ));
+        }
+        let ids: Vec<f64> = cond
+            .time_ids
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        let device = cond.time_ids.device();
+        time_id_features(&ids, self.time_dim, cfg, device)?
+            .reshape((batch, TIME_IDS * self.time_dim))
+            .map_err(Into::into)
+    }
+}
+
+/// `add_time_proj`: the sinusoid of each time id (`[N, time_dim]`, f32), with the main
+/// timestep's `flip_sin_to_cos` and `freq_shift` (diffusers builds both `Timesteps` from
+/// the same config fields).
+fn time_id_features(
+    ids: &[f64],
+    time_dim: usize,
+    cfg: &UnetConfig,
+    device: &Device,
+) -> Result<Tensor> {
+    timestep_embedding(
+        ids,
+        time_dim,
+        cfg.flip_sin_to_cos,
+        cfg.freq_shift as f64,
+        device,
+    )
+}
+
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them
 /// (f32 frequencies `exp(-ln(10000) * i / (half - shift))`).
 fn timestep_embedding(
@@ -343,6 +514,12 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
                 cfg.down_block_types.len(),
                 cfg.up_block_types.len()
             ),
+        ));
+    }
+    if let Some(kind) = &cfg.class_embed_type {
+        return Err(Error::config(
+            "unet.class_embed_type",
+            format!("{kind:?} is not implemented (SD 1.x, SD 2.x and SDXL have none)"),
         ));
     }
     if cfg.layers_per_block == 0 {

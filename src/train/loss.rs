@@ -64,7 +64,7 @@ pub fn denoising_loss_with(
         .text_encoder
         .encode(batch.ids, batch.injection, batch.clip_skip)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-    let pred = model.unet.forward_with(&noisy, &t, &context, recompute)?;
+    let pred = model.unet.forward_with(&noisy, &t, &context, None, recompute)?;
     let target = combine(&latents, &noise, &coefs(NoiseSchedule::target_coefs)?)?;
     // The loss in f32 at least (f64 models keep f64, for gradient checks).
     let loss_dtype = if dtype == DType::F64 {
