@@ -100,8 +100,8 @@ pub fn write_embedding_pair_bytes(
 
 /// Writes the pair to `first` and its [`diffusers_sdxl_second_path`]: both files or
 /// neither. With [`Existing::Refuse`] nothing is written when either path is taken; with
-/// [`Existing::Replace`] a failure of the second write puts the first file's previous
-/// contents back.
+/// [`Existing::Replace`] a failure of the second write puts back what the first path held
+/// (a regular file's contents; anything else there is gone, as with any replacing write).
 pub(crate) fn write(
     first: &Path,
     emb: &EmbeddingFile,
@@ -260,9 +260,10 @@ pub fn read_embedding_pair(first: &Path, second: &Path) -> Result<EmbeddingFile,
     Ok(emb)
 }
 
-/// The two files `spec` names when nothing is at `spec` itself: `FIRST+SECOND` (split at
-/// the `+` where both exist, else where the first exists, else at the first `+`), or a
-/// folder holding diffusers' two file names.
+/// The two files `spec` names: when nothing is at `spec` itself, `FIRST+SECOND` (split at
+/// the `+` where both exist, else where the first exists, else at the first `+`); or a
+/// folder holding either of diffusers' two file names (the pair's reader then names a
+/// missing one).
 pub(crate) fn pair_paths(spec: &Path) -> Option<(PathBuf, PathBuf)> {
     match std::fs::symlink_metadata(spec) {
         Ok(m) if m.is_dir() || (m.file_type().is_symlink() && spec.is_dir()) => {
@@ -270,7 +271,7 @@ pub(crate) fn pair_paths(spec: &Path) -> Option<(PathBuf, PathBuf)> {
                 spec.join(DIFFUSERS_SDXL_FIRST),
                 spec.join(DIFFUSERS_SDXL_SECOND),
             );
-            (a.is_file() && b.is_file()).then_some((a, b))
+            (a.is_file() || b.is_file()).then_some((a, b))
         }
         Ok(_) => None,
         Err(_) => {

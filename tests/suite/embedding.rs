@@ -219,7 +219,7 @@ fn read_back_format(f: Format) -> Format {
 fn round_trips_are_exact_for_every_writable_format() {
     let single = fixture("a1111_sd1.pt");
     let xl = fixture("sdxl.safetensors");
-    // diffusers-sdxl writes two files: sdxl_layouts_round_trip_exactly covers it.
+    // diffusers-sdxl writes two files: sdxl_embedding_formats_roundtrip covers it.
     for format in Format::ALL
         .into_iter()
         .filter(|f| f.writable() && *f != Format::DiffusersSdxl)
@@ -1275,7 +1275,7 @@ fn sdxl_read_back_format(f: Format) -> Format {
 }
 
 #[test]
-fn sdxl_layouts_round_trip_exactly() {
+fn sdxl_embedding_formats_roundtrip() {
     let dir = tempfile::tempdir().unwrap();
     // Every SDXL file the reference tools wrote, through every SDXL layout and back.
     let sources = [
@@ -1444,8 +1444,15 @@ fn diffusers_pair_reads_from_both_files_or_their_folder() {
     assert_eq!(report.family, Some(Family::Sdxl));
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["source_format"], "diffusers-sdxl");
-    // A folder without the pair is still not an embedding.
+    // A folder without the pair is still not an embedding; with one half, the other is named.
     assert!(read_embedding(&fixtures()).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&first, dir.path().join("learned_embeds.safetensors")).unwrap();
+    let msg = read_embedding(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("learned_embeds_2.safetensors") && msg.contains("second (clip_g"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -1621,7 +1628,7 @@ fn diffusers_pair_is_written_whole_or_not_at_all() {
 }
 
 #[test]
-fn sd2_words_are_1024_wide_and_768_is_refused_for_sd2() {
+fn sd2_embedding_width_1024() {
     let sd2 = fixture("a1111_sd2.pt");
     let sd1 = fixture("a1111_sd1.pt");
     let xl = fixture("sdxl.safetensors");
