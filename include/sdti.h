@@ -522,8 +522,11 @@ sdti_status sdti_encoder_dim(struct sdti_encoder *encoder, uint32_t *dim);
 // `[one thread at a time per handle]`
 sdti_status sdti_encoder_set_chunk_style(struct sdti_encoder *encoder, uint32_t style);
 
-// Takes the hidden states of the `clip_skip`-th layer from the end (1 = last, the
-// default; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
+// Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
+// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
+// Never set, it is the model family's: 1 for SD 1.x, 2 for SD 2.x (OpenCLIP ViT-H's
+// penultimate block, the last layer an SD 2.x diffusers folder holds, so 1 is refused
+// there) and for SDXL. 0 is refused.
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_encoder_set_clip_skip(struct sdti_encoder *encoder, uint32_t clip_skip);

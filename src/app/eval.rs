@@ -82,7 +82,7 @@ pub fn fixed_noise_loss(
                 timesteps: &[t],
                 ids: &enc.ids,
                 injection: Some(&injection),
-                clip_skip: 1,
+                clip_skip: model.text_encoder.default_conditioning().clip_skip,
             };
             let loss = denoising_loss(model, &batch, &schedule)?;
             total += f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);

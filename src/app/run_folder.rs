@@ -695,7 +695,7 @@ impl RunFolder {
 /// Draws `opts` with the trainer's current vectors registered as its word.
 pub fn draw_with_vectors(trainer: &Trainer, opts: &SampleOptions) -> Result<image::RgbImage> {
     let mut encoder = PromptEncoder::new(Arc::clone(&trainer.model().text_encoder))?;
-    encoder.set_clip_skip(trainer.config().clip_skip)?;
+    encoder.set_clip_skip(trainer.clip_skip())?;
     encoder.register(&trainer.config().token, &trainer.vectors()?)?;
     sample_image(trainer.model(), &encoder, opts)
 }

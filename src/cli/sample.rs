@@ -55,9 +55,10 @@ pub struct SampleArgs {
     /// Image height in pixels, a multiple of 8
     #[arg(long, default_value_t = 512)]
     pub height: usize,
-    /// Use the output of this CLIP layer from the end (1 = last)
-    #[arg(long, default_value_t = 1)]
-    pub clip_skip: usize,
+    /// Use the output of this CLIP layer from the end (1 = last; default: the model
+    /// family's, 1 for SD 1.x, 2 for SD 2.x and SDXL)
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
     /// How prompts longer than 75 tokens are split
     #[arg(long, value_enum, default_value = "a1111")]
     pub chunking: Chunking,
@@ -119,7 +120,9 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
     let model = load_model(&a.model, &a.device)?;
     let mut encoder = encoder_with_words(model.clone(), &a.embedding)?;
     encoder.set_chunk_style(a.chunking.style());
-    encoder.set_clip_skip(a.clip_skip)?;
+    if let Some(n) = a.clip_skip {
+        encoder.set_clip_skip(n)?;
+    }
     let words = encoder.words();
     let used: Vec<&str> = words
         .iter()

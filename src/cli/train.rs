@@ -143,7 +143,8 @@ pub struct TrainArgs {
     /// Seed of every random choice [0]
     #[arg(long, value_name = "N", help_heading = "Optimization")]
     pub seed: Option<u64>,
-    /// Use the output of this CLIP layer from the end (1 = last, as SD 1.x) [1]
+    /// Use the output of this CLIP layer from the end (1 = last) [the model family's: 1 for
+    /// SD 1.x, 2 for SD 2.x and SDXL]
     #[arg(long, value_name = "N", help_heading = "Optimization")]
     pub clip_skip: Option<usize>,
     /// Override the model's prediction type: epsilon or v_prediction
@@ -263,8 +264,10 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
         adam_epsilon <- adam_epsilon,
         weight_decay <- weight_decay,
         seed <- seed,
-        clip_skip <- clip_skip,
     );
+    if let Some(n) = a.clip_skip {
+        c.clip_skip = Some(n);
+    }
     if a.random_crop {
         c.random_crop = true;
     }

@@ -302,8 +302,11 @@ pub extern "C" fn sdti_encoder_set_chunk_style(
     })
 }
 
-/// Takes the hidden states of the `clip_skip`-th layer from the end (1 = last, the
-/// default; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
+/// Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
+/// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
+/// Never set, it is the model family's: 1 for SD 1.x, 2 for SD 2.x (OpenCLIP ViT-H's
+/// penultimate block, the last layer an SD 2.x diffusers folder holds, so 1 is refused
+/// there) and for SDXL. 0 is refused.
 ///
 /// `[one thread at a time per handle]`
 #[no_mangle]

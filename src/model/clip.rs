@@ -1,5 +1,7 @@
-//! The CLIP text transformer of SD 1.x (transformers `CLIPTextModel` key names), with
-//! learned vectors injected into the token slots.
+//! The CLIP text transformer (transformers `CLIPTextModel` key names): SD 1.x's CLIP
+//! ViT-L, SD 2.x's OpenCLIP ViT-H and SDXL's two encoders, with learned vectors injected
+//! into the token slots and each family's way of turning hidden states into conditioning
+//! ([`Conditioning`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -9,7 +11,148 @@ use super::layers::{
     LayerNorm, Linear, Recompute, Stats,
 };
 use super::weights::Weights;
+use crate::embedding::{Encoder, Family};
 use crate::error::{Error, Result};
+use crate::tokenizer::EOS;
+
+/// How one text encoder's hidden states condition the UNet: which layer, whether the
+/// final layer norm follows, what fills the slots after the end token, and whether the
+/// pooled vector is wanted. Each family and encoder has its own
+/// ([`Conditioning::default_for`], the spec's section 0 and 3.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditioning {
+    /// `hidden_states[-clip_skip]` of the full-depth encoder: 1 = the last block's
+    /// output, 2 = the penultimate. Counted from the original encoder's end, also when
+    /// the weights lack final blocks (`ClipConfig::dropped_final_layers`).
+    pub clip_skip: usize,
+    /// Apply `final_layer_norm` to the chosen hidden states (SD 1.x and 2.x; SDXL not).
+    pub final_norm: bool,
+    /// `Some(id)`: every slot after the first end token (49407) of each 77-slot window is
+    /// rewritten to `id` before the lookup (OpenCLIP's `tokenize` pads with 0; A1111's
+    /// `process_tokens`). `None`: the ids as given (CLIP ViT-L pads with the end token).
+    /// Learned slots stay learned: their vectors replace the looked-up rows whatever id
+    /// they hold.
+    pub pad_after_eos: Option<u32>,
+    /// Also compute the pooled vector: `final_layer_norm` of the last block's output at
+    /// the first end token of each row, through `text_projection` (SDXL's second encoder).
+    pub pooled: bool,
+}
+
+impl Conditioning {
+    /// SD 1.x: the last layer and the final layer norm, padded with the end token.
+    pub const SD1: Self = Self {
+        clip_skip: 1,
+        final_norm: true,
+        pad_after_eos: None,
+        pooled: false,
+    };
+
+    /// What the family conditions on through `encoder` (the table in the spec's section 0):
+    /// SD 1.x the last layer + final LN; SD 2.x (OpenCLIP ViT-H) the penultimate block +
+    /// final LN, 0 after the first end token; SDXL's CLIP ViT-L `hidden_states[-2]` without
+    /// LN; SDXL's OpenCLIP bigG `hidden_states[-2]` without LN, 0 after the first end token,
+    /// and the pooled vector.
+    pub fn default_for(family: Family, encoder: Encoder) -> Result<Self> {
+        Ok(match (family, encoder) {
+            (Family::Sd1, Encoder::Single) => Self::SD1,
+            (Family::Sd2, Encoder::Single) => Self {
+                clip_skip: 2,
+                final_norm: true,
+                pad_after_eos: Some(0),
+                pooled: false,
+            },
+            (Family::Sdxl, Encoder::ClipL) => Self {
+                clip_skip: 2,
+                final_norm: false,
+                pad_after_eos: None,
+                pooled: false,
+            },
+            (Family::Sdxl, Encoder::ClipG) => Self {
+                clip_skip: 2,
+                final_norm: false,
+                pad_after_eos: Some(0),
+                pooled: true,
+            },
+            (family, encoder) => {
+                return Err(Error::config(
+                    "text encoder",
+                    format!(
+                        "{} models have no {encoder:?} text encoder",
+                        family.model_name()
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// The same with `clip_skip` in place of the family's.
+    pub fn with_clip_skip(self, clip_skip: usize) -> Self {
+        Self { clip_skip, ..self }
+    }
+}
+
+/// Position of the first end token (49407) in `ids`, skipping learned slots (`learned[i]`
+/// true: the id is a stand-in, never the end of the text).
+pub fn first_end_token(ids: &[u32], learned: impl Fn(usize) -> bool) -> Option<usize> {
+    ids.iter()
+        .enumerate()
+        .position(|(i, &id)| id == EOS && !learned(i))
+}
+
+/// OpenCLIP's padding on one 77-slot window, as A1111's `process_tokens` does it for SD 2.x:
+/// every slot after the first end token becomes `pad`. Learned slots keep their vectors
+/// whatever id they hold (their vectors replace the looked-up rows).
+pub fn pad_after_first_end_token(ids: &mut [u32], learned: impl Fn(usize) -> bool, pad: u32) {
+    if let Some(eos) = first_end_token(ids, learned) {
+        for id in &mut ids[eos + 1..] {
+            *id = pad;
+        }
+    }
+}
+
+/// The first end token of each row of `ids` (`[B, T]` u32), skipping the slots `learned`
+/// marks (`[B, T]`, non-zero on learned slots).
+pub(crate) fn first_eos(ids: &Tensor, learned: Option<&Tensor>) -> Result<Vec<Option<usize>>> {
+    let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+    let learned: Option<Vec<Vec<f32>>> = match learned {
+        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec2()?),
+        None => None,
+    };
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let mask = learned.as_ref().and_then(|m| m.get(r));
+            first_end_token(row, |i| {
+                mask.and_then(|m| m.get(i)).is_some_and(|&m| m != 0.0)
+            })
+        })
+        .collect())
+}
+
+/// `ids` with every slot after `eos[row]` rewritten to `pad` (rows without an end token
+/// stay as they are).
+fn pad_after(ids: &Tensor, eos: &[Option<usize>], pad: u32) -> Result<Tensor> {
+    let mut rows: Vec<Vec<u32>> = ids.to_vec2()?;
+    let mut changed = false;
+    for (row, e) in rows.iter_mut().zip(eos) {
+        if let Some(e) = *e {
+            for id in &mut row[e + 1..] {
+                changed |= *id != pad;
+                *id = pad;
+            }
+        }
+    }
+    if !changed {
+        return Ok(ids.clone());
+    }
+    let (b, t) = ids.dims2()?;
+    Ok(Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<u32>>(),
+        (b, t),
+        ids.device(),
+    )?)
+}
 
 /// Learned vectors placed into token slots: `table` holds the vectors (`[M, dim]`,
 /// possibly a trainable variable), `index` (`[B, T]` u32) picks a row for each slot and
@@ -160,18 +303,24 @@ impl Block for ClipLayer {
     }
 }
 
-/// The text transformer: token and position lookups, layers, final layer norm.
+/// The text transformer: token and position lookups, layers, final layer norm, and the
+/// pooled vector's projection where the weights have one.
 #[derive(Debug)]
 pub struct ClipTextTransformer {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection` (`[projection_dim, dim]`, transformers'
+    /// `CLIPTextModelWithProjection` layout), loaded when the config has a
+    /// `projection_dim` and the weights hold it.
+    text_projection: Option<Linear>,
     config: ClipConfig,
 }
 
 impl ClipTextTransformer {
-    /// Loads from weights named as transformers names them under `text_model.`.
+    /// Loads from weights named as transformers names them: `text_model.*`, and
+    /// `text_projection.weight` beside it.
     pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
@@ -183,6 +332,14 @@ impl ClipTextTransformer {
                 ),
             ));
         }
+        let text_projection = match cfg.projection_dim {
+            Some(p) if w.contains("text_projection.weight") => {
+                // Checked first: Linear takes any matrix.
+                w.get_shaped("text_projection.weight", &[p, cfg.hidden_size])?;
+                Some(Linear::new(w, "text_projection", false)?)
+            }
+            _ => None,
+        };
         let w = w.pp("text_model");
         let d = cfg.hidden_size;
         let token_embedding =
@@ -200,6 +357,7 @@ impl ClipTextTransformer {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: cfg.clone(),
         })
     }
@@ -221,15 +379,69 @@ impl ClipTextTransformer {
         self.token_embedding.dtype()
     }
 
-    /// Hidden states `[B, T, dim]` for token ids `[B, T]` (u32): the output of layer
-    /// `layers - clip_skip + 1` (clip_skip 1 = the last layer, as SD 1.x uses), then the
-    /// final layer norm, as A1111, ComfyUI and diffusers apply it.
+    /// The number of blocks of the original encoder: the loaded layers plus the final
+    /// blocks the weights lack (`ClipConfig::dropped_final_layers`).
+    pub fn full_depth(&self) -> usize {
+        self.layers.len() + self.config.dropped_final_layers
+    }
+
+    /// Whether the weights hold `text_projection`, which the pooled vector needs.
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// Checks that `clip_skip` picks a layer these weights hold: 1 ..= the full depth,
+    /// and not one of the dropped final blocks.
+    pub fn check_clip_skip(&self, clip_skip: usize) -> Result<()> {
+        let full = self.full_depth();
+        let dropped = self.config.dropped_final_layers;
+        if clip_skip == 0 || clip_skip > full {
+            return Err(Error::config(
+                "clip_skip",
+                format!("{clip_skip} is outside 1..={full} for this text encoder"),
+            ));
+        }
+        if clip_skip <= dropped {
+            let lacks = if dropped == 1 {
+                format!("block {full}")
+            } else {
+                format!("blocks {} to {full}", full + 1 - dropped)
+            };
+            return Err(Error::config(
+                "clip_skip",
+                format!(
+                    "{clip_skip} conditions on the output of block {} of {full}, but this diffusers folder lacks {lacks} (its conversion dropped what SD 2.x does not use): use clip_skip {} or more, or the model's single-file checkpoint",
+                    full + 1 - clip_skip,
+                    dropped + 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hidden states `[B, T, dim]` for token ids `[B, T]` (u32): `hidden_states[-clip_skip]`
+    /// (clip_skip 1 = the last layer, as SD 1.x uses), then the final layer norm, as
+    /// A1111, ComfyUI and diffusers apply it to SD 1.x; ids as given.
     pub fn forward(
         &self,
         ids: &Tensor,
         injection: Option<&Injection<'_>>,
         clip_skip: usize,
     ) -> Result<Tensor> {
+        let cond = Conditioning::SD1.with_clip_skip(clip_skip);
+        Ok(self.forward_conditioned(ids, injection, &cond)?.0)
+    }
+
+    /// One window of at most 77 tokens conditioned as `cond` says: the hidden states
+    /// `[B, T, dim]` and, when `cond.pooled`, the pooled vector `[B, projection_dim]`
+    /// (`text_projection(final_layer_norm(last block)[first end token])`). Runs only the
+    /// blocks the result needs. The gradient reaches the injected vectors through both.
+    pub fn forward_conditioned(
+        &self,
+        ids: &Tensor,
+        injection: Option<&Injection<'_>>,
+        cond: &Conditioning,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::input(
@@ -240,12 +452,35 @@ impl ClipTextTransformer {
                 ),
             ));
         }
-        if clip_skip == 0 || clip_skip > self.layers.len() {
-            return Err(Error::config(
-                "clip_skip",
-                format!("must be 1..={} for this text encoder", self.layers.len()),
-            ));
-        }
+        self.check_clip_skip(cond.clip_skip)?;
+        let projection = match (cond.pooled, &self.text_projection) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(Error::config(
+                    "text_projection",
+                    "the pooled vector needs the text encoder's text_projection.weight (and a projection_dim in its config), which this model lacks",
+                ))
+            }
+            (true, Some(_)) if self.config.dropped_final_layers > 0 => {
+                return Err(Error::config(
+                    "text_projection",
+                    "the pooled vector needs the text encoder's last block, which these weights lack",
+                ))
+            }
+            (true, Some(p)) => Some(p),
+        };
+        let eos = match (cond.pad_after_eos, cond.pooled) {
+            (None, false) => Vec::new(),
+            _ => first_eos(ids, injection.map(|inj| inj.mask))?,
+        };
+        let padded;
+        let ids = match cond.pad_after_eos {
+            Some(pad) => {
+                padded = pad_after(ids, &eos, pad)?;
+                &padded
+            }
+            None => ids,
+        };
         let d = self.config.hidden_size;
         let flat = ids.flatten_all()?;
         let mut x = self
@@ -264,10 +499,51 @@ impl ClipTextTransformer {
         }
         let pos = self.position_embedding.narrow(0, 0, t)?;
         x = x.broadcast_add(&pos)?;
-        let keep = self.layers.len() + 1 - clip_skip;
-        for layer in &self.layers[..keep] {
+        // hidden_states[-clip_skip] is the output of block full + 1 - clip_skip; the pooled
+        // vector needs the last one.
+        let keep = self.full_depth() + 1 - cond.clip_skip;
+        let run = if projection.is_some() {
+            self.layers.len()
+        } else {
+            keep
+        };
+        let mut states = None;
+        for (i, layer) in self.layers[..run].iter().enumerate() {
             x = layer.forward(&x)?;
+            if i + 1 == keep {
+                states = Some(x.clone());
+            }
         }
-        self.final_layer_norm.forward(&x)
+        let states = states.ok_or_else(|| {
+            Error::config("clip_skip", format!("{} selects no layer", cond.clip_skip))
+        })?;
+        let states = if cond.final_norm {
+            self.final_layer_norm.forward(&states)?
+        } else {
+            states
+        };
+        let pooled = match projection {
+            None => None,
+            Some(projection) => {
+                let last = self.final_layer_norm.forward(&x)?;
+                let rows = eos
+                    .iter()
+                    .enumerate()
+                    .map(|(r, e)| {
+                        let e = e.ok_or_else(|| {
+                            Error::input(
+                                "prompt",
+                                format!(
+                                    "token row {r} has no end-of-text token ({EOS}), where the pooled vector is taken"
+                                ),
+                            )
+                        })?;
+                        Ok(last.narrow(0, r, 1)?.narrow(1, e, 1)?.squeeze(1)?)
+                    })
+                    .collect::<Result<Vec<Tensor>>>()?;
+                Some(projection.forward(&Tensor::cat(&rows, 0)?)?)
+            }
+        };
+        Ok((states, pooled))
     }
 }

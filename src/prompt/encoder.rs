@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{encode_prompts, prompt_slots, Word};
 use crate::embedding::read_embedding;
 use crate::error::{Error, Result};
+use crate::model::clip::pad_after_first_end_token;
 use crate::model::{Injection, TextEncoder};
 use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot};
 use crate::tokenizer::ClipTokenizer;
@@ -36,7 +37,8 @@ pub struct PromptEncoder {
     tokenizer: ClipTokenizer,
     words: Vec<Registered>,
     style: ChunkStyle,
-    clip_skip: usize,
+    /// `None`: the model family's ([`TextEncoder::default_conditioning`]).
+    clip_skip: Option<usize>,
 }
 
 impl PromptEncoder {
@@ -46,7 +48,7 @@ impl PromptEncoder {
             tokenizer: ClipTokenizer::new()?,
             words: Vec::new(),
             style: ChunkStyle::A1111,
-            clip_skip: 1,
+            clip_skip: None,
         })
     }
 
@@ -59,16 +61,25 @@ impl PromptEncoder {
         self.style = style;
     }
 
+    /// Conditions on `hidden_states[-clip_skip]` of the full-depth text encoder (1 = the
+    /// last layer). Unset, the model family's: 1 for SD 1.x, 2 for SD 2.x (its OpenCLIP
+    /// encoder's penultimate block) and SDXL. An SD 2.x diffusers folder lacks the last
+    /// block, so 1 is refused there.
     pub fn set_clip_skip(&mut self, clip_skip: usize) -> Result<()> {
-        let layers = self.text_encoder.config().num_hidden_layers;
-        if clip_skip == 0 || clip_skip > layers {
-            return Err(Error::config(
-                "clip_skip",
-                format!("{clip_skip} is outside 1..={layers}"),
-            ));
-        }
-        self.clip_skip = clip_skip;
+        self.text_encoder.conditioning(Some(clip_skip))?;
+        self.clip_skip = Some(clip_skip);
         Ok(())
+    }
+
+    /// Back to the model family's clip skip.
+    pub fn reset_clip_skip(&mut self) {
+        self.clip_skip = None;
+    }
+
+    /// The clip skip prompts are encoded with.
+    pub fn clip_skip(&self) -> usize {
+        self.clip_skip
+            .unwrap_or_else(|| self.text_encoder.default_conditioning().clip_skip)
     }
 
     /// The text encoder's width.
@@ -180,19 +191,38 @@ impl PromptEncoder {
         (words, table)
     }
 
-    /// The prompt's slots in 77-slot chunks (BOS ... EOS, padded).
+    /// The prompt's slots in 77-slot chunks (BOS ... EOS, padded as the model's text
+    /// encoder takes them: with the end token for CLIP ViT-L, with 0 after each chunk's
+    /// first end token for OpenCLIP (SD 2.x)).
     pub fn tokenize(&self, prompt: &str) -> Vec<TokenSlot> {
         let (words, _) = self.layout();
         let slots = prompt_slots(&self.tokenizer, prompt, &words);
+        let pad = self.text_encoder.default_conditioning().pad_after_eos;
         chunk_slots(&slots, self.style, self.tokenizer.comma_id())
             .into_iter()
-            .flatten()
-            .map(|s| match s {
-                Slot::Token(id) => TokenSlot { id, learned: None },
-                Slot::Learned { word, index } => TokenSlot {
-                    id: crate::tokenizer::EOS,
-                    learned: Some((word, index)),
-                },
+            .flat_map(|chunk| {
+                let mut ids: Vec<u32> = chunk
+                    .iter()
+                    .map(|s| match *s {
+                        Slot::Token(id) => id,
+                        Slot::Learned { .. } => crate::tokenizer::EOS,
+                    })
+                    .collect();
+                if let Some(pad) = pad {
+                    let learned = |i: usize| matches!(chunk[i], Slot::Learned { .. });
+                    pad_after_first_end_token(&mut ids, learned, pad);
+                }
+                chunk
+                    .iter()
+                    .zip(ids)
+                    .map(|(s, id)| TokenSlot {
+                        id,
+                        learned: match *s {
+                            Slot::Token(_) => None,
+                            Slot::Learned { word, index } => Some((word, index)),
+                        },
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -222,7 +252,7 @@ impl PromptEncoder {
         };
         let states = self
             .text_encoder
-            .encode(&enc.ids, Some(&injection), self.clip_skip)?;
+            .encode(&enc.ids, Some(&injection), self.clip_skip())?;
         Ok(states.squeeze(0)?.to_dtype(DType::F32)?)
     }
 }

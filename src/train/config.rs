@@ -73,8 +73,12 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
     pub templates: Templates,
-    /// 1 = the last CLIP layer, as SD 1.x was trained.
-    pub clip_skip: usize,
+    /// `hidden_states[-clip_skip]` of the full-depth text encoder (1 = the last layer).
+    /// `None`: the model family's, as each was trained (1 for SD 1.x, 2 for SD 2.x, whose
+    /// OpenCLIP encoder conditions on its penultimate block, and for SDXL's two encoders);
+    /// [`crate::train::Trainer::new`] fills it in, so a run's checkpoints record the value
+    /// it trained with.
+    pub clip_skip: Option<usize>,
     /// Overrides the model's scheduler `prediction_type` (`epsilon` / `v_prediction`).
     pub prediction_type: Option<PredictionType>,
 }
@@ -141,7 +145,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             seed: 0,
             templates: Templates::Object,
-            clip_skip: 1,
+            clip_skip: None,
             prediction_type: None,
         }
     }
@@ -209,7 +213,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.clip_skip == 0 {
+        if self.clip_skip == Some(0) {
             return Err(Error::config("clip_skip", "must be at least 1"));
         }
         self.lr_schedule()?;

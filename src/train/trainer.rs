@@ -71,19 +71,19 @@ pub struct Trainer {
 
 impl Trainer {
     /// Starts a run: validates the options and initialises the vectors.
-    pub fn new(model: Arc<SdModel>, config: TrainConfig) -> Result<Self> {
+    pub fn new(model: Arc<SdModel>, mut config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        // Checked here, against the model, rather than at the first step.
-        let layers = model.config.text_encoder.num_hidden_layers;
-        if config.clip_skip > layers {
+        // Checked here, against the model, rather than at the first step; unset, the
+        // family's default, recorded in the config (and so in checkpoints).
+        let depth = model.text_encoder.full_depth();
+        if let Some(n) = config.clip_skip.filter(|&n| n > depth) {
             return Err(Error::config(
                 "clip_skip",
-                format!(
-                    "{} is more than this text encoder's {layers} layers",
-                    config.clip_skip
-                ),
+                format!("{n} is more than this text encoder's {depth} layers"),
             ));
         }
+        let conditioning = model.text_encoder.conditioning(config.clip_skip)?;
+        config.clip_skip = Some(conditioning.clip_skip);
         let tokenizer = ClipTokenizer::new()?;
         let noise_schedule = match config.prediction_type {
             None => model.config.scheduler.noise_schedule()?,
@@ -132,6 +132,14 @@ impl Trainer {
 
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The clip skip the run conditions on: the config's, or the model family's default
+    /// ([`Trainer::new`] fills the config's in).
+    pub fn clip_skip(&self) -> usize {
+        self.config
+            .clip_skip
+            .unwrap_or_else(|| self.model.text_encoder.default_conditioning().clip_skip)
     }
 
     /// The noise schedule the loss draws timesteps and coefficients from: the model's,
@@ -419,7 +427,7 @@ impl Trainer {
             timesteps: &timesteps,
             ids: &enc.ids,
             injection: Some(&injection),
-            clip_skip: self.config.clip_skip,
+            clip_skip: self.clip_skip(),
         };
         let loss = denoising_loss_with(&self.model, &batch, &self.noise_schedule, self.recompute)?;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
