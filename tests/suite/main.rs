@@ -11,6 +11,7 @@ mod reads;
 mod scheduler;
 mod sd2;
 mod sdxl;
+mod sdxl_text;
 mod threads;
 mod tokenizer;
 mod training;
