@@ -424,7 +424,9 @@ sdti_status sdti_format_from_name(const char *name, sdti_format *code);
 // `[thread-safe]`
 sdti_status sdti_name_check(const char *name);
 
-// Describes an embedding file as a JSON object (NUL-terminated UTF-8) in `json`:
+// Describes an embedding file as a JSON object (NUL-terminated UTF-8) in `json` (`path`
+// may name a diffusers SDXL pair as `"FIRST+SECOND"` or by its folder, as in
+// `sdti_embedding_convert_ex`):
 // `name`, `step`, `vectors`, `widths` (numbers, one per part: `[768]`, `[768, 1280]`),
 // `family` (`"sd1"`, `"sd2"`, `"sdxl"` or null), `source_format` (a name
 // `sdti_format_from_name` takes), `sd_checkpoint`, `sd_checkpoint_name`, `checksum`
