@@ -229,7 +229,7 @@ fn export_every_format(trainer: &Trainer, dir: &Path) -> CliResult<Vec<(Format, 
     let want = trainer.vectors()?;
     let mut exported = Vec::new();
     for format in Format::ALL {
-        if !format.writable() || format == Format::SdxlSafetensors {
+        if !format.writable() || format.sdxl_only() {
             continue;
         }
         let sub = export_dir.join(format.name());

@@ -2158,8 +2158,9 @@ fn plugin_manifest_codes_match_the_header() {
 
     // Every format the header has is in the manifest, or is one the pack cannot write.
     let left_out = [
-        // SDXL's two-encoder layout: the pack trains and converts SD 1.x embeddings.
+        // SDXL's two-encoder layouts: the pack trains and converts SD 1.x embeddings.
         "SDTI_FORMAT_SDXL_SAFETENSORS",
+        "SDTI_FORMAT_DIFFUSERS_SDXL",
         // Read-only source formats (the header says so; checked below).
         "SDTI_FORMAT_A1111_PNG_PIXELS",
         "SDTI_FORMAT_RINONGAL_PT",
@@ -2182,7 +2183,7 @@ fn plugin_manifest_codes_match_the_header() {
              why the pack cannot write it"
         );
     }
-    for name in &left_out[1..] {
+    for name in &left_out[2..] {
         let doc = header
             .lines()
             .collect::<Vec<_>>()
