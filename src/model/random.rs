@@ -1,11 +1,13 @@
-//! Random weights of the SD 1.x architecture for any configuration: the real key names
-//! and shapes, for demos, benchmarks and tests when no model file is at hand.
+//! Random weights of the SD 1.x, SD 2.x and SDXL architectures for any configuration:
+//! the real key names and shapes, for demos, benchmarks and tests when no model file is
+//! at hand.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig};
+use super::config::{ClipConfig, ModelConfig, PerBlock, UnetConfig, VaeConfig};
+use super::transformer::TransformerConfig;
 use super::unet::{down_levels, up_levels, LevelPlan};
 use crate::error::Result;
 use crate::rng::Rng;
@@ -85,31 +87,39 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn transformer(&mut self, p: &str, c: usize, cross: usize, linear_proj: bool) -> Result<()> {
+    /// The spatial transformers of config level `block` at `p`.
+    fn transformer(&mut self, p: &str, cfg: &UnetConfig, block: usize) -> Result<()> {
+        let tc = TransformerConfig::at(cfg, block);
+        let (c, cross) = (tc.channels, cfg.cross_attention_dim);
         self.norm(&format!("{p}.norm"), c)?;
         for proj in ["proj_in", "proj_out"] {
-            if linear_proj {
+            if tc.linear_projection {
                 self.linear(&format!("{p}.{proj}"), c, c, true)?;
             } else {
                 self.conv(&format!("{p}.{proj}"), c, c, 1)?;
             }
         }
-        let b = format!("{p}.transformer_blocks.0");
-        for n in ["norm1", "norm2", "norm3"] {
-            self.norm(&format!("{b}.{n}"), c)?;
+        for i in 0..tc.depth {
+            let b = format!("{p}.transformer_blocks.{i}");
+            for n in ["norm1", "norm2", "norm3"] {
+                self.norm(&format!("{b}.{n}"), c)?;
+            }
+            for (attn, ctx) in [("attn1", c), ("attn2", cross)] {
+                self.linear(&format!("{b}.{attn}.to_q"), c, c, false)?;
+                self.linear(&format!("{b}.{attn}.to_k"), c, ctx, false)?;
+                self.linear(&format!("{b}.{attn}.to_v"), c, ctx, false)?;
+                self.linear(&format!("{b}.{attn}.to_out.0"), c, c, true)?;
+            }
+            self.linear(&format!("{b}.ff.net.0.proj"), 8 * c, c, true)?;
+            self.linear(&format!("{b}.ff.net.2"), c, 4 * c, true)?;
         }
-        for (attn, ctx) in [("attn1", c), ("attn2", cross)] {
-            self.linear(&format!("{b}.{attn}.to_q"), c, c, false)?;
-            self.linear(&format!("{b}.{attn}.to_k"), c, ctx, false)?;
-            self.linear(&format!("{b}.{attn}.to_v"), c, ctx, false)?;
-            self.linear(&format!("{b}.{attn}.to_out.0"), c, c, true)?;
-        }
-        self.linear(&format!("{b}.ff.net.0.proj"), 8 * c, c, true)?;
-        self.linear(&format!("{b}.ff.net.2"), c, 4 * c, true)
+        Ok(())
     }
 
-    fn clip(&mut self, cfg: &ClipConfig) -> Result<()> {
-        let p = "text_encoder.text_model";
+    /// A CLIP text encoder under `part` (`text_encoder`, `text_encoder_2`), with
+    /// transformers' `CLIPTextModelWithProjection` projection when `projection`.
+    fn clip(&mut self, part: &str, cfg: &ClipConfig, projection: bool) -> Result<()> {
+        let p = &format!("{part}.text_model");
         let d = cfg.hidden_size;
         self.normal(
             format!("{p}.embeddings.token_embedding.weight"),
@@ -131,7 +141,13 @@ impl Builder<'_> {
             self.linear(&format!("{l}.mlp.fc1"), cfg.intermediate_size, d, true)?;
             self.linear(&format!("{l}.mlp.fc2"), d, cfg.intermediate_size, true)?;
         }
-        self.norm(&format!("{p}.final_layer_norm"), d)
+        self.norm(&format!("{p}.final_layer_norm"), d)?;
+        match cfg.projection_dim {
+            Some(width) if projection => {
+                self.linear(&format!("{part}.text_projection"), width, d, false)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn unet(&mut self, cfg: &UnetConfig) -> Result<()> {
@@ -139,17 +155,19 @@ impl Builder<'_> {
         let levels = boc.len();
         let c0 = boc[0];
         let temb = 4 * c0;
-        let cross = cfg.cross_attention_dim;
-        let lin = cfg.use_linear_projection;
         self.conv("unet.conv_in", c0, cfg.in_channels, 3)?;
         self.linear("unet.time_embedding.linear_1", temb, c0, true)?;
         self.linear("unet.time_embedding.linear_2", temb, temb, true)?;
+        if let Some(input) = cfg.projection_class_embeddings_input_dim {
+            self.linear("unet.add_embedding.linear_1", temb, input, true)?;
+            self.linear("unet.add_embedding.linear_2", temb, temb, true)?;
+        }
         for (i, plan) in down_levels(cfg).iter().enumerate() {
             self.unet_level(&format!("unet.down_blocks.{i}"), plan, cfg, "downsamplers")?;
         }
         let top = boc[levels - 1];
         self.resnet("unet.mid_block.resnets.0", top, top, Some(temb))?;
-        self.transformer("unet.mid_block.attentions.0", top, cross, lin)?;
+        self.transformer("unet.mid_block.attentions.0", cfg, levels - 1)?;
         self.resnet("unet.mid_block.resnets.1", top, top, Some(temb))?;
         for (i, plan) in up_levels(cfg).iter().enumerate() {
             self.unet_level(&format!("unet.up_blocks.{i}"), plan, cfg, "upsamplers")?;
@@ -172,12 +190,7 @@ impl Builder<'_> {
         for (j, &(rin, rout)) in plan.resnets.iter().enumerate() {
             self.resnet(&format!("{p}.resnets.{j}"), rin, rout, Some(temb))?;
             if plan.cross_attention {
-                self.transformer(
-                    &format!("{p}.attentions.{j}"),
-                    rout,
-                    cfg.cross_attention_dim,
-                    cfg.use_linear_projection,
-                )?;
+                self.transformer(&format!("{p}.attentions.{j}"), cfg, plan.block)?;
             }
         }
         if plan.resample {
@@ -265,7 +278,12 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
         rng: &mut rng,
         out: HashMap::new(),
     };
-    b.clip(&config.text_encoder)?;
+    // SD 2.x's diffusers folders hold a plain CLIPTextModel; SDXL's second encoder is a
+    // CLIPTextModelWithProjection.
+    b.clip("text_encoder", &config.text_encoder, false)?;
+    if let Some(te2) = &config.text_encoder_2 {
+        b.clip("text_encoder_2", te2, true)?;
+    }
     b.unet(&config.unet)?;
     b.vae(&config.vae)?;
     Ok(b.out)
@@ -291,6 +309,66 @@ pub fn tiny_sd1_config() -> ModelConfig {
     config
 }
 
+/// A small SD 2.x configuration (SD 2.1's block structure, OpenCLIP-style text encoder
+/// with GELU, linear projections, 16-channel heads, upcast attention) at widths 32-64.
+pub fn tiny_sd2_config() -> ModelConfig {
+    let mut config = ModelConfig::sd2_base();
+    config.text_encoder = ClipConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        projection_dim: None,
+        ..ClipConfig::open_clip_h(3)
+    };
+    config.unet = UnetConfig {
+        attention_head_dim: PerBlock::Each(vec![2, 2, 4, 4]),
+        ..UnetConfig::sd1_with(vec![32, 32, 64, 64], 1, 64)
+    };
+    config.unet.use_linear_projection = true;
+    config.unet.upcast_attention = true;
+    config.vae = tiny_sd1_config().vae;
+    config
+}
+
+/// A small SDXL configuration: SDXL's three levels (no attention in the first),
+/// transformer depths 1/2/3, two text encoders of different widths (32 and 48, the
+/// second with a projection) whose states concatenate to the 80-wide context, and the
+/// added embedding of a 48-wide pooled vector and six 8-wide time-id sinusoids (the
+/// shapes of tests/reference/make_tiny_sdxl.py's UNet).
+pub fn tiny_sdxl_config() -> ModelConfig {
+    let mut config = ModelConfig::sdxl();
+    config.text_encoder = ClipConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        ..ClipConfig::sd1()
+    };
+    config.text_encoder_2 = Some(ClipConfig {
+        hidden_size: 48,
+        intermediate_size: 96,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        projection_dim: Some(48),
+        ..ClipConfig::open_clip_bigg()
+    });
+    config.unet = UnetConfig {
+        block_out_channels: vec![32, 32, 64],
+        attention_head_dim: PerBlock::Each(vec![2, 2, 4]),
+        transformer_layers_per_block: Some(PerBlock::Each(vec![1, 2, 3])),
+        cross_attention_dim: 80,
+        addition_time_embed_dim: Some(8),
+        projection_class_embeddings_input_dim: Some(6 * 8 + 48),
+        ..UnetConfig::sdxl()
+    };
+    config.vae = VaeConfig {
+        scaling_factor: config.vae.scaling_factor,
+        ..tiny_sd1_config().vae
+    };
+    config
+}
+
 /// Builds a random model in `dtype` on `device`.
 pub fn random_model(
     config: &ModelConfig,
@@ -303,7 +381,7 @@ pub fn random_model(
     super::SdModel::from_weights(
         &weights,
         config.clone(),
-        format!("random SD 1.x (seed {seed})").into(),
+        format!("random {} (seed {seed})", config.family.model_name()).into(),
     )
 }
 

@@ -290,6 +290,37 @@ impl Unet {
         self.add_embedding.is_some()
     }
 
+    /// SDXL's `add_time_proj` of `time_ids` `[B, 6]`: `[B, 6 * addition_time_embed_dim]`
+    /// f32 sinusoids, per id `[cos | sin]`, ids in order. An error for a UNet without
+    /// added conditioning.
+    pub fn added_time_features(&self, time_ids: &Tensor) -> Result<Tensor> {
+        let add = self.added()?;
+        let batch = time_ids.dim(0)?;
+        let cond = AddedCond {
+            pooled: Tensor::zeros((batch, add.pooled_dim()), DType::F32, time_ids.device())?,
+            time_ids: time_ids.clone(),
+        };
+        add.features(&cond, batch, &self.config)
+    }
+
+    /// SDXL's added embedding `add_embedding(concat(pooled, add_time_proj(time_ids)))`,
+    /// `[B, time_embed_dim]` in the UNet's dtype: what [`Self::forward_with`] adds to the
+    /// timestep's embedding. An error for a UNet without added conditioning.
+    pub fn added_embedding(&self, cond: &AddedCond) -> Result<Tensor> {
+        let batch = cond.pooled.dim(0)?;
+        self.added()?
+            .forward(cond, batch, &self.config, self.dtype())
+    }
+
+    fn added(&self) -> Result<&AddEmbedding> {
+        self.add_embedding.as_ref().ok_or_else(|| {
+            Error::input(
+                "unet added conditioning",
+                "this UNet has no added embedding (only SDXL's takes a pooled vector and time ids)",
+            )
+        })
+    }
+
     /// Noise (or velocity) prediction for `sample` `[B, 4, h, w]` at `timesteps` (one per
     /// sample, in training steps 0..1000) under `context` `[B, 77*k, D]`, for a UNet without
     /// added conditioning (SD 1.x, SD 2.x; an SDXL UNet needs [`Self::forward_with`]).
