@@ -29,6 +29,7 @@ pub use text_encoder::TextEncoder;
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};
 
+use crate::embedding::Encoder;
 use crate::error::Result;
 
 /// How to load a model.
@@ -95,12 +96,23 @@ impl SdModel {
             ));
         }
         Ok(Self {
-            text_encoder: Arc::new(TextEncoder::new(
+            // Each encoder conditions as its family does (text_encoder::Conditioning).
+            text_encoder: Arc::new(TextEncoder::for_family(
                 &w.pp("text_encoder"),
                 &config.text_encoder,
+                config.family,
+                match config.family {
+                    Family::Sdxl => Encoder::ClipL,
+                    _ => Encoder::Single,
+                },
             )?),
             text_encoder_2: match &config.text_encoder_2 {
-                Some(c) => Some(Arc::new(TextEncoder::new(&w.pp("text_encoder_2"), c)?)),
+                Some(c) => Some(Arc::new(TextEncoder::for_family(
+                    &w.pp("text_encoder_2"),
+                    c,
+                    config.family,
+                    Encoder::ClipG,
+                )?)),
                 None => None,
             },
             unet: Unet::new(&w.pp("unet"), &config.unet)?,

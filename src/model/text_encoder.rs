@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::clip::{ClipTextTransformer, Conditioning, Injection};
 use super::config::ClipConfig;
-use super::files::index_text_encoder;
+use super::files::index_text_encoders;
 use super::weights::Weights;
 use super::LoadOptions;
 use crate::embedding::{Encoder, Family};
@@ -86,16 +86,44 @@ impl TextEncoder {
     }
 
     /// Loads only the text encoder of a diffusers folder or a single-file `.safetensors`
-    /// SD 1.x checkpoint; the UNet and VAE weights stay unread. `opts.config`, when set,
-    /// gives the text encoder's configuration.
+    /// SD 1.x or SD 2.x checkpoint, conditioning as its family does; the UNet and VAE
+    /// weights stay unread. SDXL has two encoders: [`TextEncoder::load_all`]. `opts.config`,
+    /// when set, gives the text encoder's configuration (and its family).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let (weights, config) = index_text_encoder(
-            path,
-            opts.dtype,
-            &opts.device,
-            opts.config.as_ref().map(|c| &c.text_encoder),
+        let (first, second) = Self::load_all(path, opts)?;
+        if second.is_some() {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                reason: "this SDXL model has two text encoders: load both with TextEncoder::load_all".into(),
+            });
+        }
+        Ok(first)
+    }
+
+    /// Loads a model's text encoders only: the one of SD 1.x and 2.x, or SDXL's CLIP ViT-L
+    /// and OpenCLIP bigG, each conditioning as the family does.
+    pub fn load_all(path: &Path, opts: &LoadOptions) -> Result<(Self, Option<Self>)> {
+        let loaded = index_text_encoders(path, opts.dtype, &opts.device, opts.config.as_ref())?;
+        let family = loaded.family;
+        let first = Self::for_family(
+            &loaded.weights.pp("text_encoder"),
+            &loaded.text_encoder,
+            family,
+            match family {
+                Family::Sdxl => Encoder::ClipL,
+                _ => Encoder::Single,
+            },
         )?;
-        Self::new(&weights.pp("text_encoder"), &config)
+        let second = match &loaded.text_encoder_2 {
+            Some(c) => Some(Self::for_family(
+                &loaded.weights.pp("text_encoder_2"),
+                c,
+                family,
+                Encoder::ClipG,
+            )?),
+            None => None,
+        };
+        Ok((first, second))
     }
 
     pub fn config(&self) -> &ClipConfig {
