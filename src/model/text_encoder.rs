@@ -94,7 +94,9 @@ impl TextEncoder {
         if second.is_some() {
             return Err(Error::Model {
                 path: path.to_path_buf(),
-                reason: "this SDXL model has two text encoders: load both with TextEncoder::load_all".into(),
+                reason:
+                    "this SDXL model has two text encoders: load both with TextEncoder::load_all"
+                        .into(),
             });
         }
         Ok(first)
