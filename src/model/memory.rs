@@ -76,7 +76,11 @@ impl StepMemory {
                 latent_w,
                 dtype_bytes,
                 recompute,
-            ) + text_encoder_bytes(&config.text_encoder, batch),
+            ) + text_encoder_bytes(&config.text_encoder, batch)
+                + config
+                    .text_encoder_2
+                    .as_ref()
+                    .map_or(0, |te2| text_encoder_bytes(te2, batch)),
             overhead: OVERHEAD_BYTES,
         }
     }
@@ -88,10 +92,15 @@ impl StepMemory {
 }
 
 /// Bytes of the weights of `config`: the UNet and the VAE in `dtype_bytes`, the text
-/// encoder in f32 (it computes in f32 in every precision).
+/// encoders in f32 (they compute in f32 in every precision).
 pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
     let unet = unet_parameters(&config.unet) + vae_parameters(&config.vae);
-    unet * dtype_bytes as u64 + clip_parameters(&config.text_encoder) * 4
+    let text = clip_parameters(&config.text_encoder, false)
+        + config
+            .text_encoder_2
+            .as_ref()
+            .map_or(0, |te2| clip_parameters(te2, true));
+    unet * dtype_bytes as u64 + text * 4
 }
 
 /// Parameters of a diffusers `ResnetBlock2D` (with a time projection of `temb` inputs).
@@ -131,6 +140,10 @@ fn unet_parameters(cfg: &UnetConfig) -> u64 {
         + (temb * temb + temb) as u64
         + 2 * c0 as u64
         + conv3(cfg.out_channels, c0);
+    // SDXL's add_embedding: linear_1 (pooled + time ids -> temb), linear_2.
+    if let Some(input) = cfg.projection_class_embeddings_input_dim {
+        n += (input * temb + temb + temb * temb + temb) as u64;
+    }
     let depth = |block: usize| TransformerConfig::at(cfg, block).depth;
     for plan in down_levels(cfg).iter().chain(up_levels(cfg).iter()) {
         let out_c = boc[plan.block];
@@ -182,12 +195,19 @@ fn vae_parameters(cfg: &VaeConfig) -> u64 {
     n
 }
 
-fn clip_parameters(cfg: &ClipConfig) -> u64 {
+/// Parameters of a CLIP text encoder, with its `text_projection` when `projection`
+/// (SDXL's second encoder; SD 2.x's diffusers folders hold none).
+fn clip_parameters(cfg: &ClipConfig, projection: bool) -> u64 {
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let layer = 4 * (d * d + d) + 4 * d + (i * d + i) + (d * i + d);
+    let projection = match cfg.projection_dim {
+        Some(p) if projection => p as u64 * d,
+        _ => 0,
+    };
     (cfg.vocab_size + cfg.max_position_embeddings) as u64 * d
         + cfg.num_hidden_layers as u64 * layer
         + 2 * d
+        + projection
 }
 
 /// What the text encoder keeps for the gradient of the learned vectors, in f32: per
@@ -217,7 +237,9 @@ struct Tally {
     /// for the down path.
     skips: u64,
     /// Whether the activations are on a gradient path yet: the sample is not, the text
-    /// context is, so the blocks before the first transformer run with no graph.
+    /// context is, so the blocks before the first transformer run with no graph (SDXL:
+    /// the pooled vector reaches every resnet through the time embedding, so all are
+    /// on it).
     tracked: bool,
 }
 
@@ -272,7 +294,10 @@ pub fn activation_bytes(
     let b = batch as u64;
     let m = b * CLIP_CONTEXT_LEN as u64;
     let d = config.cross_attention_dim as u64;
-    let mut t = Tally::default();
+    let mut t = Tally {
+        tracked: config.addition_embed_type.is_some(),
+        ..Tally::default()
+    };
     let transformer = |t: &mut Tally, block: usize, hw: u64| {
         let tc = TransformerConfig::at(config, block);
         t.transformer(
@@ -394,28 +419,40 @@ fn cuda_free(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::random::tiny_sd1_config;
+    use crate::model::random::{tiny_sd1_config, tiny_sd2_config, tiny_sdxl_config};
 
-    /// The counts match the weights a random model of the architecture has.
+    /// The counts match the weights a random model of each architecture has, and the
+    /// published UNet sizes (diffusers' `num_parameters()`).
     #[test]
     fn parameter_counts_match_the_reference_layout() -> crate::error::Result<()> {
-        let config = tiny_sd1_config();
-        let weights = crate::model::random::random_weights(&config, 1)?;
-        let count = |prefix: &str| -> u64 {
-            weights
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(_, t)| t.elem_count() as u64)
-                .sum()
-        };
-        assert_eq!(unet_parameters(&config.unet), count("unet."));
-        assert_eq!(vae_parameters(&config.vae), count("vae."));
-        assert_eq!(
-            clip_parameters(&config.text_encoder),
-            count("text_encoder.")
-        );
-        // SD 1.5's UNet: 859,520,964 parameters (diffusers' num_parameters()).
+        for config in [tiny_sd1_config(), tiny_sd2_config(), tiny_sdxl_config()] {
+            let weights = crate::model::random::random_weights(&config, 1)?;
+            let count = |prefix: &str| -> u64 {
+                weights
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(_, t)| t.elem_count() as u64)
+                    .sum()
+            };
+            let family = config.family;
+            assert_eq!(unet_parameters(&config.unet), count("unet."), "{family}");
+            assert_eq!(vae_parameters(&config.vae), count("vae."), "{family}");
+            assert_eq!(
+                clip_parameters(&config.text_encoder, false),
+                count("text_encoder.text_model."),
+                "{family}"
+            );
+            let te2 = config
+                .text_encoder_2
+                .as_ref()
+                .map_or(0, |c| clip_parameters(c, true));
+            assert_eq!(te2, count("text_encoder_2."), "{family}");
+        }
+        // SD 1.5's UNet: 859,520,964 parameters; SD 2.1's 865,910,724; SDXL base's
+        // 2,567,463,684 (diffusers' num_parameters() of the Hub models).
         assert_eq!(unet_parameters(&UnetConfig::sd1()), 859_520_964);
+        assert_eq!(unet_parameters(&UnetConfig::sd2()), 865_910_724);
+        assert_eq!(unet_parameters(&UnetConfig::sdxl()), 2_567_463_684);
         Ok(())
     }
 
