@@ -1039,7 +1039,7 @@ pub fn family_from_keys(path: &Path, keys: &HashMap<String, Vec<usize>>) -> Resu
         let width = keys
             .get("conditioner.embedders.0.model.token_embedding.weight")
             .and_then(|s| s.get(1).copied());
-        if width == Some(1280) || adm.is_some() {
+        if width == Some(1280) || adm == Some(2560) {
             return Err(model_err(
                 path,
                 format!(
@@ -1738,6 +1738,13 @@ mod tests {
         // SGM format: one OpenCLIP encoder, 1024 wide (SD 2.x) or 1280 (the refiner).
         let sgm = "conditioner.embedders.0.model.token_embedding.weight";
         assert_eq!(family_of(&[(sgm, &[49408, 1024])])?, Family::Sd2);
+        let sgm_unclip = family_of(&[
+            (sgm, &[49408, 1024]),
+            ("model.diffusion_model.label_emb.0.0.weight", &[1280, 2048]),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(sgm_unclip.contains("unCLIP"), "{sgm_unclip}");
         let refiner = family_of(&[
             (sgm, &[49408, 1280]),
             ("model.diffusion_model.label_emb.0.0.weight", &[1536, 2560]),

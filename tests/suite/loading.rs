@@ -750,3 +750,66 @@ fn sdxl_is_detected_but_not_yet_trainable() {
         );
     }
 }
+/// An SD 2.x diffusers folder builds into a model whose notes say the prediction type.
+#[test]
+fn sd2_folder_loads_as_a_model() {
+    let model = SdModel::load(&fixture("tiny-sd2"), &LoadOptions::default()).unwrap();
+    assert_eq!(model.config.family, Family::Sd2);
+    assert!(model.text_encoder_2.is_none());
+    assert!(
+        model
+            .notes
+            .iter()
+            .any(|n| n.contains("SD 2.x folder: epsilon")),
+        "{:?}",
+        model.notes
+    );
+}
+
+/// The SD 2.x single file builds too (with the configuration its tiny widths need): its
+/// text encoder keeps OpenCLIP's 24 blocks and conditions on the 23rd, as the folder's
+/// 23 do.
+#[test]
+fn sd2_single_file_loads_as_a_model() {
+    let folder = SdModel::load(&fixture("tiny-sd2"), &LoadOptions::default()).unwrap();
+    let mut cfg = folder.config.clone();
+    cfg.text_encoder.num_hidden_layers = 24;
+    cfg.text_encoder.dropped_final_layers = 0;
+    cfg.text_encoder.projection_dim = Some(32);
+    let single = SdModel::load(
+        &fixture("tiny-sd2.safetensors"),
+        &LoadOptions {
+            config: Some(cfg),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(single.config.family, Family::Sd2);
+    assert_eq!(single.text_encoder.full_depth(), 24);
+    assert_eq!(folder.text_encoder.full_depth(), 24);
+    assert!(
+        single.notes.iter().any(|n| n.contains("ComfyUI's rule")),
+        "{:?}",
+        single.notes
+    );
+}
+
+/// SDXL builds from its folder and its single file (past the training gate): two text
+/// encoders, the second with its projection, and the UNet's added embedding.
+#[test]
+fn sdxl_builds_from_folder_and_single_file() {
+    let folder = index(&fixture("tiny-sdxl"), None);
+    let config = folder.config.clone();
+    for loaded in [
+        folder,
+        index(&fixture("tiny-sdxl.safetensors"), Some(&config)),
+    ] {
+        let model = SdModel::from_weights(&loaded.weights, loaded.config, loaded.source).unwrap();
+        assert_eq!(model.config.family, Family::Sdxl);
+        assert_eq!(model.text_encoder.config().hidden_size, 32);
+        let g = model.text_encoder_2.as_ref().expect("the second encoder");
+        assert_eq!(g.config().hidden_size, 48);
+        assert_eq!(g.encoder(), sdti::embedding::Encoder::ClipG);
+        assert!(model.unet.takes_added_cond());
+    }
+}
