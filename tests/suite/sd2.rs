@@ -525,3 +525,89 @@ fn sd2_single_file_has_all_24_blocks() {
         .unwrap();
     assert_close("single-file UNet vs folder", &a, &b, 1e-5);
 }
+
+/// A short SD 2.x run through the trainer (epsilon and the v-prediction override): the
+/// family's clip skip (2) is what it trains and records, the loss stays finite, and the
+/// word is written at the encoder's width and read back. An explicit clip skip wins and
+/// is checked against what the folder holds.
+#[test]
+fn sd2_training_smoke() {
+    use sdti::embedding::{read_embedding, Existing, Format, Precision};
+    use sdti::model::LatentDist;
+    use sdti::train::{Init, Templates, TrainConfig, Trainer};
+
+    let exp = expected();
+    let model = Arc::new(sd2_model(DType::F32));
+    let dist = model.vae.encode(&exp["vae.image"]).unwrap();
+    let width = model.text_encoder.config().hidden_size;
+    for prediction in [None, Some(PredictionType::VPrediction)] {
+        let config = TrainConfig {
+            token: "sks".into(),
+            init: Init::Text("toy".into()),
+            vectors: 2,
+            resolution: 128,
+            max_steps: 3,
+            batch_size: 1,
+            seed: 3,
+            templates: Templates::Object,
+            prediction_type: prediction,
+            ..TrainConfig::default()
+        };
+        assert_eq!(config.clip_skip, None);
+        let mut trainer = Trainer::new(model.clone(), config.clone()).unwrap();
+        assert_eq!(trainer.config().clip_skip, Some(2));
+        let flipped = LatentDist {
+            mean: dist.mean.flip(&[3]).unwrap(),
+            logvar: dist.logvar.flip(&[3]).unwrap(),
+        };
+        trainer
+            .add_latents(vec![dist.clone(), flipped], None)
+            .unwrap();
+        let before = trainer.vectors().unwrap();
+        let mut losses = Vec::new();
+        trainer
+            .train(3, |s| {
+                losses.push(s.loss);
+                true
+            })
+            .unwrap();
+        assert_eq!(losses.len(), 3);
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        assert_ne!(trainer.vectors().unwrap(), before);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sks.safetensors");
+        trainer
+            .export(
+                &path,
+                Format::A1111Safetensors,
+                Precision::F32,
+                Existing::Refuse,
+            )
+            .unwrap();
+        let back = read_embedding(&path).unwrap();
+        assert_eq!(back.parts.len(), 1);
+        assert_eq!((back.parts[0].vectors, back.parts[0].dim), (2, width));
+        assert_eq!(back.parts[0].data, trainer.vectors().unwrap());
+
+        let explicit = |n| {
+            Trainer::new(
+                model.clone(),
+                TrainConfig {
+                    clip_skip: Some(n),
+                    ..config.clone()
+                },
+            )
+        };
+        assert_eq!(explicit(3).unwrap().config().clip_skip, Some(3));
+        let err = explicit(1).err().expect("clip skip 1 refused").to_string();
+        assert!(err.contains("lacks block 24"), "{err}");
+        let err = explicit(25)
+            .err()
+            .expect("clip skip 25 refused")
+            .to_string();
+        assert!(
+            err.contains("more than this text encoder's 24 layers"),
+            "{err}"
+        );
+    }
+}
