@@ -821,7 +821,7 @@ fn errors_for_people_are_one_line() {
     std::fs::create_dir_all(sdxl.join("text_encoder_2")).unwrap();
     fails(
         &["train", "--model", &s(&sdxl), &img, "-o", &o],
-        "this is an SDXL model; sdti trains SD 1.x models",
+        "an SDXL refiner (text_encoder_2 without text_encoder)",
     );
 
     let bad = tmp.path().join("bad.png");
