@@ -186,7 +186,17 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
     let mut index = WeightIndex::default();
     let texts = diffusers_text_encoders(dir, &mut index)?;
     let vae: VaeConfig = read_json(&dir.join("vae/config.json"))?;
-    let (scheduler, notes) = folder_scheduler(dir, texts.family)?;
+    let (scheduler, mut notes) = folder_scheduler(dir, texts.family)?;
+    let mut unet = texts.unet;
+    // SD 2.0's config leaves upcast_attention off, but every SD 2.x is run with f32
+    // attention scores (ComfyUI's SD20 attn_precision, A1111's upcast option; 2.1 in
+    // f16 overflows without it), so sdti upcasts for the whole family.
+    if texts.family == Family::Sd2 && !unet.upcast_attention {
+        unet.upcast_attention = true;
+        notes.push(
+            "SD 2.x: attention scores in f32 (upcast_attention), as for every SD 2.x model".into(),
+        );
+    }
     for (part, stem) in [
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
@@ -205,7 +215,7 @@ fn index_diffusers_folder(dir: &Path, dtype: DType, device: &Device) -> Result<L
             family: texts.family,
             text_encoder: texts.text,
             text_encoder_2: texts.text_2,
-            unet: texts.unet,
+            unet,
             vae,
             scheduler,
         },

@@ -813,3 +813,45 @@ fn sdxl_builds_from_folder_and_single_file() {
         assert!(model.unet.takes_added_cond());
     }
 }
+
+/// An SD 2.0 folder (upcast_attention false in its config) computes attention scores in
+/// f32 all the same, and says so.
+#[test]
+fn sd2_folders_always_upcast_attention() {
+    let dir = tempdir().join("sd20");
+    copy_dir(&fixture("tiny-sd2"), &dir);
+    let path = dir.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["upcast_attention"] = false.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let loaded = index(&dir, None);
+    assert!(loaded.config.unet.upcast_attention);
+    assert!(
+        loaded
+            .notes
+            .iter()
+            .any(|n| n.contains("attention scores in f32")),
+        "{:?}",
+        loaded.notes
+    );
+}
+
+/// SDXL's `text_encoder_2` keys load with or without transformers' `text_model.` prefix.
+#[test]
+fn sdxl_second_encoder_keys_without_prefix_load_the_same() {
+    let dir = tempdir().join("sdxl-no-prefix");
+    copy_dir(&fixture("tiny-sdxl"), &dir);
+    let te = dir.join("text_encoder_2/model.safetensors");
+    let tensors = candle_core::safetensors::load(&te, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), v))
+        .collect();
+    assert!(renamed.contains_key("encoder.layers.31.mlp.fc2.weight"));
+    candle_core::safetensors::save(&renamed, &te).unwrap();
+    let original = index(&fixture("tiny-sdxl"), None);
+    let bare = index(&dir, None);
+    assert_eq!(bare.weights.names(), original.weights.names());
+    assert_eq!(bare.config, original.config);
+}
