@@ -449,7 +449,9 @@ sdti_status sdti_embedding_inspect(const char *path, char *json, size_t len, siz
 sdti_status sdti_model_params_init(struct sdti_model_params *params);
 
 // Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
-// VAE weights are not read); `*out` receives the handle.
+// VAE weights are not read); `*out` receives the handle. For SDXL both text encoders
+// are loaded and the encoded states are `[L || G]` side by side (`sdti_encoder_dim` is
+// their width, 768 + 1280); its words are registered from files.
 //
 // Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 // `SDTI_ERR_STRUCT_SIZE`, ...).

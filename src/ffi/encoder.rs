@@ -78,7 +78,9 @@ pub unsafe extern "C" fn sdti_model_params_init(params: *mut sdti_model_params) 
 }
 
 /// Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
-/// VAE weights are not read); `*out` receives the handle.
+/// VAE weights are not read); `*out` receives the handle. For SDXL both text encoders
+/// are loaded and the encoded states are `[L || G]` side by side (`sdti_encoder_dim` is
+/// their width, 768 + 1280); its words are registered from files.
 ///
 /// Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 /// `SDTI_ERR_STRUCT_SIZE`, ...).
@@ -114,8 +116,11 @@ pub unsafe extern "C" fn sdti_encoder_new(
             )
         };
         let opts = load_options(device, p.precision)?;
-        let text_encoder = TextEncoder::load(&path, &opts)?;
-        insert(PromptEncoder::new(Arc::new(text_encoder))?, out);
+        let (first, second) = TextEncoder::load_all(&path, &opts)?;
+        insert(
+            PromptEncoder::with_encoders(Arc::new(first), second.map(Arc::new))?,
+            out,
+        );
         Ok(())
     })
 }

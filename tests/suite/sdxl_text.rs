@@ -214,3 +214,115 @@ fn sdxl_two_chunks_pooled_from_the_first() {
         1e-5,
     );
 }
+
+/// The prompt encoder a host uses gives what the reference conditions on: the context
+/// `[L ‖ G]` and G's pooled vector, for a one-chunk and a two-chunk prompt in both chunk
+/// styles, with an SDXL word registered from its two parts or from a `{clip_l, clip_g}`
+/// file.
+#[test]
+fn sdxl_prompt_encoder_matches_the_reference() {
+    use sdti::embedding::{
+        write_embedding, EmbeddingFile, EmbeddingPart, Format as EmbeddingFormat, Precision,
+    };
+    use sdti::prompt::chunks::ChunkStyle;
+    use sdti::prompt::encoder::PromptEncoder;
+    use std::sync::Arc;
+
+    let exp = expected();
+    let l = Arc::new(encoder("text_encoder", Encoder::ClipL, DType::F32));
+    let g = Arc::new(encoder("text_encoder_2", Encoder::ClipG, DType::F32));
+    let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let (vl, vg) = (values(&exp["te.vectors_l"]), values(&exp["te.vectors_g"]));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sks.safetensors");
+    let part = |encoder, dim, data: &Vec<f32>| EmbeddingPart {
+        encoder,
+        vectors: 2,
+        dim,
+        data: data.clone(),
+    };
+    let emb = EmbeddingFile {
+        name: Some("sks".into()),
+        step: None,
+        sd_checkpoint: None,
+        sd_checkpoint_name: None,
+        parts: vec![part(Encoder::ClipL, 32, &vl), part(Encoder::ClipG, 48, &vg)],
+        source_format: EmbeddingFormat::SdxlSafetensors,
+    };
+    write_embedding(
+        &file,
+        &emb,
+        EmbeddingFormat::SdxlSafetensors,
+        Precision::F32,
+    )
+    .unwrap();
+    // The chunk case's prompt with the word in place of its two placeholder tokens.
+    let long = "a photo of a sks toy on a wooden table in a quiet garden with red flowers and green leaves under the blue sky"
+        .to_string()
+        + &" on a wooden table in a quiet garden with red flowers and green leaves under the blue sky".repeat(5);
+    for (style, from_file) in [(ChunkStyle::A1111, false), (ChunkStyle::ComfyUi, true)] {
+        let mut enc = PromptEncoder::with_encoders(l.clone(), Some(g.clone())).unwrap();
+        enc.set_chunk_style(style);
+        if from_file {
+            assert_eq!(enc.register_file(None, &file).unwrap(), "sks");
+        } else {
+            enc.register_parts("sks", &[&vl, &vg]).unwrap();
+        }
+        assert_eq!(
+            (enc.dim(), enc.pooled_dim(), enc.clip_skip()),
+            (80, Some(48), 2)
+        );
+        assert_eq!(enc.words(), vec![("sks".to_string(), 2)]);
+        let (context, pooled) = enc.encode_with_pooled("a photo of a sks toy").unwrap();
+        assert_close(
+            "context",
+            &context.unsqueeze(0).unwrap(),
+            &exp["te.context"],
+            1e-5,
+        );
+        let pooled = pooled.expect("SDXL gives a pooled vector");
+        assert_close(
+            "pooled",
+            &pooled.unsqueeze(0).unwrap(),
+            &exp["te2.pooled_eos"],
+            1e-5,
+        );
+        let (context, pooled) = enc.encode_with_pooled(&long).unwrap();
+        assert_close(
+            &format!("two-chunk context ({style:?})"),
+            &context.unsqueeze(0).unwrap(),
+            &exp["chunks.context"],
+            1e-5,
+        );
+        assert_close(
+            &format!("two-chunk pooled ({style:?})"),
+            &pooled.expect("pooled").unsqueeze(0).unwrap(),
+            &exp["chunks.pooled"],
+            1e-5,
+        );
+        // A one-part word does not fit an SDXL model.
+        assert!(enc.register("one", &vl).is_err());
+    }
+    // A one-encoder (SD 1.x-layout) file: no clip_g part.
+    let single = dir.path().join("one.safetensors");
+    let one = EmbeddingFile {
+        parts: vec![EmbeddingPart {
+            encoder: Encoder::Single,
+            ..part(Encoder::Single, 32, &vl)
+        }],
+        source_format: EmbeddingFormat::A1111Safetensors,
+        ..emb
+    };
+    write_embedding(
+        &single,
+        &one,
+        EmbeddingFormat::A1111Safetensors,
+        Precision::F32,
+    )
+    .unwrap();
+    let mut enc = PromptEncoder::with_encoders(l.clone(), Some(g)).unwrap();
+    let err = enc.register_file(None, &single).unwrap_err().to_string();
+    assert!(err.contains("clip_l") && err.contains("clip_g"), "{err}");
+    // L alone is not an SDXL prompt encoder.
+    assert!(PromptEncoder::new(l).is_err());
+}
