@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use sdti::model::config::PerBlock;
 use sdti::model::files::{self, Family, LoadedWeights};
 use sdti::model::{LoadOptions, ModelConfig, PredictionType, SdModel};
 
@@ -556,6 +557,7 @@ fn write_header_file(path: &Path, keys: &[(&str, &str, &[usize])]) {
             * match *dtype {
                 "F8_E4M3" | "F8_E5M2" | "U8" => 1,
                 "F16" | "BF16" => 2,
+                "I64" | "F64" => 8,
                 _ => 4,
             };
         header.insert(
@@ -854,4 +856,140 @@ fn sdxl_second_encoder_keys_without_prefix_load_the_same() {
     let bare = index(&dir, None);
     assert_eq!(bare.weights.names(), original.weights.names());
     assert_eq!(bare.config, original.config);
+}
+
+/// The (key, dtype, shape) header of a safetensors file.
+fn read_header(path: &Path) -> Vec<(String, String, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k, v["dtype"].as_str().unwrap().to_string(), shape)
+        })
+        .collect()
+}
+
+/// A zero-filled copy of a tiny single file with every width times `factor` (so 64-channel
+/// heads divide them, as in the real models), for the configuration read off the shapes
+/// alone.
+fn widened(from: &Path, to: &Path, factor: usize) {
+    let keys: Vec<(String, String, Vec<usize>)> = read_header(from)
+        .into_iter()
+        .map(|(k, d, s)| {
+            let s = s
+                .into_iter()
+                .map(|x| {
+                    if x >= 16 && x != 49408 && x != 77 {
+                        factor * x
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            (k, d, s)
+        })
+        .collect();
+    let refs: Vec<(&str, &str, &[usize])> = keys
+        .iter()
+        .map(|(k, d, s)| (k.as_str(), d.as_str(), s.as_slice()))
+        .collect();
+    write_header_file(to, &refs);
+}
+
+/// Without a configuration, a single file's is read off its shapes: SD 2.x's 24 OpenCLIP
+/// blocks (the folder has 23) with their projection, 64-channel heads, linear projections,
+/// f32 attention; SDXL's two encoders, per-level depths and added embedding.
+#[test]
+fn single_file_configs_are_read_off_the_shapes() {
+    let dir = tempdir().join("widened");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let sd2 = dir.join("sd2.safetensors");
+    widened(&fixture("tiny-sd2.safetensors"), &sd2, 2);
+    let folder = index(&fixture("tiny-sd2"), None).config;
+    let single = index(&sd2, None).config;
+    assert_eq!(single.family, Family::Sd2);
+    let (t, f) = (&single.text_encoder, &folder.text_encoder);
+    assert_eq!(
+        (
+            f.num_hidden_layers,
+            f.dropped_final_layers,
+            f.projection_dim
+        ),
+        (23, 1, None)
+    );
+    assert_eq!(
+        (
+            t.num_hidden_layers,
+            t.dropped_final_layers,
+            t.projection_dim
+        ),
+        (24, 0, Some(64))
+    );
+    assert_eq!(
+        (t.hidden_size, t.intermediate_size),
+        (2 * f.hidden_size, 2 * f.intermediate_size)
+    );
+    assert_eq!((t.num_attention_heads, t.hidden_act.as_str()), (1, "gelu"));
+    let (u, fu) = (&single.unet, &folder.unet);
+    assert_eq!(u.down_block_types, fu.down_block_types);
+    assert_eq!(u.up_block_types, fu.up_block_types);
+    let doubled: Vec<usize> = fu.block_out_channels.iter().map(|c| 2 * c).collect();
+    assert_eq!(u.block_out_channels, doubled);
+    assert_eq!(u.attention_head_dim, PerBlock::Each(vec![1, 1, 2, 2]));
+    assert_eq!(u.cross_attention_dim, 2 * fu.cross_attention_dim);
+    assert!(u.use_linear_projection && u.upcast_attention);
+    assert_eq!(u.transformer_layers_per_block, None);
+    assert_eq!(u.addition_embed_type, None);
+    assert_eq!(single.vae.scaling_factor, 0.18215);
+    assert_eq!(single.scheduler.prediction_type, PredictionType::Epsilon);
+
+    let sdxl = dir.join("sdxl.safetensors");
+    // bigG's tiny width 48 becomes 192: three 64-channel heads.
+    widened(&fixture("tiny-sdxl.safetensors"), &sdxl, 4);
+    let folder = index(&fixture("tiny-sdxl"), None).config;
+    let single = index(&sdxl, None).config;
+    assert_eq!(single.family, Family::Sdxl);
+    let l = &single.text_encoder;
+    assert_eq!(
+        (l.hidden_size, l.num_hidden_layers, l.hidden_act.as_str()),
+        (128, 12, "quick_gelu")
+    );
+    assert_eq!(l.projection_dim, None);
+    let g = single.text_encoder_2.as_ref().unwrap();
+    assert_eq!(
+        (g.hidden_size, g.num_hidden_layers, g.hidden_act.as_str()),
+        (192, 32, "gelu")
+    );
+    assert_eq!((g.num_attention_heads, g.projection_dim), (3, Some(192)));
+    let (u, fu) = (&single.unet, &folder.unet);
+    assert_eq!(u.down_block_types, fu.down_block_types);
+    assert_eq!(u.up_block_types, fu.up_block_types);
+    assert_eq!(u.attention_head_dim, PerBlock::Each(vec![2, 2, 4]));
+    assert_eq!(
+        u.transformer_layers_per_block,
+        fu.transformer_layers_per_block
+    );
+    assert_eq!(u.cross_attention_dim, 4 * fu.cross_attention_dim);
+    assert_eq!(u.addition_embed_type.as_deref(), Some("text_time"));
+    assert_eq!(
+        u.projection_class_embeddings_input_dim,
+        fu.projection_class_embeddings_input_dim.map(|d| 4 * d)
+    );
+    assert_eq!(
+        u.addition_time_embed_dim,
+        fu.addition_time_embed_dim.map(|d| 4 * d)
+    );
+    assert!(u.use_linear_projection && !u.upcast_attention);
+    assert_eq!(single.vae.scaling_factor, 0.13025);
 }
