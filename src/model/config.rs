@@ -270,6 +270,26 @@ pub struct UnetConfig {
     /// sinusoids (1280 + 6 * 256 = 2816).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection_class_embeddings_input_dim: Option<usize>,
+    /// The config.json fields sdti has no field for, kept so that the UNet can refuse
+    /// values it does not implement (`reverse_transformer_layers_per_block`,
+    /// `mid_block_type`, ...) instead of silently building another network. Not written
+    /// back, and not part of the configuration's equality.
+    #[serde(flatten, skip_serializing)]
+    pub other_fields: OtherFields,
+}
+
+/// A config.json's fields that have no field of their own in sdti's configuration (see
+/// [`UnetConfig::other_fields`]). Two configurations that differ only here compare
+/// equal: what sdti builds is decided by its own fields, and these only let it refuse
+/// a network it would build wrongly.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(transparent)]
+pub struct OtherFields(pub std::collections::BTreeMap<String, serde_json::Value>);
+
+impl PartialEq for OtherFields {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 fn four() -> usize {
@@ -333,6 +353,7 @@ impl UnetConfig {
             transformer_layers_per_block: None,
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
+            other_fields: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::UnetConfig;
+use super::config::{PerBlock, UnetConfig};
 use super::layers::{silu, upsample_nearest_to, Conv2d, GroupNorm, Linear, Recompute};
 use super::resnet::{ResnetBlock, ResnetConfig};
 use super::transformer::{SpatialTransformer, TransformerConfig};
@@ -535,7 +535,117 @@ fn timestep_embedding(
     Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(DType::F32)?)
 }
 
+/// diffusers `UNet2DConditionModel` config fields that change the network but have no
+/// field in [`UnetConfig`]: the error names the field, and the values sdti builds (as
+/// JSON; diffusers' defaults, which SD 1.x, SD 2.x and SDXL use). A field that is absent
+/// takes its default.
+const FIXED_FIELDS: &[(&str, &str, &[&str])] = &[
+    (
+        "reverse_transformer_layers_per_block",
+        "unet.reverse_transformer_layers_per_block",
+        &["null"],
+    ),
+    (
+        "mid_block_type",
+        "unet.mid_block_type",
+        &["\"UNetMidBlock2DCrossAttn\""],
+    ),
+    ("num_class_embeds", "unet.num_class_embeds", &["null"]),
+    (
+        "resnet_time_scale_shift",
+        "unet.resnet_time_scale_shift",
+        &["\"default\""],
+    ),
+    (
+        "time_embedding_type",
+        "unet.time_embedding_type",
+        &["\"positional\""],
+    ),
+    ("time_embedding_dim", "unet.time_embedding_dim", &["null"]),
+    (
+        "time_embedding_act_fn",
+        "unet.time_embedding_act_fn",
+        &["null"],
+    ),
+    ("timestep_post_act", "unet.timestep_post_act", &["null"]),
+    (
+        "only_cross_attention",
+        "unet.only_cross_attention",
+        &["false"],
+    ),
+    (
+        "dual_cross_attention",
+        "unet.dual_cross_attention",
+        &["false"],
+    ),
+    ("attention_type", "unet.attention_type", &["\"default\""]),
+    (
+        "cross_attention_norm",
+        "unet.cross_attention_norm",
+        &["null"],
+    ),
+    ("encoder_hid_dim", "unet.encoder_hid_dim", &["null"]),
+    (
+        "encoder_hid_dim_type",
+        "unet.encoder_hid_dim_type",
+        &["null"],
+    ),
+    (
+        "class_embeddings_concat",
+        "unet.class_embeddings_concat",
+        &["false"],
+    ),
+    ("conv_in_kernel", "unet.conv_in_kernel", &["3"]),
+    ("conv_out_kernel", "unet.conv_out_kernel", &["3"]),
+    ("act_fn", "unet.act_fn", &["\"silu\""]),
+    ("downsample_padding", "unet.downsample_padding", &["1"]),
+    (
+        "mid_block_scale_factor",
+        "unet.mid_block_scale_factor",
+        &["1"],
+    ),
+    (
+        "resnet_out_scale_factor",
+        "unet.resnet_out_scale_factor",
+        &["1"],
+    ),
+    (
+        "resnet_skip_time_act",
+        "unet.resnet_skip_time_act",
+        &["false"],
+    ),
+    (
+        "center_input_sample",
+        "unet.center_input_sample",
+        &["false"],
+    ),
+];
+
+/// Whether a config value equals one written as JSON (numbers by value: `1` is `1.0`).
+fn json_equals(value: &serde_json::Value, json: &str) -> bool {
+    let Ok(want) = serde_json::from_str::<serde_json::Value>(json) else {
+        return false;
+    };
+    match (value.as_f64(), want.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => *value == want,
+    }
+}
+
 fn validate(cfg: &UnetConfig) -> Result<()> {
+    for (key, field, accepted) in FIXED_FIELDS {
+        if let Some(value) = cfg.other_fields.0.get(*key) {
+            if !accepted.iter().any(|a| json_equals(value, a)) {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "{value} is not implemented (sdti builds {})",
+                        accepted.join(" or ")
+                    ),
+                ));
+            }
+        }
+    }
     let levels = cfg.block_out_channels.len();
     if levels == 0 || cfg.down_block_types.len() != levels || cfg.up_block_types.len() != levels {
         return Err(Error::config(
@@ -552,6 +662,14 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
             "unet.class_embed_type",
             format!("{kind:?} is not implemented (SD 1.x, SD 2.x and SDXL have none)"),
         ));
+    }
+    if let Some(PerBlock::Each(depths)) = &cfg.transformer_layers_per_block {
+        if depths.len() != levels {
+            return Err(Error::config(
+                "unet.transformer_layers_per_block",
+                format!("{} depths for {levels} levels", depths.len()),
+            ));
+        }
     }
     if cfg.layers_per_block == 0 {
         return Err(Error::config("unet.layers_per_block", "must be at least 1"));
@@ -600,6 +718,47 @@ mod tests {
             err.contains("up_block_types") && err.contains("AttnUpBlock2D"),
             "{err}"
         );
+    }
+
+    /// diffusers config fields that would change the network are refused with the field
+    /// named; their defaults (as diffusers writes them) pass.
+    #[test]
+    fn fields_sdti_does_not_build_are_refused() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-sdxl/unet/config.json");
+        let text = std::fs::read_to_string(path).expect("fixture config");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let parse = |j: &serde_json::Value| -> UnetConfig {
+            serde_json::from_value(j.clone()).expect("parses")
+        };
+        validate(&parse(&json)).expect("diffusers' defaults are what sdti builds");
+        let with = |key: &str, value: serde_json::Value| {
+            let mut j = json.clone();
+            j[key] = value;
+            validate(&parse(&j)).err().map(|e| e.to_string())
+        };
+        assert_eq!(with("mid_block_scale_factor", 1.0.into()), None);
+        for (key, value) in [
+            (
+                "reverse_transformer_layers_per_block",
+                serde_json::json!([[3, 3, 3], [2, 2, 2], [0, 0, 0]]),
+            ),
+            ("mid_block_type", "UNetMidBlock2D".into()),
+            ("resnet_time_scale_shift", "scale_shift".into()),
+            ("conv_in_kernel", 7.into()),
+        ] {
+            let err = with(key, value).expect("refused");
+            assert!(
+                err.contains(key) && err.contains("not implemented"),
+                "{err}"
+            );
+        }
+        let err = with("transformer_layers_per_block", serde_json::json!([1, 2])).expect("refused");
+        assert!(err.contains("2 depths for 3 levels"), "{err}");
+        // The fields do not take part in equality: the same network compares equal.
+        let mut j = json.clone();
+        j["sample_size"] = 128.into();
+        assert_eq!(parse(&j), parse(&json));
     }
 
     /// The level plans give SD 1.5's resnet channels (diffusers' UNet2DConditionModel).
