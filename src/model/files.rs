@@ -58,7 +58,8 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
 /// The one place that keeps SDXL from training while the trainer and the prompt encoder
 /// cannot condition on its two encoders, pooled vector and time ids yet. SDXL files are
 /// detected, checked and mapped all the same (their tests load them through
-/// [`index_model_unchecked`]); when SDXL trains, delete this function and its calls.
+/// [`index_model_unchecked`]); when SDXL trains, delete this function, its call and the
+/// test `loading::sdxl_is_detected_but_not_yet_trainable`.
 fn refuse_sdxl_until_it_trains(path: &Path, family: Family) -> Result<()> {
     if family == Family::Sdxl {
         return Err(model_err(

@@ -993,3 +993,46 @@ fn single_file_configs_are_read_off_the_shapes() {
     assert!(u.use_linear_projection && !u.upcast_attention);
     assert_eq!(single.vae.scaling_factor, 0.13025);
 }
+
+/// SD 2.x saved by Stability's SGM code keeps OpenCLIP under
+/// `conditioner.embedders.0.model.`: the same tensors under the same names.
+#[test]
+fn sgm_format_sd2_loads_as_sd2() {
+    let dir = tempdir().join("sgm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = fixture("tiny-sd2.safetensors");
+    let sgm = dir.join("sd2-sgm.safetensors");
+    let tensors = candle_core::safetensors::load(&original, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = match k.strip_prefix("cond_stage_model.model.") {
+                Some(rest) => format!("conditioner.embedders.0.model.{rest}"),
+                None => k,
+            };
+            (k, v)
+        })
+        .collect();
+    assert!(!renamed.keys().any(|k| k.starts_with("cond_stage_model.")));
+    candle_core::safetensors::save(&renamed, &sgm).unwrap();
+    let cfg = {
+        let mut c = index(&fixture("tiny-sd2"), None).config;
+        c.text_encoder.num_hidden_layers = 24;
+        c.text_encoder.dropped_final_layers = 0;
+        c.text_encoder.projection_dim = Some(32);
+        c
+    };
+    let a = index(&original, Some(&cfg));
+    let b = index(&sgm, Some(&cfg));
+    assert_eq!(b.family, Family::Sd2);
+    assert_eq!(a.weights.names(), b.weights.names());
+    for name in [
+        "text_encoder.text_model.encoder.layers.5.self_attn.v_proj.bias",
+        "text_encoder.text_projection.weight",
+    ] {
+        assert!(
+            values(&a.weights, name) == values(&b.weights, name),
+            "{name}"
+        );
+    }
+}
