@@ -60,9 +60,8 @@ pub fn denoising_loss_with(
     let latents = batch.latents.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;
     let noisy = combine(&latents, &noise, &coefs(NoiseSchedule::add_noise_coefs)?)?;
-    let context = model
-        .text_encoder
-        .encode(batch.ids, batch.injection, batch.clip_skip)?;
+    let (context, _pooled) =
+        text_conditioning(model, batch.ids, &[batch.injection], batch.clip_skip)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
     let pred = model.unet.forward_with(&noisy, &t, &context, None, recompute)?;
     let target = combine(&latents, &noise, &coefs(NoiseSchedule::target_coefs)?)?;
@@ -74,6 +73,37 @@ pub fn denoising_loss_with(
     };
     let diff = (pred.to_dtype(loss_dtype)? - target.to_dtype(loss_dtype)?)?;
     Ok(diff.sqr()?.mean_all()?)
+}
+
+/// The UNet's text conditioning for token ids `[B, T]`: the model's text encoders (SDXL:
+/// L then G), each with its learned vectors (`injections`, one entry per encoder), as
+/// [`crate::model::text_encoder::encode_context`] joins them: the context `[B, T, width]`
+/// (SDXL `[L ‖ G]`) and the pooled vector `[B, p]` where the model has one (SDXL's G,
+/// first chunk).
+pub fn text_conditioning(
+    model: &SdModel,
+    ids: &Tensor,
+    injections: &[Option<&Injection<'_>>],
+    clip_skip: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut encoders = vec![model.text_encoder.as_ref()];
+    encoders.extend(model.text_encoder_2.as_deref());
+    if injections.len() != encoders.len() {
+        return Err(Error::input(
+            "training batch",
+            format!(
+                "{} learned-vector tables for a {} model's {} text encoders: give one per encoder",
+                injections.len(),
+                model.config.family.model_name(),
+                encoders.len()
+            ),
+        ));
+    }
+    let parts: Vec<_> = encoders
+        .into_iter()
+        .zip(injections.iter().copied())
+        .collect();
+    crate::model::text_encoder::encode_context(&parts, ids, Some(clip_skip))
 }
 
 /// `sample_coef * latents + noise_coef * noise` per sample, the coefficients in f32 (as

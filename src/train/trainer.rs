@@ -83,6 +83,9 @@ impl Trainer {
             ));
         }
         let conditioning = model.text_encoder.conditioning(config.clip_skip)?;
+        if let Some(second) = &model.text_encoder_2 {
+            second.conditioning(Some(conditioning.clip_skip))?;
+        }
         config.clip_skip = Some(conditioning.clip_skip);
         let tokenizer = ClipTokenizer::new()?;
         let noise_schedule = match config.prediction_type {
