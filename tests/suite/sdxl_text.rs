@@ -326,3 +326,61 @@ fn sdxl_prompt_encoder_matches_the_reference() {
     // L alone is not an SDXL prompt encoder.
     assert!(PromptEncoder::new(l).is_err());
 }
+
+/// Loaded as a host loads them (folder, and single file with the OpenCLIP G's packed q/k/v
+/// split and its `text_projection` transposed), the two encoders give the reference
+/// context and pooled vector; the single file's equal the folder's.
+#[test]
+fn sdxl_text_encoders_load_from_folder_and_single_file() {
+    use sdti::model::files::index_text_encoders;
+    use sdti::model::{LoadOptions, ModelConfig};
+
+    let exp = expected();
+    let opts = LoadOptions {
+        device: test_device(),
+        ..LoadOptions::default()
+    };
+    let (l, g) = TextEncoder::load_all(&fixture("tiny-sdxl"), &opts).unwrap();
+    let g = g.expect("SDXL has a second text encoder");
+    assert!(TextEncoder::load(&fixture("tiny-sdxl"), &opts).is_err());
+    // Single files carry no configuration and the tiny widths do not follow the real
+    // models' 64-channel heads: the folder's text configurations are passed along.
+    let found = index_text_encoders(&fixture("tiny-sdxl"), DType::F32, &test_device(), None)
+        .expect("the folder's text encoders index");
+    let folder_config = ModelConfig {
+        text_encoder: found.text_encoder,
+        text_encoder_2: found.text_encoder_2,
+        ..ModelConfig::sdxl()
+    };
+    let single_opts = LoadOptions {
+        config: Some(folder_config),
+        ..opts.clone()
+    };
+    let (sl, sg) = TextEncoder::load_all(&fixture("tiny-sdxl.safetensors"), &single_opts).unwrap();
+    let sg = sg.expect("SDXL has a second text encoder");
+    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
+    let inj_l = Injection {
+        table: &exp["te.vectors_l"],
+        index: &index,
+        mask: &mask,
+    };
+    let inj_g = Injection {
+        table: &exp["te.vectors_g"],
+        index: &index,
+        mask: &mask,
+    };
+    let (context, pooled) =
+        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], &ids, None).unwrap();
+    assert_close("folder context", &context, &exp["te.context"], 1e-5);
+    let pooled = pooled.expect("pooled vector");
+    assert_close("folder pooled", &pooled, &exp["te2.pooled_eos"], 1e-5);
+    let (s_context, s_pooled) =
+        encode_context(&[(&sl, Some(&inj_l)), (&sg, Some(&inj_g))], &ids, None).unwrap();
+    assert_close("single-file context vs folder", &s_context, &context, 1e-6);
+    assert_close(
+        "single-file pooled vs folder",
+        &s_pooled.expect("pooled vector"),
+        &pooled,
+        1e-6,
+    );
+}
