@@ -354,7 +354,9 @@ fn profile(
             index: &enc.index,
             mask: &enc.mask,
         };
-        let ctx = model.text_encoder.forward(&enc.ids, Some(&inj), 1)?;
+        let ctx = model
+            .text_encoder
+            .forward(&enc.ids, Some(&inj), trainer.clip_skip())?;
         sync()?;
         let t1 = Instant::now();
         let pred = model
