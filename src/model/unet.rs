@@ -663,12 +663,32 @@ fn validate(cfg: &UnetConfig) -> Result<()> {
             format!("{kind:?} is not implemented (SD 1.x, SD 2.x and SDXL have none)"),
         ));
     }
-    if let Some(PerBlock::Each(depths)) = &cfg.transformer_layers_per_block {
-        if depths.len() != levels {
-            return Err(Error::config(
-                "unet.transformer_layers_per_block",
-                format!("{} depths for {levels} levels", depths.len()),
-            ));
+    // A per-level list must have one entry per level (a short one would fall back to
+    // a default for the missing levels).
+    for (field, list, what) in [
+        (
+            "unet.transformer_layers_per_block",
+            cfg.transformer_layers_per_block.as_ref(),
+            "depths",
+        ),
+        (
+            "unet.attention_head_dim",
+            Some(&cfg.attention_head_dim),
+            "head counts",
+        ),
+        (
+            "unet.num_attention_heads",
+            cfg.num_attention_heads.as_ref(),
+            "head counts",
+        ),
+    ] {
+        if let Some(PerBlock::Each(values)) = list {
+            if values.len() != levels {
+                return Err(Error::config(
+                    field,
+                    format!("{} {what} for {levels} levels", values.len()),
+                ));
+            }
         }
     }
     if cfg.layers_per_block == 0 {
