@@ -161,15 +161,21 @@ pub unsafe extern "C" fn sdti_encoder_new_from_trainer(
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let text_encoder = {
+        let (first, second) = {
             let handle = TRAINERS.get(trainer as usize)?;
             let guard = lock_state(&handle, "trainer", false)?;
             match guard.as_ref() {
-                Some(state) => Arc::clone(&state.trainer.model().text_encoder),
+                Some(state) => {
+                    let model = state.trainer.model();
+                    (
+                        Arc::clone(&model.text_encoder),
+                        model.text_encoder_2.clone(),
+                    )
+                }
                 None => return Err(fail(SDTI_ERR_INVALID_HANDLE, "the trainer was freed")),
             }
         };
-        let mut encoder = PromptEncoder::new(text_encoder)?;
+        let mut encoder = PromptEncoder::with_encoders(first, second)?;
         register_trainer_word(&mut encoder, trainer)?;
         insert(encoder, out);
         Ok(())

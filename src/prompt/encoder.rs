@@ -70,11 +70,17 @@ impl PromptEncoder {
         match pair {
             (Family::Sd1 | Family::Sd2, Encoder::Single, None)
             | (Family::Sdxl, Encoder::ClipL, Some(Encoder::ClipG)) => {}
+            (Family::Sdxl, _, _) => {
+                return Err(Error::config(
+                    "text_encoder",
+                    "an SDXL model has two text encoders, CLIP ViT-L then OpenCLIP bigG: give both (PromptEncoder::for_model takes a model's)",
+                ))
+            }
             (family, encoder, second) => {
                 return Err(Error::config(
                     "text_encoder",
                     format!(
-                        "a {} model's text encoders are not {encoder:?}{}",
+                        "an {} model has one text encoder, not {encoder:?}{}",
                         family.model_name(),
                         second.map_or(String::new(), |s| format!(" and {s:?}"))
                     ),
