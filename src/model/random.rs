@@ -319,6 +319,8 @@ pub fn tiny_sd2_config() -> ModelConfig {
         num_hidden_layers: 3,
         num_attention_heads: 4,
         projection_dim: None,
+        // As a diffusers folder holds it: the original's last block dropped.
+        dropped_final_layers: 1,
         ..ClipConfig::open_clip_h(3)
     };
     config.unet = UnetConfig {
@@ -390,24 +392,42 @@ mod tests {
     use super::*;
     use crate::model::files::index_model;
 
-    /// The generator and the loader agree with the reference checkpoint on every name
-    /// and shape: what diffusers writes is what the random model holds.
+    /// The generator and the loader agree with the reference checkpoints (SD 1.x and
+    /// SD 2.x diffusers folders) on every name and shape: what diffusers writes is what
+    /// the random model holds. (SDXL: tests/suite/sdxl.rs.)
     #[test]
     fn random_weights_have_the_reference_names_and_shapes() -> Result<()> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
-        let loaded = index_model(&root, DType::F32, &Device::Cpu, None)?;
-        let random = random_weights(&loaded.config, 1)?;
-        let mut names = loaded.weights.names();
-        names.retain(|n| !n.ends_with("position_ids"));
-        let mut random_names: Vec<String> = random.keys().cloned().collect();
-        random_names.sort();
-        assert_eq!(names, random_names);
-        for name in &names {
-            let want = loaded.weights.shape_of(name).unwrap_or_default();
-            assert_eq!(random[name].dims(), want.as_slice(), "{name}");
+        for fixture in ["tiny-sd", "tiny-sd2"] {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(fixture);
+            let loaded = index_model(&root, DType::F32, &Device::Cpu, None)?;
+            let random = random_weights(&loaded.config, 1)?;
+            let mut names = loaded.weights.names();
+            names.retain(|n| !n.ends_with("position_ids"));
+            let mut random_names: Vec<String> = random.keys().cloned().collect();
+            random_names.sort();
+            assert_eq!(names, random_names, "{fixture}");
+            for name in &names {
+                let want = loaded.weights.shape_of(name).unwrap_or_default();
+                assert_eq!(random[name].dims(), want.as_slice(), "{fixture}: {name}");
+            }
         }
         let model = random_model(&tiny_sd1_config(), 3, DType::F32, &Device::Cpu)?;
         assert_eq!(model.config.unet.layers_per_block, 1);
+        Ok(())
+    }
+
+    /// The tiny SD 2.x and SDXL presets build into models (SDXL's UNet takes the added
+    /// conditioning, SD 2.x's upcasts its attention).
+    #[test]
+    fn tiny_presets_build() -> Result<()> {
+        let sd2 = random_model(&tiny_sd2_config(), 3, DType::F32, &Device::Cpu)?;
+        assert!(!sd2.unet.takes_added_cond());
+        assert!(sd2.config.unet.upcast_attention && sd2.config.unet.use_linear_projection);
+        let sdxl = random_model(&tiny_sdxl_config(), 3, DType::F32, &Device::Cpu)?;
+        assert!(sdxl.unet.takes_added_cond());
+        assert!(sdxl.config.text_encoder_2.is_some());
         Ok(())
     }
 }
