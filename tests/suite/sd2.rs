@@ -611,3 +611,64 @@ fn sd2_training_smoke() {
         );
     }
 }
+
+/// At SD 2.x's real text width (a random model with OpenCLIP ViT-H's 1024-wide encoder and
+/// a tiny UNet): the trained word is 1024 wide, read back as an SD 2.x embedding, usable in
+/// the model's prompts and refused by an SD 1.x model with the reason.
+#[test]
+fn sd2_words_are_1024_wide() {
+    use sdti::embedding::{read_embedding, Existing, Format, Precision};
+    use sdti::model::random::{random_model, tiny_sd2_config};
+    use sdti::model::LatentDist;
+    use sdti::train::{Init, Templates, TrainConfig, Trainer};
+
+    let mut config = tiny_sd2_config();
+    config.text_encoder.hidden_size = 1024;
+    config.text_encoder.num_attention_heads = 16;
+    config.text_encoder.intermediate_size = 256;
+    config.unet.cross_attention_dim = 1024;
+    let model = Arc::new(random_model(&config, 7, DType::F32, &test_device()).unwrap());
+    let mut trainer = Trainer::new(
+        model.clone(),
+        TrainConfig {
+            token: "wide".into(),
+            init: Init::Text("a toy".into()),
+            vectors: 2,
+            resolution: 64,
+            max_steps: 2,
+            seed: 1,
+            templates: Templates::Object,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(trainer.config().clip_skip, Some(2));
+    let mean = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &test_device()).unwrap();
+    let logvar = (mean.zeros_like().unwrap() - 30.0).unwrap();
+    trainer
+        .add_latents(vec![LatentDist { mean, logvar }], None)
+        .unwrap();
+    let stats = trainer.train(2, |_| true).unwrap();
+    assert!(stats.iter().all(|s| s.loss.is_finite()), "{stats:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.safetensors");
+    trainer
+        .export(
+            &path,
+            Format::A1111Safetensors,
+            Precision::F32,
+            Existing::Refuse,
+        )
+        .unwrap();
+    let emb = read_embedding(&path).unwrap();
+    assert_eq!((emb.parts[0].vectors, emb.parts[0].dim), (2, 1024));
+    assert_eq!(Family::of(&emb), Some(Family::Sd2));
+
+    let mut enc = PromptEncoder::new(model.text_encoder.clone()).unwrap();
+    assert_eq!(enc.register_file(None, &path).unwrap(), "wide");
+    assert_eq!(enc.encode("a photo of wide").unwrap().dims(), &[77, 1024]);
+    let sd1 = crate::common::tiny_model(DType::F32);
+    let mut sd1_enc = PromptEncoder::new(sd1.text_encoder.clone()).unwrap();
+    let err = sd1_enc.register_file(None, &path).unwrap_err().to_string();
+    assert!(err.contains("an SD 2.x embedding"), "{err}");
+}
