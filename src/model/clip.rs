@@ -18,7 +18,7 @@ use crate::tokenizer::EOS;
 /// How one text encoder's hidden states condition the UNet: which layer, whether the
 /// final layer norm follows, what fills the slots after the end token, and whether the
 /// pooled vector is wanted. Each family and encoder has its own
-/// ([`Conditioning::default_for`], the spec's section 0 and 3.2).
+/// ([`Conditioning::default_for`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conditioning {
     /// `hidden_states[-clip_skip]` of the full-depth encoder: 1 = the last block's
@@ -47,11 +47,13 @@ impl Conditioning {
         pooled: false,
     };
 
-    /// What the family conditions on through `encoder` (the table in the spec's section 0):
-    /// SD 1.x the last layer + final LN; SD 2.x (OpenCLIP ViT-H) the penultimate block +
-    /// final LN, 0 after the first end token; SDXL's CLIP ViT-L `hidden_states[-2]` without
-    /// LN; SDXL's OpenCLIP bigG `hidden_states[-2]` without LN, 0 after the first end token,
-    /// and the pooled vector.
+    /// What the family conditions on through `encoder`: SD 1.x the last layer + final LN;
+    /// SD 2.x (OpenCLIP ViT-H) the penultimate block + final LN, 0 after the first end
+    /// token (Stability's v2-inference.yaml `layer: penultimate`, open_clip's padding);
+    /// SDXL's CLIP ViT-L `hidden_states[-2]` without LN; SDXL's OpenCLIP bigG
+    /// `hidden_states[-2]` without LN, 0 after the first end token, and the pooled vector
+    /// (sd_xl_base.yaml: `layer_idx: 11`, `penultimate`, `legacy: False`,
+    /// `always_return_pooled`).
     pub fn default_for(family: Family, encoder: Encoder) -> Result<Self> {
         Ok(match (family, encoder) {
             (Family::Sd1, Encoder::Single) => Self::SD1,

@@ -402,7 +402,7 @@ fn sd2_grad_fd_f64() {
     ] {
         let (loss, grad) = loss_and_grad(&model, &exp, prediction);
         let want = exp[&format!("{key}.value_f64")].to_scalar::<f64>().unwrap();
-        // diffusers keeps the sinusoids and alphas_cumprod in f32 (the spec's addenda):
+        // diffusers keeps the sinusoids and alphas_cumprod in f32 even in f64 runs:
         // the f64 runs share those constants, so they agree far below f32 rounding.
         assert!(
             ((loss - want) / want).abs() <= 1e-6,

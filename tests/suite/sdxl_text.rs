@@ -128,7 +128,8 @@ fn sdxl_pooled_at_the_first_end_token_with_gradient() {
     let pooled = pooled.expect("G gives the pooled vector");
     assert_close("pooled (first EOS)", &pooled, &exp["te2.pooled_eos"], 1e-5);
     // transformers with the Hub's eos_token_id 2 pools at the last placeholder instead
-    // (the spec's divergence 2.8-1); sdti follows the inference hosts.
+    // (its config's eos_token_id 2 keeps the legacy argmax pooling); sdti follows the
+    // inference hosts (SGM, A1111, ComfyUI), which pool at the first end token.
     assert!(rel_err(&pooled, &exp["te2.pooled_hf_argmax"]) > 1e-2);
     let grads = pooled.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let grad = grads
