@@ -476,7 +476,9 @@ impl AddEmbedding {
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1()?;
-        let device = cond.time_ids.device();
+        // The ids are numbers read off any device; the features go where the pooled
+        // vector is (the model's device).
+        let device = cond.pooled.device();
         time_id_features(&ids, self.time_dim, cfg, device)?
             .reshape((batch, TIME_IDS * self.time_dim))
             .map_err(Into::into)
