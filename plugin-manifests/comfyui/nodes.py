@@ -11,6 +11,7 @@ code (that is how tests/test_nodes.py runs them).
 
 import ctypes
 import json
+import logging
 import os
 
 from . import sdti_lib
@@ -27,6 +28,7 @@ except ImportError:
     comfy_utils = None
 
 PACK_DIR = os.path.dirname(os.path.abspath(__file__))
+log = logging.getLogger("sdti")
 
 
 def find_manifest():
@@ -52,10 +54,11 @@ def library():
     if _library is None:
         lib = sdti_lib.Library(sdti_lib.find_library(PACK_DIR))
         minor = lib.abi_version() & 0xFFFF
-        if minor < MANIFEST["abi"]["minor"]:
+        if minor < max(MANIFEST["abi"]["minor"], sdti_lib.ABI_MINOR_NEEDED):
             raise ImportError(
-                f"{lib.path} has C ABI 1.{minor}; this pack needs 1.{MANIFEST['abi']['minor']} "
-                "or newer (install a newer sdti library)"
+                f"{lib.path} has C ABI 1.{minor}; this pack needs "
+                f"1.{max(MANIFEST['abi']['minor'], sdti_lib.ABI_MINOR_NEEDED)} or newer "
+                "(install a newer sdti library)"
             )
         for feature in MANIFEST["abi"]["required_features"]:
             if not lib.has_feature(feature):
@@ -381,6 +384,56 @@ def _path_input(verb):
     return ("STRING", {"default": "", "tooltip": _PATH_TOOLTIP.format(verb=verb), "multiline": False})
 
 
+# The formats that hold an SDXL word (a clip_l and a clip_g part), and those that hold
+# only SDXL words; the library refuses the others (checked in tests/test_nodes.py).
+SDXL_FORMATS = ("sdxl", "kohya-pt", "onetrainer", "diffusers-sdxl")
+SDXL_ONLY_FORMATS = ("sdxl", "diffusers-sdxl")
+# diffusers' SDXL pair: NAME.safetensors (clip_l) and NAME_2.safetensors (clip_g).
+_SECOND_FILES = {"diffusers-sdxl": ("_2",)}
+_FORMAT_TOOLTIP = (
+    "SD 1.x and SD 2.x words: any but sdxl and diffusers-sdxl. SDXL words (clip_l + "
+    "clip_g): sdxl (what ComfyUI and A1111 load), kohya-pt, onetrainer or diffusers-sdxl "
+    "(two files for diffusers: NAME.safetensors and NAME_2.safetensors)."
+)
+
+
+def _is_sdxl_word(info):
+    return [p.get("encoder") for p in info.get("parts", [])] == ["clip_l", "clip_g"]
+
+
+def _check_format_fits(label, lib, src, format):
+    """An SDXL word goes only into a format that holds both its parts, and only an SDXL
+    word into sdxl or diffusers-sdxl: said before anything is written, with the formats
+    that fit."""
+    sdxl = _is_sdxl_word(lib.inspect(src))
+    if sdxl and format not in SDXL_FORMATS:
+        raise ValueError(
+            f"{label}: format: {os.path.basename(src)} is an SDXL word (clip_l + clip_g), "
+            f"which {format} cannot hold; choose {', '.join(SDXL_FORMATS)}"
+        )
+    if not sdxl and format in SDXL_ONLY_FORMATS:
+        raise ValueError(
+            f"{label}: format: {format} holds SDXL words (clip_l + clip_g); "
+            f"{os.path.basename(src)} has one part (an SD 1.x or SD 2.x word): choose "
+            "another format"
+        )
+
+
+# sdti_trainer_family's answers: the name shown and the format a trained word is written
+# in (an SDXL word has two tables, clip_l and clip_g, which ComfyUI's and A1111's loaders
+# read from one safetensors file; SD 1.x and 2.x words are one table, emb_params).
+_FAMILIES = {
+    sdti_lib.SDTI_FAMILY_SD1: ("SD 1.x", "safetensors"),
+    sdti_lib.SDTI_FAMILY_SD2: ("SD 2.x", "safetensors"),
+    sdti_lib.SDTI_FAMILY_SDXL: ("SDXL", "sdxl"),
+}
+_CHECKPOINT_TOOLTIP = (
+    "The checkpoint to train on: SD 1.x, SD 2.x (512 or 768-v) or SDXL (base 1.0 and its "
+    "fine-tunes such as Pony or Illustrious), a .safetensors file or a diffusers folder. "
+    "Refiners, inpainting and other variants are refused, saying what was found."
+)
+
+
 # ---------------------------------------------------------------- the nodes
 #
 # Written out as ComfyUI node classes; plugin-manifests/sdti.plugin.json describes the same
@@ -394,13 +447,17 @@ class SDTI_TrainEmbedding:
     DISPLAY_NAME = "Train Embedding (sdti)"
     CATEGORY = "sdti"
     DESCRIPTION = (
-        "Learns a new word (Textual Inversion) from a batch of pictures on an SD 1.x "
-        "checkpoint and writes it to the embeddings folder (an existing file is replaced "
+        "Learns a new word (Textual Inversion) from a batch of pictures on an SD 1.x, "
+        "SD 2.x or SDXL checkpoint and writes it to the embeddings folder (SDXL words as "
+        "clip_l + clip_g, the layout ComfyUI and A1111 load; an existing file is replaced "
         "only when overwrite is on). Use the returned text in a prompt."
     )
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("prompt", "path")
-    OUTPUT_TOOLTIPS = ("embedding:<token>, to put into a prompt", "the written .safetensors file")
+    OUTPUT_TOOLTIPS = (
+        "embedding:<token>, to put into a prompt",
+        "the written .safetensors file (an SDXL word's holds clip_l and clip_g)",
+    )
     FUNCTION = "run"
     OUTPUT_NODE = True
     # The C functions behind the node (the manifest's c_functions).
@@ -408,6 +465,12 @@ class SDTI_TrainEmbedding:
         "sdti_trainer_params_init",
         "sdti_trainer_new",
         "sdti_trainer_recompute",
+        "sdti_trainer_family",
+        "sdti_trainer_resolution",
+        "sdti_trainer_notes",
+        "sdti_encoder_new_from_trainer",
+        "sdti_encoder_clip_skip",
+        "sdti_encoder_free",
         "sdti_trainer_add_image",
         "sdti_trainer_step",
         "sdti_trainer_cancel",
@@ -423,7 +486,7 @@ class SDTI_TrainEmbedding:
             "required": {
                 "checkpoint": (
                     _folder_files("checkpoints"),
-                    {"tooltip": "The SD 1.x checkpoint to train on."},
+                    {"tooltip": _CHECKPOINT_TOOLTIP},
                 ),
                 "images": (
                     "IMAGE",
@@ -438,7 +501,8 @@ class SDTI_TrainEmbedding:
                 }),
                 "init_text": ("STRING", {
                     "default": "*",
-                    "tooltip": "Text whose token vectors start the word (A1111).",
+                    "tooltip": "Text whose token vectors start the word (A1111); for SDXL both "
+                    "of its tables (clip_l and clip_g) start from it.",
                     "multiline": False,
                 }),
                 "vectors": ("INT", {"default": 1, "min": 1, "max": 75, "step": 1}),
@@ -456,7 +520,12 @@ class SDTI_TrainEmbedding:
                     "tooltip": "Prompt templates: an object ('a photo of a {}') or a style "
                     "('a painting in the style of {}').",
                 }),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+                "resolution": ("INT", {
+                    "default": 0, "min": 0, "max": 4096, "step": 8,
+                    "tooltip": "Training size in pixels, a multiple of 8 from 64. 0: the "
+                    "model's own, as it was trained: SDXL 1024, SD 2.x v-prediction (768-v) "
+                    "768, SD 1.x and SD 2.x base 512. Smaller is faster and needs less memory.",
+                }),
                 "device": (["auto", "cpu", "cuda", "metal"], {
                     "default": "auto",
                     "tooltip": "auto: cuda when this build has it (sdti.cuda/1), else cpu.",
@@ -554,6 +623,17 @@ class SDTI_TrainEmbedding:
             chosen = ctypes.c_uint32()
             lib.check(lib.trainer_recompute(trainer, ctypes.byref(chosen)), "sdti_trainer_recompute")
             recomputed = chosen.value == _constant("recompute", "on")
+            # What the model is and what follows from it, shown before a long run starts.
+            family, trained_at, clip_layer, notes = lib.trainer_model(trainer)
+            family_name, export_format = _FAMILIES.get(family, (f"family {family}", None))
+            if export_format is None:
+                raise ValueError(f"{label}: {checkpoint}: this pack does not know model {family_name}")
+            model_line = (
+                f"{family_name} at {trained_at} px"
+                f"{' (the model default)' if int(resolution) == 0 else ''}, text from CLIP "
+                f"layer {clip_layer}, word written as {export_format}"
+            )
+            log.info("%s: %s: %s", label, checkpoint, "; ".join([model_line] + notes))
             for data, width, height in image_batch_to_rgb8(images):
                 lib.check(
                     lib.trainer_add_image(trainer, data, width, height, 0, 0, None),
@@ -578,7 +658,7 @@ class SDTI_TrainEmbedding:
             _check_write(
                 lib,
                 lib.trainer_export_ex(
-                    trainer, os.fsencode(path), _constant("format", "safetensors"),
+                    trainer, os.fsencode(path), _constant("format", export_format),
                     _write_flags(overwrite),
                 ),
                 label, path, "token", "sdti_trainer_export_ex",
@@ -590,7 +670,9 @@ class SDTI_TrainEmbedding:
         report = (
             f"{token}: {stats.step} steps in {stats.seconds:.0f} s, loss {stats.loss:.4f}"
             f"{' (recompute on)' if recomputed else ''}\n"
-            f"wrote {path}\nprompt: {prompt}"
+            f"model: {model_line}\n"
+            + "".join(f"note: {n}\n" for n in notes)
+            + f"wrote {path}\nprompt: {prompt}"
         )
         # "ui" is what ComfyUI sends to the browser (web/sdti.js shows it on the node).
         return {"ui": {"text": [report]}, "result": (prompt, path)}
@@ -601,8 +683,9 @@ class SDTI_ConvertEmbedding:
     CATEGORY = "sdti"
     DESCRIPTION = (
         "Rewrites a learned-embedding file in another format (A1111 .pt, safetensors, "
-        "diffusers, PNG, kohya, OneTrainer) into the embeddings folder; an existing file is "
-        "replaced only when overwrite is on."
+        "diffusers, PNG, kohya, OneTrainer; for SDXL words sdxl, kohya-pt, onetrainer or "
+        "diffusers-sdxl) into the embeddings folder; an existing file is replaced only when "
+        "overwrite is on."
     )
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -617,8 +700,8 @@ class SDTI_ConvertEmbedding:
             "required": {
                 "format": ([
                     "safetensors", "a1111-pt", "diffusers", "diffusers-bin", "png",
-                    "kohya-pt", "kohya-safetensors", "onetrainer",
-                ], {"default": "safetensors"}),
+                    "kohya-pt", "kohya-safetensors", "onetrainer", "sdxl", "diffusers-sdxl",
+                ], {"default": "safetensors", "tooltip": _FORMAT_TOOLTIP}),
                 "precision": (["f32", "f16"], {"default": "f32"}),
                 "name": ("STRING", {
                     "default": "",
@@ -649,6 +732,7 @@ class SDTI_ConvertEmbedding:
         if name.strip():
             check_name(label, "name", name)
         src = _embedding_source(label, embedding, path)
+        _check_format_fits(label, lib, src, format)
         stem = name if name.strip() else f"{os.path.splitext(os.path.basename(src))[0]}-{format}"
         if not name.strip():
             # The stem made from the source's file name: checked all the same.
@@ -656,6 +740,11 @@ class SDTI_ConvertEmbedding:
         ext = MANIFEST["constants"]["format_extension"][format]
         os.makedirs(output_folder("embeddings"), exist_ok=True)
         dst = destination(label, stem, ext, overwrite, "name")
+        # diffusers-sdxl writes a second file beside the first: checked the same way.
+        second = [
+            destination(label, f"{stem}{suffix}", ext, overwrite, "name")
+            for suffix in _SECOND_FILES.get(format, ())
+        ]
         _check_write(
             lib,
             lib.embedding_convert_ex(
@@ -668,7 +757,7 @@ class SDTI_ConvertEmbedding:
             label, dst, "name", "sdti_embedding_convert_ex",
         )
         _remember_written(_convert_output_keys(format, name, embedding, path), dst)
-        return {"ui": {"text": [f"wrote {dst}"]}, "result": (dst,)}
+        return {"ui": {"text": [f"wrote {' and '.join([dst] + second)}"]}, "result": (dst,)}
 
 
 class SDTI_InspectEmbedding:

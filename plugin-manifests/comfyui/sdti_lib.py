@@ -16,6 +16,12 @@ SDTI_ERR_INVALID_ARGUMENT = 2
 SDTI_ERR_BUFFER_TOO_SMALL = 5
 SDTI_ERR_EXISTS = 19  # the destination exists and SDTI_WRITE_OVERWRITE was not given (ABI 1.2)
 SDTI_WRITE_OVERWRITE = 1  # flag of sdti_trainer_export_ex / sdti_embedding_convert_ex
+# sdti_trainer_family's answers (ABI 1.4).
+SDTI_FAMILY_SD1 = 1
+SDTI_FAMILY_SD2 = 2
+SDTI_FAMILY_SDXL = 3
+# The minor ABI version the functions below need (sdti_trainer_family and friends).
+ABI_MINOR_NEEDED = 4
 
 
 class SdtiError(RuntimeError):
@@ -120,6 +126,15 @@ class Library:
             "sdti_trainer_params_init": (c.c_int32, [c.POINTER(TrainerParams)]),
             "sdti_trainer_new": (c.c_int32, [c.POINTER(TrainerParams), c.POINTER(c.c_void_p)]),
             "sdti_trainer_recompute": (c.c_int32, [c.c_void_p, c.POINTER(c.c_uint32)]),
+            "sdti_trainer_family": (c.c_int32, [c.c_void_p, c.POINTER(c.c_uint32)]),
+            "sdti_trainer_resolution": (c.c_int32, [c.c_void_p, c.POINTER(c.c_uint32)]),
+            "sdti_encoder_new_from_trainer": (c.c_int32, [c.c_void_p, c.POINTER(c.c_void_p)]),
+            "sdti_encoder_clip_skip": (c.c_int32, [c.c_void_p, c.POINTER(c.c_uint32)]),
+            "sdti_encoder_free": (None, [c.c_void_p]),
+            "sdti_trainer_notes": (
+                c.c_int32,
+                [c.c_void_p, c.c_char_p, c.c_size_t, c.POINTER(c.c_size_t)],
+            ),
             "sdti_trainer_add_image": (
                 c.c_int32,
                 [c.c_void_p, c.c_char_p, c.c_uint32, c.c_uint32, c.c_size_t, c.c_uint32, c.c_char_p],
@@ -145,7 +160,8 @@ class Library:
                 fn = getattr(lib, name)
             except AttributeError:  # an older library: say which, not a bare ctypes error
                 raise ImportError(
-                    f"{path} lacks {name}: this pack needs sdti's C ABI {ABI_MAJOR}.3 or newer"
+                    f"{path} lacks {name}: this pack needs sdti's C ABI "
+                    f"{ABI_MAJOR}.{ABI_MINOR_NEEDED} or newer"
                 ) from None
             fn.restype = restype
             fn.argtypes = argtypes
@@ -184,6 +200,43 @@ class Library:
         if status == SDTI_OK:
             return None
         return self.last_error() or self.status_str(status).decode()
+
+    def trainer_model(self, trainer):
+        """What the trainer's model is: (family code, resolution in pixels, the text layer
+        its prompts are encoded from as ComfyUI's CLIP Set Last Layer says it (-1 the last,
+        -2 the penultimate), the notes on what loading decided from clues, one per line)."""
+        family = ctypes.c_uint32()
+        self.check(self._lib.sdti_trainer_family(trainer, ctypes.byref(family)), "sdti_trainer_family")
+        resolution = ctypes.c_uint32()
+        self.check(
+            self._lib.sdti_trainer_resolution(trainer, ctypes.byref(resolution)),
+            "sdti_trainer_resolution",
+        )
+        needed = ctypes.c_size_t(0)
+        status = self._lib.sdti_trainer_notes(trainer, None, 0, ctypes.byref(needed))
+        if status != SDTI_ERR_BUFFER_TOO_SMALL:
+            self.check(status, "sdti_trainer_notes")
+        buf = ctypes.create_string_buffer(max(needed.value, 1))
+        self.check(
+            self._lib.sdti_trainer_notes(trainer, buf, len(buf), ctypes.byref(needed)),
+            "sdti_trainer_notes",
+        )
+        notes = [line for line in buf.value.decode("utf-8", "replace").split("\n") if line]
+        # The trainer conditions as an encoder made from it encodes (the family's layer).
+        encoder = ctypes.c_void_p()
+        self.check(
+            self._lib.sdti_encoder_new_from_trainer(trainer, ctypes.byref(encoder)),
+            "sdti_encoder_new_from_trainer",
+        )
+        try:
+            clip_skip = ctypes.c_uint32()
+            self.check(
+                self._lib.sdti_encoder_clip_skip(encoder, ctypes.byref(clip_skip)),
+                "sdti_encoder_clip_skip",
+            )
+        finally:
+            self._lib.sdti_encoder_free(encoder)
+        return family.value, resolution.value, -int(clip_skip.value), notes
 
     def inspect(self, path):
         needed = ctypes.c_size_t(0)

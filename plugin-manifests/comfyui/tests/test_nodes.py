@@ -1,7 +1,8 @@
 """Tests the ComfyUI node pack without ComfyUI: the node classes match the manifest, train
-on the tiny model through the real library, convert and inspect; then again with stand-ins
-for ComfyUI's modules (folders, progress bar, interrupt, logging) that behave as ComfyUI
-0.3.x does where the pack depends on it.
+on the tiny models through the real library (SD 1.x, and the tiny SD 2.x and SDXL beside it
+in tests/fixtures), convert and inspect; then again with stand-ins for ComfyUI's modules
+(folders, progress bar, interrupt, logging) that behave as ComfyUI 0.3.x does where the
+pack depends on it.
 
     SDTI_LIBRARY=target/debug/libsdti.so SDTI_TEST_MODEL=tests/fixtures/tiny-sd \
         SDTI_TEST_OUT="$(mktemp -d)" python3 plugin-manifests/comfyui/tests/test_nodes.py
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,12 @@ MODEL = os.environ.get("SDTI_TEST_MODEL", os.path.join(REPO, "tests", "fixtures"
 # The tiny model's single-file form: 32 wide, so its head count is unknown without a config.
 SINGLE_FILE = os.path.normpath(MODEL) + ".safetensors"
 OUT = os.environ.get("SDTI_TEST_OUT") or tempfile.mkdtemp(prefix="sdti-comfy-")
+# The other families' tiny models (diffusers folders) and the SDXL embedding fixture:
+# beside the SD 1.x one in tests/fixtures, unless given.
+FIXTURES = os.path.dirname(os.path.normpath(MODEL))
+SD2_MODEL = os.environ.get("SDTI_TEST_SD2_MODEL", os.path.join(FIXTURES, "tiny-sd2"))
+SDXL_MODEL = os.environ.get("SDTI_TEST_SDXL_MODEL", os.path.join(FIXTURES, "tiny-sdxl"))
+SDXL_WORD = os.path.join(FIXTURES, "embeddings", "sdxl.safetensors")
 
 try:
     import numpy as np
@@ -49,6 +57,9 @@ def load_pack(name):
 
 def images(batch=2, size=64):
     """A batch of pictures: a disc moving across a gradient, floats in 0..1."""
+    if size < 64:  # a size the library refuses
+        return np.zeros((batch, size, size, 3), np.float32) if np is not None else \
+            [[[[0.0] * 3] * size] * size] * batch
     out = []
     for k in range(batch):
         img = []
@@ -60,6 +71,20 @@ def images(batch=2, size=64):
             img.append(row)
         out.append(img)
     return np.asarray(out, dtype=np.float32) if np is not None else out
+
+
+def safetensors_shapes(path):
+    """{key: shape} of a safetensors file, read from its header (no torch needed)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def text_width(model, part="text_encoder"):
+    """The width of a diffusers folder's text encoder, from its config.json."""
+    with open(os.path.join(model, part, "config.json"), encoding="utf-8") as f:
+        return json.load(f)["hidden_size"]
 
 
 def train_args(**over):
@@ -250,6 +275,150 @@ def test_without_comfyui():
         print(f"SKIPPED: {SINGLE_FILE} missing; the model hint was not tested")
 
 
+def test_families():
+    """Issue 13: the Train node trains SD 2.x and SDXL checkpoints, each with its family's
+    defaults, writes SDXL words as clip_l + clip_g (what ComfyUI loads) and says what it
+    found; Convert offers the SDXL formats for SDXL words and only there."""
+    for mod in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
+        sys.modules.pop(mod, None)
+    pack = load_pack("sdti_pack_families")
+    nodes = pack.nodes
+    lib = nodes.library()
+    os.environ["SDTI_EMBEDDINGS_DIR"] = os.path.join(OUT, "family-embeddings")
+    train = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]()
+    inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]()
+    convert = pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]()
+    # Not set, the resolution is the model's: 0 is the default.
+    resolution = train.INPUT_TYPES()["required"]["resolution"]
+    assert resolution[1]["default"] == 0 and resolution[1]["min"] == 0, resolution
+    for family in ("SDXL 1024", "768", "512"):
+        assert family in resolution[1]["tooltip"], resolution
+
+    # SD 2.x: one table as wide as its text encoder (1024 for the real ViT-H), written in
+    # SD 1.x's layout, which ComfyUI and A1111 load for SD 2.x too.
+    for model in (SD2_MODEL, SDXL_MODEL):
+        if not os.path.isdir(model):
+            raise AssertionError(f"{model}: the tiny model is missing (tests/fixtures)")
+    (prompt, path), ui = as_comfyui_merges(
+        train.run(**train_args(checkpoint=SD2_MODEL, token="sd2word")))
+    assert prompt == "embedding:sd2word", prompt
+    assert safetensors_shapes(path) == {"emb_params": [2, text_width(SD2_MODEL)]}, path
+    report = ui["text"][0]
+    # Its text from the penultimate layer, ComfyUI's own default for SD 2.x.
+    assert "model: SD 2.x at 64 px, text from CLIP layer -2, word written as safetensors" \
+        in report, report
+    info = json.loads(inspect.run(path=path)[0])
+    assert info["widths"] == [text_width(SD2_MODEL)], info
+
+    # SDXL: two tables, clip_l as wide as text_encoder and clip_g as text_encoder_2 (32
+    # and 48 in the tiny model, 768 and 1280 in SDXL), in one file.
+    (prompt, path), ui = as_comfyui_merges(
+        train.run(**train_args(checkpoint=SDXL_MODEL, token="xlword")))
+    assert prompt == "embedding:xlword", prompt
+    widths = [text_width(SDXL_MODEL), text_width(SDXL_MODEL, "text_encoder_2")]
+    assert widths[0] != widths[1], widths  # a swap would show
+    assert safetensors_shapes(path) == {"clip_l": [2, widths[0]], "clip_g": [2, widths[1]]}, \
+        safetensors_shapes(path)
+    report = ui["text"][0]
+    assert "model: SDXL at 64 px, text from CLIP layer -2, word written as sdxl" in report, report
+    assert "3 steps" in report, report
+    info = json.loads(inspect.run(path=path)[0])
+    assert info["widths"] == widths, info
+    assert [p["encoder"] for p in info["parts"]] == ["clip_l", "clip_g"], info
+
+    # Resolution 0 (not set): the family's, logged as soon as the model is loaded, before
+    # the pictures are encoded (a 1x1 picture, refused by the library, ends the run there:
+    # 1024 px is slow on a CPU even for the tiny model).
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    logger = logging.getLogger("sdti")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        for model, said in ((MODEL, "SD 1.x at 512 px (the model default), text from CLIP "
+                             "layer -1"),
+                            (SD2_MODEL, "SD 2.x at 512 px (the model default), text from CLIP "
+                             "layer -2"),
+                            (SDXL_MODEL, "SDXL at 1024 px (the model default), text from CLIP "
+                             "layer -2")):
+            del lines.lines[:]
+            message = expect(nodes.sdti_lib.SdtiError, train.run, **train_args(
+                checkpoint=model, token="default", resolution=0, images=images(1, 1)))
+            assert "1x1" in message, message
+            assert len(lines.lines) == 1, lines.lines
+            assert f"{said}, word written as" in lines.lines[0], lines.lines
+        # SDXL's notes: what loading found (the prediction type and where it came from).
+        assert "epsilon" in lines.lines[0], lines.lines
+    finally:
+        logger.removeHandler(lines)
+    # A size the library does not take is its clear error, naming the field.
+    message = expect(nodes.sdti_lib.SdtiError, train.run, **train_args(token="tiny", resolution=32))
+    assert "resolution" in message and "32" in message, message
+
+    # Convert: an SDXL word goes into the formats that hold both tables, and the pack's
+    # list is the library's (each option tried directly too).
+    options = convert.INPUT_TYPES()["required"]["format"][0]
+    assert set(nodes.SDXL_FORMATS) <= set(options), options
+    (_, sd1_word), _ = as_comfyui_merges(train.run(**train_args(token="sd1word", steps=1)))
+    for source, sdxl in ((path, True), (SDXL_WORD, True), (sd1_word, False)):
+        stem = os.path.splitext(os.path.basename(source))[0]
+        for fmt in options:
+            dst = os.path.join(OUT, f"family-direct-{stem}-{fmt}.safetensors")
+            status = lib.embedding_convert_ex(
+                os.fsencode(source), os.fsencode(dst), nodes._constant("format", fmt),
+                nodes._constant("precision", "f32"), 0)
+            fits = fmt in nodes.SDXL_FORMATS if sdxl else fmt not in nodes.SDXL_ONLY_FORMATS
+            assert (status == 0) == fits, (stem, fmt, status, lib.last_error())
+            name = f"{stem}-{fmt}-node"
+            if not fits:
+                message = expect(ValueError, convert.run, format=fmt, precision="f32",
+                                 name=name, path=source)
+                assert message.startswith("Convert Embedding (sdti): format: "), message
+                if sdxl:
+                    assert "SDXL word" in message and "sdxl, kohya-pt" in message, message
+                else:
+                    assert "holds SDXL words" in message, message
+                continue
+            (dst,), ui = as_comfyui_merges(convert.run(format=fmt, precision="f32", name=name,
+                                                       path=source))
+            if fmt == "sdxl":
+                shapes = safetensors_shapes(dst)
+                assert sorted(shapes) == ["clip_g", "clip_l"], shapes
+                assert json.loads(inspect.run(path=dst)[0])["widths"] == \
+                    json.loads(inspect.run(path=source)[0])["widths"]
+            if fmt == "diffusers-sdxl":
+                # diffusers' pair: clip_l's table in NAME, clip_g's in NAME_2.
+                second = dst[: -len(".safetensors")] + "_2.safetensors"
+                assert ui["text"] == [f"wrote {dst} and {second}"], ui
+                want = json.loads(inspect.run(path=source)[0])["widths"]
+                assert [list(safetensors_shapes(f).values())[0][1] for f in (dst, second)] == want
+                # Both are checked before writing: an existing second file stops it.
+                os.remove(dst)
+                message = expect(FileExistsError, convert.run, format=fmt, precision="f32",
+                                 name=name, path=source)
+                assert second in message and "'overwrite'" in message, message
+
+    # A file that is not a checkpoint: the library's error, naming the file and saying why,
+    # before any training.
+    bad = os.path.join(OUT, "not-a-checkpoint.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"these are not weights")
+    message = expect(nodes.sdti_lib.SdtiError, train.run, **train_args(checkpoint=bad, token="bad"))
+    assert "not-a-checkpoint.safetensors: not a readable safetensors file" in message, message
+    # An SDXL word picked as the checkpoint (both are .safetensors in ComfyUI's lists).
+    message = expect(nodes.sdti_lib.SdtiError, train.run,
+                     **train_args(checkpoint=SDXL_WORD, token="bad"))
+    assert "not a Stable Diffusion checkpoint" in message and "clip_l" in message, message
+    assert not os.path.exists(os.path.join(OUT, "family-embeddings", "bad.safetensors"))
+
+
 def fake_comfyui(root, interrupt_after=None, hook=True):
     """Stand-ins for the parts of ComfyUI the pack uses, behaving as ComfyUI 0.3.x does
     (folder_paths.py, comfy/utils.py, comfy/model_management.py, main.py):
@@ -437,6 +606,12 @@ def test_with_comfyui_stand_ins():
     (pt,), _ = as_comfyui_merges(pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]().run(
         format="a1111-pt", precision="f32", name="", path=path))
     assert pt == os.path.join(embeddings, "comfyword-a1111-pt.pt"), pt
+
+    # A file in the checkpoints folder that is not a model: the library's reason, naming it.
+    message = expect(pack.nodes.sdti_lib.SdtiError, node().run,
+                     **train_args(checkpoint="single.safetensors", token="single"))
+    assert os.path.join(checkpoints, "single.safetensors") in message, message
+    assert "not a readable safetensors file" in message, message
 
     # The model hint in ComfyUI's terms.
     if os.path.exists(SINGLE_FILE):
@@ -736,6 +911,7 @@ def test_web_extension():
 
 if __name__ == "__main__":
     test_without_comfyui()
+    test_families()
     test_with_comfyui_stand_ins()
     test_names_stay_in_the_folder()
     test_path_inputs()
