@@ -217,11 +217,13 @@ def _exists_message(label, path, input_name):
     )
 
 
-def _check_write(lib, status, label, path, input_name, what):
-    """A write's status: SDTI_ERR_EXISTS (something appeared at the path after the
-    early check) as the same message as that check's."""
+def _check_write(lib, status, label, path, input_name, what, others=()):
+    """A write's status: SDTI_ERR_EXISTS (something appeared at the path, or at one of
+    the other files the write makes, after the early check) as the same message as that
+    check's, naming the one that is there."""
     if status == sdti_lib.SDTI_ERR_EXISTS:
-        raise FileExistsError(_exists_message(label, path, input_name))
+        there = next((p for p in (path, *others) if os.path.lexists(p)), path)
+        raise FileExistsError(_exists_message(label, there, input_name))
     lib.check(status, what)
 
 
@@ -754,7 +756,7 @@ class SDTI_ConvertEmbedding:
                 _constant("precision", precision),
                 _write_flags(overwrite),
             ),
-            label, dst, "name", "sdti_embedding_convert_ex",
+            label, dst, "name", "sdti_embedding_convert_ex", second,
         )
         _remember_written(_convert_output_keys(format, name, embedding, path), dst)
         return {"ui": {"text": [f"wrote {' and '.join([dst] + second)}"]}, "result": (dst,)}
