@@ -241,18 +241,23 @@ def _write_flags(overwrite):
 _written = {}  # key -> [path, the state this process left there, generation]
 
 
-def _file_state(path):
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+def _file_state(paths):
+    """The state of the files an output wrote (diffusers-sdxl writes two)."""
+    states = []
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            states.append(None)
+            continue
+        states.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(states)
 
 
-def _remember_written(keys, path):
+def _remember_written(keys, *paths):
     for key in keys:
         generation = _written[key][2] if key in _written else 0
-        _written[key] = [path, _file_state(path), generation]
+        _written[key] = [paths, _file_state(paths), generation]
 
 
 def _output_fingerprint(key):
@@ -758,7 +763,7 @@ class SDTI_ConvertEmbedding:
             ),
             label, dst, "name", "sdti_embedding_convert_ex", second,
         )
-        _remember_written(_convert_output_keys(format, name, embedding, path), dst)
+        _remember_written(_convert_output_keys(format, name, embedding, path), dst, *second)
         return {"ui": {"text": [f"wrote {' and '.join([dst] + second)}"]}, "result": (dst,)}
 
 

@@ -883,6 +883,17 @@ def test_is_changed():
         u2 = convert_cls.IS_CHANGED(**constants)
         assert u2 != u0, (linked, u2)
 
+    # diffusers-sdxl writes two files: either one deleted runs it again.
+    sdxl_word = os.path.join(root, "models", "embeddings", "xl.safetensors")
+    shutil.copy(SDXL_WORD, sdxl_word)
+    constants = dict(format="diffusers-sdxl", precision="f32", name="pair", embedding="",
+                     path=sdxl_word, overwrite=False)
+    u0 = convert_cls.IS_CHANGED(**constants)
+    (first,), _ = as_comfyui_merges(convert_cls().run(**constants))
+    assert convert_cls.IS_CHANGED(**constants) == u0
+    os.remove(first[: -len(".safetensors")] + "_2.safetensors")
+    assert convert_cls.IS_CHANGED(**constants) != u0
+
     constants = dict(train_args(checkpoint=name, token="cached"), images=None, overwrite=False)
     with open(path, "ab") as f:  # changed by someone else: run again
         f.write(b"\0")
