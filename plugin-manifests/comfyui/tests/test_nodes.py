@@ -87,6 +87,28 @@ def text_width(model, part="text_encoder"):
         return json.load(f)["hidden_size"]
 
 
+def v_prediction_copy(model, where):
+    """The diffusers folder `model` as a v-prediction model (an SD 2.x 768-v): its parts
+    linked (copied where links fail), its scheduler config saying v_prediction."""
+    os.makedirs(where, exist_ok=True)
+    for part in os.listdir(model):
+        src, dst = os.path.join(model, part), os.path.join(where, part)
+        if part == "scheduler" or os.path.lexists(dst):
+            continue
+        try:
+            os.symlink(os.path.abspath(src), dst, target_is_directory=os.path.isdir(src))
+        except OSError:
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+    os.makedirs(os.path.join(where, "scheduler"), exist_ok=True)
+    with open(os.path.join(model, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["prediction_type"] == "epsilon", config
+    config["prediction_type"] = "v_prediction"
+    with open(os.path.join(where, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return where
+
+
 def train_args(**over):
     args = dict(
         checkpoint=MODEL, images=images(), token="pyword", init_text="toy", vectors=2,
@@ -346,6 +368,9 @@ def test_families():
                              "layer -1"),
                             (SD2_MODEL, "SD 2.x at 512 px (the model default), text from CLIP "
                              "layer -2"),
+                            # SD 2.x 768-v: v-prediction models were trained at 768.
+                            (v_prediction_copy(SD2_MODEL, os.path.join(OUT, "tiny-sd2-v")),
+                             "SD 2.x at 768 px (the model default), text from CLIP layer -2"),
                             (SDXL_MODEL, "SDXL at 1024 px (the model default), text from CLIP "
                              "layer -2")):
             del lines.lines[:]
@@ -354,6 +379,9 @@ def test_families():
             assert "1x1" in message, message
             assert len(lines.lines) == 1, lines.lines
             assert f"{said}, word written as" in lines.lines[0], lines.lines
+            if "768" in said:
+                assert "v_prediction" in lines.lines[0] or "v-prediction" in lines.lines[0], \
+                    lines.lines
         # SDXL's notes: what loading found (the prediction type and where it came from).
         assert "epsilon" in lines.lines[0], lines.lines
     finally:
