@@ -24,7 +24,15 @@
 //    `sdti_format_from_name` and codes for the read-only formats.
 // 3: `sdti_trainer_params.recompute` and `.memory_budget_mib` (revision 2 of the params),
 //    `SDTI_RECOMPUTE_*`, `sdti_trainer_recompute`.
-#define SDTI_ABI_MINOR 3
+// 4: SD 2.x and SDXL models (`sdti.model.sd2/1`, `sdti.model.sdxl/1`): `SDTI_FAMILY_*`,
+//    `sdti_encoder_family`, `sdti_encoder_pooled_dim`, `sdti_encoder_part_dims`,
+//    `sdti_encoder_encode_pooled`, `sdti_encoder_register_vectors_sdxl`,
+//    `sdti_encoder_set_clip_layer` (ComfyUI's negative layer indices),
+//    `sdti_encoder_clip_skip`, `sdti_trainer_family`, `sdti_trainer_notes`,
+//    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
+//    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 picks the
+//    model family's resolution.
+#define SDTI_ABI_MINOR 4
 
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 #define SDTI_ABI_VERSION ((SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR)
@@ -62,11 +70,15 @@ typedef struct sdti_model_params {
     // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     // `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
     sdti_precision precision;
-    // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
+    // Required: a diffusers folder or a single-file `.safetensors` checkpoint of SD 1.x,
+    // SD 2.x or SDXL (base and its fine-tunes).
     const char *model_path;
     // `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
     const char *device;
 } sdti_model_params;
+
+// An `SDTI_FAMILY_*` value (a `uint32_t`): which Stable Diffusion a model is.
+typedef uint32_t sdti_family;
 
 // What the progress callback sees after each optimizer step. Library-owned, valid only
 // during the callback; fields are only ever appended (check `struct_size`).
@@ -103,7 +115,9 @@ typedef struct sdti_trainer_params {
     // `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     // `_BF16`: the dtype of the frozen UNet and VAE.
     sdti_precision precision;
-    // Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
+    // Required: a diffusers folder or a single-file `.safetensors` checkpoint of SD 1.x,
+    // SD 2.x or SDXL (base and its fine-tunes). SDXL words are learned as two tables,
+    // `clip_l` and `clip_g`, each started from `init_text`.
     const char *model_path;
     // `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
     const char *device;
@@ -207,7 +221,8 @@ typedef struct sdti_step_stats {
 // A file could not be read or written.
 #define SDTI_ERR_IO 10
 
-// The model could not be loaded (not SD 1.x, a missing or misshaped weight).
+// The model could not be loaded (not SD 1.x, 2.x or SDXL base, a missing or misshaped
+// weight).
 #define SDTI_ERR_MODEL 11
 
 // The device name is unknown, or this build or machine lacks that device.
@@ -253,6 +268,17 @@ typedef struct sdti_step_stats {
 
 // Pixels of 4 bytes, R G B A (straight alpha; alpha is ignored).
 #define SDTI_PIXEL_RGBA8 1
+
+// Stable Diffusion 1.x: CLIP ViT-L/14, words 768 wide.
+#define SDTI_FAMILY_SD1 1
+
+// Stable Diffusion 2.x (512 epsilon and 768 v-prediction): OpenCLIP ViT-H/14, words
+// 1024 wide.
+#define SDTI_FAMILY_SD2 2
+
+// SDXL base and its fine-tunes: CLIP ViT-L (768) and OpenCLIP bigG (1280), words with a
+// part for each, a 2048-wide context and a 1280-wide pooled vector.
+#define SDTI_FAMILY_SDXL 3
 
 // Pick the format from the file extension (`.pt`, `.safetensors`, `.bin`, `.png`).
 #define SDTI_FORMAT_AUTO 0
@@ -449,9 +475,10 @@ sdti_status sdti_embedding_inspect(const char *path, char *json, size_t len, siz
 sdti_status sdti_model_params_init(struct sdti_model_params *params);
 
 // Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
-// VAE weights are not read); `*out` receives the handle. For SDXL both text encoders
-// are loaded and the encoded states are `[L || G]` side by side (`sdti_encoder_dim` is
-// their width, 768 + 1280); its words are registered from files.
+// VAE weights are not read); `*out` receives the handle. SD 1.x and 2.x have one text
+// encoder; for SDXL both are loaded, the encoded context is `[L || G]` side by side
+// (`sdti_encoder_dim` is their width, 768 + 1280) and `sdti_encoder_encode_pooled` also
+// gives the pooled vector. `sdti_encoder_family` tells which the model is.
 //
 // Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 // `SDTI_ERR_STRUCT_SIZE`, ...).
@@ -483,8 +510,10 @@ sdti_status sdti_encoder_register_trainer(struct sdti_encoder *encoder,
                                           struct sdti_trainer *trainer);
 
 // Registers the word of an embedding file in any format sdti reads (A1111 `.pt`/PNG,
-// safetensors layouts, diffusers `.bin`, kohya, OneTrainer) as `token`, or, when `token`
-// is NULL, as the file's stem (what A1111 calls it). A registered word replaces one of
+// safetensors layouts, diffusers `.bin`, kohya, OneTrainer; for SDXL the `{clip_l,
+// clip_g}` files, and diffusers' pair as `"FIRST+SECOND"` or their folder) as `token`,
+// or, when `token` is NULL, as the file's stem (what A1111 calls it). An SDXL model
+// refuses one-part files and SD 1.x/2.x models refuse SDXL files, saying so. A registered word replaces one of
 // the same name. Prompts use it as `word` (A1111), `embedding:word` (ComfyUI) or
 // `<word>` (diffusers).
 //
@@ -501,6 +530,8 @@ sdti_status sdti_encoder_register_token(struct sdti_encoder *encoder,
 
 // Registers `token` with `n` vectors of width `dim` (`[n, dim]` f32 row-major, copied).
 // `dim` must be the model's width (`sdti_encoder_dim`); `n` in 1..=75; values finite.
+// SDXL words have a part per text encoder: `sdti_encoder_register_vectors_sdxl` (here
+// SDXL gets `SDTI_ERR_INVALID_ARGUMENT`).
 //
 // # Safety
 // `token` is NUL-terminated; `vectors` points to `n * dim` readable floats.
@@ -512,13 +543,68 @@ sdti_status sdti_encoder_register_vectors(struct sdti_encoder *encoder,
                                           size_t n,
                                           size_t dim);
 
-// The text encoder's width (768 for SD 1.x), into `*dim`.
+// The context's width into `*dim`: the text encoder's (768 for SD 1.x, 1024 for SD 2.x),
+// or SDXL's two side by side (768 + 1280 = 2048).
 //
 // # Safety
 // `dim` is writable.
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_encoder_dim(struct sdti_encoder *encoder, uint32_t *dim);
+
+// The model family of the encoder's model (`SDTI_FAMILY_SD1`, `_SD2` or `_SDXL`), into
+// `*family`. Since ABI 1.4.
+//
+// # Safety
+// `family` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_family(struct sdti_encoder *encoder, sdti_family *family);
+
+// The pooled vector's width into `*dim`: 1280 for SDXL (OpenCLIP bigG's projection), 0
+// for models without one (SD 1.x, SD 2.x). Since ABI 1.4.
+//
+// # Safety
+// `dim` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_pooled_dim(struct sdti_encoder *encoder, uint32_t *dim);
+
+// The width of each text encoder's word vectors, in conditioning order, into `dims`
+// (`cap` elements): `[768]` for SD 1.x, `[1024]` for SD 2.x, `[768, 1280]` for SDXL
+// (`clip_l`, `clip_g`; their sum is `sdti_encoder_dim`). `*count` (optional) gets the
+// number of parts; with `dims` NULL or `cap` smaller the call returns
+// `SDTI_ERR_BUFFER_TOO_SMALL` and writes no width. Since ABI 1.4.
+//
+// # Safety
+// `dims` is NULL or `cap` writable elements; `count` NULL or writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_part_dims(struct sdti_encoder *encoder,
+                                   uint32_t *dims,
+                                   size_t cap,
+                                   size_t *count);
+
+// Registers `token` as an SDXL word: `clip_l` (`[n_l, dim_l]` f32 row-major) for the
+// CLIP ViT-L encoder and `clip_g` (`[n_g, dim_g]`) for OpenCLIP bigG, both copied. The
+// widths must be the model's (`sdti_encoder_part_dims`: 768 and 1280), `n_l == n_g` in
+// 1..=75, values finite. On an SD 1.x or 2.x encoder it returns
+// `SDTI_ERR_INVALID_ARGUMENT` (their words have one part: `sdti_encoder_register_vectors`).
+// Since ABI 1.4.
+//
+// # Safety
+// `token` is NUL-terminated; `clip_l` points to `n_l * dim_l` readable floats and
+// `clip_g` to `n_g * dim_g` (only read once every size checks out).
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_register_vectors_sdxl(struct sdti_encoder *encoder,
+                                               const char *token,
+                                               const float *clip_l,
+                                               size_t n_l,
+                                               size_t dim_l,
+                                               const float *clip_g,
+                                               size_t n_g,
+                                               size_t dim_g);
 
 // Chunks long prompts as A1111 (`SDTI_CHUNKS_A1111`, the default) or ComfyUI
 // (`SDTI_CHUNKS_COMFYUI`) do.
@@ -527,13 +613,39 @@ sdti_status sdti_encoder_dim(struct sdti_encoder *encoder, uint32_t *dim);
 sdti_status sdti_encoder_set_chunk_style(struct sdti_encoder *encoder, uint32_t style);
 
 // Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
-// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
-// Never set, it is the model family's: 1 for SD 1.x, 2 for SD 2.x (OpenCLIP ViT-H's
-// penultimate block, the last layer an SD 2.x diffusers folder holds, so 1 is refused
-// there) and for SDXL. 0 is refused.
+// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use;
+// A1111's "Clip skip" setting). Never set, it is the model family's: 1 for SD 1.x, 2
+// for SD 2.x (OpenCLIP ViT-H's penultimate block, the last layer an SD 2.x diffusers
+// folder holds, so 1 is refused there) and for SDXL (both encoders, without the final
+// layer norm). 0 is refused. ComfyUI's negative layer indices:
+// `sdti_encoder_set_clip_layer`.
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_encoder_set_clip_skip(struct sdti_encoder *encoder, uint32_t clip_skip);
+
+// Chooses the text layer the way either front spells it: a negative `layer` is
+// ComfyUI's `CLIPSetLastLayer` (`stop_at_clip_layer`): -1 the last layer, -2 the
+// penultimate, the same as `sdti_encoder_set_clip_skip(-layer)`; a positive one is
+// A1111's "Clip skip" (`sdti_encoder_set_clip_skip(layer)`); 0 goes back to the model
+// family's default (`sdti_encoder_clip_skip` tells which). The final layer norm follows
+// the family, as in both tools: applied for SD 1.x and 2.x, not for SDXL. Note that
+// ComfyUI without that node uses -2 on SD 2.x and SDXL, and that inserting the node with
+// its default -1 switches them to the last layer. Since ABI 1.4.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (beyond the encoder's depth, or -1/1 on an SD
+// 2.x diffusers folder, which lacks the last block).
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_set_clip_layer(struct sdti_encoder *encoder, int32_t layer);
+
+// The clip skip prompts are encoded with (set, or the family's), into `*clip_skip`: 1 =
+// the last layer. Since ABI 1.4.
+//
+// # Safety
+// `clip_skip` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_clip_skip(struct sdti_encoder *encoder, uint32_t *clip_skip);
 
 // Tokenizes `prompt` as the encoder would, into 77-slot chunks (BOS, 75 slots, EOS,
 // padded): for slot `i`, `ids[i]` is the vocabulary id (the end-of-text id 49407 as a
@@ -559,7 +671,8 @@ sdti_status sdti_encoder_tokenize(struct sdti_encoder *encoder,
 // dim]` f32 row-major into `out` (`cap` floats), with registered words injected in any
 // of the three spellings. `*needed_floats` and `*rows` (each optional) get the size;
 // with `out` NULL or `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after
-// writing them, without running the model (a cheap size query).
+// writing them, without running the model (a cheap size query). SDXL also needs the
+// pooled vector: `sdti_encoder_encode_pooled`.
 //
 // # Safety
 // `prompt` is NUL-terminated; `out` NULL or `cap` writable floats; `needed_floats`,
@@ -572,6 +685,31 @@ sdti_status sdti_encoder_encode(struct sdti_encoder *encoder,
                                 size_t cap,
                                 size_t *needed_floats,
                                 uint32_t *rows);
+
+// Encodes `prompt` as `sdti_encoder_encode` does into `context` (`context_cap` floats,
+// `[chunks * 77, dim]`: SDXL's `[L || G]`, 2048 wide) and writes the pooled vector
+// (`sdti_encoder_pooled_dim` floats: SDXL's OpenCLIP bigG projection of the first
+// chunk's first end token, what A1111, ComfyUI and training use) into `pooled`
+// (`pooled_cap` floats). `*needed_floats` and `*rows` (each optional) get the context's
+// size; with `context` NULL or `context_cap` too small, or `pooled` NULL or `pooled_cap`
+// below the pooled width, the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing
+// them, without running the model. For a model without a pooled vector (SD 1.x, 2.x;
+// `sdti_encoder_pooled_dim` 0) pass `pooled` NULL and `pooled_cap` 0; a pooled buffer
+// there gets `SDTI_ERR_UNSUPPORTED`. Since ABI 1.4.
+//
+// # Safety
+// `prompt` is NUL-terminated; `context` NULL or `context_cap` writable floats; `pooled`
+// NULL or `pooled_cap` writable floats; `needed_floats`, `rows` NULL or writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_encode_pooled(struct sdti_encoder *encoder,
+                                       const char *prompt,
+                                       float *context,
+                                       size_t context_cap,
+                                       float *pooled,
+                                       size_t pooled_cap,
+                                       size_t *needed_floats,
+                                       uint32_t *rows);
 
 // Releases the encoder. `NULL`, and a handle freed already, are no-ops.
 //
@@ -650,6 +788,28 @@ sdti_status sdti_trainer_image_count(struct sdti_trainer *trainer, uint32_t *cou
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_recompute(struct sdti_trainer *trainer, sdti_recompute *recompute);
 
+// The model family of the trainer's model (`SDTI_FAMILY_SD1`, `_SD2` or `_SDXL`), into
+// `*family`. Since ABI 1.4.
+//
+// # Safety
+// `family` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_family(struct sdti_trainer *trainer, sdti_family *family);
+
+// What loading the model decided from clues rather than a configuration (a single
+// file's prediction type and the rule that chose it, zero-SNR, ...), one sentence a line,
+// as NUL-terminated UTF-8 into `buf` (`""` when nothing was guessed): for the host to
+// show where a person sees it. `*needed` (optional) gets the size with the NUL; with
+// `buf` NULL or `len` smaller the call returns `SDTI_ERR_BUFFER_TOO_SMALL` (writing as
+// much as fits, NUL-terminated, when `len > 0`). Since ABI 1.4.
+//
+// # Safety
+// `buf` is NULL or `len` writable bytes; `needed` NULL or writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_notes(struct sdti_trainer *trainer, char *buf, size_t len, size_t *needed);
+
 // Runs up to `steps` optimizer steps (fewer when the run reaches `max_steps`, which is
 // `SDTI_OK` with `stats->step == stats->total_steps`). `stats` (NULL allowed, else its
 // `struct_size` set) is written on `SDTI_OK` and on `SDTI_CANCELLED`.
@@ -690,13 +850,17 @@ void sdti_trainer_cancel(struct sdti_trainer *trainer);
 sdti_status sdti_trainer_export(struct sdti_trainer *trainer, const char *path, sdti_format format);
 
 // Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
-// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
-// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
-// `SDTI_WRITE_OVERWRITE` to replace what is at `path`.
+// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`
+// (for an SDXL word `{clip_l, clip_g}`, `SDTI_FORMAT_SDXL_SAFETENSORS`), `.bin`
+// diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
+// `SDTI_WRITE_OVERWRITE` to replace what is at `path`. An SDXL word is written by the
+// formats that hold both its tables: `SDTI_FORMAT_SDXL_SAFETENSORS`, `_KOHYA_PT`,
+// `_ONETRAINER` and `_DIFFUSERS_SDXL` (two files, see its constant).
 //
 // Statuses: `SDTI_ERR_EXISTS` (something is at `path`, a dangling symlink included, and
 // `flags` is 0), `SDTI_ERR_INVALID_ARGUMENT` (unknown format or flag),
-// `SDTI_ERR_UNSUPPORTED` (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+// `SDTI_ERR_UNSUPPORTED` (a read-only format, a one-table format for an SDXL word or an
+// SDXL format for an SD 1.x/2.x word), `SDTI_ERR_IO` (unwritable path).
 //
 // # Safety
 // `path` is a NUL-terminated string.
@@ -718,7 +882,8 @@ sdti_status sdti_trainer_save_checkpoint(struct sdti_trainer *trainer, const cha
 
 // Copies the current vectors (`[rows, dim]` f32, row-major) into `out` (`cap` floats).
 // `*needed_floats` and `*rows` (each optional) get the size; with `out` NULL or `cap`
-// too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them.
+// too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them. For SDXL
+// this is the `clip_l` table; `sdti_trainer_get_part_vectors` gives either.
 //
 // # Safety
 // `out` is NULL or `cap` writable floats; `needed_floats` and `rows` NULL or writable.
@@ -729,6 +894,28 @@ sdti_status sdti_trainer_get_vectors(struct sdti_trainer *trainer,
                                      size_t cap,
                                      size_t *needed_floats,
                                      uint32_t *rows);
+
+// Copies the current vectors of one table (`[rows, dim]` f32, row-major) into `out`
+// (`cap` floats): `part` 0 is the only table of SD 1.x and 2.x words; SDXL words have
+// `clip_l` (0) and `clip_g` (1), in the order of `sdti_encoder_part_dims`.
+// `*needed_floats`, `*rows` and `*dim` (each optional) get the size; with `out` NULL or
+// `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them.
+// Since ABI 1.4.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`part` beyond the word's tables).
+//
+// # Safety
+// `out` is NULL or `cap` writable floats; `needed_floats`, `rows` and `dim` NULL or
+// writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_get_part_vectors(struct sdti_trainer *trainer,
+                                          uint32_t part,
+                                          float *out,
+                                          size_t cap,
+                                          size_t *needed_floats,
+                                          uint32_t *rows,
+                                          uint32_t *dim);
 
 // Ends the run: stops a `sdti_trainer_step` running on another thread (waiting for its
 // micro-batch), then releases everything. The progress callback is never called after

@@ -75,11 +75,11 @@ pub(crate) fn existing_for(flags: u32) -> FfiResult<Existing> {
     }
 }
 
-/// The engine format of an `SDTI_FORMAT_*` code.
-pub(crate) fn format_for(code: u32, path: &Path) -> FfiResult<Format> {
+/// The engine format of an `SDTI_FORMAT_*` code; `sdxl` says the word is an SDXL one.
+pub(crate) fn format_for(code: u32, path: &Path, sdxl: bool) -> FfiResult<Format> {
     Ok(match code {
-        // The C ABI always picks `emb_params` for .safetensors, whatever the embedding.
-        SDTI_FORMAT_AUTO => Format::from_extension(path, false).ok_or_else(|| {
+        // `.safetensors`: `emb_params` for one-table words, `{clip_l, clip_g}` for SDXL's.
+        SDTI_FORMAT_AUTO => Format::from_extension(path, sdxl).ok_or_else(|| {
             invalid(format!(
                 "{}: SDTI_FORMAT_AUTO needs the extension .pt, .safetensors, .bin or .png; pass a format",
                 path.display()
@@ -143,7 +143,8 @@ pub unsafe extern "C" fn sdti_embedding_convert_ex(
     call(|| {
         // SAFETY: NUL-terminated by contract.
         let (src, dst) = unsafe { (cpath(src, "src")?, cpath(dst, "dst")?) };
-        let format = format_for(format, &dst)?;
+        // An unknown code is refused before the source is read.
+        format_for(format, &dst, false)?;
         let existing = existing_for(flags)?;
         let precision = match precision {
             SDTI_PRECISION_F32 => Precision::F32,
@@ -155,6 +156,7 @@ pub unsafe extern "C" fn sdti_embedding_convert_ex(
             }
         };
         let emb = read_embedding(&src)?;
+        let format = format_for(format, &dst, emb.parts.len() > 1)?;
         write_embedding_to(&dst, &emb, format, precision, existing)?;
         Ok(())
     })

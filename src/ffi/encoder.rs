@@ -7,6 +7,7 @@ use std::sync::{Arc, LazyLock};
 use super::boundary::*;
 use super::trainer::{load_options, sdti_trainer, TRAINERS};
 use super::*;
+use crate::embedding::{Encoder, Family};
 use crate::model::TextEncoder;
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::encoder::PromptEncoder;
@@ -31,7 +32,8 @@ pub struct sdti_model_params {
     /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     /// `_BF16`: the UNet's and VAE's dtype (prompts are always encoded in f32).
     pub precision: sdti_precision,
-    /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
+    /// Required: a diffusers folder or a single-file `.safetensors` checkpoint of SD 1.x,
+    /// SD 2.x or SDXL (base and its fine-tunes).
     pub model_path: *const c_char,
     /// `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
     pub device: *const c_char,
@@ -78,9 +80,10 @@ pub unsafe extern "C" fn sdti_model_params_init(params: *mut sdti_model_params) 
 }
 
 /// Loads a model's text encoder for prompt encoding (only the text encoder: the UNet and
-/// VAE weights are not read); `*out` receives the handle. For SDXL both text encoders
-/// are loaded and the encoded states are `[L || G]` side by side (`sdti_encoder_dim` is
-/// their width, 768 + 1280); its words are registered from files.
+/// VAE weights are not read); `*out` receives the handle. SD 1.x and 2.x have one text
+/// encoder; for SDXL both are loaded, the encoded context is `[L || G]` side by side
+/// (`sdti_encoder_dim` is their width, 768 + 1280) and `sdti_encoder_encode_pooled` also
+/// gives the pooled vector. `sdti_encoder_family` tells which the model is.
 ///
 /// Statuses: as `sdti_trainer_new` (`SDTI_ERR_MODEL`, `SDTI_ERR_DEVICE`,
 /// `SDTI_ERR_STRUCT_SIZE`, ...).
@@ -125,22 +128,42 @@ pub unsafe extern "C" fn sdti_encoder_new(
     })
 }
 
-/// Registers the trainer's current word (its token and vectors) in `encoder`.
+/// Registers the trainer's current word (its token and vectors) in `encoder`: one part
+/// per text encoder (SDXL: `clip_l`, `clip_g`), each at the encoder's width.
 fn register_trainer_word(encoder: &mut PromptEncoder, trainer: *mut sdti_trainer) -> FfiResult {
     let handle = TRAINERS.get(trainer as usize)?;
     let guard = lock_state(&handle, "trainer", false)?;
     let Some(state) = guard.as_ref() else {
         return Err(fail(SDTI_ERR_INVALID_HANDLE, "the trainer was freed"));
     };
-    let dim = state.trainer.model().config.text_encoder.hidden_size;
-    if dim != encoder.dim() {
-        return Err(invalid(format!(
-            "the trainer's model is {dim} wide, this encoder's {}",
-            encoder.dim()
-        )));
+    let emb = state.trainer.embedding()?;
+    let trainer_family = state.trainer.model().config.family;
+    let widths = encoder.part_widths();
+    let kinds: Vec<Encoder> = encoder
+        .text_encoders()
+        .iter()
+        .map(|e| e.encoder())
+        .collect();
+    let mut parts = Vec::with_capacity(kinds.len());
+    for (kind, &width) in kinds.iter().zip(&widths) {
+        let part = match (kind, emb.parts.as_slice()) {
+            (Encoder::Single, [single]) => Some(single),
+            (Encoder::Single, _) => None,
+            (_, all) => all.iter().find(|p| p.encoder == *kind),
+        };
+        match part {
+            Some(p) if p.dim == width => parts.push(p.data.as_slice()),
+            _ => {
+                return Err(invalid(format!(
+                    "the trainer's model ({}, word widths {:?}) does not fit this encoder's ({}, widths {widths:?})",
+                    trainer_family.model_name(),
+                    emb.parts.iter().map(|p| p.dim).collect::<Vec<_>>(),
+                    encoder.family().model_name(),
+                )))
+            }
+        }
     }
-    let vectors = state.trainer.vectors()?;
-    encoder.register(&state.trainer.config().token, &vectors)?;
+    encoder.register_parts(&state.trainer.config().token, &parts)?;
     Ok(())
 }
 
@@ -199,8 +222,10 @@ pub extern "C" fn sdti_encoder_register_trainer(
 }
 
 /// Registers the word of an embedding file in any format sdti reads (A1111 `.pt`/PNG,
-/// safetensors layouts, diffusers `.bin`, kohya, OneTrainer) as `token`, or, when `token`
-/// is NULL, as the file's stem (what A1111 calls it). A registered word replaces one of
+/// safetensors layouts, diffusers `.bin`, kohya, OneTrainer; for SDXL the `{clip_l,
+/// clip_g}` files, and diffusers' pair as `"FIRST+SECOND"` or their folder) as `token`,
+/// or, when `token` is NULL, as the file's stem (what A1111 calls it). An SDXL model
+/// refuses one-part files and SD 1.x/2.x models refuse SDXL files, saying so. A registered word replaces one of
 /// the same name. Prompts use it as `word` (A1111), `embedding:word` (ComfyUI) or
 /// `<word>` (diffusers).
 ///
@@ -234,6 +259,8 @@ pub unsafe extern "C" fn sdti_encoder_register_token(
 
 /// Registers `token` with `n` vectors of width `dim` (`[n, dim]` f32 row-major, copied).
 /// `dim` must be the model's width (`sdti_encoder_dim`); `n` in 1..=75; values finite.
+/// SDXL words have a part per text encoder: `sdti_encoder_register_vectors_sdxl` (here
+/// SDXL gets `SDTI_ERR_INVALID_ARGUMENT`).
 ///
 /// # Safety
 /// `token` is NUL-terminated; `vectors` points to `n * dim` readable floats.
@@ -253,6 +280,12 @@ pub unsafe extern "C" fn sdti_encoder_register_vectors(
         if vectors.is_null() {
             return Err(invalid("vectors is NULL"));
         }
+        if enc.family() == Family::Sdxl {
+            return Err(invalid(format!(
+                "an SDXL word has a part per text encoder (widths {:?}): use sdti_encoder_register_vectors_sdxl",
+                enc.part_widths()
+            )));
+        }
         if dim != enc.dim() {
             return Err(invalid(format!(
                 "dim {dim} is not this model's width {}",
@@ -269,7 +302,8 @@ pub unsafe extern "C" fn sdti_encoder_register_vectors(
     })
 }
 
-/// The text encoder's width (768 for SD 1.x), into `*dim`.
+/// The context's width into `*dim`: the text encoder's (768 for SD 1.x, 1024 for SD 2.x),
+/// or SDXL's two side by side (768 + 1280 = 2048).
 ///
 /// # Safety
 /// `dim` is writable.
@@ -286,6 +320,141 @@ pub unsafe extern "C" fn sdti_encoder_dim(
         }
         // SAFETY: writable by contract.
         unsafe { dim.write(enc.dim() as u32) };
+        Ok(())
+    })
+}
+
+/// The model family of the encoder's model (`SDTI_FAMILY_SD1`, `_SD2` or `_SDXL`), into
+/// `*family`. Since ABI 1.4.
+///
+/// # Safety
+/// `family` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_encoder_family(
+    encoder: *mut sdti_encoder,
+    family: *mut sdti_family,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        if family.is_null() {
+            return Err(invalid("family is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { family.write(family_code(enc.family())) };
+        Ok(())
+    })
+}
+
+/// The pooled vector's width into `*dim`: 1280 for SDXL (OpenCLIP bigG's projection), 0
+/// for models without one (SD 1.x, SD 2.x). Since ABI 1.4.
+///
+/// # Safety
+/// `dim` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_encoder_pooled_dim(
+    encoder: *mut sdti_encoder,
+    dim: *mut u32,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        if dim.is_null() {
+            return Err(invalid("dim is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { dim.write(enc.pooled_dim().unwrap_or(0) as u32) };
+        Ok(())
+    })
+}
+
+/// The width of each text encoder's word vectors, in conditioning order, into `dims`
+/// (`cap` elements): `[768]` for SD 1.x, `[1024]` for SD 2.x, `[768, 1280]` for SDXL
+/// (`clip_l`, `clip_g`; their sum is `sdti_encoder_dim`). `*count` (optional) gets the
+/// number of parts; with `dims` NULL or `cap` smaller the call returns
+/// `SDTI_ERR_BUFFER_TOO_SMALL` and writes no width. Since ABI 1.4.
+///
+/// # Safety
+/// `dims` is NULL or `cap` writable elements; `count` NULL or writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_encoder_part_dims(
+    encoder: *mut sdti_encoder,
+    dims: *mut u32,
+    cap: usize,
+    count: *mut usize,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        let widths: Vec<u32> = enc.part_widths().iter().map(|&w| w as u32).collect();
+        // SAFETY: the caller's contract.
+        unsafe { write_slice(&widths, dims, cap, count, "part widths") }
+    })
+}
+
+/// Registers `token` as an SDXL word: `clip_l` (`[n_l, dim_l]` f32 row-major) for the
+/// CLIP ViT-L encoder and `clip_g` (`[n_g, dim_g]`) for OpenCLIP bigG, both copied. The
+/// widths must be the model's (`sdti_encoder_part_dims`: 768 and 1280), `n_l == n_g` in
+/// 1..=75, values finite. On an SD 1.x or 2.x encoder it returns
+/// `SDTI_ERR_INVALID_ARGUMENT` (their words have one part: `sdti_encoder_register_vectors`).
+/// Since ABI 1.4.
+///
+/// # Safety
+/// `token` is NUL-terminated; `clip_l` points to `n_l * dim_l` readable floats and
+/// `clip_g` to `n_g * dim_g` (only read once every size checks out).
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn sdti_encoder_register_vectors_sdxl(
+    encoder: *mut sdti_encoder,
+    token: *const c_char,
+    clip_l: *const f32,
+    n_l: usize,
+    dim_l: usize,
+    clip_g: *const f32,
+    n_g: usize,
+    dim_g: usize,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        // SAFETY: NUL-terminated by contract.
+        let token = unsafe { cstr(token, "token") }?;
+        let widths = enc.part_widths();
+        if enc.family() != Family::Sdxl {
+            return Err(invalid(format!(
+                "this {} model's words have one part (width {widths:?}): use sdti_encoder_register_vectors",
+                enc.family().model_name()
+            )));
+        }
+        for (name, ptr, n, dim, want) in [
+            ("clip_l", clip_l, n_l, dim_l, widths[0]),
+            ("clip_g", clip_g, n_g, dim_g, widths[1]),
+        ] {
+            if ptr.is_null() {
+                return Err(invalid(format!("{name} is NULL")));
+            }
+            if dim != want {
+                return Err(invalid(format!(
+                    "{name}: width {dim} is not this model's {want}"
+                )));
+            }
+            if n == 0 || n > crate::embedding::MAX_VECTORS {
+                return Err(invalid(format!("{name}: n {n} is outside 1..=75")));
+            }
+        }
+        if n_l != n_g {
+            return Err(invalid(format!(
+                "clip_l has {n_l} vectors and clip_g {n_g}: an SDXL word has as many of each"
+            )));
+        }
+        // SAFETY: `n * dim` readable floats by contract (n <= 75, dims the model's widths).
+        let (l, g) = unsafe {
+            (
+                std::slice::from_raw_parts(clip_l, n_l * dim_l).to_vec(),
+                std::slice::from_raw_parts(clip_g, n_g * dim_g).to_vec(),
+            )
+        };
+        enc.register_parts(token, &[&l, &g])?;
         Ok(())
     })
 }
@@ -314,10 +483,12 @@ pub extern "C" fn sdti_encoder_set_chunk_style(
 }
 
 /// Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
-/// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use).
-/// Never set, it is the model family's: 1 for SD 1.x, 2 for SD 2.x (OpenCLIP ViT-H's
-/// penultimate block, the last layer an SD 2.x diffusers folder holds, so 1 is refused
-/// there) and for SDXL. 0 is refused.
+/// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use;
+/// A1111's "Clip skip" setting). Never set, it is the model family's: 1 for SD 1.x, 2
+/// for SD 2.x (OpenCLIP ViT-H's penultimate block, the last layer an SD 2.x diffusers
+/// folder holds, so 1 is refused there) and for SDXL (both encoders, without the final
+/// layer norm). 0 is refused. ComfyUI's negative layer indices:
+/// `sdti_encoder_set_clip_layer`.
 ///
 /// `[one thread at a time per handle]`
 #[no_mangle]
@@ -327,6 +498,57 @@ pub extern "C" fn sdti_encoder_set_clip_skip(
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
         enc.set_clip_skip(clip_skip as usize)?;
+        Ok(())
+    })
+}
+
+/// Chooses the text layer the way either front spells it: a negative `layer` is
+/// ComfyUI's `CLIPSetLastLayer` (`stop_at_clip_layer`): -1 the last layer, -2 the
+/// penultimate, the same as `sdti_encoder_set_clip_skip(-layer)`; a positive one is
+/// A1111's "Clip skip" (`sdti_encoder_set_clip_skip(layer)`); 0 goes back to the model
+/// family's default (`sdti_encoder_clip_skip` tells which). The final layer norm follows
+/// the family, as in both tools: applied for SD 1.x and 2.x, not for SDXL. Note that
+/// ComfyUI without that node uses -2 on SD 2.x and SDXL, and that inserting the node with
+/// its default -1 switches them to the last layer. Since ABI 1.4.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (beyond the encoder's depth, or -1/1 on an SD
+/// 2.x diffusers folder, which lacks the last block).
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub extern "C" fn sdti_encoder_set_clip_layer(
+    encoder: *mut sdti_encoder,
+    layer: i32,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        if layer == 0 {
+            enc.reset_clip_skip();
+        } else {
+            enc.set_clip_skip(layer.unsigned_abs() as usize)
+                .map_err(|e| invalid(format!("clip layer {layer}: {e}")))?;
+        }
+        Ok(())
+    })
+}
+
+/// The clip skip prompts are encoded with (set, or the family's), into `*clip_skip`: 1 =
+/// the last layer. Since ABI 1.4.
+///
+/// # Safety
+/// `clip_skip` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_encoder_clip_skip(
+    encoder: *mut sdti_encoder,
+    clip_skip: *mut u32,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        if clip_skip.is_null() {
+            return Err(invalid("clip_skip is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { clip_skip.write(enc.clip_skip() as u32) };
         Ok(())
     })
 }
@@ -390,7 +612,8 @@ pub unsafe extern "C" fn sdti_encoder_tokenize(
 /// dim]` f32 row-major into `out` (`cap` floats), with registered words injected in any
 /// of the three spellings. `*needed_floats` and `*rows` (each optional) get the size;
 /// with `out` NULL or `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after
-/// writing them, without running the model (a cheap size query).
+/// writing them, without running the model (a cheap size query). SDXL also needs the
+/// pooled vector: `sdti_encoder_encode_pooled`.
 ///
 /// # Safety
 /// `prompt` is NUL-terminated; `out` NULL or `cap` writable floats; `needed_floats`,
@@ -407,39 +630,151 @@ pub unsafe extern "C" fn sdti_encoder_encode(
     rows: *mut u32,
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
-        // SAFETY: NUL-terminated by contract.
-        let prompt = unsafe { cstr(prompt, "prompt") }?;
-        let n_rows = enc.tokenize(prompt).len();
-        let want = n_rows * enc.dim();
-        // SAFETY: writable by contract.
+        // SAFETY: the caller's contract.
+        unsafe { encode_into(enc, prompt, out, cap, None, needed_floats, rows) }
+    })
+}
+
+/// Encodes `prompt` as `sdti_encoder_encode` does into `context` (`context_cap` floats,
+/// `[chunks * 77, dim]`: SDXL's `[L || G]`, 2048 wide) and writes the pooled vector
+/// (`sdti_encoder_pooled_dim` floats: SDXL's OpenCLIP bigG projection of the first
+/// chunk's first end token, what A1111, ComfyUI and training use) into `pooled`
+/// (`pooled_cap` floats). `*needed_floats` and `*rows` (each optional) get the context's
+/// size; with `context` NULL or `context_cap` too small, or `pooled` NULL or `pooled_cap`
+/// below the pooled width, the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing
+/// them, without running the model. For a model without a pooled vector (SD 1.x, 2.x;
+/// `sdti_encoder_pooled_dim` 0) pass `pooled` NULL and `pooled_cap` 0; a pooled buffer
+/// there gets `SDTI_ERR_UNSUPPORTED`. Since ABI 1.4.
+///
+/// # Safety
+/// `prompt` is NUL-terminated; `context` NULL or `context_cap` writable floats; `pooled`
+/// NULL or `pooled_cap` writable floats; `needed_floats`, `rows` NULL or writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn sdti_encoder_encode_pooled(
+    encoder: *mut sdti_encoder,
+    prompt: *const c_char,
+    context: *mut f32,
+    context_cap: usize,
+    pooled: *mut f32,
+    pooled_cap: usize,
+    needed_floats: *mut usize,
+    rows: *mut u32,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        // SAFETY: the caller's contract.
         unsafe {
-            if !needed_floats.is_null() {
-                needed_floats.write(want);
-            }
-            if !rows.is_null() {
-                rows.write(n_rows as u32);
-            }
+            encode_into(
+                enc,
+                prompt,
+                context,
+                context_cap,
+                Some((pooled, pooled_cap)),
+                needed_floats,
+                rows,
+            )
         }
-        if out.is_null() || cap < want {
+    })
+}
+
+/// The body of both encode calls; `pooled` is the pooled buffer of `_encode_pooled`.
+///
+/// # Safety
+/// As `sdti_encoder_encode_pooled`.
+unsafe fn encode_into(
+    enc: &mut PromptEncoder,
+    prompt: *const c_char,
+    out: *mut f32,
+    cap: usize,
+    pooled: Option<(*mut f32, usize)>,
+    needed_floats: *mut usize,
+    rows: *mut u32,
+) -> FfiResult {
+    // SAFETY: NUL-terminated by contract.
+    let prompt = unsafe { cstr(prompt, "prompt") }?;
+    let pooled_dim = enc.pooled_dim().unwrap_or(0);
+    if let Some((buf, pooled_cap)) = pooled {
+        if pooled_dim == 0 && (!buf.is_null() || pooled_cap > 0) {
             return Err(fail(
-                SDTI_ERR_BUFFER_TOO_SMALL,
-                format!("{want} floats ({n_rows} rows) needed, the buffer holds {cap}"),
-            ));
-        }
-        let states = enc.encode(prompt)?;
-        let data: Vec<f32> = states.flatten_all().and_then(|t| t.to_vec1())?;
-        if data.len() != want {
-            return Err(fail(
-                SDTI_ERR_COMPUTE,
+                SDTI_ERR_UNSUPPORTED,
                 format!(
-                    "the encoder gave {} floats, {want} were expected",
-                    data.len()
+                    "this {} model has no pooled vector (sdti_encoder_pooled_dim is 0): pass pooled NULL and pooled_cap 0, or use sdti_encoder_encode",
+                    enc.family().model_name()
                 ),
             ));
         }
-        // SAFETY: `out` has `cap >= want` writable floats.
-        unsafe { write_slice(&data, out, cap, std::ptr::null_mut(), "hidden states") }
-    })
+    }
+    let n_rows = enc.tokenize(prompt).len();
+    let want = n_rows * enc.dim();
+    // SAFETY: writable by contract.
+    unsafe {
+        if !needed_floats.is_null() {
+            needed_floats.write(want);
+        }
+        if !rows.is_null() {
+            rows.write(n_rows as u32);
+        }
+    }
+    if out.is_null() || cap < want {
+        return Err(fail(
+            SDTI_ERR_BUFFER_TOO_SMALL,
+            format!("{want} floats ({n_rows} rows) needed, the context buffer holds {cap}"),
+        ));
+    }
+    if let Some((buf, pooled_cap)) = pooled {
+        if pooled_dim > 0 && (buf.is_null() || pooled_cap < pooled_dim) {
+            return Err(fail(
+                SDTI_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "the pooled vector has {pooled_dim} floats, the pooled buffer holds {}",
+                    if buf.is_null() { 0 } else { pooled_cap }
+                ),
+            ));
+        }
+    }
+    let (states, pooled_vector) = enc.encode_with_pooled(prompt)?;
+    let data: Vec<f32> = states.flatten_all().and_then(|t| t.to_vec1())?;
+    if data.len() != want {
+        return Err(fail(
+            SDTI_ERR_COMPUTE,
+            format!(
+                "the encoder gave {} floats, {want} were expected",
+                data.len()
+            ),
+        ));
+    }
+    let pooled_data: Option<Vec<f32>> = match (pooled, pooled_vector) {
+        (Some(_), Some(p)) if pooled_dim > 0 => {
+            let v: Vec<f32> = p.flatten_all().and_then(|t| t.to_vec1())?;
+            if v.len() != pooled_dim {
+                return Err(fail(
+                    SDTI_ERR_COMPUTE,
+                    format!(
+                        "the encoder gave a pooled vector of {} floats, {pooled_dim} were expected",
+                        v.len()
+                    ),
+                ));
+            }
+            Some(v)
+        }
+        (Some(_), None) if pooled_dim > 0 => {
+            return Err(fail(
+                SDTI_ERR_COMPUTE,
+                "the encoder gave no pooled vector for a model that has one",
+            ))
+        }
+        _ => None,
+    };
+    // Both outputs only once both are computed: nothing is written on failure.
+    // SAFETY: `out` has `cap >= want` writable floats.
+    unsafe { write_slice(&data, out, cap, std::ptr::null_mut(), "hidden states") }?;
+    if let (Some((buf, pooled_cap)), Some(v)) = (pooled, pooled_data) {
+        // SAFETY: `buf` has `pooled_cap >= pooled_dim` writable floats (checked above).
+        unsafe { write_slice(&v, buf, pooled_cap, std::ptr::null_mut(), "pooled vector") }?;
+    }
+    Ok(())
 }
 
 /// Releases the encoder. `NULL`, and a handle freed already, are no-ops.

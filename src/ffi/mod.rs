@@ -45,7 +45,15 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 ///    `sdti_format_from_name` and codes for the read-only formats.
 /// 3: `sdti_trainer_params.recompute` and `.memory_budget_mib` (revision 2 of the params),
 ///    `SDTI_RECOMPUTE_*`, `sdti_trainer_recompute`.
-pub const SDTI_ABI_MINOR: u32 = 3;
+/// 4: SD 2.x and SDXL models (`sdti.model.sd2/1`, `sdti.model.sdxl/1`): `SDTI_FAMILY_*`,
+///    `sdti_encoder_family`, `sdti_encoder_pooled_dim`, `sdti_encoder_part_dims`,
+///    `sdti_encoder_encode_pooled`, `sdti_encoder_register_vectors_sdxl`,
+///    `sdti_encoder_set_clip_layer` (ComfyUI's negative layer indices),
+///    `sdti_encoder_clip_skip`, `sdti_trainer_family`, `sdti_trainer_notes`,
+///    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
+///    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 picks the
+///    model family's resolution.
+pub const SDTI_ABI_MINOR: u32 = 4;
 
 /// The result of every fallible call. Codes are never renumbered.
 pub type sdti_status = i32;
@@ -72,7 +80,8 @@ pub const SDTI_ERR_POISONED: sdti_status = 8;
 pub const SDTI_ERR_PANIC: sdti_status = 9;
 /// A file could not be read or written.
 pub const SDTI_ERR_IO: sdti_status = 10;
-/// The model could not be loaded (not SD 1.x, a missing or misshaped weight).
+/// The model could not be loaded (not SD 1.x, 2.x or SDXL base, a missing or misshaped
+/// weight).
 pub const SDTI_ERR_MODEL: sdti_status = 11;
 /// The device name is unknown, or this build or machine lacks that device.
 pub const SDTI_ERR_DEVICE: sdti_status = 12;
@@ -116,6 +125,27 @@ pub const SDTI_PIXEL_RGB8: sdti_pixel_format = 0;
 /// Pixels of 4 bytes, R G B A (straight alpha; alpha is ignored).
 pub const SDTI_PIXEL_RGBA8: sdti_pixel_format = 1;
 
+/// An `SDTI_FAMILY_*` value (a `uint32_t`): which Stable Diffusion a model is.
+pub type sdti_family = u32;
+
+/// Stable Diffusion 1.x: CLIP ViT-L/14, words 768 wide.
+pub const SDTI_FAMILY_SD1: sdti_family = 1;
+/// Stable Diffusion 2.x (512 epsilon and 768 v-prediction): OpenCLIP ViT-H/14, words
+/// 1024 wide.
+pub const SDTI_FAMILY_SD2: sdti_family = 2;
+/// SDXL base and its fine-tunes: CLIP ViT-L (768) and OpenCLIP bigG (1280), words with a
+/// part for each, a 2048-wide context and a 1280-wide pooled vector.
+pub const SDTI_FAMILY_SDXL: sdti_family = 3;
+
+/// The `SDTI_FAMILY_*` code of an engine family.
+pub(crate) fn family_code(family: crate::embedding::Family) -> sdti_family {
+    match family {
+        crate::embedding::Family::Sd1 => SDTI_FAMILY_SD1,
+        crate::embedding::Family::Sd2 => SDTI_FAMILY_SD2,
+        crate::embedding::Family::Sdxl => SDTI_FAMILY_SDXL,
+    }
+}
+
 /// `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 pub const SDTI_ABI_VERSION: u32 = (SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR;
 
@@ -140,6 +170,9 @@ fn features() -> Vec<&'static str> {
         "sdti.formats.kohya/1",
         "sdti.formats.onetrainer/1",
         "sdti.formats.sdxl/1",
+        "sdti.formats.diffusers-sdxl/1",
+        "sdti.model.sd2/1",
+        "sdti.model.sdxl/1",
         "sdti.prompt.a1111/1",
         "sdti.prompt.comfyui/1",
         "sdti.prompt.diffusers/1",

@@ -94,7 +94,9 @@ pub struct sdti_trainer_params {
     /// `SDTI_PRECISION_AUTO` (default: bf16 on CUDA, f32 elsewhere), `_F32`, `_F16` or
     /// `_BF16`: the dtype of the frozen UNet and VAE.
     pub precision: sdti_precision,
-    /// Required: a diffusers folder or a single-file `.safetensors` SD 1.x checkpoint.
+    /// Required: a diffusers folder or a single-file `.safetensors` checkpoint of SD 1.x,
+    /// SD 2.x or SDXL (base and its fine-tunes). SDXL words are learned as two tables,
+    /// `clip_l` and `clip_g`, each started from `init_text`.
     pub model_path: *const c_char,
     /// `"cpu"` (NULL), `"cuda"`, `"cuda:N"`, `"metal"`.
     pub device: *const c_char,
@@ -510,6 +512,63 @@ pub unsafe extern "C" fn sdti_trainer_recompute(
     })
 }
 
+/// The model family of the trainer's model (`SDTI_FAMILY_SD1`, `_SD2` or `_SDXL`), into
+/// `*family`. Since ABI 1.4.
+///
+/// # Safety
+/// `family` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_family(
+    trainer: *mut sdti_trainer,
+    family: *mut sdti_family,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        if family.is_null() {
+            return Err(invalid("family is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { family.write(family_code(state.trainer.model().config.family)) };
+        Ok(())
+    })
+}
+
+/// What loading the model decided from clues rather than a configuration (a single
+/// file's prediction type and the rule that chose it, zero-SNR, ...), one sentence a line,
+/// as NUL-terminated UTF-8 into `buf` (`""` when nothing was guessed): for the host to
+/// show where a person sees it. `*needed` (optional) gets the size with the NUL; with
+/// `buf` NULL or `len` smaller the call returns `SDTI_ERR_BUFFER_TOO_SMALL` (writing as
+/// much as fits, NUL-terminated, when `len > 0`). Since ABI 1.4.
+///
+/// # Safety
+/// `buf` is NULL or `len` writable bytes; `needed` NULL or writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_notes(
+    trainer: *mut sdti_trainer,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        let text = state.trainer.model().notes.join("\n");
+        // SAFETY: the caller's contract.
+        let rc = unsafe { write_bytes_with_nul(text.as_bytes(), buf, len, needed) };
+        if rc != SDTI_OK {
+            return Err(fail(
+                rc,
+                format!(
+                    "the notes need {} bytes, the buffer holds {len}",
+                    text.len() + 1
+                ),
+            ));
+        }
+        Ok(())
+    })
+}
+
 enum StepEnd {
     Done,
     Cancelled(String),
@@ -708,13 +767,17 @@ pub unsafe extern "C" fn sdti_trainer_export(
 }
 
 /// Writes the learned word to `path` as `format` (`SDTI_FORMAT_*`; `SDTI_FORMAT_AUTO`
-/// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`,
-/// `.bin` diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
-/// `SDTI_WRITE_OVERWRITE` to replace what is at `path`.
+/// picks it from the extension: `.pt` A1111, `.safetensors` A1111/kohya `emb_params`
+/// (for an SDXL word `{clip_l, clip_g}`, `SDTI_FORMAT_SDXL_SAFETENSORS`), `.bin`
+/// diffusers, `.png` A1111 PNG), in f32, atomically. `flags`: 0, or
+/// `SDTI_WRITE_OVERWRITE` to replace what is at `path`. An SDXL word is written by the
+/// formats that hold both its tables: `SDTI_FORMAT_SDXL_SAFETENSORS`, `_KOHYA_PT`,
+/// `_ONETRAINER` and `_DIFFUSERS_SDXL` (two files, see its constant).
 ///
 /// Statuses: `SDTI_ERR_EXISTS` (something is at `path`, a dangling symlink included, and
 /// `flags` is 0), `SDTI_ERR_INVALID_ARGUMENT` (unknown format or flag),
-/// `SDTI_ERR_UNSUPPORTED` (read-only or SDXL format), `SDTI_ERR_IO` (unwritable path).
+/// `SDTI_ERR_UNSUPPORTED` (a read-only format, a one-table format for an SDXL word or an
+/// SDXL format for an SD 1.x/2.x word), `SDTI_ERR_IO` (unwritable path).
 ///
 /// # Safety
 /// `path` is a NUL-terminated string.
@@ -730,7 +793,8 @@ pub unsafe extern "C" fn sdti_trainer_export_ex(
     with_state(&TRAINERS, trainer as usize, |state| {
         // SAFETY: NUL-terminated by contract.
         let path = unsafe { cpath(path, "path") }?;
-        let format = format_for(format, &path)?;
+        let sdxl = state.trainer.model().config.family == crate::embedding::Family::Sdxl;
+        let format = format_for(format, &path, sdxl)?;
         let existing = existing_for(flags)?;
         state
             .trainer
@@ -761,7 +825,8 @@ pub unsafe extern "C" fn sdti_trainer_save_checkpoint(
 
 /// Copies the current vectors (`[rows, dim]` f32, row-major) into `out` (`cap` floats).
 /// `*needed_floats` and `*rows` (each optional) get the size; with `out` NULL or `cap`
-/// too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them.
+/// too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them. For SDXL
+/// this is the `clip_l` table; `sdti_trainer_get_part_vectors` gives either.
 ///
 /// # Safety
 /// `out` is NULL or `cap` writable floats; `needed_floats` and `rows` NULL or writable.
@@ -775,14 +840,64 @@ pub unsafe extern "C" fn sdti_trainer_get_vectors(
     needed_floats: *mut usize,
     rows: *mut u32,
 ) -> sdti_status {
+    // SAFETY: forwarded contract.
+    unsafe {
+        sdti_trainer_get_part_vectors(
+            trainer,
+            0,
+            out,
+            cap,
+            needed_floats,
+            rows,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// Copies the current vectors of one table (`[rows, dim]` f32, row-major) into `out`
+/// (`cap` floats): `part` 0 is the only table of SD 1.x and 2.x words; SDXL words have
+/// `clip_l` (0) and `clip_g` (1), in the order of `sdti_encoder_part_dims`.
+/// `*needed_floats`, `*rows` and `*dim` (each optional) get the size; with `out` NULL or
+/// `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after writing them.
+/// Since ABI 1.4.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`part` beyond the word's tables).
+///
+/// # Safety
+/// `out` is NULL or `cap` writable floats; `needed_floats`, `rows` and `dim` NULL or
+/// writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_get_part_vectors(
+    trainer: *mut sdti_trainer,
+    part: u32,
+    out: *mut f32,
+    cap: usize,
+    needed_floats: *mut usize,
+    rows: *mut u32,
+    dim: *mut u32,
+) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
-        let data = state.trainer.vectors()?;
-        if !rows.is_null() {
-            // SAFETY: writable by contract.
-            unsafe { rows.write(state.trainer.config().vectors as u32) };
+        let emb = state.trainer.embedding()?;
+        let count = emb.parts.len();
+        let Some(table) = emb.parts.get(part as usize) else {
+            return Err(invalid(format!(
+                "part {part}: this {} word has {count} table(s) (0..{count})",
+                state.trainer.model().config.family.model_name()
+            )));
+        };
+        // SAFETY: writable by contract.
+        unsafe {
+            if !rows.is_null() {
+                rows.write(table.vectors as u32);
+            }
+            if !dim.is_null() {
+                dim.write(table.dim as u32);
+            }
         }
         // SAFETY: the caller's contract.
-        unsafe { write_slice(&data, out, cap, needed_floats, "vectors") }
+        unsafe { write_slice(&table.data, out, cap, needed_floats, "vectors") }
     })
 }
 

@@ -1,13 +1,16 @@
 /*
  * A plugin host in C: loads libsdti with dlopen, as a host loads a plugin, and runs a
  * whole job on the tiny test model: train, export, register the result in an encoder,
- * encode prompts with it, and a few misuses. Built and run by tests/suite/ffi.rs (also
- * under valgrind).
+ * encode prompts with it, and a few misuses. Given the tiny SDXL model and its reference
+ * numbers (made by diffusers/transformers, tests/reference/make_tiny_sdxl.py), it also
+ * encodes an SDXL prompt with a two-part word and compares the context and the pooled
+ * vector with the reference. Built and run by tests/suite/ffi.rs (also under valgrind).
  *
- * usage: c_host <libsdti.so> <model dir> <output dir> [steps]
+ * usage: c_host <libsdti.so> <model dir> <output dir> [steps [<sdxl dir> <sdxl expected>]]
  */
 #include <dlfcn.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +39,19 @@ static struct {
     sdti_status (*encoder_encode)(sdti_encoder *, const char *, float *, size_t, size_t *,
                                   uint32_t *);
     void (*encoder_free)(sdti_encoder *);
+    /* ABI 1.4 */
+    sdti_status (*encoder_family)(sdti_encoder *, sdti_family *);
+    sdti_status (*encoder_dim)(sdti_encoder *, uint32_t *);
+    sdti_status (*encoder_pooled_dim)(sdti_encoder *, uint32_t *);
+    sdti_status (*encoder_part_dims)(sdti_encoder *, uint32_t *, size_t, size_t *);
+    sdti_status (*encoder_register_vectors)(sdti_encoder *, const char *, const float *, size_t,
+                                            size_t);
+    sdti_status (*encoder_register_vectors_sdxl)(sdti_encoder *, const char *, const float *,
+                                                 size_t, size_t, const float *, size_t, size_t);
+    sdti_status (*encoder_encode_pooled)(sdti_encoder *, const char *, float *, size_t, float *,
+                                         size_t, size_t *, uint32_t *);
+    sdti_status (*encoder_set_clip_layer)(sdti_encoder *, int32_t);
+    sdti_status (*encoder_clip_skip)(sdti_encoder *, uint32_t *);
 } api;
 
 static void *lib;
@@ -93,6 +109,155 @@ static void picture(uint8_t *px, int k, size_t stride, int channels) {
             if (channels == 4) p[3] = 255;
         }
     }
+}
+
+/* ---- a minimal safetensors reader for the reference tensors (F32 only) ---- */
+
+/* The named F32 tensor of a safetensors file, malloc'ed; its element count in *count. */
+static float *read_tensor(const char *path, const char *name, size_t *count) {
+    FILE *f = fopen(path, "rb");
+    unsigned char len8[8];
+    uint64_t header_len = 0;
+    char *header = NULL, key[256], *at, *offsets;
+    unsigned long long begin = 0, end = 0;
+    float *data = NULL;
+    int i;
+    if (!f) {
+        fprintf(stderr, "cannot open %s\n", path);
+        exit(3);
+    }
+    if (fread(len8, 1, 8, f) != 8) goto bad;
+    for (i = 7; i >= 0; i--) header_len = header_len << 8 | len8[i];
+    if (header_len == 0 || header_len > 100u * 1024 * 1024) goto bad;
+    header = (char *)malloc((size_t)header_len + 1);
+    if (!header || fread(header, 1, (size_t)header_len, f) != (size_t)header_len) goto bad;
+    header[header_len] = 0;
+    snprintf(key, sizeof key, "\"%s\":{", name);
+    at = strstr(header, key);
+    if (!at || !strstr(at, "\"dtype\":\"F32\"")) goto bad;
+    offsets = strstr(at, "\"data_offsets\":[");
+    if (!offsets || sscanf(offsets, "\"data_offsets\":[%llu,%llu]", &begin, &end) != 2) goto bad;
+    if (end < begin || (end - begin) % 4 != 0) goto bad;
+    *count = (size_t)((end - begin) / 4);
+    data = (float *)malloc((size_t)(end - begin));
+    if (!data || fseek(f, (long)(8 + header_len + begin), SEEK_SET) != 0 ||
+        fread(data, 4, *count, f) != *count)
+        goto bad;
+    /* safetensors is little-endian, as are the machines these tests run on. */
+    free(header);
+    fclose(f);
+    return data;
+bad:
+    fprintf(stderr, "%s: no F32 tensor %s\n", path, name);
+    exit(3);
+}
+
+/* sqrt(sum (a-b)^2 / sum b^2), the suite's relative error; *max_abs gets max |a-b|. */
+static double rel_err(const float *a, const float *b, size_t n, double *max_abs) {
+    double diff = 0, norm = 0;
+    size_t i;
+    *max_abs = 0;
+    for (i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        if (!isfinite(a[i])) return 1e30;
+        diff += d * d;
+        norm += (double)b[i] * b[i];
+        if (fabs(d) > *max_abs) *max_abs = fabs(d);
+    }
+    return sqrt(diff / (norm > 0 ? norm : 1e-300));
+}
+
+/* Encodes the reference prompt on the tiny SDXL model with the reference's learned word and
+ * compares the context [77, 32 + 48] and the pooled vector [48] with diffusers' numbers. */
+static void sdxl_job(const char *model_dir, const char *expected) {
+    sdti_model_params model;
+    sdti_encoder *enc = NULL;
+    sdti_family family = 0;
+    uint32_t dim = 0, pooled_dim = 0, dims[2] = {0, 0}, rows = 0, skip = 0;
+    size_t n_l, n_g, n_ctx, n_pooled, parts = 0, needed = 0, i;
+    float *l = read_tensor(expected, "te.vectors_l", &n_l);
+    float *g = read_tensor(expected, "te.vectors_g", &n_g);
+    float *want_ctx = read_tensor(expected, "te.context", &n_ctx);
+    float *want_pooled = read_tensor(expected, "te2.pooled_eos", &n_pooled);
+    float *ctx = NULL, *pooled = NULL, small_pooled[4];
+    double e_ctx, e_pooled, max_ctx, max_pooled, e_last, max_last;
+    const char *prompt = "a photo of a sks toy";
+
+    check(api.has_feature("sdti.model.sdxl/1") == 1, "has sdti.model.sdxl/1");
+    expect(api.model_params_init(&model), SDTI_OK, "sdxl model_params_init");
+    model.model_path = model_dir;
+    expect(api.encoder_new(&model, &enc), SDTI_OK, "sdxl encoder_new");
+    if (!enc) exit(1);
+    expect(api.encoder_family(enc, &family), SDTI_OK, "sdxl family");
+    expect(api.encoder_dim(enc, &dim), SDTI_OK, "sdxl dim");
+    expect(api.encoder_pooled_dim(enc, &pooled_dim), SDTI_OK, "sdxl pooled dim");
+    expect(api.encoder_part_dims(enc, NULL, 0, &parts), SDTI_ERR_BUFFER_TOO_SMALL,
+           "part dims size query");
+    expect(api.encoder_part_dims(enc, dims, 2, &parts), SDTI_OK, "part dims");
+    expect(api.encoder_clip_skip(enc, &skip), SDTI_OK, "sdxl clip skip");
+    printf("  sdxl: family %u, context %u wide (parts %u + %u), pooled %u, clip skip %u\n",
+           family, dim, dims[0], dims[1], pooled_dim, skip);
+    check(family == SDTI_FAMILY_SDXL, "family SDXL");
+    check(parts == 2 && dims[0] == 32 && dims[1] == 48 && dim == 80, "tiny SDXL widths 32 + 48");
+    check(pooled_dim == 48, "pooled 48 wide");
+    check(skip == 2, "SDXL's penultimate layers by default");
+    check(n_l == 2 * 32 && n_g == 2 * 48 && n_ctx == 77 * 80 && n_pooled == 48,
+          "reference shapes");
+
+    /* Misuse: unequal row counts, a one-part word, a wrong width. */
+    expect(api.encoder_register_vectors_sdxl(enc, "sks", l, 2, 32, g, 1, 48),
+           SDTI_ERR_INVALID_ARGUMENT, "clip_l 2 rows, clip_g 1");
+    expect(api.encoder_register_vectors_sdxl(enc, "sks", l, 2, 48, g, 2, 32),
+           SDTI_ERR_INVALID_ARGUMENT, "widths swapped");
+    expect(api.encoder_register_vectors(enc, "sks", l, 2, 32), SDTI_ERR_INVALID_ARGUMENT,
+           "one-part word on SDXL");
+    expect(api.encoder_register_vectors_sdxl(enc, "sks", l, 2, 32, g, 2, 48), SDTI_OK,
+           "register sks (clip_l, clip_g)");
+
+    expect(api.encoder_encode_pooled(enc, prompt, NULL, 0, NULL, 0, &needed, &rows),
+           SDTI_ERR_BUFFER_TOO_SMALL, "encode_pooled size query");
+    check(needed == 77 * 80 && rows == 77, "one chunk of 77 rows, 80 wide");
+    ctx = (float *)malloc(needed * sizeof(float));
+    pooled = (float *)malloc(pooled_dim * sizeof(float));
+    if (!ctx || !pooled) exit(3);
+    expect(api.encoder_encode_pooled(enc, prompt, ctx, needed, small_pooled, 4, &needed, &rows),
+           SDTI_ERR_BUFFER_TOO_SMALL, "pooled buffer of 4 floats");
+    expect(api.encoder_encode_pooled(enc, prompt, ctx, needed, pooled, pooled_dim, &needed,
+                                     &rows),
+           SDTI_OK, "encode_pooled");
+    e_ctx = rel_err(ctx, want_ctx, n_ctx, &max_ctx);
+    e_pooled = rel_err(pooled, want_pooled, n_pooled, &max_pooled);
+    printf("  sdxl \"%s\": context rel err %.2e (max |diff| %.2e), pooled rel err %.2e "
+           "(max |diff| %.2e)\n",
+           prompt, e_ctx, max_ctx, e_pooled, max_pooled);
+    check(e_ctx <= 1e-5, "context equals te.context");
+    check(e_pooled <= 1e-5, "pooled equals te2.pooled_eos");
+
+    /* ComfyUI's CLIPSetLastLayer(-1): the last layers, another context; 0 restores -2. */
+    expect(api.encoder_set_clip_layer(enc, -1), SDTI_OK, "clip layer -1");
+    expect(api.encoder_encode_pooled(enc, prompt, ctx, needed, pooled, pooled_dim, &needed,
+                                     &rows),
+           SDTI_OK, "encode at layer -1");
+    e_last = rel_err(ctx, want_ctx, n_ctx, &max_last);
+    check(e_last > 1e-2, "layer -1 is not the penultimate layer");
+    expect(api.encoder_set_clip_layer(enc, -99), SDTI_ERR_INVALID_ARGUMENT, "clip layer -99");
+    expect(api.encoder_set_clip_layer(enc, 0), SDTI_OK, "clip layer 0 (the family's)");
+    expect(api.encoder_clip_skip(enc, &skip), SDTI_OK, "clip skip after reset");
+    check(skip == 2, "reset to the family's 2");
+    expect(api.encoder_encode_pooled(enc, prompt, ctx, needed, pooled, pooled_dim, &needed,
+                                     &rows),
+           SDTI_OK, "encode after reset");
+    e_ctx = rel_err(ctx, want_ctx, n_ctx, &max_ctx);
+    check(e_ctx <= 1e-5, "reset gives te.context again");
+    for (i = 0; i < pooled_dim; i++) check(isfinite(pooled[i]), "finite pooled");
+
+    api.encoder_free(enc);
+    free(l);
+    free(g);
+    free(want_ctx);
+    free(want_pooled);
+    free(ctx);
+    free(pooled);
 }
 
 static int progress_calls;
@@ -153,11 +318,20 @@ int main(int argc, char **argv) {
     LOAD(encoder_register_token, "sdti_encoder_register_token");
     LOAD(encoder_encode, "sdti_encoder_encode");
     LOAD(encoder_free, "sdti_encoder_free");
+    LOAD(encoder_family, "sdti_encoder_family");
+    LOAD(encoder_dim, "sdti_encoder_dim");
+    LOAD(encoder_pooled_dim, "sdti_encoder_pooled_dim");
+    LOAD(encoder_part_dims, "sdti_encoder_part_dims");
+    LOAD(encoder_register_vectors, "sdti_encoder_register_vectors");
+    LOAD(encoder_register_vectors_sdxl, "sdti_encoder_register_vectors_sdxl");
+    LOAD(encoder_encode_pooled, "sdti_encoder_encode_pooled");
+    LOAD(encoder_set_clip_layer, "sdti_encoder_set_clip_layer");
+    LOAD(encoder_clip_skip, "sdti_encoder_clip_skip");
 
     /* A host checks the major version first. */
-    if ((api.abi_version() >> 16) != SDTI_ABI_MAJOR) {
-        fprintf(stderr, "ABI major %u, this host needs %d\n", api.abi_version() >> 16,
-                SDTI_ABI_MAJOR);
+    if ((api.abi_version() >> 16) != SDTI_ABI_MAJOR || (api.abi_version() & 0xffff) < 4) {
+        fprintf(stderr, "ABI %u.%u, this host needs %d.4 or later\n", api.abi_version() >> 16,
+                api.abi_version() & 0xffff, SDTI_ABI_MAJOR);
         return 2;
     }
     printf("sdti %s, ABI %u.%u\n", api.version_string(), api.abi_version() >> 16,
@@ -226,6 +400,18 @@ int main(int argc, char **argv) {
     check(diff < 1e-5f, "the exported word encodes as the trainer's word");
     free(a);
     free(b);
+    {
+        /* SD 1.x has no pooled vector: width 0, and a pooled buffer is refused. */
+        uint32_t pooled_dim = 99;
+        sdti_family family = 0;
+        float pooled[4];
+        size_t needed = 0;
+        expect(api.encoder_pooled_dim(from_file, &pooled_dim), SDTI_OK, "sd1 pooled dim");
+        expect(api.encoder_family(from_file, &family), SDTI_OK, "sd1 family");
+        check(pooled_dim == 0 && family == SDTI_FAMILY_SD1, "SD 1.x: no pooled vector");
+        expect(api.encoder_encode_pooled(from_file, "sks", NULL, 0, pooled, 4, &needed, NULL),
+               SDTI_ERR_UNSUPPORTED, "pooled buffer on an SD 1.x encoder");
+    }
 
     /* Misuse: each gets its status and a message, nothing crashes or leaks. */
     expect(api.trainer_new(NULL, &trainer), SDTI_ERR_INVALID_ARGUMENT, "trainer_new(NULL)");
@@ -255,6 +441,7 @@ int main(int argc, char **argv) {
     api.encoder_free(NULL);
     expect(api.encoder_encode(from_file, "x", NULL, 0, NULL, NULL), SDTI_ERR_INVALID_HANDLE,
            "encode on a freed encoder");
+    if (argc > 6) sdxl_job(argv[5], argv[6]);
     dlclose(lib);
     if (failures) {
         fprintf(stderr, "c host: %d failure(s)\n", failures);

@@ -321,6 +321,13 @@ fn versions_features_and_status_strings() {
     assert_eq!(has("sdti.cuda/1"), i32::from(cfg!(feature = "cuda")));
     assert_eq!(has("sdti.precision.auto/1"), 1);
     assert_eq!(has("sdti.train.recompute/1"), 1);
+    for id in [
+        "sdti.model.sd2/1",
+        "sdti.model.sdxl/1",
+        "sdti.formats.diffusers-sdxl/1",
+    ] {
+        assert_eq!(has(id), 1, "{id} (ABI 1.4)");
+    }
     // Since ABI 1.1 the device chooses the precision unless the host does (every other
     // test here trains through that default on the CPU, i.e. in f32).
     assert_eq!(unsafe_params_init().precision, SDTI_PRECISION_AUTO);
@@ -689,6 +696,474 @@ fn encoder_registers_vectors_and_tokenizes_learned_slots() {
         .collect::<Vec<_>>()
         .join(" ");
     assert_eq!(encode(e, &long).len() % (77 * 32), 0);
+    sdti_encoder_free(e);
+}
+
+// ---------------------------------------------------------------- SD 2.x and SDXL (ABI 1.4)
+
+/// The reference tensors of a fixture (made by diffusers/transformers), as flat f32.
+fn reference(file: &str) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(fixture(file), &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == candle_core::DType::F32)
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// `||a - b|| / ||b||` in f64, the suite's relative error.
+fn rel_err_f32(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        diff += (f64::from(*x) - f64::from(*y)).powi(2);
+        norm += f64::from(*y).powi(2);
+    }
+    (diff / norm.max(1e-300)).sqrt()
+}
+
+/// An encoder loaded from a model path (text encoders only).
+fn encoder_at(model: &Path) -> *mut sdti_encoder {
+    let mut mp = std::mem::MaybeUninit::<sdti_model_params>::uninit();
+    // SAFETY: a writable params struct.
+    expect(
+        unsafe { sdti_model_params_init(mp.as_mut_ptr()) },
+        SDTI_OK,
+        "model params",
+    );
+    // SAFETY: initialised above.
+    let mut mp = unsafe { mp.assume_init() };
+    let path = path_c(model);
+    mp.model_path = path.as_ptr();
+    let mut e = std::ptr::null_mut();
+    // SAFETY: valid params and out pointer.
+    expect(
+        unsafe { sdti_encoder_new(&mp, &mut e) },
+        SDTI_OK,
+        &format!("encoder_new {}", model.display()),
+    );
+    e
+}
+
+/// (family, context width, pooled width, part widths, clip skip) of an encoder.
+fn encoder_shape(e: *mut sdti_encoder) -> (sdti_family, u32, u32, Vec<u32>, u32) {
+    let (mut family, mut dim, mut pooled, mut skip, mut count) = (0, 0, 0, 0, 0usize);
+    let mut dims = [0u32; 4];
+    // SAFETY: writable out-parameters and a buffer of 4.
+    unsafe {
+        expect(sdti_encoder_family(e, &mut family), SDTI_OK, "family");
+        expect(sdti_encoder_dim(e, &mut dim), SDTI_OK, "dim");
+        expect(
+            sdti_encoder_pooled_dim(e, &mut pooled),
+            SDTI_OK,
+            "pooled_dim",
+        );
+        expect(sdti_encoder_clip_skip(e, &mut skip), SDTI_OK, "clip_skip");
+        expect(
+            sdti_encoder_part_dims(e, dims.as_mut_ptr(), dims.len(), &mut count),
+            SDTI_OK,
+            "part_dims",
+        );
+    }
+    (family, dim, pooled, dims[..count].to_vec(), skip)
+}
+
+/// The context and the pooled vector through `sdti_encoder_encode_pooled` (the size
+/// query first); the pooled vector is empty for models without one.
+fn encode_pooled(e: *mut sdti_encoder, prompt: &str) -> (Vec<f32>, Vec<f32>, u32) {
+    let prompt = c(prompt);
+    let (mut needed, mut rows, mut pooled_dim) = (0usize, 0u32, 0u32);
+    // SAFETY: writable.
+    expect(
+        unsafe { sdti_encoder_pooled_dim(e, &mut pooled_dim) },
+        SDTI_OK,
+        "pooled_dim",
+    );
+    // SAFETY: size query.
+    let rc = unsafe {
+        sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+            0,
+            &mut needed,
+            &mut rows,
+        )
+    };
+    expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "encode_pooled size query");
+    let mut context = vec![f32::NAN; needed];
+    let mut pooled = vec![f32::NAN; pooled_dim as usize];
+    let pooled_ptr = if pooled.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        pooled.as_mut_ptr()
+    };
+    // SAFETY: buffers of the sizes passed.
+    let rc = unsafe {
+        sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            context.as_mut_ptr(),
+            context.len(),
+            pooled_ptr,
+            pooled.len(),
+            &mut needed,
+            &mut rows,
+        )
+    };
+    expect(rc, SDTI_OK, "encode_pooled");
+    (context, pooled, rows)
+}
+
+/// `sdti_encoder_encode` (the ABI 1.0 call) into a buffer of the needed size.
+fn encode_any(e: *mut sdti_encoder, prompt: &str) -> Vec<f32> {
+    let prompt = c(prompt);
+    let mut needed = 0usize;
+    // SAFETY: size query, then a buffer of that size.
+    unsafe {
+        sdti_encoder_encode(
+            e,
+            prompt.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            &mut needed,
+            std::ptr::null_mut(),
+        );
+        let mut out = vec![0f32; needed];
+        expect(
+            sdti_encoder_encode(
+                e,
+                prompt.as_ptr(),
+                out.as_mut_ptr(),
+                out.len(),
+                &mut needed,
+                std::ptr::null_mut(),
+            ),
+            SDTI_OK,
+            "encode",
+        );
+        out
+    }
+}
+
+fn register_sdxl(e: *mut sdti_encoder, word: &str, l: &[f32], g: &[f32]) -> sdti_status {
+    let word = c(word);
+    // SAFETY: slices of the lengths passed.
+    unsafe {
+        sdti_encoder_register_vectors_sdxl(
+            e,
+            word.as_ptr(),
+            l.as_ptr(),
+            l.len() / 32,
+            32,
+            g.as_ptr(),
+            g.len() / 48,
+            48,
+        )
+    }
+}
+
+#[test]
+fn sd1_encoder_has_no_pooled_vector_and_both_clip_skip_conventions() {
+    let e = encoder_at(&fixture("tiny-sd"));
+    assert_eq!(encoder_shape(e), (SDTI_FAMILY_SD1, 32, 0, vec![32], 1));
+    let prompt = c("a photo of a toy");
+    let mut pooled = [7f32; 4];
+    let mut context = vec![0f32; 77 * 32];
+    // SAFETY: buffers of the sizes passed.
+    let rc = unsafe {
+        sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            context.as_mut_ptr(),
+            context.len(),
+            pooled.as_mut_ptr(),
+            pooled.len(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    let msg = expect(rc, SDTI_ERR_UNSUPPORTED, "a pooled buffer on SD 1.x");
+    assert!(msg.contains("no pooled vector"), "{msg}");
+    assert_eq!(pooled, [7.0; 4], "nothing written on failure");
+    // Without a pooled buffer it is the old call.
+    let (ctx, no_pooled, rows) = encode_pooled(e, "a photo of a toy");
+    assert!(no_pooled.is_empty());
+    assert_eq!(rows, 77);
+    assert_eq!(ctx, encode_any(e, "a photo of a toy"));
+    // A two-part word on a one-encoder model.
+    let v = vec![0.1f32; 32];
+    let rc = register_sdxl(e, "w", &v, &[0.1; 48]);
+    let msg = expect(rc, SDTI_ERR_INVALID_ARGUMENT, "sdxl word on SD 1.x");
+    assert!(msg.contains("one part"), "{msg}");
+    // ComfyUI's -1 is SD 1.x's default (the last layer), -2 A1111's clip skip 2.
+    let last = encode_any(e, "a photo of a toy");
+    expect(sdti_encoder_set_clip_layer(e, -2), SDTI_OK, "layer -2");
+    let penultimate = encode_any(e, "a photo of a toy");
+    assert!(max_abs_diff(&last, &penultimate) > 1e-3);
+    expect(sdti_encoder_set_clip_skip(e, 2), SDTI_OK, "clip skip 2");
+    assert_eq!(encode_any(e, "a photo of a toy"), penultimate);
+    expect(sdti_encoder_set_clip_layer(e, -1), SDTI_OK, "layer -1");
+    assert_eq!(encode_any(e, "a photo of a toy"), last);
+    expect(
+        sdti_encoder_set_clip_layer(e, 2),
+        SDTI_OK,
+        "layer 2 (A1111)",
+    );
+    assert_eq!(encode_any(e, "a photo of a toy"), penultimate);
+    expect(
+        sdti_encoder_set_clip_layer(e, 0),
+        SDTI_OK,
+        "layer 0 (the family's)",
+    );
+    assert_eq!(encoder_shape(e).4, 1);
+    assert_eq!(encode_any(e, "a photo of a toy"), last);
+    let msg = expect(
+        sdti_encoder_set_clip_layer(e, -13),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "layer -13 of 12",
+    );
+    assert!(msg.contains("-13"), "{msg}");
+    assert_eq!(encoder_shape(e).4, 1, "a refused layer changes nothing");
+    // SAFETY: NULL out-parameters are the misuse under test.
+    unsafe {
+        expect(
+            sdti_encoder_pooled_dim(e, std::ptr::null_mut()),
+            SDTI_ERR_INVALID_ARGUMENT,
+            "pooled_dim NULL",
+        );
+        expect(
+            sdti_encoder_family(e, std::ptr::null_mut()),
+            SDTI_ERR_INVALID_ARGUMENT,
+            "family NULL",
+        );
+        let mut count = 0usize;
+        expect(
+            sdti_encoder_part_dims(e, std::ptr::null_mut(), 0, &mut count),
+            SDTI_ERR_BUFFER_TOO_SMALL,
+            "part_dims size query",
+        );
+        assert_eq!(count, 1);
+    }
+    sdti_encoder_free(e);
+}
+
+#[test]
+fn sd2_encoder_through_the_abi_matches_the_reference() {
+    let exp = reference("tiny-sd2-expected.safetensors");
+    let folder = encoder_at(&fixture("tiny-sd2"));
+    assert_eq!(encoder_shape(folder), (SDTI_FAMILY_SD2, 32, 0, vec![32], 2));
+    let word = c("sks");
+    let v = &exp["te.vectors"];
+    // SAFETY: 2 x 32 floats.
+    let rc = unsafe { sdti_encoder_register_vectors(folder, word.as_ptr(), v.as_ptr(), 2, 32) };
+    expect(rc, SDTI_OK, "register sks");
+    let (ctx, pooled, rows) = encode_pooled(folder, "a photo of a sks toy");
+    assert!(pooled.is_empty(), "SD 2.x has no pooled vector");
+    assert_eq!(rows, 77);
+    let e = rel_err_f32(&ctx, &exp["te.last_hidden_state"]);
+    assert!(e <= 1e-5, "SD 2.x context: relative error {e:.3e}");
+    // The 23-layer folder lacks the last block: ComfyUI's -1 is refused, -2 is the default.
+    expect(
+        sdti_encoder_set_clip_layer(folder, -1),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "layer -1 on a 23-layer folder",
+    );
+    expect(sdti_encoder_set_clip_layer(folder, -2), SDTI_OK, "layer -2");
+    assert_eq!(encode_any(folder, "a photo of a sks toy"), ctx);
+    sdti_encoder_free(folder);
+}
+
+#[test]
+fn sdxl_encoder_through_the_abi_matches_the_reference() {
+    let exp = reference("tiny-sdxl-expected.safetensors");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-sdxl-expected.json")).unwrap())
+            .unwrap();
+    let long_prompt = json["chunks_case"]["prompt"]
+        .as_str()
+        .expect("chunks_case.prompt")
+        .replace("<sks-0> <sks-1>", "sks");
+    let (l, g) = (&exp["te.vectors_l"], &exp["te.vectors_g"]);
+    // The tiny single files need a configuration (their widths do not give the head
+    // counts), which the C ABI does not take: the folder stands for both here.
+    {
+        let model = fixture("tiny-sdxl");
+        let what = model.display().to_string();
+        let e = encoder_at(&model);
+        assert_eq!(
+            encoder_shape(e),
+            (SDTI_FAMILY_SDXL, 80, 48, vec![32, 48], 2),
+            "{what}"
+        );
+        expect(register_sdxl(e, "sks", l, g), SDTI_OK, "register sks");
+        let (ctx, pooled, rows) = encode_pooled(e, "a photo of a sks toy");
+        assert_eq!(rows, 77);
+        let err = rel_err_f32(&ctx, &exp["te.context"]);
+        assert!(
+            err <= 1e-5,
+            "{what}: context [L || G]: relative error {err:.3e}"
+        );
+        let err = rel_err_f32(&pooled, &exp["te2.pooled_eos"]);
+        assert!(err <= 1e-5, "{what}: pooled: relative error {err:.3e}");
+        // The old call gives the same context.
+        assert_eq!(encode_any(e, "a photo of a sks toy"), ctx);
+        // ComfyUI's uncond (the empty prompt).
+        let (ctx, pooled, _) = encode_pooled(e, "");
+        assert!(
+            rel_err_f32(&ctx, &exp["uncond.context"]) <= 1e-5,
+            "{what}: uncond"
+        );
+        assert!(
+            rel_err_f32(&pooled, &exp["uncond.pooled"]) <= 1e-5,
+            "{what}: uncond pooled"
+        );
+        // Two chunks, pooled from the first.
+        let (ctx, pooled, rows) = encode_pooled(e, &long_prompt);
+        assert_eq!(rows, 154);
+        let err = rel_err_f32(&ctx, &exp["chunks.context"]);
+        assert!(err <= 1e-5, "{what}: two chunks: relative error {err:.3e}");
+        let err = rel_err_f32(&pooled, &exp["chunks.pooled"]);
+        assert!(
+            err <= 1e-5,
+            "{what}: two-chunk pooled: relative error {err:.3e}"
+        );
+        // ComfyUI's CLIPSetLastLayer(-1) is another layer; -2 (the default) and 0 are back.
+        expect(sdti_encoder_set_clip_layer(e, -1), SDTI_OK, "layer -1");
+        let (last, _, _) = encode_pooled(e, "a photo of a sks toy");
+        assert!(
+            rel_err_f32(&last, &exp["te.context"]) > 1e-2,
+            "{what}: layer -1"
+        );
+        expect(sdti_encoder_set_clip_layer(e, -2), SDTI_OK, "layer -2");
+        let (ctx, _, _) = encode_pooled(e, "a photo of a sks toy");
+        assert!(
+            rel_err_f32(&ctx, &exp["te.context"]) <= 1e-5,
+            "{what}: layer -2"
+        );
+        sdti_encoder_free(e);
+    }
+
+    // Misuse on an SDXL encoder.
+    let e = encoder_at(&fixture("tiny-sdxl"));
+    let msg = expect(
+        register_sdxl(e, "sks", l, &g[..48]),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "clip_l 2 rows, clip_g 1",
+    );
+    assert!(
+        msg.contains("2") && msg.contains("1") && msg.contains("clip_g"),
+        "{msg}"
+    );
+    let word = c("sks");
+    // SAFETY: each pointer has the floats its sizes say (or is NULL, the misuse).
+    unsafe {
+        let rc = sdti_encoder_register_vectors_sdxl(
+            e,
+            word.as_ptr(),
+            l.as_ptr(),
+            2,
+            48,
+            g.as_ptr(),
+            2,
+            32,
+        );
+        let msg = expect(rc, SDTI_ERR_INVALID_ARGUMENT, "widths swapped");
+        assert!(msg.contains("clip_l") && msg.contains("32"), "{msg}");
+        let rc = sdti_encoder_register_vectors_sdxl(
+            e,
+            word.as_ptr(),
+            l.as_ptr(),
+            2,
+            32,
+            std::ptr::null(),
+            2,
+            48,
+        );
+        expect(rc, SDTI_ERR_INVALID_ARGUMENT, "clip_g NULL");
+        let rc = sdti_encoder_register_vectors_sdxl(
+            e,
+            word.as_ptr(),
+            l.as_ptr(),
+            0,
+            32,
+            g.as_ptr(),
+            0,
+            48,
+        );
+        expect(rc, SDTI_ERR_INVALID_ARGUMENT, "0 vectors");
+        let rc = sdti_encoder_register_vectors(e, word.as_ptr(), l.as_ptr(), 2, 32);
+        let msg = expect(rc, SDTI_ERR_INVALID_ARGUMENT, "one-part word on SDXL");
+        assert!(msg.contains("sdti_encoder_register_vectors_sdxl"), "{msg}");
+    }
+    let mut non_finite = l.clone();
+    non_finite[3] = f32::NAN;
+    expect(
+        register_sdxl(e, "sks", &non_finite, g),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "NaN in clip_l",
+    );
+    // Files: an SD 1.x word and SDXL files of the real widths do not fit the tiny model.
+    for (file, want) in [
+        ("embeddings/a1111_sd1.pt", "clip_g"),
+        ("embeddings/sdxl.safetensors", "width"),
+    ] {
+        let path = path_c(&fixture(file));
+        // SAFETY: NUL-terminated strings.
+        let rc = unsafe { sdti_encoder_register_token(e, std::ptr::null(), path.as_ptr()) };
+        let msg = expect(rc, SDTI_ERR_EMBEDDING, file);
+        assert!(msg.contains(want), "{file}: {msg}");
+    }
+    // Buffers: a short pooled buffer or context is a size error; nothing is written.
+    expect(register_sdxl(e, "sks", l, g), SDTI_OK, "register sks");
+    let prompt = c("a photo of a sks toy");
+    let mut context = vec![5f32; 77 * 80];
+    let mut pooled = vec![5f32; 47];
+    let (mut needed, mut rows) = (0usize, 0u32);
+    // SAFETY: buffers of the sizes passed.
+    unsafe {
+        let rc = sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            context.as_mut_ptr(),
+            context.len(),
+            pooled.as_mut_ptr(),
+            pooled.len(),
+            &mut needed,
+            &mut rows,
+        );
+        let msg = expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "47-float pooled buffer");
+        assert!(msg.contains("48"), "{msg}");
+        let rc = sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            context.as_mut_ptr(),
+            context.len(),
+            std::ptr::null_mut(),
+            0,
+            &mut needed,
+            &mut rows,
+        );
+        expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "no pooled buffer on SDXL");
+        let rc = sdti_encoder_encode_pooled(
+            e,
+            prompt.as_ptr(),
+            context.as_mut_ptr(),
+            77 * 80 - 1,
+            pooled.as_mut_ptr(),
+            pooled.len(),
+            &mut needed,
+            &mut rows,
+        );
+        expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "short context");
+    }
+    assert_eq!((needed, rows), (77 * 80, 77));
+    assert!(
+        context.iter().chain(&pooled).all(|&v| v == 5.0),
+        "written on failure"
+    );
     sdti_encoder_free(e);
 }
 
@@ -1688,14 +2163,19 @@ fn c_host_dlopens_the_library_and_runs_a_job() {
     let Some(exe) = build_c_host(dir.path()) else {
         return;
     };
+    // The SD 1.x job, then an SDXL prompt against diffusers' numbers.
     let text = run_ok(
         Command::new(&exe)
             .arg(cdylib())
             .arg(fixture("tiny-sd"))
-            .arg(dir.path()),
+            .arg(dir.path())
+            .arg("3")
+            .arg(fixture("tiny-sdxl"))
+            .arg(fixture("tiny-sdxl-expected.safetensors")),
         "c_host",
     );
     assert!(text.contains("c host: ok"), "{text}");
+    assert!(text.contains("sdxl: family 3, context 80 wide"), "{text}");
 }
 
 #[test]
@@ -1723,7 +2203,9 @@ fn c_host_under_valgrind_has_no_errors_or_leaks() {
             .arg(cdylib())
             .arg(fixture("tiny-sd"))
             .arg(dir.path())
-            .arg("1"),
+            .arg("1")
+            .arg(fixture("tiny-sdxl"))
+            .arg(fixture("tiny-sdxl-expected.safetensors")),
         "valgrind c_host",
     );
     assert!(text.contains("c host: ok"), "{text}");
@@ -1754,10 +2236,15 @@ fn cpp17_host_links_the_library() {
         "c++ cpp_host.cpp",
     );
     let text = run_ok(
-        Command::new(&exe).arg(fixture("tiny-sd")).arg(dir.path()),
+        Command::new(&exe)
+            .arg(fixture("tiny-sd"))
+            .arg(dir.path())
+            .arg(fixture("tiny-sdxl"))
+            .arg(fixture("tiny-sdxl-expected.safetensors")),
         "cpp_host",
     );
     assert!(text.contains("cpp host: ok"), "{text}");
+    assert!(text.contains("cpp host sdxl: context [77, 80]"), "{text}");
 }
 
 #[test]
