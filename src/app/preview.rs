@@ -1,23 +1,48 @@
 //! What a learned word draws: prompts (with learned words) to RGB images through the DDIM
 //! sampler, classifier-free guidance and the VAE decoder, and a labelled grid of images.
+//! SDXL's UNet also takes the pooled text vector and the time ids `(H, W, 0, 0, H, W)`;
+//! its unconditional branch for an empty negative prompt is zeros unless asked otherwise
+//! ([`EmptyNegative`]).
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::app::plot::{draw_text, text_height, text_width};
 use crate::error::{Error, Result};
+use crate::model::scheduler::{PredictionType, SchedulerConfig};
+use crate::model::unet::AddedCond;
 use crate::model::SdModel;
 use crate::prompt::encoder::PromptEncoder;
 use crate::rng::Rng;
-use crate::sample::ddim_sample;
+use crate::sample::{ddim_sample_with, inference_time_ids, Conditioning};
 use crate::tokenizer::CONTEXT_LEN;
+
+/// The unconditional branch of an SDXL model when the negative prompt is empty. The
+/// tools differ: diffusers' SDXL pipelines (`force_zeros_for_empty_prompt`, true in SDXL
+/// base's `model_index.json`) and A1111 (`sd_models_xl.py`, `force_zero_negative_prompt`)
+/// give zeros for the context and the pooled vector; ComfyUI encodes "". SD 1.x and 2.x
+/// have no such rule: every tool encodes "", and so does sdti whatever this says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyNegative {
+    /// Zeros for the context and the pooled vector (diffusers, A1111).
+    #[default]
+    Zeros,
+    /// The encoded empty prompt "" (ComfyUI).
+    Encode,
+}
 
 /// How to draw one image.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleOptions {
     pub prompt: String,
-    /// The negative prompt (empty: the unconditional prompt "", as diffusers and A1111).
+    /// The negative prompt (empty: the unconditional prompt "", or zeros for SDXL as
+    /// [`EmptyNegative`] says).
     pub negative: String,
+    /// What an empty negative prompt gives an SDXL model.
+    pub empty_negative: EmptyNegative,
+    /// Overrides the model's prediction type (as training's `prediction_type` does).
+    pub prediction_type: Option<PredictionType>,
     /// DDIM steps (1..=1000).
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or below runs the conditional branch alone.
@@ -34,6 +59,8 @@ impl Default for SampleOptions {
         Self {
             prompt: String::new(),
             negative: String::new(),
+            empty_negative: EmptyNegative::Zeros,
+            prediction_type: None,
             steps: 30,
             guidance: 7.5,
             seed: 0,
@@ -172,9 +199,85 @@ pub fn check_size(fields: [(&'static str, usize); 2]) -> Result<()> {
     Ok(())
 }
 
+/// The UNet's conditional batch for `opts` and, with guidance above 1, its
+/// unconditional one: the prompt and negative prompt through `encoder`, padded to the same
+/// number of 77-token chunks (A1111's way); for SDXL, the pooled vectors and the time ids
+/// `(H, W, 0, 0, H, W)`, and zeros for an empty negative prompt unless `opts` says
+/// [`EmptyNegative::Encode`]. In the model's dtype, batch 1.
+pub fn sample_conditioning(
+    model: &SdModel,
+    encoder: &PromptEncoder,
+    opts: &SampleOptions,
+) -> Result<(Conditioning, Option<Conditioning>)> {
+    if encoder.family() != model.config.family {
+        return Err(Error::input(
+            "sampler",
+            format!(
+                "the prompt encoder is for an {} model and the model is {}",
+                encoder.family().model_name(),
+                model.config.family.model_name()
+            ),
+        ));
+    }
+    let dtype = model.dtype();
+    let device = model.device();
+    let batch = |context: Tensor, pooled: Option<Tensor>| -> Result<Conditioning> {
+        let added = match pooled {
+            Some(p) => Some(AddedCond {
+                pooled: p.unsqueeze(0)?.to_dtype(dtype)?.to_device(device)?,
+                time_ids: inference_time_ids(opts.height, opts.width, 1, device)?,
+            }),
+            None => None,
+        };
+        Ok(Conditioning {
+            context: context.unsqueeze(0)?.to_dtype(dtype)?.to_device(device)?,
+            added,
+        })
+    };
+    let (cond, cond_pooled) = encoder.encode_with_pooled(&opts.prompt)?;
+    if opts.guidance <= 1.0 {
+        return Ok((batch(cond, cond_pooled)?, None));
+    }
+    let zeros = opts.negative.is_empty()
+        && cond_pooled.is_some()
+        && opts.empty_negative == EmptyNegative::Zeros;
+    let (cond, uncond, uncond_pooled) = if zeros {
+        // diffusers' `torch.zeros_like(prompt_embeds)`: as many chunks as the prompt.
+        let pooled = match &cond_pooled {
+            Some(p) => Some(p.zeros_like()?),
+            None => None,
+        };
+        let uncond = cond.zeros_like()?;
+        (cond, uncond, pooled)
+    } else {
+        let (uncond, uncond_pooled) = encoder.encode_with_pooled(&opts.negative)?;
+        let empty = if opts.negative.is_empty() {
+            uncond.clone()
+        } else {
+            encoder.encode("")?
+        };
+        let (cond, uncond) = pad_chunks(cond, uncond, &empty)?;
+        (cond, uncond, uncond_pooled)
+    };
+    Ok((
+        batch(cond, cond_pooled)?,
+        Some(batch(uncond, uncond_pooled)?),
+    ))
+}
+
+/// The scheduler `opts` samples with: the model's, with its prediction type overridden
+/// where `opts` says.
+pub fn sample_scheduler(model: &SdModel, opts: &SampleOptions) -> SchedulerConfig {
+    let mut scheduler = model.config.scheduler.clone();
+    if let Some(p) = opts.prediction_type {
+        scheduler.prediction_type = p;
+    }
+    scheduler
+}
+
 /// Draws one image with `model`'s UNet and VAE: the prompt and negative prompt through
-/// `encoder` (learned words registered there), DDIM from seeded noise with
-/// classifier-free guidance, VAE decode.
+/// `encoder` (learned words registered there; it must be on `model`'s text encoders),
+/// DDIM from seeded noise with classifier-free guidance, VAE decode.
 pub fn sample_image(
     model: &SdModel,
     encoder: &PromptEncoder,
@@ -182,30 +285,17 @@ pub fn sample_image(
 ) -> Result<RgbImage> {
     opts.validate()?;
     check_size([("width", opts.width), ("height", opts.height)])?;
-    let dtype = model.dtype();
-    let cond = encoder.encode(&opts.prompt)?;
+    let (cond, uncond) = sample_conditioning(model, encoder, opts)?;
     let noise = seeded_noise(opts.seed, opts.width, opts.height, model.device())?;
-    let latents = if opts.guidance > 1.0 {
-        let uncond = encoder.encode(&opts.negative)?;
-        let empty = if opts.negative.is_empty() {
-            uncond.clone()
-        } else {
-            encoder.encode("")?
-        };
-        let (cond, uncond) = pad_chunks(cond, uncond, &empty)?;
-        let cond = cond.unsqueeze(0)?.to_dtype(dtype)?;
-        let uncond = uncond.unsqueeze(0)?.to_dtype(dtype)?;
-        ddim_sample(
-            model,
-            &noise,
-            &cond,
-            Some((&uncond, opts.guidance)),
-            opts.steps,
-        )?
-    } else {
-        let cond = cond.unsqueeze(0)?.to_dtype(dtype)?;
-        ddim_sample(model, &noise, &cond, None, opts.steps)?
-    };
+    let scheduler = sample_scheduler(model, opts);
+    let latents = ddim_sample_with(
+        model,
+        &scheduler,
+        &noise,
+        &cond,
+        uncond.as_ref().map(|u| (u, opts.guidance)),
+        opts.steps,
+    )?;
     decode_rgb8(model, &latents)?
         .into_iter()
         .next()

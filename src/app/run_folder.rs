@@ -23,13 +23,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::app::plot::{loss_chart, write_png, LossPoint};
-use crate::app::preview::{grid, sample_image, SampleFieldNames, SampleOptions};
-use crate::embedding::{write_embedding_to, Existing, Format, Precision};
+use crate::app::preview::{grid, sample_image, EmptyNegative, SampleFieldNames, SampleOptions};
+use crate::embedding::{write_embedding_to, Existing, Family, Format, Precision};
 use crate::error::{Error, Result};
 use crate::prompt::encoder::PromptEncoder;
 use crate::train::{StepStats, TrainConfig, Trainer};
@@ -54,6 +53,9 @@ pub struct PreviewSettings {
     /// `{}` stands for the learned word.
     pub prompt: String,
     pub negative: String,
+    /// What an empty negative prompt gives an SDXL model: zeros (diffusers, A1111) or
+    /// the encoded "" (ComfyUI). Folders written before SDXL read as zeros.
+    pub empty_negative: EmptyNegative,
     pub steps: usize,
     pub guidance: f64,
     pub seed: u64,
@@ -67,6 +69,7 @@ impl Default for PreviewSettings {
             every: 500,
             prompt: "a photo of {}".into(),
             negative: String::new(),
+            empty_negative: EmptyNegative::Zeros,
             steps: 20,
             guidance: 7.5,
             seed: 0,
@@ -140,7 +143,8 @@ mod precision_name {
 }
 
 impl RunSettings {
-    /// Checks the formats: at least one, each writable and SD 1.x-shaped, none twice.
+    /// Checks the formats: at least one, each writable, none twice (whether they hold the
+    /// model's words is [`RunSettings::check_for_family`]).
     fn check_formats(&self) -> Result<()> {
         for (i, f) in self.formats.iter().enumerate() {
             if !f.writable() {
@@ -149,18 +153,54 @@ impl RunSettings {
                     format!("'{f}' is a read-only layout"),
                 ));
             }
-            if *f == Format::SdxlSafetensors {
-                return Err(Error::config(
-                    "formats",
-                    "'sdxl' holds two text encoders' vectors; an SD 1.x word has one",
-                ));
-            }
             if self.formats[..i].contains(f) {
                 return Err(Error::config("formats", format!("'{f}' is named twice")));
             }
         }
         if self.formats.is_empty() {
             return Err(Error::config("formats", "name at least one format"));
+        }
+        Ok(())
+    }
+
+    /// The formats a run writes unless told: A1111's `.pt` and safetensors for SD 1.x and
+    /// 2.x, `sdxl` (`{clip_l, clip_g}` safetensors, which A1111, ComfyUI, kohya and
+    /// OneTrainer read) for SDXL, whose words A1111's `.pt` cannot hold.
+    pub fn default_formats(family: Family) -> Vec<Format> {
+        match family {
+            Family::Sdxl => vec![Format::SdxlSafetensors],
+            Family::Sd1 | Family::Sd2 => RunSettings::default().formats,
+        }
+    }
+
+    /// Checks that every format holds a word of a `family` model: two tables (`clip_l`,
+    /// `clip_g`) for SDXL, one for SD 1.x and 2.x.
+    pub fn check_for_family(&self, family: Family) -> Result<()> {
+        const SDXL: [Format; 4] = [
+            Format::SdxlSafetensors,
+            Format::DiffusersSdxl,
+            Format::KohyaPt,
+            Format::OneTrainer,
+        ];
+        let name = family.model_name();
+        for f in &self.formats {
+            match family {
+                Family::Sdxl if !SDXL.contains(f) => {
+                    return Err(Error::config(
+                        "formats",
+                        format!(
+                            "'{f}' holds one text encoder's vectors; an {name} word has two (clip_l, clip_g): write sdxl, diffusers-sdxl, kohya-pt or onetrainer"
+                        ),
+                    ))
+                }
+                Family::Sd1 | Family::Sd2 if f.sdxl_only() => {
+                    return Err(Error::config(
+                        "formats",
+                        format!("'{f}' holds two text encoders' vectors (SDXL's); an {name} word has one"),
+                    ))
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -654,13 +694,15 @@ impl RunFolder {
     pub fn preview(&mut self, trainer: &Trainer) -> Result<Written> {
         let p = &self.config.run.preview;
         let size = if p.size == 0 {
-            self.config.train.resolution
+            trainer.resolution()
         } else {
             p.size
         };
         let opts = SampleOptions {
             prompt: self.preview_prompt(),
             negative: p.negative.clone(),
+            empty_negative: p.empty_negative,
+            prediction_type: self.config.train.prediction_type,
             steps: p.steps,
             guidance: p.guidance,
             seed: p.seed,
@@ -692,11 +734,14 @@ impl RunFolder {
     }
 }
 
-/// Draws `opts` with the trainer's current vectors registered as its word.
+/// Draws `opts` with the trainer's current vectors registered as its word (SDXL: both
+/// encoders' parts), on the model's encoders with the run's clip skip.
 pub fn draw_with_vectors(trainer: &Trainer, opts: &SampleOptions) -> Result<image::RgbImage> {
-    let mut encoder = PromptEncoder::new(Arc::clone(&trainer.model().text_encoder))?;
+    let mut encoder = PromptEncoder::for_model(trainer.model())?;
     encoder.set_clip_skip(trainer.clip_skip())?;
-    encoder.register(&trainer.config().token, &trainer.vectors()?)?;
+    let word = trainer.embedding()?;
+    let parts: Vec<&[f32]> = word.parts.iter().map(|p| p.data.as_slice()).collect();
+    encoder.register_parts(&trainer.config().token, &parts)?;
     sample_image(trainer.model(), &encoder, opts)
 }
 

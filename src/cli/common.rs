@@ -165,7 +165,9 @@ impl DeviceArgs {
     }
 }
 
-/// Loads an SD 1.x model with one clear error line when it cannot.
+/// Loads an SD 1.x, SD 2.x or SDXL model with one clear error line when it cannot, and
+/// prints what loading decided from clues (the family, the prediction type and the rule
+/// that chose it, how to override it) as `note:` lines on stderr, where a person sees them.
 pub fn load_model(path: &Path, device: &DeviceArgs) -> CliResult<Arc<SdModel>> {
     let opts = device.load_options()?;
     let model = SdModel::load(path, &opts).map_err(|e| match e {
@@ -174,6 +176,9 @@ pub fn load_model(path: &Path, device: &DeviceArgs) -> CliResult<Arc<SdModel>> {
         }
         other => CliError::new(format!("model {}: {other}", path.display())),
     })?;
+    for note in &model.notes {
+        eprintln!("note: {note}");
+    }
     Ok(Arc::new(model))
 }
 

@@ -38,7 +38,8 @@ const TOKEN: &str = "red-disc";
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// A real SD 1.x model (diffusers folder or .safetensors); default: a random tiny one
+    /// A real SD 1.x or SD 2.x model (diffusers folder or .safetensors); default: a random
+    /// tiny SD 1.x one (SDXL words: `sdti train` and `sdti sample`)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Where everything goes
@@ -136,7 +137,18 @@ pub fn run(a: DemoArgs) -> CliResult<()> {
     let dir = a.output.clone();
     // 0. The model (before touching the folder, so a bad --model changes nothing).
     let (model, model_name): (Arc<SdModel>, String) = match &a.model {
-        Some(p) => (load_model(p, &a.device)?, p.display().to_string()),
+        Some(p) => {
+            let model = load_model(p, &a.device)?;
+            // The demo writes and reads back every one-table format and uses A1111's .pt,
+            // which cannot hold an SDXL word.
+            if model.config.family == sdti::model::Family::Sdxl {
+                return Err(CliError::new(format!(
+                    "--model {}: sdti demo runs SD 1.x and SD 2.x models; for SDXL run sdti train and sdti sample",
+                    p.display()
+                )));
+            }
+            (model, p.display().to_string())
+        }
         None => {
             let opts = a.device.load_options()?;
             let m = random_model(&tiny_sd1_config(), a.seed, opts.dtype, &opts.device)?;
@@ -222,7 +234,7 @@ fn write_pictures(dir: &Path, resolution: usize) -> CliResult<Vec<ImageEntry>> {
     Ok(images)
 }
 
-/// The trained word in every writable SD 1.x format under DIR/export, each read back and
+/// The trained word in every writable one-table (SD 1.x, 2.x) format under DIR/export, each read back and
 /// compared with the trained vectors.
 fn export_every_format(trainer: &Trainer, dir: &Path) -> CliResult<Vec<(Format, PathBuf)>> {
     let export_dir = dir.join("export");
@@ -266,7 +278,7 @@ fn encode_with_word(
     prompt: &str,
     dir: &Path,
 ) -> CliResult<PromptEncoder> {
-    let mut encoder = PromptEncoder::new(Arc::clone(&model.text_encoder))?;
+    let mut encoder = PromptEncoder::for_model(model)?;
     encoder.register_file(None, a1111_pt)?;
     let slots = encoder.tokenize(prompt);
     let end = slots
@@ -355,7 +367,7 @@ fn train_word(
         token: TOKEN.into(),
         init: Init::Text("ball".into()),
         vectors: 2,
-        resolution: plan.resolution,
+        resolution: Some(plan.resolution),
         max_steps: plan.steps,
         seed: plan.seed,
         ..TrainConfig::default()

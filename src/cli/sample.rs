@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use sdti::app::preview::{sample_image, SampleOptions};
+use sdti::app::preview::{sample_image, EmptyNegative, SampleOptions};
+use sdti::model::scheduler::PredictionType;
 use sdti::prompt::encoder::PromptEncoder;
+use sdti::train::TrainConfig;
 
 use super::common::{load_model, Chunking, CliError, CliResult, Context, DeviceArgs, EmbeddingArg};
 
@@ -19,12 +21,21 @@ Examples:
   sdti sample --model ./sd15 --embedding cat=runs/my-cat/my-cat.safetensors \\
        --prompt \"cat on a sofa\" --negative \"blurry\" --cfg 5 -o cat.png
 
+  # SDXL (1024x1024 by default) with a {clip_l, clip_g} word; SD 2.x 768-v draws 768x768
+  sdti sample --model sd_xl_base_1.0.safetensors --embedding my-cat-xl.safetensors \\
+       --prompt \"a photo of my-cat-xl\" -o samples/
+  sdti sample --model ./stable-diffusion-2-1 --embedding my-cat-sd2.pt --prompt \"my-cat-sd2\"
+
 Learned words are recognised as the bare word (A1111), embedding:word (ComfyUI) and
-<word> (diffusers). Files are named sample-SEED.png in the --output folder.";
+<word> (diffusers). Files are named sample-SEED.png in the --output folder.
+SDXL: the UNet gets the pooled vector of the prompt's first chunk and the time ids
+(H, W, 0, 0, H, W); an empty --negative gives zeros for the context and the pooled vector
+(diffusers, A1111), or the encoded \"\" with --negative-encode (ComfyUI).";
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// The SD 1.x model: a diffusers folder or a single-file .safetensors checkpoint
+    /// The model (SD 1.x, SD 2.x or SDXL): a diffusers folder or a single-file
+    /// .safetensors checkpoint
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// A learned word's file, any format sdti reads; the word is its file stem unless
@@ -34,9 +45,13 @@ pub struct SampleArgs {
     /// The prompt
     #[arg(long, short)]
     pub prompt: String,
-    /// The negative prompt (empty: unconditional)
+    /// The negative prompt (empty: the encoded "" for SD 1.x and 2.x, zeros for SDXL)
     #[arg(long, default_value = "")]
     pub negative: String,
+    /// SDXL with an empty --negative: encode "" as ComfyUI does, instead of zeros for the
+    /// context and the pooled vector (diffusers, A1111). SD 1.x and 2.x always encode ""
+    #[arg(long)]
+    pub negative_encode: bool,
     /// DDIM steps
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -49,12 +64,15 @@ pub struct SampleArgs {
     /// How many images
     #[arg(long, short = 'n', default_value_t = 1)]
     pub count: u64,
-    /// Image width in pixels, a multiple of 8
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Image height in pixels, a multiple of 8
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Image width in pixels, a multiple of 8 [the model's: 512, 768 or 1024]
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 [the model's: 512, 768 or 1024]
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Override the model's prediction type: epsilon or v_prediction
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
     /// Use the output of this CLIP layer from the end (1 = last; default: the model
     /// family's, 1 for SD 1.x, 2 for SD 2.x and SDXL)
     #[arg(long)]
@@ -74,7 +92,7 @@ pub fn encoder_with_words(
     model: std::sync::Arc<sdti::model::SdModel>,
     embeddings: &[EmbeddingArg],
 ) -> CliResult<PromptEncoder> {
-    let mut encoder = PromptEncoder::new(std::sync::Arc::clone(&model.text_encoder))?;
+    let mut encoder = PromptEncoder::for_model(&model)?;
     for e in embeddings {
         let word = encoder
             .register_file(Some(&e.word_or_stem()), &e.path)
@@ -99,14 +117,25 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
             a.count
         )));
     }
-    let base = SampleOptions {
+    let prediction_type: Option<PredictionType> = match &a.prediction_type {
+        Some(v) => Some(v.parse().context("--prediction-type")?),
+        None => None,
+    };
+    let mut base = SampleOptions {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),
+        empty_negative: if a.negative_encode {
+            EmptyNegative::Encode
+        } else {
+            EmptyNegative::Zeros
+        },
+        prediction_type,
         steps: a.steps,
         guidance: a.cfg,
         seed: a.seed,
-        width: a.width,
-        height: a.height,
+        // Checked here with a stand-in for a size not given; the model's comes after loading.
+        width: a.width.unwrap_or(512),
+        height: a.height.unwrap_or(512),
     };
     base.validate()?;
     for e in &a.embedding {
@@ -118,6 +147,10 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
         }
     }
     let model = load_model(&a.model, &a.device)?;
+    let prediction = prediction_type.unwrap_or(model.config.scheduler.prediction_type);
+    let size = TrainConfig::family_resolution(model.config.family, prediction);
+    base.width = a.width.unwrap_or(size);
+    base.height = a.height.unwrap_or(size);
     let mut encoder = encoder_with_words(model.clone(), &a.embedding)?;
     encoder.set_chunk_style(a.chunking.style());
     if let Some(n) = a.clip_skip {
