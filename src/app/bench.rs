@@ -84,7 +84,7 @@ impl BenchRun {
             token: BENCH_TOKEN.into(),
             init: Init::Text("thing".into()),
             vectors: setup.vectors,
-            resolution: setup.resolution,
+            resolution: Some(setup.resolution),
             batch_size: setup.batch_size,
             // The warm-up step, the timed ones and room for a profile's extra steps.
             max_steps: setup.steps as u64 + 3,

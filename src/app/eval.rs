@@ -37,6 +37,9 @@ pub fn image_latents(
 
 /// The mean denoising loss of `vectors` (`[n, dim]`) as `word` in `prompt` over `latents`,
 /// `samples` noise/timestep pairs per latent drawn from `seed` (the same on every call).
+/// `dim` is the sum of the text encoders' widths, SDXL's rows `[clip_l ‖ clip_g]` (as
+/// [`crate::train::Trainer::vectors_tensor`] holds them); SDXL's time ids are
+/// `(H, W, 0, 0, H, W)` for a latent of `H/8 x W/8` (uncropped, at its own size).
 pub fn fixed_noise_loss(
     model: &SdModel,
     latents: &[Tensor],
@@ -60,11 +63,32 @@ pub fn fixed_noise_loss(
         model.device(),
     )?;
     let table = vectors.to_device(model.device())?;
-    let injection = Injection {
-        table: &table,
-        index: &enc.index,
-        mask: &enc.mask,
-    };
+    let mut widths = vec![model.config.text_encoder.hidden_size];
+    widths.extend(model.config.text_encoder_2.as_ref().map(|c| c.hidden_size));
+    if table.dim(1)? != widths.iter().sum::<usize>() {
+        return Err(Error::input(
+            "evaluation",
+            format!(
+                "vectors {:?} for a model whose text encoders are {widths:?} wide",
+                table.dims()
+            ),
+        ));
+    }
+    let mut start = 0;
+    let mut tables = Vec::with_capacity(widths.len());
+    for &w in &widths {
+        tables.push(table.narrow(1, start, w)?.contiguous()?);
+        start += w;
+    }
+    let injections: Vec<Injection<'_>> = tables
+        .iter()
+        .map(|table| Injection {
+            table,
+            index: &enc.index,
+            mask: &enc.mask,
+        })
+        .collect();
+    let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
     let schedule = model.config.scheduler.noise_schedule()?;
     let mut rng = Rng::new(seed);
     let (mut total, mut count) = (0f64, 0usize);
@@ -76,12 +100,19 @@ pub fn fixed_noise_loss(
             let noise = Tensor::from_vec(noise, latent.dims(), &Device::Cpu)?
                 .to_dtype(latent.dtype())?
                 .to_device(latent.device())?;
+            let time_ids = if model.unet.takes_added_cond() {
+                let (h, w) = ((latent.dim(2)? * 8) as f32, (latent.dim(3)? * 8) as f32);
+                Some(Tensor::new(&[[h, w, 0.0, 0.0, h, w]], model.device())?)
+            } else {
+                None
+            };
             let batch = DenoisingBatch {
                 latents: latent,
                 noise: &noise,
                 timesteps: &[t],
                 ids: &enc.ids,
-                injection: Some(&injection),
+                injections: &injections,
+                time_ids: time_ids.as_ref(),
                 clip_skip: model.text_encoder.default_conditioning().clip_skip,
             };
             let loss = denoising_loss(model, &batch, &schedule)?;

@@ -1,5 +1,5 @@
-//! `sdti bench`: training steps per second on a random model of the SD 1.x architecture
-//! (tiny or real size) or on a given model.
+//! `sdti bench`: training steps per second on a random model of the SD 1.x, SD 2.x or
+//! SDXL architecture (tiny or real size) or on a given model.
 //!
 //! The timing itself is `sdti::app::bench`, which benches/train_step.rs (`cargo bench`,
 //! with diffusers' step beside sdti's) shares; this file holds the flags, the report and
@@ -12,7 +12,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use sdti::app::bench::{BenchRun, BenchSetup, BENCH_TOKEN};
 use sdti::model::config::ModelConfig;
-use sdti::model::random::{random_model, tiny_sd1_config};
+use sdti::model::random::{random_model, tiny_sd1_config, tiny_sd2_config, tiny_sdxl_config};
 use sdti::model::SdModel;
 use sdti::train::Trainer;
 use serde::Serialize;
@@ -24,6 +24,8 @@ pub const EXAMPLES: &str = "\
 Examples:
   sdti bench                                   # random SD 1.5-size model, 512 px, CPU
   sdti bench --config tiny --resolution 64 --steps 20
+  sdti bench --config sdxl --resolution 512    # random SDXL-size model (1024 px by default)
+  sdti bench --config sd2                      # random SD 2.1-size model (768 px, v-prediction)
   sdti bench --model v1-5.safetensors --device cuda --dtype f16 --batch-size 4
   sdti bench --device cuda --batch-size 1,4,8 --profile   # where each step's time goes
   sdti bench --resolution 256 --recompute on   # the time recompute costs, the memory it saves
@@ -34,12 +36,52 @@ the learned vectors, AdamW. Images are VAE-encoded once when added (as in traini
 that time is reported apart. One warm-up step is not timed.";
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum BenchConfig {
     /// The SD 1.x block structure at widths 32-64 (seconds per step on a CPU)
     Tiny,
+    /// The SD 2.x structure (OpenCLIP-style encoder, linear projections) at tiny widths
+    TinySd2,
+    /// The SDXL structure (two text encoders, added embedding) at tiny widths
+    TinySdxl,
     /// Stable Diffusion 1.5's sizes (runwayml/stable-diffusion-v1-5 configs)
     Sd15,
+    /// Stable Diffusion 2.1's sizes (stabilityai/stable-diffusion-2-1: 768 px, v-prediction)
+    Sd2,
+    /// SDXL base 1.0's sizes (stabilityai/stable-diffusion-xl-base-1.0)
+    Sdxl,
+}
+
+impl BenchConfig {
+    /// The name `--config` takes.
+    fn name(self) -> &'static str {
+        match self {
+            BenchConfig::Tiny => "tiny",
+            BenchConfig::TinySd2 => "tiny-sd2",
+            BenchConfig::TinySdxl => "tiny-sdxl",
+            BenchConfig::Sd15 => "sd15",
+            BenchConfig::Sd2 => "sd2",
+            BenchConfig::Sdxl => "sdxl",
+        }
+    }
+
+    fn model_config(self) -> ModelConfig {
+        match self {
+            BenchConfig::Tiny => tiny_sd1_config(),
+            BenchConfig::TinySd2 => tiny_sd2_config(),
+            BenchConfig::TinySdxl => tiny_sdxl_config(),
+            BenchConfig::Sd15 => ModelConfig::sd1(),
+            BenchConfig::Sd2 => ModelConfig::sd2(),
+            BenchConfig::Sdxl => ModelConfig::sdxl(),
+        }
+    }
+
+    fn tiny(self) -> bool {
+        matches!(
+            self,
+            BenchConfig::Tiny | BenchConfig::TinySd2 | BenchConfig::TinySdxl
+        )
+    }
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +92,8 @@ pub struct BenchArgs {
     /// A real model instead of random weights
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Training resolution in pixels [512; 64 for --config tiny]
+    /// Training resolution in pixels [the model's: 512, 768 for SD 2.x v-prediction, 1024
+    /// for SDXL; 64 for the tiny configs]
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Timed steps after one warm-up step
@@ -131,33 +174,28 @@ pub fn run(a: BenchArgs) -> CliResult<()> {
     if a.steps == 0 {
         return Err(CliError::new("--steps must be at least 1"));
     }
-    let resolution = a.resolution.unwrap_or(match (&a.model, a.config) {
-        (None, BenchConfig::Tiny) => 64,
-        _ => 512,
-    });
     let opts = a.device.load_options()?;
     let start = Instant::now();
     let (model, name) = match &a.model {
         Some(path) => (load_model(path, &a.device)?, path.display().to_string()),
         None => {
-            let config: ModelConfig = match a.config {
-                BenchConfig::Tiny => tiny_sd1_config(),
-                BenchConfig::Sd15 => ModelConfig::sd1(),
-            };
+            let config = a.config.model_config();
             if !a.json {
-                eprintln!(
-                    "building a random {} model...",
-                    format!("{:?}", a.config).to_ascii_lowercase()
-                );
+                eprintln!("building a random {} model...", a.config.name());
             }
             let m = random_model(&config, 0x5d71, opts.dtype, &opts.device)?;
-            (
-                Arc::new(m),
-                format!("random {}", format!("{:?}", a.config).to_ascii_lowercase()),
-            )
+            (Arc::new(m), format!("random {}", a.config.name()))
         }
     };
     let load_seconds = start.elapsed().as_secs_f64();
+    let resolution = match (a.resolution, &a.model) {
+        (Some(r), _) => r,
+        (None, None) if a.config.tiny() => 64,
+        (None, _) => sdti::train::TrainConfig::family_resolution(
+            model.config.family,
+            model.config.scheduler.prediction_type,
+        ),
+    };
     let mut reports = Vec::new();
     for &batch in &a.batch_size {
         let report = BenchReport {
@@ -317,6 +355,7 @@ fn profile(
     resolution: usize,
 ) -> sdti::Result<Profile> {
     use candle_core::{DType, Tensor, Var};
+    use sdti::model::unet::AddedCond;
     use sdti::model::Injection;
     use sdti::prompt::{encode_prompts, Word};
     use sdti::tokenizer::ClipTokenizer;
@@ -338,10 +377,13 @@ fn profile(
         device,
     )?;
     let vectors = Var::from_tensor(trainer.vectors_tensor())?;
+    let widths = trainer.part_widths().to_vec();
     let side = resolution / 8;
     let noisy =
         Tensor::randn(0f32, 1.0, (batch, 4, side, side), device)?.to_dtype(model.dtype())?;
     let timesteps = vec![500.0; batch];
+    // SDXL's time ids of an uncropped square picture.
+    let time_ids = sdti::sample::inference_time_ids(resolution, resolution, batch, device)?;
     let mut te = 0.0;
     let mut fwd = 0.0;
     let mut bwd = 0.0;
@@ -349,19 +391,41 @@ fn profile(
     for _ in 0..rounds {
         sync()?;
         let t0 = Instant::now();
-        let inj = Injection {
-            table: vectors.as_tensor(),
-            index: &enc.index,
-            mask: &enc.mask,
-        };
-        let ctx = model
-            .text_encoder
-            .forward(&enc.ids, Some(&inj), trainer.clip_skip())?;
+        // Each encoder's table: SDXL's rows are [clip_l || clip_g].
+        let mut tables = Vec::with_capacity(widths.len());
+        let mut offset = 0;
+        for &w in &widths {
+            tables.push(vectors.as_tensor().narrow(1, offset, w)?.contiguous()?);
+            offset += w;
+        }
+        let injections: Vec<Injection<'_>> = tables
+            .iter()
+            .map(|table| Injection {
+                table,
+                index: &enc.index,
+                mask: &enc.mask,
+            })
+            .collect();
+        let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
+        let (ctx, pooled) = sdti::train::loss::text_conditioning(
+            model,
+            &enc.ids,
+            &injections,
+            trainer.clip_skip(),
+        )?;
+        let added = pooled.map(|pooled| AddedCond {
+            pooled,
+            time_ids: time_ids.clone(),
+        });
         sync()?;
         let t1 = Instant::now();
-        let pred = model
-            .unet
-            .forward_with(&noisy, &timesteps, &ctx, None, trainer.recompute())?;
+        let pred = model.unet.forward_with(
+            &noisy,
+            &timesteps,
+            &ctx,
+            added.as_ref(),
+            trainer.recompute(),
+        )?;
         let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
         sync()?;
         let t2 = Instant::now();

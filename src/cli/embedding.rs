@@ -6,7 +6,7 @@ use candle_core::DType;
 use clap::Args;
 use sdti::embedding::{
     diffusers_sdxl_second_path, inspect as inspect_embedding, read_embedding, write_embedding_to,
-    EmbeddingFile, Existing, Format, Precision,
+    EmbeddingFile, Encoder, Existing, Format, Precision,
 };
 use sdti::prompt::chunks::{chunk_slots, Slot};
 use sdti::prompt::{prompt_slots, Word};
@@ -50,6 +50,8 @@ safetensors, .bin diffusers-bin, .png png (an SDXL embedding goes to sdxl).";
 
 pub const INSPECT_EXAMPLES: &str = "\
 Examples:
+  sdti inspect sd_xl_base_1.0.safetensors       # a model: family, prediction type, defaults
+  sdti inspect ./stable-diffusion-2-1 --json
   sdti inspect my-cat.pt
   sdti inspect my-cat.pt --model v1-5.safetensors --top 8   # nearest vocabulary tokens
   sdti inspect learned_embeds.bin --json
@@ -159,9 +161,11 @@ fn note_pair_half(path: &Path, emb: &EmbeddingFile) {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The embedding file (any format sdti reads; FIRST+SECOND or a folder for a diffusers SDXL pair)
+    /// The embedding file (any format sdti reads; FIRST+SECOND or a folder for a diffusers
+    /// SDXL pair), or a model (a diffusers folder or a single-file checkpoint): its family,
+    /// prediction type and the defaults training takes from it
     pub file: PathBuf,
-    /// An SD 1.x model whose vocabulary gives the nearest tokens of each vector
+    /// A model whose vocabulary gives the nearest tokens of each vector
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// How many nearest tokens per vector
@@ -174,7 +178,157 @@ pub struct InspectArgs {
     pub device: DeviceArgs,
 }
 
+/// Whether `path` holds a model rather than an embedding: a diffusers model folder
+/// (`model_index.json` or a `unet/` folder), or a `.safetensors` file whose keys are a
+/// checkpoint's (UNet, VAE or text-encoder prefixes of the LDM/SGM layouts).
+fn looks_like_model(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("model_index.json").is_file() || path.join("unet").is_dir();
+    }
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !safetensors || !path.is_file() {
+        return false;
+    }
+    const PREFIXES: [&str; 4] = [
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "cond_stage_model.",
+        "conditioner.",
+    ];
+    let mut index = sdti::model::weights::WeightIndex::default();
+    index.map_file(path).is_ok_and(|keys| {
+        keys.iter()
+            .any(|(k, _)| PREFIXES.iter().any(|p| k.starts_with(p)))
+    })
+}
+
+/// What `sdti inspect MODEL` reports.
+#[derive(Serialize)]
+struct ModelReport {
+    model: PathBuf,
+    family: String,
+    prediction_type: String,
+    zero_terminal_snr: bool,
+    /// How loading decided (family, prediction type, the rule), as `train` prints it.
+    notes: Vec<String>,
+    /// What a learned word is made of: one width per text encoder (null where the
+    /// shapes alone do not give the model's configuration).
+    word_widths: Option<Vec<usize>>,
+    /// The text encoders' layer training and sampling condition on by default.
+    clip_skip: usize,
+    /// The training resolution by default.
+    resolution: usize,
+    vae_scaling_factor: Option<f64>,
+}
+
+fn inspect_model(a: &InspectArgs) -> CliResult<()> {
+    use sdti::model::clip::Conditioning;
+    use sdti::model::files::{detect_model, index_model};
+    use sdti::model::PredictionType;
+
+    if a.model.is_some() {
+        return Err(CliError::new(format!(
+            "--model gives an embedding file's nearest tokens; {} is a model itself",
+            a.file.display()
+        )));
+    }
+    let model_err = |e: sdti::Error| match e {
+        sdti::Error::Model { path, reason } => {
+            CliError::new(format!("model {}: {reason}", path.display()))
+        }
+        other => CliError::new(format!("model {}: {other}", a.file.display())),
+    };
+    let detection = detect_model(&a.file).map_err(model_err)?;
+    // Memory-mapped, not read: the widths and the VAE's scale of the files themselves. A
+    // file whose configuration its shapes do not give (loading it needs one) still has a
+    // family and a prediction type.
+    let mut notes = detection.notes;
+    let config = match index_model(
+        &a.file,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        None,
+    ) {
+        Ok(loaded) => Some(loaded.config),
+        Err(sdti::Error::Model { reason, .. }) => {
+            notes.push(format!("widths unknown: {reason}"));
+            None
+        }
+        Err(e) => return Err(model_err(e)),
+    };
+    let family = detection.family;
+    let first = match family {
+        sdti::model::Family::Sdxl => Encoder::ClipL,
+        _ => Encoder::Single,
+    };
+    let clip_skip = Conditioning::default_for(family, first)?.clip_skip;
+    let prediction = detection.scheduler.prediction_type;
+    let word_widths = config.as_ref().map(|c| {
+        let mut widths = vec![c.text_encoder.hidden_size];
+        widths.extend(c.text_encoder_2.as_ref().map(|c| c.hidden_size));
+        widths
+    });
+    let report = ModelReport {
+        model: a.file.clone(),
+        family: family.model_name().to_string(),
+        prediction_type: match prediction {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+        }
+        .to_string(),
+        zero_terminal_snr: detection.scheduler.rescale_betas_zero_snr,
+        notes,
+        word_widths,
+        clip_skip,
+        resolution: sdti::train::TrainConfig::family_resolution(family, prediction),
+        vae_scaling_factor: config.as_ref().map(|c| c.vae.scaling_factor),
+    };
+    if a.json {
+        return print_json(&report);
+    }
+    println!("model:       {}", report.model.display());
+    println!("family:      {}", report.family);
+    println!(
+        "prediction:  {}{}",
+        report.prediction_type,
+        if report.zero_terminal_snr {
+            ", zero terminal SNR"
+        } else {
+            ""
+        }
+    );
+    let widths: Vec<String> = report
+        .word_widths
+        .iter()
+        .flatten()
+        .map(|w| w.to_string())
+        .collect();
+    let word = match widths.as_slice() {
+        [] => "? wide".to_string(),
+        [l, g] => format!("clip_l {l} + clip_g {g} wide (written as sdxl {{clip_l, clip_g}})"),
+        _ => format!("{} wide", widths.join("+")),
+    };
+    println!("word:        {word}");
+    println!(
+        "defaults:    clip skip {}, resolution {}, VAE scale {}",
+        report.clip_skip,
+        report.resolution,
+        report
+            .vae_scaling_factor
+            .map_or("?".to_string(), |v| v.to_string())
+    );
+    for note in &report.notes {
+        println!("note:        {note}");
+    }
+    Ok(())
+}
+
 pub fn inspect(a: InspectArgs) -> CliResult<()> {
+    if looks_like_model(&a.file) {
+        return inspect_model(&a);
+    }
     let emb = read_embedding(&a.file)?;
     note_pair_half(&a.file, &emb);
     let report = match &a.model {

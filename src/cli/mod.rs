@@ -14,19 +14,23 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-const ABOUT: &str = "Textual Inversion for Stable Diffusion 1.x, natively: learn a new word \
-from a few pictures, check what it draws, and convert it between the common embedding formats.";
+const ABOUT: &str = "Textual Inversion for Stable Diffusion 1.x, 2.x and SDXL, natively: learn \
+a new word from a few pictures, check what it draws, and convert it between the common embedding \
+formats.";
 
 const EXAMPLES: &str = "\
 Examples:
   sdti demo                                   # a random tiny model, CPU, a few minutes
   sdti train --model v1-5.safetensors --token my-cat --init cat photos/ -o runs/my-cat
+  sdti train --model sd_xl_base_1.0.safetensors --token my-cat --init cat photos/ -o runs/xl
   sdti sample --model v1-5.safetensors --embedding runs/my-cat/my-cat.pt \\
        --prompt \"a painting of my-cat\" --seed 1 -o samples/
   sdti inspect runs/my-cat/my-cat.pt --model v1-5.safetensors
+  sdti inspect sd_xl_base_1.0.safetensors      # family, prediction type, defaults
   sdti convert my-cat.pt my-cat.safetensors
   sdti encode --embedding my-cat.pt \"a photo of my-cat\"
-  sdti bench --config sd15 --resolution 512";
+  sdti bench --config sd15 --resolution 512
+  sdti bench --config sdxl --resolution 1024";
 
 #[derive(Parser, Debug)]
 #[command(name = "sdti", version, about = ABOUT, after_help = EXAMPLES)]
@@ -46,13 +50,14 @@ enum Command {
     /// Convert an embedding file to another format
     #[command(after_help = embedding::CONVERT_EXAMPLES)]
     Convert(embedding::ConvertArgs),
-    /// Show what an embedding file holds (and its nearest vocabulary tokens with --model)
+    /// Show what an embedding file holds (and its nearest vocabulary tokens with --model),
+    /// or what a model is (family, prediction type, the defaults it gives training)
     #[command(after_help = embedding::INSPECT_EXAMPLES)]
     Inspect(embedding::InspectArgs),
     /// Show a prompt's token ids and which slots carry learned vectors
     #[command(after_help = embedding::ENCODE_EXAMPLES)]
     Encode(embedding::EncodeArgs),
-    /// Time training steps on a random model of the SD 1.x architecture (or a given model)
+    /// Time training steps on a random SD 1.x, SD 2.x or SDXL model (or a given model)
     #[command(after_help = bench::EXAMPLES)]
     Bench(bench::BenchArgs),
     /// Train, export, encode and sample end to end: a random tiny model without --model

@@ -36,6 +36,13 @@ Examples:
   sdti train --model model.safetensors --token thing --learning-rate '0.005:100, 1e-3:1000, 1e-5' \\
        --formats a1111-pt,safetensors,diffusers --precision f16 imgs/ -o runs/thing
 
+  # SDXL (1024 px, clip skip 2; the word is written as {clip_l, clip_g} safetensors)
+  sdti train --model sd_xl_base_1.0.safetensors --token my-cat-xl --init cat \\
+       photos/ -o runs/my-cat-xl
+
+  # SD 2.x 768-v (768 px, v-prediction as the model's scheduler says; 1024-wide word)
+  sdti train --model ./stable-diffusion-2-1 --token my-cat-sd2 --init cat photos/ -o runs/sd2
+
   # Ctrl-C writes a checkpoint; continue later with the saved options
   sdti train --resume -o runs/my-cat
 
@@ -52,7 +59,8 @@ pub struct TrainArgs {
     /// Training images: files, or folders of PNG/JPEG/WebP files
     #[arg(value_name = "IMAGES")]
     pub images: Vec<PathBuf>,
-    /// The SD 1.x model: a diffusers folder or a single-file .safetensors checkpoint
+    /// The model (SD 1.x, SD 2.x or SDXL): a diffusers folder or a single-file
+    /// .safetensors checkpoint
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// The run folder to write
@@ -81,7 +89,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", help_heading = "Word")]
     pub vectors: Option<usize>,
 
-    /// Training resolution in pixels, a multiple of 8 [512]
+    /// Training resolution in pixels, a multiple of 8 [the model's: 512; 768 for SD 2.x
+    /// v-prediction; 1024 for SDXL]
     #[arg(long, value_name = "PIXELS", help_heading = "Data")]
     pub resolution: Option<usize>,
     /// Crop each image at a random place instead of the center
@@ -154,7 +163,8 @@ pub struct TrainArgs {
     /// Write a checkpoint and the word every N steps (and at the end) [500]
     #[arg(long, value_name = "N", help_heading = "Run folder")]
     pub save_every: Option<u64>,
-    /// Embedding formats, comma-separated (see `sdti convert --help`) [a1111-pt,safetensors]
+    /// Embedding formats, comma-separated (see `sdti convert --help`) [a1111-pt,safetensors;
+    /// sdxl for SDXL]
     #[arg(
         long,
         value_delimiter = ',',
@@ -174,6 +184,10 @@ pub struct TrainArgs {
     /// Preview negative prompt [empty]
     #[arg(long, value_name = "TEXT", help_heading = "Run folder")]
     pub preview_negative: Option<String>,
+    /// SDXL previews with an empty negative prompt: encode "" (ComfyUI) instead of zeros
+    /// for the context and the pooled vector (diffusers, A1111)
+    #[arg(long, help_heading = "Run folder")]
+    pub preview_negative_encode: bool,
     /// Preview DDIM steps [20]
     #[arg(long, value_name = "N", help_heading = "Run folder")]
     pub preview_steps: Option<usize>,
@@ -253,7 +267,6 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
     }
     set!(
         vectors <- vectors,
-        resolution <- resolution,
         flip_probability <- flip_probability,
         lr_warmup_steps <- lr_warmup_steps,
         max_steps <- steps,
@@ -267,6 +280,9 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
     );
     if let Some(n) = a.clip_skip {
         c.clip_skip = Some(n);
+    }
+    if let Some(r) = a.resolution {
+        c.resolution = Some(r);
     }
     if a.random_crop {
         c.random_crop = true;
@@ -324,6 +340,9 @@ fn run_settings(base: RunSettings, a: &TrainArgs) -> CliResult<RunSettings> {
     }
     if let Some(v) = &a.preview_negative {
         p.negative = v.clone();
+    }
+    if a.preview_negative_encode {
+        p.empty_negative = sdti::app::preview::EmptyNegative::Encode;
     }
     if let Some(v) = a.preview_steps {
         p.steps = v;
@@ -602,7 +621,7 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
     let dir = a.output.clone();
     let state = folder_state(&dir);
     // 1. The configuration: fresh, or the saved one (given options must agree with it).
-    let (config, mut folder) = if a.resume {
+    let (mut config, mut folder) = if a.resume {
         match state {
             FolderState::Run => {}
             FolderState::Missing => {
@@ -662,7 +681,9 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
             }
         }
         let model = a.model.as_ref().ok_or_else(|| {
-            CliError::new("--model is required: an SD 1.x diffusers folder or .safetensors file")
+            CliError::new(
+                "--model is required: an SD 1.x, SD 2.x or SDXL diffusers folder or .safetensors file",
+            )
         })?;
         if a.images.is_empty() {
             return Err(CliError::new(
@@ -688,14 +709,25 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
 
     // 2. The model, the trainer and its images; only then the folder.
     let model = load_model(Path::new(&config.model), &a.device)?;
+    let family = model.config.family;
+    if folder.is_none() && a.formats.is_none() {
+        config.run.formats = RunSettings::default_formats(family);
+    }
+    config.run.check_for_family(family)?;
+    // The resolution is the model family's unless given: known once the trainer has it.
+    let mut trainer = Trainer::new(model, config.train.clone())?;
     sdti::app::preview::check_size([
-        ("resolution", config.train.resolution),
+        ("resolution", trainer.resolution()),
         (
             "preview_size",
-            config.run.preview.size.max(config.train.resolution),
+            config.run.preview.size.max(trainer.resolution()),
         ),
     ])?;
-    let mut trainer = Trainer::new(model, config.train.clone())?;
+    if folder.is_none() {
+        // config.json records what the run trains with (the family's resolution and clip
+        // skip filled in), as its checkpoints do.
+        config.train = trainer.config().clone();
+    }
     let recompute = a.memory.choose(&mut trainer)?;
     add_images(&mut trainer, &config.images)?;
     let mut run = match folder.take() {
@@ -713,12 +745,13 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
     };
     let total = trainer.total_steps();
     eprintln!(
-        "training '{}' ({} vector{}) on {} image{} for {total} steps into {}",
+        "training '{}' ({} vector{}) on {} image{} at {} px for {total} steps into {}",
         config.train.token,
         config.train.vectors,
         if config.train.vectors == 1 { "" } else { "s" },
         config.images.len(),
         if config.images.len() == 1 { "" } else { "s" },
+        trainer.resolution(),
         dir.display()
     );
     eprintln!("{recompute}");

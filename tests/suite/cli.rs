@@ -36,13 +36,17 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Runs and asserts a non-zero exit with exactly one line on stderr, `error: ...`
-/// containing `want`; returns that line.
+/// containing `want`, besides the `note:` lines a loaded model prints (what loading
+/// decided); returns the error line.
 fn fails(args: &[&str], want: &str) -> String {
     let out = sdti(args);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "sdti {args:?} succeeded:\n{err}");
     assert_eq!(out.status.code(), Some(1), "sdti {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note: "))
+        .collect();
     assert_eq!(lines.len(), 1, "sdti {args:?}: not one line:\n{err}");
     assert!(lines[0].starts_with("error: "), "{err}");
     assert!(
@@ -775,7 +779,7 @@ fn demo_runs_end_to_end_and_replaces_its_own_folder() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     for f in Format::ALL {
-        let expected = f.writable() && f != Format::SdxlSafetensors;
+        let expected = f.writable() && !f.sdxl_only();
         assert_eq!(formats.contains(&f.name().to_string()), expected, "{f}");
     }
     let word = read_embedding(&dir.join("export/diffusers/red-disc.safetensors")).unwrap();
@@ -1169,4 +1173,450 @@ fn sigkill_mid_checkpoint_then_resume_matches_a_straight_run() {
 #[test]
 fn sigkill_mid_export_then_resume_matches_a_straight_run() {
     sigkill_mid_write_then_resume("sks-2.", "embeddings/sks-2.pt");
+}
+
+/// `sdti sample` on the SD 2.x and SDXL test models writes images of the asked size (of
+/// the family's default size without --width/--height, checked on the fast SD 2.x one);
+/// `--prediction-type` and `--negative-encode` reach the sampler.
+#[test]
+fn sample_draws_with_sd2_and_sdxl_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let draw = |model: &str, name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = tmp.path().join(name);
+        let fixture_path = s(&fixture(model));
+        let mut args = vec![
+            "sample",
+            "--model",
+            &fixture_path,
+            "--prompt",
+            "a photo of a toy",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let p = s(&path);
+        args.extend_from_slice(&["-o", &p]);
+        let out = sdti(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        // What loading decided, where a person sees it.
+        assert!(
+            err.contains("note: ") && err.contains("override with --prediction-type"),
+            "{err}"
+        );
+        let img = image::open(&path).unwrap().to_rgb8();
+        let size = (img.width(), img.height());
+        let want = match extra.iter().position(|a| *a == "--width") {
+            Some(_) => (64, 48),
+            None => (512, 512),
+        };
+        assert_eq!(size, want, "{name}");
+        img.into_raw()
+    };
+    let small = ["--width", "64", "--height", "48"];
+    let sd2 = draw("tiny-sd2", "sd2.png", &small);
+    let v = draw(
+        "tiny-sd2",
+        "sd2-v.png",
+        &[&small[..], &["--prediction-type", "v_prediction"]].concat(),
+    );
+    assert_ne!(sd2, v, "--prediction-type changed nothing");
+    draw("tiny-sd2", "sd2-default-size.png", &[]);
+    let xl = draw("tiny-sdxl", "xl.png", &small);
+    let xl_encoded = draw(
+        "tiny-sdxl",
+        "xl-encode.png",
+        &[&small[..], &["--negative-encode"]].concat(),
+    );
+    assert_ne!(xl, xl_encoded, "--negative-encode changed nothing");
+    fails(
+        &[
+            "sample",
+            "--model",
+            &s(&fixture("tiny-sd2")),
+            "--prompt",
+            "x",
+            "--prediction-type",
+            "sample",
+        ],
+        "--prediction-type",
+    );
+}
+
+/// What an SDXL sample conditions on: the time ids `(H, W, 0, 0, H, W)` (height first,
+/// diffusers' `_get_add_time_ids` with its defaults), zeros for the context and the pooled
+/// vector of an empty negative prompt (diffusers' `force_zeros_for_empty_prompt`, A1111),
+/// as many chunks as the prompt; with `EmptyNegative::Encode` the reference's encoded ""
+/// (ComfyUI; tests/reference/make_tiny_sdxl.py's `uncond`).
+#[test]
+fn sdxl_sample_conditioning_time_ids_and_uncond() {
+    use sdti::app::preview::{sample_conditioning, EmptyNegative, SampleOptions};
+    use sdti::model::{LoadOptions, SdModel};
+    use sdti::prompt::encoder::PromptEncoder;
+
+    use crate::common::{assert_close, test_device};
+
+    let exp =
+        candle_core::safetensors::load(fixture("tiny-sdxl-expected.safetensors"), &test_device())
+            .unwrap();
+    let model = SdModel::load(&fixture("tiny-sdxl"), &LoadOptions::default()).unwrap();
+    let encoder = PromptEncoder::for_model(&model).unwrap();
+    let max_abs = |t: &candle_core::Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // A prompt of two chunks, a non-square image.
+    let long = format!("a photo of a toy{}", ", on a table".repeat(20));
+    let opts = SampleOptions {
+        prompt: long,
+        width: 64,
+        height: 48,
+        ..SampleOptions::default()
+    };
+    let (cond, uncond) = sample_conditioning(&model, &encoder, &opts).unwrap();
+    let uncond = uncond.expect("guidance 7.5 has an unconditional branch");
+    assert_eq!(cond.context.dims(), &[1, 154, 80]);
+    assert_eq!(uncond.context.dims(), cond.context.dims());
+    assert_eq!(max_abs(&uncond.context), 0.0);
+    for (c, what) in [(&cond, "cond"), (&uncond, "uncond")] {
+        let added = c
+            .added
+            .as_ref()
+            .expect("SDXL conditioning has added inputs");
+        assert_eq!(
+            added.time_ids.to_vec2::<f32>().unwrap(),
+            vec![vec![48.0, 64.0, 0.0, 0.0, 48.0, 64.0]],
+            "{what}"
+        );
+        assert_eq!(added.pooled.dims(), &[1, 48], "{what}");
+    }
+    let pooled = |c: &sdti::sample::Conditioning| c.added.as_ref().unwrap().pooled.clone();
+    assert_eq!(max_abs(&pooled(&uncond)), 0.0);
+    assert!(max_abs(&pooled(&cond)) > 0.0);
+
+    // ComfyUI's choice: the encoded "", padded with encoded "" chunks.
+    let encode = SampleOptions {
+        prompt: "a photo of a toy".into(),
+        empty_negative: EmptyNegative::Encode,
+        ..opts.clone()
+    };
+    let (_, uncond) = sample_conditioning(&model, &encoder, &encode).unwrap();
+    let uncond = uncond.unwrap();
+    assert_close(
+        "encoded uncond context",
+        &uncond.context,
+        &exp["uncond.context"],
+        1e-5,
+    );
+    assert_close(
+        "encoded uncond pooled",
+        &pooled(&uncond),
+        &exp["uncond.pooled"],
+        1e-5,
+    );
+    // A negative prompt is encoded whatever the choice; guidance 1 has no uncond.
+    let negative = SampleOptions {
+        negative: "blurry".into(),
+        ..opts.clone()
+    };
+    let (_, uncond) = sample_conditioning(&model, &encoder, &negative).unwrap();
+    assert!(max_abs(&uncond.unwrap().context) > 0.0);
+    let unguided = SampleOptions {
+        guidance: 1.0,
+        ..opts
+    };
+    assert!(sample_conditioning(&model, &encoder, &unguided)
+        .unwrap()
+        .1
+        .is_none());
+}
+
+/// SD 1.x and 2.x have no zeros rule: an empty negative prompt is the encoded "" (every
+/// tool's), and their UNets take no added inputs.
+#[test]
+fn sd2_sample_uncond_is_the_encoded_empty_prompt() {
+    use sdti::app::preview::{sample_conditioning, SampleOptions};
+    use sdti::model::{LoadOptions, SdModel};
+    use sdti::prompt::encoder::PromptEncoder;
+
+    let model = SdModel::load(&fixture("tiny-sd2"), &LoadOptions::default()).unwrap();
+    let encoder = PromptEncoder::for_model(&model).unwrap();
+    let opts = SampleOptions {
+        prompt: "a photo of a toy".into(),
+        width: 64,
+        height: 64,
+        ..SampleOptions::default()
+    };
+    let (cond, uncond) = sample_conditioning(&model, &encoder, &opts).unwrap();
+    let uncond = uncond.unwrap();
+    assert!(cond.added.is_none() && uncond.added.is_none());
+    let empty = encoder.encode("").unwrap().unsqueeze(0).unwrap();
+    assert_eq!(
+        uncond
+            .context
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        empty.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
+
+/// `sdti train --model tiny-sdxl` end to end: the word trains in both encoders' tables,
+/// the run folder holds it as `{clip_l, clip_g}` (the `sdxl` format unless --formats says
+/// another two-table layout), previews are drawn, and the word samples; a one-table
+/// format is refused before anything is written.
+#[test]
+fn train_sdxl_writes_a_clip_l_clip_g_word() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 2);
+    let dir = tmp.path().join("run");
+    let model = s(&fixture("tiny-sdxl"));
+    let train = |dir: &Path, extra: &[&str]| -> Output {
+        let mut args = vec![
+            "train".to_string(),
+            "--model".into(),
+            model.clone(),
+            s(&images),
+            "-o".into(),
+            s(dir),
+            "--token".into(),
+            "xlw".into(),
+            "--init".into(),
+            "toy".into(),
+            "--vectors".into(),
+            "2".into(),
+            "--resolution".into(),
+            "64".into(),
+            "--steps".into(),
+            "2".into(),
+            "--save-every".into(),
+            "2".into(),
+            "--preview-every".into(),
+            "1".into(),
+            "--preview-steps".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sdti(&args)
+    };
+    let out = train(&dir, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("note: SDXL folder"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["run"]["formats"], serde_json::json!(["sdxl"]));
+    assert_eq!(config["train"]["resolution"], 64);
+    assert_eq!(config["train"]["clip_skip"], 2);
+    assert_eq!(config["run"]["preview"]["empty_negative"], "zeros");
+    for path in [
+        dir.join("xlw.safetensors"),
+        dir.join("embeddings").join("xlw-2.safetensors"),
+    ] {
+        let word = read_embedding(&path).unwrap();
+        assert_eq!(word.source_format, Format::SdxlSafetensors, "{path:?}");
+        let parts: Vec<(Encoder, usize, usize)> = word
+            .parts
+            .iter()
+            .map(|p| (p.encoder, p.vectors, p.dim))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![(Encoder::ClipL, 2, 32), (Encoder::ClipG, 2, 48)],
+            "{path:?}"
+        );
+        assert!(word
+            .parts
+            .iter()
+            .all(|p| p.data.iter().all(|v| v.is_finite())));
+    }
+    for step in [0, 1, 2] {
+        assert!(
+            dir.join("previews")
+                .join(format!("step-{step:06}.png"))
+                .is_file(),
+            "preview {step}"
+        );
+    }
+    // The word draws with the model it was trained on.
+    let drawn = tmp.path().join("xl.png");
+    ok(&[
+        "sample",
+        "--model",
+        &model,
+        "--embedding",
+        &s(&dir.join("xlw.safetensors")),
+        "--prompt",
+        "a photo of xlw",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "-o",
+        &s(&drawn),
+    ]);
+    assert!(drawn.is_file());
+    // Two-table layouts only; nothing written when refused.
+    let refused = tmp.path().join("refused");
+    let out = train(&refused, &["--formats", "a1111-pt"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--formats: 'a1111-pt' holds one text encoder's vectors"),
+        "{err}"
+    );
+    assert!(!refused.exists());
+    let pair = tmp.path().join("pair");
+    let out = train(
+        &pair,
+        &[
+            "--formats",
+            "diffusers-sdxl,sdxl",
+            "--preview-negative-encode",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pair.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["run"]["preview"]["empty_negative"], "encode");
+    assert!(pair.join("xlw.safetensors").is_file());
+    assert!(pair.join("xlw_2.safetensors").is_file());
+    assert!(pair.join("formats/sdxl/xlw.safetensors").is_file());
+}
+
+/// Without --resolution a run trains at the model's resolution (512, 768 for SD 2.x
+/// v-prediction, 1024 for SDXL) and config.json records it; 'sdxl' is refused for a
+/// one-table model.
+#[test]
+fn train_takes_the_models_resolution() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = pictures(tmp.path(), 1);
+    let dir = tmp.path().join("run");
+    let model = s(&fixture("tiny-sd2"));
+    let out = sdti(&[
+        "train",
+        "--model",
+        &model,
+        &s(&images),
+        "-o",
+        &s(&dir),
+        "--steps",
+        "1",
+        "--preview-every",
+        "0",
+        "--prediction-type",
+        "v_prediction",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("at 768 px"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["train"]["resolution"], 768);
+    assert_eq!(
+        config["run"]["formats"],
+        serde_json::json!(["a1111-pt", "safetensors"])
+    );
+    let word = read_embedding(&dir.join("sdti-word.pt")).unwrap();
+    assert_eq!(word.parts[0].dim, 32);
+    fails(
+        &[
+            "train",
+            "--model",
+            &model,
+            &s(&images),
+            "-o",
+            &s(&tmp.path().join("r2")),
+            "--formats",
+            "sdxl",
+        ],
+        "--formats: 'sdxl' holds two text encoders' vectors (SDXL's); an SD 2.x word has one",
+    );
+}
+
+/// `sdti inspect MODEL`: the family, the prediction type and the rule that chose it,
+/// and the defaults training takes from the model; the v_pred and ztsnr marker keys of
+/// SDXL fine-tunes (ComfyUI's rule) read as v-prediction with zero terminal SNR.
+#[test]
+fn inspect_says_what_a_model_is() {
+    let human = ok(&["inspect", &s(&fixture("tiny-sdxl"))]);
+    for want in [
+        "family:      SDXL",
+        "prediction:  epsilon",
+        "clip_l 32 + clip_g 48 wide",
+        "clip skip 2, resolution 1024, VAE scale 0.13025",
+        "override with --prediction-type",
+    ] {
+        assert!(human.contains(want), "'{want}' not in:\n{human}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", &s(&fixture("tiny-sd2")), "--json"])).unwrap();
+    assert_eq!(json["family"], "SD 2.x");
+    assert_eq!(json["clip_skip"], 2);
+    assert_eq!(json["resolution"], 512);
+    assert_eq!(json["word_widths"], serde_json::json!([32]));
+    let sd1 = ok(&["inspect", &tiny()]);
+    assert!(
+        sd1.contains("clip skip 1, resolution 512, VAE scale 0.18215"),
+        "{sd1}"
+    );
+
+    // An SDXL fine-tune's single file with the marker keys.
+    let tmp = tempfile::tempdir().unwrap();
+    let marked = tmp.path().join("vpred-xl.safetensors");
+    let mut tensors =
+        candle_core::safetensors::load(fixture("tiny-sdxl.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for key in ["v_pred", "ztsnr"] {
+        tensors.insert(
+            key.into(),
+            candle_core::Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&tensors, &marked).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", &s(&marked), "--json"])).unwrap();
+    assert_eq!(json["family"], "SDXL");
+    assert_eq!(json["prediction_type"], "v_prediction");
+    assert_eq!(json["zero_terminal_snr"], true);
+    assert_eq!(json["resolution"], 1024);
+    let notes = json["notes"].to_string();
+    assert!(
+        notes.contains("v_pred") && notes.contains("ztsnr"),
+        "{notes}"
+    );
+    // --model is for an embedding's nearest tokens.
+    fails(
+        &["inspect", &s(&marked), "--model", &tiny()],
+        "is a model itself",
+    );
+}
+
+/// `sdti bench --config` builds random models of each family (tiny here; sd2 and sdxl are
+/// the real sizes).
+#[test]
+fn bench_builds_random_sd2_and_sdxl_models() {
+    for config in ["tiny-sd2", "tiny-sdxl"] {
+        let json: serde_json::Value = serde_json::from_str(&ok(&[
+            "bench", "--config", config, "--steps", "1", "--json",
+        ]))
+        .unwrap();
+        assert_eq!(json["model"], format!("random {config}"));
+        assert_eq!(json["resolution"], 64);
+        assert!(json["mean_ms_per_step"].as_f64().unwrap() > 0.0);
+    }
+    let help = ok(&["bench", "--help"]);
+    assert!(help.contains("sdxl") && help.contains("sd2"), "{help}");
 }
