@@ -18,10 +18,12 @@ use crate::sample::{ddim_sample_with, inference_time_ids, Conditioning};
 use crate::tokenizer::CONTEXT_LEN;
 
 /// The unconditional branch of an SDXL model when the negative prompt is empty. The
-/// tools differ: diffusers' SDXL pipelines (`force_zeros_for_empty_prompt`, true in SDXL
-/// base's `model_index.json`) and A1111 (`sd_models_xl.py`, `force_zero_negative_prompt`)
-/// give zeros for the context and the pooled vector; ComfyUI encodes "". SD 1.x and 2.x
-/// have no such rule: every tool encodes "", and so does sdti whatever this says.
+/// tools differ: diffusers' SDXL pipelines without a negative prompt
+/// (`force_zeros_for_empty_prompt`, true in SDXL base's `model_index.json`; an explicit ""
+/// is encoded there) and A1111 with an empty one (`sd_models_xl.py`,
+/// `force_zero_negative_prompt`) give zeros for the context and the pooled vector;
+/// ComfyUI encodes "". SD 1.x and 2.x have no such rule: every tool encodes "", and so
+/// does sdti whatever this says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EmptyNegative {
