@@ -165,7 +165,7 @@ impl Default for sdti_trainer_params {
             token: std::ptr::null(),
             init_text: std::ptr::null(),
             vectors: d.vectors as u32,
-            resolution: d.resolution as u32,
+            resolution: d.resolution.unwrap_or(512) as u32,
             learning_rate: std::ptr::null(),
             batch_size: d.batch_size as u32,
             gradient_accumulation: d.gradient_accumulation as u32,
@@ -306,7 +306,7 @@ pub unsafe extern "C" fn sdti_trainer_new(
                         .unwrap_or_else(|| "*".to_string()),
                 ),
                 vectors: p.vectors as usize,
-                resolution: p.resolution as usize,
+                resolution: Some(p.resolution as usize),
                 learning_rate: match opt_cstr(p.learning_rate, "params.learning_rate")? {
                     None => defaults.learning_rate.clone(),
                     // Parsed here, once: the engine holds the schedule, not its text.

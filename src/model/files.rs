@@ -55,38 +55,10 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// The one place that keeps SDXL from training while the trainer and the prompt encoder
-/// cannot condition on its two encoders, pooled vector and time ids yet. SDXL files are
-/// detected, checked and mapped all the same (their tests load them through
-/// [`index_model_unchecked`]); when SDXL trains, delete this function, its call and the
-/// test `loading::sdxl_is_detected_but_not_yet_trainable`.
-fn refuse_sdxl_until_it_trains(path: &Path, family: Family) -> Result<()> {
-    if family == Family::Sdxl {
-        return Err(model_err(
-            path,
-            "this is an SDXL model: sdti detects and reads SDXL, but cannot train it yet \
-             (SD 1.x and SD 2.x models train)",
-        ));
-    }
-    Ok(())
-}
-
-/// Indexes an SD 1.x or SD 2.x model: a diffusers folder or a single `.safetensors`
+/// Indexes an SD 1.x, SD 2.x or SDXL model: a diffusers folder or a single `.safetensors`
 /// checkpoint. `config` replaces what is inferred (single files carry no configuration);
 /// it must be for the family the files hold.
 pub fn index_model(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-    config: Option<&ModelConfig>,
-) -> Result<LoadedWeights> {
-    let loaded = index_model_unchecked(path, dtype, device, config)?;
-    refuse_sdxl_until_it_trains(path, loaded.family)?;
-    Ok(loaded)
-}
-
-/// [`index_model`] without the refusal of SDXL: every family sdti reads.
-pub fn index_model_unchecked(
     path: &Path,
     dtype: DType,
     device: &Device,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lr_schedule::{DiffusersLrKind, LrSchedule};
 use crate::error::{Error, Result};
-use crate::model::{PredictionType, Recompute};
+use crate::model::{Family, PredictionType, Recompute};
 
 /// How the learned vectors start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,8 +43,13 @@ pub struct TrainConfig {
     pub init: Init,
     /// Vectors per token (A1111 default 1).
     pub vectors: usize,
-    /// Training resolution in pixels, a multiple of 8 (SD 1.x: 512).
-    pub resolution: usize,
+    /// Training resolution in pixels, a multiple of 8. `None`: the model family's, the
+    /// resolution each was trained at ([`TrainConfig::family_resolution`]: 512 for SD 1.x
+    /// and SD 2.x base, 768 for the v-prediction SD 2.x models, 1024 for SDXL);
+    /// [`crate::train::Trainer::new`] fills it in, as it does `clip_skip`, so a run's
+    /// checkpoints record the value it trained at (and those written when this was a
+    /// plain number read back as that number).
+    pub resolution: Option<usize>,
     /// Center crop (diffusers' default) or random crop (one crop per image, cached).
     pub random_crop: bool,
     /// Probability of the horizontally flipped view (diffusers' flip_p 0.5).
@@ -129,7 +134,7 @@ impl Default for TrainConfig {
             token: "sdti-word".into(),
             init: Init::Text("*".into()),
             vectors: 1,
-            resolution: 512,
+            resolution: None,
             random_crop: false,
             flip_probability: 0.5,
             learning_rate: LrSchedule::Constant(0.005),
@@ -161,14 +166,13 @@ impl TrainConfig {
                 format!("{} is outside 1..=75", self.vectors),
             ));
         }
-        if self.resolution < 64 || !self.resolution.is_multiple_of(8) || self.resolution > 4096 {
-            return Err(Error::config(
-                "resolution",
-                format!(
-                    "{} must be a multiple of 8 between 64 and 4096",
-                    self.resolution
-                ),
-            ));
+        if let Some(r) = self.resolution {
+            if r < 64 || !r.is_multiple_of(8) || r > 4096 {
+                return Err(Error::config(
+                    "resolution",
+                    format!("{r} must be a multiple of 8 between 64 and 4096"),
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.flip_probability) {
             return Err(Error::config("flip_probability", "must be within 0..=1"));
@@ -218,6 +222,18 @@ impl TrainConfig {
         }
         self.lr_schedule()?;
         Ok(())
+    }
+
+    /// The resolution a model family was trained at, the default of `resolution`: SDXL
+    /// 1024 (`sd_xl_base.yaml`, OneTrainer's SDXL presets), SD 2.x with v-prediction 768
+    /// (the 768-v models; `v2-inference-v.yaml`), everything else 512 (SD 1.x, SD 2.x
+    /// base). `prediction` is the run's (the model's, or `prediction_type` where given).
+    pub fn family_resolution(family: Family, prediction: PredictionType) -> usize {
+        match (family, prediction) {
+            (Family::Sdxl, _) => 1024,
+            (Family::Sd2, PredictionType::VPrediction) => 768,
+            _ => 512,
+        }
     }
 
     /// The learning-rate schedule these options describe.

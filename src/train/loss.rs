@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::scheduler::{Coefs, NoiseSchedule, SchedulerError};
+use crate::model::unet::AddedCond;
 use crate::model::{Injection, Recompute, SdModel};
 
 /// One batch of the denoising objective.
@@ -17,7 +18,13 @@ pub struct DenoisingBatch<'a> {
     pub timesteps: &'a [usize],
     /// Token ids `[B, T]` (u32), T a multiple of 77.
     pub ids: &'a Tensor,
-    pub injection: Option<&'a Injection<'a>>,
+    /// The learned vectors of each text encoder, in conditioning order (SD 1.x/2.x: one
+    /// entry; SDXL: L then G), `None` for an encoder without; empty: none for any.
+    pub injections: &'a [Option<&'a Injection<'a>>],
+    /// SDXL's size and crop conditioning `[B, 6]` (`(orig_h, orig_w, crop_top, crop_left,
+    /// target_h, target_w)` per sample, f32, in pixels): required by a UNet with the added
+    /// embedding, refused by others.
+    pub time_ids: Option<&'a Tensor>,
     pub clip_skip: usize,
 }
 
@@ -60,10 +67,19 @@ pub fn denoising_loss_with(
     let latents = batch.latents.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;
     let noisy = combine(&latents, &noise, &coefs(NoiseSchedule::add_noise_coefs)?)?;
-    let (context, _pooled) =
-        text_conditioning(model, batch.ids, &[batch.injection], batch.clip_skip)?;
+    let encoders = 1 + usize::from(model.text_encoder_2.is_some());
+    let none = vec![None; encoders];
+    let injections = if batch.injections.is_empty() {
+        &none[..]
+    } else {
+        batch.injections
+    };
+    let (context, pooled) = text_conditioning(model, batch.ids, injections, batch.clip_skip)?;
+    let added = added_conditioning(model, b, pooled, batch.time_ids)?;
     let t: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-    let pred = model.unet.forward_with(&noisy, &t, &context, None, recompute)?;
+    let pred = model
+        .unet
+        .forward_with(&noisy, &t, &context, added.as_ref(), recompute)?;
     let target = combine(&latents, &noise, &coefs(NoiseSchedule::target_coefs)?)?;
     // The loss in f32 at least (f64 models keep f64, for gradient checks).
     let loss_dtype = if dtype == DType::F64 {
@@ -73,6 +89,59 @@ pub fn denoising_loss_with(
     };
     let diff = (pred.to_dtype(loss_dtype)? - target.to_dtype(loss_dtype)?)?;
     Ok(diff.sqr()?.mean_all()?)
+}
+
+/// SDXL's added conditioning of a batch of `b`: the pooled vector the text encoders gave
+/// (on the learned vectors' gradient path) and the batch's time ids, for a UNet with the
+/// added embedding; `None` for one without. A missing or extra part is an error that says
+/// which.
+fn added_conditioning(
+    model: &SdModel,
+    b: usize,
+    pooled: Option<Tensor>,
+    time_ids: Option<&Tensor>,
+) -> Result<Option<AddedCond>> {
+    let name = model.config.family.model_name();
+    if !model.unet.takes_added_cond() {
+        return match time_ids {
+            Some(_) => Err(Error::input(
+                "training batch",
+                format!(
+                    "time ids were given for a {name} model, whose UNet has no added embedding (only SDXL's takes them)"
+                ),
+            )),
+            None => Ok(None),
+        };
+    }
+    let time_ids = time_ids.ok_or_else(|| {
+        Error::input(
+            "training batch",
+            format!(
+                "this {name} model's UNet (addition_embed_type \"text_time\") needs the time ids [{b}, 6] (original size, crop, target size per sample), and none were given"
+            ),
+        )
+    })?;
+    if time_ids.dims() != [b, 6] {
+        return Err(Error::input(
+            "training batch",
+            format!(
+                "time ids of shape {:?} for {b} samples: expected [{b}, 6]",
+                time_ids.dims()
+            ),
+        ));
+    }
+    let pooled = pooled.ok_or_else(|| {
+        Error::input(
+            "training batch",
+            format!(
+                "this {name} model's UNet takes a pooled text vector, and none of its text encoders gives one (SDXL's second encoder, with its text_projection, does)"
+            ),
+        )
+    })?;
+    Ok(Some(AddedCond {
+        pooled,
+        time_ids: time_ids.to_dtype(DType::F32)?,
+    }))
 }
 
 /// The UNet's text conditioning for token ids `[B, T]`: the model's text encoders (SDXL:

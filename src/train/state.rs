@@ -1,6 +1,10 @@
 //! A training run's state on disk: the checkpoint `Trainer::save_checkpoint` writes (the
 //! vectors, the optimizer moments, the step, the RNG states, the data order and the
 //! options) and `Trainer::load_checkpoint` restores, bit for bit.
+//!
+//! The vectors and the moments are the trainer's joint table: `[n, width]` for SD 1.x and
+//! SD 2.x, `[n, 768 + 1280]` for SDXL, each row `[clip_l ‖ clip_g]`, so an SDXL
+//! checkpoint holds both tables and both pairs of AdamW moments.
 
 use std::collections::HashMap;
 use std::path::Path;

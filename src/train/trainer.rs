@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::config::{
     BudgetSource, Init, MemoryBudget, RecomputeChoice, RecomputeMode, Templates, TrainConfig,
 };
-use super::data::{prepare_views, CropMode, ImageSource, TrainImage};
+use super::data::{prepare_views, CropMode, ImageSource, SizeCond, TrainImage};
 use super::loss::{denoising_loss_with, DenoisingBatch};
 use super::lr_schedule::LrSchedule;
 use super::optimizer::{AdamW, LossScale};
@@ -22,7 +22,9 @@ use crate::embedding::{
 };
 use crate::error::{Error, Result};
 use crate::model::memory::{available_bytes, StepMemory};
-use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SchedulerConfig, SdModel};
+use crate::model::{
+    Injection, LatentDist, NoiseSchedule, Recompute, SchedulerConfig, SdModel, TextEncoder,
+};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
 use crate::rng::Rng;
@@ -39,9 +41,17 @@ pub struct StepStats {
     pub seconds: f64,
 }
 
-/// One training image: the latent distributions of its views (original, flipped).
+/// One view of a training image: its latent distribution and, for SDXL's time ids, where
+/// its pixels came from.
+#[derive(Clone)]
+pub(super) struct CachedView {
+    dist: LatentDist,
+    size: SizeCond,
+}
+
+/// One training image: its views (original, flipped).
 pub(super) struct CachedImage {
-    views: Vec<LatentDist>,
+    views: Vec<CachedView>,
     caption: Option<String>,
 }
 
@@ -50,7 +60,14 @@ pub struct Trainer {
     pub(super) model: Arc<SdModel>,
     pub(super) tokenizer: ClipTokenizer,
     pub(super) config: TrainConfig,
+    /// The learned vectors, `[n, sum of widths]`: one table per text encoder side by side
+    /// (SD 1.x/2.x: the one table; SDXL: `[clip_l ‖ clip_g]` per row, `[n, 768 + 1280]`).
+    /// One tensor for all, so that AdamW, elementwise, steps each table exactly as it
+    /// would alone, and `max_grad_norm` clips the joint norm of both (torch's
+    /// `clip_grad_norm_([l, g])`); each encoder's injection is its column range.
     pub(super) vectors: Var,
+    /// Each text encoder's width, in conditioning order (SDXL: L then G).
+    pub(super) widths: Vec<usize>,
     pub(super) optimizer: AdamW,
     pub(super) step: u64,
     pub(super) rng_data: Rng,
@@ -87,15 +104,20 @@ impl Trainer {
             second.conditioning(Some(conditioning.clip_skip))?;
         }
         config.clip_skip = Some(conditioning.clip_skip);
+        let prediction = config
+            .prediction_type
+            .unwrap_or(model.config.scheduler.prediction_type);
+        // Unset, the family's resolution, recorded like clip_skip.
+        config.resolution =
+            Some(config.resolution.unwrap_or_else(|| {
+                TrainConfig::family_resolution(model.config.family, prediction)
+            }));
         let tokenizer = ClipTokenizer::new()?;
-        let noise_schedule = match config.prediction_type {
-            None => model.config.scheduler.noise_schedule()?,
-            Some(prediction_type) => SchedulerConfig {
-                prediction_type,
-                ..model.config.scheduler.clone()
-            }
-            .noise_schedule()?,
-        };
+        let noise_schedule = SchedulerConfig {
+            prediction_type: prediction,
+            ..model.config.scheduler.clone()
+        }
+        .noise_schedule()?;
         let templates = match &config.templates {
             Templates::Object => TemplateSet::builtin(Builtin::Object),
             Templates::Style => TemplateSet::builtin(Builtin::Style),
@@ -104,12 +126,18 @@ impl Trainer {
         };
         let root = Rng::new(config.seed);
         let mut rng_init = root.fork(3);
-        let init = initial_vectors(&model, &tokenizer, &config, &mut rng_init)?;
-        let vectors = Var::from_tensor(&init)?;
+        let encoders = text_encoders(&model);
+        let widths = encoders.iter().map(|e| e.config().hidden_size).collect();
+        let init = encoders
+            .iter()
+            .map(|e| initial_vectors(e, &model, &tokenizer, &config, &mut rng_init))
+            .collect::<Result<Vec<_>>>()?;
+        let vectors = Var::from_tensor(&Tensor::cat(&init, 1)?)?;
         Ok(Self {
             lr: config.lr_schedule()?,
             tokenizer,
             vectors,
+            widths,
             optimizer: AdamW::new(
                 config.adam_beta1,
                 config.adam_beta2,
@@ -143,6 +171,17 @@ impl Trainer {
         self.config
             .clip_skip
             .unwrap_or_else(|| self.model.text_encoder.default_conditioning().clip_skip)
+    }
+
+    /// The training resolution in pixels: the config's, or the model family's default
+    /// ([`Trainer::new`] fills the config's in; [`TrainConfig::family_resolution`]).
+    pub fn resolution(&self) -> usize {
+        self.config.resolution.unwrap_or_else(|| {
+            TrainConfig::family_resolution(
+                self.model.config.family,
+                self.noise_schedule.prediction_type(),
+            )
+        })
     }
 
     /// The noise schedule the loss draws timesteps and coefficients from: the model's,
@@ -180,7 +219,7 @@ impl Trainer {
     /// The estimated peak memory of one of this run's steps (see
     /// [`crate::model::memory`]).
     pub fn step_memory(&self, recompute: Recompute) -> StepMemory {
-        let latent = self.config.resolution / 8;
+        let latent = self.resolution() / 8;
         StepMemory::estimate(
             &self.model.config,
             self.config.batch_size,
@@ -241,7 +280,9 @@ impl Trainer {
         self.cancel.clone()
     }
 
-    /// The current vectors, `[vectors, dim]` f32 row-major.
+    /// The current vectors, `[vectors, dim]` f32 row-major, `dim` the sum of the text
+    /// encoders' widths: for SDXL each row is `[clip_l ‖ clip_g]` (768 + 1280);
+    /// [`Trainer::vector_parts`] gives each encoder's table.
     pub fn vectors(&self) -> Result<Vec<f32>> {
         Ok(self
             .vectors
@@ -251,14 +292,50 @@ impl Trainer {
             .to_vec1()?)
     }
 
+    /// The learned table, `[vectors, dim]` ([`Trainer::vectors`] says what `dim` is).
     pub fn vectors_tensor(&self) -> &Tensor {
         self.vectors.as_tensor()
     }
 
-    /// The learned word as an embedding file (name, step, vectors, the model's file name).
+    /// Each text encoder's width, in conditioning order (SD 1.x: `[768]`, SD 2.x:
+    /// `[1024]`, SDXL: `[768, 1280]`).
+    pub fn part_widths(&self) -> &[usize] {
+        &self.widths
+    }
+
+    /// Each text encoder's learned table, `[vectors, width]` f32 row-major, in
+    /// conditioning order (SDXL: `clip_l` then `clip_g`), as
+    /// [`crate::prompt::encoder::PromptEncoder::register_parts`] takes them.
+    pub fn vector_parts(&self) -> Result<Vec<Vec<f32>>> {
+        self.part_tensors()?
+            .iter()
+            .map(|t| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+            .collect()
+    }
+
+    /// The column range of each encoder's table in the joint one.
+    fn part_tensors(&self) -> Result<Vec<Tensor>> {
+        split_columns(self.vectors.as_tensor(), &self.widths)
+    }
+
+    /// The learned word as an embedding file (name, step, vectors, the model's file name):
+    /// one part for SD 1.x/2.x, `clip_l` and `clip_g` for SDXL.
     pub fn embedding(&self) -> Result<EmbeddingFile> {
-        let data = self.vectors()?;
-        let dim = self.model.config.text_encoder.hidden_size;
+        let labels: Vec<Encoder> = text_encoders(&self.model)
+            .iter()
+            .map(|e| e.encoder())
+            .collect();
+        let parts = self
+            .vector_parts()?
+            .into_iter()
+            .zip(self.widths.iter().zip(labels))
+            .map(|(data, (&dim, encoder))| EmbeddingPart {
+                encoder,
+                vectors: data.len() / dim,
+                dim,
+                data,
+            })
+            .collect();
         let model_name = self
             .model
             .source
@@ -269,14 +346,20 @@ impl Trainer {
             step: Some(self.step),
             sd_checkpoint: None,
             sd_checkpoint_name: model_name,
-            parts: vec![EmbeddingPart {
-                encoder: Encoder::Single,
-                vectors: data.len() / dim,
-                dim,
-                data,
-            }],
+            parts,
             source_format: Format::A1111Safetensors,
         })
+    }
+
+    /// The SDXL time ids `(orig_h, orig_w, crop_top, crop_left, target_h, target_w)` the
+    /// steps give the UNet for view `view` (0 the image, 1 its mirror) of image `image`
+    /// (in the order added): the view's [`SizeCond`] at the training resolution, in f32
+    /// (never rounded to half precision: diffusers' example casts them to bf16, which
+    /// moves e.g. 1365 to 1368). `None` for an image or view that is not there.
+    pub fn time_ids(&self, image: usize, view: usize) -> Option<[f32; 6]> {
+        let v = self.images.get(image)?.views.get(view)?;
+        let res = u32::try_from(self.resolution()).ok()?;
+        Some(v.size.time_ids(res).map(|x| x as f32))
     }
 
     /// Writes the learned word to `path` in `format` (atomically), replacing what is at
@@ -307,12 +390,12 @@ impl Trainer {
         };
         // One crop stream per image, so that the same images give the same crops after resume.
         let mut crop_rng = Rng::new(self.config.seed).fork(1000 + self.images.len() as u64);
-        let resolution = u32::try_from(self.config.resolution)
-            .map_err(|_| Error::config("resolution", "is too large"))?;
+        let res = self.resolution();
+        let resolution =
+            u32::try_from(res).map_err(|_| Error::config("resolution", "is too large"))?;
         let image = TrainImage { source, caption };
         // The data module's errors already name the file (or in-memory image) and field.
         let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
-        let res = self.config.resolution;
         let device = self.model.device().clone();
         let dtype = self.model.dtype();
         let mut dists = Vec::with_capacity(views.len());
@@ -321,7 +404,10 @@ impl Trainer {
             let pixels = Tensor::from_slice(&view.chw, (1, 3, res, res), &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(&device)?;
-            dists.push(self.model.vae.encode(&pixels)?);
+            dists.push(CachedView {
+                dist: self.model.vae.encode(&pixels)?,
+                size: view.size,
+            });
             if caption_out.is_none() {
                 caption_out = view.caption.clone();
             }
@@ -339,8 +425,14 @@ impl Trainer {
     /// Adds a training sample given as latent distributions (unscaled VAE latents,
     /// `[1, C, h, w]` each, the image then optionally its mirror), for hosts that encode
     /// images themselves.
+    ///
+    /// SDXL's time ids of such a sample are `(res, res, 0, 0, res, res)` for both views
+    /// (`res` the training resolution): the latents say nothing of the source image's
+    /// size or crop, so they are taken as a square image at the training resolution,
+    /// uncropped, as diffusers' pipelines condition by default.
     pub fn add_latents(&mut self, views: Vec<LatentDist>, caption: Option<String>) -> Result<()> {
-        let expected = self.config.resolution / 8;
+        let res = self.resolution();
+        let expected = res / 8;
         for v in &views {
             let d = v.mean.dims();
             if d.len() != 4
@@ -360,6 +452,15 @@ impl Trainer {
         if views.is_empty() {
             return Err(Error::input("latents", "no views given"));
         }
+        let side = u32::try_from(res).map_err(|_| Error::config("resolution", "is too large"))?;
+        let size = SizeCond {
+            original: (side, side),
+            crop_top_left: (0, 0),
+        };
+        let views = views
+            .into_iter()
+            .map(|dist| CachedView { dist, size })
+            .collect();
         self.images.push(CachedImage { views, caption });
         Ok(())
     }
@@ -389,12 +490,18 @@ impl Trainer {
         let mut latents = Vec::with_capacity(b);
         let mut timesteps = Vec::with_capacity(b);
         let mut prompts = Vec::with_capacity(b);
+        let mut time_ids: Vec<f32> = Vec::with_capacity(6 * b);
         for _ in 0..b {
             let i = self.next_image();
             let flipped = self.config.flip_probability > 0.0
                 && self.images[i].views.len() > 1
                 && self.rng_data.bernoulli(self.config.flip_probability);
-            let dist = self.images[i].views[usize::from(flipped)].clone();
+            let view = usize::from(flipped);
+            time_ids.extend(
+                self.time_ids(i, view)
+                    .ok_or_else(|| Error::input("training", "a cached view is missing"))?,
+            );
+            let dist = self.images[i].views[view].dist.clone();
             let caption = self.images[i].caption.clone();
             prompts.push(self.templates.choose(
                 &mut self.rng_data,
@@ -419,17 +526,35 @@ impl Trainer {
             ChunkStyle::A1111,
             self.model.device(),
         )?;
-        let injection = Injection {
-            table: self.vectors.as_tensor(),
-            index: &enc.index,
-            mask: &enc.mask,
+        // One injection per text encoder, each its own columns of the joint table (SD 1.x
+        // and 2.x: the whole table, as it is).
+        let tables = if self.widths.len() == 1 {
+            vec![self.vectors.as_tensor().clone()]
+        } else {
+            self.part_tensors()?
+        };
+        let injections: Vec<Injection<'_>> = tables
+            .iter()
+            .map(|table| Injection {
+                table,
+                index: &enc.index,
+                mask: &enc.mask,
+            })
+            .collect();
+        let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
+        // SDXL's size and crop conditioning, f32 on the model's device.
+        let time_ids = if self.model.unet.takes_added_cond() {
+            Some(Tensor::from_vec(time_ids, (b, 6), self.model.device())?)
+        } else {
+            None
         };
         let batch = DenoisingBatch {
             latents: &latents,
             noise: &noise,
             timesteps: &timesteps,
             ids: &enc.ids,
-            injection: Some(&injection),
+            injections: &injections,
+            time_ids: time_ids.as_ref(),
             clip_skip: self.clip_skip(),
         };
         let loss = denoising_loss_with(&self.model, &batch, &self.noise_schedule, self.recompute)?;
@@ -553,14 +678,36 @@ impl Trainer {
     }
 }
 
-/// The initial `[vectors, dim]` f32 table.
+/// The model's text encoders in conditioning order (SDXL: L then G).
+fn text_encoders(model: &SdModel) -> Vec<&TextEncoder> {
+    let mut out = vec![model.text_encoder.as_ref()];
+    out.extend(model.text_encoder_2.as_deref());
+    out
+}
+
+/// The column ranges of `table` `[n, sum of widths]`, one contiguous `[n, width]` per
+/// width (on the gradient path: the copy's backward passes the gradient through).
+fn split_columns(table: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(widths.len());
+    for &w in widths {
+        out.push(table.narrow(1, start, w)?.contiguous()?);
+        start += w;
+    }
+    Ok(out)
+}
+
+/// The initial `[vectors, width]` f32 table of one text encoder: the init text's token
+/// rows of this encoder's table (SDXL: the same token ids in both), or Gaussian with its
+/// table's standard deviation (SDXL: L's draws, then G's, from the one stream).
 fn initial_vectors(
+    encoder: &TextEncoder,
     model: &SdModel,
     tokenizer: &ClipTokenizer,
     config: &TrainConfig,
     rng: &mut Rng,
 ) -> Result<Tensor> {
-    let table = model.text_encoder.token_table();
+    let table = encoder.token_table();
     let dim = table.dim(1)?;
     let n = config.vectors;
     let device = model.device();

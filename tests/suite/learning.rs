@@ -63,7 +63,8 @@ fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
                 noise: &noise,
                 timesteps: &[t],
                 ids: &enc.ids,
-                injection: Some(&inj),
+                injections: &[Some(&inj)],
+                time_ids: None,
                 clip_skip: 1,
             };
             total += denoising_loss(model, &batch, &schedule)
@@ -134,7 +135,7 @@ fn trainer_on(model: &Arc<SdModel>, latents: &[Tensor], steps: u64, lr: &str) ->
         token: "sks".into(),
         init: Init::Text("cat".into()),
         vectors: 1,
-        resolution: 64,
+        resolution: Some(64),
         max_steps: steps,
         batch_size: 2,
         learning_rate: sdti::train::lr_schedule::LrSchedule::parse(lr).unwrap(),
@@ -294,7 +295,8 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
                 noise: eps,
                 timesteps: &[*t],
                 ids: &enc.ids,
-                injection: Some(&inj),
+                injections: &[Some(&inj)],
+                time_ids: None,
                 clip_skip: 1,
             };
             let l = denoising_loss(&model, &batch, &schedule).unwrap();

@@ -193,7 +193,7 @@ fn reduced_precision_compute_stays_close() {
 
 /// Indexes `path` (any family, SDXL included) in f32 on the CPU.
 fn index(path: &Path, config: Option<&ModelConfig>) -> LoadedWeights {
-    files::index_model_unchecked(path, DType::F32, &Device::Cpu, config)
+    files::index_model(path, DType::F32, &Device::Cpu, config)
         .unwrap_or_else(|e| panic!("{} indexes: {e}", path.display()))
 }
 
@@ -736,22 +736,6 @@ fn variants_sdti_does_not_train_say_what_was_found() {
     assert!(load_err(&refiner).contains("SDXL refiner"));
 }
 
-/// SDXL is read and mapped, but the trainer cannot use it yet: loading it for training
-/// says so (until the one gate in files.rs is removed).
-#[test]
-fn sdxl_is_detected_but_not_yet_trainable() {
-    for path in [fixture("tiny-sdxl"), fixture("tiny-sdxl.safetensors")] {
-        let cfg = index(&fixture("tiny-sdxl"), None).config;
-        let err = files::index_model(&path, DType::F32, &Device::Cpu, Some(&cfg))
-            .err()
-            .expect("SDXL is refused for now")
-            .to_string();
-        assert!(
-            err.contains("SDXL") && err.contains("cannot train it yet"),
-            "{err}"
-        );
-    }
-}
 /// An SD 2.x diffusers folder builds into a model whose notes say the prediction type.
 #[test]
 fn sd2_folder_loads_as_a_model() {

@@ -12,6 +12,7 @@ mod scheduler;
 mod sd2;
 mod sdxl;
 mod sdxl_text;
+mod sdxl_train;
 mod threads;
 mod tokenizer;
 mod training;

@@ -178,7 +178,8 @@ fn loss_and_grad_with(
         noise: &noise,
         timesteps: &[t],
         ids: &p.ids,
-        injection: Some(&inj),
+        injections: &[Some(&inj)],
+        time_ids: None,
         clip_skip: 1,
     };
     let loss = denoising_loss_with(model, &batch, &schedule, recompute).unwrap();
@@ -290,7 +291,8 @@ fn gradient_matches_finite_differences_in_f64() {
             noise: &noise,
             timesteps: &[t],
             ids: &p.ids,
-            injection: Some(&inj),
+            injections: &[Some(&inj)],
+            time_ids: None,
             clip_skip: 1,
         };
         denoising_loss(&model, &batch, &schedule)
@@ -440,7 +442,8 @@ fn gradient_through_odd_latent_sizes_matches_finite_differences() {
             noise: &noise,
             timesteps: &[400],
             ids: &p.ids,
-            injection: Some(&inj),
+            injections: &[Some(&inj)],
+            time_ids: None,
             clip_skip: 1,
         };
         denoising_loss_with(&model, &batch, &schedule, recompute).unwrap()

@@ -179,7 +179,8 @@ fn a_zero_snr_folder_trains_with_diffusers_zero_snr_schedule() {
             noise: &noise,
             timesteps: &[t],
             ids: &ids,
-            injection: None,
+            injections: &[],
+            time_ids: None,
             clip_skip: 1,
         };
         let got = denoising_loss(&model, &batch, schedule)

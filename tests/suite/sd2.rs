@@ -337,7 +337,8 @@ fn loss_with(
         noise: &noise,
         timesteps: &[t],
         ids: &ids,
-        injection: Some(&inj),
+        injections: &[Some(&inj)],
+        time_ids: None,
         clip_skip: model.text_encoder.default_conditioning().clip_skip,
     };
     denoising_loss(model, &batch, &schedule(model, exp, prediction)).unwrap()
@@ -545,7 +546,7 @@ fn sd2_training_smoke() {
             token: "sks".into(),
             init: Init::Text("toy".into()),
             vectors: 2,
-            resolution: 128,
+            resolution: Some(128),
             max_steps: 3,
             batch_size: 1,
             seed: 3,
@@ -634,7 +635,7 @@ fn sd2_words_are_1024_wide() {
             token: "wide".into(),
             init: Init::Text("a toy".into()),
             vectors: 2,
-            resolution: 64,
+            resolution: Some(64),
             max_steps: 2,
             seed: 1,
             templates: Templates::Object,

@@ -44,7 +44,7 @@ fn config(steps: u64) -> TrainConfig {
         token: "sks".into(),
         init: Init::Text("toy".into()),
         vectors: 2,
-        resolution: 64,
+        resolution: Some(64),
         max_steps: steps,
         batch_size: 2,
         seed: 7,
@@ -262,7 +262,7 @@ fn bad_options_name_their_field() {
     for (cfg, field) in [
         (
             TrainConfig {
-                resolution: 100,
+                resolution: Some(100),
                 ..config(1)
             },
             "resolution",
