@@ -30,8 +30,8 @@
 //    `sdti_encoder_set_clip_layer` (ComfyUI's negative layer indices),
 //    `sdti_encoder_clip_skip`, `sdti_trainer_family`, `sdti_trainer_notes`,
 //    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
-//    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 picks the
-//    model family's resolution.
+//    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 (the new
+//    default) picks the model family's resolution, `sdti_trainer_resolution` tells it.
 #define SDTI_ABI_MINOR 4
 
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
@@ -127,7 +127,10 @@ typedef struct sdti_trainer_params {
     const char *init_text;
     // Vectors per token, 1..=75 (default 1).
     uint32_t vectors;
-    // Training resolution, a multiple of 8 in 64..=4096 (default 512).
+    // Training resolution, a multiple of 8 in 64..=4096, or 0 (the default since ABI 1.4):
+    // the model family's, the resolution it was trained at: 1024 for SDXL, 768 for SD 2.x
+    // with v-prediction, 512 otherwise (SD 1.x, SD 2.x base; what older libraries used).
+    // `sdti_trainer_resolution` tells what a run uses.
     uint32_t resolution;
     // A number or an A1111 schedule (`"0.005:100, 1e-3:1000, 1e-5"`); default `"0.005"`.
     const char *learning_rate;
@@ -490,15 +493,17 @@ sdti_status sdti_model_params_init(struct sdti_model_params *params);
 // `[thread-safe]`
 sdti_status sdti_encoder_new(const struct sdti_model_params *params, struct sdti_encoder **out);
 
-// A prompt encoder on the trainer's text encoder (shared, not loaded again), with the trainer's
-// current word registered under its token. Call `sdti_encoder_register_trainer` to
+// A prompt encoder on the trainer's text encoder(s) (shared, not loaded again) at the
+// run's clip skip, with the trainer's current word registered under its token (SDXL: both
+// tables): it encodes prompts as training conditions on them. Call `sdti_encoder_register_trainer` to
 // refresh the word after more steps. The encoder outlives the trainer if freed later.
 //
 // # Safety
 // `out` is writable.
 //
 // `[one thread at a time per handle]` (for the trainer)
-sdti_status sdti_encoder_new_from_trainer(struct sdti_trainer *trainer, struct sdti_encoder **out);
+sdti_status sdti_encoder_new_from_trainer(struct sdti_trainer *trainer,
+                                          struct sdti_encoder **out);
 
 // (Re)registers the trainer's current word (its token and vectors) in `encoder`: the
 // word is usable in the next encode. The models must have the same width.
@@ -796,6 +801,15 @@ sdti_status sdti_trainer_recompute(struct sdti_trainer *trainer, sdti_recompute 
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_family(struct sdti_trainer *trainer, sdti_family *family);
+
+// The resolution the run trains at, in pixels, into `*resolution`: the params' or, for
+// 0, the model family's. Since ABI 1.4.
+//
+// # Safety
+// `resolution` is writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_resolution(struct sdti_trainer *trainer, uint32_t *resolution);
 
 // What loading the model decided from clues rather than a configuration (a single
 // file's prediction type and the rule that chose it, zero-SNR, ...), one sentence a line,

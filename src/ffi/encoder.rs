@@ -167,8 +167,9 @@ fn register_trainer_word(encoder: &mut PromptEncoder, trainer: *mut sdti_trainer
     Ok(())
 }
 
-/// A prompt encoder on the trainer's text encoder (shared, not loaded again), with the trainer's
-/// current word registered under its token. Call `sdti_encoder_register_trainer` to
+/// A prompt encoder on the trainer's text encoder(s) (shared, not loaded again) at the
+/// run's clip skip, with the trainer's current word registered under its token (SDXL: both
+/// tables): it encodes prompts as training conditions on them. Call `sdti_encoder_register_trainer` to
 /// refresh the word after more steps. The encoder outlives the trainer if freed later.
 ///
 /// # Safety
@@ -184,7 +185,7 @@ pub unsafe extern "C" fn sdti_encoder_new_from_trainer(
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let (first, second) = {
+        let (first, second, clip_skip) = {
             let handle = TRAINERS.get(trainer as usize)?;
             let guard = lock_state(&handle, "trainer", false)?;
             match guard.as_ref() {
@@ -193,12 +194,18 @@ pub unsafe extern "C" fn sdti_encoder_new_from_trainer(
                     (
                         Arc::clone(&model.text_encoder),
                         model.text_encoder_2.clone(),
+                        state.trainer.clip_skip(),
                     )
                 }
                 None => return Err(fail(SDTI_ERR_INVALID_HANDLE, "the trainer was freed")),
             }
         };
         let mut encoder = PromptEncoder::with_encoders(first, second)?;
+        // Encoded as the run conditions (its clip skip, the family's unless the run's
+        // options or checkpoint say otherwise).
+        if clip_skip != encoder.clip_skip() {
+            encoder.set_clip_skip(clip_skip)?;
+        }
         register_trainer_word(&mut encoder, trainer)?;
         insert(encoder, out);
         Ok(())

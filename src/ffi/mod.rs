@@ -51,8 +51,8 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 ///    `sdti_encoder_set_clip_layer` (ComfyUI's negative layer indices),
 ///    `sdti_encoder_clip_skip`, `sdti_trainer_family`, `sdti_trainer_notes`,
 ///    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
-///    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 picks the
-///    model family's resolution.
+///    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 (the new
+///    default) picks the model family's resolution, `sdti_trainer_resolution` tells it.
 pub const SDTI_ABI_MINOR: u32 = 4;
 
 /// The result of every fallible call. Codes are never renumbered.

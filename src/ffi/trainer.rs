@@ -106,7 +106,10 @@ pub struct sdti_trainer_params {
     pub init_text: *const c_char,
     /// Vectors per token, 1..=75 (default 1).
     pub vectors: u32,
-    /// Training resolution, a multiple of 8 in 64..=4096 (default 512).
+    /// Training resolution, a multiple of 8 in 64..=4096, or 0 (the default since ABI 1.4):
+    /// the model family's, the resolution it was trained at: 1024 for SDXL, 768 for SD 2.x
+    /// with v-prediction, 512 otherwise (SD 1.x, SD 2.x base; what older libraries used).
+    /// `sdti_trainer_resolution` tells what a run uses.
     pub resolution: u32,
     /// A number or an A1111 schedule (`"0.005:100, 1e-3:1000, 1e-5"`); default `"0.005"`.
     pub learning_rate: *const c_char,
@@ -165,7 +168,8 @@ impl Default for sdti_trainer_params {
             token: std::ptr::null(),
             init_text: std::ptr::null(),
             vectors: d.vectors as u32,
-            resolution: d.resolution.unwrap_or(512) as u32,
+            // 0: the family's (TrainConfig's None).
+            resolution: d.resolution.map_or(0, |r| r as u32),
             learning_rate: std::ptr::null(),
             batch_size: d.batch_size as u32,
             gradient_accumulation: d.gradient_accumulation as u32,
@@ -306,7 +310,7 @@ pub unsafe extern "C" fn sdti_trainer_new(
                         .unwrap_or_else(|| "*".to_string()),
                 ),
                 vectors: p.vectors as usize,
-                resolution: Some(p.resolution as usize),
+                resolution: (p.resolution != 0).then_some(p.resolution as usize),
                 learning_rate: match opt_cstr(p.learning_rate, "params.learning_rate")? {
                     None => defaults.learning_rate.clone(),
                     // Parsed here, once: the engine holds the schedule, not its text.
@@ -530,6 +534,28 @@ pub unsafe extern "C" fn sdti_trainer_family(
         }
         // SAFETY: writable by contract.
         unsafe { family.write(family_code(state.trainer.model().config.family)) };
+        Ok(())
+    })
+}
+
+/// The resolution the run trains at, in pixels, into `*resolution`: the params' or, for
+/// 0, the model family's. Since ABI 1.4.
+///
+/// # Safety
+/// `resolution` is writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_resolution(
+    trainer: *mut sdti_trainer,
+    resolution: *mut u32,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        if resolution.is_null() {
+            return Err(invalid("resolution is NULL"));
+        }
+        // SAFETY: writable by contract.
+        unsafe { resolution.write(state.trainer.resolution() as u32) };
         Ok(())
     })
 }

@@ -1167,6 +1167,194 @@ fn sdxl_encoder_through_the_abi_matches_the_reference() {
     sdti_encoder_free(e);
 }
 
+/// An SDXL (or SD 2.x) run through the same trainer calls: the family's resolution for 0,
+/// the family, the notes, both tables, and the word in every SDXL format read back by an
+/// encoder to the trainer's numbers.
+#[test]
+fn sdxl_and_sd2_train_through_the_abi_and_export_every_sdxl_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = path_c(&fixture("tiny-sdxl"));
+    let (mut p, _s) = tiny_params("sks");
+    p.model_path = model.as_ptr();
+    // 0: the family's resolution.
+    p.resolution = 0;
+    assert_eq!(unsafe_params_init().resolution, 0, "0 is the default");
+    let t = new_trainer(&p);
+    let (mut family, mut res) = (0, 0);
+    // SAFETY: writable out-parameters.
+    unsafe {
+        expect(sdti_trainer_family(t, &mut family), SDTI_OK, "family");
+        expect(sdti_trainer_resolution(t, &mut res), SDTI_OK, "resolution");
+    }
+    assert_eq!((family, res), (SDTI_FAMILY_SDXL, 1024));
+    // What loading decided (the folder's prediction type and where it came from).
+    let mut needed = 0usize;
+    // SAFETY: size query.
+    let rc = unsafe { sdti_trainer_notes(t, std::ptr::null_mut(), 0, &mut needed) };
+    expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "notes size query");
+    let mut buf = vec![0 as c_char; needed];
+    // SAFETY: a buffer of `needed` bytes.
+    let rc = unsafe { sdti_trainer_notes(t, buf.as_mut_ptr(), buf.len(), &mut needed) };
+    expect(rc, SDTI_OK, "notes");
+    // SAFETY: NUL-terminated by the call.
+    let notes = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        notes.contains("SDXL") && notes.contains("epsilon"),
+        "notes: {notes:?}"
+    );
+    sdti_trainer_free(t);
+
+    p.resolution = 64;
+    let t = new_trainer(&p);
+    add_pictures(t, 2);
+    let mut st = stats();
+    // SAFETY: a stats struct with its size.
+    expect(
+        unsafe { sdti_trainer_step(t, 2, &mut st) },
+        SDTI_OK,
+        "2 SDXL steps",
+    );
+    assert!(st.loss.is_finite() && st.loss > 0.0);
+    let part = |t: *mut sdti_trainer, k: u32| {
+        let (mut needed, mut rows, mut dim) = (0usize, 0u32, 0u32);
+        // SAFETY: size query.
+        let rc = unsafe {
+            sdti_trainer_get_part_vectors(
+                t,
+                k,
+                std::ptr::null_mut(),
+                0,
+                &mut needed,
+                &mut rows,
+                &mut dim,
+            )
+        };
+        (rc, needed, rows, dim)
+    };
+    assert_eq!(part(t, 0), (SDTI_ERR_BUFFER_TOO_SMALL, 64, 2, 32), "clip_l");
+    assert_eq!(part(t, 1), (SDTI_ERR_BUFFER_TOO_SMALL, 96, 2, 48), "clip_g");
+    expect(part(t, 2).0, SDTI_ERR_INVALID_ARGUMENT, "part 2");
+    assert_eq!(vectors_of(t).len(), 64, "get_vectors: the clip_l table");
+
+    // The trainer's word in an encoder sharing its model...
+    let from_trainer = encoder_of(t);
+    let prompt = "a photo of sks";
+    let (want_ctx, want_pooled, _) = encode_pooled(from_trainer, prompt);
+    // ...and each SDXL format read back by an encoder of its own.
+    let formats = [
+        ("sdxl.safetensors", SDTI_FORMAT_SDXL_SAFETENSORS),
+        ("auto.safetensors", SDTI_FORMAT_AUTO),
+        ("kohya.pt", SDTI_FORMAT_KOHYA_PT),
+        ("onetrainer.safetensors", SDTI_FORMAT_ONETRAINER),
+        ("pair.safetensors", SDTI_FORMAT_DIFFUSERS_SDXL),
+    ];
+    let e = encoder_at(&fixture("tiny-sdxl"));
+    for (name, format) in formats {
+        let path = dir.path().join(name);
+        let cpath = path_c(&path);
+        // SAFETY: NUL-terminated path.
+        let rc = unsafe { sdti_trainer_export(t, cpath.as_ptr(), format) };
+        expect(rc, SDTI_OK, &format!("export {name}"));
+        let src = if format == SDTI_FORMAT_DIFFUSERS_SDXL {
+            let second = dir.path().join("pair_2.safetensors");
+            assert!(second.exists(), "the pair's second file");
+            path_c(Path::new(&format!(
+                "{}+{}",
+                path.display(),
+                second.display()
+            )))
+        } else {
+            cpath
+        };
+        let word = c("sks");
+        // SAFETY: NUL-terminated strings.
+        let rc = unsafe { sdti_encoder_register_token(e, word.as_ptr(), src.as_ptr()) };
+        expect(rc, SDTI_OK, &format!("register {name}"));
+        let (ctx, pooled, _) = encode_pooled(e, prompt);
+        assert!(max_abs_diff(&ctx, &want_ctx) < 1e-6, "{name}: context");
+        assert!(max_abs_diff(&pooled, &want_pooled) < 1e-6, "{name}: pooled");
+    }
+    // A one-table format cannot hold an SDXL word.
+    let pt = path_c(&dir.path().join("one.pt"));
+    // SAFETY: NUL-terminated path.
+    let rc = unsafe { sdti_trainer_export(t, pt.as_ptr(), SDTI_FORMAT_A1111_PT) };
+    expect(rc, SDTI_ERR_UNSUPPORTED, "an SDXL word as A1111 .pt");
+    // The trainer's word refreshed into the file-loaded encoder equals it too.
+    expect(
+        sdti_encoder_register_trainer(e, t),
+        SDTI_OK,
+        "register_trainer",
+    );
+    assert!(max_abs_diff(&encode_pooled(e, prompt).0, &want_ctx) < 1e-6);
+    // An SD 1.x trainer's word does not fit the SDXL encoder.
+    let (p1, _s1) = tiny_params("sks");
+    let t1 = new_trainer(&p1);
+    let msg = expect(
+        sdti_encoder_register_trainer(e, t1),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "SD 1.x word into an SDXL encoder",
+    );
+    assert!(msg.contains("SD 1.x") && msg.contains("SDXL"), "{msg}");
+    sdti_trainer_free(t1);
+    sdti_encoder_free(e);
+    sdti_encoder_free(from_trainer);
+    sdti_trainer_free(t);
+
+    // SD 2.x: the same calls; 0 is 512 for the epsilon folder; the word is one table.
+    let model = path_c(&fixture("tiny-sd2"));
+    let (mut p, _s) = tiny_params("sks");
+    p.model_path = model.as_ptr();
+    p.resolution = 0;
+    let t = new_trainer(&p);
+    // SAFETY: writable out-parameters.
+    unsafe {
+        expect(sdti_trainer_family(t, &mut family), SDTI_OK, "family");
+        expect(sdti_trainer_resolution(t, &mut res), SDTI_OK, "resolution");
+    }
+    assert_eq!((family, res), (SDTI_FAMILY_SD2, 512));
+    sdti_trainer_free(t);
+    p.resolution = 64;
+    let t = new_trainer(&p);
+    add_pictures(t, 1);
+    // SAFETY: NULL stats allowed.
+    expect(
+        unsafe { sdti_trainer_step(t, 1, std::ptr::null_mut()) },
+        SDTI_OK,
+        "SD 2.x step",
+    );
+    assert_eq!(part(t, 0).0, SDTI_ERR_BUFFER_TOO_SMALL);
+    let path = path_c(&dir.path().join("sd2.safetensors"));
+    // SAFETY: NUL-terminated path.
+    expect(
+        unsafe { sdti_trainer_export(t, path.as_ptr(), SDTI_FORMAT_AUTO) },
+        SDTI_OK,
+        "export SD 2.x",
+    );
+    let sdxl_path = path_c(&dir.path().join("sd2-as-sdxl.safetensors"));
+    // SAFETY: NUL-terminated path.
+    expect(
+        unsafe { sdti_trainer_export(t, sdxl_path.as_ptr(), SDTI_FORMAT_SDXL_SAFETENSORS) },
+        SDTI_ERR_UNSUPPORTED,
+        "an SD 2.x word as SDXL",
+    );
+    let e = encoder_of(t);
+    let e2 = encoder_at(&fixture("tiny-sd2"));
+    // SAFETY: NUL-terminated strings.
+    let rc = unsafe { sdti_encoder_register_token(e2, std::ptr::null(), path.as_ptr()) };
+    expect(rc, SDTI_OK, "register the SD 2.x file");
+    assert!(
+        max_abs_diff(
+            &encode_any(e, "a photo of sks"),
+            &encode_any(e2, "a photo of sd2")
+        ) < 1e-6
+    );
+    sdti_encoder_free(e);
+    sdti_encoder_free(e2);
+    sdti_trainer_free(t);
+}
+
 // ---------------------------------------------------------------- misuse
 
 #[test]
