@@ -565,7 +565,10 @@ pub unsafe extern "C" fn sdti_encoder_clip_skip(
 /// stand-in on learned slots), `words[i]` the registered word's index in registration
 /// order or -1, and `vector_index[i]` which of its vectors, or -1. Any of the three
 /// arrays may be NULL. `*needed` (optional) gets the slot count; with `cap` smaller the
-/// call returns `SDTI_ERR_BUFFER_TOO_SMALL` and writes no slot.
+/// call returns `SDTI_ERR_BUFFER_TOO_SMALL` and writes no slot. Padding: the end token
+/// for CLIP ViT-L (SD 1.x and SDXL's first encoder, whose ids these are for SDXL), 0
+/// after each chunk's first end token for OpenCLIP (SD 2.x; SDXL's bigG takes these slots
+/// with that padding).
 ///
 /// # Safety
 /// `prompt` is NUL-terminated; each array NULL or `cap` writable elements; `needed` NULL

@@ -848,6 +848,41 @@ fn encode_any(e: *mut sdti_encoder, prompt: &str) -> Vec<f32> {
     }
 }
 
+/// Slot ids and word indexes of a one-chunk prompt through `sdti_encoder_tokenize`.
+fn tokenize(e: *mut sdti_encoder, prompt: &str) -> (Vec<u32>, Vec<i32>) {
+    let prompt = c(prompt);
+    let (mut ids, mut words, mut needed) = (vec![0u32; 77], vec![0i32; 77], 0usize);
+    // SAFETY: two buffers of 77.
+    let rc = unsafe {
+        sdti_encoder_tokenize(
+            e,
+            prompt.as_ptr(),
+            ids.as_mut_ptr(),
+            words.as_mut_ptr(),
+            std::ptr::null_mut(),
+            77,
+            &mut needed,
+        )
+    };
+    expect(rc, SDTI_OK, "tokenize");
+    assert_eq!(needed, 77);
+    (ids, words)
+}
+
+/// A reference's ids of "a photo of a sks toy" (`text_encoder_case.<key>` of `file`), with
+/// the learned slots' stand-in, the end token, where the reference has 49408/49409.
+fn reference_ids(file: &str, key: &str) -> Vec<u32> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap();
+    let ids = json["text_encoder_case"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{file}: text_encoder_case.{key}"));
+    ids.iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .map(|id| if id >= 49408 { 49407 } else { id })
+        .collect()
+}
+
 fn register_sdxl(e: *mut sdti_encoder, word: &str, l: &[f32], g: &[f32]) -> sdti_status {
     let word = c(word);
     // SAFETY: slices of the lengths passed.
@@ -962,6 +997,11 @@ fn sd2_encoder_through_the_abi_matches_the_reference() {
     expect(rc, SDTI_OK, "register sks");
     let (ctx, pooled, rows) = encode_pooled(folder, "a photo of a sks toy");
     assert!(pooled.is_empty(), "SD 2.x has no pooled vector");
+    // OpenCLIP's padding: 0 after the first end token.
+    let (ids, words) = tokenize(folder, "a photo of a sks toy");
+    assert_eq!(ids, reference_ids("tiny-sd2-expected.json", "ids"));
+    assert_eq!((ids[8], ids[9], ids[76]), (49407, 0, 0));
+    assert_eq!(&words[4..8], &[-1, 0, 0, -1]);
     assert_eq!(rows, 77);
     let e = rel_err_f32(&ctx, &exp["te.last_hidden_state"]);
     assert!(e <= 1e-5, "SD 2.x context: relative error {e:.3e}");
@@ -1010,6 +1050,11 @@ fn sdxl_encoder_through_the_abi_matches_the_reference() {
         assert!(err <= 1e-5, "{what}: pooled: relative error {err:.3e}");
         // The old call gives the same context.
         assert_eq!(encode_any(e, "a photo of a sks toy"), ctx);
+        // The slots are CLIP ViT-L's (end-token padding), sks on slots 5 and 6.
+        let (ids, words) = tokenize(e, "a photo of a sks toy");
+        assert_eq!(ids, reference_ids("tiny-sdxl-expected.json", "ids_l"));
+        assert_eq!(ids[76], 49407);
+        assert_eq!(&words[4..8], &[-1, 0, 0, -1]);
         // ComfyUI's uncond (the empty prompt).
         let (ctx, pooled, _) = encode_pooled(e, "");
         assert!(
