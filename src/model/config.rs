@@ -420,6 +420,12 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "sd1_scaling")]
     pub scaling_factor: f64,
+    /// diffusers' `force_upcast` (default true, as `AutoencoderKL`'s): the VAE must not
+    /// compute in f16. SDXL's original VAE overflows there (NaN latents, black images);
+    /// the fp16-fix VAE (`madebyollin/sdxl-vae-fp16-fix`) says `false`. sdti honours it
+    /// for SDXL ([`crate::model::vae_dtype`]).
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
 }
 
 fn three() -> usize {
@@ -443,6 +449,7 @@ impl VaeConfig {
             latent_channels: 4,
             norm_num_groups: 32,
             scaling_factor: sd1_scaling(),
+            force_upcast: true,
         }
     }
 }

@@ -1493,6 +1493,8 @@ fn ldm_vae(
             Family::Sdxl => super::config::SDXL_VAE_SCALING_FACTOR,
             Family::Sd1 | Family::Sd2 => super::config::SD1_VAE_SCALING_FACTOR,
         },
+        // A single file says nothing: its VAE is taken as the original's.
+        force_upcast: true,
     };
     let map = keys
         .keys()

@@ -32,6 +32,20 @@ pub use vae::{LatentDist, Vae};
 use crate::embedding::Encoder;
 use crate::error::Result;
 
+/// The dtype a model's VAE computes in when its weights are `dtype`: `dtype`, except
+/// SDXL's VAE with f16 weights, which computes in f32 unless its config says
+/// `force_upcast: false` (the fp16-fix VAE). SDXL's original VAE overflows in f16 (NaN
+/// latents and black images; diffusers upcasts it for `force_upcast: true`, OneTrainer's
+/// SDXL presets keep it in f32). Encoding happens once per training image, so the cost is
+/// small; bf16, whose range is f32's, is kept.
+pub fn vae_dtype(config: &ModelConfig, dtype: DType) -> DType {
+    if dtype == DType::F16 && config.family == Family::Sdxl && config.vae.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -116,7 +130,10 @@ impl SdModel {
                 None => None,
             },
             unet: Unet::new(&w.pp("unet"), &config.unet)?,
-            vae: Vae::new(&w.pp("vae"), &config.vae)?,
+            vae: Vae::new(
+                &w.pp("vae").with_dtype(vae_dtype(&config, w.dtype())),
+                &config.vae,
+            )?,
             config,
             source,
             notes: Vec::new(),
@@ -125,6 +142,11 @@ impl SdModel {
 
     pub fn device(&self) -> &Device {
         self.text_encoder.device()
+    }
+
+    /// The dtype the VAE computes in ([`vae_dtype`]).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae.dtype()
     }
 
     /// The dtype the UNet and the VAE compute in (the weights' dtype); the text encoder

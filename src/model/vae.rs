@@ -1,7 +1,7 @@
 //! The SD 1.x VAE (diffusers `AutoencoderKL` key names): the encoder for latent caching,
 //! the decoder for previews. Neither sits on the training gradient path.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::VaeConfig;
 use super::layers::{
@@ -220,6 +220,12 @@ impl Vae {
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The dtype it computes in (its weights'; see [`crate::model::vae_dtype`]). Inputs
+    /// in another dtype are converted; its outputs are in this one.
+    pub fn dtype(&self) -> DType {
+        self.encoder.conv_in.dtype()
     }
 
     /// The latent distribution of images `[B, 3, H, W]` in [-1, 1] (unscaled latents).

@@ -397,7 +397,8 @@ impl Trainer {
         // The data module's errors already name the file (or in-memory image) and field.
         let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
         let device = self.model.device().clone();
-        let dtype = self.model.dtype();
+        // The VAE's dtype: f32 for SDXL's f16 models (crate::model::vae_dtype).
+        let dtype = self.model.vae.dtype();
         let mut dists = Vec::with_capacity(views.len());
         let mut caption_out = None;
         for view in &views {
@@ -476,11 +477,16 @@ impl Trainer {
         i
     }
 
+    /// Standard normal noise in the model's dtype.
     fn normal(&mut self, shape: &[usize]) -> Result<Tensor> {
+        self.normal_in(shape, self.model.dtype())
+    }
+
+    fn normal_in(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let mut data = vec![0f32; shape.iter().product()];
         self.rng_noise.fill_normal(&mut data);
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
-            .to_dtype(self.model.dtype())?
+            .to_dtype(dtype)?
             .to_device(self.model.device())?)
     }
 
@@ -508,7 +514,9 @@ impl Trainer {
                 &self.config.token,
                 caption.as_deref(),
             ));
-            let eps = self.normal(dist.mean.dims())?;
+            // Drawn in the latents' dtype (the VAE's: f32 for SDXL's f16 models); the loss
+            // converts the sample to the UNet's.
+            let eps = self.normal_in(dist.mean.dims(), dist.mean.dtype())?;
             latents.push(self.model.vae.scale(&dist.sample_with(&eps)?)?);
             timesteps.push(self.noise_schedule.random_timestep(&mut self.rng_noise));
         }

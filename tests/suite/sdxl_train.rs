@@ -734,3 +734,65 @@ fn sdxl_resume_is_exact() {
     let err = other.load_checkpoint(&ckpt).unwrap_err().to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// SDXL's VAE with f16 weights computes in f32 (its config's `force_upcast: true`, the
+/// original SDXL VAE's, which overflows in f16), in f16 when the config says
+/// `force_upcast: false` (the fp16-fix VAE); SD 1.x keeps the weights' dtype. Its latents
+/// scale by 0.13025, and an f16 SDXL run trains on them.
+#[test]
+fn sdxl_vae_scaling_and_dtype_policy() {
+    let exp = expected();
+    let load = |path: &str, dtype, config| {
+        SdModel::load(
+            &fixture(path),
+            &LoadOptions {
+                dtype,
+                device: test_device(),
+                config,
+            },
+        )
+        .unwrap()
+    };
+    let half = Arc::new(load("tiny-sdxl", DType::F16, None));
+    assert!(half.config.vae.force_upcast);
+    assert_eq!(half.config.vae.scaling_factor, 0.13025);
+    assert_eq!((half.dtype(), half.vae_dtype()), (DType::F16, DType::F32));
+    let dist = half.vae.encode(&exp["vae.image"]).unwrap();
+    assert_eq!(dist.mean.dtype(), DType::F32);
+    assert_close(
+        "f32 VAE of an f16 model",
+        &dist.mean,
+        &exp["vae.latent_mean"],
+        1e-4,
+    );
+    let scaled = half.vae.scale(&dist.mean).unwrap();
+    assert_close(
+        "latents x 0.13025",
+        &scaled,
+        &(&exp["vae.latent_mean"] * 0.13025).unwrap(),
+        1e-4,
+    );
+
+    let mut fp16_fix = half.config.clone();
+    fp16_fix.vae.force_upcast = false;
+    let fixed = load("tiny-sdxl", DType::F16, Some(fp16_fix));
+    assert_eq!(fixed.vae_dtype(), DType::F16);
+    let sd1 = load("tiny-sd", DType::F16, None);
+    assert_eq!(sd1.vae_dtype(), DType::F16);
+    let full = load("tiny-sdxl", DType::F32, None);
+    assert_eq!(full.vae_dtype(), DType::F32);
+
+    // An f16 SDXL run: f32 latents from the VAE, the f16 UNet with loss scaling.
+    let mut t = Trainer::new(
+        half.clone(),
+        TrainConfig {
+            batch_size: 1,
+            ..config(2)
+        },
+    )
+    .unwrap();
+    assert!(t.loss_scale().is_some());
+    t.add_image(picture(0, 96, 64), None).unwrap();
+    let stats = t.train(2, |_| true).unwrap();
+    assert!(stats.iter().all(|s| s.loss.is_finite()), "{stats:?}");
+}
