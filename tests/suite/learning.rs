@@ -321,3 +321,271 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
     let after_cos = cosine(var.as_tensor(), &target);
     (before_loss, after_loss, before_cos, after_cos)
 }
+
+/// A family's tiny reference model (diffusers folder) conditioned as [`conditioned_model`]
+/// conditions SD 1.x's.
+fn conditioned_family_model(folder: &str, gain: f64) -> SdModel {
+    let dir = fixture(folder);
+    let loaded = sdti::model::files::index_model(&dir, DType::F32, &Device::Cpu, None).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in loaded.weights.names() {
+        let v = loaded
+            .weights
+            .get_raw(&name)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let v = if name.starts_with("unet.") && name.ends_with("attn2.to_out.0.weight") {
+            (v * gain).unwrap()
+        } else {
+            v
+        };
+        tensors.insert(name, v);
+    }
+    let weights = Weights::from_tensors(tensors, DType::F32, test_device());
+    SdModel::from_weights(&weights, loaded.config, dir).unwrap()
+}
+
+/// The rows of `text`'s first token in each of the model's token tables, joined
+/// `[1, sum of widths]` as the trainer holds an SDXL word (`[clip_l ‖ clip_g]`).
+fn family_token_vectors(model: &SdModel, text: &str) -> Tensor {
+    let id = ClipTokenizer::new().unwrap().encode(text)[0] as usize;
+    let mut parts = vec![model.text_encoder.token_table().narrow(0, id, 1).unwrap()];
+    if let Some(g) = &model.text_encoder_2 {
+        parts.push(g.token_table().narrow(0, id, 1).unwrap());
+    }
+    Tensor::cat(&parts, 1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// What one family inversion did: the loss before and after, and per table the cosine
+/// to its target before and after.
+struct FamilyInversion {
+    loss: (f32, f32),
+    cosines: Vec<(f64, f64)>,
+    /// Relative distance of the word's conditioning (context, and SDXL's pooled vector)
+    /// from the target's, before and after.
+    conditioning: (f64, f64),
+}
+
+/// The known-answer inversion of [`inversion`] on an SD 2.x or SDXL model, through the
+/// family's own conditioning (SD 2.x: OpenCLIP's penultimate states with 0 padding;
+/// SDXL: both tables, the pooled vector and the time ids) and the engine's loss and
+/// AdamW, one joint table as the trainer holds it.
+/// `trained`: which tables move (the others stay at their targets).
+fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
+    let device = test_device();
+    let tok = ClipTokenizer::new().unwrap();
+    let enc = encode_prompts(
+        &tok,
+        &[PROMPT.to_string()],
+        &word(1),
+        ChunkStyle::A1111,
+        &device,
+    )
+    .unwrap();
+    let mut widths = vec![model.text_encoder.config().hidden_size];
+    widths.extend(
+        model
+            .text_encoder_2
+            .as_ref()
+            .map(|g| g.config().hidden_size),
+    );
+    let clip_skip = model.text_encoder.default_conditioning().clip_skip;
+    let schedule = model.config.scheduler.noise_schedule().unwrap();
+    assert_eq!(
+        model.config.scheduler.prediction_type,
+        sdti::model::PredictionType::Epsilon
+    );
+    let time_ids = model
+        .unet
+        .takes_added_cond()
+        .then(|| Tensor::from_vec(vec![64f32, 64., 0., 0., 64., 64.], (1, 6), &device).unwrap());
+    // The loss of the joint table `v` on one (x0, eps, t), or the UNet's prediction at
+    // x_t when `x0` is None.
+    let parts_of = |v: &Tensor| -> Vec<Tensor> {
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let p = v.narrow(1, start, w).unwrap();
+                start += w;
+                p
+            })
+            .collect()
+    };
+    // The conditioning the joint table `v` gives, flattened: context, then pooled.
+    let conditioning_of = |v: &Tensor| -> Tensor {
+        let parts = parts_of(v);
+        let injs: Vec<Injection> = parts
+            .iter()
+            .map(|p| Injection {
+                table: p,
+                index: &enc.index,
+                mask: &enc.mask,
+            })
+            .collect();
+        let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
+        let (context, pooled) =
+            sdti::train::loss::text_conditioning(model, &enc.ids, &refs, clip_skip).unwrap();
+        let mut flat = vec![context.flatten_all().unwrap()];
+        flat.extend(pooled.map(|p| p.flatten_all().unwrap()));
+        Tensor::cat(&flat, 0).unwrap().detach()
+    };
+    let distance = |a: &Tensor, b: &Tensor| -> f64 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+    };
+    let target = family_token_vectors(model, "dog");
+    let cat = family_token_vectors(model, "cat");
+    assert_eq!(trained.len(), widths.len());
+    // Frozen tables at their targets, the trained ones from "cat".
+    let mix = |v: &Tensor| -> Tensor {
+        let parts: Vec<Tensor> = parts_of(v)
+            .into_iter()
+            .zip(parts_of(&target))
+            .zip(trained)
+            .map(|((p, t), &train)| if train { p } else { t })
+            .collect();
+        Tensor::cat(&parts, 1).unwrap()
+    };
+    let init = mix(&cat);
+    let mut rng = Rng::new(77);
+    let mut data = Vec::new();
+    {
+        let parts = parts_of(&target);
+        let injs: Vec<Injection> = parts
+            .iter()
+            .map(|p| Injection {
+                table: p,
+                index: &enc.index,
+                mask: &enc.mask,
+            })
+            .collect();
+        let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
+        let (context, pooled) =
+            sdti::train::loss::text_conditioning(model, &enc.ids, &refs, clip_skip).unwrap();
+        let added = match (pooled, &time_ids) {
+            (Some(pooled), Some(ids)) => Some(sdti::model::unet::AddedCond {
+                pooled,
+                time_ids: ids.clone(),
+            }),
+            _ => None,
+        };
+        for t in [100usize, 400, 700] {
+            let mut xt = vec![0f32; 4 * 8 * 8];
+            rng.fill_normal(&mut xt);
+            let xt = Tensor::from_vec(xt, (1, 4, 8, 8), &device).unwrap();
+            let eps = model
+                .unet
+                .forward_with(
+                    &xt,
+                    &[t as f64],
+                    &context,
+                    added.as_ref(),
+                    sdti::model::Recompute::Off,
+                )
+                .unwrap()
+                .detach();
+            let a = schedule.alphas_cumprod()[t] as f64;
+            let x0 = ((&xt - (&eps * (1.0 - a).sqrt()).unwrap()).unwrap() / a.sqrt()).unwrap();
+            data.push((x0, eps, t));
+        }
+    }
+    let loss_at = |v: &Tensor| -> Tensor {
+        let parts = parts_of(v);
+        let injs: Vec<Injection> = parts
+            .iter()
+            .map(|p| Injection {
+                table: p,
+                index: &enc.index,
+                mask: &enc.mask,
+            })
+            .collect();
+        let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
+        let mut total: Option<Tensor> = None;
+        for (x0, eps, t) in &data {
+            let batch = DenoisingBatch {
+                latents: x0,
+                noise: eps,
+                timesteps: &[*t],
+                ids: &enc.ids,
+                injections: &refs,
+                time_ids: time_ids.as_ref(),
+                clip_skip,
+            };
+            let l = denoising_loss(model, &batch, &schedule).unwrap();
+            total = Some(match total {
+                Some(s) => (s + l).unwrap(),
+                None => l,
+            });
+        }
+        (total.unwrap() / data.len() as f64).unwrap()
+    };
+    let var = candle_core::Var::from_tensor(&init).unwrap();
+    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
+    let target_cond = conditioning_of(&target);
+    let cond_before = distance(&conditioning_of(&init), &target_cond);
+    let before = loss_at(&init).to_scalar::<f32>().unwrap();
+    let cos_before: Vec<f64> = parts_of(&init)
+        .iter()
+        .zip(parts_of(&target))
+        .map(|(a, b)| cosine(a, &b))
+        .collect();
+    for _ in 0..STEPS {
+        let grads = loss_at(var.as_tensor()).backward().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().clone();
+        let next = opt.update(var.as_tensor(), &g, LR).unwrap();
+        var.set(&mix(&next)).unwrap();
+    }
+    let after = loss_at(var.as_tensor()).to_scalar::<f32>().unwrap();
+    let cos_after: Vec<f64> = parts_of(var.as_tensor())
+        .iter()
+        .zip(parts_of(&target))
+        .map(|(a, b)| cosine(a, &b))
+        .collect();
+    let cond_after = distance(&conditioning_of(var.as_tensor()), &target_cond);
+    FamilyInversion {
+        loss: (before, after),
+        cosines: cos_before.into_iter().zip(cos_after).collect(),
+        conditioning: (cond_before, cond_after),
+    }
+}
+
+/// SD 2.x and SDXL learn too: the known-answer inversion on each family's tiny reference
+/// model, through each family's conditioning and with both SDXL tables trained together,
+/// drives the loss down (at most a fifth, as SD 1.x's) and the word's conditioning
+/// (context, and SDXL's pooled vector) towards the target's (at most half as far).
+/// Measured: SD 2.x loss 0.00232 -> 0.00001, conditioning 0.149 -> 0.016 off; SDXL loss
+/// 0.00043 -> 0.00001, conditioning 0.096 -> 0.034 off (its tiny clip_g moves the
+/// conditioning little: the UNet attends to a 48-wide half of an 80-wide context).
+/// The vectors' own cosine to the target is no measure here, unlike SD 1.x's: on these
+/// tiny random encoders many vectors give nearly the target's conditioning (SDXL's
+/// clip_g trained alone reached a 99% lower loss while its cosine to the target moved
+/// only -0.14 -> -0.04), so the test asks for the conditioning instead.
+#[test]
+fn inversion_reaches_known_targets_on_sd2_and_sdxl() {
+    for folder in ["tiny-sd2", "tiny-sdxl"] {
+        let model = conditioned_family_model(folder, GAIN);
+        let tables = model.text_encoder_2.as_ref().map_or(1, |_| 2);
+        let r = family_inversion(&model, &vec![true; tables]);
+        let (before, after) = r.loss;
+        let (cond_before, cond_after) = r.conditioning;
+        eprintln!(
+            "{folder}: loss {before:.6} -> {after:.6}; conditioning off the target's \
+             {cond_before:.4} -> {cond_after:.4}; cosines to target {:?}",
+            r.cosines
+        );
+        assert!(
+            after.is_finite() && after < 0.2 * before,
+            "{folder}: loss {before} -> {after}"
+        );
+        assert!(
+            cond_after < 0.5 * cond_before,
+            "{folder}: conditioning off the target's {cond_before} -> {cond_after}"
+        );
+    }
+}
