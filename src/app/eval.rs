@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::clip::split_columns;
 use crate::model::{Injection, SdModel};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
@@ -74,20 +75,8 @@ pub fn fixed_noise_loss(
             ),
         ));
     }
-    let mut start = 0;
-    let mut tables = Vec::with_capacity(widths.len());
-    for &w in &widths {
-        tables.push(table.narrow(1, start, w)?.contiguous()?);
-        start += w;
-    }
-    let injections: Vec<Injection<'_>> = tables
-        .iter()
-        .map(|table| Injection {
-            table,
-            index: &enc.index,
-            mask: &enc.mask,
-        })
-        .collect();
+    let tables = split_columns(&table, &widths)?;
+    let injections = Injection::per_table(&tables, &enc.index, &enc.mask);
     let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
     let schedule = model.config.scheduler.noise_schedule()?;
     let mut rng = Rng::new(seed);

@@ -355,6 +355,7 @@ fn profile(
     resolution: usize,
 ) -> sdti::Result<Profile> {
     use candle_core::{DType, Tensor, Var};
+    use sdti::model::clip::split_columns;
     use sdti::model::unet::AddedCond;
     use sdti::model::Injection;
     use sdti::prompt::{encode_prompts, Word};
@@ -392,20 +393,8 @@ fn profile(
         sync()?;
         let t0 = Instant::now();
         // Each encoder's table: SDXL's rows are [clip_l || clip_g].
-        let mut tables = Vec::with_capacity(widths.len());
-        let mut offset = 0;
-        for &w in &widths {
-            tables.push(vectors.as_tensor().narrow(1, offset, w)?.contiguous()?);
-            offset += w;
-        }
-        let injections: Vec<Injection<'_>> = tables
-            .iter()
-            .map(|table| Injection {
-                table,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let tables = split_columns(vectors.as_tensor(), &widths)?;
+        let injections = Injection::per_table(&tables, &enc.index, &enc.mask);
         let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
         let (ctx, pooled) = sdti::train::loss::text_conditioning(
             model,

@@ -166,6 +166,34 @@ pub struct Injection<'a> {
     pub mask: &'a Tensor,
 }
 
+impl<'a> Injection<'a> {
+    /// One injection per table, all at the same slots: each text encoder's learned
+    /// vectors (SDXL: clip_l's table, then clip_g's) in one prompt layout.
+    pub fn per_table(tables: &'a [Tensor], index: &'a Tensor, mask: &'a Tensor) -> Vec<Self> {
+        tables
+            .iter()
+            .map(|table| Injection { table, index, mask })
+            .collect()
+    }
+}
+
+/// The per-encoder tables of a joint table `[n, sum of widths]` (how the trainer holds an
+/// SDXL word: each row `[clip_l ‖ clip_g]`): one contiguous `[n, width]` per width, on the
+/// gradient path (the copy's backward passes the gradient through). One width: the table
+/// itself.
+pub fn split_columns(table: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    if widths.len() == 1 {
+        return Ok(vec![table.clone()]);
+    }
+    let mut start = 0;
+    let mut out = Vec::with_capacity(widths.len());
+    for &w in widths {
+        out.push(table.narrow(1, start, w)?.contiguous()?);
+        start += w;
+    }
+    Ok(out)
+}
+
 /// One CLIP encoder layer (pre-norm self-attention with a causal mask, then a two-layer
 /// MLP), one graph node with a hand-written backward pass: it keeps its input, the fused
 /// q/k/v projection, the attention's output and row log-sum-exp, the residual sum after

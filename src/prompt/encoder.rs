@@ -401,14 +401,7 @@ impl PromptEncoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let injections: Vec<Injection<'_>> = tables
-            .iter()
-            .map(|table| Injection {
-                table,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let injections = Injection::per_table(&tables, &enc.index, &enc.mask);
         let parts: Vec<(&TextEncoder, Option<&Injection<'_>>)> = self
             .encoders
             .iter()

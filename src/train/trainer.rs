@@ -21,6 +21,7 @@ use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };
 use crate::error::{Error, Result};
+use crate::model::clip::split_columns;
 use crate::model::memory::{available_bytes, StepMemory};
 use crate::model::{
     Injection, LatentDist, NoiseSchedule, Recompute, SchedulerConfig, SdModel, TextEncoder,
@@ -536,19 +537,8 @@ impl Trainer {
         )?;
         // One injection per text encoder, each its own columns of the joint table (SD 1.x
         // and 2.x: the whole table, as it is).
-        let tables = if self.widths.len() == 1 {
-            vec![self.vectors.as_tensor().clone()]
-        } else {
-            self.part_tensors()?
-        };
-        let injections: Vec<Injection<'_>> = tables
-            .iter()
-            .map(|table| Injection {
-                table,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let tables = self.part_tensors()?;
+        let injections = Injection::per_table(&tables, &enc.index, &enc.mask);
         let injections: Vec<Option<&Injection<'_>>> = injections.iter().map(Some).collect();
         // SDXL's size and crop conditioning, f32 on the model's device.
         let time_ids = if self.model.unet.takes_added_cond() {
@@ -691,18 +681,6 @@ fn text_encoders(model: &SdModel) -> Vec<&TextEncoder> {
     let mut out = vec![model.text_encoder.as_ref()];
     out.extend(model.text_encoder_2.as_deref());
     out
-}
-
-/// The column ranges of `table` `[n, sum of widths]`, one contiguous `[n, width]` per
-/// width (on the gradient path: the copy's backward passes the gradient through).
-fn split_columns(table: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
-    let mut start = 0;
-    let mut out = Vec::with_capacity(widths.len());
-    for &w in widths {
-        out.push(table.narrow(1, start, w)?.contiguous()?);
-        start += w;
-    }
-    Ok(out)
 }
 
 /// The initial `[vectors, width]` f32 table of one text encoder: the init text's token
