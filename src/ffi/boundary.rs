@@ -229,6 +229,20 @@ pub(crate) unsafe fn write_bytes_with_nul(
     }
 }
 
+/// Writes one value through a caller's out-pointer, refusing NULL (`what` names the
+/// argument).
+///
+/// # Safety
+/// `out` is NULL or writable.
+pub(crate) unsafe fn write_out<T>(out: *mut T, value: T, what: &str) -> FfiResult {
+    if out.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: writable by contract.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
 /// Copies `data` into a caller array of `cap` elements; `needed` gets `data.len()`.
 /// Writes nothing but `needed` when it does not fit.
 ///

@@ -322,12 +322,8 @@ pub unsafe extern "C" fn sdti_encoder_dim(
     dim: *mut u32,
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
-        if dim.is_null() {
-            return Err(invalid("dim is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { dim.write(enc.dim() as u32) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(dim, enc.dim() as u32, "dim") }
     })
 }
 
@@ -344,12 +340,8 @@ pub unsafe extern "C" fn sdti_encoder_family(
     family: *mut sdti_family,
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
-        if family.is_null() {
-            return Err(invalid("family is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { family.write(family_code(enc.family())) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(family, family_code(enc.family()), "family") }
     })
 }
 
@@ -366,12 +358,8 @@ pub unsafe extern "C" fn sdti_encoder_pooled_dim(
     dim: *mut u32,
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
-        if dim.is_null() {
-            return Err(invalid("dim is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { dim.write(enc.pooled_dim().unwrap_or(0) as u32) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(dim, enc.pooled_dim().unwrap_or(0) as u32, "dim") }
     })
 }
 
@@ -551,12 +539,8 @@ pub unsafe extern "C" fn sdti_encoder_clip_skip(
     clip_skip: *mut u32,
 ) -> sdti_status {
     with_state(&ENCODERS, encoder as usize, |enc| {
-        if clip_skip.is_null() {
-            return Err(invalid("clip_skip is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { clip_skip.write(enc.clip_skip() as u32) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(clip_skip, enc.clip_skip() as u32, "clip_skip") }
     })
 }
 

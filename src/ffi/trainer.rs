@@ -480,12 +480,8 @@ pub unsafe extern "C" fn sdti_trainer_image_count(
     count: *mut u32,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
-        if count.is_null() {
-            return Err(invalid("count is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { count.write(state.trainer.image_count() as u32) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(count, state.trainer.image_count() as u32, "count") }
     })
 }
 
@@ -503,16 +499,12 @@ pub unsafe extern "C" fn sdti_trainer_recompute(
     recompute: *mut sdti_recompute,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
-        if recompute.is_null() {
-            return Err(invalid("recompute is NULL"));
-        }
         let value = match state.trainer.recompute() {
             Recompute::Off => SDTI_RECOMPUTE_OFF,
             Recompute::On => SDTI_RECOMPUTE_ON,
         };
-        // SAFETY: writable by contract.
-        unsafe { recompute.write(value) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(recompute, value, "recompute") }
     })
 }
 
@@ -529,12 +521,14 @@ pub unsafe extern "C" fn sdti_trainer_family(
     family: *mut sdti_family,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
-        if family.is_null() {
-            return Err(invalid("family is NULL"));
+        // SAFETY: NULL or writable by contract.
+        unsafe {
+            write_out(
+                family,
+                family_code(state.trainer.model().config.family),
+                "family",
+            )
         }
-        // SAFETY: writable by contract.
-        unsafe { family.write(family_code(state.trainer.model().config.family)) };
-        Ok(())
     })
 }
 
@@ -551,12 +545,8 @@ pub unsafe extern "C" fn sdti_trainer_resolution(
     resolution: *mut u32,
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
-        if resolution.is_null() {
-            return Err(invalid("resolution is NULL"));
-        }
-        // SAFETY: writable by contract.
-        unsafe { resolution.write(state.trainer.resolution() as u32) };
-        Ok(())
+        // SAFETY: NULL or writable by contract.
+        unsafe { write_out(resolution, state.trainer.resolution() as u32, "resolution") }
     })
 }
 
