@@ -64,8 +64,11 @@ pub fn fixed_noise_loss(
         model.device(),
     )?;
     let table = vectors.to_device(model.device())?;
-    let mut widths = vec![model.config.text_encoder.hidden_size];
-    widths.extend(model.config.text_encoder_2.as_ref().map(|c| c.hidden_size));
+    let widths: Vec<usize> = model
+        .text_encoders()
+        .iter()
+        .map(|e| e.config().hidden_size)
+        .collect();
     if table.dim(1)? != widths.iter().sum::<usize>() {
         return Err(Error::input(
             "evaluation",

@@ -140,6 +140,13 @@ impl SdModel {
         })
     }
 
+    /// The text encoders in conditioning order (SDXL: CLIP ViT-L, then OpenCLIP bigG).
+    pub fn text_encoders(&self) -> Vec<&TextEncoder> {
+        let mut out = vec![self.text_encoder.as_ref()];
+        out.extend(self.text_encoder_2.as_deref());
+        out
+    }
+
     pub fn device(&self) -> &Device {
         self.text_encoder.device()
     }

@@ -67,7 +67,7 @@ pub fn denoising_loss_with(
     let latents = batch.latents.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;
     let noisy = combine(&latents, &noise, &coefs(NoiseSchedule::add_noise_coefs)?)?;
-    let encoders = 1 + usize::from(model.text_encoder_2.is_some());
+    let encoders = model.text_encoders().len();
     let none = vec![None; encoders];
     let injections = if batch.injections.is_empty() {
         &none[..]
@@ -155,8 +155,7 @@ pub fn text_conditioning(
     injections: &[Option<&Injection<'_>>],
     clip_skip: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let mut encoders = vec![model.text_encoder.as_ref()];
-    encoders.extend(model.text_encoder_2.as_deref());
+    let encoders = model.text_encoders();
     if injections.len() != encoders.len() {
         return Err(Error::input(
             "training batch",

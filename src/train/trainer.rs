@@ -127,7 +127,7 @@ impl Trainer {
         };
         let root = Rng::new(config.seed);
         let mut rng_init = root.fork(3);
-        let encoders = text_encoders(&model);
+        let encoders = model.text_encoders();
         let widths = encoders.iter().map(|e| e.config().hidden_size).collect();
         let init = encoders
             .iter()
@@ -322,7 +322,9 @@ impl Trainer {
     /// The learned word as an embedding file (name, step, vectors, the model's file name):
     /// one part for SD 1.x/2.x, `clip_l` and `clip_g` for SDXL.
     pub fn embedding(&self) -> Result<EmbeddingFile> {
-        let labels: Vec<Encoder> = text_encoders(&self.model)
+        let labels: Vec<Encoder> = self
+            .model
+            .text_encoders()
             .iter()
             .map(|e| e.encoder())
             .collect();
@@ -674,13 +676,6 @@ impl Trainer {
         }
         Ok(out)
     }
-}
-
-/// The model's text encoders in conditioning order (SDXL: L then G).
-fn text_encoders(model: &SdModel) -> Vec<&TextEncoder> {
-    let mut out = vec![model.text_encoder.as_ref()];
-    out.extend(model.text_encoder_2.as_deref());
-    out
 }
 
 /// The initial `[vectors, width]` f32 table of one text encoder: the init text's token
