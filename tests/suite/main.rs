@@ -1,12 +1,15 @@
 //! The integration test suite, one binary (candle links are heavy).
 
 mod cli;
+mod cmake;
 mod common;
 mod embedding;
 mod ffi;
+mod ffi_params;
 mod learning;
 mod loading;
 mod parity;
+mod prompt_weights;
 mod reads;
 mod scheduler;
 mod sd2;
