@@ -8,8 +8,9 @@ use sdti::embedding::{
     diffusers_sdxl_second_path, inspect as inspect_embedding, read_embedding, write_embedding_to,
     EmbeddingFile, Encoder, Existing, Format, Precision,
 };
-use sdti::prompt::chunks::{chunk_slots, Slot};
-use sdti::prompt::{prompt_slots, Word};
+use sdti::prompt::chunks::{Slot, WeightedSlot};
+use sdti::prompt::weights::weighted_chunks;
+use sdti::prompt::Word;
 use sdti::tokenizer::{ClipTokenizer, BOS, CONTEXT_LEN, EOS};
 use serde::Serialize;
 
@@ -61,7 +62,9 @@ pub const ENCODE_EXAMPLES: &str = "\
 Examples:
   sdti encode --embedding my-cat.pt \"a photo of my-cat on a sofa\"
   sdti encode --embedding cat=learned_embeds.bin \"<cat>, oil painting\" --json
-  sdti encode --chunking comfyui \"a very long prompt ...\"";
+  sdti encode --chunking comfyui \"a very long prompt ...\"
+  sdti encode -e my-cat.pt \"a photo of (my-cat:1.2) on a [table]\"   # weights per slot
+  sdti encode --no-prompt-weights \"(brackets as text)\"";
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -369,9 +372,12 @@ pub struct EncodeArgs {
     /// A learned word's file; the word is its file stem unless written WORD=FILE (repeatable)
     #[arg(long, short, value_name = "[WORD=]FILE")]
     pub embedding: Vec<EmbeddingArg>,
-    /// How prompts longer than 75 tokens are split
+    /// How prompts longer than 75 tokens are split, and whose prompt-weight syntax is read
     #[arg(long, value_enum, default_value = "a1111")]
     pub chunking: Chunking,
+    /// Read brackets, weights and BREAK as plain text (no prompt weights)
+    #[arg(long)]
+    pub no_prompt_weights: bool,
     /// Print JSON (every slot of every 77-slot chunk)
     #[arg(long)]
     pub json: bool,
@@ -389,6 +395,13 @@ struct SlotReport {
     id: Option<u32>,
     text: String,
     learned: Option<LearnedSlot>,
+    /// The prompt weight; left out where it is 1.
+    #[serde(skip_serializing_if = "is_one")]
+    weight: f32,
+}
+
+fn is_one(w: &f32) -> bool {
+    *w == 1.0
 }
 
 #[derive(Serialize)]
@@ -434,12 +447,14 @@ fn read_words(args: &[EmbeddingArg]) -> CliResult<(Vec<Word>, Vec<WordReport>)> 
     Ok((words, reports))
 }
 
-fn slot_report(tokenizer: &ClipTokenizer, words: &[Word], slot: &Slot) -> SlotReport {
-    match slot {
+fn slot_report(tokenizer: &ClipTokenizer, words: &[Word], weighted: &WeightedSlot) -> SlotReport {
+    let weight = weighted.weight;
+    match &weighted.slot {
         Slot::Token(id) => SlotReport {
             id: Some(*id),
             text: tokenizer.id_to_token(*id).unwrap_or("?").to_string(),
             learned: None,
+            weight,
         },
         Slot::Learned { word, index } => {
             let name = words.get(*word).map_or("?", |w| w.name.as_str());
@@ -450,20 +465,27 @@ fn slot_report(tokenizer: &ClipTokenizer, words: &[Word], slot: &Slot) -> SlotRe
                     word: name.to_string(),
                     vector: *index,
                 }),
+                weight,
             }
         }
     }
 }
 
-/// The prompt's slots in 77-slot chunks, as the prompt encoder would fill them.
+/// The prompt's slots in 77-slot chunks with their weights, as the prompt encoder would
+/// fill them.
 fn encode_report(
     tokenizer: &ClipTokenizer,
     a: &EncodeArgs,
     words: &[Word],
     word_reports: Vec<WordReport>,
-) -> EncodeReport {
-    let slots = prompt_slots(tokenizer, &a.prompt, words);
-    let chunks = chunk_slots(&slots, a.chunking.style(), tokenizer.comma_id());
+) -> CliResult<EncodeReport> {
+    let chunks = weighted_chunks(
+        tokenizer,
+        &a.prompt,
+        words,
+        a.chunking.style(),
+        !a.no_prompt_weights,
+    )?;
     let learned_slots = chunks
         .iter()
         .enumerate()
@@ -471,11 +493,11 @@ fn encode_report(
             chunk
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| matches!(s, Slot::Learned { .. }))
+                .filter(|(_, s)| matches!(s.slot, Slot::Learned { .. }))
                 .map(move |(i, _)| (c, i))
         })
         .collect();
-    EncodeReport {
+    Ok(EncodeReport {
         prompt: a.prompt.clone(),
         chunking: format!("{:?}", a.chunking).to_ascii_lowercase(),
         words: word_reports,
@@ -489,7 +511,7 @@ fn encode_report(
             })
             .collect(),
         learned_slots,
-    }
+    })
 }
 
 /// "s" unless there is one.
@@ -511,15 +533,21 @@ fn print_chunk(tokenizer: &ClipTokenizer, c: usize, chunk: &[SlotReport]) {
         .find(|(_, s)| s.id == Some(EOS))
         .map_or(chunk.len(), |(i, _)| i + 1);
     for (i, s) in chunk.iter().take(end).enumerate() {
+        // The weight after the slot, where it is not 1.
+        let weight = if s.weight == 1.0 {
+            String::new()
+        } else {
+            format!("  x{}", s.weight)
+        };
         match (&s.id, &s.learned) {
-            (_, Some(l)) => println!("  {i:>3}  learned  {} vector {}", l.word, l.vector),
+            (_, Some(l)) => println!("  {i:>3}  learned  {} vector {}{weight}", l.word, l.vector),
             (Some(id), None) => {
                 let text = if *id == BOS || *id == EOS {
                     s.text.clone()
                 } else {
                     tokenizer.decode(&[*id])
                 };
-                println!("  {i:>3}  {id:>7}  {text}");
+                println!("  {i:>3}  {id:>7}  {text}{weight}");
             }
             (None, None) => {}
         }
@@ -547,6 +575,19 @@ fn print_report(tokenizer: &ClipTokenizer, report: &EncodeReport) {
         report.learned_slots.len(),
         plural(report.learned_slots.len())
     );
+    let weighted = report
+        .chunks
+        .iter()
+        .flatten()
+        .filter(|s| s.weight != 1.0)
+        .count();
+    if weighted > 0 {
+        println!(
+            "weights:  {weighted} slot{} weighted ({} reading; x = the weight)",
+            plural(weighted),
+            report.chunking
+        );
+    }
     for (c, chunk) in report.chunks.iter().enumerate() {
         print_chunk(tokenizer, c, chunk);
     }
@@ -555,7 +596,7 @@ fn print_report(tokenizer: &ClipTokenizer, report: &EncodeReport) {
 pub fn encode(a: EncodeArgs) -> CliResult<()> {
     let tokenizer = ClipTokenizer::new().map_err(|e| CliError::new(format!("tokenizer: {e}")))?;
     let (words, word_reports) = read_words(&a.embedding)?;
-    let report = encode_report(&tokenizer, &a, &words, word_reports);
+    let report = encode_report(&tokenizer, &a, &words, word_reports)?;
     if a.json {
         return print_json(&report);
     }

@@ -77,9 +77,12 @@ pub struct SampleArgs {
     /// family's, 1 for SD 1.x, 2 for SD 2.x and SDXL)
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// How prompts longer than 75 tokens are split
+    /// How prompts longer than 75 tokens are split, and whose prompt weights are applied
     #[arg(long, value_enum, default_value = "a1111")]
     pub chunking: Chunking,
+    /// Read brackets, weights and BREAK as plain text (no prompt weights)
+    #[arg(long)]
+    pub no_prompt_weights: bool,
     /// A folder for sample-SEED.png files, or one .png file when --count is 1
     #[arg(long, short, default_value = "samples", value_name = "DIR|FILE.png")]
     pub output: PathBuf,
@@ -153,6 +156,7 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
     base.height = a.height.unwrap_or(size);
     let mut encoder = encoder_with_words(model.clone(), &a.embedding)?;
     encoder.set_chunk_style(a.chunking.style());
+    encoder.set_prompt_weights(!a.no_prompt_weights);
     if let Some(n) = a.clip_skip {
         encoder.set_clip_skip(n)?;
     }

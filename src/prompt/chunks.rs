@@ -34,14 +34,53 @@ pub enum ChunkStyle {
     ComfyUi,
 }
 
+/// What the chunkers move around: a bare [`Slot`], or a [`WeightedSlot`] that carries
+/// its prompt weight through the chunking (A1111's multipliers, ComfyUI's token
+/// weights ride along with their tokens the same way).
+pub trait ChunkItem: Copy {
+    /// The slot itself.
+    fn slot(&self) -> Slot;
+    /// A start, end or padding slot (weight 1 where there is a weight).
+    fn special(id: u32) -> Self;
+}
+
+impl ChunkItem for Slot {
+    fn slot(&self) -> Slot {
+        *self
+    }
+    fn special(id: u32) -> Self {
+        Slot::Token(id)
+    }
+}
+
+/// A slot and its prompt weight (1 where the prompt gives none; see
+/// [`crate::prompt::weights`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightedSlot {
+    pub slot: Slot,
+    pub weight: f32,
+}
+
+impl ChunkItem for WeightedSlot {
+    fn slot(&self) -> Slot {
+        self.slot
+    }
+    fn special(id: u32) -> Self {
+        WeightedSlot {
+            slot: Slot::Token(id),
+            weight: 1.0,
+        }
+    }
+}
+
 /// Length of the learned-word occurrence at the start of `slots`: `Learned` slots of one
 /// word with consecutive indices (a slot with `index == 0` starts a new occurrence).
 /// 0 if `slots` does not start with a `Learned` slot.
-fn learned_run_len(slots: &[Slot]) -> usize {
+fn learned_run_len<T: ChunkItem>(slots: &[T]) -> usize {
     let mut n = 0;
     let mut prev: Option<(usize, usize)> = None;
     for s in slots {
-        match (*s, prev) {
+        match (s.slot(), prev) {
             (Slot::Learned { word, index }, None) => prev = Some((word, index)),
             (Slot::Learned { word, index }, Some((w, i)))
                 if word == w && index != 0 && Some(index) == i.checked_add(1) =>
@@ -55,12 +94,12 @@ fn learned_run_len(slots: &[Slot]) -> usize {
     n
 }
 
-fn finish_chunk(body: &[Slot]) -> Vec<Slot> {
+fn finish_chunk<T: ChunkItem>(body: &[T]) -> Vec<T> {
     let mut chunk = Vec::with_capacity(CONTEXT_LEN);
-    chunk.push(Slot::Token(BOS));
+    chunk.push(T::special(BOS));
     chunk.extend_from_slice(body);
-    chunk.resize(CONTEXT_LEN - 1, Slot::Token(EOS));
-    chunk.push(Slot::Token(EOS));
+    chunk.resize(CONTEXT_LEN - 1, T::special(EOS));
+    chunk.push(T::special(EOS));
     chunk
 }
 
@@ -71,8 +110,8 @@ fn finish_chunk(body: &[Slot]) -> Vec<Slot> {
 /// A learned-word occurrence is a run of [`Slot::Learned`] slots of one `word` with
 /// consecutive `index` values (a new occurrence starts at `index == 0`).
 ///
-/// **A1111** (`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`, BREAK not
-/// represented): tokens fill 75-slot chunks. When a chunk is full and the next slot is not
+/// **A1111** (`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`; `BREAK` is
+/// [`chunk_a1111_sections`]): tokens fill 75-slot chunks. When a chunk is full and the next slot is not
 /// a comma, and the last comma (`comma_id`, normally `,</w>` = 267; `None` disables this)
 /// sits at most [`A1111_COMMA_BACKTRACK`] slots before the end, everything after that
 /// comma moves to the next chunk and the full one is padded. A comma that itself arrives
@@ -92,33 +131,42 @@ fn finish_chunk(body: &[Slot]) -> Vec<Slot> {
 /// supply the groups yourself (e.g. one per weight segment). `comma_id` is ignored.
 pub fn chunk_slots(slots: &[Slot], style: ChunkStyle, comma_id: Option<u32>) -> Vec<Vec<Slot>> {
     match style {
-        ChunkStyle::A1111 => chunk_a1111(slots, comma_id),
-        ChunkStyle::ComfyUi => {
-            let mut groups: Vec<&[Slot]> = Vec::new();
-            let mut pos = 0;
-            while pos < slots.len() {
-                let len = match slots[pos] {
-                    Slot::Token(_) => slots[pos..]
-                        .iter()
-                        .take_while(|s| matches!(s, Slot::Token(_)))
-                        .count(),
-                    Slot::Learned { .. } => learned_run_len(&slots[pos..]),
-                }
-                .max(1);
-                groups.push(&slots[pos..pos + len]);
-                pos += len;
-            }
-            chunk_groups_comfy(&groups)
-        }
+        ChunkStyle::A1111 => chunk_a1111_sections(&[slots], comma_id),
+        ChunkStyle::ComfyUi => chunk_groups_comfy(&comfy_groups(slots)),
     }
+}
+
+/// `slots` cut into ComfyUI's groups (see [`chunk_slots`]): each maximal run of
+/// [`Slot::Token`]s and each learned-word occurrence.
+pub fn comfy_groups<T: ChunkItem>(slots: &[T]) -> Vec<&[T]> {
+    let mut groups: Vec<&[T]> = Vec::new();
+    let mut pos = 0;
+    while pos < slots.len() {
+        let len = match slots[pos].slot() {
+            Slot::Token(_) => slots[pos..]
+                .iter()
+                .take_while(|s| matches!(s.slot(), Slot::Token(_)))
+                .count(),
+            Slot::Learned { .. } => learned_run_len(&slots[pos..]),
+        }
+        .max(1);
+        groups.push(&slots[pos..pos + len]);
+        pos += len;
+    }
+    groups
 }
 
 /// ComfyUI's batching of pre-grouped slots (see [`chunk_slots`]): groups shorter than
 /// [`COMFY_MAX_WORD_LENGTH`] are never split across chunks.
 pub fn chunk_groups_comfy<G: AsRef<[Slot]>>(groups: &[G]) -> Vec<Vec<Slot>> {
+    chunk_groups_comfy_items(groups)
+}
+
+/// [`chunk_groups_comfy`] for any [`ChunkItem`] (weighted slots keep their weights).
+pub fn chunk_groups_comfy_items<T: ChunkItem, G: AsRef<[T]>>(groups: &[G]) -> Vec<Vec<T>> {
     let limit = CONTEXT_LEN - 1; // max_length - has_end_token
-    let mut chunks: Vec<Vec<Slot>> = Vec::new();
-    let mut batch: Vec<Slot> = vec![Slot::Token(BOS)];
+    let mut chunks: Vec<Vec<T>> = Vec::new();
+    let mut batch: Vec<T> = vec![T::special(BOS)];
     for group in groups {
         let mut g = group.as_ref();
         let is_large = g.len() >= COMFY_MAX_WORD_LENGTH;
@@ -129,66 +177,80 @@ pub fn chunk_groups_comfy<G: AsRef<[Slot]>>(groups: &[G]) -> Vec<Vec<Slot>> {
                     batch.extend_from_slice(&g[..remaining]);
                     g = &g[remaining..];
                 }
-                batch.resize(CONTEXT_LEN, Slot::Token(EOS));
-                chunks.push(std::mem::replace(&mut batch, vec![Slot::Token(BOS)]));
+                batch.resize(CONTEXT_LEN, T::special(EOS));
+                chunks.push(std::mem::replace(&mut batch, vec![T::special(BOS)]));
             } else {
                 batch.extend_from_slice(g);
                 g = &[];
             }
         }
     }
-    batch.resize(CONTEXT_LEN, Slot::Token(EOS));
+    batch.resize(CONTEXT_LEN, T::special(EOS));
     chunks.push(batch);
     chunks
 }
 
-fn chunk_a1111(slots: &[Slot], comma_id: Option<u32>) -> Vec<Vec<Slot>> {
-    let mut chunks: Vec<Vec<Slot>> = Vec::new();
-    let mut chunk: Vec<Slot> = Vec::with_capacity(CHUNK_TOKENS);
+/// A1111's chunking (see [`chunk_slots`]) of a prompt that `BREAK` cut into `sections`:
+/// each `BREAK` pads the chunk being filled (even an empty one, as A1111's
+/// `next_chunk()` does) and forgets the last comma. A trailing `BREAK` adds no chunk.
+pub fn chunk_a1111_sections<T: ChunkItem, S: AsRef<[T]>>(
+    sections: &[S],
+    comma_id: Option<u32>,
+) -> Vec<Vec<T>> {
+    let mut chunks: Vec<Vec<T>> = Vec::new();
+    let mut chunk: Vec<T> = Vec::with_capacity(CHUNK_TOKENS);
     let mut last_comma: Option<usize> = None;
-    let mut pos = 0;
-    while pos < slots.len() {
-        let slot = slots[pos];
-        let is_comma = matches!((slot, comma_id), (Slot::Token(t), Some(c)) if t == c);
-        if is_comma {
-            last_comma = Some(chunk.len());
-        } else if chunk.len() == CHUNK_TOKENS {
-            if let Some(lc) = last_comma {
-                if CHUNK_TOKENS - lc <= A1111_COMMA_BACKTRACK {
-                    let reloc = chunk.split_off(lc + 1);
-                    chunks.push(finish_chunk(&chunk));
-                    chunk = reloc;
-                    last_comma = None;
-                }
-            }
-        }
-        if chunk.len() >= CHUNK_TOKENS {
+    for (n, section) in sections.iter().enumerate() {
+        if n > 0 {
             chunks.push(finish_chunk(&chunk));
             chunk.clear();
             last_comma = None;
         }
-        match slot {
-            Slot::Token(_) => {
-                chunk.push(slot);
-                pos += 1;
-            }
-            Slot::Learned { .. } => {
-                let len = learned_run_len(&slots[pos..]).max(1);
-                let mut run = &slots[pos..pos + len];
-                if chunk.len() + run.len() > CHUNK_TOKENS {
-                    if !chunk.is_empty() {
+        let slots = section.as_ref();
+        let mut pos = 0;
+        while pos < slots.len() {
+            let item = slots[pos];
+            let is_comma = matches!((item.slot(), comma_id), (Slot::Token(t), Some(c)) if t == c);
+            if is_comma {
+                last_comma = Some(chunk.len());
+            } else if chunk.len() == CHUNK_TOKENS {
+                if let Some(lc) = last_comma {
+                    if CHUNK_TOKENS - lc <= A1111_COMMA_BACKTRACK {
+                        let reloc = chunk.split_off(lc + 1);
                         chunks.push(finish_chunk(&chunk));
-                        chunk.clear();
+                        chunk = reloc;
                         last_comma = None;
                     }
-                    // Only for words longer than a whole chunk (A1111 breaks there).
-                    while run.len() > CHUNK_TOKENS {
-                        chunks.push(finish_chunk(&run[..CHUNK_TOKENS]));
-                        run = &run[CHUNK_TOKENS..];
-                    }
                 }
-                chunk.extend_from_slice(run);
-                pos += len;
+            }
+            if chunk.len() >= CHUNK_TOKENS {
+                chunks.push(finish_chunk(&chunk));
+                chunk.clear();
+                last_comma = None;
+            }
+            match item.slot() {
+                Slot::Token(_) => {
+                    chunk.push(item);
+                    pos += 1;
+                }
+                Slot::Learned { .. } => {
+                    let len = learned_run_len(&slots[pos..]).max(1);
+                    let mut run = &slots[pos..pos + len];
+                    if chunk.len() + run.len() > CHUNK_TOKENS {
+                        if !chunk.is_empty() {
+                            chunks.push(finish_chunk(&chunk));
+                            chunk.clear();
+                            last_comma = None;
+                        }
+                        // Only for words longer than a whole chunk (A1111 breaks there).
+                        while run.len() > CHUNK_TOKENS {
+                            chunks.push(finish_chunk(&run[..CHUNK_TOKENS]));
+                            run = &run[CHUNK_TOKENS..];
+                        }
+                    }
+                    chunk.extend_from_slice(run);
+                    pos += len;
+                }
             }
         }
     }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{encode_prompts, prompt_slots, Word};
+use super::{encode_chunks, Word};
 use crate::embedding::{read_embedding, Encoder, Family};
 use crate::error::{Error, Result};
 use crate::model::clip::pad_after_first_end_token;
 use crate::model::text_encoder::encode_context;
 use crate::model::{Injection, SdModel, TextEncoder};
-use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot};
+use crate::prompt::chunks::{chunk_slots, ChunkStyle, Slot, WeightedSlot};
+use crate::prompt::weights::{comfy_interpolate, emphasis_original, weighted_chunks};
 use crate::tokenizer::ClipTokenizer;
 
 /// A registered word and its vectors, one row-major `[n, width]` table per text encoder.
@@ -24,12 +25,14 @@ struct Registered {
 }
 
 /// One token slot of a tokenized prompt, for hosts that run their own text encoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenSlot {
     /// The vocabulary id (for learned slots, the end-of-text id as a stand-in).
     pub id: u32,
     /// `Some((word, vector))` where the slot carries a learned vector.
     pub learned: Option<(usize, usize)>,
+    /// The prompt weight of the slot (1 without one, and with prompt weights off).
+    pub weight: f32,
 }
 
 /// Prompts to hidden states with learned words injected. Holds only the text encoder(s)
@@ -41,6 +44,8 @@ pub struct PromptEncoder {
     tokenizer: ClipTokenizer,
     words: Vec<Registered>,
     style: ChunkStyle,
+    /// Prompt weights read and applied as the chunk style's host does (the default).
+    weights: bool,
     /// `None`: the model family's ([`TextEncoder::default_conditioning`]).
     clip_skip: Option<usize>,
 }
@@ -94,6 +99,7 @@ impl PromptEncoder {
             tokenizer: ClipTokenizer::new()?,
             words: Vec::new(),
             style: ChunkStyle::A1111,
+            weights: true,
             clip_skip: None,
         })
     }
@@ -113,9 +119,26 @@ impl PromptEncoder {
         self.encoders[0].family()
     }
 
-    /// Long prompts are chunked the way A1111 (default) or ComfyUI do it.
+    /// Long prompts are chunked, and prompt weights read and applied, the way A1111
+    /// (default) or ComfyUI do it ([`crate::prompt::weights`]).
     pub fn set_chunk_style(&mut self, style: ChunkStyle) {
         self.style = style;
+    }
+
+    /// The host whose chunking and prompt weights are followed.
+    pub fn chunk_style(&self) -> ChunkStyle {
+        self.style
+    }
+
+    /// Prompt weights on (the default, as both hosts have them) or off: off, brackets,
+    /// colons and `BREAK` are ordinary text and every token has weight 1.
+    pub fn set_prompt_weights(&mut self, on: bool) {
+        self.weights = on;
+    }
+
+    /// Whether prompt weights are read and applied.
+    pub fn prompt_weights(&self) -> bool {
+        self.weights
     }
 
     /// Conditions on `hidden_states[-clip_skip]` of the full-depth text encoder(s) (1 =
@@ -335,26 +358,49 @@ impl PromptEncoder {
         (words, tables)
     }
 
+    /// The prompt's slots in 77-slot chunks with their weights, as the chunk style's host
+    /// lays them out ([`weighted_chunks`]). Fails where that host fails (A1111 on a
+    /// weight that is not a number, `(a:1.2.3)`), or on a weight that is not finite.
+    pub fn weighted_chunks(&self, prompt: &str) -> Result<Vec<Vec<WeightedSlot>>> {
+        let (words, _) = self.layout();
+        weighted_chunks(&self.tokenizer, prompt, &words, self.style, self.weights)
+    }
+
     /// The prompt's slots in 77-slot chunks (BOS ... EOS, padded as the model's first
     /// text encoder takes them: with the end token for CLIP ViT-L (SD 1.x, SDXL's L), with
     /// 0 after each chunk's first end token for OpenCLIP (SD 2.x). SDXL's G takes the same
-    /// slots with that 0 padding.
+    /// slots with that 0 padding. With prompt weights on, brackets and weights are read
+    /// (not tokens) and each slot carries its weight; a prompt the host cannot read
+    /// ([`PromptEncoder::try_tokenize`] fails) is laid out as plain text here, and
+    /// [`PromptEncoder::encode`] refuses it.
     pub fn tokenize(&self, prompt: &str) -> Vec<TokenSlot> {
-        let (words, _) = self.layout();
-        let slots = prompt_slots(&self.tokenizer, prompt, &words);
+        self.try_tokenize(prompt).unwrap_or_else(|_| {
+            let (words, _) = self.layout();
+            let plain = weighted_chunks(&self.tokenizer, prompt, &words, self.style, false)
+                .unwrap_or_default();
+            self.token_slots(plain)
+        })
+    }
+
+    /// [`PromptEncoder::tokenize`], failing where the host fails to read the weights.
+    pub fn try_tokenize(&self, prompt: &str) -> Result<Vec<TokenSlot>> {
+        Ok(self.token_slots(self.weighted_chunks(prompt)?))
+    }
+
+    fn token_slots(&self, chunks: Vec<Vec<WeightedSlot>>) -> Vec<TokenSlot> {
         let pad = self.encoders[0].default_conditioning().pad_after_eos;
-        chunk_slots(&slots, self.style, self.tokenizer.comma_id())
+        chunks
             .into_iter()
             .flat_map(|chunk| {
                 let mut ids: Vec<u32> = chunk
                     .iter()
-                    .map(|s| match *s {
+                    .map(|s| match s.slot {
                         Slot::Token(id) => id,
                         Slot::Learned { .. } => crate::tokenizer::EOS,
                     })
                     .collect();
                 if let Some(pad) = pad {
-                    let learned = |i: usize| matches!(chunk[i], Slot::Learned { .. });
+                    let learned = |i: usize| matches!(chunk[i].slot, Slot::Learned { .. });
                     pad_after_first_end_token(&mut ids, learned, pad);
                 }
                 chunk
@@ -362,10 +408,11 @@ impl PromptEncoder {
                     .zip(ids)
                     .map(|(s, id)| TokenSlot {
                         id,
-                        learned: match *s {
+                        learned: match s.slot {
                             Slot::Token(_) => None,
                             Slot::Learned { word, index } => Some((word, index)),
                         },
+                        weight: s.weight,
                     })
                     .collect::<Vec<_>>()
             })
@@ -379,16 +426,38 @@ impl PromptEncoder {
 
     /// [`PromptEncoder::encode`] and the pooled vector `[pooled_dim]` (f32) of the first
     /// chunk, for models that have one (SDXL); what training conditions on.
+    ///
+    /// Prompt weights (on by default) are applied as the chunk style's host applies them:
+    /// A1111's "Original" emphasis per chunk and per text encoder, or ComfyUI's
+    /// interpolation from the empty prompt's states. The pooled vector is the unweighted
+    /// one, in both hosts.
     pub fn encode_with_pooled(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>)> {
+        let chunks = self.weighted_chunks(prompt)?;
+        let weights: Vec<f32> = chunks.iter().flatten().map(|s| s.weight).collect();
+        let slots: Vec<Vec<Slot>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|s| s.slot).collect())
+            .collect();
+        let (states, pooled) = self.encode_slots(&slots)?;
+        if weights.iter().all(|&w| w == 1.0) {
+            return Ok((states, pooled));
+        }
+        let states = match self.style {
+            ChunkStyle::A1111 => emphasis_original(&states, &weights, &self.part_widths())?,
+            ChunkStyle::ComfyUi => {
+                let empty = chunk_slots(&[], self.style, None);
+                let (empty_states, _) = self.encode_slots(&empty)?;
+                comfy_interpolate(&states, &empty_states, &weights)?
+            }
+        };
+        Ok((states, pooled))
+    }
+
+    /// Hidden states `[chunks * 77, dim]` and the pooled vector (f32) of laid-out chunks.
+    fn encode_slots(&self, chunks: &[Vec<Slot>]) -> Result<(Tensor, Option<Tensor>)> {
         let (words, tables) = self.layout();
         let device: &Device = self.encoders[0].device();
-        let enc = encode_prompts(
-            &self.tokenizer,
-            &[prompt.to_string()],
-            &words,
-            self.style,
-            device,
-        )?;
+        let enc = encode_chunks(&[chunks.to_vec()], &words, self.style, device)?;
         let tables = tables
             .into_iter()
             .zip(self.part_widths())

@@ -7,6 +7,7 @@
 
 pub mod chunks;
 pub mod encoder;
+pub mod weights;
 
 use candle_core::{Device, Tensor};
 
@@ -126,13 +127,24 @@ pub fn encode_prompts(
             )
         })
         .collect();
+    encode_chunks(&per_prompt, words, style, device)
+}
+
+/// [`encode_prompts`] for prompts already laid out in 77-slot chunks (one list of
+/// chunks per prompt; shorter prompts are padded with empty chunks).
+pub fn encode_chunks(
+    per_prompt: &[Vec<Vec<Slot>>],
+    words: &[Word],
+    style: ChunkStyle,
+    device: &Device,
+) -> Result<EncodedPrompts> {
     let chunks = per_prompt.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let width = crate::tokenizer::CONTEXT_LEN * chunks;
-    let mut ids = Vec::with_capacity(texts.len() * width);
-    let mut index = Vec::with_capacity(texts.len() * width);
-    let mut mask = Vec::with_capacity(texts.len() * width);
+    let mut ids = Vec::with_capacity(per_prompt.len() * width);
+    let mut index = Vec::with_capacity(per_prompt.len() * width);
+    let mut mask = Vec::with_capacity(per_prompt.len() * width);
     let empty = chunk_slots(&[], style, None);
-    for prompt in &per_prompt {
+    for prompt in per_prompt {
         for c in 0..chunks {
             let chunk = prompt.get(c).or(empty.first()).ok_or_else(|| {
                 Error::input(
@@ -168,7 +180,7 @@ pub fn encode_prompts(
             }
         }
     }
-    let b = texts.len();
+    let b = per_prompt.len();
     Ok(EncodedPrompts {
         ids: Tensor::from_vec(ids, (b, width), device)?,
         index: Tensor::from_vec(index, (b, width), device)?,
