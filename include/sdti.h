@@ -32,7 +32,11 @@
 //    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
 //    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 (the new
 //    default) picks the model family's resolution, `sdti_trainer_resolution` tells it.
-#define SDTI_ABI_MINOR 4
+// 5: `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
+//    `.random_crop` (revision 3 of the params), `SDTI_PREDICTION_*`, `SDTI_ZERO_SNR_*`,
+//    `sdti_trainer_prediction`; `SDTI_ERR_MEMORY`: `sdti_trainer_new` refuses a run
+//    that cannot fit in memory before it reads the weights.
+#define SDTI_ABI_MINOR 5
 
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
 #define SDTI_ABI_VERSION ((SDTI_ABI_MAJOR << 16) | SDTI_ABI_MINOR)
@@ -107,6 +111,13 @@ typedef int32_t (*sdti_progress_fn)(void *user_data, const struct sdti_progress 
 // An `SDTI_RECOMPUTE_*` value (a `uint32_t`).
 typedef uint32_t sdti_recompute;
 
+// An `SDTI_PREDICTION_*` value (a `uint32_t`): what the UNet predicts.
+typedef uint32_t sdti_prediction;
+
+// An `SDTI_ZERO_SNR_*` value (a `uint32_t`): whether the noise schedule is rescaled to
+// zero terminal SNR (diffusers' `rescale_betas_zero_snr`).
+typedef uint32_t sdti_zero_snr;
+
 // Everything a training run is made from. Fill with `sdti_trainer_params_init`, then
 // set fields. Strings are copied by `sdti_trainer_new`; NULL picks the default.
 typedef struct sdti_trainer_params {
@@ -168,6 +179,21 @@ typedef struct sdti_trainer_params {
     // process holds plus the system's available memory when the run starts, on CUDA the
     // device's free memory plus the weights; elsewhere auto stays off.
     uint32_t memory_budget_mib;
+    // Since ABI 1.5 (revision 3 of this struct): `SDTI_PREDICTION_MODEL` (the default),
+    // `_EPSILON` or `_V`, for a checkpoint whose files do not say what it predicts (a
+    // v-prediction SDXL fine-tune without a `v_pred` key). `sdti_trainer_prediction`
+    // tells what a run uses.
+    sdti_prediction prediction_type;
+    // Since ABI 1.5: `SDTI_ZERO_SNR_MODEL` (the default), `_OFF` or `_ON`.
+    sdti_zero_snr zero_terminal_snr;
+    // Since ABI 1.5: condition on `hidden_states[-clip_skip]` of the full-depth text
+    // encoder(s), 1 = the last layer; 0 (the default): the family's (1 for SD 1.x, 2 for
+    // SD 2.x and SDXL, as each was trained). An encoder made from the trainer
+    // (`sdti_encoder_from_trainer`) uses the same.
+    uint32_t clip_skip;
+    // Since ABI 1.5: 0 (the default) crops each picture at its center, as diffusers
+    // does; 1 picks one random crop per picture (fixed by `seed`, kept for the run).
+    uint32_t random_crop;
 } sdti_trainer_params;
 
 // An `SDTI_PIXEL_*` value (a `uint32_t`).
@@ -252,6 +278,11 @@ typedef struct sdti_step_stats {
 // The destination exists (a file, a folder, a symlink, dangling or not) and replacing it
 // was not asked for (`SDTI_WRITE_OVERWRITE`).
 #define SDTI_ERR_EXISTS 19
+
+// The job needs more memory than the device has available (or than the memory budget
+// given): the message says how much it needs, how much there is and what lowers it.
+// Since ABI 1.5.
+#define SDTI_ERR_MEMORY 20
 
 // Weights computed in 32-bit floats.
 #define SDTI_PRECISION_F32 0
@@ -344,6 +375,26 @@ typedef struct sdti_step_stats {
 // built against an older header gets it too (its steps are recomputed only where they
 // would not fit).
 #define SDTI_RECOMPUTE_AUTO 2
+
+// The model's: its scheduler config, else its markers and the family's rules (what
+// `sdti_trainer_notes` explains). The default.
+#define SDTI_PREDICTION_MODEL 0
+
+// The noise (epsilon), as SD 1.x, SD 2.x base and SDXL base predict.
+#define SDTI_PREDICTION_EPSILON 1
+
+// The velocity (v-prediction), as the 768-v SD 2.x models and the v-prediction SDXL
+// fine-tunes predict.
+#define SDTI_PREDICTION_V 2
+
+// The model's: its scheduler config or its `ztsnr` marker. The default.
+#define SDTI_ZERO_SNR_MODEL 0
+
+// The model's schedule as its betas give it.
+#define SDTI_ZERO_SNR_OFF 1
+
+// Rescaled to zero terminal SNR, as the v-prediction SDXL fine-tunes are trained.
+#define SDTI_ZERO_SNR_ON 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -737,7 +788,9 @@ sdti_status sdti_trainer_params_init(struct sdti_trainer_params *params);
 //
 // Statuses: `SDTI_ERR_INVALID_ARGUMENT` (NULL, a bad value; the message names the
 // field), `SDTI_ERR_STRUCT_SIZE`, `SDTI_ERR_INVALID_UTF8`, `SDTI_ERR_DEVICE`,
-// `SDTI_ERR_MODEL`, `SDTI_ERR_IO`. A `struct_size` larger than this library's (a newer
+// `SDTI_ERR_MODEL`, `SDTI_ERR_IO`, `SDTI_ERR_MEMORY` (the run cannot fit in the memory
+// available or in `memory_budget_mib`, found from the model's headers before its weights
+// are read; the message says what it needs). A `struct_size` larger than this library's (a newer
 // host) is accepted; the fields this library does not know are ignored.
 //
 // # Safety
@@ -795,6 +848,20 @@ sdti_status sdti_trainer_image_count(struct sdti_trainer *trainer, uint32_t *cou
 //
 // `[one thread at a time per handle]`
 sdti_status sdti_trainer_recompute(struct sdti_trainer *trainer, sdti_recompute *recompute);
+
+// What the run's UNet predicts and its noise schedule, into `*prediction`
+// (`SDTI_PREDICTION_EPSILON` or `_V`) and `*zero_snr` (`SDTI_ZERO_SNR_OFF` or `_ON`):
+// the params' overrides where given, else what the model's files say
+// (`sdti_trainer_notes` tells how that was decided). Either pointer may be NULL. Since
+// ABI 1.5.
+//
+// # Safety
+// `prediction` and `zero_snr` are NULL or writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_trainer_prediction(struct sdti_trainer *trainer,
+                                    sdti_prediction *prediction,
+                                    sdti_zero_snr *zero_snr);
 
 // The model family of the trainer's model (`SDTI_FAMILY_SD1`, `_SD2` or `_SDXL`), into
 // `*family`. Since ABI 1.4.

@@ -76,6 +76,11 @@ pub enum Error {
     #[error(transparent)]
     Embedding(#[from] crate::embedding::EmbeddingError),
 
+    /// A job needs more memory than it may use, found from the model's configuration
+    /// before its weights were read ([`crate::train::check_fits`]).
+    #[error("{0}")]
+    Memory(String),
+
     /// Training was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

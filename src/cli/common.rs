@@ -49,6 +49,11 @@ impl From<sdti::Error> for CliError {
             E::LrSchedule(inner) => format!("{}: {inner}", flag_name("learning_rate")),
             E::Templates(inner) => format!("{}: {inner}", flag_name("templates")),
             E::Device(reason) => format!("{}: {reason}", flag_name("device")),
+            E::Memory(reason) => {
+                format!(
+                    "{reason} (--resolution, --batch-size, --dtype, --recompute, --memory-budget)"
+                )
+            }
             E::Candle(_)
             | E::Io { .. }
             | E::Model { .. }
@@ -169,13 +174,25 @@ impl DeviceArgs {
 /// prints what loading decided from clues (the family, the prediction type and the rule
 /// that chose it, how to override it) as `note:` lines on stderr, where a person sees them.
 pub fn load_model(path: &Path, device: &DeviceArgs) -> CliResult<Arc<SdModel>> {
+    load_model_checked(path, device, |_, _| Ok(()))
+}
+
+/// [`load_model`], calling `check` with the configuration read from the files' headers
+/// and the load options before any weight is read ([`SdModel::load_checked`]).
+pub fn load_model_checked(
+    path: &Path,
+    device: &DeviceArgs,
+    check: impl FnOnce(&sdti::model::ModelConfig, &LoadOptions) -> sdti::Result<()>,
+) -> CliResult<Arc<SdModel>> {
     let opts = device.load_options()?;
-    let model = SdModel::load(path, &opts).map_err(|e| match e {
-        sdti::Error::Model { path, reason } => {
-            CliError::new(format!("model {}: {reason}", path.display()))
-        }
-        other => CliError::new(format!("model {}: {other}", path.display())),
-    })?;
+    let model =
+        SdModel::load_checked(path, &opts, |config| check(config, &opts)).map_err(|e| match e {
+            sdti::Error::Model { path, reason } => {
+                CliError::new(format!("model {}: {reason}", path.display()))
+            }
+            memory @ sdti::Error::Memory(_) => CliError::from(memory),
+            other => CliError::new(format!("model {}: {other}", path.display())),
+        })?;
     for note in &model.notes {
         eprintln!("note: {note}");
     }

@@ -18,7 +18,7 @@ use sdti::train::data::ImageSource;
 use sdti::train::lr_schedule::LrSchedule;
 use sdti::train::{Init, StepStats, Templates, TrainConfig, Trainer};
 
-use super::common::{load_model, CliError, CliResult, Context, DeviceArgs};
+use super::common::{load_model_checked, CliError, CliResult, Context, DeviceArgs};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -159,6 +159,14 @@ pub struct TrainArgs {
     /// Override the model's prediction type: epsilon or v_prediction
     #[arg(long, value_name = "TYPE", help_heading = "Optimization")]
     pub prediction_type: Option<String>,
+    /// Override the model's zero-terminal-SNR noise schedule: on or off [the model's]
+    #[arg(
+        long,
+        value_name = "on|off",
+        value_parser = ["on", "off"],
+        help_heading = "Optimization"
+    )]
+    pub zero_terminal_snr: Option<String>,
 
     /// Write a checkpoint and the word every N steps (and at the end) [500]
     #[arg(long, value_name = "N", help_heading = "Run folder")]
@@ -236,12 +244,17 @@ impl RecomputeArgs {
         self.recompute.parse().context("--recompute")
     }
 
-    /// Decides recompute for `trainer` (once, before its first step).
-    pub fn choose(&self, trainer: &mut Trainer) -> CliResult<RecomputeChoice> {
+    /// `--memory-budget`, checked.
+    pub fn budget(&self) -> CliResult<Option<u64>> {
         if self.memory_budget == Some(0) {
             return Err(CliError::new("--memory-budget must be at least 1 MiB"));
         }
-        Ok(trainer.choose_recompute(self.mode()?, self.memory_budget))
+        Ok(self.memory_budget)
+    }
+
+    /// Decides recompute for `trainer` (once, before its first step).
+    pub fn choose(&self, trainer: &mut Trainer) -> CliResult<RecomputeChoice> {
+        Ok(trainer.choose_recompute(self.mode()?, self.budget()?))
     }
 }
 
@@ -299,6 +312,9 @@ fn train_config(base: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
     }
     if let Some(v) = &a.prediction_type {
         c.prediction_type = Some(v.parse().context("--prediction-type")?);
+    }
+    if let Some(v) = &a.zero_terminal_snr {
+        c.zero_terminal_snr = Some(v == "on");
     }
     if !a.template_list.is_empty() {
         c.templates = Templates::List(a.template_list.clone());
@@ -708,7 +724,11 @@ pub fn run(a: TrainArgs) -> CliResult<()> {
     config.run.validate()?;
 
     // 2. The model, the trainer and its images; only then the folder.
-    let model = load_model(Path::new(&config.model), &a.device)?;
+    // A job that cannot fit says so from the files' headers, before the weights load.
+    let (mode, budget) = (a.memory.mode()?, a.memory.budget()?);
+    let model = load_model_checked(Path::new(&config.model), &a.device, |model, opts| {
+        sdti::train::check_fits(model, opts.dtype, &opts.device, &config.train, mode, budget)
+    })?;
     let family = model.config.family;
     if folder.is_none() && a.formats.is_none() {
         config.run.formats = RunSettings::default_formats(family);

@@ -55,6 +55,7 @@ impl From<Error> for Failure {
             Error::Input { .. } => SDTI_ERR_INVALID_ARGUMENT,
             Error::Checkpoint { .. } | Error::Rng(_) => SDTI_ERR_CHECKPOINT,
             Error::Embedding(inner) => embedding_status(inner),
+            Error::Memory(_) => SDTI_ERR_MEMORY,
             Error::Cancelled => SDTI_CANCELLED,
         };
         fail(status, e.to_string())

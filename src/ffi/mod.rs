@@ -53,7 +53,11 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 ///    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
 ///    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 (the new
 ///    default) picks the model family's resolution, `sdti_trainer_resolution` tells it.
-pub const SDTI_ABI_MINOR: u32 = 4;
+/// 5: `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
+///    `.random_crop` (revision 3 of the params), `SDTI_PREDICTION_*`, `SDTI_ZERO_SNR_*`,
+///    `sdti_trainer_prediction`; `SDTI_ERR_MEMORY`: `sdti_trainer_new` refuses a run
+///    that cannot fit in memory before it reads the weights.
+pub const SDTI_ABI_MINOR: u32 = 5;
 
 /// The result of every fallible call. Codes are never renumbered.
 pub type sdti_status = i32;
@@ -100,6 +104,10 @@ pub const SDTI_ERR_COMPUTE: sdti_status = 18;
 /// The destination exists (a file, a folder, a symlink, dangling or not) and replacing it
 /// was not asked for (`SDTI_WRITE_OVERWRITE`).
 pub const SDTI_ERR_EXISTS: sdti_status = 19;
+/// The job needs more memory than the device has available (or than the memory budget
+/// given): the message says how much it needs, how much there is and what lowers it.
+/// Since ABI 1.5.
+pub const SDTI_ERR_MEMORY: sdti_status = 20;
 
 /// An `SDTI_PRECISION_*` value (a `uint32_t`: the type says which constants fit).
 pub type sdti_precision = u32;
@@ -250,6 +258,7 @@ pub extern "C" fn sdti_status_str(status: sdti_status) -> *const c_char {
         SDTI_ERR_UNSUPPORTED => c"unsupported",
         SDTI_ERR_COMPUTE => c"computation failed",
         SDTI_ERR_EXISTS => c"destination exists",
+        SDTI_ERR_MEMORY => c"not enough memory for the job",
         _ => c"unknown status",
     };
     s.as_ptr()

@@ -10,11 +10,12 @@ use super::embedding::format_for;
 use super::*;
 use crate::device::{auto_dtype, open_device};
 use crate::embedding::{write_embedding_to, Existing, Precision};
+use crate::model::PredictionType;
 use crate::model::Recompute;
 use crate::model::{LoadOptions, SdModel};
 use crate::train::config::RecomputeMode;
 use crate::train::data::{ImageSource, PixelFormat, MAX_PIXELS, MAX_SIDE, MIN_SIDE};
-use crate::train::{Init, StepStats, Templates, TrainConfig, Trainer};
+use crate::train::{check_fits, Init, StepStats, Templates, TrainConfig, Trainer};
 
 /// An `SDTI_RECOMPUTE_*` value (a `uint32_t`).
 pub type sdti_recompute = u32;
@@ -30,6 +31,29 @@ pub const SDTI_RECOMPUTE_ON: sdti_recompute = 1;
 /// built against an older header gets it too (its steps are recomputed only where they
 /// would not fit).
 pub const SDTI_RECOMPUTE_AUTO: sdti_recompute = 2;
+
+/// An `SDTI_PREDICTION_*` value (a `uint32_t`): what the UNet predicts.
+pub type sdti_prediction = u32;
+
+/// The model's: its scheduler config, else its markers and the family's rules (what
+/// `sdti_trainer_notes` explains). The default.
+pub const SDTI_PREDICTION_MODEL: sdti_prediction = 0;
+/// The noise (epsilon), as SD 1.x, SD 2.x base and SDXL base predict.
+pub const SDTI_PREDICTION_EPSILON: sdti_prediction = 1;
+/// The velocity (v-prediction), as the 768-v SD 2.x models and the v-prediction SDXL
+/// fine-tunes predict.
+pub const SDTI_PREDICTION_V: sdti_prediction = 2;
+
+/// An `SDTI_ZERO_SNR_*` value (a `uint32_t`): whether the noise schedule is rescaled to
+/// zero terminal SNR (diffusers' `rescale_betas_zero_snr`).
+pub type sdti_zero_snr = u32;
+
+/// The model's: its scheduler config or its `ztsnr` marker. The default.
+pub const SDTI_ZERO_SNR_MODEL: sdti_zero_snr = 0;
+/// The model's schedule as its betas give it.
+pub const SDTI_ZERO_SNR_OFF: sdti_zero_snr = 1;
+/// Rescaled to zero terminal SNR, as the v-prediction SDXL fine-tunes are trained.
+pub const SDTI_ZERO_SNR_ON: sdti_zero_snr = 2;
 
 /// An opaque training run. Create with `sdti_trainer_new`, release with
 /// `sdti_trainer_free`.
@@ -147,12 +171,27 @@ pub struct sdti_trainer_params {
     /// process holds plus the system's available memory when the run starts, on CUDA the
     /// device's free memory plus the weights; elsewhere auto stays off.
     pub memory_budget_mib: u32,
+    /// Since ABI 1.5 (revision 3 of this struct): `SDTI_PREDICTION_MODEL` (the default),
+    /// `_EPSILON` or `_V`, for a checkpoint whose files do not say what it predicts (a
+    /// v-prediction SDXL fine-tune without a `v_pred` key). `sdti_trainer_prediction`
+    /// tells what a run uses.
+    pub prediction_type: sdti_prediction,
+    /// Since ABI 1.5: `SDTI_ZERO_SNR_MODEL` (the default), `_OFF` or `_ON`.
+    pub zero_terminal_snr: sdti_zero_snr,
+    /// Since ABI 1.5: condition on `hidden_states[-clip_skip]` of the full-depth text
+    /// encoder(s), 1 = the last layer; 0 (the default): the family's (1 for SD 1.x, 2 for
+    /// SD 2.x and SDXL, as each was trained). An encoder made from the trainer
+    /// (`sdti_encoder_from_trainer`) uses the same.
+    pub clip_skip: u32,
+    /// Since ABI 1.5: 0 (the default) crops each picture at its center, as diffusers
+    /// does; 1 picks one random crop per picture (fixed by `seed`, kept for the run).
+    pub random_crop: u32,
 }
 
-// Neither revision has implicit padding, so any later revision's `struct_size` cut ends
-// on a field boundary.
+// No revision has implicit padding, so any later revision's `struct_size` cut ends on a
+// field boundary.
 #[cfg(target_pointer_width = "64")]
-const _: () = assert!(std::mem::size_of::<sdti_trainer_params>() == 136);
+const _: () = assert!(std::mem::size_of::<sdti_trainer_params>() == 152);
 /// Revision 1 ends with `progress_user_data`.
 const PARAMS_V1: usize = std::mem::offset_of!(sdti_trainer_params, recompute);
 const STATS_V1: usize = std::mem::size_of::<sdti_step_stats>();
@@ -183,6 +222,10 @@ impl Default for sdti_trainer_params {
             progress_user_data: std::ptr::null_mut(),
             recompute: SDTI_RECOMPUTE_AUTO,
             memory_budget_mib: 0,
+            prediction_type: SDTI_PREDICTION_MODEL,
+            zero_terminal_snr: SDTI_ZERO_SNR_MODEL,
+            clip_skip: d.clip_skip.map_or(0, |n| n as u32),
+            random_crop: u32::from(d.random_crop),
         }
     }
 }
@@ -195,6 +238,30 @@ fn recompute_mode(value: sdti_recompute) -> FfiResult<RecomputeMode> {
         SDTI_RECOMPUTE_AUTO => Ok(RecomputeMode::Auto),
         other => Err(invalid(format!(
             "params.recompute {other} is not SDTI_RECOMPUTE_OFF (0), _ON (1) or _AUTO (2)"
+        ))),
+    }
+}
+
+/// The engine's override for a params' `prediction_type` value (None: the model's).
+fn prediction_override(value: sdti_prediction) -> FfiResult<Option<PredictionType>> {
+    match value {
+        SDTI_PREDICTION_MODEL => Ok(None),
+        SDTI_PREDICTION_EPSILON => Ok(Some(PredictionType::Epsilon)),
+        SDTI_PREDICTION_V => Ok(Some(PredictionType::VPrediction)),
+        other => Err(invalid(format!(
+            "params.prediction_type {other} is not SDTI_PREDICTION_MODEL (0), _EPSILON (1) or _V (2)"
+        ))),
+    }
+}
+
+/// The engine's override for a params' `zero_terminal_snr` value (None: the model's).
+fn zero_snr_override(value: sdti_zero_snr) -> FfiResult<Option<bool>> {
+    match value {
+        SDTI_ZERO_SNR_MODEL => Ok(None),
+        SDTI_ZERO_SNR_OFF => Ok(Some(false)),
+        SDTI_ZERO_SNR_ON => Ok(Some(true)),
+        other => Err(invalid(format!(
+            "params.zero_terminal_snr {other} is not SDTI_ZERO_SNR_MODEL (0), _OFF (1) or _ON (2)"
         ))),
     }
 }
@@ -221,11 +288,6 @@ pub(crate) struct TrainerState {
 
 pub(crate) static TRAINERS: LazyLock<Registry<TrainerState>> =
     LazyLock::new(|| Registry::new("trainer"));
-
-/// Loads a model for a handle.
-pub(crate) fn load_model(path: &Path, device: Option<&str>, precision: u32) -> FfiResult<SdModel> {
-    Ok(SdModel::load(path, &load_options(device, precision)?)?)
-}
 
 /// The load options of `sdti_model_params`' device and precision.
 pub(crate) fn load_options(device: Option<&str>, precision: u32) -> FfiResult<LoadOptions> {
@@ -273,7 +335,9 @@ pub unsafe extern "C" fn sdti_trainer_params_init(params: *mut sdti_trainer_para
 ///
 /// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (NULL, a bad value; the message names the
 /// field), `SDTI_ERR_STRUCT_SIZE`, `SDTI_ERR_INVALID_UTF8`, `SDTI_ERR_DEVICE`,
-/// `SDTI_ERR_MODEL`, `SDTI_ERR_IO`. A `struct_size` larger than this library's (a newer
+/// `SDTI_ERR_MODEL`, `SDTI_ERR_IO`, `SDTI_ERR_MEMORY` (the run cannot fit in the memory
+/// available or in `memory_budget_mib`, found from the model's headers before its weights
+/// are read; the message says what it needs). A `struct_size` larger than this library's (a newer
 /// host) is accepted; the fields this library does not know are ignored.
 ///
 /// # Safety
@@ -322,6 +386,18 @@ pub unsafe extern "C" fn sdti_trainer_new(
                 seed: p.seed,
                 templates,
                 max_steps: p.max_steps,
+                prediction_type: prediction_override(p.prediction_type)?,
+                zero_terminal_snr: zero_snr_override(p.zero_terminal_snr)?,
+                clip_skip: (p.clip_skip != 0).then_some(p.clip_skip as usize),
+                random_crop: match p.random_crop {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(invalid(format!(
+                            "params.random_crop {other} is not 0 (center) or 1 (random)"
+                        )))
+                    }
+                },
                 ..defaults
             };
             (
@@ -349,9 +425,20 @@ pub unsafe extern "C" fn sdti_trainer_new(
                 ));
             }
         }
-        let model = load_model(&model_path, device.as_deref(), p.precision)?;
-        let mut trainer = Trainer::new(Arc::new(model), config)?;
         let budget = (p.memory_budget_mib > 0).then_some(u64::from(p.memory_budget_mib));
+        // A job that cannot fit is refused from the files' headers, before the weights.
+        let options = load_options(device.as_deref(), p.precision)?;
+        let model = SdModel::load_checked(&model_path, &options, |model| {
+            check_fits(
+                model,
+                options.dtype,
+                &options.device,
+                &config,
+                recompute,
+                budget,
+            )
+        })?;
+        let mut trainer = Trainer::new(Arc::new(model), config)?;
         trainer.choose_recompute(recompute, budget);
         let cancel = trainer.cancel_flag();
         let state = TrainerState {
@@ -505,6 +592,45 @@ pub unsafe extern "C" fn sdti_trainer_recompute(
         };
         // SAFETY: NULL or writable by contract.
         unsafe { write_out(recompute, value, "recompute") }
+    })
+}
+
+/// What the run's UNet predicts and its noise schedule, into `*prediction`
+/// (`SDTI_PREDICTION_EPSILON` or `_V`) and `*zero_snr` (`SDTI_ZERO_SNR_OFF` or `_ON`):
+/// the params' overrides where given, else what the model's files say
+/// (`sdti_trainer_notes` tells how that was decided). Either pointer may be NULL. Since
+/// ABI 1.5.
+///
+/// # Safety
+/// `prediction` and `zero_snr` are NULL or writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_prediction(
+    trainer: *mut sdti_trainer,
+    prediction: *mut sdti_prediction,
+    zero_snr: *mut sdti_zero_snr,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        let p = match state.trainer.noise_schedule().prediction_type() {
+            PredictionType::Epsilon => SDTI_PREDICTION_EPSILON,
+            PredictionType::VPrediction => SDTI_PREDICTION_V,
+        };
+        let z = if state.trainer.zero_terminal_snr() {
+            SDTI_ZERO_SNR_ON
+        } else {
+            SDTI_ZERO_SNR_OFF
+        };
+        // SAFETY: NULL or writable by contract.
+        unsafe {
+            if !prediction.is_null() {
+                write_out(prediction, p, "prediction")?;
+            }
+            if !zero_snr.is_null() {
+                write_out(zero_snr, z, "zero_snr")?;
+            }
+        }
+        Ok(())
     })
 }
 

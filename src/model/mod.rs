@@ -86,7 +86,20 @@ pub struct SdModel {
 impl SdModel {
     /// Loads a diffusers folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_checked(path, opts, |_| Ok(()))
+    }
+
+    /// Loads as [`SdModel::load`] does, first calling `check` with the configuration read
+    /// from the files' headers, before any weight is read: a job that cannot run (one
+    /// that does not fit in memory, [`crate::train::check_fits`]) is refused at once
+    /// instead of after loading half the model.
+    pub fn load_checked(
+        path: &Path,
+        opts: &LoadOptions,
+        check: impl FnOnce(&ModelConfig) -> Result<()>,
+    ) -> Result<Self> {
         let loaded = files::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
+        check(&loaded.config)?;
         let mut model = Self::from_weights(&loaded.weights, loaded.config, loaded.source)?;
         model.notes = loaded.notes;
         Ok(model)

@@ -86,6 +86,10 @@ pub struct TrainConfig {
     pub clip_skip: Option<usize>,
     /// Overrides the model's scheduler `prediction_type` (`epsilon` / `v_prediction`).
     pub prediction_type: Option<PredictionType>,
+    /// Overrides the model's `rescale_betas_zero_snr` (zero terminal SNR, as the
+    /// v-prediction SDXL fine-tunes are trained: NoobAI-XL V-Pred and the like). `None`:
+    /// the model's, from its scheduler config or its `ztsnr` marker.
+    pub zero_terminal_snr: Option<bool>,
 }
 
 /// `LrSchedule` as the text `LrSchedule::parse` reads back (a number or A1111's string).
@@ -152,6 +156,7 @@ impl Default for TrainConfig {
             templates: Templates::Object,
             clip_skip: None,
             prediction_type: None,
+            zero_terminal_snr: None,
         }
     }
 }

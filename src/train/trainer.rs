@@ -116,6 +116,9 @@ impl Trainer {
         let tokenizer = ClipTokenizer::new()?;
         let noise_schedule = SchedulerConfig {
             prediction_type: prediction,
+            rescale_betas_zero_snr: config
+                .zero_terminal_snr
+                .unwrap_or(model.config.scheduler.rescale_betas_zero_snr),
             ..model.config.scheduler.clone()
         }
         .noise_schedule()?;
@@ -189,6 +192,14 @@ impl Trainer {
     /// with the run's `prediction_type` where it overrides the model's.
     pub fn noise_schedule(&self) -> &NoiseSchedule {
         &self.noise_schedule
+    }
+
+    /// Whether the run's noise schedule is rescaled to zero terminal SNR: the config's
+    /// `zero_terminal_snr` where given, else the model's.
+    pub fn zero_terminal_snr(&self) -> bool {
+        self.config
+            .zero_terminal_snr
+            .unwrap_or(self.model.config.scheduler.rescale_betas_zero_snr)
     }
 
     pub fn model(&self) -> &Arc<SdModel> {

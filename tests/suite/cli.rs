@@ -23,7 +23,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Runs and asserts success; returns stdout.
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = sdti(args);
     assert!(
         out.status.success(),
@@ -38,7 +38,7 @@ fn ok(args: &[&str]) -> String {
 /// Runs and asserts a non-zero exit with exactly one line on stderr, `error: ...`
 /// containing `want`, besides the `note:` lines a loaded model prints (what loading
 /// decided); returns the error line.
-fn fails(args: &[&str], want: &str) -> String {
+pub(crate) fn fails(args: &[&str], want: &str) -> String {
     let out = sdti(args);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "sdti {args:?} succeeded:\n{err}");
@@ -60,12 +60,12 @@ fn tiny() -> String {
     fixture("tiny-sd").display().to_string()
 }
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
 /// `sdti train` on the tiny model at 64 px from `images` into `dir`, then `extra`.
-fn tiny_train_args(images: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
+pub(crate) fn tiny_train_args(images: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
     let head = ["train", "--model", &tiny(), &s(images), "-o", &s(dir)];
     head.iter()
         .map(|a| a.to_string())
@@ -91,7 +91,7 @@ fn write_picture(path: &Path, k: u32) {
     img.save(path).expect("test picture saves");
 }
 
-fn pictures(dir: &Path, n: u32) -> PathBuf {
+pub(crate) fn pictures(dir: &Path, n: u32) -> PathBuf {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for k in 0..n {

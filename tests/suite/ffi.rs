@@ -16,16 +16,16 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn c(s: &str) -> CString {
+pub(crate) fn c(s: &str) -> CString {
     CString::new(s).expect("no NUL in test strings")
 }
 
-fn path_c(p: &Path) -> CString {
+pub(crate) fn path_c(p: &Path) -> CString {
     c(p.to_str().expect("UTF-8 test path"))
 }
 
 /// This thread's last error, through `sdti_last_error`.
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     let mut buf = vec![0 as c_char; 4096];
     // SAFETY: a writable buffer of its length.
     unsafe { sdti_last_error(buf.as_mut_ptr(), buf.len(), std::ptr::null_mut()) };
@@ -37,7 +37,7 @@ fn last_error() -> String {
 
 /// Asserts a status; for failures, that a message came with it. Returns the message.
 #[track_caller]
-fn expect(got: sdti_status, want: sdti_status, what: &str) -> String {
+pub(crate) fn expect(got: sdti_status, want: sdti_status, what: &str) -> String {
     let msg = last_error();
     assert_eq!(
         got, want,
@@ -50,7 +50,7 @@ fn expect(got: sdti_status, want: sdti_status, what: &str) -> String {
 }
 
 /// A 64x64 RGB picture, varying with `k`.
-fn picture(k: usize) -> Vec<u8> {
+pub(crate) fn picture(k: usize) -> Vec<u8> {
     let mut data = vec![0u8; 64 * 64 * 3];
     for y in 0..64 {
         for x in 0..64 {
@@ -66,7 +66,7 @@ fn picture(k: usize) -> Vec<u8> {
 }
 
 /// Trainer params on the tiny model; the strings live in the returned vector.
-fn tiny_params(token: &str) -> (sdti_trainer_params, Vec<CString>) {
+pub(crate) fn tiny_params(token: &str) -> (sdti_trainer_params, Vec<CString>) {
     let strings = vec![path_c(&fixture("tiny-sd")), c(token), c("toy"), c("cpu")];
     let mut p = unsafe_params_init();
     p.model_path = strings[0].as_ptr();
@@ -80,7 +80,7 @@ fn tiny_params(token: &str) -> (sdti_trainer_params, Vec<CString>) {
     (p, strings)
 }
 
-fn unsafe_params_init() -> sdti_trainer_params {
+pub(crate) fn unsafe_params_init() -> sdti_trainer_params {
     let mut p = std::mem::MaybeUninit::<sdti_trainer_params>::uninit();
     // SAFETY: a writable params struct.
     assert_eq!(unsafe { sdti_trainer_params_init(p.as_mut_ptr()) }, SDTI_OK);
@@ -88,7 +88,7 @@ fn unsafe_params_init() -> sdti_trainer_params {
     unsafe { p.assume_init() }
 }
 
-fn new_trainer(p: &sdti_trainer_params) -> *mut sdti_trainer {
+pub(crate) fn new_trainer(p: &sdti_trainer_params) -> *mut sdti_trainer {
     let mut t = std::ptr::null_mut();
     // SAFETY: valid params and out pointer.
     expect(
@@ -100,7 +100,7 @@ fn new_trainer(p: &sdti_trainer_params) -> *mut sdti_trainer {
     t
 }
 
-fn add_pictures(t: *mut sdti_trainer, n: usize) {
+pub(crate) fn add_pictures(t: *mut sdti_trainer, n: usize) {
     for k in 0..n {
         let px = picture(k);
         // SAFETY: 64x64 RGB8 pixels.
@@ -111,7 +111,7 @@ fn add_pictures(t: *mut sdti_trainer, n: usize) {
     }
 }
 
-fn stats() -> sdti_step_stats {
+pub(crate) fn stats() -> sdti_step_stats {
     sdti_step_stats {
         struct_size: std::mem::size_of::<sdti_step_stats>() as u32,
         ..Default::default()
