@@ -2,7 +2,8 @@
 
 The node classes are in nodes.py, checked against sdti.plugin.json by tests/test_nodes.py;
 the work is done by the sdti library (libsdti), found through SDTI_LIBRARY, next to this
-file, or in the repository's target folder.
+file, in the installed sdti Python package (requirements.txt), or in the repository's
+target folder, in that order (sdti_lib.py).
 """
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

@@ -948,7 +948,50 @@ def test_web_extension():
         print("SKIPPED: node not found; web/sdti.js was not syntax-checked")
 
 
+def test_layer_and_library_sources():
+    """Where the pack's ctypes layer and library come from (sdti_lib.py says the order),
+    with the pack loaded as ComfyUI loads a folder named sdti: registered as the module
+    'sdti', which hides an installed sdti package from import."""
+    for mod in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
+        sys.modules.pop(mod, None)
+    saved = sys.modules.get("sdti")
+    try:
+        pack = load_pack("sdti")
+        sdti_lib = pack.nodes.sdti_lib
+        library = pack.nodes.library().path
+        print(f"ctypes layer: {sdti_lib.CAPI_PATH}; library: {library}")
+        package = os.environ.get("SDTI_TEST_EXPECT_PACKAGE")
+        if package:  # run with the wheel installed (python/tests/test_comfyui_pack.py)
+            assert "SDTI_LIBRARY" not in os.environ
+            assert os.path.samefile(os.path.dirname(sdti_lib.CAPI_PATH), package), sdti_lib.CAPI_PATH
+            assert os.path.samefile(os.path.dirname(library), package), library
+        # A library next to the pack comes before the package's and the repository's.
+        other = tempfile.mkdtemp(prefix="sdti-pack-")
+        beside = os.path.join(other, sdti_lib._library_name())
+        open(beside, "wb").close()
+        saved_env = os.environ.pop("SDTI_LIBRARY", None)
+        try:
+            assert sdti_lib.find_library(other) == beside
+            os.remove(beside)
+            candidates = sdti_lib.library_candidates(other)
+            assert candidates[0] == beside, candidates
+            if package:
+                assert sdti_lib.find_library(other) == os.path.join(package, sdti_lib._library_name())
+            # SDTI_LIBRARY comes first, taken as given.
+            os.environ["SDTI_LIBRARY"] = beside
+            assert sdti_lib.find_library(other) == beside
+        finally:
+            os.environ.pop("SDTI_LIBRARY", None)
+            if saved_env is not None:
+                os.environ["SDTI_LIBRARY"] = saved_env
+    finally:
+        sys.modules.pop("sdti", None)
+        if saved is not None:
+            sys.modules["sdti"] = saved
+
+
 if __name__ == "__main__":
+    test_layer_and_library_sources()
     test_without_comfyui()
     test_families()
     test_with_comfyui_stand_ins()
