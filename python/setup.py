@@ -5,8 +5,9 @@ ctypes layer that loads it.
 Settings, read from the environment (as llama-cpp-python reads CMAKE_ARGS):
   SDTI_CARGO_FEATURES            cargo features, e.g. "cuda", "cudnn" or "metal"
                                  (comma or space separated; cargo refuses unknown ones)
-  SETUPTOOLS_RUST_CARGO_PROFILE  a cargo profile instead of release, e.g. "dev" to reuse
-                                 what `cargo test` built (CI does)
+  SETUPTOOLS_RUST_CARGO_PROFILE  a cargo profile instead of release: "dev" reuses what
+                                 `cargo test` built, dependencies and incremental state
+                                 (CI does)
   CARGO_TARGET_DIR               cargo's usual setting (default: the repository's target/)
 
 The wheel is tagged py3-none-<platform>: the library uses no Python C API, so one wheel
@@ -80,6 +81,10 @@ setup(
             path=CARGO_TOML,
             binding=Binding.NoBinding,
             features=features,
+            # The crate types of Cargo.toml's [lib], said explicitly: setuptools-rust would
+            # otherwise pass --crate-type cdylib, another build of the crate than the one
+            # `cargo build` and `cargo test` make, which shares nothing with it.
+            args=["--crate-type", "cdylib,rlib"],
         )
     ],
     cmdclass={"build_ext": BuildExt, "bdist_wheel": BdistWheel},

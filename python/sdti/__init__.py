@@ -402,7 +402,8 @@ class Trainer:
         keep = []  # the bytes the params point to, alive until sdti_trainer_new returns
 
         def c_str(value: Any, what: str) -> bytes:
-            raw = _text(str(value) if isinstance(value, float) else value, what)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            raw = _text(str(value) if number else value, what)
             keep.append(raw)
             return raw
 
