@@ -1,1 +1,290 @@
 //! Prompt weights as A1111 and ComfyUI read them, against their own parsers' output.
+//!
+//! tests/fixtures/prompt-weights.{json,safetensors} come from
+//! tests/reference/make_prompt_weight_fixtures.py, which runs each host's own parser,
+//! chunking and weighting code (A1111's `parse_prompt_attention`, `tokenize_line`,
+//! "Original" emphasis; ComfyUI's `token_weights`, `tokenize_with_weights`,
+//! `encode_token_weights`) on the tiny models' text encoders.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Tensor};
+use sdti::model::{LoadOptions, TextEncoder};
+use sdti::prompt::chunks::{ChunkStyle, Slot};
+use sdti::prompt::encoder::PromptEncoder;
+use sdti::prompt::weights::{parse_a1111, parse_comfyui, weighted_chunks, Span};
+use sdti::prompt::Word;
+use sdti::tokenizer::ClipTokenizer;
+use serde_json::Value;
+
+use crate::common::{assert_close, fixture, test_device};
+
+fn report() -> &'static Value {
+    static REPORT: OnceLock<Value> = OnceLock::new();
+    REPORT.get_or_init(|| {
+        let text = std::fs::read_to_string(fixture("prompt-weights.json"))
+            .expect("reference fixture prompt-weights.json");
+        serde_json::from_str(&text).expect("prompt-weights.json is JSON")
+    })
+}
+
+fn tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("prompt-weights.safetensors"), &test_device())
+        .expect("reference fixture prompt-weights.safetensors")
+}
+
+fn style_of(name: &str) -> ChunkStyle {
+    match name {
+        "a1111" => ChunkStyle::A1111,
+        "comfyui" => ChunkStyle::ComfyUi,
+        other => panic!("unknown host {other}"),
+    }
+}
+
+fn vec_of(v: &Tensor) -> Vec<f32> {
+    v.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn parses_as_each_host_parses() {
+    let cases = report()["parse"].as_array().expect("parse cases");
+    assert!(cases.len() > 30);
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        for host in ["a1111", "comfyui"] {
+            let got = match host {
+                "a1111" => parse_a1111(prompt),
+                _ => parse_comfyui(prompt),
+            };
+            let want = &case[host];
+            match (want.as_array(), got) {
+                (Some(spans), Ok(got)) => {
+                    let want: Vec<Span> = spans
+                        .iter()
+                        .map(|s| Span {
+                            text: s[0].as_str().unwrap().to_string(),
+                            weight: s[1].as_f64().unwrap(),
+                        })
+                        .collect();
+                    // serde_json's float parsing may be 1 ulp off Python's repr.
+                    let same = got.len() == want.len()
+                        && got.iter().zip(&want).all(|(g, w)| {
+                            g.text == w.text
+                                && (g.weight - w.weight).abs() <= 1e-14 * w.weight.abs()
+                        });
+                    assert!(same, "{host} {prompt:?}: sdti {got:?}, the host {want:?}");
+                }
+                (None, Err(_)) => {}
+                (Some(_), Err(e)) => panic!("{host} {prompt:?}: the host reads it, sdti says {e}"),
+                (None, Ok(got)) => {
+                    panic!("{host} {prompt:?}: the host fails ({want}), sdti reads {got:?}")
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunks_and_weights_as_each_host_lays_them_out() {
+    let tok = ClipTokenizer::new().unwrap();
+    let word = &report()["word"];
+    let words = [Word {
+        name: word["name"].as_str().unwrap().to_string(),
+        vectors: word["vectors"].as_u64().unwrap() as usize,
+        offset: 0,
+    }];
+    let mut weighted = 0;
+    for host in ["a1111", "comfyui"] {
+        for case in report()["layout"][host].as_array().unwrap() {
+            let prompt = case["prompt"].as_str().unwrap();
+            let got = weighted_chunks(&tok, prompt, &words, style_of(host), true).unwrap();
+            let want = case["chunks"].as_array().unwrap();
+            assert_eq!(got.len(), want.len(), "{host} {prompt:?}: chunks");
+            for (c, (g, w)) in got.iter().zip(want).enumerate() {
+                let tokens = w["tokens"].as_array().unwrap();
+                let weights = w["weights"].as_array().unwrap();
+                let learned = w["learned"].as_array().unwrap();
+                assert_eq!(g.len(), tokens.len(), "{host} {prompt:?} chunk {c}");
+                for (i, slot) in g.iter().enumerate() {
+                    let want_slot = match learned[i].as_array() {
+                        Some(l) => Slot::Learned {
+                            word: 0,
+                            index: l[1].as_u64().unwrap() as usize,
+                        },
+                        None => Slot::Token(tokens[i].as_u64().unwrap() as u32),
+                    };
+                    assert_eq!(slot.slot, want_slot, "{host} {prompt:?} chunk {c} slot {i}");
+                    // The hosts' multipliers are f32 when they reach the states.
+                    let want_w = weights[i].as_f64().unwrap() as f32;
+                    assert!(
+                        (slot.weight - want_w).abs() <= 1e-6 * want_w.abs(),
+                        "{host} {prompt:?} chunk {c} slot {i}: weight {} against {want_w}",
+                        slot.weight
+                    );
+                    weighted += usize::from(want_w != 1.0);
+                }
+            }
+        }
+    }
+    assert!(weighted > 50, "the cases weight something");
+}
+
+fn encoder(model: &str, style: ChunkStyle, t: &HashMap<String, Tensor>) -> PromptEncoder {
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: test_device(),
+        ..LoadOptions::default()
+    };
+    let (first, second) =
+        TextEncoder::load_all(&fixture(model), &opts).expect("text encoders load");
+    let mut enc = PromptEncoder::with_encoders(Arc::new(first), second.map(Arc::new)).unwrap();
+    let name = report()["word"]["name"].as_str().unwrap();
+    if model == "tiny-sdxl" {
+        let l = vec_of(&t["vectors.sdxl_l"]);
+        let g = vec_of(&t["vectors.sdxl_g"]);
+        enc.register_parts(name, &[&l, &g]).unwrap();
+    } else {
+        let key = if model == "tiny-sd2" {
+            "vectors.sd2"
+        } else {
+            "vectors.sd1"
+        };
+        enc.register(name, &vec_of(&t[key])).unwrap();
+    }
+    enc.set_chunk_style(style);
+    enc
+}
+
+/// The weighted context of every encode case against the host's, SD 1.x, SD 2.x and SDXL
+/// (and SDXL's pooled vector, unweighted in both hosts).
+#[test]
+fn weighted_states_match_each_host() {
+    let t = tensors();
+    let mut checked = 0;
+    for (host, fam, model) in [
+        ("a1111", "sd1", "tiny-sd"),
+        ("comfyui", "sd1", "tiny-sd"),
+        ("a1111", "sd2", "tiny-sd2"),
+        ("comfyui", "sd2", "tiny-sd2"),
+        ("a1111", "sdxl", "tiny-sdxl"),
+        ("comfyui", "sdxl", "tiny-sdxl"),
+    ] {
+        let enc = encoder(model, style_of(host), &t);
+        for (i, case) in report()["encode"][host]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let families: Vec<&str> = case["families"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap())
+                .collect();
+            if !families.contains(&fam) {
+                continue;
+            }
+            let prompt = case["prompt"].as_str().unwrap();
+            let key = format!("{host}.{i}.{fam}");
+            let (states, pooled) = enc.encode_with_pooled(prompt).unwrap();
+            assert_close(&key, &states, &t[&format!("{key}.context")], 1e-5);
+            if let Some(want) = t.get(&format!("{key}.pooled")) {
+                let got = pooled.expect("SDXL has a pooled vector");
+                assert_close(&format!("{key} pooled"), &got, want, 1e-5);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 18, "{checked} cases checked");
+}
+
+#[test]
+fn weights_change_the_states_and_can_be_turned_off() {
+    let t = tensors();
+    for host in ["a1111", "comfyui"] {
+        let mut enc = encoder("tiny-sd", style_of(host), &t);
+        let case = &report()["encode"][host][0];
+        let prompt = case["prompt"].as_str().unwrap();
+        let weighted = enc.encode(prompt).unwrap();
+        let want = &t[&format!("{host}.0.sd1.context")];
+        enc.set_prompt_weights(false);
+        assert!(!enc.prompt_weights());
+        let plain = enc.encode(prompt).unwrap();
+        // Off, the brackets are tokens again: the host's weighted states are far away.
+        let e = crate::common::rel_err(&plain, want);
+        assert!(
+            e > 1e-2,
+            "{host}: weights off still gives the weighted states ({e:.2e})"
+        );
+        let slots = enc.tokenize("(a:1.5)");
+        assert!(slots.len() == 77 && slots.iter().all(|s| s.weight == 1.0));
+        assert!(
+            slots.iter().filter(|s| s.id != 49407).count() > 3,
+            "brackets are tokens"
+        );
+        enc.set_prompt_weights(true);
+        assert_close(host, &enc.encode(prompt).unwrap(), &weighted, 0.0);
+    }
+}
+
+#[test]
+fn malformed_weights_do_as_the_host_does() {
+    let t = tensors();
+    let a1111 = encoder("tiny-sd", ChunkStyle::A1111, &t);
+    let comfy = encoder("tiny-sd", ChunkStyle::ComfyUi, &t);
+    // A1111's float() raises on these; ComfyUI keeps them as text.
+    for bad in ["(word:1.2.3)", "(a:.)"] {
+        let err = a1111
+            .encode(bad)
+            .expect_err("A1111 fails on it")
+            .to_string();
+        assert!(err.contains("not a number"), "{err}");
+        assert_eq!(a1111.tokenize(bad).len(), 77, "tokenize still lays it out");
+        comfy.encode(bad).expect("ComfyUI reads it as text");
+    }
+    // Not finite: refused rather than NaN states.
+    let err = comfy
+        .encode("(a:inf)")
+        .expect_err("an infinite weight")
+        .to_string();
+    assert!(err.contains("weight"), "{err}");
+    let deep = format!("{}a{}", "(".repeat(2000), ")".repeat(2000));
+    assert!(comfy.encode(&deep).is_err());
+    // Never a panic, whatever the brackets.
+    let tok = ClipTokenizer::new().unwrap();
+    let nasty = [
+        "(((",
+        ")))",
+        "[[[",
+        "]]]",
+        ":)",
+        "(:",
+        "\\",
+        "\\\\(",
+        "BREAK",
+        "BREAK BREAK",
+        "(BREAK:-1)",
+        "[(:1)]",
+        ":::1.5)))",
+        "(a:-0)",
+        "(a:1e400)",
+        "\u{0}\u{1}\u{2}",
+        "(\u{0}\u{1})",
+        "((((((((((((((((((((x:1.1",
+        "日本(語:1.2",
+        "(a:0)",
+    ];
+    for style in [ChunkStyle::A1111, ChunkStyle::ComfyUi] {
+        for text in nasty {
+            let _ = weighted_chunks(&tok, text, &[], style, true);
+        }
+    }
+    // A zero weight everywhere: A1111 divides by a zero mean; refused, not NaN.
+    let r = a1111.encode("(a b c:0)");
+    if let Ok(states) = r {
+        let v = vec_of(&states);
+        assert!(v.iter().all(|x| x.is_finite()), "finite states or an error");
+    }
+}
