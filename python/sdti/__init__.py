@@ -329,7 +329,11 @@ def _catch_sigint(on_interrupt: Callable[[], Any]) -> Callable[[], None]:
         previous = signal.signal(signal.SIGINT, lambda _sig, _frame: on_interrupt())
     except (ValueError, OSError):  # no signals here (an embedded interpreter)
         return lambda: None
-    return lambda: signal.signal(signal.SIGINT, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    return restore
 
 
 def _trainer_callback(ref: "weakref.ref[Trainer]") -> Any:
@@ -560,8 +564,13 @@ class Trainer:
         stats.struct_size = ctypes.sizeof(stats)
         self._callback, self._raised = progress, []
         handle = self._h()
-        interrupted = []
-        restore = _catch_sigint(lambda: (interrupted.append(True), lib.trainer_cancel(handle)))
+        interrupted: List[bool] = []
+
+        def on_interrupt() -> None:
+            interrupted.append(True)
+            lib.trainer_cancel(handle)
+
+        restore = _catch_sigint(on_interrupt)
         try:
             status = lib.trainer_step(handle, count, ctypes.byref(stats))
         finally:

@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 ABI_MAJOR = 1
 # The minor ABI version every function below needs (sdti_trainer_family and friends).
@@ -241,6 +242,10 @@ class Library:
     """The loaded library: every function of SIGNATURES typed, as an attribute without the
     `sdti_` prefix (`lib.trainer_new(...)`), plus the helpers below. Refuses a library of
     another ABI major or one older than ABI_MINOR_NEEDED, saying which."""
+
+    if TYPE_CHECKING:  # the typed C functions set in __init__, e.g. lib.trainer_new
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, path):
         self.path = os.fspath(path)
