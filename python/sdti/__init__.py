@@ -189,6 +189,15 @@ def _choice(table: Mapping[str, int], value: str, what: str) -> int:
         raise ValueError(f"{what}: {value!r} is not one of {', '.join(table)}") from None
 
 
+def _device(device: str) -> bytes:
+    """"auto" is the build's GPU backend ("cuda" in CUDA builds, "metal" in Metal builds),
+    else "cpu", as the ComfyUI pack's "auto"; any other name goes to the library as is."""
+    if device == "auto":
+        lib = library()
+        device = "cuda" if lib.has_feature("sdti.cuda/1") else "metal" if lib.has_feature("sdti.metal/1") else "cpu"
+    return _text(device, "device")
+
+
 def _numpy() -> Any:
     try:
         import numpy
@@ -364,8 +373,8 @@ class Trainer:
 
     `model` is a diffusers folder or a single-file .safetensors checkpoint of SD 1.x,
     SD 2.x or SDXL; `token` the word (one name, no spaces or path characters); `init` the
-    text whose token vectors start it; `vectors` per token; `device` "cpu", "cuda",
-    "cuda:N" or "metal"; `precision` "auto" (bf16 on CUDA, f32 elsewhere), "f32", "f16"
+    text whose token vectors start it; `vectors` per token; `device` "auto" (the build's
+    GPU backend, else the CPU), "cpu", "cuda", "cuda:N" or "metal"; `precision` "auto" (bf16 on CUDA, f32 elsewhere), "f32", "f16"
     or "bf16"; `resolution` 0 for the model's own. The other options are those of the C
     params (sdti_trainer_params). Use it in a `with` block, or call `close()`.
     """
@@ -377,7 +386,7 @@ class Trainer:
         token: str,
         init: str = "*",
         vectors: int = 1,
-        device: str = "cpu",
+        device: str = "auto",
         precision: str = "auto",
         resolution: int = 0,
         learning_rate: Union[str, float] = "0.005",
@@ -417,7 +426,9 @@ class Trainer:
             return raw
 
         params.model_path = c_path(model)
-        params.device = c_str(device, "device")
+        device_raw = _device(device)
+        keep.append(device_raw)
+        params.device = device_raw
         params.precision = _choice(_PRECISIONS, precision, "precision")
         params.token = c_str(token, "token")
         params.init_text = c_str(init, "init")
@@ -651,13 +662,13 @@ class Encoder:
     the spellings `word`, `embedding:word`, `<word>`) injected (sdti_encoder_*). Loads only
     the model's text encoder(s)."""
 
-    def __init__(self, model: PathLike, *, device: str = "cpu", precision: str = "auto") -> None:
+    def __init__(self, model: PathLike, *, device: str = "auto", precision: str = "auto") -> None:
         self._handle: Optional[ctypes.c_void_p] = None
         lib = library()
         self._lib = lib
         params = _capi.ModelParams()
         _raise(lib, lib.model_params_init(ctypes.byref(params)), "sdti_model_params_init")
-        model_path, device_raw = _path(model), _text(device, "device")
+        model_path, device_raw = _path(model), _device(device)
         params.model_path = model_path
         params.device = device_raw
         params.precision = _choice(_PRECISIONS, precision, "precision")

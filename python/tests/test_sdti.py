@@ -87,7 +87,7 @@ def test_the_ctypes_layer_declares_the_header():
 
 
 def test_encoder_matches_transformers(sd_reference, sd_case):
-    with sdti.Encoder(TINY_SD) as encoder:
+    with sdti.Encoder(TINY_SD, device="cpu") as encoder:
         assert (encoder.family, encoder.dim, encoder.pooled_dim, encoder.part_dims) == ("sd1", 32, 0, [32])
         assert encoder.clip_skip == 1
         prompt = sd_case["prompt"]  # "a photo of a sks toy"
@@ -304,6 +304,9 @@ def test_errors_carry_status_and_message(tmp_path):
     assert "bf16 needs a GPU" in e.value.message
     with pytest.raises(ValueError, match="precision"):
         trainer(precision="f8")
+    with pytest.raises(sdti.Error) as e:
+        trainer(device="tpu")
+    assert e.value.status == sdti.Status.DEVICE and "tpu" in e.value.message
     with trainer() as t:
         with pytest.raises(sdti.Error) as e:
             t.train(1)  # no images
