@@ -141,6 +141,12 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
         height: a.height.unwrap_or(512),
     };
     base.validate()?;
+    if !a.no_prompt_weights {
+        // A weight the host cannot read fails here, before the model loads.
+        for (what, text) in [("--prompt", &a.prompt), ("--negative", &a.negative)] {
+            sdti::prompt::weights::parse(text, a.chunking.style()).context(what)?;
+        }
+    }
     for e in &a.embedding {
         if !e.path.is_file() {
             return Err(CliError::new(format!(

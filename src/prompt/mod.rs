@@ -3,7 +3,9 @@
 //!
 //! A learned word is recognised in three spellings, as the hosts write it: the bare word
 //! (A1111 uses the embedding file's stem), `embedding:word` (ComfyUI; a file extension
-//! after the name is ignored) and `<word>` (diffusers' placeholder tokens).
+//! after the name is ignored) and `<word>` (diffusers' placeholder tokens). Prompt weights
+//! (`(word:1.2)`, `[word]`, `BREAK`) are read as A1111 or ComfyUI read them in
+//! [`weights`].
 
 pub mod chunks;
 pub mod encoder;
@@ -109,7 +111,8 @@ pub struct EncodedPrompts {
 }
 
 /// Lays out prompts as SD conditions on them: `[BOS, 75 slots, EOS]` chunks padded with
-/// EOS, every prompt padded with empty chunks to the longest.
+/// EOS, every prompt padded with empty chunks to the longest. The text is plain (what
+/// training conditions on): prompt weights are [`weights::weighted_chunks`]'s.
 pub fn encode_prompts(
     tokenizer: &ClipTokenizer,
     texts: &[String],

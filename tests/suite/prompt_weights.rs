@@ -288,3 +288,62 @@ fn malformed_weights_do_as_the_host_does() {
         assert!(v.iter().all(|x| x.is_finite()), "finite states or an error");
     }
 }
+
+fn sdti_encode(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdti"))
+        .arg("encode")
+        .args(args)
+        .output()
+        .expect("sdti runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `sdti encode` shows each slot's weight (text and JSON) as A1111 or ComfyUI read it;
+/// `--no-prompt-weights` shows the brackets as tokens.
+#[test]
+fn cli_encode_shows_the_weights() {
+    let prompt = "a photo of (my-cat:1.2) on a [table]";
+    let (ok, out, err) = sdti_encode(&[prompt]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("weights:  4 slots weighted (a1111 reading"),
+        "{out}"
+    );
+    let line = |word: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(word))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("cat").ends_with("x1.2"), "{out}");
+    assert!(
+        line("table").ends_with(&format!("x{}", (1.0f64 / 1.1) as f32)),
+        "{out}"
+    );
+    assert!(!line("photo").contains(" x"), "{out}");
+    // ComfyUI reads [table] as text.
+    let (ok, out, _) = sdti_encode(&["--chunking", "comfyui", "--json", prompt]);
+    assert!(ok);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    let slots = json["chunks"][0].as_array().unwrap();
+    let weights: Vec<f64> = slots
+        .iter()
+        .map(|s| s.get("weight").and_then(Value::as_f64).unwrap_or(1.0))
+        .collect();
+    assert_eq!(weights.iter().filter(|&&w| w != 1.0).count(), 3);
+    assert!(slots.iter().any(|s| s["text"] == "[</w>"), "{out}");
+    // Off: the brackets are tokens, nothing weighted.
+    let (ok, out, _) = sdti_encode(&["--no-prompt-weights", prompt]);
+    assert!(ok);
+    assert!(!out.contains("weights:") && out.contains(" (\n"), "{out}");
+    // A weight A1111 cannot read: an error naming the weight, no panic.
+    let (ok, _, err) = sdti_encode(&["(a:1.2.3)"]);
+    assert!(
+        !ok && err.contains("1.2.3") && !err.contains("panicked"),
+        "{err}"
+    );
+}
