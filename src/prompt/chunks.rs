@@ -1,6 +1,7 @@
 //! Long prompts in 77-slot chunks, the way A1111 (`modules/sd_hijack_clip.py`,
 //! `tokenize_line`) or ComfyUI (`comfy/sd1_clip.py`, `SDTokenizer.tokenize_with_weights`)
-//! split them; see [`chunk_slots`].
+//! split them; see [`chunk_slots`]. The chunkers are generic over [`ChunkItem`], so a
+//! [`WeightedSlot`]'s prompt weight moves with its token, as the hosts' multipliers do.
 
 use crate::tokenizer::{BOS, CHUNK_TOKENS, CONTEXT_LEN, EOS};
 

@@ -16,6 +16,10 @@
 //!   state becomes `(z - z_empty) * w + z_empty`, `z_empty` the states of the empty
 //!   prompt ([`comfy_interpolate`]); the pooled vector is the unweighted first chunk's.
 //!
+//! Of A1111's emphasis modes only its default, "Original", is implemented; "None" (no
+//! parsing) is prompt weights off ([`weighted_chunks`] with `weights` false), and "No norm"
+//! and "Ignore" are not offered. ComfyUI has one rule.
+//!
 //! Deviations, all for inputs that the hosts turn into NaN, infinity or a crash: a weight
 //! that is not finite (`(a:inf)` in ComfyUI, 400 digits in A1111) is refused, and so is
 //! ComfyUI nesting deeper than [`MAX_COMFY_NESTING`] (Python's recursion limit stops
