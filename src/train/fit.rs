@@ -59,7 +59,14 @@ pub fn check_fits(
     if need.total() <= limit {
         return Ok(());
     }
-    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    // GiB with one decimal; below 1 GiB, MiB (a tiny model or a small budget).
+    let gib = |b: u64| {
+        if b >= 1 << 30 {
+            format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30))
+        } else {
+            format!("{} MiB", b.div_ceil(1 << 20))
+        }
+    };
     let job = format!(
         "training {} at {resolution}x{resolution} px, batch {}, {dtype:?}",
         model.family.model_name(),
@@ -70,7 +77,7 @@ pub fn check_fits(
         Recompute::Off => "with recompute off",
     };
     let mut message = format!(
-        "{job} needs about {:.1} GiB {recompute} (weights {:.1} GiB, the step {:.1} GiB); {:.1} GiB {what}",
+        "{job} needs about {} {recompute} (weights {}, the step {}); {} {what}",
         gib(need.total()),
         gib(need.weights),
         gib(need.activations + need.overhead),
@@ -79,7 +86,7 @@ pub fn check_fits(
     let with_recompute = estimate(Recompute::On).total();
     if least == Recompute::Off && with_recompute <= limit {
         message.push_str(&format!(
-            "; with recompute on it would need about {:.1} GiB: turn it on (or auto)",
+            "; with recompute on it would need about {}: turn it on (or auto)",
             gib(with_recompute)
         ));
     } else {

@@ -1552,6 +1552,20 @@ fn misuse_null_arguments_and_handles() {
 /// Revision 2 of the params (ABI 1.3): `recompute` and `memory_budget_mib`. A host built
 /// against revision 1 (struct_size 128) gets the default, auto, whatever lies past its
 /// struct; what auto chose can be read back; recompute never changes the vectors.
+/// A budget in MiB that the tiny model's 64 px step fits only with recompute on.
+fn recompute_only_budget_mib() -> u32 {
+    use sdti::model::memory::StepMemory;
+    use sdti::model::Recompute;
+    let config = crate::common::tiny_model(candle_core::DType::F32).config;
+    let peak = |r| StepMemory::estimate(&config, 1, 8, 8, 4, r).total();
+    let mib = peak(Recompute::On).div_ceil(1 << 20);
+    assert!(
+        peak(Recompute::Off) > mib << 20,
+        "the tiny step's peaks are within a MiB: no budget between them"
+    );
+    mib as u32
+}
+
 #[test]
 fn recompute_params_old_hosts_and_choices() {
     let recompute_of = |t: *mut sdti_trainer| {
@@ -1592,10 +1606,11 @@ fn recompute_params_old_hosts_and_choices() {
             },
             SDTI_RECOMPUTE_ON,
         ),
-        // Auto with a budget the step does not fit in.
+        // Auto with a budget the step fits in only with recompute (a smaller one is
+        // refused: ffi_params).
         (
             sdti_trainer_params {
-                memory_budget_mib: 1,
+                memory_budget_mib: recompute_only_budget_mib(),
                 ..p
             },
             SDTI_RECOMPUTE_ON,

@@ -179,7 +179,7 @@ fn a_run_that_cannot_fit_is_refused_before_the_weights_are_read() {
     let m = refused(&p, SDTI_ERR_MEMORY, "1 MiB budget");
     assert!(m.contains("training SD 1.x at 64x64 px, batch 1"), "{m}");
     assert!(m.contains("even with recompute on"), "{m}");
-    assert!(m.contains("the memory budget"), "{m}");
+    assert!(m.contains("; 1 MiB the memory budget"), "{m}");
     // SAFETY: a static string.
     let name = unsafe { std::ffi::CStr::from_ptr(sdti_status_str(SDTI_ERR_MEMORY)) };
     assert_eq!(name.to_str(), Ok("not enough memory for the job"));
