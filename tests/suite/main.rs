@@ -6,6 +6,7 @@ mod common;
 mod embedding;
 mod ffi;
 mod ffi_params;
+mod ffi_preview;
 mod learning;
 mod loading;
 mod parity;
