@@ -477,6 +477,79 @@ pub extern "C" fn sdti_encoder_set_chunk_style(
     })
 }
 
+/// Whether prompts are read with weights (`enabled` 1, the default since ABI 1.5) as the
+/// chunk style's host reads them, A1111's `(word)`, `(word:1.3)`, `[word]`, `BREAK` and
+/// its mean-keeping rescale, or ComfyUI's `(word:1.3)` and its interpolation from the
+/// empty prompt; or (0) as plain text, brackets and colons as tokens, as sdti did before.
+/// Since ABI 1.5.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`enabled` not 0 or 1).
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub extern "C" fn sdti_encoder_set_prompt_weights(
+    encoder: *mut sdti_encoder,
+    enabled: u32,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        enc.set_prompt_weights(match enabled {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(invalid(format!(
+                    "prompt weights {other} is not 0 (plain text) or 1 (read weights)"
+                )))
+            }
+        });
+        Ok(())
+    })
+}
+
+/// The prompt weight of each slot `sdti_encoder_tokenize` gives for `prompt` (1 where
+/// none applies, and everywhere with prompt weights off), into `weights` (`cap` floats).
+/// `*needed` (optional) gets the slot count; with `cap` smaller the call returns
+/// `SDTI_ERR_BUFFER_TOO_SMALL` and writes no weight. A prompt whose weights the chunk
+/// style's host cannot read (A1111's `(word:1.2.3)`) is refused with
+/// `SDTI_ERR_INVALID_ARGUMENT` and the reason, as `sdti_encoder_encode` refuses it. Since
+/// ABI 1.5.
+///
+/// # Safety
+/// `prompt` is NUL-terminated; `weights` NULL or `cap` writable floats; `needed` NULL or
+/// writable.
+///
+/// `[one thread at a time per handle]`
+#[no_mangle]
+pub unsafe extern "C" fn sdti_encoder_token_weights(
+    encoder: *mut sdti_encoder,
+    prompt: *const c_char,
+    weights: *mut f32,
+    cap: usize,
+    needed: *mut usize,
+) -> sdti_status {
+    with_state(&ENCODERS, encoder as usize, |enc| {
+        // SAFETY: NUL-terminated by contract.
+        let prompt = unsafe { cstr(prompt, "prompt") }?;
+        let slots = enc
+            .try_tokenize(prompt)
+            .map_err(|e| invalid(format!("prompt: {e}")))?;
+        if !needed.is_null() {
+            // SAFETY: writable by contract.
+            unsafe { needed.write(slots.len()) };
+        }
+        if slots.len() > cap || weights.is_null() {
+            return Err(fail(
+                SDTI_ERR_BUFFER_TOO_SMALL,
+                format!("{} slots needed, the buffer holds {cap}", slots.len()),
+            ));
+        }
+        for (i, s) in slots.iter().enumerate() {
+            // SAFETY: `cap > i` writable floats by contract.
+            unsafe { weights.add(i).write(s.weight) };
+        }
+        Ok(())
+    })
+}
+
 /// Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
 /// text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use;
 /// A1111's "Clip skip" setting). Never set, it is the model family's: 1 for SD 1.x, 2
@@ -607,7 +680,9 @@ pub unsafe extern "C" fn sdti_encoder_tokenize(
 /// of the three spellings. `*needed_floats` and `*rows` (each optional) get the size;
 /// with `out` NULL or `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after
 /// writing them, without running the model (a cheap size query). SDXL also needs the
-/// pooled vector: `sdti_encoder_encode_pooled`.
+/// pooled vector: `sdti_encoder_encode_pooled`. Since ABI 1.5 prompt weights apply as the
+/// chunk style's host applies them (`sdti_encoder_set_prompt_weights`); a prompt whose
+/// weights that host cannot read gives `SDTI_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `prompt` is NUL-terminated; `out` NULL or `cap` writable floats; `needed_floats`,

@@ -347,3 +347,148 @@ fn cli_encode_shows_the_weights() {
         "{err}"
     );
 }
+
+/// A C host gets the hosts' weighted states from `sdti_encoder_encode` (ComfyUI's chunk
+/// style too), the weights per slot from `sdti_encoder_token_weights`, and plain text
+/// with `sdti_encoder_set_prompt_weights(enc, 0)`.
+#[test]
+fn c_hosts_get_the_weights_and_can_turn_them_off() {
+    use sdti::ffi::*;
+    use std::ffi::CString;
+
+    use crate::ffi::expect;
+
+    let t = tensors();
+    let model = CString::new(fixture("tiny-sd").to_str().unwrap()).unwrap();
+    let mut mp = std::mem::MaybeUninit::<sdti_model_params>::uninit();
+    // SAFETY: writable.
+    expect(
+        unsafe { sdti_model_params_init(mp.as_mut_ptr()) },
+        SDTI_OK,
+        "init",
+    );
+    // SAFETY: initialised above.
+    let mut mp = unsafe { mp.assume_init() };
+    mp.model_path = model.as_ptr();
+    let mut enc = std::ptr::null_mut();
+    // SAFETY: valid params and out pointer.
+    expect(
+        unsafe { sdti_encoder_new(&mp, &mut enc) },
+        SDTI_OK,
+        "encoder_new",
+    );
+    let name = CString::new(report()["word"]["name"].as_str().unwrap()).unwrap();
+    let vectors = vec_of(&t["vectors.sd1"]);
+    let dim = 32;
+    // SAFETY: n * dim readable floats.
+    let rc = unsafe {
+        sdti_encoder_register_vectors(
+            enc,
+            name.as_ptr(),
+            vectors.as_ptr(),
+            vectors.len() / dim,
+            dim,
+        )
+    };
+    expect(rc, SDTI_OK, "register");
+    let encode = |prompt: &str| -> Vec<f32> {
+        let p = CString::new(prompt).unwrap();
+        let mut out = vec![0f32; 77 * 4 * dim];
+        let (mut needed, mut rows) = (0usize, 0u32);
+        // SAFETY: a writable buffer of its length.
+        let rc = unsafe {
+            sdti_encoder_encode(
+                enc,
+                p.as_ptr(),
+                out.as_mut_ptr(),
+                out.len(),
+                &mut needed,
+                &mut rows,
+            )
+        };
+        expect(rc, SDTI_OK, prompt);
+        out.truncate(needed);
+        out
+    };
+    for (host, style) in [
+        ("a1111", SDTI_CHUNKS_A1111),
+        ("comfyui", SDTI_CHUNKS_COMFYUI),
+    ] {
+        expect(
+            sdti_encoder_set_chunk_style(enc, style),
+            SDTI_OK,
+            "chunk style",
+        );
+        let prompt = report()["encode"][host][0]["prompt"].as_str().unwrap();
+        let want = vec_of(&t[&format!("{host}.0.sd1.context")]);
+        let got = encode(prompt);
+        assert_eq!(got.len(), want.len(), "{host}");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale.max(1.0), "{host}: off by {worst}");
+        // Off: the brackets are text again, the states move away from the host's.
+        expect(
+            sdti_encoder_set_prompt_weights(enc, 0),
+            SDTI_OK,
+            "weights off",
+        );
+        let plain = encode(prompt);
+        assert!(
+            plain
+                .iter()
+                .zip(&want)
+                .any(|(a, b)| (a - b).abs() > 1e-2 * scale),
+            "{host}: weights off gave the weighted states"
+        );
+        expect(
+            sdti_encoder_set_prompt_weights(enc, 1),
+            SDTI_OK,
+            "weights on",
+        );
+    }
+    // Per slot: "(a:1.5) b" puts 1.5 on "a" only (slot 1 after the start token).
+    expect(
+        sdti_encoder_set_chunk_style(enc, SDTI_CHUNKS_A1111),
+        SDTI_OK,
+        "a1111",
+    );
+    let weights_of = |prompt: &str, want: sdti_status| -> Vec<f32> {
+        let p = CString::new(prompt).unwrap();
+        let mut w = vec![0f32; 154];
+        let mut needed = 0usize;
+        // SAFETY: a writable buffer of its length.
+        let rc = unsafe {
+            sdti_encoder_token_weights(enc, p.as_ptr(), w.as_mut_ptr(), w.len(), &mut needed)
+        };
+        expect(rc, want, prompt);
+        w.truncate(needed);
+        w
+    };
+    let w = weights_of("(a:1.5) b", SDTI_OK);
+    assert_eq!(w.len(), 77);
+    assert_eq!((w[0], w[1], w[2]), (1.0, 1.5, 1.0), "{:?}", &w[..4]);
+    // A weight A1111 cannot read is refused with the reason.
+    weights_of("(a:1.2.3)", SDTI_ERR_INVALID_ARGUMENT);
+    // Off, every slot weighs 1; a size query without a buffer.
+    expect(sdti_encoder_set_prompt_weights(enc, 0), SDTI_OK, "off");
+    assert!(weights_of("(a:1.5) b", SDTI_OK).iter().all(|&x| x == 1.0));
+    let p = CString::new("(a:1.5)").unwrap();
+    let mut needed = 0usize;
+    // SAFETY: a NULL buffer is a size query.
+    let rc = unsafe {
+        sdti_encoder_token_weights(enc, p.as_ptr(), std::ptr::null_mut(), 0, &mut needed)
+    };
+    expect(rc, SDTI_ERR_BUFFER_TOO_SMALL, "size query");
+    assert_eq!(needed, 77);
+    let m = expect(
+        sdti_encoder_set_prompt_weights(enc, 2),
+        SDTI_ERR_INVALID_ARGUMENT,
+        "2",
+    );
+    assert!(m.contains("prompt weights 2"), "{m}");
+    sdti_encoder_free(enc);
+}
