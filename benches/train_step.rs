@@ -1,11 +1,17 @@
 //! One textual-inversion training step (forward + backward + AdamW update) on the real
-//! Stable Diffusion 1.5 architecture with random weights, on the CPU, beside diffusers'
-//! own step measured in the same invocation.
+//! Stable Diffusion 1.5 (or SDXL base) architecture with random weights, on the CPU,
+//! beside diffusers' own step measured in the same invocation.
 //!
 //! ```sh
 //! SDTI_BENCH_PYTHON=$REFENV/bin/python \
-//!     cargo bench --bench train_step -- [--resolution 256,512] [--steps N] [--no-reference] [--profile]
+//!     cargo bench --bench train_step -- [--config sd15|sdxl] [--resolution 256,512] [--steps N] [--no-reference] [--profile]
 //! ```
+//!
+//! * `--config sdxl`: `ModelConfig::sdxl()`, checked against
+//!   `tests/reference/sdxl_shapes.json` (`tests/reference/sdxl_architecture.py`), beside
+//!   diffusers' `textual_inversion_sdxl.py` step (`bench_diffusers_step.py --config
+//!   sdxl`); sdti learns both SDXL tables, the example only the first encoder's. Default
+//!   resolution 512.
 //!
 //! * The model is `sdti::model::random` at `ModelConfig::sd1()`, f32 on the CPU, from a
 //!   fixed seed: the same generator as `sdti bench` (weights N(0, 1/fan_in), norm weights
@@ -42,15 +48,20 @@ use candle_core::{DType, Device, Tensor, Var};
 use sdti::app::bench::{proc_status_mib, reset_peak_rss, BenchRun, BenchSetup};
 use sdti::model::random::random_weights;
 use sdti::model::weights::Weights;
-use sdti::model::{ModelConfig, SdModel};
+use sdti::model::{ModelConfig, Recompute, SdModel};
+use sdti::train::config::RecomputeMode;
 
 type BenchResult<T> = std::result::Result<T, String>;
 
 const USAGE: &str = "usage: cargo bench --bench train_step -- \
-[--resolution 256,512] [--steps N] [--no-reference] [--profile]
+[--config sd15|sdxl] [--resolution 256,512] [--recompute off,on] [--steps N] [--no-reference] [--profile]
 
+  --config NAME      the architecture: sd15 (default) or sdxl (SDXL base, beside
+                     diffusers' textual_inversion_sdxl.py step)
   --resolution LIST  comma-separated training resolutions in pixels, multiples of 8
-                     (default 256,512)
+                     (default 256,512; 512 for sdxl)
+  --recompute LIST   off, on, or both (off,on): each resolution's sdti step with each
+                     (default off: every activation kept, the fastest step)
   --steps N          timed steps per resolution after one warm-up step (default 3)
   --no-reference     skip diffusers' step (tests/reference/bench_diffusers_step.py)
   --profile          also time the UNet forward / backward alone at each resolution
@@ -60,9 +71,50 @@ diffusers and transformers.";
 
 const SEED: u64 = 0x5d71_be5c;
 
+/// The architecture benchmarked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arch {
+    Sd15,
+    Sdxl,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Sd15 => "SD 1.5",
+            Arch::Sdxl => "SDXL base",
+        }
+    }
+
+    /// The `--config` value of `bench_diffusers_step.py` and of this bench.
+    fn flag(self) -> &'static str {
+        match self {
+            Arch::Sd15 => "sd15",
+            Arch::Sdxl => "sdxl",
+        }
+    }
+
+    fn model_config(self) -> ModelConfig {
+        match self {
+            Arch::Sd15 => ModelConfig::sd1(),
+            Arch::Sdxl => ModelConfig::sdxl(),
+        }
+    }
+
+    /// diffusers' shapes, written by `tests/reference/<file>_architecture.py`.
+    fn shapes_file(self) -> &'static str {
+        match self {
+            Arch::Sd15 => "sd15",
+            Arch::Sdxl => "sdxl",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Args {
+    config: Arch,
     resolutions: Vec<usize>,
+    recompute: Vec<Recompute>,
     steps: usize,
     reference: bool,
     profile: bool,
@@ -74,8 +126,11 @@ enum Parsed {
 }
 
 fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
+    let mut resolutions = None;
     let mut args = Args {
+        config: Arch::Sd15,
         resolutions: vec![256, 512],
+        recompute: vec![Recompute::Off],
         steps: 3,
         reference: true,
         profile: false,
@@ -100,7 +155,29 @@ fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
             "--profile" => args.profile = true,
             "--resolution" | "--resolutions" => {
                 let v = value("--resolution")?;
-                args.resolutions = parse_resolutions(&v)?;
+                resolutions = Some(parse_resolutions(&v)?);
+            }
+            "--recompute" => {
+                let v = value("--recompute")?;
+                let mut list = Vec::new();
+                for part in v.split(',').map(str::trim) {
+                    let r = match part {
+                        "off" => Recompute::Off,
+                        "on" => Recompute::On,
+                        _ => return Err(format!("--recompute '{part}' is not off or on")),
+                    };
+                    if !list.contains(&r) {
+                        list.push(r);
+                    }
+                }
+                args.recompute = list;
+            }
+            "--config" => {
+                args.config = match value("--config")?.as_str() {
+                    "sd15" => Arch::Sd15,
+                    "sdxl" => Arch::Sdxl,
+                    other => return Err(format!("--config '{other}' is not sd15 or sdxl")),
+                };
             }
             "--steps" => {
                 let v = value("--steps")?;
@@ -111,6 +188,13 @@ fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
             }
             other => return Err(format!("unknown argument '{other}'")),
         }
+    }
+    args.resolutions = resolutions.unwrap_or_else(|| match args.config {
+        Arch::Sd15 => vec![256, 512],
+        Arch::Sdxl => vec![512],
+    });
+    if args.profile && args.config == Arch::Sdxl {
+        return Err("--profile times the SD 1.5 UNet alone; not with --config sdxl".into());
     }
     Ok(Parsed::Run(args))
 }
@@ -137,16 +221,20 @@ fn parse_resolutions(v: &str) -> BenchResult<Vec<usize>> {
 // The architecture check
 // ---------------------------------------------------------------------------------------
 
-fn shapes_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sd15_shapes.json")
+fn shapes_path(arch: Arch) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "tests/reference/{}_shapes.json",
+        arch.shapes_file()
+    ))
 }
 
-fn load_shapes() -> BenchResult<BTreeMap<String, Vec<usize>>> {
-    let path = shapes_path();
+fn load_shapes(arch: Arch) -> BenchResult<BTreeMap<String, Vec<usize>>> {
+    let path = shapes_path(arch);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         format!(
-            "cannot read {}: {e} (write it with tests/reference/sd15_architecture.py)",
-            path.display()
+            "cannot read {}: {e} (write it with tests/reference/{}_architecture.py)",
+            path.display(),
+            arch.shapes_file()
         )
     })?;
     let shapes: BTreeMap<String, Vec<usize>> = serde_json::from_str(&text)
@@ -160,6 +248,7 @@ fn load_shapes() -> BenchResult<BTreeMap<String, Vec<usize>>> {
 /// Where the generated architecture (`got`) differs from diffusers' (`want`), by name;
 /// an error listing the first few differences.
 fn check_architecture(
+    arch: Arch,
     want: &BTreeMap<String, Vec<usize>>,
     got: &BTreeMap<String, Vec<usize>>,
 ) -> BenchResult<()> {
@@ -174,14 +263,15 @@ fn check_architecture(
     problems.extend(
         got.keys()
             .filter(|n| !want.contains_key(*n))
-            .map(|n| format!("{n} is not in SD 1.5")),
+            .map(|n| format!("{n} is not in {}", arch.name())),
     );
     if problems.is_empty() {
         return Ok(());
     }
     Err(format!(
-        "model::random's SD 1.5 differs from {} in {} tensors: {}",
-        shapes_path().display(),
+        "model::random's {} differs from {} in {} tensors: {}",
+        arch.name(),
+        shapes_path(arch).display(),
         problems.len(),
         problems[..problems.len().min(5)].join("; ")
     ))
@@ -268,6 +358,7 @@ fn rustc_version() -> String {
 
 struct SdtiResult {
     resolution: usize,
+    recompute: Recompute,
     times_ms: Vec<f64>,
     add_image_ms: f64,
     peak_mib: Option<f64>,
@@ -279,7 +370,12 @@ fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
 }
 
-fn run_sdti(model: &Arc<SdModel>, res: usize, args: &Args) -> BenchResult<SdtiResult> {
+fn run_sdti(
+    model: &Arc<SdModel>,
+    res: usize,
+    recompute: Recompute,
+    args: &Args,
+) -> BenchResult<SdtiResult> {
     let peak_is_per_resolution = reset_peak_rss();
     let setup = BenchSetup {
         resolution: res,
@@ -288,6 +384,12 @@ fn run_sdti(model: &Arc<SdModel>, res: usize, args: &Args) -> BenchResult<SdtiRe
         steps: args.steps,
     };
     let mut run = BenchRun::new(model.clone(), setup).map_err(err("setting up the trainer"))?;
+    let mode = match recompute {
+        Recompute::Off => RecomputeMode::Off,
+        Recompute::On => RecomputeMode::On,
+    };
+    let choice = run.trainer_mut().choose_recompute(mode, None);
+    eprintln!("sdti {res}px: {choice}");
     let add_image_ms = run.cache_seconds * 1e3;
     eprintln!("sdti {res}px: add_image (VAE encode of 2 views, once) {add_image_ms:.0} ms");
     let times = run
@@ -307,6 +409,7 @@ fn run_sdti(model: &Arc<SdModel>, res: usize, args: &Args) -> BenchResult<SdtiRe
     };
     Ok(SdtiResult {
         resolution: res,
+        recompute,
         times_ms: times.step_ms,
         add_image_ms,
         peak_mib: times.peak_rss_mib,
@@ -423,6 +526,7 @@ fn run_reference(
     eprintln!("diffusers {res}px: building the model and running {steps}+1 steps ...");
     let mut cmd = Command::new(&r.python);
     cmd.arg(&r.script)
+        .args(["--config", args.config.flag()])
         .args(["--resolution", &res.to_string()])
         .args(["--steps", &steps.to_string()])
         .args(["--threads", &threads.to_string()]);
@@ -478,14 +582,16 @@ fn run(args: &Args) -> BenchResult<()> {
         rustc_version()
     );
     println!(
-        "resolutions {:?}, batch 1, 1 vector, f32, 1 warm-up + {} timed steps each",
-        args.resolutions, args.steps
+        "{}, resolutions {:?}, batch 1, 1 vector, f32, 1 warm-up + {} timed steps each",
+        args.config.name(),
+        args.resolutions,
+        args.steps
     );
 
     let rss_start = proc_status_mib("VmRSS");
-    let shapes = load_shapes()?;
+    let shapes = load_shapes(args.config)?;
     let start = Instant::now();
-    let config = ModelConfig::sd1();
+    let config = args.config.model_config();
     // model::random::random_model's three calls, with the check between them: the map of
     // generated tensors is only seen here.
     let tensors = random_weights(&config, SEED).map_err(err("model::random"))?;
@@ -494,23 +600,28 @@ fn run(args: &Args) -> BenchResult<()> {
         .iter()
         .map(|(name, t)| (name.clone(), t.dims().to_vec()))
         .collect();
-    check_architecture(&shapes, &generated)?;
+    check_architecture(args.config, &shapes, &generated)?;
     let params: usize = generated
         .values()
         .map(|s| s.iter().product::<usize>())
         .sum();
     let start = Instant::now();
     let weights = Weights::from_tensors(tensors, DType::F32, Device::Cpu);
-    let model = SdModel::from_weights(&weights, config, "random SD 1.5".into())
-        .map_err(err("SdModel::from_weights"))?;
+    let model = SdModel::from_weights(
+        &weights,
+        config,
+        format!("random {}", args.config.name()).into(),
+    )
+    .map_err(err("SdModel::from_weights"))?;
     drop(weights);
     let model = Arc::new(model);
     let rss_model = proc_status_mib("VmRSS");
     println!(
-        "model: {} tensors (names and shapes as diffusers' SD 1.5), {:.1} M parameters \
+        "model: {} tensors (names and shapes as diffusers' {}), {:.1} M parameters \
          ({:.0} MiB f32), generated in {weights_s:.1} s, built in {:.1} s; RSS {} MiB at \
          start, {} MiB with the model",
         generated.len(),
+        args.config.name(),
         params as f64 / 1e6,
         params as f64 * 4.0 / 1048576.0,
         start.elapsed().as_secs_f64(),
@@ -518,9 +629,15 @@ fn run(args: &Args) -> BenchResult<()> {
         fmt_opt(rss_model, 0),
     );
 
+    // Recompute on first: memory a step frees stays with the allocator (and in the RSS),
+    // so a run after one without recompute would report that run's peak.
+    let mut order = args.recompute.clone();
+    order.sort_by_key(|r| *r != Recompute::On);
     let mut results = Vec::new();
     for &res in &args.resolutions {
-        results.push(run_sdti(&model, res, args)?);
+        for &recompute in &order {
+            results.push(run_sdti(&model, res, recompute, args)?);
+        }
     }
     // Free the model's memory before torch builds its own copy.
     drop(model);
@@ -537,19 +654,27 @@ fn run(args: &Args) -> BenchResult<()> {
         println!("diffusers reference skipped (--no-reference)");
         None
     };
-    let mut refs: Vec<Option<serde_json::Value>> = Vec::new();
-    for r in &results {
-        refs.push(match &reference {
-            Some(py) => match run_reference(py, r.resolution, args, threads) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    println!("diffusers {}px failed: {e}", r.resolution);
-                    None
-                }
+    // One reference run per resolution, beside each of its sdti rows.
+    let mut by_resolution: BTreeMap<usize, Option<serde_json::Value>> = BTreeMap::new();
+    for &res in &args.resolutions {
+        by_resolution.insert(
+            res,
+            match &reference {
+                Some(py) => match run_reference(py, res, args, threads) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        println!("diffusers {res}px failed: {e}");
+                        None
+                    }
+                },
+                None => None,
             },
-            None => None,
-        });
+        );
     }
+    let refs: Vec<Option<serde_json::Value>> = results
+        .iter()
+        .map(|r| by_resolution.get(&r.resolution).cloned().flatten())
+        .collect();
 
     println!();
     if let Some(v) = refs.iter().flatten().next() {
@@ -572,11 +697,11 @@ fn run(args: &Args) -> BenchResult<()> {
         );
     }
     println!(
-        "| resolution | sdti ms/step mean (min) | diffusers ms/step mean (min) | ratio | \
+        "| resolution | recompute | sdti ms/step mean (min) | diffusers ms/step mean (min) | ratio | \
          diffusers w/o VAE encode | ratio w/o encode | sdti peak MiB (over weights) | \
-         diffusers peak MiB (over weights) |"
+         diffusers peak MiB (over weights) | peak ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (r, d) in results.iter().zip(&refs) {
         let sdti_mean = mean(&r.times_ms);
         let f = |k: &str| d.as_ref().and_then(|v| v[k].as_f64());
@@ -588,8 +713,12 @@ fn run(args: &Args) -> BenchResult<()> {
             .map(|(p, l)| p - l);
         let sdti_over = r.peak_mib.zip(rss_model).map(|(p, m)| p - m);
         println!(
-            "| {}px | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {}{} ({}) | {} ({}) |",
+            "| {}px | {} | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {}{} ({}) | {} ({}) | {} |",
             r.resolution,
+            match r.recompute {
+                Recompute::Off => "off",
+                Recompute::On => "on",
+            },
             sdti_mean,
             min(&r.times_ms),
             fmt_opt(d_mean, 0),
@@ -602,10 +731,11 @@ fn run(args: &Args) -> BenchResult<()> {
             fmt_opt(sdti_over, 0),
             fmt_opt(f("peak_rss_mib"), 0),
             fmt_opt(d_over, 0),
+            fmt_opt(r.peak_mib.zip(f("peak_rss_mib")).map(|(s, d)| s / d), 2),
         );
     }
     println!(
-        "ratio = sdti / diffusers mean step time (< 1.5 is the target). sdti encodes each \
+        "ratio = sdti / diffusers mean step time. sdti encodes each \
          image once when it is added ({}); diffusers' example encodes it in every step.",
         results
             .iter()
@@ -710,22 +840,42 @@ fn self_check() -> BenchResult<()> {
             .collect()
     };
     let want = shapes_of(&[("a.weight", &[2, 3]), ("a.bias", &[2])]);
-    check_architecture(&want, &want)?;
+    check_architecture(Arch::Sd15, &want, &want)?;
     for got in [
         shapes_of(&[("a.weight", &[2, 3])]),
         shapes_of(&[("a.weight", &[3, 2]), ("a.bias", &[2])]),
         shapes_of(&[("a.weight", &[2, 3]), ("a.bias", &[2]), ("b", &[1])]),
     ] {
-        if check_architecture(&want, &got).is_ok() {
+        if check_architecture(Arch::Sd15, &want, &got).is_ok() {
             return Err(format!("{got:?} passed the architecture check"));
         }
     }
-    let shapes = load_shapes()?;
-    let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
-    println!(
-        "train_step self-check OK ({} tensors, {params} parameters); \
-         run the benchmark with `cargo bench --bench train_step`",
-        shapes.len()
-    );
+    match parse(&["--config", "sdxl", "--bench"])? {
+        Parsed::Run(a) if a.config == Arch::Sdxl && a.resolutions == [512] => {}
+        _ => return Err("--config sdxl parsed wrongly".into()),
+    }
+    match parse(&["--recompute", "on,off,on", "--bench"])? {
+        Parsed::Run(a) if a.recompute == [Recompute::On, Recompute::Off] => {}
+        _ => return Err("--recompute parsed wrongly".into()),
+    }
+    for bad in [
+        &["--config", "sd3"][..],
+        &["--config", "sdxl", "--profile"],
+        &["--recompute", "auto"],
+    ] {
+        if parse(bad).is_ok() {
+            return Err(format!("{bad:?} was accepted"));
+        }
+    }
+    for arch in [Arch::Sd15, Arch::Sdxl] {
+        let shapes = load_shapes(arch)?;
+        let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+        println!(
+            "train_step self-check OK: {} has {} tensors, {params} parameters",
+            arch.name(),
+            shapes.len()
+        );
+    }
+    println!("run the benchmark with `cargo bench --bench train_step`");
     Ok(())
 }

@@ -2,7 +2,7 @@
 """Time one textual-inversion training step of diffusers on the CPU (the reference for
 `benches/train_step.rs`).
 
-    $REFENV/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2]
+    $REFENV/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2] [--config sd15|sdxl]
 
 The step is the loop body of diffusers' `examples/textual_inversion/textual_inversion.py`
 (`with accelerator.accumulate(text_encoder): ...`), with accelerate left out (one process,
@@ -26,6 +26,25 @@ is one synthetic picture already in [-1, 1] and the prompt ids are fixed.
 
 Weights are random, from the SD 1.5 configs in `sd15_architecture.py`, initialised as
 the Rust bench does: N(0, 0.02) for weights, 1 for norm weights, 0 for biases.
+
+`--config sdxl` times the loop body of `examples/textual_inversion/textual_inversion_sdxl.py`
+instead, on SDXL base's architecture (`sdxl_architecture.py`), fp32:
+
+    latents = vae.encode(pixel_values).latent_dist.sample().detach() * scaling_factor
+    noise, timesteps, noisy_latents as above
+    encoder_hidden_states_1 = text_encoder_1(input_ids_1, output_hidden_states=True).hidden_states[-2]
+    encoder_output_2 = text_encoder_2(input_ids_2, output_hidden_states=True)
+    encoder_hidden_states_2 = encoder_output_2.hidden_states[-2]
+    add_time_ids = (original_size + crop_top_left + target_size)
+    added_cond_kwargs = {"text_embeds": encoder_output_2[0], "time_ids": add_time_ids}
+    model_pred = unet(noisy_latents, timesteps, cat([h1, h2], -1), added_cond_kwargs=...).sample
+    loss = mse(model_pred, noise); loss.backward(); optimizer.step(); ...
+
+As in that example only text_encoder_1's token table learns (the placeholder is added to
+tokenizer_1 alone; text_encoder_2 is frozen, so no gradient flows into it), where sdti
+learns a table for each encoder (`clip_l` and `clip_g`, as A1111/ComfyUI's SDXL files
+hold), a longer backward pass. The second prompt's ids put the initializer's id where the
+placeholder stands and pad with id 0, as SDXL's tokenizer_2 pads.
 
 Prints one JSON line on stdout (everything else goes to stderr).
 """
@@ -52,7 +71,8 @@ import transformers  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 
-from sd15_architecture import SCALING_FACTOR, SCHED_CONFIG, build_models  # noqa: E402
+import sd15_architecture  # noqa: E402
+import sdxl_architecture  # noqa: E402
 
 # "a photo of a <placeholder>" as CLIPTokenizer gives it once the placeholder is added
 # (id 49408), padded with <|endoftext|> to 77, as the example's dataset does.
@@ -146,6 +166,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up step")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", choices=["sd15", "sdxl"], default="sd15", help="the architecture")
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -164,10 +185,18 @@ def main():
     rss_start = rss_mib("VmRSS")
 
     t0 = time.perf_counter()
-    text_encoder, unet, vae = build_models("cpu")
-    for m in (text_encoder, unet, vae):
+    sdxl = args.config == "sdxl"
+    arch = sdxl_architecture if sdxl else sd15_architecture
+    if sdxl:
+        text_encoder, text_encoder_2, unet, vae = arch.build_models("cpu")
+        frozen = (text_encoder_2, unet, vae)
+    else:
+        text_encoder, unet, vae = arch.build_models("cpu")
+        text_encoder_2 = None
+        frozen = (unet, vae)
+    for m in (text_encoder, *frozen):
         init_like_the_rust_bench(m)
-    noise_scheduler = DDPMScheduler(**SCHED_CONFIG)
+    noise_scheduler = DDPMScheduler(**arch.SCHED_CONFIG)
 
     # Add the placeholder token and copy the initializer's row into it.
     text_encoder.resize_token_embeddings(PLACEHOLDER_ID + 1)
@@ -178,8 +207,8 @@ def main():
     # (The example freezes text_model.encoder / final_layer_norm / position_embedding by
     # name; transformers 5.x's CLIPTextModel has no `.text_model`, so freeze all, then
     # unfreeze the table: the same set of trainable parameters.)
-    vae.requires_grad_(False)
-    unet.requires_grad_(False)
+    for m in frozen:
+        m.requires_grad_(False)
     text_encoder.requires_grad_(False)
     text_encoder.get_input_embeddings().requires_grad_(True)
     trainable = [n for n, p in text_encoder.named_parameters() if p.requires_grad]
@@ -199,20 +228,32 @@ def main():
 
     pixel_values = synthetic_image(args.resolution)
     input_ids = torch.tensor([PROMPT_IDS + [EOS] * (77 - len(PROMPT_IDS))], dtype=torch.long)
+    ids_2 = [INITIALIZER_ID if i == PLACEHOLDER_ID else i for i in PROMPT_IDS]
+    input_ids_2 = torch.tensor([ids_2 + [0] * (77 - len(ids_2))], dtype=torch.long)
+    # original_size + crop_top_left + target_size of a square picture at the resolution.
+    add_time_ids = torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]], dtype=torch.float32)
     text_encoder.train()
     build_s = time.perf_counter() - t0
     rss_loaded = rss_mib("VmRSS")
 
     def step():
         latents = vae.encode(pixel_values).latent_dist.sample().detach()
-        latents = latents * SCALING_FACTOR
+        latents = latents * arch.SCALING_FACTOR
         noise = torch.randn_like(latents)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
         timesteps = timesteps.long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(input_ids)[0]
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        if sdxl:
+            hidden_1 = text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+            output_2 = text_encoder_2(input_ids_2, output_hidden_states=True)
+            hidden_2 = output_2.hidden_states[-2]
+            added = {"text_embeds": output_2[0], "time_ids": add_time_ids}
+            encoder_hidden_states = torch.cat([hidden_1, hidden_2], dim=-1)
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added).sample
+        else:
+            encoder_hidden_states = text_encoder(input_ids)[0]
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
         optimizer.step()
@@ -238,6 +279,8 @@ def main():
         vae.encode(pixel_values).latent_dist.sample()
         vae_encode_ms = (time.perf_counter() - s) * 1000
 
+    if args.profile and sdxl:
+        ap.error("--profile times the SD 1.5 UNet alone; not with --config sdxl")
     profile = unet_profile(text_encoder, unet, args.resolution, input_ids) if args.profile else None
 
     changed = (text_encoder.get_input_embeddings().weight.data != orig_embeds_params).any(dim=1)
@@ -256,6 +299,7 @@ def main():
         "rss_after_load_mib": rss_loaded,
         "vae_encode_ms": vae_encode_ms,
         "build_s": build_s,
+        "config": args.config,
         "resolution": args.resolution,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
