@@ -153,19 +153,13 @@ def internal_names(text_encoder, unet, vae):
     return out
 
 
-def main():
+def write_shapes(entries, path):
+    """Writes `{internal name: shape}` of `entries` to `path`, one line per tensor, sorted
+    (diffs stay readable), and prints the versions and each network's parameter count."""
     import diffusers
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.set_verbosity_error()
-    try:
-        models = build_models("meta")
-    except Exception as e:  # noqa: BLE001 - a library without meta-device support
-        print(f"meta device failed ({e}); building on the cpu", file=sys.stderr)
-        models = build_models("cpu")
-    entries = internal_names(*models)
     names = [n for n, _ in entries]
     assert len(names) == len(set(names)), "duplicate internal names"
     counts = {}
@@ -177,7 +171,7 @@ def main():
         f"{json.dumps(n)}: {json.dumps(list(t.shape), separators=(',', ':'))}"
         for n, t in sorted(entries, key=lambda e: e[0])
     ]
-    SHAPES_JSON.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     versions = {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -186,7 +180,21 @@ def main():
     print("versions:", json.dumps(versions))
     for net, n in sorted(counts.items()):
         print(f"{net}: {n:,} parameters ({n * 4 / 2**20:,.0f} MiB in f32)")
-    print(f"wrote {SHAPES_JSON} ({len(entries)} tensors, {SHAPES_JSON.stat().st_size:,} bytes)")
+    print(f"wrote {path} ({len(entries)} tensors, {path.stat().st_size:,} bytes)")
+
+
+def main():
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.set_verbosity_error()
+    try:
+        models = build_models("meta")
+    except Exception as e:  # noqa: BLE001 - a library without meta-device support
+        print(f"meta device failed ({e}); building on the cpu", file=sys.stderr)
+        models = build_models("cpu")
+    write_shapes(internal_names(*models), SHAPES_JSON)
 
 
 if __name__ == "__main__":

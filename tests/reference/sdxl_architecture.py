@@ -23,7 +23,6 @@ build the same networks in torch.
 No network access and no weights: the models are built on torch's `meta` device.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 SHAPES_JSON = HERE / "sdxl_shapes.json"
 sys.path.insert(0, str(HERE))
 
-from sd15_architecture import TE_CONFIG as CLIP_L_CONFIG  # noqa: E402
+from sd15_architecture import TE_CONFIG as CLIP_L_CONFIG, write_shapes  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # The configs, written out from the stabilityai/stable-diffusion-xl-base-1.0 repository:
@@ -166,33 +165,11 @@ def internal_names(text_encoder, text_encoder_2, unet, vae):
 
 def main():
     import diffusers
-    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     diffusers.logging.set_verbosity_error()
-    models = build_models("meta")
-    entries = internal_names(*models)
-    names = [n for n, _ in entries]
-    assert len(names) == len(set(names)), "duplicate internal names"
-    counts = {}
-    for name, t in entries:
-        net = name.split(".", 1)[0]
-        counts[net] = counts.get(net, 0) + t.numel()
-    lines = [
-        f"{json.dumps(n)}: {json.dumps(list(t.shape), separators=(',', ':'))}"
-        for n, t in sorted(entries, key=lambda e: e[0])
-    ]
-    SHAPES_JSON.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-    versions = {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
-    print("versions:", json.dumps(versions))
-    for net, n in sorted(counts.items()):
-        print(f"{net}: {n:,} parameters ({n * 4 / 2**20:,.0f} MiB in f32)")
-    print(f"wrote {SHAPES_JSON} ({len(entries)} tensors, {SHAPES_JSON.stat().st_size:,} bytes)")
+    write_shapes(internal_names(*build_models("meta")), SHAPES_JSON)
 
 
 if __name__ == "__main__":

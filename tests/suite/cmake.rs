@@ -13,31 +13,10 @@ use std::process::{Command, Output};
 use sdti::ffi::{SDTI_ABI_MAJOR, SDTI_ABI_MINOR};
 
 use crate::common::fixture;
+use crate::ffi::cdylib;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The cdylib that `cargo test` built beside this test binary (target/<profile>/deps,
-/// or target/<profile>), as tests/suite/ffi.rs finds it.
-fn cdylib() -> PathBuf {
-    let name = format!(
-        "{}sdti{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps folder");
-    for dir in [deps, deps.parent().unwrap_or(deps)] {
-        let p = dir.join(&name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{name} not found beside {}: build the cdylib (cargo build)",
-        exe.display()
-    );
 }
 
 /// Whether to run: CMake is required unless `SDTI_SKIP_CMAKE` says otherwise.

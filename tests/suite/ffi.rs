@@ -344,7 +344,7 @@ fn versions_features_and_status_strings() {
     assert_eq!(unsafe { sdti_has_feature(std::ptr::null()) }, 0);
     // SAFETY: live handles from this test, NUL-terminated strings and buffers of the sizes passed.
     assert_eq!(unsafe { sdti_has_feature(c"\xff\xfe".as_ptr()) }, 0);
-    for code in 0..=SDTI_ERR_COMPUTE {
+    for code in 0..=SDTI_ERR_MEMORY {
         // SAFETY: static strings.
         let s = unsafe { CStr::from_ptr(sdti_status_str(code)) };
         assert!(
@@ -723,7 +723,7 @@ fn rel_err_f32(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// An encoder loaded from a model path (text encoders only).
-fn encoder_at(model: &Path) -> *mut sdti_encoder {
+pub(crate) fn encoder_at(model: &Path) -> *mut sdti_encoder {
     let mut mp = std::mem::MaybeUninit::<sdti_model_params>::uninit();
     // SAFETY: a writable params struct.
     expect(
@@ -2364,7 +2364,7 @@ fn callback_may_use_its_trainer_and_free_stops_the_run() {
 
 /// The cdylib that `cargo test` built beside this test binary (target/<profile>/deps,
 /// or target/<profile>).
-fn cdylib() -> PathBuf {
+pub(crate) fn cdylib() -> PathBuf {
     let name = format!(
         "{}sdti{}",
         std::env::consts::DLL_PREFIX,

@@ -359,24 +359,7 @@ fn c_hosts_get_the_weights_and_can_turn_them_off() {
     use crate::ffi::expect;
 
     let t = tensors();
-    let model = CString::new(fixture("tiny-sd").to_str().unwrap()).unwrap();
-    let mut mp = std::mem::MaybeUninit::<sdti_model_params>::uninit();
-    // SAFETY: writable.
-    expect(
-        unsafe { sdti_model_params_init(mp.as_mut_ptr()) },
-        SDTI_OK,
-        "init",
-    );
-    // SAFETY: initialised above.
-    let mut mp = unsafe { mp.assume_init() };
-    mp.model_path = model.as_ptr();
-    let mut enc = std::ptr::null_mut();
-    // SAFETY: valid params and out pointer.
-    expect(
-        unsafe { sdti_encoder_new(&mp, &mut enc) },
-        SDTI_OK,
-        "encoder_new",
-    );
+    let enc = crate::ffi::encoder_at(&fixture("tiny-sd"));
     let name = CString::new(report()["word"]["name"].as_str().unwrap()).unwrap();
     let vectors = vec_of(&t["vectors.sd1"]);
     let dim = 32;
