@@ -45,6 +45,9 @@ pub struct SampleOptions {
     pub empty_negative: EmptyNegative,
     /// Overrides the model's prediction type (as training's `prediction_type` does).
     pub prediction_type: Option<PredictionType>,
+    /// Overrides the model's zero-terminal-SNR schedule (`rescale_betas_zero_snr`), as
+    /// training's `zero_terminal_snr` does: a word trained with it on is drawn with it on.
+    pub zero_terminal_snr: Option<bool>,
     /// DDIM steps (1..=1000).
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or below runs the conditional branch alone.
@@ -63,6 +66,7 @@ impl Default for SampleOptions {
             negative: String::new(),
             empty_negative: EmptyNegative::Zeros,
             prediction_type: None,
+            zero_terminal_snr: None,
             steps: 30,
             guidance: 7.5,
             seed: 0,
@@ -267,12 +271,16 @@ pub fn sample_conditioning(
     ))
 }
 
-/// The scheduler `opts` samples with: the model's, with its prediction type overridden
-/// where `opts` says.
+/// The scheduler `opts` samples with: the model's, with its prediction type and its
+/// zero-terminal-SNR rescaling overridden where `opts` says (the timestep spacing stays
+/// the model's, as a single file's `ztsnr` marker leaves it).
 pub fn sample_scheduler(model: &SdModel, opts: &SampleOptions) -> SchedulerConfig {
     let mut scheduler = model.config.scheduler.clone();
     if let Some(p) = opts.prediction_type {
         scheduler.prediction_type = p;
+    }
+    if let Some(z) = opts.zero_terminal_snr {
+        scheduler.rescale_betas_zero_snr = z;
     }
     scheduler
 }

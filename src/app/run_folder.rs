@@ -703,6 +703,7 @@ impl RunFolder {
             negative: p.negative.clone(),
             empty_negative: p.empty_negative,
             prediction_type: self.config.train.prediction_type,
+            zero_terminal_snr: self.config.train.zero_terminal_snr,
             steps: p.steps,
             guidance: p.guidance,
             seed: p.seed,

@@ -73,6 +73,10 @@ pub struct SampleArgs {
     /// Override the model's prediction type: epsilon or v_prediction
     #[arg(long, value_name = "TYPE")]
     pub prediction_type: Option<String>,
+    /// Override the model's zero-terminal-SNR noise schedule: on or off [the model's]; a
+    /// word trained with `sdti train --zero-terminal-snr on` is drawn with it on
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub zero_terminal_snr: Option<String>,
     /// Use the output of this CLIP layer from the end (1 = last; default: the model
     /// family's, 1 for SD 1.x, 2 for SD 2.x and SDXL)
     #[arg(long)]
@@ -133,6 +137,7 @@ pub fn run(a: SampleArgs) -> CliResult<()> {
             EmptyNegative::Zeros
         },
         prediction_type,
+        zero_terminal_snr: a.zero_terminal_snr.as_deref().map(|v| v == "on"),
         steps: a.steps,
         guidance: a.cfg,
         seed: a.seed,
