@@ -35,7 +35,10 @@
 // 5: `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
 //    `.random_crop` (revision 3 of the params), `SDTI_PREDICTION_*`, `SDTI_ZERO_SNR_*`,
 //    `sdti_trainer_prediction`; `SDTI_ERR_MEMORY`: `sdti_trainer_new` refuses a run
-//    that cannot fit in memory before it reads the weights.
+//    that cannot fit in memory before it reads the weights; prompt weights read and
+//    applied by `sdti_encoder_encode` as the chunk style's host does,
+//    `sdti_encoder_set_prompt_weights`, `sdti_encoder_token_weights`;
+//    `sdti_trainer_preview`: a picture of the word as the run has learned it so far.
 #define SDTI_ABI_MINOR 5
 
 // `ABI_MAJOR << 16 | ABI_MINOR`, what `sdti_abi_version` returns.
@@ -668,6 +671,36 @@ sdti_status sdti_encoder_register_vectors_sdxl(struct sdti_encoder *encoder,
 // `[one thread at a time per handle]`
 sdti_status sdti_encoder_set_chunk_style(struct sdti_encoder *encoder, uint32_t style);
 
+// Whether prompts are read with weights (`enabled` 1, the default since ABI 1.5) as the
+// chunk style's host reads them, A1111's `(word)`, `(word:1.3)`, `[word]`, `BREAK` and
+// its mean-keeping rescale, or ComfyUI's `(word:1.3)` and its interpolation from the
+// empty prompt; or (0) as plain text, brackets and colons as tokens, as sdti did before.
+// Since ABI 1.5.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`enabled` not 0 or 1).
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_set_prompt_weights(struct sdti_encoder *encoder, uint32_t enabled);
+
+// The prompt weight of each slot `sdti_encoder_tokenize` gives for `prompt` (1 where
+// none applies, and everywhere with prompt weights off), into `weights` (`cap` floats).
+// `*needed` (optional) gets the slot count; with `cap` smaller the call returns
+// `SDTI_ERR_BUFFER_TOO_SMALL` and writes no weight. A prompt whose weights the chunk
+// style's host cannot read (A1111's `(word:1.2.3)`) is refused with
+// `SDTI_ERR_INVALID_ARGUMENT` and the reason, as `sdti_encoder_encode` refuses it. Since
+// ABI 1.5.
+//
+// # Safety
+// `prompt` is NUL-terminated; `weights` NULL or `cap` writable floats; `needed` NULL or
+// writable.
+//
+// `[one thread at a time per handle]`
+sdti_status sdti_encoder_token_weights(struct sdti_encoder *encoder,
+                                       const char *prompt,
+                                       float *weights,
+                                       size_t cap,
+                                       size_t *needed);
+
 // Takes the hidden states of the `clip_skip`-th layer from the end of the full-depth
 // text encoder (1 = last; 2 = the penultimate layer, as many SD 1.x fine-tunes use;
 // A1111's "Clip skip" setting). Never set, it is the model family's: 1 for SD 1.x, 2
@@ -731,7 +764,9 @@ sdti_status sdti_encoder_tokenize(struct sdti_encoder *encoder,
 // of the three spellings. `*needed_floats` and `*rows` (each optional) get the size;
 // with `out` NULL or `cap` too small the call returns `SDTI_ERR_BUFFER_TOO_SMALL` after
 // writing them, without running the model (a cheap size query). SDXL also needs the
-// pooled vector: `sdti_encoder_encode_pooled`.
+// pooled vector: `sdti_encoder_encode_pooled`. Since ABI 1.5 prompt weights apply as the
+// chunk style's host applies them (`sdti_encoder_set_prompt_weights`); a prompt whose
+// weights that host cannot read gives `SDTI_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
 // `prompt` is NUL-terminated; `out` NULL or `cap` writable floats; `needed_floats`,
@@ -1000,6 +1035,48 @@ sdti_status sdti_trainer_get_part_vectors(struct sdti_trainer *trainer,
                                           size_t *needed_floats,
                                           uint32_t *rows,
                                           uint32_t *dim);
+
+// Draws what the word does now: `prompt` (NULL or `""`: `"a photo of {}"`; `{}` and the
+// run's token both stand for the word; read as A1111 reads prompts, weights included,
+// as `sdti train`'s previews read theirs) with the run's current vectors (SDXL: both
+// tables, the pooled vector and the time ids), its clip skip, prediction type and
+// zero-terminal-SNR schedule, by DDIM from the noise of `seed` with guidance 7.5 and an
+// empty negative prompt (zeros for SDXL, as diffusers and A1111), what `sdti train`'s
+// previews draw. `steps`: DDIM steps, 1..=1000, or 0 for 20 (the CLI's previews).
+// `size`: the square's side in pixels, a multiple of 8 in 64..=4096, or 0 for the run's
+// resolution. The same arguments on the same vectors draw the same bytes; training is
+// not changed by a preview (no random state of the run is used). A resumed run's
+// checkpoint is restored at its first step: before that a preview draws the initial
+// word. Since ABI 1.5.
+//
+// The picture goes into `rgb` as tightly packed RGB8 rows, `*width * *height * 3` bytes.
+// `*width` and `*height` (each optional) get its size first: with `rgb` NULL or `cap`
+// smaller than that, the call returns `SDTI_ERR_BUFFER_TOO_SMALL` without drawing (a
+// size query is cheap). Drawing takes `steps` guided UNet passes and a VAE decode.
+//
+// It may be called from the progress callback (the handle is unlocked there), which is
+// how a host shows the word while it trains.
+//
+// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`steps`, `size`, a prompt whose weights A1111
+// cannot read; the message names it), `SDTI_ERR_INVALID_UTF8` (`prompt`),
+// `SDTI_ERR_BUFFER_TOO_SMALL`, `SDTI_ERR_COMPUTE`, `SDTI_ERR_BUSY` (a call on another
+// thread holds the trainer).
+//
+// # Safety
+// `prompt` is NULL or NUL-terminated; `rgb` is NULL or `cap` writable bytes; `width` and
+// `height` are NULL or writable.
+//
+// `[one thread at a time per handle]`, and from the progress callback of a
+// `sdti_trainer_step` on the same handle.
+sdti_status sdti_trainer_preview(struct sdti_trainer *trainer,
+                                 const char *prompt,
+                                 uint64_t seed,
+                                 uint32_t steps,
+                                 uint32_t size,
+                                 uint8_t *rgb,
+                                 size_t cap,
+                                 uint32_t *width,
+                                 uint32_t *height);
 
 // Ends the run: stops a `sdti_trainer_step` running on another thread (waiting for its
 // micro-batch), then releases everything. The progress callback is never called after

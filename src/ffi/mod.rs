@@ -56,7 +56,10 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 /// 5: `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
 ///    `.random_crop` (revision 3 of the params), `SDTI_PREDICTION_*`, `SDTI_ZERO_SNR_*`,
 ///    `sdti_trainer_prediction`; `SDTI_ERR_MEMORY`: `sdti_trainer_new` refuses a run
-///    that cannot fit in memory before it reads the weights.
+///    that cannot fit in memory before it reads the weights; prompt weights read and
+///    applied by `sdti_encoder_encode` as the chunk style's host does,
+///    `sdti_encoder_set_prompt_weights`, `sdti_encoder_token_weights`;
+///    `sdti_trainer_preview`: a picture of the word as the run has learned it so far.
 pub const SDTI_ABI_MINOR: u32 = 5;
 
 /// The result of every fallible call. Codes are never renumbered.

@@ -8,6 +8,8 @@ use std::sync::{Arc, LazyLock};
 use super::boundary::*;
 use super::embedding::format_for;
 use super::*;
+use crate::app::preview::SampleOptions;
+use crate::app::run_folder::{draw_with_vectors, PreviewSettings};
 use crate::device::{auto_dtype, open_device};
 use crate::embedding::{write_embedding_to, Existing, Precision};
 use crate::model::PredictionType;
@@ -1040,6 +1042,127 @@ pub unsafe extern "C" fn sdti_trainer_get_part_vectors(
         }
         // SAFETY: the caller's contract.
         unsafe { write_slice(&table.data, out, cap, needed_floats, "vectors") }
+    })
+}
+
+/// Draws what the word does now: `prompt` (NULL or `""`: `"a photo of {}"`; `{}` and the
+/// run's token both stand for the word; read as A1111 reads prompts, weights included,
+/// as `sdti train`'s previews read theirs) with the run's current vectors (SDXL: both
+/// tables, the pooled vector and the time ids), its clip skip, prediction type and
+/// zero-terminal-SNR schedule, by DDIM from the noise of `seed` with guidance 7.5 and an
+/// empty negative prompt (zeros for SDXL, as diffusers and A1111), what `sdti train`'s
+/// previews draw. `steps`: DDIM steps, 1..=1000, or 0 for 20 (the CLI's previews).
+/// `size`: the square's side in pixels, a multiple of 8 in 64..=4096, or 0 for the run's
+/// resolution. The same arguments on the same vectors draw the same bytes; training is
+/// not changed by a preview (no random state of the run is used). A resumed run's
+/// checkpoint is restored at its first step: before that a preview draws the initial
+/// word. Since ABI 1.5.
+///
+/// The picture goes into `rgb` as tightly packed RGB8 rows, `*width * *height * 3` bytes.
+/// `*width` and `*height` (each optional) get its size first: with `rgb` NULL or `cap`
+/// smaller than that, the call returns `SDTI_ERR_BUFFER_TOO_SMALL` without drawing (a
+/// size query is cheap). Drawing takes `steps` guided UNet passes and a VAE decode.
+///
+/// It may be called from the progress callback (the handle is unlocked there), which is
+/// how a host shows the word while it trains.
+///
+/// Statuses: `SDTI_ERR_INVALID_ARGUMENT` (`steps`, `size`, a prompt whose weights A1111
+/// cannot read; the message names it), `SDTI_ERR_INVALID_UTF8` (`prompt`),
+/// `SDTI_ERR_BUFFER_TOO_SMALL`, `SDTI_ERR_COMPUTE`, `SDTI_ERR_BUSY` (a call on another
+/// thread holds the trainer).
+///
+/// # Safety
+/// `prompt` is NULL or NUL-terminated; `rgb` is NULL or `cap` writable bytes; `width` and
+/// `height` are NULL or writable.
+///
+/// `[one thread at a time per handle]`, and from the progress callback of a
+/// `sdti_trainer_step` on the same handle.
+#[no_mangle]
+pub unsafe extern "C" fn sdti_trainer_preview(
+    trainer: *mut sdti_trainer,
+    prompt: *const c_char,
+    seed: u64,
+    steps: u32,
+    size: u32,
+    rgb: *mut u8,
+    cap: usize,
+    width: *mut u32,
+    height: *mut u32,
+) -> sdti_status {
+    with_state(&TRAINERS, trainer as usize, |state| {
+        // SAFETY: NULL or NUL-terminated by contract.
+        let prompt = unsafe { opt_cstr(prompt, "prompt") }?;
+        // What `sdti train` draws its previews with.
+        let defaults = PreviewSettings::default();
+        let steps = if steps == 0 {
+            defaults.steps
+        } else if steps > 1000 {
+            return Err(invalid(format!(
+                "steps {steps} is more than 1000 (0 picks {})",
+                defaults.steps
+            )));
+        } else {
+            steps as usize
+        };
+        let side = if size == 0 {
+            state.trainer.resolution()
+        } else {
+            if !(64..=4096).contains(&size) || !size.is_multiple_of(8) {
+                return Err(invalid(format!(
+                    "size {size} must be a multiple of 8 in 64..=4096, or 0 for the run's resolution"
+                )));
+            }
+            size as usize
+        };
+        let bytes = side * side * 3;
+        // SAFETY: NULL or writable by contract.
+        unsafe {
+            if !width.is_null() {
+                width.write(side as u32);
+            }
+            if !height.is_null() {
+                height.write(side as u32);
+            }
+        }
+        if rgb.is_null() || cap < bytes {
+            return Err(fail(
+                SDTI_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "rgb: a {side}x{side} preview needs {bytes} bytes, the buffer holds {}",
+                    if rgb.is_null() { 0 } else { cap }
+                ),
+            ));
+        }
+        let trainer = &state.trainer;
+        let opts = SampleOptions {
+            prompt: prompt
+                .unwrap_or(&defaults.prompt)
+                .replace("{}", &trainer.config().token),
+            prediction_type: Some(trainer.noise_schedule().prediction_type()),
+            zero_terminal_snr: Some(trainer.zero_terminal_snr()),
+            steps,
+            guidance: defaults.guidance,
+            empty_negative: defaults.empty_negative,
+            seed,
+            width: side,
+            height: side,
+            ..SampleOptions::default()
+        };
+        let image = draw_with_vectors(trainer, &opts)?;
+        let pixels = image.as_raw();
+        if pixels.len() != bytes {
+            return Err(fail(
+                SDTI_ERR_COMPUTE,
+                format!(
+                    "the preview came out {}x{}, not {side}x{side}",
+                    image.width(),
+                    image.height()
+                ),
+            ));
+        }
+        // SAFETY: `rgb` has `cap >= bytes` writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(pixels.as_ptr(), rgb, bytes) };
+        Ok(())
     })
 }
 
