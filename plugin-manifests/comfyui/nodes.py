@@ -434,6 +434,106 @@ _FAMILIES = {
     sdti_lib.SDTI_FAMILY_SD2: ("SD 2.x", "safetensors"),
     sdti_lib.SDTI_FAMILY_SDXL: ("SDXL", "sdxl"),
 }
+# The prediction_type and zero_terminal_snr choices and their codes in the C params
+# (ABI 1.5); the choices are the manifest's options.
+_PREDICTION_TYPES = {
+    "model": sdti_lib.SDTI_PREDICTION_MODEL,
+    "epsilon": sdti_lib.SDTI_PREDICTION_EPSILON,
+    "v_prediction": sdti_lib.SDTI_PREDICTION_V,
+}
+_ZERO_SNR = {
+    "model": sdti_lib.SDTI_ZERO_SNR_MODEL,
+    "off": sdti_lib.SDTI_ZERO_SNR_OFF,
+    "on": sdti_lib.SDTI_ZERO_SNR_ON,
+}
+
+
+def _run_line(lib, trainer, prediction_type, zero_terminal_snr, random_crop):
+    """What the run uses, for the report: its prediction type and noise schedule
+    (sdti_trainer_prediction), each said to be the input's or the model's, and its crops."""
+    prediction, zero_snr = ctypes.c_uint32(), ctypes.c_uint32()
+    lib.check(
+        lib.trainer_prediction(trainer, ctypes.byref(prediction), ctypes.byref(zero_snr)),
+        "sdti_trainer_prediction",
+    )
+    names = {code: name for name, code in _PREDICTION_TYPES.items() if name != "model"}
+    predicts = names.get(prediction.value, f"prediction type {prediction.value}")
+    zsnr = "on" if zero_snr.value == sdti_lib.SDTI_ZERO_SNR_ON else "off"
+
+    def source(choice):
+        return "the model's" if choice == "model" else "as set"
+
+    return (
+        f"predicts {predicts} ({source(prediction_type)}), zero terminal SNR {zsnr} "
+        f"({source(zero_terminal_snr)}), {'random' if random_crop else 'center'} crops"
+    )
+
+
+def _preview_max_size():
+    """The size ComfyUI shows previews at (--preview-size, 512 unless set), as its
+    samplers' previews (latent_preview.py) are sent."""
+    try:
+        from comfy.cli_args import args
+
+        return int(args.preview_size)
+    except Exception:  # noqa: BLE001 - not ComfyUI, or an older one: its default
+        return 512
+
+
+class _Previews:
+    """The Train node's previews: the word as learned so far, drawn by the library
+    (sdti_trainer_preview) before the first step and every `every` steps, as a progress
+    bar's preview: ("JPEG", a PIL image, the largest side to show), what ComfyUI's
+    samplers send (latent_preview.py) and its server resizes, encodes and shows on the
+    node. Without ComfyUI's progress bar nothing would show them, and without PIL none can
+    be made: then none are drawn (said in the log) and the run trains as without. A preview
+    that fails during the run stops the previews, not the run (said in the report)."""
+
+    def __init__(self, lib, trainer, label, prompt, seed, every, bar):
+        self.lib, self.trainer, self.label = lib, trainer, label
+        self.prompt, self.seed, self.every = str(prompt), int(seed), int(every)
+        self.stopped = None
+        self.pil = None
+        if self.every <= 0:
+            return
+        if bar is None:
+            log.info("%s: previews go to ComfyUI's progress display; none are drawn without it", label)
+            self.every = 0
+            return
+        try:
+            from PIL import Image
+        except ImportError:
+            log.warning("%s: previews need PIL (pip install pillow); training without them", label)
+            self.every = 0
+            return
+        self.pil = Image
+
+    def first(self):
+        """The initial word, before the first step; a failure is raised (nothing is lost)."""
+        if self.every <= 0:
+            return None
+        try:
+            return self._draw()
+        except sdti_lib.SdtiError as e:
+            raise sdti_lib.SdtiError(e.status, f"{self.label}: preview", e.message) from None
+
+    def after(self, step, total):
+        """The preview after `step`, when one is due (every `every` steps and the last)."""
+        if self.every <= 0 or self.stopped or (step % self.every and step != total):
+            return None
+        try:
+            return self._draw()
+        except sdti_lib.SdtiError as e:
+            self.stopped = f"previews stopped at step {step}: {e}"
+            log.warning("%s: %s", self.label, self.stopped)
+            return None
+
+    def _draw(self):
+        data, width, height = self.lib.preview_rgb(self.trainer, self.prompt, self.seed)
+        image = self.pil.frombytes("RGB", (width, height), data)
+        return ("JPEG", image, _preview_max_size())
+
+
 _CHECKPOINT_TOOLTIP = (
     "The checkpoint to train on: SD 1.x, SD 2.x (512 or 768-v) or SDXL (base 1.0 and its "
     "fine-tunes such as Pony or Illustrious), a .safetensors file or a diffusers folder. "
@@ -457,7 +557,8 @@ class SDTI_TrainEmbedding:
         "Learns a new word (Textual Inversion) from a batch of pictures on an SD 1.x, "
         "SD 2.x or SDXL checkpoint and writes it to the embeddings folder (SDXL words as "
         "clip_l + clip_g, the layout ComfyUI and A1111 load; an existing file is replaced "
-        "only when overwrite is on). Use the returned text in a prompt."
+        "only when overwrite is on). Use the returned text in a prompt. With preview_every "
+        "set, ComfyUI's progress display shows what the word draws as it trains."
     )
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("prompt", "path")
@@ -474,12 +575,14 @@ class SDTI_TrainEmbedding:
         "sdti_trainer_recompute",
         "sdti_trainer_family",
         "sdti_trainer_resolution",
+        "sdti_trainer_prediction",
         "sdti_trainer_notes",
         "sdti_encoder_new_from_trainer",
         "sdti_encoder_clip_skip",
         "sdti_encoder_free",
         "sdti_trainer_add_image",
         "sdti_trainer_step",
+        "sdti_trainer_preview",
         "sdti_trainer_cancel",
         "sdti_name_check",
         "sdti_trainer_export_ex",
@@ -553,7 +656,42 @@ class SDTI_TrainEmbedding:
                     "tooltip": "Replace <token>.safetensors when the embeddings folder already "
                     "has it. Off: stop with an error before training starts.",
                 }),
-            }
+            },
+            "optional": {
+                "prediction_type": (list(_PREDICTION_TYPES), {
+                    "default": "model",
+                    "tooltip": "What the UNet predicts. model: what the checkpoint's files say "
+                    "(the report tells what was used); set v_prediction for a v-prediction "
+                    "fine-tune whose file does not say so.",
+                }),
+                "zero_terminal_snr": (list(_ZERO_SNR), {
+                    "default": "model",
+                    "tooltip": "Rescale the noise schedule to zero terminal SNR, as v-prediction "
+                    "SDXL fine-tunes are trained. model: what the checkpoint's files say.",
+                }),
+                "clip_skip": ("INT", {
+                    "default": 0, "min": 0, "max": 24, "step": 1,
+                    "tooltip": "Train on this text encoder layer from the end: 1 the last, 2 the "
+                    "penultimate (CLIP Set Last Layer -1 and -2). 0: the model's own, 1 for "
+                    "SD 1.x, 2 for SD 2.x and SDXL.",
+                }),
+                "random_crop": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: each picture is cropped at its center. On: one random crop "
+                    "per picture (fixed by the seed).",
+                }),
+                "preview_prompt": ("STRING", {
+                    "default": "a photo of {}",
+                    "tooltip": "What the previews draw; {} stands for the word.",
+                    "multiline": False,
+                }),
+                "preview_every": ("INT", {
+                    "default": 0, "min": 0, "max": 1_000_000, "step": 1,
+                    "tooltip": "Every this many steps (and before the first), draw the preview "
+                    "prompt with the word as learned so far into the progress display. 0: no "
+                    "previews. Each costs about 20 sampling steps.",
+                }),
+            },
         }
 
     @classmethod
@@ -562,10 +700,19 @@ class SDTI_TrainEmbedding:
 
     def run(self, checkpoint, images, token, init_text, vectors, steps, learning_rate,
             batch_size, seed, template, resolution, device="auto", precision="auto",
-            recompute="auto", overwrite=False):
+            recompute="auto", overwrite=False, prediction_type="model",
+            zero_terminal_snr="model", clip_skip=0, random_crop=False,
+            preview_prompt="a photo of {}", preview_every=0):
         label = self.DISPLAY_NAME
         lib = library()
         token = str(token)
+        for name, value, table in (("prediction_type", prediction_type, _PREDICTION_TYPES),
+                                   ("zero_terminal_snr", zero_terminal_snr, _ZERO_SNR)):
+            if value not in table:
+                raise ValueError(f"{label}: {name}: {value!r} is not one of {', '.join(table)}")
+        preview_every = int(preview_every)
+        if preview_every < 0:
+            raise ValueError(f"{label}: preview_every: {preview_every} is below 0")
         # Everything that can be known before training is checked first: a run can take hours.
         check_name(label, "token", token)
         if not str(init_text).strip():
@@ -600,17 +747,26 @@ class SDTI_TrainEmbedding:
         params.templates = text(template)
         params.max_steps = int(steps)
         params.recompute = _constant("recompute", recompute)
+        params.prediction_type = _PREDICTION_TYPES[prediction_type]
+        params.zero_terminal_snr = _ZERO_SNR[zero_terminal_snr]
+        params.clip_skip = int(clip_skip)
+        params.random_crop = 1 if random_crop else 0
 
         bar = comfy_utils.ProgressBar(int(steps)) if comfy_utils is not None else None
+        trainer = ctypes.c_void_p()
+        previews = _Previews(lib, trainer, label, preview_prompt, seed, preview_every, bar)
 
         raised = []  # an exception from the callback, raised again once the step returns
 
         def on_progress(_user_data, progress):
             try:
+                step, total = progress.contents.step, progress.contents.total_steps
+                # Drawn here, between steps: the library unlocks the trainer for the callback.
+                image = previews.after(step, total)
                 # With ComfyUI's server, the bar's hook raises InterruptProcessingException
                 # (and clears the interrupt flag) when the user interrupts.
                 if bar is not None:
-                    bar.update_absolute(progress.contents.step, progress.contents.total_steps)
+                    bar.update_absolute(step, total, image)
                 if model_management is not None and model_management.processing_interrupted():
                     return 1  # ComfyUI's interrupt cancels the run
                 return 0
@@ -620,7 +776,6 @@ class SDTI_TrainEmbedding:
 
         callback = sdti_lib.PROGRESS_FN(on_progress)
         params.progress = callback
-        trainer = ctypes.c_void_p()
         try:
             lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
         except sdti_lib.SdtiError as e:
@@ -640,12 +795,18 @@ class SDTI_TrainEmbedding:
                 f"{' (the model default)' if int(resolution) == 0 else ''}, text from CLIP "
                 f"layer {clip_layer}, word written as {export_format}"
             )
-            log.info("%s: %s: %s", label, checkpoint, "; ".join([model_line] + notes))
+            run_line = _run_line(lib, trainer, prediction_type, zero_terminal_snr, random_crop)
+            log.info("%s: %s: %s", label, checkpoint, "; ".join([model_line, run_line] + notes))
             for data, width, height in image_batch_to_rgb8(images):
                 lib.check(
                     lib.trainer_add_image(trainer, data, width, height, 0, 0, None),
                     "sdti_trainer_add_image",
                 )
+            # The word before training, where previews start (and a preview prompt the
+            # library cannot read is said now, not hours later).
+            first = previews.first()
+            if bar is not None and first is not None:
+                bar.update_absolute(0, int(steps), first)
             stats = sdti_lib.StepStats()
             stats.struct_size = ctypes.sizeof(stats)
             status = lib.trainer_step(trainer, int(steps), ctypes.byref(stats))
@@ -678,7 +839,9 @@ class SDTI_TrainEmbedding:
             f"{token}: {stats.step} steps in {stats.seconds:.0f} s, loss {stats.loss:.4f}"
             f"{' (recompute on)' if recomputed else ''}\n"
             f"model: {model_line}\n"
+            f"run: {run_line}\n"
             + "".join(f"note: {n}\n" for n in notes)
+            + (f"note: {previews.stopped}\n" if previews.stopped else "")
             + f"wrote {path}\nprompt: {prompt}"
         )
         # "ui" is what ComfyUI sends to the browser (web/sdti.js shows it on the node).

@@ -75,6 +75,13 @@ SDTI_WRITE_OVERWRITE = 1  # flag of sdti_trainer_export_ex / sdti_embedding_conv
 SDTI_FAMILY_SD1 = 1
 SDTI_FAMILY_SD2 = 2
 SDTI_FAMILY_SDXL = 3
+# sdti_trainer_params.prediction_type and .zero_terminal_snr, sdti_trainer_prediction (ABI 1.5).
+SDTI_PREDICTION_MODEL = 0
+SDTI_PREDICTION_EPSILON = 1
+SDTI_PREDICTION_V = 2
+SDTI_ZERO_SNR_MODEL = 0
+SDTI_ZERO_SNR_OFF = 1
+SDTI_ZERO_SNR_ON = 2
 for _name, _value in list(globals().items()):
     if _name.startswith("SDTI_") or _name == "ABI_MAJOR":
         if getattr(_capi, _name) != _value:

@@ -106,8 +106,11 @@ _RECOMPUTE = {
 _PREDICTIONS = {
     "model": _capi.SDTI_PREDICTION_MODEL,
     "epsilon": _capi.SDTI_PREDICTION_EPSILON,
-    "v": _capi.SDTI_PREDICTION_V,
+    "v_prediction": _capi.SDTI_PREDICTION_V,
+    "v": _capi.SDTI_PREDICTION_V,  # short for v_prediction
 }
+# What the library says a run predicts, by diffusers' names (as `sdti train` prints them).
+_PREDICTION_NAMES = {_capi.SDTI_PREDICTION_EPSILON: "epsilon", _capi.SDTI_PREDICTION_V: "v_prediction"}
 _ZERO_SNR = {"model": _capi.SDTI_ZERO_SNR_MODEL, "off": _capi.SDTI_ZERO_SNR_OFF, "on": _capi.SDTI_ZERO_SNR_ON}
 _FAMILIES = {_capi.SDTI_FAMILY_SD1: "sd1", _capi.SDTI_FAMILY_SD2: "sd2", _capi.SDTI_FAMILY_SDXL: "sdxl"}
 _CHUNK_STYLES = {"a1111": _capi.SDTI_CHUNKS_A1111, "comfyui": _capi.SDTI_CHUNKS_COMFYUI}
@@ -375,8 +378,12 @@ class Trainer:
     SD 2.x or SDXL; `token` the word (one name, no spaces or path characters); `init` the
     text whose token vectors start it; `vectors` per token; `device` "auto" (the build's
     GPU backend, else the CPU), "cpu", "cuda", "cuda:N" or "metal"; `precision` "auto" (bf16 on CUDA, f32 elsewhere), "f32", "f16"
-    or "bf16"; `resolution` 0 for the model's own. The other options are those of the C
-    params (sdti_trainer_params). Use it in a `with` block, or call `close()`.
+    or "bf16"; `resolution` 0 for the model's own. `prediction_type` ("model",
+    "epsilon" or "v_prediction") and `zero_terminal_snr` ("model", "off" or "on") override
+    what the model's files say (a v-prediction SDXL fine-tune without a `v_pred` key);
+    `clip_skip` 0 is the model family's layer; `random_crop` picks one random crop per
+    picture instead of the center. The other options are those of the C params
+    (sdti_trainer_params). Use it in a `with` block, or call `close()`.
     """
 
     def __init__(
@@ -400,7 +407,7 @@ class Trainer:
         resume: Optional[PathLike] = None,
         recompute: str = "auto",
         memory_budget_mib: int = 0,
-        prediction: str = "model",
+        prediction_type: str = "model",
         zero_terminal_snr: str = "model",
         clip_skip: int = 0,
         random_crop: bool = False,
@@ -450,7 +457,7 @@ class Trainer:
         # Revision 3 of the params (ABI 1.5): an older library reads none of it, so a
         # setting other than the default is refused there rather than dropped.
         newer = {
-            "prediction_type": _choice(_PREDICTIONS, prediction, "prediction"),
+            "prediction_type": _choice(_PREDICTIONS, prediction_type, "prediction_type"),
             "zero_terminal_snr": _choice(_ZERO_SNR, zero_terminal_snr, "zero_terminal_snr"),
             "clip_skip": int(clip_skip),
             "random_crop": 1 if random_crop else 0,
@@ -521,12 +528,13 @@ class Trainer:
 
     @property
     def prediction(self) -> Tuple[str, bool]:
-        """What the run's UNet predicts ("epsilon" or "v") and whether its noise schedule
-        is rescaled to zero terminal SNR (C ABI 1.5)."""
+        """What the run's UNet predicts ("epsilon" or "v_prediction") and whether its noise
+        schedule is rescaled to zero terminal SNR: the `prediction_type` and
+        `zero_terminal_snr` given, else what the model's files say (C ABI 1.5)."""
         prediction, zero_snr = ctypes.c_uint32(), ctypes.c_uint32()
         status = self._lib.trainer_prediction(self._h(), ctypes.byref(prediction), ctypes.byref(zero_snr))
         _raise(self._lib, status, "sdti_trainer_prediction")
-        name = {v: k for k, v in _PREDICTIONS.items()}.get(prediction.value, str(prediction.value))
+        name = _PREDICTION_NAMES.get(prediction.value, str(prediction.value))
         return name, zero_snr.value == _capi.SDTI_ZERO_SNR_ON
 
     @property
@@ -634,6 +642,37 @@ class Trainer:
             ctypes.byref(needed), ctypes.byref(rows), ctypes.byref(dim))
         _raise(lib, status, "vectors")
         return out
+
+    def preview(
+        self,
+        prompt: Optional[str] = None,
+        *,
+        seed: int = 0,
+        steps: int = 0,
+        size: int = 0,
+        pil: bool = False,
+    ) -> Any:
+        """Draws the word as the run has learned it so far (sdti_trainer_preview, C ABI
+        1.5): `prompt` (None: "a photo of {}"; "{}" and the token both stand for the word)
+        from the noise of `seed`, `steps` DDIM steps (0: 20, as `sdti train`'s previews)
+        with guidance 7.5, a square of `size` pixels (0: the run's resolution), with the
+        run's clip skip, prediction type and noise schedule. Returns a uint8 array
+        [height, width, 3], or a PIL image with `pil=True`. The same arguments on the same
+        word give the same picture, and drawing changes nothing in the run. It may be
+        called from the `train` progress callback, to watch the word as it trains."""
+        if prompt is not None:
+            _text(prompt, "prompt")  # a str, else TypeError
+        try:
+            data, width, height = self._lib.preview_rgb(self._h(), prompt, seed, steps, size)
+        except Error as e:
+            e.status = _status(e.status)
+            raise
+        if pil:
+            from PIL import Image
+
+            return Image.frombytes("RGB", (width, height), data)
+        np = _numpy()
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
 
     def encoder(self) -> "Encoder":
         """A prompt encoder on this run's text encoder(s), with the word registered under
@@ -753,6 +792,26 @@ class Encoder:
         """How long prompts are chunked: "a1111" (the default) or "comfyui"."""
         code = _choice(_CHUNK_STYLES, style, "chunk style")
         _raise(self._lib, self._lib.encoder_set_chunk_style(self._h(), code), "set_chunk_style")
+
+    def set_prompt_weights(self, enabled: bool) -> None:
+        """Whether prompts are read with weights as the chunk style's host reads them
+        (True, the default: A1111's `(word)`, `(word:1.3)`, `[word]`, `BREAK`, or
+        ComfyUI's `(word:1.3)`), or as plain text (C ABI 1.5)."""
+        status = self._lib.encoder_set_prompt_weights(self._h(), 1 if enabled else 0)
+        _raise(self._lib, status, "set_prompt_weights")
+
+    def token_weights(self, prompt: str) -> List[float]:
+        """The prompt weight of each slot `tokenize` gives (1.0 where none applies),
+        C ABI 1.5."""
+        lib, raw = self._lib, _text(prompt, "prompt")
+        needed = ctypes.c_size_t()
+        status = lib.encoder_token_weights(self._h(), raw, None, 0, ctypes.byref(needed))
+        if status != _capi.SDTI_ERR_BUFFER_TOO_SMALL:
+            _raise(lib, status, "token_weights")
+        out = (ctypes.c_float * max(needed.value, 1))()
+        status = lib.encoder_token_weights(self._h(), raw, out, needed.value, ctypes.byref(needed))
+        _raise(lib, status, "token_weights")
+        return [float(v) for v in out[: needed.value]]
 
     # -- words
 

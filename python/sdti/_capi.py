@@ -222,11 +222,20 @@ SIGNATURES = _signatures()
 # Functions newer than ABI_MINOR_NEEDED: {name: (the minor that added it, restype,
 # argtypes)}. Bound when the library has them; else calling one raises Error
 # (SDTI_ERR_UNSUPPORTED) naming the ABI it needs.
-NEWER_SIGNATURES = {
-    "sdti_trainer_prediction": (
-        5, ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)],
-    ),
-}
+def _newer_signatures():
+    c = ctypes
+    i32, u32, u64, size, vp, s = c.c_int32, c.c_uint32, c.c_uint64, c.c_size_t, c.c_void_p, c.c_char_p
+    p_u32, p_size, p_f32, p_u8 = c.POINTER(u32), c.POINTER(size), c.POINTER(c.c_float), c.POINTER(c.c_uint8)
+    return {
+        "sdti_trainer_prediction": (5, i32, [vp, p_u32, p_u32]),
+        # (trainer, prompt, seed, steps, size, rgb, cap, &width, &height)
+        "sdti_trainer_preview": (5, i32, [vp, s, u64, u32, u32, p_u8, size, p_u32, p_u32]),
+        "sdti_encoder_set_prompt_weights": (5, i32, [vp, u32]),
+        "sdti_encoder_token_weights": (5, i32, [vp, s, p_f32, size, p_size]),
+    }
+
+
+NEWER_SIGNATURES = _newer_signatures()
 
 
 def library_file_name():
@@ -376,6 +385,30 @@ class Library:
             self._lib.sdti_encoder_free(encoder)
         lines = [line for line in notes.split("\n") if line]
         return family.value, resolution.value, -int(clip_skip.value), lines
+
+    def preview_rgb(self, trainer, prompt=None, seed=0, steps=0, size=0):
+        """sdti_trainer_preview (C ABI 1.5): the word as the run has learned it so far,
+        drawn from `prompt` (None: "a photo of {}"; {} and the token stand for the word)
+        with the noise of `seed`, `steps` DDIM steps (0: 20) at `size` pixels (0: the
+        run's resolution). Returns (RGB8 bytes, width, height), rows tightly packed."""
+        raw = None if prompt is None else str(prompt).encode("utf-8")
+        seed, steps, size = int(seed), int(steps), int(size)
+        for name, value, top in (("seed", seed, 2**64 - 1), ("steps", steps, 2**32 - 1), ("size", size, 2**32 - 1)):
+            if not 0 <= value <= top:  # ctypes would wrap it silently
+                raise ValueError(f"preview: {name} {value} is out of range 0..{top}")
+        width, height = ctypes.c_uint32(), ctypes.c_uint32()
+        status = self.trainer_preview(
+            trainer, raw, seed, steps, size, None, 0, ctypes.byref(width), ctypes.byref(height))
+        if status != SDTI_ERR_BUFFER_TOO_SMALL:
+            self.check(status, "sdti_trainer_preview")
+        n = width.value * height.value * 3
+        buf = (ctypes.c_uint8 * n)()
+        self.check(
+            self.trainer_preview(
+                trainer, raw, seed, steps, size, buf, n, ctypes.byref(width), ctypes.byref(height)),
+            "sdti_trainer_preview",
+        )
+        return bytes(buf), width.value, height.value
 
     def inspect(self, path):
         """sdti_embedding_inspect's JSON, parsed."""

@@ -275,6 +275,74 @@ def test_ctrl_c_stops_after_the_step_and_raises_keyboard_interrupt():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_preview_draws_the_word_as_it_trains():
+    """Trainer.preview (sdti_trainer_preview): the word as learned so far, as an array or
+    a PIL image, the same for the same seed, drawable from the progress callback."""
+    from PIL import Image
+
+    with with_images(trainer(learning_rate=0.1)) as t:
+        first = t.preview(seed=1, steps=4)
+        assert first.dtype == np.uint8 and first.shape == (64, 64, 3)
+        assert first.max() > first.min()
+        assert np.array_equal(t.preview(seed=1, steps=4), first)
+        assert np.array_equal(t.preview("a photo of {}", seed=1, steps=4), first)
+        assert np.array_equal(t.preview("a photo of pyword", seed=1, steps=4), first)
+        assert not np.array_equal(t.preview(seed=2, steps=4), first)
+        assert t.preview(seed=1, steps=4, size=96).shape == (96, 96, 3)
+        image = t.preview(seed=1, steps=4, pil=True)
+        assert isinstance(image, Image.Image) and image.size == (64, 64) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), first)
+        # From the progress callback, between steps: what a preview after the step draws.
+        seen = []
+        t.train(2, progress=lambda p: seen.append(t.preview(seed=1, steps=4)))
+        assert len(seen) == 2 and not np.array_equal(seen[-1], first)
+        assert np.array_equal(t.preview(seed=1, steps=4), seen[-1])
+        # Bad values: the library's reason, naming the argument; Python's own checks.
+        with pytest.raises(sdti.Error) as e:
+            t.preview(size=60)
+        assert e.value.status == sdti.Status.INVALID_ARGUMENT and "size 60" in e.value.message
+        with pytest.raises(sdti.Error) as e:
+            t.preview(steps=1001)
+        assert "steps 1001" in e.value.message
+        with pytest.raises(ValueError, match="seed"):
+            t.preview(seed=-1)
+        with pytest.raises(TypeError, match="prompt"):
+            t.preview(b"a photo")
+
+
+def test_run_settings_of_abi_1_5():
+    """prediction_type, zero_terminal_snr, clip_skip and random_crop reach the run."""
+    with trainer(prediction_type="v_prediction", zero_terminal_snr="on", clip_skip=2,
+                 random_crop=True) as t:
+        assert t.prediction == ("v_prediction", True)
+        with t.encoder() as encoder:
+            assert encoder.clip_skip == 2
+        with_images(t, 1)
+        assert t.train(1).step == 1
+    with trainer(prediction_type="v") as t:  # short for v_prediction
+        assert t.prediction == ("v_prediction", False)
+    with pytest.raises(ValueError, match="prediction_type"):
+        trainer(prediction_type="x0")
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        trainer(zero_terminal_snr="yes")
+    with pytest.raises(sdti.Error) as e:
+        trainer(clip_skip=9)  # the tiny text encoder has 3 layers
+    assert e.value.status == sdti.Status.INVALID_ARGUMENT and "3 layers" in e.value.message
+
+
+def test_encoder_prompt_weights():
+    """The encoder reads prompt weights as the chunk style's host does, or plain text."""
+    with sdti.Encoder(TINY_SD) as encoder:
+        prompt = "a (photo:1.5) of a toy"
+        weights = encoder.token_weights(prompt)
+        assert len(weights) == len(encoder.tokenize(prompt).ids)
+        assert weights[2] == 1.5 and weights[1] == 1.0, weights[:6]
+        weighted = encoder.encode(prompt)
+        encoder.set_prompt_weights(False)
+        assert set(encoder.token_weights(prompt)) == {1.0}
+        assert not np.array_equal(encoder.encode(prompt), weighted)
+
+
 def test_with_frees_the_handle_and_encoders_outlive_it(sd_reference):
     with with_images(trainer(token="held")) as t:
         t.train(1)

@@ -234,8 +234,24 @@ def test_without_comfyui():
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node["id"]] == node["display_name"]
     check_classes_match_manifest(pack, manifest)
     # overwrite is a BOOLEAN widget, off unless asked for.
+    train_inputs = {i["name"]: i for i in manifest["nodes"][0]["inputs"]}
     assert pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"].INPUT_TYPES()["required"]["overwrite"] == (
-        "BOOLEAN", {"default": False, "tooltip": manifest["nodes"][0]["inputs"][-1]["tooltip"]})
+        "BOOLEAN", {"default": False, "tooltip": train_inputs["overwrite"]["tooltip"]})
+    # ABI 1.5's settings are optional inputs (older workflows load unchanged), each choice
+    # one of the library's codes.
+    optional = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"].INPUT_TYPES()["optional"]
+    assert list(optional) == ["prediction_type", "zero_terminal_snr", "clip_skip", "random_crop",
+                              "preview_prompt", "preview_every"], list(optional)
+    lib_codes = pack.nodes.sdti_lib
+    assert pack.nodes._PREDICTION_TYPES == {
+        "model": lib_codes.SDTI_PREDICTION_MODEL, "epsilon": lib_codes.SDTI_PREDICTION_EPSILON,
+        "v_prediction": lib_codes.SDTI_PREDICTION_V}
+    assert pack.nodes._ZERO_SNR == {
+        "model": lib_codes.SDTI_ZERO_SNR_MODEL, "off": lib_codes.SDTI_ZERO_SNR_OFF,
+        "on": lib_codes.SDTI_ZERO_SNR_ON}
+    for name, table in (("prediction_type", pack.nodes._PREDICTION_TYPES),
+                        ("zero_terminal_snr", pack.nodes._ZERO_SNR)):
+        assert train_inputs[name]["options"] == list(table), name
 
     lib = pack.nodes.library()
     abi = lib.abi_version()
@@ -254,9 +270,42 @@ def test_without_comfyui():
     # The tiny model fits anywhere: auto keeps recompute off; asked for, it is on, and the
     # report says so.
     assert "recompute" not in ui["text"][0], ui
+    # What the run uses: the model's prediction type and schedule, center crops.
+    assert "\nrun: predicts epsilon (the model's), zero terminal SNR off (the model's), " \
+        "center crops\n" in ui["text"][0], ui
     _, ui = as_comfyui_merges(
         train.run(**train_args(token="pyword-on", recompute="on")))
     assert "(recompute on)" in ui["text"][0], ui
+
+    # ABI 1.5's run settings reach the library (sdti_trainer_prediction and the encoder
+    # made from the trainer say what the run uses).
+    _, ui = as_comfyui_merges(train.run(**train_args(
+        token="pyword-v", prediction_type="v_prediction", zero_terminal_snr="on", clip_skip=2,
+        random_crop=True)))
+    report = ui["text"][0]
+    assert "\nrun: predicts v_prediction (as set), zero terminal SNR on (as set), random " \
+        "crops\n" in report, report
+    assert "text from CLIP layer -2" in report, report
+    message = expect(ValueError, train.run, **train_args(token="badpred", prediction_type="v"))
+    assert "prediction_type" in message and "'v'" in message, message
+    message = expect(ValueError, train.run, **train_args(token="badsnr", zero_terminal_snr="yes"))
+    assert "zero_terminal_snr" in message, message
+    # The tiny text encoder has 3 layers: the library refuses a deeper clip skip.
+    message = expect(pack.nodes.sdti_lib.SdtiError, train.run, **train_args(token="deep", clip_skip=9))
+    assert "9" in message and "3 layers" in message, message
+
+    # Outside ComfyUI no progress display shows previews: none are drawn, the run trains.
+    lib = pack.nodes.library()
+
+    def no_preview(*_args):
+        raise AssertionError("a preview was drawn without ComfyUI")
+
+    lib.preview_rgb = no_preview
+    try:
+        _, ui = as_comfyui_merges(train.run(**train_args(token="pyword-previews", preview_every=1)))
+        assert "3 steps" in ui["text"][0], ui
+    finally:
+        del lib.preview_rgb
 
     inspect = pack.NODE_CLASS_MAPPINGS["SDTI_InspectEmbedding"]()
     summary, vectors, text = inspect.run(embedding=path)
@@ -383,7 +432,7 @@ def test_families():
                 assert "v_prediction" in lines.lines[0] or "v-prediction" in lines.lines[0], \
                     lines.lines
         # SDXL's notes: what loading found (the prediction type and where it came from).
-        assert "epsilon" in lines.lines[0], lines.lines
+        assert "folder: epsilon" in lines.lines[0], lines.lines
     finally:
         logger.removeHandler(lines)
     # A size the library does not take is its clear error, naming the field.
@@ -460,7 +509,7 @@ def fake_comfyui(root, interrupt_after=None, hook=True):
     - the server's progress hook (main.py hijack_progress) calls
       throw_exception_if_processing_interrupted, which clears the flag and raises.
     The state's "warnings" are the logging warnings recorded meanwhile."""
-    state = {"updates": [], "interrupt": False, "warnings": [], "on_step": None}
+    state = {"updates": [], "previews": [], "interrupt": False, "warnings": [], "on_step": None}
     folder_paths = types.ModuleType("folder_paths")
     extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
     names_and_paths = {
@@ -572,6 +621,7 @@ def fake_comfyui(root, interrupt_after=None, hook=True):
             state["interrupt"] = True  # the user pressed Cancel while this step ran
         throw()  # as hijack_progress does, before it reports the step
         state["updates"].append(value)
+        state["previews"].append((value, preview))
         if state["on_step"] is not None:
             state["on_step"](value)
 
@@ -591,6 +641,148 @@ def fake_comfyui(root, interrupt_after=None, hook=True):
     comfy.utils, comfy.model_management = utils, mm
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm})
     return state
+
+
+class FakeImage:
+    """What the pack makes of a preview when PIL is not installed here: PIL's frombytes
+    as a record (ComfyUI always has PIL; this Python may not)."""
+
+    def __init__(self, mode, size, data):
+        assert mode == "RGB" and len(data) == size[0] * size[1] * 3, (mode, size, len(data))
+        self.mode, self.size, self.data = mode, size, bytes(data)
+
+    def tobytes(self):
+        return self.data
+
+
+class pil_modules:
+    """PIL as this Python has it, or a stand-in for PIL.Image.frombytes (available=True);
+    or none at all, an import that fails (available=False)."""
+
+    def __init__(self, available=True):
+        self.available = available
+        self.saved = {}
+
+    def __enter__(self):
+        for name in ("PIL", "PIL.Image"):
+            self.saved[name] = sys.modules.get(name)
+        if not self.available:
+            sys.modules["PIL"] = sys.modules["PIL.Image"] = None  # import fails
+            return None
+        try:
+            from PIL import Image  # noqa: F401
+            return "PIL"
+        except ImportError:
+            pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
+            image.frombytes = FakeImage
+            pil.Image = image
+            sys.modules.update({"PIL": pil, "PIL.Image": image})
+            return "stand-in"
+
+    def __exit__(self, *_exc):
+        for name, module in self.saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def check_previews(state, pack, name):
+    """Item 5: the Train node sends previews to ComfyUI's progress display as it trains:
+    before the first step, every preview_every steps and at the last, each as ComfyUI's
+    samplers send theirs (latent_preview.py): ("JPEG", a PIL image, the size to show)."""
+    node = pack.NODE_CLASS_MAPPINGS["SDTI_TrainEmbedding"]
+    lib = pack.nodes.library()
+    with pil_modules() as kind:
+        print(f"previews made with {kind}")
+        del state["updates"][:], state["previews"][:]
+        (_, path), ui = as_comfyui_merges(node().run(**train_args(
+            checkpoint=name, token="previewed", steps=5, preview_every=2, learning_rate="0.1",
+            preview_prompt="a photo of {} on a table")))
+        assert "5 steps" in ui["text"][0] and os.path.exists(path), ui
+        assert state["updates"] == [0, 1, 2, 3, 4, 5], state["updates"]
+        sent = [(value, preview) for value, preview in state["previews"] if preview is not None]
+        assert [value for value, _ in sent] == [0, 2, 4, 5], state["previews"]
+        for _, (kind_, image, max_size) in sent:
+            assert kind_ == "JPEG" and max_size == 512, (kind_, max_size)
+            assert image.mode == "RGB" and tuple(image.size) == (64, 64), (image.mode, image.size)
+        pictures = [image.tobytes() for _, (_, image, _) in sent]
+        assert pictures[0] != pictures[-1], "the word's preview did not change as it trained"
+
+        # The previews are the library's: its picture of the prompt with the word, the
+        # node's seed (1), the library's default steps, at the run's resolution.
+        params = sdti_lib_params(pack, name, token="previewed")
+        alone = ctypes_trainer(pack, params)
+        try:
+            data, width, height = lib.preview_rgb(alone, "a photo of {} on a table", 1)
+        finally:
+            lib.trainer_free(alone)
+        assert (width, height) == (64, 64)
+        assert data == pictures[0], "the first preview is not the initial word's picture"
+
+        # A preview that fails during the run stops the previews, not the run; the report
+        # says so.
+        calls = []
+        real = lib.preview_rgb
+
+        def flaky(*args):
+            calls.append(args)
+            if len(calls) == fail_at:
+                raise pack.nodes.sdti_lib.SdtiError(18, "sdti_trainer_preview", "a test failure")
+            return real(*args)
+
+        lib.preview_rgb, fail_at = flaky, 2
+        try:
+            del state["previews"][:]
+            (_, path), ui = as_comfyui_merges(node().run(**train_args(
+                checkpoint=name, token="flaky", steps=5, preview_every=2)))
+            assert "note: previews stopped at step 2: sdti_trainer_preview: a test failure\n" \
+                in ui["text"][0], ui
+            assert os.path.exists(path)
+            assert [v for v, p in state["previews"] if p is not None] == [0], state["previews"]
+            # The first one fails before training starts: raised, nothing trained.
+            calls[:], fail_at = [], 1
+            del state["updates"][:]
+            message = expect(pack.nodes.sdti_lib.SdtiError, node().run, **train_args(
+                checkpoint=name, token="flaky-first", steps=5, preview_every=2))
+            assert "Train Embedding (sdti): preview: a test failure" in message, message
+            assert state["updates"] == [], state["updates"]
+        finally:
+            del lib.preview_rgb
+
+    # Without PIL no preview can be made: said in the log, and the run trains as without.
+    with pil_modules(available=False):
+        del state["updates"][:], state["previews"][:], state["warnings"][:]
+        (_, path), _ = as_comfyui_merges(node().run(**train_args(
+            checkpoint=name, token="no-pil", steps=3, preview_every=1)))
+        assert os.path.exists(path) and state["updates"] == [1, 2, 3], state["updates"]
+        assert all(p is None for _, p in state["previews"]), state["previews"]
+        assert any("previews need PIL" in w for w in state["warnings"]), state["warnings"]
+
+
+def sdti_lib_params(pack, name, token):
+    """The Train node's params for the tiny model (as train_args gives them) as a C host
+    fills them, to compare the node with the library alone."""
+    import ctypes
+
+    lib, sdti_lib = pack.nodes.library(), pack.nodes.sdti_lib
+    params = sdti_lib.TrainerParams()
+    lib.check(lib.trainer_params_init(ctypes.byref(params)), "sdti_trainer_params_init")
+    keep = [os.fsencode(pack.nodes.resolve_file("checkpoints", name)), token.encode(), b"toy",
+            b"cpu", b"0.1"]
+    params.model_path, params.token, params.init_text, params.device, params.learning_rate = keep
+    params.vectors, params.resolution, params.seed, params.max_steps = 2, 64, 1, 5
+    return params, keep
+
+
+def ctypes_trainer(pack, params_and_strings):
+    import ctypes
+
+    params, _keep = params_and_strings
+    lib = pack.nodes.library()
+    trainer = ctypes.c_void_p()
+    lib.check(lib.trainer_new(ctypes.byref(params), ctypes.byref(trainer)), "sdti_trainer_new")
+    return trainer
 
 
 def comfy_pack(root, module, **kwargs):
@@ -634,6 +826,7 @@ def test_with_comfyui_stand_ins():
     (pt,), _ = as_comfyui_merges(pack.NODE_CLASS_MAPPINGS["SDTI_ConvertEmbedding"]().run(
         format="a1111-pt", precision="f32", name="", path=path))
     assert pt == os.path.join(embeddings, "comfyword-a1111-pt.pt"), pt
+    check_previews(state, pack, name)
 
     # A file in the checkpoints folder that is not a model: the library's reason, naming it.
     message = expect(pack.nodes.sdti_lib.SdtiError, node().run,
