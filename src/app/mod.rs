@@ -3,7 +3,8 @@
 //! written as training goes ([`run_folder`]), preview pictures ([`preview`]), the loss plot
 //! and PNG writing ([`plot`]), the fixed-noise evaluation the demo reports ([`eval`]), and
 //! the timing of training steps that `sdti bench` and the benchmark share ([`bench`]).
-//! The engine (`model`, `train`, `prompt`, `embedding`, `ffi`) never imports this module.
+//! The engine (`model`, `train`, `prompt`, `embedding`) never imports this module; the C
+//! ABI (`ffi`) does, for its training previews (`sdti_trainer_preview`).
 
 pub mod bench;
 pub mod eval;

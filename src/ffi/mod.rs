@@ -53,7 +53,8 @@ pub const SDTI_ABI_MAJOR: u32 = 1;
 ///    `sdti_trainer_get_part_vectors`; `SDTI_FORMAT_DIFFUSERS_SDXL`
 ///    (`sdti.formats.diffusers-sdxl/1`); `sdti_trainer_params.resolution` 0 (the new
 ///    default) picks the model family's resolution, `sdti_trainer_resolution` tells it.
-/// 5: `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
+/// 5 (`sdti.prompt.weights/1`, `sdti.train.preview/1`, `sdti.train.fit-check/1`):
+///    `sdti_trainer_params.prediction_type`, `.zero_terminal_snr`, `.clip_skip` and
 ///    `.random_crop` (revision 3 of the params), `SDTI_PREDICTION_*`, `SDTI_ZERO_SNR_*`,
 ///    `sdti_trainer_prediction`; `SDTI_ERR_MEMORY`: `sdti_trainer_new` refuses a run
 ///    that cannot fit in memory before it reads the weights; prompt weights read and
@@ -187,6 +188,9 @@ fn features() -> Vec<&'static str> {
         "sdti.prompt.a1111/1",
         "sdti.prompt.comfyui/1",
         "sdti.prompt.diffusers/1",
+        "sdti.prompt.weights/1",
+        "sdti.train.preview/1",
+        "sdti.train.fit-check/1",
     ];
     if cfg!(feature = "cuda") {
         f.push("sdti.cuda/1");

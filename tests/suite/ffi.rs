@@ -328,6 +328,13 @@ fn versions_features_and_status_strings() {
     ] {
         assert_eq!(has(id), 1, "{id} (ABI 1.4)");
     }
+    for id in [
+        "sdti.prompt.weights/1",
+        "sdti.train.preview/1",
+        "sdti.train.fit-check/1",
+    ] {
+        assert_eq!(has(id), 1, "{id} (ABI 1.5)");
+    }
     // Since ABI 1.1 the device chooses the precision unless the host does (every other
     // test here trains through that default on the CPU, i.e. in f32).
     assert_eq!(unsafe_params_init().precision, SDTI_PRECISION_AUTO);
