@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # gpu-check.sh -- the CUDA checks of sdti, run ON a GPU machine in one go:
+#   0. sdti's fused CUDA kernels (tests/suite/gpu_kernels.rs: src/gpu against candle's composed
+#      ops and an f64 evaluation, f32 within 1e-5 and f16/bf16 within 1e-2; well under a minute);
 #   1. the reference-parity tests (tests/suite/parity.rs: f32 at the engine's tolerances,
 #      f64 finite differences, f16/bf16 against torch's own error) and the inversion and
 #      f16 loss-scaling tests, on cuda:0;
@@ -55,7 +57,7 @@ status=0
 # use TF32 tensor cores (10-bit mantissa) for f32 convolutions (candle's cuBLAS calls are
 # true f32 by default).
 echo "== tests on cuda:0" | tee "$out/tests.log"
-for filters in "parity::" "training::f16_training learning::inversion"; do
+for filters in "gpu_kernels::" "parity::" "training::f16_training learning::inversion"; do
     # shellcheck disable=SC2086
     SDTI_TEST_DEVICE=cuda SDTI_REPO_ROOT=$PWD NVIDIA_TF32_OVERRIDE=0 \
         timeout 120 "$bin/suite" --test-threads 1 --nocapture $filters 2>&1 | tee -a "$out/tests.log"

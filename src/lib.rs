@@ -56,6 +56,8 @@ pub mod device;
 pub mod embedding;
 pub mod error;
 pub mod ffi;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod names;
