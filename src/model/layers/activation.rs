@@ -31,6 +31,10 @@ pub(crate) fn silu_grad(g: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
             g * s * (1.0 + x * (1.0 - s))
         });
     }
+    #[cfg(feature = "cuda")]
+    if crate::gpu::fusable(&[g, x]) {
+        return crate::gpu::silu_backward(g, x);
+    }
     let s = candle_nn::ops::sigmoid(x)?;
     let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
     g * d
@@ -55,6 +59,8 @@ impl Activation {
     pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Activation::QuickGelu if is_cpu_f32(&[x]) => map_cpu(x, quick_gelu_f32),
+            #[cfg(feature = "cuda")]
+            Activation::QuickGelu if crate::gpu::fusable(&[x]) => crate::gpu::quick_gelu_forward(x),
             Activation::QuickGelu => {
                 let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU_ALPHA)?)?;
                 x * s
@@ -71,6 +77,10 @@ impl Activation {
             Activation::QuickGelu if is_cpu_f32(&[g, x]) => {
                 zip_cpu(g, x, |g, x| g * quick_gelu_grad_f32(x))
             }
+            #[cfg(feature = "cuda")]
+            Activation::QuickGelu if crate::gpu::fusable(&[g, x]) => {
+                crate::gpu::quick_gelu_backward(g, x)
+            }
             Activation::QuickGelu => {
                 let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU_ALPHA)?)?;
                 // s + 1.702 x s (1 - s)
@@ -79,6 +89,10 @@ impl Activation {
             }
             Activation::GeluErf if is_cpu_f32(&[g, x]) => {
                 zip_cpu(g, x, |g, x| g * gelu_erf_grad_f32(x))
+            }
+            #[cfg(feature = "cuda")]
+            Activation::GeluErf if crate::gpu::fusable(&[g, x]) => {
+                crate::gpu::gelu_erf_backward(g, x)
             }
             Activation::GeluErf => {
                 // Phi(x) + x phi(x)
@@ -127,6 +141,10 @@ pub(crate) fn geglu_apply(h: &Tensor) -> candle_core::Result<Tensor> {
     let last = h.rank() - 1;
     let half = h.dim(last)? / 2;
     if !is_cpu_f32(&[h]) {
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[h]) {
+            return crate::gpu::geglu_forward(h);
+        }
         let gate = Activation::GeluErf.apply(&h.narrow(last, half, half)?)?;
         return h.narrow(last, 0, half)? * gate;
     }
@@ -154,6 +172,10 @@ pub(crate) fn geglu_input_grad(g: &Tensor, h: &Tensor) -> candle_core::Result<Te
     let last = h.rank() - 1;
     let half = h.dim(last)? / 2;
     if !is_cpu_f32(&[g, h]) {
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[g, h]) {
+            return crate::gpu::geglu_backward(g, h);
+        }
         let (a, b) = (h.narrow(last, 0, half)?, h.narrow(last, half, half)?);
         let da = (g * Activation::GeluErf.apply(&b)?)?;
         let db = Activation::GeluErf.input_grad(&(g * a)?, &b)?;

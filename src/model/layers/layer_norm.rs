@@ -50,6 +50,12 @@ impl LayerNorm {
             let (y, stats) = layer_norm_cpu(x, gamma, beta, eps)?;
             return Ok((y, Some(stats)));
         }
+        // sdti's CUDA kernel, which keeps the statistics for the backward pass.
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[x, gamma, beta]) {
+            let (y, mean, rstd) = crate::gpu::layer_norm_forward(x, gamma, beta, eps)?;
+            return Ok((y, Some((mean, rstd))));
+        }
         if uses_fused_norm(x) {
             let y = candle_nn::ops::layer_norm(&x.contiguous()?, gamma, beta, eps as f32)?;
             return Ok((y, None));
@@ -69,6 +75,10 @@ impl LayerNorm {
         let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
         if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
             return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight);
+        }
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[g, x, &self.weight]) && mean.dtype() == DType::F32 {
+            return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, &self.weight, None);
         }
         normalise_last_dim_backward(&g.broadcast_mul(&self.weight)?, x, &mean, &rstd)
     }
