@@ -305,9 +305,9 @@ impl Block for ClipLayer {
         drop((da, s.h));
         let dn2 = self.fc1.input_grad(&dh)?;
         drop(dh);
-        let dx1 = (g + self
+        let dx1 = self
             .layer_norm2
-            .input_grad(&dn2, &s.x1, s.stats2.as_ref())?)?;
+            .input_grad_add(&dn2, &s.x1, s.stats2.as_ref(), g)?;
         drop((dn2, s.x1));
         let do_ = self.out_proj.input_grad(&dx1)?;
         let [q, k, v] = Linear::parts(&s.qkv)?;
@@ -328,7 +328,9 @@ impl Block for ClipLayer {
         let dn1 = self
             .qkv_proj
             .input_grad_of_parts([grads.0, grads.1, grads.2])?;
-        let dx = (dx1 + self.layer_norm1.input_grad(&dn1, x, s.stats1.as_ref())?)?;
+        let dx = self
+            .layer_norm1
+            .input_grad_add(&dn1, x, s.stats1.as_ref(), &dx1)?;
         Ok((Some(dx), None))
     }
 }

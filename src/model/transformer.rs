@@ -269,7 +269,9 @@ impl TransformerBlock {
         drop((da, s.h));
         let dn3 = self.ff_proj.input_grad(&dh)?;
         drop(dh);
-        let dx2 = (g + self.norm3.input_grad(&dn3, &s.x2, s.stats3.as_ref())?)?;
+        let dx2 = self
+            .norm3
+            .input_grad_add(&dn3, &s.x2, s.stats3.as_ref(), g)?;
         drop((dn3, s.x2));
 
         // Cross-attention: x2 = x1 + out2(attn(q2(norm2(x1)), kv2(context))).
@@ -298,7 +300,9 @@ impl TransformerBlock {
             dq2.ok_or_else(|| candle_core::Error::Msg("attention: no query gradient".into()))?;
         let dn2 = self.q2.input_grad(&dq2)?;
         drop(dq2);
-        let dx1 = (&dx2 + self.norm2.input_grad(&dn2, &s.x1, s.stats2.as_ref())?)?;
+        let dx1 = self
+            .norm2
+            .input_grad_add(&dn2, &s.x1, s.stats2.as_ref(), &dx2)?;
         drop((dn2, dx2, s.x1));
 
         // Self-attention: x1 = x + out1(attn(qkv1(norm1(x)))).
@@ -308,7 +312,9 @@ impl TransformerBlock {
             self.attend_backward(&q, &k, &v, &s.o1, &s.lse1, &do1, scale, [true; 3])?;
         drop((do1, q, k, v, s.qkv, s.o1, s.lse1));
         let dn1 = self.qkv1.input_grad_of_parts([dq, dk, dv])?;
-        let dx = (dx1 + self.norm1.input_grad(&dn1, &s.x, s.stats1.as_ref())?)?;
+        let dx = self
+            .norm1
+            .input_grad_add(&dn1, &s.x, s.stats1.as_ref(), &dx1)?;
         Ok((Some(dx), dcontext))
     }
 }

@@ -82,6 +82,26 @@ impl LayerNorm {
         }
         normalise_last_dim_backward(&g.broadcast_mul(&self.weight)?, x, &mean, &rstd)
     }
+
+    /// `d_residual + self.input_grad(g, x, stats)`: the gradient of a residual stream that
+    /// also feeds this norm (a pre-norm block's input); one pass on a GPU.
+    pub(crate) fn input_grad_add(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+        d_residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[g, x, &self.weight, d_residual]) {
+            let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
+            if mean.dtype() == DType::F32 {
+                let w = &self.weight;
+                return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, w, Some(d_residual));
+            }
+        }
+        d_residual + self.input_grad(g, x, stats)?
+    }
 }
 
 /// Layer normalisation of f32 CPU rows in one pass per row (statistics accumulated in
