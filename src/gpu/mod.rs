@@ -132,8 +132,18 @@ pub fn enabled() -> bool {
 
 /// Whether the layers should run the fused kernels on these tensors: the kernels are on, and
 /// the tensors all live on the same CUDA device with the same f32, f16 or bf16 dtype.
+/// (Checked on every layer call: no error is built when the answer is no.)
 pub fn fusable(ts: &[&Tensor]) -> bool {
-    enabled() && common(ts, "").is_ok()
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    let (device, dtype) = (first.device(), first.dtype());
+    enabled()
+        && device.is_cuda()
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && ts
+            .iter()
+            .all(|t| t.dtype() == dtype && t.device().same_device(device))
 }
 
 /// The CUDA device and the dtype all of `ts` share, or an error naming `op`.
@@ -162,8 +172,13 @@ fn common(ts: &[&Tensor], op: &str) -> Result<(CudaDevice, DType)> {
     Ok((dev.clone(), dtype))
 }
 
+/// A count for a kernel parameter: at most 2^31 - 1, so that the kernels' u32 grid-stride
+/// indices cannot wrap around.
 fn as_u32(n: usize, what: &str) -> Result<u32> {
-    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what} {n} exceeds 2^32 - 1")))
+    match i32::try_from(n) {
+        Ok(n) => Ok(n as u32),
+        Err(_) => bail!("{what} {n} exceeds 2^31 - 1"),
+    }
 }
 
 fn cuda_storage(s: &Storage) -> Result<&CudaStorage> {
