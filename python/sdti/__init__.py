@@ -25,7 +25,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from . import _capi
 from ._capi import Cancelled, Error
@@ -371,7 +371,47 @@ def _trainer_callback(ref: "weakref.ref[Trainer]") -> Any:
     return _capi.PROGRESS_FN(on_progress)
 
 
-class Trainer:
+_H = TypeVar("_H", bound="_Handle")
+
+
+class _Handle:
+    """What the Trainer and the Encoder share: an opaque handle of the library, released by
+    `close()` (or leaving a `with` block, or garbage collection), refused once closed."""
+
+    _FREE = ""  # the name of the library's `_free` function for this handle
+
+    _lib: _capi.Library
+    _handle: Optional[ctypes.c_void_p]
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            getattr(self._lib, self._FREE)(handle)
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone
+            pass
+
+    def _h(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise ValueError(f"this sdti.{type(self).__name__} is closed")
+        return self._handle
+
+    def _u32(self, fn: Any, what: str) -> int:
+        value = ctypes.c_uint32()
+        _raise(self._lib, fn(self._h(), ctypes.byref(value)), what)
+        return value.value
+
+
+class Trainer(_Handle):
     """One Textual Inversion run: a word learned on a model (sdti_trainer_*).
 
     `model` is a diffusers folder or a single-file .safetensors checkpoint of SD 1.x,
@@ -385,6 +425,8 @@ class Trainer:
     picture instead of the center. The other options are those of the C params
     (sdti_trainer_params). Use it in a `with` block, or call `close()`.
     """
+
+    _FREE = "trainer_free"
 
     def __init__(
         self,
@@ -481,31 +523,7 @@ class Trainer:
 
     def close(self) -> None:
         """Releases the run (sdti_trainer_free). Encoders made from it stay valid."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.trainer_free(handle)
-
-    def __enter__(self) -> "Trainer":
-        return self
-
-    def __exit__(self, *_exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone
-            pass
-
-    def _h(self) -> ctypes.c_void_p:
-        if self._handle is None:
-            raise ValueError("this sdti.Trainer is closed")
-        return self._handle
-
-    def _u32(self, fn: Any, what: str) -> int:
-        value = ctypes.c_uint32()
-        _raise(self._lib, fn(self._h(), ctypes.byref(value)), what)
-        return value.value
+        super().close()
 
     # -- the model and the run
 
@@ -696,10 +714,12 @@ class Tokens:
     vector_index: List[int]
 
 
-class Encoder:
+class Encoder(_Handle):
     """Encodes prompts into the conditioning a UNet takes, with learned words (in any of
     the spellings `word`, `embedding:word`, `<word>`) injected (sdti_encoder_*). Loads only
     the model's text encoder(s)."""
+
+    _FREE = "encoder_free"
 
     def __init__(self, model: PathLike, *, device: str = "auto", precision: str = "auto") -> None:
         self._handle: Optional[ctypes.c_void_p] = None
@@ -721,32 +741,6 @@ class Encoder:
         encoder._lib, encoder._handle = lib, handle
         return encoder
 
-    def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.encoder_free(handle)
-
-    def __enter__(self) -> "Encoder":
-        return self
-
-    def __exit__(self, *_exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-    def _h(self) -> ctypes.c_void_p:
-        if self._handle is None:
-            raise ValueError("this sdti.Encoder is closed")
-        return self._handle
-
-    def _u32(self, fn: Any, what: str) -> int:
-        value = ctypes.c_uint32()
-        _raise(self._lib, fn(self._h(), ctypes.byref(value)), what)
-        return value.value
 
     # -- the model
 
