@@ -5,7 +5,10 @@
 //! - GEGLU forward and backward (diffusers' feed-forward gate, exact erf GELU);
 //! - the erf GELU's, SiLU's and quick GELU's input gradients, and the quick GELU forward;
 //! - layer normalisation forward with its per-row statistics kept, and backward from them,
-//!   optionally adding the residual stream's gradient in the same pass.
+//!   optionally adding the residual stream's gradient in the same pass;
+//! - group normalisation over `[B, C, ...]` forward with its per-(n, group) statistics kept,
+//!   and backward from them, each optionally followed by SiLU (the resnet block's norm ->
+//!   SiLU), the groups split across blocks (only 32 groups at batch 1).
 //!
 //! The `.cu` files under `src/gpu/kernels` are compiled to PTX by `build.rs` (nvcc, as
 //! candle-kernels builds its own), embedded as strings, loaded once per device with candle's
@@ -37,6 +40,7 @@ mod ptx {
 enum Module {
     Activations,
     LayerNorm,
+    GroupNorm,
 }
 
 impl Module {
@@ -45,6 +49,7 @@ impl Module {
         match self {
             Module::Activations => "sdti_activations",
             Module::LayerNorm => "sdti_layer_norm",
+            Module::GroupNorm => "sdti_group_norm",
         }
     }
 
@@ -52,6 +57,7 @@ impl Module {
         match self {
             Module::Activations => ptx::ACTIVATIONS,
             Module::LayerNorm => ptx::LAYER_NORM,
+            Module::GroupNorm => ptx::GROUP_NORM,
         }
     }
 }
@@ -100,6 +106,35 @@ const LAYER_NORM_BWD: Kernel = Kernel {
 const LAYER_NORM_BWD_ADD: Kernel = Kernel {
     module: Module::LayerNorm,
     name: "layer_norm_bwd_add",
+};
+
+const GROUP_NORM_STATS: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_stats",
+};
+const GROUP_NORM_FWD: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_fwd",
+};
+const GROUP_NORM_SILU_FWD: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_silu_fwd",
+};
+const GROUP_NORM_BWD_SUMS: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_bwd_sums",
+};
+const GROUP_NORM_SILU_BWD_SUMS: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_silu_bwd_sums",
+};
+const GROUP_NORM_BWD: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_bwd",
+};
+const GROUP_NORM_SILU_BWD: Kernel = Kernel {
+    module: Module::GroupNorm,
+    name: "group_norm_silu_bwd",
 };
 
 /// Threads per block of the elementwise and layer-norm kernels (eight warps: eight rows of a
@@ -599,6 +634,274 @@ fn layer_norm_backward_t<T: Elem>(
     // const f32* rstd, const T* gamma, [const T* d_residual,] T* dx, u32 rows, u32 c), as
     // pushed above; g, x, d_residual and dx hold rows * c values, mean and rstd rows, gamma c.
     unsafe { b.launch(warp_rows_config(rows)) }.w()?;
+    drop(b);
+    Ok(tensor(dx, dev, x.dims()))
+}
+
+/// Values of a group one block of the group-norm kernels reduces, about (256 threads x 8).
+const GN_CHUNK: usize = 2048;
+/// The most blocks one group is split across (the apply kernels combine their group's
+/// partial results serially, in one thread).
+const GN_MAX_CHUNKS: usize = 128;
+
+/// The shape of a group-norm launch: `[B, C, ...]` as `rows = B*G` groups of `n = cpg * hw`
+/// contiguous values, each split into `chunks` chunks of `chunk_len` (the last one shorter),
+/// one block per chunk.
+#[derive(Clone, Copy, Debug)]
+struct GnShape {
+    rows: usize,
+    n: u32,
+    chunk_len: u32,
+    chunks: u32,
+    hw: u32,
+    cpg: u32,
+    groups: u32,
+}
+
+impl GnShape {
+    fn new(x: &Tensor, groups: usize, op: &str) -> Result<Self> {
+        let dims = x.dims();
+        if dims.len() < 2 {
+            bail!("{op}: expected [batch, channels, ...], got {dims:?}");
+        }
+        let c = dims[1];
+        if groups == 0 || !c.is_multiple_of(groups) {
+            bail!("{op}: {c} channels cannot be split into {groups} groups");
+        }
+        let hw: usize = dims[2..].iter().product();
+        let n = (c / groups) * hw;
+        let chunks = n.div_ceil(GN_CHUNK).clamp(1, GN_MAX_CHUNKS);
+        let chunk_len = n.div_ceil(chunks).max(1);
+        // Recounted so that no chunk is empty.
+        let chunks = n.div_ceil(chunk_len).max(1);
+        let rows = dims[0] * groups;
+        as_u32(rows * chunks, &format!("{op}: blocks"))?;
+        Ok(Self {
+            rows,
+            n: as_u32(n, &format!("{op}: values per group"))?,
+            chunk_len: as_u32(chunk_len, &format!("{op}: chunk"))?,
+            chunks: chunks as u32,
+            hw: as_u32(hw, &format!("{op}: spatial size"))?,
+            cpg: as_u32(c / groups, &format!("{op}: channels per group"))?,
+            groups: as_u32(groups, &format!("{op}: groups"))?,
+        })
+    }
+
+    /// One block of [`BLOCK`] threads per (group, chunk).
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((self.rows * self.chunks as usize) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Two f32 partial results per block.
+    fn partials(&self) -> usize {
+        2 * self.rows * self.chunks as usize
+    }
+}
+
+/// Checks a group norm's per-channel `gamma`, `beta` (`[C]`) against `x`.
+fn gn_affine(x: &Tensor, gamma: &Tensor, beta: &Tensor, op: &str) -> Result<()> {
+    let c = x.dims()[1];
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        bail!(
+            "{op}: weight {:?} and bias {:?} do not match the {c} channels",
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    Ok(())
+}
+
+/// Group normalisation of `x` (`[B, C, ...]`, `groups` groups of `C / groups` channels) with
+/// the per-channel affine `gamma`, `beta` (`[C]`, the dtype of `x`), followed by SiLU when
+/// `silu`: `(y, mean, rstd)`, the statistics in f32 shaped `[B, groups, 1]` (as
+/// [`crate::model::layers`]' group norm keeps them), `rstd = 1/sqrt(var + eps)` (biased
+/// variance, as torch).
+pub fn group_norm_forward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "group_norm_forward";
+    let (dev, dtype) = common(&[x, gamma, beta], op)?;
+    let shape = GnShape::new(x, groups, op)?;
+    gn_affine(x, gamma, beta, op)?;
+    let stat_dims = vec![x.dims()[0], groups, 1];
+    if x.elem_count() == 0 {
+        // No values: the output is empty; the statistics of empty groups are 0 and 1/sqrt(eps).
+        let y = Tensor::zeros(x.dims(), dtype, x.device())?;
+        let mean = Tensor::zeros(stat_dims.clone(), DType::F32, x.device())?;
+        let rstd = Tensor::full((1.0 / eps.sqrt()) as f32, stat_dims, x.device())?;
+        return Ok((y, mean, rstd));
+    }
+    let (x, gamma, beta) = (x.contiguous()?, gamma.contiguous()?, beta.contiguous()?);
+    let args = (shape, eps as f32, silu);
+    by_dtype!(
+        dtype,
+        group_norm_forward_t(&dev, &x, &gamma, &beta, args, stat_dims)
+    )
+}
+
+fn group_norm_forward_t<T: Elem>(
+    dev: &CudaDevice,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (s, eps, silu): (GnShape, f32, bool),
+    stat_dims: Vec<usize>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = gamma.storage_and_layout();
+    let (bs, bl) = beta.storage_and_layout();
+    let (xv, wv, bv) = (
+        view::<T>(&xs, xl)?,
+        view::<T>(&ws, wl)?,
+        view::<T>(&bs, bl)?,
+    );
+    let mut part = alloc::<f32>(dev, s.partials())?;
+    let mut y = alloc::<T>(dev, x.elem_count())?;
+    let mut mean = alloc::<f32>(dev, s.rows)?;
+    let mut rstd = alloc::<f32>(dev, s.rows)?;
+    let stream = dev.cuda_stream();
+
+    let func = load(dev, GROUP_NORM_STATS, T::DTYPE)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv).arg(&mut part);
+    b.arg(&s.n).arg(&s.chunk_len).arg(&s.chunks).arg(&s.groups);
+    // SAFETY: the entry point takes (const T* x, f32* part, u32 n, u32 chunk_len,
+    // u32 chunks, u32 groups), as pushed above; x holds rows * n values, part two per block
+    // of the grid (rows * chunks blocks), every one of which it writes.
+    unsafe { b.launch(s.config()) }.w()?;
+    drop(b);
+
+    let kernel = if silu {
+        GROUP_NORM_SILU_FWD
+    } else {
+        GROUP_NORM_FWD
+    };
+    let func = load(dev, kernel, T::DTYPE)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv).arg(&wv).arg(&bv).arg(&part);
+    b.arg(&mut y).arg(&mut mean).arg(&mut rstd);
+    b.arg(&s.n).arg(&s.chunk_len).arg(&s.chunks);
+    b.arg(&s.hw).arg(&s.cpg).arg(&s.groups).arg(&eps);
+    // SAFETY: the entry points take (const T* x, const T* gamma, const T* beta,
+    // const f32* part, T* y, f32* mean, f32* rstd, u32 n, u32 chunk_len, u32 chunks, u32 hw,
+    // u32 cpg, u32 groups, f32 eps), as pushed above; x and y hold rows * n values, gamma and
+    // beta groups * cpg, part the stats kernel's partials, mean and rstd rows.
+    unsafe { b.launch(s.config()) }.w()?;
+    drop(b);
+    Ok((
+        tensor(y, dev, x.dims()),
+        tensor(mean, dev, stat_dims.clone()),
+        tensor(rstd, dev, stat_dims),
+    ))
+}
+
+/// The input gradient of [`group_norm_forward`] (with the same `silu`) from the output
+/// gradient `g` and the statistics it kept (f32, one per (n, group)): with
+/// `xhat = (x - mean) * rstd`, `gs = g * gamma` (with SiLU, `g * silu'(xhat * gamma + beta)
+/// * gamma`, the SiLU's input recomputed), per group
+/// `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = "group_norm_backward";
+    let (dev, dtype) = common(&[g, x, gamma, beta], op)?;
+    let shape = GnShape::new(x, groups, op)?;
+    gn_affine(x, gamma, beta, op)?;
+    if g.dims() != x.dims() {
+        bail!(
+            "{op}: gradient {:?} does not match the input {:?}",
+            g.dims(),
+            x.dims()
+        );
+    }
+    for (name, st) in [("mean", mean), ("rstd", rstd)] {
+        if st.dtype() != DType::F32
+            || !st.device().same_device(x.device())
+            || st.elem_count() != shape.rows
+        {
+            bail!(
+                "{op}: {name} must be f32 on the input's device with one value per (batch, \
+                 group) ({}), not {:?} {:?}",
+                shape.rows,
+                st.dtype(),
+                st.dims()
+            );
+        }
+    }
+    if x.elem_count() == 0 {
+        return Tensor::zeros(x.dims(), dtype, x.device());
+    }
+    let (g, x) = (g.contiguous()?, x.contiguous()?);
+    let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
+    let (mean, rstd) = (mean.contiguous()?, rstd.contiguous()?);
+    let inputs = [&g, &x, &mean, &rstd, &gamma, &beta];
+    by_dtype!(dtype, group_norm_backward_t(&dev, inputs, shape, silu))
+}
+
+fn group_norm_backward_t<T: Elem>(
+    dev: &CudaDevice,
+    [g, x, mean, rstd, gamma, beta]: [&Tensor; 6],
+    s: GnShape,
+    silu: bool,
+) -> Result<Tensor> {
+    let (gs, gl) = g.storage_and_layout();
+    let (xs, xl) = x.storage_and_layout();
+    let (ms, ml) = mean.storage_and_layout();
+    let (rs, rl) = rstd.storage_and_layout();
+    let (ws, wl) = gamma.storage_and_layout();
+    let (bs, bl) = beta.storage_and_layout();
+    let (gv, xv) = (view::<T>(&gs, gl)?, view::<T>(&xs, xl)?);
+    let (wv, bv) = (view::<T>(&ws, wl)?, view::<T>(&bs, bl)?);
+    let (mv, rv) = (view::<f32>(&ms, ml)?, view::<f32>(&rs, rl)?);
+    let mut part = alloc::<f32>(dev, s.partials())?;
+    let mut dx = alloc::<T>(dev, x.elem_count())?;
+    let stream = dev.cuda_stream();
+
+    let (sums, apply) = if silu {
+        (GROUP_NORM_SILU_BWD_SUMS, GROUP_NORM_SILU_BWD)
+    } else {
+        (GROUP_NORM_BWD_SUMS, GROUP_NORM_BWD)
+    };
+    let func = load(dev, sums, T::DTYPE)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&gv).arg(&xv).arg(&mv).arg(&rv).arg(&wv).arg(&bv);
+    b.arg(&mut part);
+    b.arg(&s.n).arg(&s.chunk_len).arg(&s.chunks);
+    b.arg(&s.hw).arg(&s.cpg).arg(&s.groups);
+    // SAFETY: the entry points take (const T* dy, const T* x, const f32* mean,
+    // const f32* rstd, const T* gamma, const T* beta, f32* part, u32 n, u32 chunk_len,
+    // u32 chunks, u32 hw, u32 cpg, u32 groups), as pushed above; dy and x hold rows * n
+    // values, mean and rstd rows, gamma and beta groups * cpg, part two per block of the grid,
+    // every one of which it writes.
+    unsafe { b.launch(s.config()) }.w()?;
+    drop(b);
+
+    let func = load(dev, apply, T::DTYPE)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&gv).arg(&xv).arg(&mv).arg(&rv).arg(&wv).arg(&bv);
+    b.arg(&part).arg(&mut dx);
+    b.arg(&s.n).arg(&s.chunk_len).arg(&s.chunks);
+    b.arg(&s.hw).arg(&s.cpg).arg(&s.groups);
+    // SAFETY: the entry points take the sums kernel's arguments with part read-only, then
+    // T* dx (rows * n values), as pushed above.
+    unsafe { b.launch(s.config()) }.w()?;
     drop(b);
     Ok(tensor(dx, dev, x.dims()))
 }

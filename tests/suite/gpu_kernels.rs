@@ -160,14 +160,21 @@ gpu_test!(
     layer_norm_kernels_match_the_composition => on_gpu::layer_norm
 );
 gpu_test!(
+    /// Group norm forward (output, mean, 1/std) and backward, each with and without the
+    /// fused SiLU, as above, at SD's widths (320/640/1280 channels in 32 groups, batch 1 and
+    /// 8, odd spatial sizes), tiny groups and one group split across the most blocks.
+    group_norm_kernels_match_the_composition => on_gpu::group_norm
+);
+gpu_test!(
     /// The wrappers refuse what they do not implement: CPU tensors, f64, mixed dtypes,
     /// mismatched shapes, an odd GEGLU width; and `fusable` says so.
     kernel_wrappers_refuse_unsupported_input => on_gpu::refusals
 );
 gpu_test!(
     /// At SD 1.5's batch-8 shapes in bf16 (64x64 latents: 4096 tokens of 320 channels, the
-    /// GEGLU projection 2560 wide), each kernel agrees with the composed ops the layers ran
-    /// before within 1e-2; prints the time of both (for the record, not asserted).
+    /// GEGLU projection 2560 wide; group norm + SiLU over [8, 320, 64, 64]), each kernel
+    /// agrees with the composed ops the layers ran before within 1e-2; prints the time of both
+    /// (for the record, not asserted).
     kernels_at_sd_shapes_match_the_composition => on_gpu::sd_shapes
 );
 
@@ -488,6 +495,138 @@ mod on_gpu {
         Ok(())
     }
 
+    /// Group norm (`groups` groups over dimension 1) of f64 values, SiLU after it when
+    /// `silu`: `(y, mean, rstd, xhat)`, the statistics `[B, groups, 1]`.
+    fn group_norm64(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let xg = x.reshape((x.dim(0)?, groups, ()))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let centred = xg.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + eps)?.sqrt()?.recip()?;
+        let xhat = centred.broadcast_mul(&rstd)?.reshape(x.dims())?;
+        let (w, b) = (per_channel(w, x.rank())?, per_channel(b, x.rank())?);
+        let a = xhat.broadcast_mul(&w)?.broadcast_add(&b)?;
+        let y = if silu { (&a * sigmoid(&a)?)? } else { a };
+        Ok((y, mean, rstd, xhat))
+    }
+
+    /// A `[C]` vector shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
+    fn per_channel(v: &Tensor, rank: usize) -> Result<Tensor> {
+        let mut dims = vec![1, v.dim(0)?];
+        dims.resize(rank, 1);
+        v.reshape(dims)
+    }
+
+    /// The group norm the layers composed before the kernels: candle-nn's layer norm over
+    /// each group's values, the affine in two broadcast passes, then SiLU.
+    fn group_norm_composed(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let xg = x.reshape((x.dim(0)?, groups, ()))?.contiguous()?;
+        let n = xg.dim(2)?;
+        let ones = Tensor::ones(n, x.dtype(), x.device())?;
+        let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+        let xhat = candle_nn::ops::layer_norm(&xg, &ones, &zeros, eps as f32)?;
+        let y = xhat
+            .reshape(x.dims())?
+            .broadcast_mul(&per_channel(w, x.rank())?)?
+            .broadcast_add(&per_channel(b, x.rank())?)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
+    pub fn group_norm(device: &Device) -> Result<()> {
+        let eps = 1e-5;
+        // (dims, groups): SD 1.5's resnet widths at batch 1 and 8 with odd spatial sizes,
+        // a rank-3 and a rank-2 input (one value per group: variance 0), and one group of
+        // 2.9M values (more than 128 blocks x 2048 values: long chunks).
+        let shapes: [(&[usize], usize); 8] = [
+            (&[1, 320, 63, 65], 32),
+            (&[8, 320, 17, 15], 32),
+            (&[1, 640, 31, 33], 32),
+            (&[8, 640, 9, 7], 32),
+            (&[8, 1280, 7, 9], 32),
+            (&[3, 96, 5], 32),
+            (&[4, 32], 32),
+            (&[1, 32, 301, 299], 1),
+        ];
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (dims, groups) in shapes {
+                let c = dims[1];
+                let (x, x64) = input(dims, 2.0, 5.0, dtype, device)?;
+                let (w, w64) = input(&[c], 0.5, 1.0, dtype, device)?;
+                let (b, b64) = input(&[c], 0.5, 0.0, dtype, device)?;
+                let (g, g64) = input(dims, 1.0, 0.0, dtype, device)?;
+                let t = tol(dtype);
+                for silu in [false, true] {
+                    let what = format!("group_norm_forward {dims:?} / {groups} silu {silu}");
+                    let (y64, mean64, rstd64, xhat64) =
+                        group_norm64(&x64, &w64, &b64, groups, eps, silu)?;
+                    let (y, mean, rstd) = gpu::group_norm_forward(&x, &w, &b, groups, eps, silu)?;
+                    check(&what, dtype, &y, &y64, t);
+                    // Statistics in f32 of the rounded input: f32 accuracy in every dtype.
+                    check(&format!("{what} mean"), DType::F32, &mean, &mean64, 1e-5);
+                    check(&format!("{what} rstd"), DType::F32, &rstd, &rstd64, 1e-5);
+                    let composed = group_norm_composed(&x, &w, &b, groups, eps, silu)?;
+                    // The composition rounds the normalised values to the storage type
+                    // before the affine and the SiLU: two roundings more.
+                    check(
+                        &format!("{what} vs composed"),
+                        dtype,
+                        &y,
+                        &composed,
+                        2.0 * t,
+                    );
+
+                    // gs = g silu'(a) w, a = xhat w + b; per group
+                    // dx = rstd (gs - mean(gs) - xhat mean(gs xhat))
+                    let (wc, bc) = (per_channel(&w64, x.rank())?, per_channel(&b64, x.rank())?);
+                    let mut gs = g64.clone();
+                    if silu {
+                        let a = xhat64.broadcast_mul(&wc)?.broadcast_add(&bc)?;
+                        let s = sigmoid(&a)?;
+                        gs = (gs * (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?)?;
+                    }
+                    let gs = gs.broadcast_mul(&wc)?.reshape((dims[0], groups, ()))?;
+                    let xg = xhat64.reshape((dims[0], groups, ()))?;
+                    let mean_g = gs.mean_keepdim(D::Minus1)?;
+                    let mean_gx = (&gs * &xg)?.mean_keepdim(D::Minus1)?;
+                    let want = gs
+                        .broadcast_sub(&mean_g)?
+                        .sub(&xg.broadcast_mul(&mean_gx)?)?
+                        .broadcast_mul(&rstd64)?
+                        .reshape(dims)?;
+                    let got = gpu::group_norm_backward(&g, &x, &mean, &rstd, &w, &b, groups, silu)?;
+                    let what = format!("group_norm_backward {dims:?} / {groups} silu {silu}");
+                    check(&what, dtype, &got, &want, t);
+                    let per_group = x.elem_count() / (dims[0] * groups);
+                    if dtype == DType::F32 && x.elem_count() < 100_000 && per_group > 1 {
+                        let f = |x: &Tensor| {
+                            Ok(gpu::group_norm_forward(x, &w, &b, groups, eps, silu)?.0)
+                        };
+                        directional(&what, f, &got, &x, &g)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn refusals(device: &Device) -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (4, 6), device)?;
         let cpu = x.to_device(&Device::Cpu)?;
@@ -518,6 +657,27 @@ mod on_gpu {
         let half_mean = mean.to_dtype(DType::BF16)?;
         assert!(gpu::layer_norm_backward(&x, &x, &half_mean, &rstd, &w, None).is_err());
         assert!(gpu::layer_norm_backward(&x, &x, &mean, &rstd, &w, Some(&xbf)).is_err());
+
+        let x4 = Tensor::randn(0f32, 1.0, (2, 6, 3, 3), device)?;
+        assert!(
+            gpu::group_norm_forward(&x4, &w, &w, 4, 1e-5, false).is_err(),
+            "6 channels in 4 groups"
+        );
+        assert!(gpu::group_norm_forward(&x4, &w.narrow(0, 0, 5)?, &w, 3, 1e-5, true).is_err());
+        assert!(
+            gpu::group_norm_forward(&w, &w, &w, 3, 1e-5, false).is_err(),
+            "rank 1"
+        );
+        let (_, mean, rstd) = gpu::group_norm_forward(&x4, &w, &w, 3, 1e-5, false)?;
+        assert_eq!(mean.dims(), [2, 3, 1]);
+        let half_mean = mean.to_dtype(DType::BF16)?;
+        assert!(gpu::group_norm_backward(&x4, &x4, &half_mean, &rstd, &w, &w, 3, false).is_err());
+        assert!(
+            gpu::group_norm_backward(&x4, &x4, &mean, &rstd, &w, &w, 2, false).is_err(),
+            "statistics of another grouping"
+        );
+        let g = x4.narrow(3, 0, 2)?;
+        assert!(gpu::group_norm_backward(&g, &x4, &mean, &rstd, &w, &w, 3, true).is_err());
         Ok(())
     }
 
@@ -628,6 +788,45 @@ mod on_gpu {
                     .broadcast_sub(&mean_g)?
                     .sub(&xhat.broadcast_mul(&mean_gx)?)?;
                 &g + inner.broadcast_mul(&rstd)?.to_dtype(DType::BF16)?
+            },
+        )?;
+
+        // Group norm -> SiLU at the resnet block's first level: [8, 320, 64, 64], 32 groups.
+        let x = bf16(&[8, c, 64, 64])?;
+        let g = bf16(&[8, c, 64, 64])?;
+        let groups = 32;
+        compare(
+            device,
+            "group norm + silu forward [8, 320, 64, 64] bf16",
+            || Ok(gpu::group_norm_forward(&x, &w, &b, groups, eps, true)?.0),
+            || group_norm_composed(&x, &w, &b, groups, eps, true),
+        )?;
+        let (_, mean, rstd) = gpu::group_norm_forward(&x, &w, &b, groups, eps, true)?;
+        compare(
+            device,
+            "group norm + silu backward [8, 320, 64, 64] bf16",
+            || gpu::group_norm_backward(&g, &x, &mean, &rstd, &w, &b, groups, true),
+            || {
+                // The composed path: the SiLU's input recomputed (the norm again), the SiLU's
+                // gradient, then the normalisation's backward in f32 (statistics kept).
+                let a = group_norm_composed(&x, &w, &b, groups, eps, false)?;
+                let s = candle_nn::ops::sigmoid(&a)?;
+                let dn = (&g * (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?)?;
+                let gs = dn
+                    .broadcast_mul(&per_channel(&w, 4)?)?
+                    .reshape((8, groups, ()))?
+                    .to_dtype(DType::F32)?;
+                let xg = x.reshape((8, groups, ()))?.to_dtype(DType::F32)?;
+                let xhat = xg.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
+                let mean_g = gs.mean_keepdim(D::Minus1)?;
+                let mean_gx = (&gs * &xhat)?.mean_keepdim(D::Minus1)?;
+                let inner = gs
+                    .broadcast_sub(&mean_g)?
+                    .sub(&xhat.broadcast_mul(&mean_gx)?)?;
+                inner
+                    .broadcast_mul(&rstd)?
+                    .to_dtype(DType::BF16)?
+                    .reshape(x.dims())
             },
         )?;
         Ok(())

@@ -65,6 +65,13 @@ impl GroupNorm {
             let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
             return Ok((y, Some(stats)));
         }
+        // sdti's CUDA kernels, which keep the statistics for the backward pass.
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[x, weight, bias]) {
+            let (y, mean, rstd) =
+                crate::gpu::group_norm_forward(x, weight, bias, groups, eps, false)?;
+            return Ok((y, Some((mean, rstd))));
+        }
         let xg = x.reshape((b, groups, ()))?;
         let (xhat, stats) = if uses_fused_norm(x) {
             // One fused kernel for the normalisation (candle-nn's layer norm over each
@@ -112,6 +119,11 @@ impl GroupNorm {
         let (mean, rstd) = stats_or_recomputed(stats, &xg, self.eps)?;
         if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
             return group_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, groups);
+        }
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[g, x, &self.weight, &self.bias]) && mean.dtype() == DType::F32 {
+            let (w, bias) = (&self.weight, &self.bias);
+            return crate::gpu::group_norm_backward(g, x, &mean, &rstd, w, bias, groups, false);
         }
         let (gamma, _) = self.affine(x.rank())?;
         let gs = g.broadcast_mul(&gamma)?.reshape((b, groups, ()))?;
