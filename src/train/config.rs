@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lr_schedule::{DiffusersLrKind, LrSchedule};
 use crate::error::{Error, Result};
-use crate::model::{Family, PredictionType, Recompute};
+use crate::model::{Family, ModelConfig, PredictionType, Recompute, SchedulerConfig};
 
 /// How the learned vectors start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,6 +239,31 @@ impl TrainConfig {
             (Family::Sd2, PredictionType::VPrediction) => 768,
             _ => 512,
         }
+    }
+
+    /// The noise schedule's configuration a run of these options trains `model` with: the
+    /// model's, with `prediction_type` and `zero_terminal_snr` where they override it.
+    pub fn scheduler_for(&self, model: &ModelConfig) -> SchedulerConfig {
+        SchedulerConfig {
+            prediction_type: self
+                .prediction_type
+                .unwrap_or(model.scheduler.prediction_type),
+            rescale_betas_zero_snr: self
+                .zero_terminal_snr
+                .unwrap_or(model.scheduler.rescale_betas_zero_snr),
+            ..model.scheduler.clone()
+        }
+    }
+
+    /// The resolution a run of these options trains `model` at: `resolution`, else the
+    /// family's for the prediction type the run uses ([`TrainConfig::family_resolution`]).
+    pub fn resolution_for(&self, model: &ModelConfig) -> usize {
+        self.resolution.unwrap_or_else(|| {
+            let prediction = self
+                .prediction_type
+                .unwrap_or(model.scheduler.prediction_type);
+            Self::family_resolution(model.family, prediction)
+        })
     }
 
     /// The learning-rate schedule these options describe.

@@ -33,12 +33,7 @@ pub fn check_fits(
             None => return Ok(()),
         },
     };
-    let prediction = train
-        .prediction_type
-        .unwrap_or(model.scheduler.prediction_type);
-    let resolution = train
-        .resolution
-        .unwrap_or_else(|| TrainConfig::family_resolution(model.family, prediction));
+    let resolution = train.resolution_for(model);
     let latent = resolution / 8;
     let estimate = |r| {
         StepMemory::estimate(

@@ -23,9 +23,7 @@ use crate::embedding::{
 use crate::error::{Error, Result};
 use crate::model::clip::split_columns;
 use crate::model::memory::{available_bytes, StepMemory};
-use crate::model::{
-    Injection, LatentDist, NoiseSchedule, Recompute, SchedulerConfig, SdModel, TextEncoder,
-};
+use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SdModel, TextEncoder};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
 use crate::rng::Rng;
@@ -105,23 +103,10 @@ impl Trainer {
             second.conditioning(Some(conditioning.clip_skip))?;
         }
         config.clip_skip = Some(conditioning.clip_skip);
-        let prediction = config
-            .prediction_type
-            .unwrap_or(model.config.scheduler.prediction_type);
         // Unset, the family's resolution, recorded like clip_skip.
-        config.resolution =
-            Some(config.resolution.unwrap_or_else(|| {
-                TrainConfig::family_resolution(model.config.family, prediction)
-            }));
+        config.resolution = Some(config.resolution_for(&model.config));
         let tokenizer = ClipTokenizer::new()?;
-        let noise_schedule = SchedulerConfig {
-            prediction_type: prediction,
-            rescale_betas_zero_snr: config
-                .zero_terminal_snr
-                .unwrap_or(model.config.scheduler.rescale_betas_zero_snr),
-            ..model.config.scheduler.clone()
-        }
-        .noise_schedule()?;
+        let noise_schedule = config.scheduler_for(&model.config).noise_schedule()?;
         let templates = match &config.templates {
             Templates::Object => TemplateSet::builtin(Builtin::Object),
             Templates::Style => TemplateSet::builtin(Builtin::Style),
@@ -180,12 +165,7 @@ impl Trainer {
     /// The training resolution in pixels: the config's, or the model family's default
     /// ([`Trainer::new`] fills the config's in; [`TrainConfig::family_resolution`]).
     pub fn resolution(&self) -> usize {
-        self.config.resolution.unwrap_or_else(|| {
-            TrainConfig::family_resolution(
-                self.model.config.family,
-                self.noise_schedule.prediction_type(),
-            )
-        })
+        self.config.resolution_for(&self.model.config)
     }
 
     /// The noise schedule the loss draws timesteps and coefficients from: the model's,
@@ -198,8 +178,8 @@ impl Trainer {
     /// `zero_terminal_snr` where given, else the model's.
     pub fn zero_terminal_snr(&self) -> bool {
         self.config
-            .zero_terminal_snr
-            .unwrap_or(self.model.config.scheduler.rescale_betas_zero_snr)
+            .scheduler_for(&self.model.config)
+            .rescale_betas_zero_snr
     }
 
     pub fn model(&self) -> &Arc<SdModel> {
