@@ -7,6 +7,7 @@ use super::activation::{silu, silu_grad};
 use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::{input_grad_only, input_grad_only_saving};
 use super::group_norm::GroupNorm;
+use super::winograd::{self, KernelLayout};
 use crate::error::Result;
 use crate::model::weights::Weights;
 
@@ -70,6 +71,15 @@ impl Conv2d {
 
     /// The convolution of a tensor off the graph.
     pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = winograd_forward(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )? {
+            return Ok(y);
+        }
         let y = conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -86,6 +96,9 @@ impl Conv2d {
     ) -> candle_core::Result<Tensor> {
         let (w, stride, padding) = (&self.weight, self.stride, self.padding);
         if is_cpu_f32(&[g, w]) {
+            if let Some(gx) = winograd_input_grad(g, w, stride, padding, in_h, in_w)? {
+                return Ok(gx);
+            }
             return conv2d_input_grad_cpu(g, w, stride, padding, in_h, in_w);
         }
         // The transposed, flipped kernel is made for each backward pass and dropped:
@@ -193,6 +206,78 @@ fn conv2d_within(
         }
     }
     Tensor::from_vec(out, (b, o, oh, ow), x.device())
+}
+
+/// `x` convolved with `kernel` (plus `bias`) by [`winograd`] when the convolution is one it
+/// serves on the CPU in f32 (3x3, stride 1, padding 1, large enough); `None` otherwise.
+fn winograd_forward(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let mut operands = vec![x, kernel];
+    operands.extend(bias);
+    if !is_cpu_f32(&operands) || !winograd::enabled() {
+        return Ok(None);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (o, kc, kh, kw) = kernel.dims4()?;
+    if kc != c || !winograd::applies(kh, kw, stride, padding, h, w) {
+        return Ok(None);
+    }
+    let u = with_f32(kernel, |k| winograd::transform_kernel(k, o, c, false))?;
+    let bias = match bias {
+        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let y = with_f32(x, |x| {
+        winograd::conv3x3(
+            x,
+            (b, c, h, w),
+            &u,
+            KernelLayout::OutIn,
+            o,
+            bias.as_deref(),
+            candle_core::utils::get_num_threads(),
+        )
+    })?;
+    Ok(Some(Tensor::from_vec(y, (b, o, h, w), x.device())?))
+}
+
+/// The input gradient by [`winograd`] (the output gradient convolved with the flipped,
+/// transposed kernel, taken from `weight` inside the kernel transform) when the
+/// convolution is one it serves; `None` otherwise.
+fn winograd_input_grad(
+    g: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    in_h: usize,
+    in_w: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if !winograd::enabled() {
+        return Ok(None);
+    }
+    let (b, o, oh, ow) = g.dims4()?;
+    let (wo, c, kh, kw) = weight.dims4()?;
+    if wo != o || (oh, ow) != (in_h, in_w) || !winograd::applies(kh, kw, stride, padding, oh, ow) {
+        return Ok(None);
+    }
+    let u = with_f32(weight, |k| winograd::transform_kernel(k, o, c, true))?;
+    let gx = with_f32(g, |g| {
+        winograd::conv3x3(
+            g,
+            (b, o, oh, ow),
+            &u,
+            KernelLayout::InOut,
+            c,
+            None,
+            candle_core::utils::get_num_threads(),
+        )
+    })?;
+    Ok(Some(Tensor::from_vec(gx, (b, c, in_h, in_w), g.device())?))
 }
 
 /// Column-matrix values built at once by the CPU convolution: 16M (64 MiB), bounding its

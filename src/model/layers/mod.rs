@@ -20,6 +20,7 @@ mod group_norm;
 mod layer_norm;
 mod linear;
 mod upsample;
+mod winograd;
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu, Activation, QUICK_GELU_ALPHA};
 pub(crate) use activation::{geglu_apply, geglu_input_grad, silu_apply, silu_grad};
