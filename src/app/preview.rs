@@ -11,7 +11,7 @@ use crate::app::plot::{draw_text, text_height, text_width};
 use crate::error::{Error, Result};
 use crate::model::scheduler::{PredictionType, SchedulerConfig};
 use crate::model::unet::AddedCond;
-use crate::model::SdModel;
+use crate::model::{ModelConfig, SdModel};
 use crate::prompt::encoder::PromptEncoder;
 use crate::rng::Rng;
 use crate::sample::{ddim_sample_with, inference_time_ids, Conditioning};
@@ -86,6 +86,17 @@ pub struct SampleFieldNames {
 }
 
 impl SampleOptions {
+    /// The scheduler these options sample `model` with: the model's, with its prediction
+    /// type and its zero-terminal-SNR rescaling overridden where these options say, as
+    /// training overrides them ([`SchedulerConfig::with_overrides`], which
+    /// [`crate::train::TrainConfig::scheduler_for`] uses too); the timestep spacing stays
+    /// the model's, as a single file's `ztsnr` marker leaves it.
+    pub fn scheduler_for(&self, model: &ModelConfig) -> SchedulerConfig {
+        model
+            .scheduler
+            .with_overrides(self.prediction_type, self.zero_terminal_snr)
+    }
+
     /// Checks every value, naming the field as `sdti sample` does.
     pub fn validate(&self) -> Result<()> {
         self.validate_named(SampleFieldNames {
@@ -271,18 +282,9 @@ pub fn sample_conditioning(
     ))
 }
 
-/// The scheduler `opts` samples with: the model's, with its prediction type and its
-/// zero-terminal-SNR rescaling overridden where `opts` says (the timestep spacing stays
-/// the model's, as a single file's `ztsnr` marker leaves it).
+/// The scheduler `opts` samples `model` with ([`SampleOptions::scheduler_for`]).
 pub fn sample_scheduler(model: &SdModel, opts: &SampleOptions) -> SchedulerConfig {
-    let mut scheduler = model.config.scheduler.clone();
-    if let Some(p) = opts.prediction_type {
-        scheduler.prediction_type = p;
-    }
-    if let Some(z) = opts.zero_terminal_snr {
-        scheduler.rescale_betas_zero_snr = z;
-    }
-    scheduler
+    opts.scheduler_for(&model.config)
 }
 
 /// Draws one image with `model`'s UNet and VAE: the prompt and negative prompt through
@@ -363,6 +365,64 @@ mod tests {
         assert_eq!(img[0].get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(img[0].get_pixel(1, 0).0, [255, 255, 128]);
         Ok(())
+    }
+
+    /// A preview draws a word with the schedule it was trained with: for every model
+    /// family, both of the model's prediction types and zero-SNR settings, and every
+    /// combination of the two overrides, the sampler's scheduler is training's.
+    #[test]
+    fn preview_and_training_schedulers_agree_for_every_override() {
+        use crate::train::TrainConfig;
+        let mut models = Vec::new();
+        for base in [
+            ModelConfig::sd1(),
+            ModelConfig::sd2_base(),
+            ModelConfig::sd2(),
+            ModelConfig::sdxl(),
+        ] {
+            for zsnr in [false, true] {
+                let mut m = base.clone();
+                m.scheduler.rescale_betas_zero_snr = zsnr;
+                models.push(m);
+            }
+        }
+        let predictions = [
+            None,
+            Some(PredictionType::Epsilon),
+            Some(PredictionType::VPrediction),
+        ];
+        for model in &models {
+            for prediction_type in predictions {
+                for zero_terminal_snr in [None, Some(false), Some(true)] {
+                    let sample = SampleOptions {
+                        prediction_type,
+                        zero_terminal_snr,
+                        ..SampleOptions::default()
+                    };
+                    let train = TrainConfig {
+                        prediction_type,
+                        zero_terminal_snr,
+                        ..TrainConfig::default()
+                    };
+                    let drawn = sample.scheduler_for(model);
+                    assert_eq!(
+                        drawn,
+                        train.scheduler_for(model),
+                        "{:?} {prediction_type:?} {zero_terminal_snr:?}",
+                        model.family
+                    );
+                    // And the overrides took: what was asked, else the model's.
+                    assert_eq!(
+                        drawn.prediction_type,
+                        prediction_type.unwrap_or(model.scheduler.prediction_type)
+                    );
+                    assert_eq!(
+                        drawn.rescale_betas_zero_snr,
+                        zero_terminal_snr.unwrap_or(model.scheduler.rescale_betas_zero_snr)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -242,17 +242,12 @@ impl TrainConfig {
     }
 
     /// The noise schedule's configuration a run of these options trains `model` with: the
-    /// model's, with `prediction_type` and `zero_terminal_snr` where they override it.
+    /// model's, with `prediction_type` and `zero_terminal_snr` where they override it
+    /// ([`SchedulerConfig::with_overrides`], which previews use too).
     pub fn scheduler_for(&self, model: &ModelConfig) -> SchedulerConfig {
-        SchedulerConfig {
-            prediction_type: self
-                .prediction_type
-                .unwrap_or(model.scheduler.prediction_type),
-            rescale_betas_zero_snr: self
-                .zero_terminal_snr
-                .unwrap_or(model.scheduler.rescale_betas_zero_snr),
-            ..model.scheduler.clone()
-        }
+        model
+            .scheduler
+            .with_overrides(self.prediction_type, self.zero_terminal_snr)
     }
 
     /// The resolution a run of these options trains `model` at: `resolution`, else the

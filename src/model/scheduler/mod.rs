@@ -302,6 +302,24 @@ fn take<T: DeserializeOwned>(
 }
 
 impl SchedulerConfig {
+    /// This configuration with a run's overrides applied: `prediction_type` and
+    /// `zero_terminal_snr` (`rescale_betas_zero_snr`) where given, every other setting
+    /// (the timestep spacing too, as a single file's `ztsnr` marker leaves it) as it is.
+    /// Training ([`crate::train::TrainConfig::scheduler_for`]) and previews
+    /// ([`crate::app::preview::SampleOptions::scheduler_for`]) both go through it, so a
+    /// word is drawn with the schedule it was trained with.
+    pub fn with_overrides(
+        &self,
+        prediction_type: Option<PredictionType>,
+        zero_terminal_snr: Option<bool>,
+    ) -> Self {
+        Self {
+            prediction_type: prediction_type.unwrap_or(self.prediction_type),
+            rescale_betas_zero_snr: zero_terminal_snr.unwrap_or(self.rescale_betas_zero_snr),
+            ..self.clone()
+        }
+    }
+
     /// Reads a diffusers `scheduler/scheduler_config.json`; errors name the file.
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let text = crate::io::read::read_text(path, &crate::io::read::SCHEDULER_CONFIG)?;
@@ -637,5 +655,34 @@ mod tests {
             missing.contains("/nonexistent/scheduler_config.json"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn overrides_replace_only_the_prediction_type_and_zero_snr() {
+        // A base whose every other field differs from the defaults, so a field the
+        // override dropped or reset would show.
+        let base = SchedulerConfig::from_json_str(
+            r#"{"prediction_type": "v_prediction", "rescale_betas_zero_snr": true,
+                "timestep_spacing": "trailing", "steps_offset": 0, "beta_end": 0.02,
+                "num_train_timesteps": 500, "set_alpha_to_one": false}"#,
+        )
+        .unwrap();
+        assert_eq!(base.with_overrides(None, None), base);
+        let eps = [
+            None,
+            Some(PredictionType::Epsilon),
+            Some(PredictionType::VPrediction),
+        ];
+        for prediction in eps {
+            for zsnr in [None, Some(false), Some(true)] {
+                let got = base.with_overrides(prediction, zsnr);
+                let want = SchedulerConfig {
+                    prediction_type: prediction.unwrap_or(PredictionType::VPrediction),
+                    rescale_betas_zero_snr: zsnr.unwrap_or(true),
+                    ..base.clone()
+                };
+                assert_eq!(got, want, "{prediction:?} {zsnr:?}");
+            }
+        }
     }
 }
