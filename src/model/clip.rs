@@ -271,11 +271,11 @@ impl Block for ClipLayer {
         let [q, k, v] = Linear::parts(&qkv)?;
         let scale = self.scale(q.dim(2)?);
         let (o, lse) = attention_forward(&q, &k, &v, self.heads, scale, AttentionMask::Causal)?;
-        let x1 = (x + self.out_proj.apply(&o)?)?;
+        let x1 = self.out_proj.apply_add(&o, Some(x))?;
         let (n2, stats2) = self.layer_norm2.apply(&x1)?;
         let h = self.fc1.apply(&n2)?;
         drop(n2);
-        let y = (&x1 + self.fc2.apply(&self.activation.apply(&h)?)?)?;
+        let y = self.fc2.apply_add(&self.activation.apply(&h)?, Some(&x1))?;
         let saved = save.then_some(ClipSaved {
             stats1,
             qkv,

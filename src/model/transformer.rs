@@ -13,8 +13,8 @@ use candle_core::{DType, Tensor};
 use super::config::UnetConfig;
 use super::layers::AttentionMask;
 use super::layers::{
-    apply_block, attention_backward, attention_forward, geglu_apply, geglu_input_grad, Block,
-    Conv2d, GroupNorm, LayerNorm, Linear, Recompute, Stats,
+    apply_block, attention_backward, attention_forward, geglu_apply, geglu_input_grad, matmul,
+    Bias, Block, Conv2d, GroupNorm, LayerNorm, Linear, Recompute, Stats,
 };
 use super::weights::Weights;
 use crate::error::Result;
@@ -220,7 +220,7 @@ impl TransformerBlock {
         let [q, k, v] = Linear::parts(&qkv)?;
         let scale = self.scale(q.dim(2)?);
         let (o1, lse1) = self.attend(&q, &k, &v, scale)?;
-        let x1 = (self.out1.apply(&o1)? + x)?;
+        let x1 = self.out1.apply_add(&o1, Some(x))?;
 
         let (n2, stats2) = self.norm2.apply(&x1)?;
         let q2 = self.q2.apply(&n2)?;
@@ -228,12 +228,12 @@ impl TransformerBlock {
         let kv2 = self.kv2.apply(context)?;
         let [k2, v2] = Linear::parts(&kv2)?;
         let (o2, lse2) = self.attend(&q2, &k2, &v2, scale)?;
-        let x2 = (self.out2.apply(&o2)? + &x1)?;
+        let x2 = self.out2.apply_add(&o2, Some(&x1))?;
 
         let (n3, stats3) = self.norm3.apply(&x2)?;
         let h = self.ff_proj.apply(&n3)?;
         drop(n3);
-        let y = (self.ff_out.apply(&geglu_apply(&h)?)? + &x2)?;
+        let y = self.ff_out.apply_add(&geglu_apply(&h)?, Some(&x2))?;
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
             stats1,
@@ -320,76 +320,70 @@ impl TransformerBlock {
 }
 
 /// A projection in or out of a spatial transformer: a 1x1 convolution on the image or a
-/// linear layer on the tokens.
+/// linear layer on the tokens (SD 2.x), both a matrix product with a weight `[out, in]`
+/// and a bias. The image is read as tokens, and tokens written as the image, through
+/// transposed views in the products: no permuted copy either way.
 #[derive(Clone, Debug)]
-enum Projection {
-    /// The convolution's kernel as a matrix, `[out, in]`, and its bias.
-    Conv {
-        weight: Tensor,
-        bias: Tensor,
-    },
-    Linear(Linear),
+struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Projection {
     fn new(w: &Weights, name: &str, linear: bool) -> Result<Self> {
         Ok(if linear {
-            Projection::Linear(Linear::new(w, name, true)?)
+            let l = Linear::new(w, name, true)?;
+            Projection {
+                weight: l.weight().clone(),
+                bias: l.bias().cloned(),
+            }
         } else {
-            let conv = Conv2d::new(w, name, 1, 0)?;
-            let (weight, bias) = conv.matrix()?;
-            Projection::Conv { weight, bias }
+            let (weight, bias) = Conv2d::new(w, name, 1, 0)?.matrix()?;
+            Projection {
+                weight,
+                bias: Some(bias),
+            }
         })
     }
 
-    /// Image `[B, C, H, W]` to tokens `[B, H*W, C']`. A 1x1 convolution is a matrix
-    /// product, read from the image through a transposed view (no permuted copy).
+    /// Image `[B, C, H, W]` to tokens `[B, H*W, C']`: `X^T W^T + b`.
     fn image_to_tokens(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?;
-        match self {
-            Projection::Conv { weight, bias } => {
-                tokens.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)
-            }
-            Projection::Linear(l) => l.apply(&tokens.contiguous()?),
-        }
+        let bias = self.bias.as_ref().map_or(Bias::None, Bias::Cols);
+        matmul(&tokens, &self.weight.t()?, bias, None)
     }
 
     /// The input gradient of [`Self::image_to_tokens`] from the tokens' gradient, in the
-    /// image's layout.
+    /// image's layout: dX `[C, HW]` = W^T `[C, C']` g^T `[C', HW]`.
     fn image_to_tokens_grad(&self, g: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
         let b = g.dim(0)?;
-        let gx = match self {
-            // dX [C, HW] = W^T [C, C'] g^T [C', HW], g^T a view.
-            Projection::Conv { weight, .. } => weight.t()?.broadcast_matmul(&g.transpose(1, 2)?)?,
-            Projection::Linear(l) => l.input_grad(g)?.transpose(1, 2)?.contiguous()?,
-        };
+        let gx = matmul(&self.weight.t()?, &g.transpose(1, 2)?, Bias::None, None)?;
         let c = gx.dim(1)?;
         gx.reshape((b, c, h, w))
     }
 
-    /// Tokens `[B, H*W, C']` to the image `[B, C, H, W]`.
-    fn tokens_to_image(&self, t: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    /// Tokens `[B, H*W, C']` to the image `[B, C, H, W]`, plus the `residual` image:
+    /// Y `[C, HW]` = W `[C, C']` T^T `[C', HW]` + b + residual.
+    fn tokens_to_image(
+        &self,
+        t: &Tensor,
+        h: usize,
+        w: usize,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let b = t.dim(0)?;
-        let y = match self {
-            // Y [C, HW] = W [C, C'] T^T [C', HW], T^T a view.
-            Projection::Conv { weight, bias } => weight
-                .broadcast_matmul(&t.transpose(1, 2)?)?
-                .broadcast_add(&bias.reshape((bias.dim(0)?, 1))?)?,
-            Projection::Linear(l) => l.apply(t)?.transpose(1, 2)?.contiguous()?,
-        };
-        let c = y.dim(1)?;
-        y.reshape((b, c, h, w))
+        let c = self.weight.dim(0)?;
+        let bias = self.bias.as_ref().map_or(Bias::None, Bias::Rows);
+        let residual = residual.reshape((b, c, h * w))?;
+        matmul(&self.weight, &t.transpose(1, 2)?, bias, Some(&residual))?.reshape((b, c, h, w))
     }
 
-    /// The input gradient of [`Self::tokens_to_image`] from the image's gradient.
+    /// The input gradient of [`Self::tokens_to_image`] from the image's gradient: g^T W.
     fn tokens_to_image_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = g.dims4()?;
         let g = g.reshape((b, c, h * w))?.transpose(1, 2)?;
-        match self {
-            Projection::Conv { weight, .. } => g.broadcast_matmul(weight),
-            Projection::Linear(l) => l.input_grad(&g.contiguous()?),
-        }
+        matmul(&g, &self.weight, Bias::None, None)
     }
 }
 
@@ -455,7 +449,7 @@ impl Block for SpatialTransformer {
             blocks.extend(saved);
             h = next;
         }
-        let y = (self.proj_out.tokens_to_image(&h, hgt, wid)? + x)?;
+        let y = self.proj_out.tokens_to_image(&h, hgt, wid, x)?;
         Ok((y, save.then_some(SpatialSaved { norm_stats, blocks })))
     }
 

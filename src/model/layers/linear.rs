@@ -1,8 +1,9 @@
 //! A frozen fully connected layer.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::custom_op::input_grad_only;
+use super::gemm::{matmul, matmul_sum, Bias};
 use crate::error::Result;
 use crate::model::weights::Weights;
 
@@ -61,7 +62,9 @@ impl Linear {
     }
 
     /// The input gradient of a [`Linear::concat`] layer from its parts' output gradients,
-    /// each of which must be there: one product with the stacked weights.
+    /// each of which must be there: on f32 CPU tensors the sum of each part's product with
+    /// its rows of the stacked weights (no concatenated copy of the gradients), elsewhere
+    /// one product with the stacked weights.
     pub(crate) fn input_grad_of_parts<const N: usize>(
         &self,
         parts: [Option<Tensor>; N],
@@ -74,8 +77,28 @@ impl Linear {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let last = parts.first().map_or(0, |p| p.rank().saturating_sub(1));
-        self.input_grad(&Tensor::cat(&parts, last)?)
+        let Some(first) = parts.first() else {
+            candle_core::bail!("fused projection: no parts");
+        };
+        let mut in_dims = first.dims().to_vec();
+        let last = in_dims.len().saturating_sub(1);
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut rows = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for p in &parts {
+            let width = p.dim(last)?;
+            weights.push(self.weight.narrow(0, offset, width)?);
+            rows.push(as_rows(p)?);
+            offset += width;
+        }
+        let terms: Vec<(&Tensor, &Tensor)> = rows.iter().zip(&weights).collect();
+        match matmul_sum(&terms) {
+            Some(gx) => {
+                in_dims[last] = self.weight.dim(1)?;
+                gx?.reshape(in_dims)
+            }
+            None => self.input_grad(&Tensor::cat(&parts, last)?),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -90,27 +113,60 @@ impl Linear {
 
     /// The layer on a tensor off the graph.
     pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let last = dims.len() - 1;
-        let rows = x.elem_count() / dims[last];
-        let y = x.reshape((rows, dims[last]))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        self.apply_add(x, None)
+    }
+
+    /// The layer plus `residual` (the output's shape), added as the output is made: a
+    /// residual connection without another pass over the output.
+    pub(crate) fn apply_add(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let xr = as_rows(x)?;
+        let bias = match &self.bias {
+            Some(b) => Bias::Cols(b),
+            None => Bias::None,
         };
-        let mut out_dims = dims;
+        let mut out_dims = x.dims().to_vec();
+        let last = out_dims.len().saturating_sub(1);
         out_dims[last] = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        let mut product_dims = xr.dims().to_vec();
+        product_dims[xr.rank() - 1] = self.weight.dim(0)?;
+        let residual = residual.map(|r| r.reshape(product_dims)).transpose()?;
+        matmul(&xr, &self.weight.t()?, bias, residual.as_ref())?.reshape(out_dims)
     }
 
     /// d(loss)/d(input) from the output gradient `g`: `g W` (the input is not needed).
     pub(crate) fn input_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = g.dims().to_vec();
-        let last = dims.len() - 1;
-        let rows = g.elem_count() / dims[last];
-        let gx = g.reshape((rows, dims[last]))?.matmul(&self.weight)?;
-        let mut in_dims = dims;
+        let mut in_dims = g.dims().to_vec();
+        let last = in_dims.len().saturating_sub(1);
         in_dims[last] = self.weight.dim(1)?;
-        gx.reshape(in_dims)
+        matmul(&as_rows(g)?, &self.weight, Bias::None, None)?.reshape(in_dims)
     }
+
+    /// The weight, `[out, in]`.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out]`, when the layer has one.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// `x` (`[..., in]`) as the rows of a product: a `[rows, in]` view when it is contiguous,
+/// a strided f32 CPU `[B, N, in]` view as it is (gemm reads its strides), else a
+/// contiguous copy.
+fn as_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let Some(&width) = dims.last() else {
+        candle_core::bail!("linear: a scalar input has no features");
+    };
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    if dims.len() == 3 && !x.is_contiguous() && cpu_f32 {
+        return Ok(x.clone());
+    }
+    x.reshape((x.elem_count() / width.max(1), width))
 }

@@ -1,0 +1,384 @@
+//! Matrix products of the layers: on f32 CPU tensors, gemm writes straight into a fresh
+//! output, with the bias (and a residual) filled in first.
+//!
+//! candle's CPU matmul zero-fills its output (`vec![0; n]`: a memset, plus the page faults
+//! of a fresh block) before gemm overwrites it, and a bias or a residual is then one more
+//! full pass into one more new tensor. Here the output is either left uninitialised for
+//! gemm to write (no bias) or filled once with `residual + bias` for gemm to add the
+//! product to. Operands are read through their strides, so a transposed view (a weight's
+//! `W^T`, an image read as tokens) is never copied. Other devices and dtypes (f64 for the
+//! gradient checks, f16, CUDA) go through candle's own ops, as before.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+/// A bias added to a product's output.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Bias<'a> {
+    None,
+    /// One value per output column, `[n]`: a linear layer's on tokens.
+    Cols(&'a Tensor),
+    /// One value per output row, `[m]`: a 1x1 convolution's on a channels-first image.
+    Rows(&'a Tensor),
+}
+
+/// `a b + bias + residual`: `a` is `[m, k]` or `[B, m, k]`, `b` is `[k, n]` or `[B, k, n]`
+/// (a matrix is shared by every batch), at any strides; the result is a contiguous
+/// `[m, n]` or `[B, m, n]`. `residual`, when given, has the result's shape.
+pub(crate) fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Bias,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if is_cpu_f32(&[a, b]) {
+        return cpu_product(&[(a, b)], bias, residual);
+    }
+    let y = a.broadcast_matmul(b)?;
+    let y = match bias {
+        Bias::None => y,
+        Bias::Cols(bias) => y.broadcast_add(bias)?,
+        Bias::Rows(bias) => y.broadcast_add(&bias.reshape((bias.elem_count(), 1))?)?,
+    };
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
+/// `Σ a_i b_i` over products of one output shape (the `k` may differ): the input gradient
+/// of a fused projection from its parts' gradients, without concatenating them. `None`
+/// unless every operand is an f32 CPU tensor (the caller then takes candle's path).
+pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Option<candle_core::Result<Tensor>> {
+    let operands: Vec<&Tensor> = terms.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    (!terms.is_empty() && is_cpu_f32(&operands)).then(|| cpu_product(terms, Bias::None, None))
+}
+
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// gemm's parallelism: candle's thread count (`RAYON_NUM_THREADS`, else the cores), as
+/// candle's own CPU matmul uses; gemm itself runs small products on one thread.
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// One operand as gemm reads it: its values, the offset of its first element, and its
+/// batch, row and column strides (batch 0 for a matrix shared by every batch).
+struct Operand<'a> {
+    values: &'a [f32],
+    start: usize,
+    batch: usize,
+    /// `(rows, cols)` of one matrix.
+    dims: (usize, usize),
+    strides: [usize; 3],
+}
+
+/// The operand view of `t` (rank 2 or 3) held by `storage`.
+fn operand<'a>(t: &Tensor, storage: &'a Storage, what: &str) -> candle_core::Result<Operand<'a>> {
+    let Storage::Cpu(CpuStorage::F32(values)) = storage else {
+        candle_core::bail!("matmul: {what} is not an f32 cpu tensor");
+    };
+    let layout = t.layout();
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let (batch, rows, cols, strides) = match (dims, strides) {
+        ([r, c], [rs, cs]) => (1, *r, *c, [0, *rs, *cs]),
+        ([b, r, c], [bs, rs, cs]) => (*b, *r, *c, [if *b == 1 { 0 } else { *bs }, *rs, *cs]),
+        _ => candle_core::bail!("matmul: {what} has shape {dims:?}, not a matrix or a batch"),
+    };
+    let start = layout.start_offset();
+    // The last element read must lie in the storage: gemm reads through raw pointers.
+    if batch * rows * cols > 0 {
+        let last =
+            start + (batch - 1) * strides[0] + (rows - 1) * strides[1] + (cols - 1) * strides[2];
+        if last >= values.len() {
+            candle_core::bail!("matmul: {what}'s view runs past its storage");
+        }
+    }
+    Ok(Operand {
+        values,
+        start,
+        batch,
+        dims: (rows, cols),
+        strides,
+    })
+}
+
+/// The contiguous f32 values of a small vector or a residual, as a new tensor when `t`
+/// is a strided view.
+fn contiguous_f32(t: &Tensor, len: usize, what: &str) -> candle_core::Result<Tensor> {
+    if t.elem_count() != len {
+        candle_core::bail!(
+            "matmul: {what} has {} values, the output needs {len}",
+            t.elem_count()
+        );
+    }
+    if !is_cpu_f32(&[t]) {
+        candle_core::bail!("matmul: {what} is not an f32 cpu tensor");
+    }
+    t.contiguous()
+}
+
+fn f32_values<'a>(t: &Tensor, storage: &'a Storage) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = t.layout().start_offset();
+            v.get(start..start + t.elem_count())
+                .ok_or_else(|| candle_core::Error::Msg("matmul: storage too short".into()))
+        }
+        _ => candle_core::bail!("matmul: expected f32 cpu storage"),
+    }
+}
+
+/// Rows per parallel task of the output fill: about 64 KiB each.
+fn fill_rows(n: usize) -> usize {
+    (16384 / n.max(1)).max(1)
+}
+
+/// The f32 CPU product: checks every shape and view, then runs gemm per batch (or once,
+/// over the batches stacked as rows, when a shared right matrix allows it).
+fn cpu_product(
+    terms: &[(&Tensor, &Tensor)],
+    bias: Bias,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let storages: Vec<_> = terms
+        .iter()
+        .map(|(a, b)| (a.storage_and_layout().0, b.storage_and_layout().0))
+        .collect();
+    let mut ops = Vec::with_capacity(terms.len());
+    for ((a, b), (sa, sb)) in terms.iter().zip(&storages) {
+        ops.push((operand(a, sa, "lhs")?, operand(b, sb, "rhs")?));
+    }
+    let Some((a0, b0)) = ops.first() else {
+        candle_core::bail!("matmul: no product");
+    };
+    let (m, n) = (a0.dims.0, b0.dims.1);
+    let batch = ops
+        .iter()
+        .flat_map(|(a, b)| [a.batch, b.batch])
+        .max()
+        .unwrap_or(1);
+    for (a, b) in &ops {
+        if a.dims.1 != b.dims.0 || a.dims.0 != m || b.dims.1 != n {
+            candle_core::bail!(
+                "matmul: shape mismatch, [{}, {}] x [{}, {}] for a [{m}, {n}] output",
+                a.dims.0,
+                a.dims.1,
+                b.dims.0,
+                b.dims.1
+            );
+        }
+        if (a.batch != 1 && a.batch != batch) || (b.batch != 1 && b.batch != batch) {
+            candle_core::bail!(
+                "matmul: batch mismatch, {} x {} for {batch}",
+                a.batch,
+                b.batch
+            );
+        }
+    }
+    let len = batch * m * n;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+
+    // The output's initial values, when it has any: residual + bias.
+    let bias_t = match bias {
+        Bias::None => None,
+        Bias::Cols(t) => Some((contiguous_f32(t, n, "bias")?, true)),
+        Bias::Rows(t) => Some((contiguous_f32(t, m, "bias")?, false)),
+    };
+    let residual_t = residual
+        .map(|r| contiguous_f32(r, len, "residual"))
+        .transpose()?;
+    let read_dst = bias_t.is_some() || residual_t.is_some();
+    if read_dst && len > 0 {
+        let bias_s = bias_t.as_ref().map(|(t, _)| t.storage_and_layout().0);
+        let res_s = residual_t.as_ref().map(|t| t.storage_and_layout().0);
+        let bias_v = match (&bias_t, &bias_s) {
+            (Some((t, cols)), Some(s)) => Some((f32_values(t, s)?, *cols)),
+            _ => None,
+        };
+        let res_v = match (&residual_t, &res_s) {
+            (Some(t), Some(s)) => Some(f32_values(t, s)?),
+            _ => None,
+        };
+        let chunk = fill_rows(n) * n;
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let first = c * chunk;
+                for (r, row) in dst.chunks_mut(n).enumerate() {
+                    let at = first + r * n;
+                    // The output row within its matrix: a row bias's index.
+                    let i = (at / n) % m;
+                    for (j, d) in row.iter_mut().enumerate() {
+                        let b = match bias_v {
+                            Some((v, true)) => v[j],
+                            Some((v, false)) => v[i],
+                            None => 0.0,
+                        };
+                        let x = res_v.map_or(0.0, |v| v[at + j]);
+                        d.write(x + b);
+                    }
+                }
+            });
+    }
+
+    let dst = out.as_mut_ptr();
+    let par = parallelism();
+    for (t, (a, b)) in ops.iter().enumerate() {
+        // The first product overwrites an uninitialised output; the others add to it.
+        let read = read_dst || t > 0;
+        // Batches stack into rows when b is shared and a's batches follow row on row.
+        let fold = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
+        let (steps, rows) = if fold { (1, batch * m) } else { (batch, m) };
+        for s in 0..steps {
+            // SAFETY: `operand` checked that every element of each view (all batches)
+            // lies in its storage; dst has capacity for `len = batch * m * n` values, of
+            // which this call writes rows `s * m ..` up to `len` (rows * n each step), and
+            // it reads them only when `read` (they were written by the fill or by an
+            // earlier product). The output does not overlap any operand (a new Vec).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    a.dims.1,
+                    dst.add(s * m * n),
+                    1,
+                    n as isize,
+                    read,
+                    a.values.as_ptr().add(a.start + s * a.strides[0]),
+                    a.strides[2] as isize,
+                    a.strides[1] as isize,
+                    b.values.as_ptr().add(b.start + s * b.strides[0]),
+                    b.strides[2] as isize,
+                    b.strides[1] as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+    }
+    // SAFETY: the fill or the first product (gemm with read_dst false writes every
+    // element, zeros when k is 0) initialised all `len` values.
+    unsafe { out.set_len(len) };
+    drop(storages);
+    let shape: Vec<usize> = if terms.iter().all(|(a, b)| a.rank() == 2 && b.rank() == 2) {
+        vec![m, n]
+    } else {
+        vec![batch, m, n]
+    };
+    Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values of `shape`, a sine of the index.
+    fn wave(shape: &[usize], seed: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i as f64 + 1.0) * 0.7137 + seed).sin() as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape")
+    }
+
+    /// The largest difference from candle's f64 product of the same views.
+    fn max_diff(got: &Tensor, want: &Tensor) -> f64 {
+        let d = (got.to_dtype(DType::F64).expect("f64") - want).expect("diff");
+        d.abs()
+            .and_then(|d| d.flatten_all()?.max(0)?.to_scalar::<f64>())
+            .expect("max")
+    }
+
+    fn f64(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F64).expect("f64")
+    }
+
+    /// Transposed views, batches (shared and not), row and column biases and a residual
+    /// against candle's f64 product; and the same call on f64 tensors takes candle's path.
+    #[test]
+    fn strided_products_match_candle() {
+        let x = wave(&[2, 6, 5], 0.1); // [B, C, HW]
+        let w = wave(&[4, 6], 0.2); // [out, in]
+        let bias = wave(&[4], 0.3);
+        let tokens = x.transpose(1, 2).expect("t"); // [B, HW, C], a view
+        let res = wave(&[2, 5, 4], 0.4);
+        let got = matmul(&tokens, &w.t().expect("t"), Bias::Cols(&bias), Some(&res)).expect("y");
+        let want = matmul(
+            &f64(&tokens),
+            &f64(&w).t().expect("t"),
+            Bias::Cols(&f64(&bias)),
+            Some(&f64(&res)),
+        )
+        .expect("y64");
+        assert_eq!(got.dims(), &[2, 5, 4]);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+
+        // W [4, 6] times the image [B, 6, HW]: channels first, bias per row.
+        let got = matmul(&w, &x, Bias::Rows(&bias), None).expect("y");
+        let want = matmul(&f64(&w), &f64(&x), Bias::Rows(&f64(&bias)), None).expect("y64");
+        assert_eq!(got.dims(), &[2, 4, 5]);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+
+        // A contiguous batch over a shared matrix (stacked into rows), no bias.
+        let a = wave(&[3, 7, 6], 0.5);
+        let got = matmul(&a, &w.t().expect("t"), Bias::None, None).expect("y");
+        let want = f64(&a)
+            .broadcast_matmul(&f64(&w).t().expect("t"))
+            .expect("y64");
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+
+        // A narrowed view (a fused projection's part) and an empty inner dimension.
+        let part = a.narrow(2, 2, 3).expect("narrow");
+        let wp = w.narrow(1, 2, 3).expect("narrow").t().expect("t");
+        let got = matmul(&part, &wp, Bias::Cols(&bias), None).expect("y");
+        let want = f64(&part)
+            .broadcast_matmul(&f64(&wp))
+            .and_then(|y| y.broadcast_add(&f64(&bias)))
+            .expect("y64");
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        let empty = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).expect("empty");
+        let empty_w = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).expect("empty");
+        let got = matmul(&empty, &empty_w, Bias::Cols(&bias), None).expect("y");
+        let want = f64(&bias).broadcast_as((3, 4)).expect("b");
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+
+    /// A sum of products equals the product of the concatenations.
+    #[test]
+    fn sum_of_products_matches_concatenated_product() {
+        let g = [wave(&[5, 3], 0.1), wave(&[5, 2], 0.2)];
+        let w = [wave(&[3, 4], 0.3), wave(&[2, 4], 0.4)];
+        let got = matmul_sum(&[(&g[0], &w[0]), (&g[1], &w[1])])
+            .expect("f32 cpu")
+            .expect("y");
+        let want = Tensor::cat(&[f64(&g[0]), f64(&g[1])], 1)
+            .and_then(|g| g.matmul(&Tensor::cat(&[f64(&w[0]), f64(&w[1])], 0)?))
+            .expect("y64");
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(matmul_sum(&[(&f64(&g[0]), &f64(&w[0]))]).is_none());
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let a = wave(&[3, 4], 0.1);
+        let b = wave(&[5, 2], 0.2);
+        assert!(matmul(&a, &b, Bias::None, None).is_err());
+        let b = wave(&[4, 2], 0.2);
+        let bias = wave(&[3], 0.3);
+        assert!(matmul(&a, &b, Bias::Cols(&bias), None).is_err());
+        let res = wave(&[2, 2], 0.3);
+        assert!(matmul(&a, &b, Bias::None, Some(&res)).is_err());
+    }
+}
