@@ -6,6 +6,11 @@ fn main() {
         eprintln!("error: compiling src/gpu/kernels/*.cu to PTX failed: {e}");
         std::process::exit(1);
     }
+    #[cfg(feature = "cuda")]
+    if let Err(e) = cuda::build_cudnn_shim() {
+        eprintln!("error: compiling the cuDNN shim (src/gpu/cudnn/shim.cpp) failed: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// The CUDA build only: `src/gpu/kernels/*.cu` compiled to PTX by nvcc (found through `NVCC` /
@@ -30,6 +35,48 @@ mod cuda {
             .arg("-O3")
             .build_ptx()?
             .write(out_dir.join("sdti_ptx.rs"))?;
+        Ok(())
+    }
+
+    /// The C++ shim over the cuDNN frontend (header-only, v1 graph API), compiled with
+    /// `NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING`: cuDNN and the CUDA runtime are opened with
+    /// dlopen at run time, so the link needs neither (only libstdc++ and libdl). The headers
+    /// come from `SDTI_CUDNN_FRONTEND_INCLUDE` (cudnn_frontend.h) and `SDTI_CUDNN_INCLUDE`
+    /// (cudnn.h; optional when it is on the compiler's default path), both exported by
+    /// scripts/cuda-env.sh, and `CUDA_HOME/include` (cuda.h, cuda_runtime_api.h).
+    pub fn build_cudnn_shim() -> Result<(), Box<dyn std::error::Error>> {
+        println!("cargo:rerun-if-changed=src/gpu/cudnn/shim.cpp");
+        println!("cargo:rerun-if-changed=src/gpu/cudnn/shim.h");
+        println!("cargo:rerun-if-env-changed=SDTI_CUDNN_FRONTEND_INCLUDE");
+        println!("cargo:rerun-if-env-changed=SDTI_CUDNN_INCLUDE");
+        let frontend = std::env::var("SDTI_CUDNN_FRONTEND_INCLUDE").map_err(|_| {
+            "SDTI_CUDNN_FRONTEND_INCLUDE is not set: `source scripts/cuda-env.sh` installs the \
+             pinned nvidia-cudnn-frontend headers and exports it"
+        })?;
+        let mut includes = vec![PathBuf::from(frontend)];
+        if let Ok(dir) = std::env::var("SDTI_CUDNN_INCLUDE") {
+            includes.push(PathBuf::from(dir));
+        }
+        if let Ok(dir) = std::env::var("CUDA_HOME") {
+            includes.push(PathBuf::from(dir).join("include"));
+        }
+        for dir in &includes {
+            if !dir.is_dir() {
+                return Err(format!("include directory {} does not exist", dir.display()).into());
+            }
+        }
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+            .file("src/gpu/cudnn/shim.cpp");
+        // -isystem: the frontend's own warnings are not sdti's to fix.
+        for dir in &includes {
+            build.flag("-isystem").flag(dir.to_string_lossy().as_ref());
+        }
+        build.try_compile("sdti_cudnn_shim")?;
+        println!("cargo:rustc-link-lib=dl");
         Ok(())
     }
 }

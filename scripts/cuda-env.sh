@@ -14,6 +14,12 @@
 #     put lib/stubs on LD_LIBRARY_PATH.
 #   * exports PATH (nvcc), CUDA_HOME and CUDA_ROOT (cudarc), NVCC (candle-kernels),
 #     CUDARC_CUDA_VERSION=13000, CUDA_COMPUTE_CAP and LIBRARY_PATH (the final link).
+#   * the cuDNN shim's headers (build.rs compiles src/gpu/cudnn/shim.cpp with `cc`): the
+#     header-only cuDNN frontend (nvidia-cudnn-frontend) and cudnn*.h of the cuDNN release
+#     PyTorch cu130 ships (nvidia-cudnn-cu13 9.19.0.56, the pin of torch 2.11): only their
+#     include/ folders are kept, under $prefix/cudnn-<versions>/; exports
+#     SDTI_CUDNN_FRONTEND_INCLUDE and SDTI_CUDNN_INCLUDE. Nothing cuDNN is linked: the shim
+#     opens libcudnn.so.9 at run time.
 # Everything is pinned to 13.0: cudarc 0.19 rejects newer nvcc (13.5), PTX from a newer nvcc
 # does not JIT on a 13.0 driver (R580), and mixed minor versions of nvcc, crt, nvvm and cccl
 # break nvcc. CUDA_COMPUTE_CAP is 90 (H100/H200, sm_90a) unless SDTI_CUDA_COMPUTE_CAP is
@@ -77,7 +83,44 @@ _sdti_cuda_env() {
         echo "cuda-env: ready in $cu" >&2
     fi
 
-    # 4. The environment cudarc, candle-kernels and the final link read.
+    # 4. The cuDNN frontend and cuDNN headers (include/ folders only; the 366 MB cuDNN wheel
+    #    is downloaded to a temporary folder and dropped).
+    local fe_pin=1.19.1 cudnn_pin=9.19.0.56
+    local dnn="$prefix/cudnn-fe$fe_pin-$cudnn_pin"
+    if [ ! -f "$dnn/.stamp" ]; then
+        echo "cuda-env: fetching the cuDNN frontend $fe_pin and cuDNN $cudnn_pin headers ..." >&2
+        local tmp
+        tmp=$(mktemp -d "${TMPDIR:-/tmp}/sdti-cudnn.XXXXXX") || return 1
+        if ! "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+                --only-binary=:all: -d "$tmp" "nvidia-cudnn-frontend==$fe_pin" \
+                "nvidia-cudnn-cu13==$cudnn_pin"; then
+            rm -rf "$tmp"; return 1
+        fi
+        rm -rf "$dnn"
+        "$venv/bin/python" - "$tmp" "$dnn" <<'PY' || { rm -rf "$tmp"; return 1; }
+import glob, os, sys, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wanted = {"nvidia_cudnn_frontend": ("include/", "frontend/"),
+          "nvidia_cudnn_cu13": ("nvidia/cudnn/include/", "cudnn/include/")}
+for wheel in glob.glob(os.path.join(tmp, "*.whl")):
+    src, dst = wanted[os.path.basename(wheel).split("-")[0]]
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith(src) and not name.endswith("/"):
+                path = os.path.join(dest, dst, "include" if dst == "frontend/" else "", name[len(src):])
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with z.open(name) as f, open(path, "wb") as out:
+                    out.write(f.read())
+for need in ("frontend/include/cudnn_frontend.h", "cudnn/include/cudnn.h"):
+    if not os.path.isfile(os.path.join(dest, need)):
+        sys.exit(f"cuda-env: {need} missing after extraction")
+PY
+        rm -rf "$tmp"
+        printf 'nvidia-cudnn-frontend==%s nvidia-cudnn-cu13==%s\n' "$fe_pin" "$cudnn_pin" > "$dnn/.stamp"
+    fi
+    export SDTI_CUDNN_FRONTEND_INCLUDE="$dnn/frontend/include" SDTI_CUDNN_INCLUDE="$dnn/cudnn/include"
+
+    # 5. The environment cudarc, candle-kernels and the final link read.
     case ":$PATH:" in *":$cu/bin:"*) ;; *) export PATH="$cu/bin:$PATH" ;; esac
     export CUDA_HOME="$cu" CUDA_ROOT="$cu"
     export NVCC="$cu/bin/nvcc"

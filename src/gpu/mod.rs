@@ -30,6 +30,8 @@ use candle_core::{
     bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 
+pub mod cudnn;
+
 /// The PTX of each `src/gpu/kernels/*.cu` file, one constant per file (build.rs).
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/sdti_ptx.rs"));

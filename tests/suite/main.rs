@@ -7,6 +7,7 @@ mod embedding;
 mod ffi;
 mod ffi_params;
 mod ffi_preview;
+mod gpu_cudnn;
 mod gpu_kernels;
 mod learning;
 mod loading;

@@ -1,5 +1,6 @@
 //! A frozen 2-D convolution: a column (im2col) forward pass on the CPU and an input
-//! gradient by col2im, candle's convolution elsewhere.
+//! gradient by col2im; cuDNN's (forward with bias, input gradient) for f16/bf16 CUDA
+//! tensors when cuDNN is loaded (`crate::gpu::cudnn`), candle's convolution elsewhere.
 
 use candle_core::{DType, Tensor};
 
@@ -71,6 +72,16 @@ impl Conv2d {
 
     /// The convolution of a tensor off the graph.
     pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::gpu::cudnn::conv_forward(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.padding,
+            self.stride,
+        )? {
+            return Ok(y);
+        }
         if let Some(y) = winograd_forward(
             x,
             &self.weight,
@@ -100,6 +111,10 @@ impl Conv2d {
                 return Ok(gx);
             }
             return conv2d_input_grad_cpu(g, w, stride, padding, in_h, in_w);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gx) = crate::gpu::cudnn::conv_input_grad(g, w, padding, stride, in_h, in_w)? {
+            return Ok(gx);
         }
         // The transposed, flipped kernel is made for each backward pass and dropped:
         // keeping it would double the UNet's convolution weights in memory.

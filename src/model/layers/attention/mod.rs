@@ -2,7 +2,9 @@
 //! [`attention_backward`] on the merged-head `[B, tokens, H*dh]` layout (the block-level
 //! ops call them and keep `o` and `lse` for their own backward pass; the VAE's attention,
 //! which has no backward pass, calls the forward alone). f32 on the CPU runs the flash
-//! kernel of [`flash`]; everything else runs candle ops, blocked by rows ([`generic`]).
+//! kernel of [`flash`]; f16/bf16 on CUDA runs cuDNN's fused attention when cuDNN is loaded
+//! (`crate::gpu::cudnn`, the `cuda` feature); everything else runs candle ops, blocked by
+//! rows ([`generic`]).
 
 #[cfg(test)]
 mod api_tests;
@@ -40,6 +42,12 @@ pub enum AttentionMask {
     None,
     /// Query `i` sees keys `0..=i` (CLIP's text encoder).
     Causal,
+}
+
+/// Whether `mask` hides later keys (cuDNN's causal mask, aligned top-left as here).
+#[cfg(feature = "cuda")]
+fn causal(mask: AttentionMask) -> bool {
+    mask == AttentionMask::Causal
 }
 
 /// The shapes of an attention call, checked: `(batch, queries, keys, channels)`.
@@ -103,10 +111,13 @@ pub fn attention_forward(
     check_inputs(q, k, v, heads)?;
     profile::time("attention", Pass::Forward, q.device(), || {
         if is_cpu_f32(&[q, k, v]) {
-            flash::forward(q, k, v, heads, scale, mask)
-        } else {
-            generic::forward(q, k, v, heads, scale, mask)
+            return flash::forward(q, k, v, heads, scale, mask);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(out) = crate::gpu::cudnn::sdpa_forward(q, k, v, heads, scale, causal(mask))? {
+            return Ok(out);
+        }
+        generic::forward(q, k, v, heads, scale, mask)
     })
 }
 
@@ -142,9 +153,15 @@ pub fn attention_backward(
     }
     profile::time("attention", Pass::Backward, q.device(), || {
         if is_cpu_f32(&[q, k, v, o, lse, g]) {
-            flash::backward(q, k, v, o, lse, g, heads, scale, mask, need)
-        } else {
-            generic::backward(q, k, v, o, lse, g, heads, scale, mask, need)
+            return flash::backward(q, k, v, o, lse, g, heads, scale, mask, need);
         }
+        #[cfg(feature = "cuda")]
+        if let Some((dq, dk, dv)) =
+            crate::gpu::cudnn::sdpa_backward(q, k, v, o, lse, g, heads, scale, causal(mask))?
+        {
+            let keep = |t: Tensor, i: usize| need[i].then_some(t);
+            return Ok((keep(dq, 0), keep(dk, 1), keep(dv, 2)));
+        }
+        generic::backward(q, k, v, o, lse, g, heads, scale, mask, need)
     })
 }
