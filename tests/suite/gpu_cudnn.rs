@@ -148,9 +148,12 @@ fn attention_descriptor_refusals() {
     assert!(layout::sdpa_desc(q, k, k, 2, DNN_F16, false, 1.0).is_none());
 }
 
-/// (batch, channels, height, width, out channels, kernel, padding, stride): the odd sizes
-/// of src/model/layers/conv.rs's tests and SD's shapes.
-const CONV_CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+/// (batch, channels, height, width, out channels, kernel, padding, stride).
+type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// The odd sizes of src/model/layers/conv.rs's tests (strides 1 and 2, paddings 0 to 2, 1x1
+/// and 3x3 kernels), and a wider strided one.
+const CONV_CASES: &[ConvCase] = &[
     (2, 3, 7, 9, 5, 3, 1, 1),
     (1, 4, 8, 8, 6, 3, 1, 2),
     (1, 4, 9, 7, 2, 3, 1, 2),
