@@ -5,16 +5,17 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sdti::model::weights::Weights;
-use sdti::model::{Injection, LatentDist, SchedulerConfig, SdModel};
+use sdti::model::{Injection, NoiseSchedule, SchedulerConfig, SdModel};
 use sdti::prompt::chunks::ChunkStyle;
-use sdti::prompt::{encode_prompts, Word};
+use sdti::prompt::{encode_prompts, EncodedPrompts, Word};
 use sdti::rng::Rng;
 use sdti::sample::ddim_sample;
 use sdti::tokenizer::ClipTokenizer;
 use sdti::train::loss::{denoising_loss, DenoisingBatch};
 use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
-use crate::common::{fixture, test_device, tiny_model};
+use crate::common::train::sharp_latents;
+use crate::common::{fixture, test_device};
 
 const PROMPT: &str = "a photo of a sks";
 const GAIN: f64 = 20.0;
@@ -30,24 +31,25 @@ fn word(n: usize) -> [Word; 1] {
     }]
 }
 
-/// Mean denoising loss of `vectors` on `latents` (scaled) over a fixed set of noises and
-/// timesteps, the same for every call.
-fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
+/// `PROMPT` with the word of `n` vectors in it (A1111 chunks), on the test device.
+fn prompt_with_word(n: usize) -> EncodedPrompts {
     let tok = ClipTokenizer::new().unwrap();
-    let n = vectors.dim(0).unwrap();
-    let enc = encode_prompts(
+    encode_prompts(
         &tok,
         &[PROMPT.to_string()],
         &word(n),
         ChunkStyle::A1111,
         &test_device(),
     )
-    .unwrap();
-    let inj = Injection {
-        table: vectors,
-        index: &enc.index,
-        mask: &enc.mask,
-    };
+    .unwrap()
+}
+
+/// Mean denoising loss of `vectors` on `latents` (scaled) over a fixed set of noises and
+/// timesteps, the same for every call.
+fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
+    let n = vectors.dim(0).unwrap();
+    let enc = prompt_with_word(n);
+    let inj = injection(vectors, &enc);
     let schedule = SchedulerConfig::default().noise_schedule().unwrap();
     let mut rng = Rng::new(1234);
     let mut total = 0.0;
@@ -79,20 +81,8 @@ fn eval_loss(model: &SdModel, latents: &[Tensor], vectors: &Tensor) -> f64 {
 
 /// Latents drawn by the model itself under `PROMPT` with `target` as the word.
 fn latents_made_with(model: &SdModel, target: &Tensor, count: usize) -> Vec<Tensor> {
-    let tok = ClipTokenizer::new().unwrap();
-    let enc = encode_prompts(
-        &tok,
-        &[PROMPT.to_string()],
-        &word(target.dim(0).unwrap()),
-        ChunkStyle::A1111,
-        &test_device(),
-    )
-    .unwrap();
-    let inj = Injection {
-        table: target,
-        index: &enc.index,
-        mask: &enc.mask,
-    };
+    let enc = prompt_with_word(target.dim(0).unwrap());
+    let inj = injection(target, &enc);
     let cond = model.text_encoder.forward(&enc.ids, Some(&inj), 1).unwrap();
     let mut rng = Rng::new(99);
     (0..count)
@@ -149,39 +139,9 @@ fn trainer_on(model: &Arc<SdModel>, latents: &[Tensor], steps: u64, lr: &str) ->
     for lat in latents {
         // Unscaled latents with a negligible variance: the sample is the latent itself.
         let unscaled = (lat / model.config.vae.scaling_factor).unwrap();
-        let dist = LatentDist {
-            logvar: (unscaled.zeros_like().unwrap() - 30.0).unwrap(),
-            mean: unscaled,
-        };
-        t.add_latents(vec![dist], None).unwrap();
+        t.add_latents(vec![sharp_latents(unscaled)], None).unwrap();
     }
     t
-}
-
-/// The tiny reference model with its cross-attention outputs scaled up: its random UNet
-/// otherwise barely responds to the prompt (the loss moves by 1e-4 between words), so no
-/// vector could be told apart from the data. Same architecture and code paths.
-fn conditioned_model(gain: f64, dtype: DType) -> SdModel {
-    let folder = fixture("tiny-sd");
-    let mut tensors = std::collections::HashMap::new();
-    for (part, file) in [
-        ("text_encoder", "text_encoder/model.safetensors"),
-        ("unet", "unet/diffusion_pytorch_model.safetensors"),
-        ("vae", "vae/diffusion_pytorch_model.safetensors"),
-    ] {
-        for (k, v) in candle_core::safetensors::load(folder.join(file), &Device::Cpu).unwrap() {
-            let v = v.to_dtype(DType::F32).unwrap();
-            let v = if part == "unet" && k.ends_with("attn2.to_out.0.weight") {
-                (v * gain).unwrap()
-            } else {
-                v
-            };
-            tensors.insert(format!("{part}.{k}"), v);
-        }
-    }
-    let config = tiny_model(DType::F32).config;
-    let weights = Weights::from_tensors(tensors, dtype, test_device());
-    SdModel::from_weights(&weights, config, folder).unwrap()
 }
 
 /// The trainer on pictures of a concept (latents the model draws under a word) lowers the
@@ -191,7 +151,7 @@ fn conditioned_model(gain: f64, dtype: DType) -> SdModel {
 /// drop into a rise of 5e-5, which said nothing about training.
 #[test]
 fn training_lowers_the_loss_on_the_concept() {
-    let model = Arc::new(conditioned_model(GAIN, DType::F32));
+    let model = Arc::new(conditioned("tiny-sd", GAIN, DType::F32));
     let target = token_vector(&model, "dog");
     let init = token_vector(&model, "cat");
     let latents: Vec<Tensor> = latents_made_with(&model, &target, 6)
@@ -228,6 +188,64 @@ fn inversion_works_in_half_precision() {
     }
 }
 
+/// `table`'s rows in the learned slots of `enc`.
+fn injection<'a>(table: &'a Tensor, enc: &'a EncodedPrompts) -> Injection<'a> {
+    Injection {
+        table,
+        index: &enc.index,
+        mask: &enc.mask,
+    }
+}
+
+/// The mean denoising loss over `data` (`(x0, eps, t)`: the noise `eps` at timestep `t`
+/// is the model's own prediction at `x_t`) with the prompt `ids` and its learned words.
+fn mean_loss(
+    model: &SdModel,
+    schedule: &NoiseSchedule,
+    data: &[(Tensor, Tensor, usize)],
+    ids: &Tensor,
+    injections: &[Option<&Injection>],
+    time_ids: Option<&Tensor>,
+    clip_skip: usize,
+) -> Tensor {
+    let mut total: Option<Tensor> = None;
+    for (x0, eps, t) in data {
+        let batch = DenoisingBatch {
+            latents: x0,
+            noise: eps,
+            timesteps: &[*t],
+            ids,
+            injections,
+            time_ids,
+            clip_skip,
+        };
+        let l = denoising_loss(model, &batch, schedule).unwrap();
+        total = Some(match total {
+            Some(s) => (s + l).unwrap(),
+            None => l,
+        });
+    }
+    (total.unwrap() / data.len() as f64).unwrap()
+}
+
+/// [`STEPS`] steps of AdamW (lr [`LR`], no weight decay) on `loss_at` from `init`, each
+/// step's vectors passed through `keep` (what stays frozen): the learned vectors.
+fn descend(
+    init: &Tensor,
+    loss_at: impl Fn(&Tensor) -> Tensor,
+    keep: impl Fn(&Tensor) -> Tensor,
+) -> Tensor {
+    let var = candle_core::Var::from_tensor(init).unwrap();
+    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
+    for _ in 0..STEPS {
+        let grads = loss_at(var.as_tensor()).backward().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().clone();
+        let next = opt.update(var.as_tensor(), &g, LR).unwrap();
+        var.set(&keep(&next)).unwrap();
+    }
+    var.as_tensor().clone()
+}
+
 fn check_inversion(dtype: DType) {
     let (before_loss, after_loss, before_cos, after_cos) = inversion(dtype);
     eprintln!("inversion {dtype:?}: loss {before_loss:.6} -> {after_loss:.6}; cosine to target {before_cos:.4} -> {after_cos:.4}");
@@ -247,25 +265,13 @@ fn check_inversion(dtype: DType) {
 
 /// (loss before, loss after, cosine to the target before, after).
 fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
-    let model = conditioned_model(GAIN, dtype);
+    let model = conditioned("tiny-sd", GAIN, dtype);
     let device = test_device();
-    let tok = ClipTokenizer::new().unwrap();
-    let enc = encode_prompts(
-        &tok,
-        &[PROMPT.to_string()],
-        &word(1),
-        ChunkStyle::A1111,
-        &device,
-    )
-    .unwrap();
+    let enc = prompt_with_word(1);
     let target = token_vector(&model, "dog");
     let init = token_vector(&model, "cat");
     let schedule = SchedulerConfig::default().noise_schedule().unwrap();
-    let inj = Injection {
-        table: &target,
-        index: &enc.index,
-        mask: &enc.mask,
-    };
+    let inj = injection(&target, &enc);
     let cond = model.text_encoder.forward(&enc.ids, Some(&inj), 1).unwrap();
     let mut rng = Rng::new(77);
     // (x0, eps, t) with sqrt(a) x0 + sqrt(1-a) eps = x_t and eps = unet(x_t, t, target).
@@ -283,48 +289,22 @@ fn inversion(dtype: DType) -> (f32, f32, f64, f64) {
         data.push((x0, eps, t));
     }
     let loss_at = |v: &Tensor| -> Tensor {
-        let inj = Injection {
-            table: v,
-            index: &enc.index,
-            mask: &enc.mask,
-        };
-        let mut total: Option<Tensor> = None;
-        for (x0, eps, t) in &data {
-            let batch = DenoisingBatch {
-                latents: x0,
-                noise: eps,
-                timesteps: &[*t],
-                ids: &enc.ids,
-                injections: &[Some(&inj)],
-                time_ids: None,
-                clip_skip: 1,
-            };
-            let l = denoising_loss(&model, &batch, &schedule).unwrap();
-            total = Some(match total {
-                Some(s) => (s + l).unwrap(),
-                None => l,
-            });
-        }
-        (total.unwrap() / data.len() as f64).unwrap()
+        let inj = injection(v, &enc);
+        mean_loss(&model, &schedule, &data, &enc.ids, &[Some(&inj)], None, 1)
     };
-    let var = candle_core::Var::from_tensor(&init).unwrap();
-    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
     let before_loss = loss_at(&init).to_scalar::<f32>().unwrap();
     let before_cos = cosine(&init, &target);
-    for _ in 0..STEPS {
-        let grads = loss_at(var.as_tensor()).backward().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap().clone();
-        let next = opt.update(var.as_tensor(), &g, LR).unwrap();
-        var.set(&next).unwrap();
-    }
-    let after_loss = loss_at(var.as_tensor()).to_scalar::<f32>().unwrap();
-    let after_cos = cosine(var.as_tensor(), &target);
+    let learned = descend(&init, loss_at, |next| next.clone());
+    let after_loss = loss_at(&learned).to_scalar::<f32>().unwrap();
+    let after_cos = cosine(&learned, &target);
     (before_loss, after_loss, before_cos, after_cos)
 }
 
-/// A family's tiny reference model (diffusers folder) conditioned as [`conditioned_model`]
-/// conditions SD 1.x's.
-fn conditioned_family_model(folder: &str, gain: f64) -> SdModel {
+/// A tiny reference model (a diffusers folder under tests/fixtures) with its UNet's
+/// cross-attention outputs scaled by `gain`, in `dtype`: a random UNet otherwise barely
+/// responds to the prompt (the loss moves by 1e-4 between words), so no vector could be
+/// told apart from the data. Same architecture and code paths.
+fn conditioned(folder: &str, gain: f64, dtype: DType) -> SdModel {
     let dir = fixture(folder);
     let loaded = sdti::model::files::index_model(&dir, DType::F32, &Device::Cpu, None).unwrap();
     let mut tensors = std::collections::HashMap::new();
@@ -342,7 +322,7 @@ fn conditioned_family_model(folder: &str, gain: f64) -> SdModel {
         };
         tensors.insert(name, v);
     }
-    let weights = Weights::from_tensors(tensors, DType::F32, test_device());
+    let weights = Weights::from_tensors(tensors, dtype, test_device());
     SdModel::from_weights(&weights, loaded.config, dir).unwrap()
 }
 
@@ -377,15 +357,7 @@ struct FamilyInversion {
 /// `trained`: which tables move (the others stay at their targets).
 fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
     let device = test_device();
-    let tok = ClipTokenizer::new().unwrap();
-    let enc = encode_prompts(
-        &tok,
-        &[PROMPT.to_string()],
-        &word(1),
-        ChunkStyle::A1111,
-        &device,
-    )
-    .unwrap();
+    let enc = prompt_with_word(1);
     let mut widths = vec![model.text_encoder.config().hidden_size];
     widths.extend(
         model
@@ -419,14 +391,7 @@ fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
     // The conditioning the joint table `v` gives, flattened: context, then pooled.
     let conditioning_of = |v: &Tensor| -> Tensor {
         let parts = parts_of(v);
-        let injs: Vec<Injection> = parts
-            .iter()
-            .map(|p| Injection {
-                table: p,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let injs: Vec<Injection> = parts.iter().map(|p| injection(p, &enc)).collect();
         let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
         let (context, pooled) =
             sdti::train::loss::text_conditioning(model, &enc.ids, &refs, clip_skip).unwrap();
@@ -457,14 +422,7 @@ fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
     let mut data = Vec::new();
     {
         let parts = parts_of(&target);
-        let injs: Vec<Injection> = parts
-            .iter()
-            .map(|p| Injection {
-                table: p,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let injs: Vec<Injection> = parts.iter().map(|p| injection(p, &enc)).collect();
         let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
         let (context, pooled) =
             sdti::train::loss::text_conditioning(model, &enc.ids, &refs, clip_skip).unwrap();
@@ -497,36 +455,18 @@ fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
     }
     let loss_at = |v: &Tensor| -> Tensor {
         let parts = parts_of(v);
-        let injs: Vec<Injection> = parts
-            .iter()
-            .map(|p| Injection {
-                table: p,
-                index: &enc.index,
-                mask: &enc.mask,
-            })
-            .collect();
+        let injs: Vec<Injection> = parts.iter().map(|p| injection(p, &enc)).collect();
         let refs: Vec<Option<&Injection>> = injs.iter().map(Some).collect();
-        let mut total: Option<Tensor> = None;
-        for (x0, eps, t) in &data {
-            let batch = DenoisingBatch {
-                latents: x0,
-                noise: eps,
-                timesteps: &[*t],
-                ids: &enc.ids,
-                injections: &refs,
-                time_ids: time_ids.as_ref(),
-                clip_skip,
-            };
-            let l = denoising_loss(model, &batch, &schedule).unwrap();
-            total = Some(match total {
-                Some(s) => (s + l).unwrap(),
-                None => l,
-            });
-        }
-        (total.unwrap() / data.len() as f64).unwrap()
+        mean_loss(
+            model,
+            &schedule,
+            &data,
+            &enc.ids,
+            &refs,
+            time_ids.as_ref(),
+            clip_skip,
+        )
     };
-    let var = candle_core::Var::from_tensor(&init).unwrap();
-    let mut opt = sdti::train::AdamW::new(0.9, 0.999, 1e-8, 0.0, None);
     let target_cond = conditioning_of(&target);
     let cond_before = distance(&conditioning_of(&init), &target_cond);
     let before = loss_at(&init).to_scalar::<f32>().unwrap();
@@ -535,19 +475,14 @@ fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
         .zip(parts_of(&target))
         .map(|(a, b)| cosine(a, &b))
         .collect();
-    for _ in 0..STEPS {
-        let grads = loss_at(var.as_tensor()).backward().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap().clone();
-        let next = opt.update(var.as_tensor(), &g, LR).unwrap();
-        var.set(&mix(&next)).unwrap();
-    }
-    let after = loss_at(var.as_tensor()).to_scalar::<f32>().unwrap();
-    let cos_after: Vec<f64> = parts_of(var.as_tensor())
+    let learned = descend(&init, loss_at, mix);
+    let after = loss_at(&learned).to_scalar::<f32>().unwrap();
+    let cos_after: Vec<f64> = parts_of(&learned)
         .iter()
         .zip(parts_of(&target))
         .map(|(a, b)| cosine(a, &b))
         .collect();
-    let cond_after = distance(&conditioning_of(var.as_tensor()), &target_cond);
+    let cond_after = distance(&conditioning_of(&learned), &target_cond);
     FamilyInversion {
         loss: (before, after),
         cosines: cos_before.into_iter().zip(cos_after).collect(),
@@ -569,7 +504,7 @@ fn family_inversion(model: &SdModel, trained: &[bool]) -> FamilyInversion {
 #[test]
 fn inversion_reaches_known_targets_on_sd2_and_sdxl() {
     for folder in ["tiny-sd2", "tiny-sdxl"] {
-        let model = conditioned_family_model(folder, GAIN);
+        let model = conditioned(folder, GAIN, DType::F32);
         let tables = model.text_encoder_2.as_ref().map_or(1, |_| 2);
         let r = family_inversion(&model, &vec![true; tables]);
         let (before, after) = r.loss;

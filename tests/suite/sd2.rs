@@ -9,65 +9,33 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
-use sdti::embedding::{Encoder, Family};
+use sdti::embedding::{Encoder, Family, Format};
 use sdti::model::clip::Conditioning;
-use sdti::model::weights::WeightIndex;
-use sdti::model::{
-    ClipConfig, Injection, LoadOptions, NoiseSchedule, PredictionType, SchedulerConfig, SdModel,
-    TextEncoder,
-};
+use sdti::model::{LoadOptions, NoiseSchedule, PredictionType, SdModel, TextEncoder};
 use sdti::prompt::chunks::ChunkStyle;
 use sdti::prompt::encoder::PromptEncoder;
 use sdti::tokenizer::ClipTokenizer;
 use sdti::train::loss::{denoising_loss, DenoisingBatch};
 
-use crate::common::{assert_close, fixture, rel_err, test_device};
+use crate::common::train::{export_and_read, random_latents, train_config, train_finite};
+use crate::common::{
+    assert_close, assert_rel, central_differences, checked_schedule, clip_config, fixture,
+    fixture_model, load_options, reference, rel_err, scalar, test_device, text_encoder_from_files,
+    tiny_model, ReferencePrompt,
+};
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("tiny-sd2-expected.safetensors"), &test_device())
-        .expect("reference fixture tiny-sd2-expected.safetensors")
+    reference("tiny-sd2-expected.safetensors")
 }
 
 /// The folder's 23-layer text encoder, built from its files as a folder loader builds it:
 /// the config says 23 layers, and the encoder knows it lacks the original's block 24.
 fn folder_encoder(dtype: DType) -> TextEncoder {
     let dir = fixture("tiny-sd2/text_encoder");
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let mut config: ClipConfig = serde_json::from_str(&text).expect("a CLIP text config");
+    let mut config = clip_config(&dir);
     assert_eq!(config.num_hidden_layers, 23);
     config.dropped_final_layers = 1;
-    let mut index = WeightIndex::default();
-    for (key, _) in index.map_file(&dir.join("model.safetensors")).unwrap() {
-        index.alias_last(&key, format!("te.{key}"));
-    }
-    let w = index.finish(dtype, test_device());
-    TextEncoder::for_family(&w.pp("te"), &config, Family::Sd2, Encoder::Single)
-        .expect("SD 2.x text encoder builds")
-}
-
-/// Reference ids `[1, T]` (placeholders 49408.. as learned slots holding id 0) as ids,
-/// index and mask; several rows (chunks) are laid side by side.
-fn prompt(raw: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let raw: Vec<i64> = raw.flatten_all().unwrap().to_vec1().unwrap();
-    let n = raw.len();
-    let ids: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 0 } else { id as u32 })
-        .collect();
-    let index: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { (id - 49408) as u32 } else { 0 })
-        .collect();
-    let mask: Vec<f32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 1.0 } else { 0.0 })
-        .collect();
-    let dev = test_device();
-    (
-        Tensor::from_vec(ids, (1, n), &dev).unwrap(),
-        Tensor::from_vec(index, (1, n), &dev).unwrap(),
-        Tensor::from_vec(mask, (1, n), &dev).unwrap(),
-    )
+    text_encoder_from_files(&dir, &config, Family::Sd2, Encoder::Single, dtype)
 }
 
 fn ids_of(t: &Tensor) -> Vec<u32> {
@@ -90,13 +58,10 @@ fn sd2_text_states_match_transformers() {
         (cond.clip_skip, cond.final_norm, cond.pad_after_eos),
         (2, true, Some(0))
     );
-    let (ids, index, mask) = prompt(&exp["te.input_ids"]);
-    let inj = Injection {
-        table: &exp["te.vectors"],
-        index: &index,
-        mask: &mask,
-    };
-    let states = te.encode(&ids, Some(&inj), 2).unwrap();
+    let prompt = ReferencePrompt::new(&exp["te.input_ids"]);
+    let ids = &prompt.ids;
+    let inj = prompt.inject(&exp["te.vectors"]);
+    let states = te.encode(ids, Some(&inj), 2).unwrap();
     assert_close(
         "penultimate + LN, pad 0",
         &states,
@@ -105,7 +70,7 @@ fn sd2_text_states_match_transformers() {
     );
     // The same ids padded with the end token (the shared prompt layout): the encoder
     // rewrites them itself.
-    let (eos_ids, _, _) = prompt(&exp["te.input_ids_eos_pad"]);
+    let eos_ids = ReferencePrompt::new(&exp["te.input_ids_eos_pad"]).ids;
     let from_eos = te.encode(&eos_ids, Some(&inj), 2).unwrap();
     assert_eq!(rel_err(&from_eos, &states), 0.0);
     // Kept as given, the end-token padding is what the reference shows is different.
@@ -124,10 +89,10 @@ fn sd2_text_states_match_transformers() {
     );
     assert!(rel_err(&kept, &states) > 1e-2);
     // clip skip 3 = hidden_states[-3] of the 24 blocks = the folder's penultimate.
-    let skip3 = te.encode(&ids, Some(&inj), 3).unwrap();
+    let skip3 = te.encode(ids, Some(&inj), 3).unwrap();
     assert_close("clip skip 3", &skip3, &exp["te.clip_skip3"], 1e-5);
     // Without learned vectors.
-    let (raw, _, _) = prompt(&exp["te.input_ids_raw"]);
+    let raw = ReferencePrompt::new(&exp["te.input_ids_raw"]).ids;
     let plain = te.encode(&raw, None, 2).unwrap();
     assert_close(
         "plain prompt",
@@ -136,7 +101,7 @@ fn sd2_text_states_match_transformers() {
         1e-5,
     );
     // Block 24 is not in the folder.
-    let err = te.encode(&ids, None, 1).unwrap_err().to_string();
+    let err = te.encode(ids, None, 1).unwrap_err().to_string();
     assert!(err.contains("lacks block 24"), "{err}");
 }
 
@@ -228,17 +193,9 @@ fn sd2_bang_is_bpe_not_pad() {
     );
 }
 
-fn load_options(dtype: DType) -> LoadOptions {
-    LoadOptions {
-        dtype,
-        device: test_device(),
-        ..LoadOptions::default()
-    }
-}
-
 /// The tiny SD 2.x diffusers folder, loaded as users load models.
 fn sd2_model(dtype: DType) -> SdModel {
-    SdModel::load(&fixture("tiny-sd2"), &load_options(dtype)).expect("tiny SD 2.x folder loads")
+    fixture_model("tiny-sd2", dtype)
 }
 
 /// Loaded as a model (and as a text encoder alone), the folder's encoder is the SD 2.x one:
@@ -249,17 +206,13 @@ fn sd2_folder_loads_with_its_conditioning() {
     let model = sd2_model(DType::F32);
     assert_eq!(model.config.family, Family::Sd2);
     let alone = TextEncoder::load(&fixture("tiny-sd2"), &load_options(DType::F32)).unwrap();
-    let (ids, index, mask) = prompt(&exp["te.input_ids"]);
-    let inj = Injection {
-        table: &exp["te.vectors"],
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids"]);
+    let inj = prompt.inject(&exp["te.vectors"]);
     for te in [model.text_encoder.as_ref(), &alone] {
         assert_eq!((te.family(), te.full_depth()), (Family::Sd2, 24));
         assert_eq!(te.default_conditioning().clip_skip, 2);
         let clip_skip = te.default_conditioning().clip_skip;
-        let states = te.encode(&ids, Some(&inj), clip_skip).unwrap();
+        let states = te.encode(&prompt.ids, Some(&inj), clip_skip).unwrap();
         assert_close("SD 2.x states", &states, &exp["te.last_hidden_state"], 1e-5);
     }
 }
@@ -303,16 +256,10 @@ fn sd2_unet_matches_diffusers() {
     );
 }
 
+/// The model's schedule with prediction type `p`, its `alphas_cumprod` torch's exactly.
 fn schedule(model: &SdModel, exp: &HashMap<String, Tensor>, p: PredictionType) -> NoiseSchedule {
-    let schedule = SchedulerConfig {
-        prediction_type: p,
-        ..model.config.scheduler.clone()
-    }
-    .noise_schedule()
-    .unwrap();
-    let ac: Vec<f32> = exp["ddpm.alphas_cumprod"].to_vec1().unwrap();
-    assert_eq!(schedule.alphas_cumprod(), &ac[..]);
-    schedule
+    let config = model.config.scheduler.with_overrides(Some(p), None);
+    checked_schedule(&config, &exp["ddpm.alphas_cumprod"], 0.0)
 }
 
 /// The denoising loss with `vectors` as the learned word (the model's dtype).
@@ -322,12 +269,8 @@ fn loss_with(
     prediction: PredictionType,
     vectors: &Tensor,
 ) -> Tensor {
-    let (ids, index, mask) = prompt(&exp["te.input_ids"]);
-    let inj = Injection {
-        table: vectors,
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids"]);
+    let inj = prompt.inject(vectors);
     let dtype = model.text_encoder.dtype();
     let latents = exp["loss.latents"].to_dtype(dtype).unwrap();
     let noise = exp["loss.noise"].to_dtype(dtype).unwrap();
@@ -336,7 +279,7 @@ fn loss_with(
         latents: &latents,
         noise: &noise,
         timesteps: &[t],
-        ids: &ids,
+        ids: &prompt.ids,
         injections: &[Some(&inj)],
         time_ids: None,
         clip_skip: model.text_encoder.default_conditioning().clip_skip,
@@ -360,12 +303,7 @@ fn loss_and_grad(
         .get(vectors.as_tensor())
         .expect("gradient reaches the vectors")
         .clone();
-    let loss = loss
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (loss, grad)
+    (scalar(&loss), grad)
 }
 
 #[test]
@@ -378,10 +316,7 @@ fn sd2_loss_and_grad_eps_and_v() {
     ] {
         let (loss, grad) = loss_and_grad(&model, &exp, prediction);
         let want = exp[&format!("{key}.value")].to_scalar::<f32>().unwrap() as f64;
-        assert!(
-            ((loss - want) / want).abs() <= 1e-5,
-            "{key}: loss {loss} vs torch {want}"
-        );
+        assert_rel(&format!("{key}: loss"), loss, want, 1e-5);
         assert_close(
             &format!("{key} gradient"),
             &grad,
@@ -405,10 +340,7 @@ fn sd2_grad_fd_f64() {
         let want = exp[&format!("{key}.value_f64")].to_scalar::<f64>().unwrap();
         // diffusers keeps the sinusoids and alphas_cumprod in f32 even in f64 runs:
         // the f64 runs share those constants, so they agree far below f32 rounding.
-        assert!(
-            ((loss - want) / want).abs() <= 1e-6,
-            "{key} f64: loss {loss} vs torch {want}"
-        );
+        assert_rel(&format!("{key} f64: loss"), loss, want, 1e-6);
         assert_close(
             &format!("{key} f64 gradient vs torch f64"),
             &grad,
@@ -432,16 +364,8 @@ fn sd2_grad_fd_f64() {
         // truncation error (h^2) against its rounding error (1e-16 / h); at 1e-6 the
         // rounding alone is 1e-10 per coordinate, about 1e-6 of the gradient's norm.
         let h = 1e-5;
-        let fd: Vec<f64> = (0..base.len())
-            .map(|i| {
-                let mut plus = base.clone();
-                plus[i] += h;
-                let mut minus = base.clone();
-                minus[i] -= h;
-                (loss_at(&plus) - loss_at(&minus)) / (2.0 * h)
-            })
-            .collect();
-        let fd = Tensor::from_vec(fd, base.len(), &test_device()).unwrap();
+        let every: Vec<usize> = (0..base.len()).collect();
+        let fd = central_differences(&base, &every, h, loss_at);
         let analytic = grad.flatten_all().unwrap();
         let e = rel_err(&analytic, &fd);
         eprintln!("{key}: backward vs central differences: {e:.3e}");
@@ -483,31 +407,28 @@ fn sd2_single_file_has_all_24_blocks() {
         ),
         (Family::Sd2, 24, 2)
     );
-    let (ids, index, mask) = prompt(&exp["te.input_ids"]);
-    let inj = Injection {
-        table: &exp["te.vectors"],
-        index: &index,
-        mask: &mask,
-    };
-    let last = te.encode(&ids, Some(&inj), 1).unwrap();
+    let prompt = ReferencePrompt::new(&exp["te.input_ids"]);
+    let ids = &prompt.ids;
+    let inj = prompt.inject(&exp["te.vectors"]);
+    let last = te.encode(ids, Some(&inj), 1).unwrap();
     assert_close("block 24 + LN", &last, &exp["te.last24_hidden_state"], 1e-5);
-    let penultimate = te.encode(&ids, Some(&inj), 2).unwrap();
+    let penultimate = te.encode(ids, Some(&inj), 2).unwrap();
     assert_close(
         "block 23 + LN",
         &penultimate,
         &exp["te.last_hidden_state"],
         1e-5,
     );
-    let from_folder = folder.text_encoder.encode(&ids, Some(&inj), 2).unwrap();
+    let from_folder = folder.text_encoder.encode(ids, Some(&inj), 2).unwrap();
     assert_close("single file vs folder", &penultimate, &from_folder, 1e-6);
-    let skip3 = te.encode(&ids, Some(&inj), 3).unwrap();
+    let skip3 = te.encode(ids, Some(&inj), 3).unwrap();
     assert_close("clip skip 3", &skip3, &exp["te.clip_skip3"], 1e-5);
     let pooled_cond = Conditioning {
         pooled: true,
         ..te.conditioning(Some(1)).unwrap()
     };
     let (_, pooled) = te
-        .encode_with_pooled(&ids, Some(&inj), &pooled_cond)
+        .encode_with_pooled(ids, Some(&inj), &pooled_cond)
         .unwrap();
     assert_close(
         "pooled through the transposed text_projection",
@@ -533,9 +454,8 @@ fn sd2_single_file_has_all_24_blocks() {
 /// is checked against what the folder holds.
 #[test]
 fn sd2_training_smoke() {
-    use sdti::embedding::{read_embedding, Existing, Format, Precision};
     use sdti::model::LatentDist;
-    use sdti::train::{Init, Templates, TrainConfig, Trainer};
+    use sdti::train::{TrainConfig, Trainer};
 
     let exp = expected();
     let model = Arc::new(sd2_model(DType::F32));
@@ -543,16 +463,10 @@ fn sd2_training_smoke() {
     let width = model.text_encoder.config().hidden_size;
     for prediction in [None, Some(PredictionType::VPrediction)] {
         let config = TrainConfig {
-            token: "sks".into(),
-            init: Init::Text("toy".into()),
-            vectors: 2,
             resolution: Some(128),
-            max_steps: 3,
             batch_size: 1,
-            seed: 3,
-            templates: Templates::Object,
             prediction_type: prediction,
-            ..TrainConfig::default()
+            ..train_config(3, 3)
         };
         assert_eq!(config.clip_skip, None);
         let mut trainer = Trainer::new(model.clone(), config.clone()).unwrap();
@@ -565,27 +479,11 @@ fn sd2_training_smoke() {
             .add_latents(vec![dist.clone(), flipped], None)
             .unwrap();
         let before = trainer.vectors().unwrap();
-        let mut losses = Vec::new();
-        trainer
-            .train(3, |s| {
-                losses.push(s.loss);
-                true
-            })
-            .unwrap();
-        assert_eq!(losses.len(), 3);
-        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        train_finite(&mut trainer, 3);
         assert_ne!(trainer.vectors().unwrap(), before);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sks.safetensors");
-        trainer
-            .export(
-                &path,
-                Format::A1111Safetensors,
-                Precision::F32,
-                Existing::Refuse,
-            )
-            .unwrap();
-        let back = read_embedding(&path).unwrap();
+        let back = export_and_read(&trainer, &path, Format::A1111Safetensors);
         assert_eq!(back.parts.len(), 1);
         assert_eq!((back.parts[0].vectors, back.parts[0].dim), (2, width));
         assert_eq!(back.parts[0].data, trainer.vectors().unwrap());
@@ -618,9 +516,7 @@ fn sd2_training_smoke() {
 /// the model's prompts and refused by an SD 1.x model with the reason.
 #[test]
 fn sd2_words_are_1024_wide() {
-    use sdti::embedding::{read_embedding, Existing, Format, Precision};
     use sdti::model::random::{random_model, tiny_sd2_config};
-    use sdti::model::LatentDist;
     use sdti::train::{Init, Templates, TrainConfig, Trainer};
 
     let mut config = tiny_sd2_config();
@@ -644,31 +540,18 @@ fn sd2_words_are_1024_wide() {
     )
     .unwrap();
     assert_eq!(trainer.config().clip_skip, Some(2));
-    let mean = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &test_device()).unwrap();
-    let logvar = (mean.zeros_like().unwrap() - 30.0).unwrap();
-    trainer
-        .add_latents(vec![LatentDist { mean, logvar }], None)
-        .unwrap();
-    let stats = trainer.train(2, |_| true).unwrap();
-    assert!(stats.iter().all(|s| s.loss.is_finite()), "{stats:?}");
+    trainer.add_latents(vec![random_latents()], None).unwrap();
+    train_finite(&mut trainer, 2);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wide.safetensors");
-    trainer
-        .export(
-            &path,
-            Format::A1111Safetensors,
-            Precision::F32,
-            Existing::Refuse,
-        )
-        .unwrap();
-    let emb = read_embedding(&path).unwrap();
+    let emb = export_and_read(&trainer, &path, Format::A1111Safetensors);
     assert_eq!((emb.parts[0].vectors, emb.parts[0].dim), (2, 1024));
     assert_eq!(Family::of(&emb), Some(Family::Sd2));
 
     let mut enc = PromptEncoder::new(model.text_encoder.clone()).unwrap();
     assert_eq!(enc.register_file(None, &path).unwrap(), "wide");
     assert_eq!(enc.encode("a photo of wide").unwrap().dims(), &[77, 1024]);
-    let sd1 = crate::common::tiny_model(DType::F32);
+    let sd1 = tiny_model(DType::F32);
     let mut sd1_enc = PromptEncoder::new(sd1.text_encoder.clone()).unwrap();
     let err = sd1_enc.register_file(None, &path).unwrap_err().to_string();
     assert!(err.contains("an SD 2.x embedding"), "{err}");

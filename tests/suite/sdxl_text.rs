@@ -12,54 +12,32 @@ use candle_core::{DType, Tensor, Var};
 use sdti::embedding::{Encoder, Family};
 use sdti::model::clip::Conditioning;
 use sdti::model::text_encoder::encode_context;
-use sdti::model::weights::WeightIndex;
-use sdti::model::{ClipConfig, Injection, TextEncoder};
+use sdti::model::{Injection, TextEncoder};
 
-use crate::common::{assert_close, fixture, rel_err, test_device};
+use crate::common::{
+    assert_close, clip_config, fixture, reference, rel_err, test_device, text_encoder_from_files,
+    ReferencePrompt,
+};
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("tiny-sdxl-expected.safetensors"), &test_device())
-        .expect("reference fixture tiny-sdxl-expected.safetensors")
+    reference("tiny-sdxl-expected.safetensors")
 }
 
 /// One of the folder's text encoders (`text_encoder` = CLIP ViT-L, `text_encoder_2` =
 /// OpenCLIP bigG) in `dtype`.
 fn encoder(part: &str, encoder: Encoder, dtype: DType) -> TextEncoder {
     let dir = fixture("tiny-sdxl").join(part);
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let config: ClipConfig = serde_json::from_str(&text).expect("a CLIP text config");
-    let mut index = WeightIndex::default();
-    for (key, _) in index.map_file(&dir.join("model.safetensors")).unwrap() {
-        index.alias_last(&key, format!("te.{key}"));
-    }
-    let w = index.finish(dtype, test_device());
-    TextEncoder::for_family(&w.pp("te"), &config, Family::Sdxl, encoder)
-        .expect("SDXL text encoder builds")
+    text_encoder_from_files(&dir, &clip_config(&dir), Family::Sdxl, encoder, dtype)
 }
 
-/// Reference ids (placeholders 49408.. as learned slots holding id 0) as ids, index, mask.
-fn prompt(raw: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let dims = raw.dims().to_vec();
-    let raw: Vec<i64> = raw.flatten_all().unwrap().to_vec1().unwrap();
-    let ids: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 0 } else { id as u32 })
-        .collect();
-    let index: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { (id - 49408) as u32 } else { 0 })
-        .collect();
-    let mask: Vec<f32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 1.0 } else { 0.0 })
-        .collect();
-    // Chunks side by side in one row, as sdti lays out a long prompt.
-    let width = dims.iter().product::<usize>();
-    let t = |v: Vec<u32>| Tensor::from_vec(v, (1, width), &test_device()).unwrap();
+/// The word's two tables (`te.vectors_l`, `te.vectors_g`) in `prompt`'s learned slots.
+fn both_tables<'a>(
+    prompt: &'a ReferencePrompt,
+    exp: &'a HashMap<String, Tensor>,
+) -> (Injection<'a>, Injection<'a>) {
     (
-        t(ids),
-        t(index),
-        Tensor::from_vec(mask, (1, width), &test_device()).unwrap(),
+        prompt.inject(&exp["te.vectors_l"]),
+        prompt.inject(&exp["te.vectors_g"]),
     )
 }
 
@@ -71,25 +49,17 @@ fn sdxl_te1_and_te2_hidden_minus2_without_final_norm() {
     assert_eq!(l.default_conditioning().clip_skip, 2);
     assert!(!l.default_conditioning().final_norm);
     // L's ids (padded with the end token) for both: G rewrites its padding to 0 itself.
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
-    let inj_l = Injection {
-        table: &exp["te.vectors_l"],
-        index: &index,
-        mask: &mask,
-    };
-    let inj_g = Injection {
-        table: &exp["te.vectors_g"],
-        index: &index,
-        mask: &mask,
-    };
-    let states_l = l.encode(&ids, Some(&inj_l), 2).unwrap();
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
+    let ids = &prompt.ids;
+    let (inj_l, inj_g) = both_tables(&prompt, &exp);
+    let states_l = l.encode(ids, Some(&inj_l), 2).unwrap();
     assert_close(
         "te1 hidden_states[-2]",
         &states_l,
         &exp["te1.hidden_m2"],
         1e-5,
     );
-    let states_g = g.encode(&ids, Some(&inj_g), 2).unwrap();
+    let states_g = g.encode(ids, Some(&inj_g), 2).unwrap();
     assert_close(
         "te2 hidden_states[-2]",
         &states_g,
@@ -97,7 +67,7 @@ fn sdxl_te1_and_te2_hidden_minus2_without_final_norm() {
         1e-5,
     );
     // The same from G's own (0-padded) ids.
-    let (ids_g, _, _) = prompt(&exp["te.input_ids_g"]);
+    let ids_g = ReferencePrompt::new(&exp["te.input_ids_g"]).ids;
     let from_g = g.encode(&ids_g, Some(&inj_g), 2).unwrap();
     assert_eq!(rel_err(&from_g, &states_g), 0.0);
     // Padding G with the end token instead would be a different context.
@@ -106,7 +76,7 @@ fn sdxl_te1_and_te2_hidden_minus2_without_final_norm() {
         ..g.default_conditioning()
     };
     let (wrong, _) = g
-        .encode_with_pooled(&ids, Some(&inj_g), &eos_padded)
+        .encode_with_pooled(ids, Some(&inj_g), &eos_padded)
         .unwrap();
     assert!(rel_err(&wrong, &exp["te2.hidden_m2"]) > 1e-2);
 }
@@ -115,15 +85,12 @@ fn sdxl_te1_and_te2_hidden_minus2_without_final_norm() {
 fn sdxl_pooled_at_the_first_end_token_with_gradient() {
     let exp = expected();
     let g = encoder("text_encoder_2", Encoder::ClipG, DType::F32);
-    let (ids, index, mask) = prompt(&exp["te.input_ids_g"]);
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_g"]);
+    let ids = &prompt.ids;
     let vectors = Var::from_tensor(&exp["te.vectors_g"]).unwrap();
-    let inj = Injection {
-        table: vectors.as_tensor(),
-        index: &index,
-        mask: &mask,
-    };
+    let inj = prompt.inject(vectors.as_tensor());
     let (_, pooled) = g
-        .encode_with_pooled(&ids, Some(&inj), &g.default_conditioning())
+        .encode_with_pooled(ids, Some(&inj), &g.default_conditioning())
         .unwrap();
     let pooled = pooled.expect("G gives the pooled vector");
     assert_close("pooled (first EOS)", &pooled, &exp["te2.pooled_eos"], 1e-5);
@@ -146,7 +113,7 @@ fn sdxl_pooled_at_the_first_end_token_with_gradient() {
     // L has no projection and gives no pooled vector.
     let l = encoder("text_encoder", Encoder::ClipL, DType::F32);
     let (_, none) = l
-        .encode_with_pooled(&ids, None, &l.default_conditioning())
+        .encode_with_pooled(ids, None, &l.default_conditioning())
         .unwrap();
     assert!(none.is_none());
 }
@@ -157,26 +124,18 @@ fn sdxl_context_concat_order() {
     let exp = expected();
     let l = encoder("text_encoder", Encoder::ClipL, DType::F32);
     let g = encoder("text_encoder_2", Encoder::ClipG, DType::F32);
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
-    let inj_l = Injection {
-        table: &exp["te.vectors_l"],
-        index: &index,
-        mask: &mask,
-    };
-    let inj_g = Injection {
-        table: &exp["te.vectors_g"],
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
+    let ids = &prompt.ids;
+    let (inj_l, inj_g) = both_tables(&prompt, &exp);
     let (context, pooled) =
-        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], &ids, None).unwrap();
+        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], ids, None).unwrap();
     assert_eq!(context.dims(), &[1, 77, 80]);
     assert_close("context [L || G]", &context, &exp["te.context"], 1e-5);
     let pooled = pooled.expect("pooled vector");
     assert_close("pooled", &pooled, &exp["te2.pooled_eos"], 1e-5);
     // The empty prompt (ComfyUI's uncond).
-    let (ids, _, _) = prompt(&exp["uncond.input_ids_l"]);
-    let (context, pooled) = encode_context(&[(&l, None), (&g, None)], &ids, None).unwrap();
+    let uncond = ReferencePrompt::new(&exp["uncond.input_ids_l"]);
+    let (context, pooled) = encode_context(&[(&l, None), (&g, None)], &uncond.ids, None).unwrap();
     assert_close("uncond context", &context, &exp["uncond.context"], 1e-5);
     assert_close(
         "uncond pooled",
@@ -193,19 +152,11 @@ fn sdxl_two_chunks_pooled_from_the_first() {
     let exp = expected();
     let l = encoder("text_encoder", Encoder::ClipL, DType::F32);
     let g = encoder("text_encoder_2", Encoder::ClipG, DType::F32);
-    let (ids, index, mask) = prompt(&exp["chunks.input_ids_l"]);
-    let inj_l = Injection {
-        table: &exp["te.vectors_l"],
-        index: &index,
-        mask: &mask,
-    };
-    let inj_g = Injection {
-        table: &exp["te.vectors_g"],
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["chunks.input_ids_l"]);
+    let ids = &prompt.ids;
+    let (inj_l, inj_g) = both_tables(&prompt, &exp);
     let (context, pooled) =
-        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], &ids, None).unwrap();
+        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], ids, None).unwrap();
     assert_eq!(context.dims(), &[1, 154, 80]);
     assert_close("two-chunk context", &context, &exp["chunks.context"], 1e-5);
     assert_close(
@@ -337,10 +288,7 @@ fn sdxl_text_encoders_load_from_folder_and_single_file() {
     use sdti::model::{LoadOptions, ModelConfig};
 
     let exp = expected();
-    let opts = LoadOptions {
-        device: test_device(),
-        ..LoadOptions::default()
-    };
+    let opts = crate::common::load_options(DType::F32);
     let (l, g) = TextEncoder::load_all(&fixture("tiny-sdxl"), &opts).unwrap();
     let g = g.expect("SDXL has a second text encoder");
     assert!(TextEncoder::load(&fixture("tiny-sdxl"), &opts).is_err());
@@ -359,24 +307,16 @@ fn sdxl_text_encoders_load_from_folder_and_single_file() {
     };
     let (sl, sg) = TextEncoder::load_all(&fixture("tiny-sdxl.safetensors"), &single_opts).unwrap();
     let sg = sg.expect("SDXL has a second text encoder");
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
-    let inj_l = Injection {
-        table: &exp["te.vectors_l"],
-        index: &index,
-        mask: &mask,
-    };
-    let inj_g = Injection {
-        table: &exp["te.vectors_g"],
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
+    let ids = &prompt.ids;
+    let (inj_l, inj_g) = both_tables(&prompt, &exp);
     let (context, pooled) =
-        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], &ids, None).unwrap();
+        encode_context(&[(&l, Some(&inj_l)), (&g, Some(&inj_g))], ids, None).unwrap();
     assert_close("folder context", &context, &exp["te.context"], 1e-5);
     let pooled = pooled.expect("pooled vector");
     assert_close("folder pooled", &pooled, &exp["te2.pooled_eos"], 1e-5);
     let (s_context, s_pooled) =
-        encode_context(&[(&sl, Some(&inj_l)), (&sg, Some(&inj_g))], &ids, None).unwrap();
+        encode_context(&[(&sl, Some(&inj_l)), (&sg, Some(&inj_g))], ids, None).unwrap();
     assert_close("single-file context vs folder", &s_context, &context, 1e-6);
     assert_close(
         "single-file pooled vs folder",

@@ -8,59 +8,29 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sdti::embedding::{read_embedding, Encoder, Existing, Format, Precision};
+use sdti::embedding::{Encoder, Format};
 use sdti::model::unet::AddedCond;
-use sdti::model::{
-    Injection, LatentDist, LoadOptions, NoiseSchedule, PredictionType, Recompute, SchedulerConfig,
-    SdModel,
-};
-use sdti::train::data::{ImageSource, PixelFormat};
+use sdti::model::{Injection, LoadOptions, NoiseSchedule, PredictionType, Recompute, SdModel};
+use sdti::train::data::ImageSource;
 use sdti::train::loss::{denoising_loss, text_conditioning, DenoisingBatch};
-use sdti::train::{AdamW, Init, Templates, TrainConfig, Trainer};
+use sdti::train::{AdamW, TrainConfig, Trainer};
 
-use crate::common::{assert_close, fixture, rel_err, test_device};
+use crate::common::train::{
+    disc_picture, export_and_read, random_latents, straight_and_resumed, train_config,
+    train_finite, trainer_with_images,
+};
+use crate::common::{
+    assert_close, assert_rel, central_differences, checked_schedule, fixture, fixture_model,
+    load_options, reference, rel_err, scalar, test_device, tiny_model, ReferencePrompt,
+};
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("tiny-sdxl-expected.safetensors"), &test_device())
-        .expect("reference fixture tiny-sdxl-expected.safetensors")
+    reference("tiny-sdxl-expected.safetensors")
 }
 
 /// The tiny SDXL diffusers folder, loaded as users load models.
 fn sdxl_model(dtype: DType) -> SdModel {
-    SdModel::load(
-        &fixture("tiny-sdxl"),
-        &LoadOptions {
-            dtype,
-            device: test_device(),
-            ..LoadOptions::default()
-        },
-    )
-    .expect("tiny SDXL folder loads")
-}
-
-/// Reference ids `[1, 77]` (placeholders 49408.. as learned slots holding id 0) as ids,
-/// index and mask. The L ids (padded with the end token): G pads with 0 by its own rule.
-fn prompt(raw: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let raw: Vec<i64> = raw.flatten_all().unwrap().to_vec1().unwrap();
-    let n = raw.len();
-    let ids: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 0 } else { id as u32 })
-        .collect();
-    let index: Vec<u32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { (id - 49408) as u32 } else { 0 })
-        .collect();
-    let mask: Vec<f32> = raw
-        .iter()
-        .map(|&id| if id >= 49408 { 1.0 } else { 0.0 })
-        .collect();
-    let dev = test_device();
-    (
-        Tensor::from_vec(ids, (1, n), &dev).unwrap(),
-        Tensor::from_vec(index, (1, n), &dev).unwrap(),
-        Tensor::from_vec(mask, (1, n), &dev).unwrap(),
-    )
+    fixture_model("tiny-sdxl", dtype)
 }
 
 /// The three objectives of the fixture: epsilon, v, and v on the zero-terminal-SNR
@@ -71,33 +41,25 @@ const OBJECTIVES: [(PredictionType, bool, &str); 3] = [
     (PredictionType::VPrediction, true, "loss_vz"),
 ];
 
+/// The model's schedule with the objective's prediction type and zero-SNR setting, its
+/// `alphas_cumprod` checked against torch's (the zero-SNR rescale is computed in another
+/// order than torch's: within an ulp).
 fn schedule(
     model: &SdModel,
     exp: &HashMap<String, Tensor>,
     prediction: PredictionType,
     zero_snr: bool,
 ) -> NoiseSchedule {
-    let schedule = SchedulerConfig {
-        prediction_type: prediction,
-        rescale_betas_zero_snr: zero_snr,
-        ..model.config.scheduler.clone()
-    }
-    .noise_schedule()
-    .unwrap();
     let key = if zero_snr {
         "ddpm.alphas_cumprod_zsnr"
     } else {
         "ddpm.alphas_cumprod"
     };
-    let ac: Vec<f32> = exp[key].to_vec1().unwrap();
-    // The zero-SNR rescale is computed in another order than torch's: within an ulp.
-    for (got, want) in schedule.alphas_cumprod().iter().zip(&ac) {
-        assert!(
-            (got - want).abs() <= 2e-7 * want.max(1e-3),
-            "{key}: {got} vs {want}"
-        );
-    }
-    schedule
+    let config = model
+        .config
+        .scheduler
+        .with_overrides(Some(prediction), Some(zero_snr));
+    checked_schedule(&config, &exp[key], 2e-7)
 }
 
 /// The fixture's loss sample in `dtype`: latents, noise, timestep.
@@ -117,23 +79,14 @@ fn loss_with(
     l: &Tensor,
     g: &Tensor,
 ) -> Tensor {
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
-    let inj_l = Injection {
-        table: l,
-        index: &index,
-        mask: &mask,
-    };
-    let inj_g = Injection {
-        table: g,
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
+    let (inj_l, inj_g) = (prompt.inject(l), prompt.inject(g));
     let (latents, noise, t) = loss_sample(exp, model.text_encoder.dtype());
     let batch = DenoisingBatch {
         latents: &latents,
         noise: &noise,
         timesteps: &[t],
-        ids: &ids,
+        ids: &prompt.ids,
         injections: &[Some(&inj_l), Some(&inj_g)],
         time_ids: Some(&exp["loss.time_ids"]),
         clip_skip: model.text_encoder.default_conditioning().clip_skip,
@@ -146,10 +99,6 @@ fn vars(model: &SdModel, exp: &HashMap<String, Tensor>) -> (Var, Var) {
     let dtype = model.text_encoder.dtype();
     let var = |k: &str| Var::from_tensor(&exp[k].to_dtype(dtype).unwrap()).unwrap();
     (var("te.vectors_l"), var("te.vectors_g"))
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// The loss and both tables' gradients.
@@ -175,10 +124,11 @@ fn sdxl_loss_and_grads_both_tables() {
     for (prediction, zero_snr, key) in OBJECTIVES {
         let schedule = schedule(&model, &exp, prediction, zero_snr);
         let (loss, grad_l, grad_g) = loss_and_grads(&model, &exp, &schedule);
-        let want = scalar(&exp[&format!("{key}.value")]);
-        assert!(
-            ((loss - want) / want).abs() <= 1e-5,
-            "{key}: loss {loss} vs torch {want}"
+        assert_rel(
+            &format!("{key}: loss"),
+            loss,
+            scalar(&exp[&format!("{key}.value")]),
+            1e-5,
         );
         assert_close(
             &format!("{key} grad_l"),
@@ -229,24 +179,15 @@ fn sdxl_grad_g_pooled_only() {
         + (&noise * f64::from(coefs.noise_coef)).unwrap())
     .unwrap();
     assert_close("noisy latents", &noisy, &exp["loss.noisy_latents"], 1e-6);
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
     for (detach_context, key) in [
         (true, "loss.grad_g_pooled_only"),
         (false, "loss.grad_g_context_only"),
     ] {
         let (l, g) = vars(&model, &exp);
-        let inj_l = Injection {
-            table: l.as_tensor(),
-            index: &index,
-            mask: &mask,
-        };
-        let inj_g = Injection {
-            table: g.as_tensor(),
-            index: &index,
-            mask: &mask,
-        };
+        let (inj_l, inj_g) = (prompt.inject(l.as_tensor()), prompt.inject(g.as_tensor()));
         let (context, pooled) =
-            text_conditioning(&model, &ids, &[Some(&inj_l), Some(&inj_g)], 2).unwrap();
+            text_conditioning(&model, &prompt.ids, &[Some(&inj_l), Some(&inj_g)], 2).unwrap();
         let mut pooled = pooled.expect("SDXL gives a pooled vector");
         let context = if detach_context {
             let l_half = context.narrow(2, 0, 32).unwrap();
@@ -265,8 +206,7 @@ fn sdxl_grad_g_pooled_only() {
             .forward_with(&noisy, &[t as f64], &context, Some(&cond), Recompute::Off)
             .unwrap();
         let loss = (pred - &noise).unwrap().sqr().unwrap().mean_all().unwrap();
-        let want = scalar(&exp["loss.value"]);
-        assert!(((scalar(&loss) - want) / want).abs() <= 1e-5);
+        assert_rel("loss", scalar(&loss), scalar(&exp["loss.value"]), 1e-5);
         let grads = loss.backward().unwrap();
         let grad = grads.get(g.as_tensor()).expect("G's gradient");
         assert_close(key, grad, &exp[key], 1e-3);
@@ -283,12 +223,13 @@ fn sdxl_grad_fd_f64() {
     for (prediction, zero_snr, key) in OBJECTIVES {
         let schedule = schedule(&model, &exp, prediction, zero_snr);
         let (loss, grad_l, grad_g) = loss_and_grads(&model, &exp, &schedule);
-        let want = scalar(&exp[&format!("{key}.value_f64")]);
         // diffusers keeps the timestep and time-id sinusoids and alphas_cumprod in f32
         // even in f64 runs: both sides share those constants.
-        assert!(
-            ((loss - want) / want).abs() <= 1e-6,
-            "{key} f64: loss {loss} vs torch {want}"
+        assert_rel(
+            &format!("{key} f64: loss"),
+            loss,
+            scalar(&exp[&format!("{key}.value_f64")]),
+            1e-6,
         );
         for (table, grad) in [("l", &grad_l), ("g", &grad_g)] {
             assert_close(
@@ -334,23 +275,11 @@ fn sdxl_grad_fd_f64() {
             }
         };
         let central = |which: usize| -> Tensor {
-            let fd: Vec<f64> = coords(which)
-                .into_iter()
-                .map(|i| {
-                    let moved = |d: f64| {
-                        let (mut l, mut g) = (l0.clone(), g0.clone());
-                        if which == 0 {
-                            l[i] += d;
-                        } else {
-                            g[i] += d;
-                        }
-                        loss_at(&l, &g)
-                    };
-                    (moved(h) - moved(-h)) / (2.0 * h)
-                })
-                .collect();
-            let n = fd.len();
-            Tensor::from_vec(fd, n, &test_device()).unwrap()
+            if which == 0 {
+                central_differences(&l0, &coords(0), h, |l| loss_at(l, &g0))
+            } else {
+                central_differences(&g0, &coords(1), h, |g| loss_at(&l0, g))
+            }
         };
         for (which, name, grad) in [(0, "L", &grad_l), (1, "G", &grad_g)] {
             let all: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
@@ -406,49 +335,20 @@ fn sdxl_adamw_clips_the_joint_norm_of_both_tables() {
 
 /// A `width x height` RGB picture: a disc on a background, varying with `k`.
 fn picture(k: usize, width: usize, height: usize) -> ImageSource {
-    let mut data = vec![0u8; width * height * 3];
-    for y in 0..height {
-        for x in 0..width {
-            let dx = x as f32 - width as f32 / 2.0 - k as f32 * 4.0;
-            let dy = y as f32 - height as f32 / 2.0;
-            let inside = dx * dx + dy * dy < 300.0;
-            let p = (y * width + x) * 3;
-            data[p] = if inside { 220 } else { 30 + (k * 20) as u8 };
-            data[p + 1] = if inside { 60 } else { 90 };
-            data[p + 2] = if inside { 40 } else { (x * 255 / width) as u8 };
-        }
-    }
-    ImageSource::Pixels {
-        data,
-        width: width as u32,
-        height: height as u32,
-        stride: width * 3,
-        format: PixelFormat::Rgb8,
-    }
+    let centre = (width as f32 / 2.0 + k as f32 * 4.0, height as f32 / 2.0);
+    disc_picture(k, (width, height), centre, |x| (x * 255 / width) as u8)
 }
 
 fn config(steps: u64) -> TrainConfig {
     TrainConfig {
-        token: "sks".into(),
-        init: Init::Text("toy".into()),
-        vectors: 2,
-        resolution: Some(64),
         random_crop: true,
-        max_steps: steps,
-        batch_size: 2,
-        seed: 5,
-        templates: Templates::Object,
-        ..TrainConfig::default()
+        ..train_config(steps, 5)
     }
 }
 
 /// The tiny SDXL with two landscape pictures (96 x 64, cropped at random) added.
 fn trainer(model: &Arc<SdModel>, cfg: TrainConfig) -> Trainer {
-    let mut t = Trainer::new(model.clone(), cfg).unwrap();
-    for k in 0..2 {
-        t.add_image(picture(k, 96, 64), None).unwrap();
-    }
-    t
+    trainer_with_images(model, cfg, (0..2).map(|k| picture(k, 96, 64)))
 }
 
 /// Unset, the resolution is the family's: 1024 for SDXL, 768 for a v-prediction SD 2.x,
@@ -460,17 +360,8 @@ fn default_resolution_follows_the_family() {
         ..config(1)
     };
     let sdxl = Arc::new(sdxl_model(DType::F32));
-    let sd2 = Arc::new(
-        SdModel::load(
-            &fixture("tiny-sd2"),
-            &LoadOptions {
-                device: test_device(),
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let sd1 = Arc::new(crate::common::tiny_model(DType::F32));
+    let sd2 = Arc::new(fixture_model("tiny-sd2", DType::F32));
+    let sd1 = Arc::new(tiny_model(DType::F32));
     for (model, prediction, want) in [
         (&sdxl, None, 1024),
         (&sd2, None, 512),
@@ -548,15 +439,7 @@ fn sdxl_training_run() {
     }
     assert_eq!(trainer.time_ids(2, 0), None);
 
-    let mut losses = Vec::new();
-    trainer
-        .train(3, |s| {
-            losses.push(s.loss);
-            true
-        })
-        .unwrap();
-    assert_eq!(losses.len(), 3);
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    train_finite(&mut trainer, 3);
     let trained = trainer.vector_parts().unwrap();
     assert_ne!(trained[0], init[0], "L's table moved");
     assert_ne!(trained[1], init[1], "G's table moved");
@@ -564,10 +447,7 @@ fn sdxl_training_run() {
     let dir = tempfile::tempdir().unwrap();
     for format in [Format::SdxlSafetensors, Format::KohyaPt] {
         let path = dir.path().join(format!("sks-{format:?}.safetensors"));
-        trainer
-            .export(&path, format, Precision::F32, Existing::Refuse)
-            .unwrap();
-        let back = read_embedding(&path).unwrap();
+        let back = export_and_read(&trainer, &path, format);
         assert_eq!(back.parts.len(), 2, "{format:?}");
         let part = |e: Encoder| {
             back.parts
@@ -632,16 +512,12 @@ fn sdxl_training_run() {
 
     // Latents from a host: the training resolution's square, uncropped.
     let mut host = Trainer::new(model.clone(), config(1)).unwrap();
-    let mean = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &test_device()).unwrap();
-    let logvar = (mean.zeros_like().unwrap() - 30.0).unwrap();
-    host.add_latents(vec![LatentDist { mean, logvar }], None)
-        .unwrap();
+    host.add_latents(vec![random_latents()], None).unwrap();
     assert_eq!(
         host.time_ids(0, 0),
         Some([64.0, 64.0, 0.0, 0.0, 64.0, 64.0])
     );
-    let stats = host.train(1, |_| true).unwrap();
-    assert!(stats[0].loss.is_finite());
+    train_finite(&mut host, 1);
 }
 
 /// The SDXL loss refuses a batch without time ids, time ids for a model without the
@@ -651,12 +527,8 @@ fn sdxl_loss_checks_its_inputs() {
     let exp = expected();
     let model = sdxl_model(DType::F32);
     let schedule = schedule(&model, &exp, PredictionType::Epsilon, false);
-    let (ids, index, mask) = prompt(&exp["te.input_ids_l"]);
-    let inj = Injection {
-        table: &exp["te.vectors_l"],
-        index: &index,
-        mask: &mask,
-    };
+    let prompt = ReferencePrompt::new(&exp["te.input_ids_l"]);
+    let inj = prompt.inject(&exp["te.vectors_l"]);
     let (latents, noise, t) = loss_sample(&exp, DType::F32);
     let timesteps = [t];
     let loss = |injections: &[Option<&Injection<'_>>], time_ids: Option<&Tensor>| {
@@ -664,7 +536,7 @@ fn sdxl_loss_checks_its_inputs() {
             latents: &latents,
             noise: &noise,
             timesteps: &timesteps,
-            ids: &ids,
+            ids: &prompt.ids,
             injections,
             time_ids,
             clip_skip: 2,
@@ -683,13 +555,13 @@ fn sdxl_loss_checks_its_inputs() {
     let plain = loss(&[], Some(&exp["loss.time_ids"])).unwrap();
     assert!(scalar(&plain).is_finite());
 
-    let sd1 = crate::common::tiny_model(DType::F32);
+    let sd1 = tiny_model(DType::F32);
     let sd1_latents = Tensor::zeros((1, 4, 8, 8), DType::F32, &test_device()).unwrap();
     let sd1_batch = DenoisingBatch {
         latents: &sd1_latents,
         noise: &sd1_latents,
         timesteps: &[t],
-        ids: &ids,
+        ids: &prompt.ids,
         injections: &[],
         time_ids: Some(&exp["loss.time_ids"]),
         clip_skip: 1,
@@ -705,32 +577,19 @@ fn sdxl_resume_is_exact() {
     let model = Arc::new(sdxl_model(DType::F32));
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt.safetensors");
-    let mut straight = trainer(&model, config(4));
-    straight.train(4, |_| true).unwrap();
-
-    let mut first = trainer(&model, config(4));
-    first.train(2, |_| true).unwrap();
-    first.save_checkpoint(&ckpt).unwrap();
-    drop(first);
-    let mut resumed = trainer(&model, config(4));
-    resumed.load_checkpoint(&ckpt).unwrap();
-    assert_eq!(resumed.step_count(), 2);
-    resumed.train(2, |_| true).unwrap();
+    let (straight, resumed) = straight_and_resumed(|| trainer(&model, config(4)), 4, 2, &ckpt);
     assert_eq!(
         resumed.vector_parts().unwrap(),
         straight.vector_parts().unwrap()
     );
 
     // An SD 1.x run refuses the SDXL checkpoint (its table is 32, not 32 + 48, wide).
-    let sd1 = Arc::new(crate::common::tiny_model(DType::F32));
+    let sd1 = Arc::new(tiny_model(DType::F32));
     let same_options = TrainConfig {
         clip_skip: Some(2),
         ..config(4)
     };
-    let mut other = Trainer::new(sd1, same_options).unwrap();
-    for k in 0..2 {
-        other.add_image(picture(k, 96, 64), None).unwrap();
-    }
+    let mut other = trainer(&sd1, same_options);
     let err = other.load_checkpoint(&ckpt).unwrap_err().to_string();
     assert!(err.contains("shape"), "{err}");
 }
@@ -746,9 +605,8 @@ fn sdxl_vae_scaling_and_dtype_policy() {
         SdModel::load(
             &fixture(path),
             &LoadOptions {
-                dtype,
-                device: test_device(),
                 config,
+                ..load_options(dtype)
             },
         )
         .unwrap()
@@ -793,6 +651,5 @@ fn sdxl_vae_scaling_and_dtype_policy() {
     .unwrap();
     assert!(t.loss_scale().is_some());
     t.add_image(picture(0, 96, 64), None).unwrap();
-    let stats = t.train(2, |_| true).unwrap();
-    assert!(stats.iter().all(|s| s.loss.is_finite()), "{stats:?}");
+    train_finite(&mut t, 2);
 }

@@ -7,9 +7,11 @@ use sdti::model::{Recompute, SdModel};
 use sdti::train::config::RecomputeMode;
 use sdti::train::data::{ImageSource, PixelFormat};
 use sdti::train::lr_schedule::{DiffusersLrKind, LrSchedule};
-use sdti::train::{Init, Templates, TrainConfig, Trainer};
+use sdti::train::{TrainConfig, Trainer};
 
+pub use crate::common::tempdir;
 use crate::common::tiny_model;
+use crate::common::train::{disc_picture, straight_and_resumed, train_config, trainer_with_images};
 
 fn model() -> Arc<SdModel> {
     Arc::new(tiny_model(DType::F32))
@@ -17,48 +19,18 @@ fn model() -> Arc<SdModel> {
 
 /// A 64x64 RGB picture: a coloured disc on a background, varying with `k`.
 fn concept_image(k: usize) -> ImageSource {
-    let (w, h) = (64usize, 64usize);
-    let mut data = vec![0u8; w * h * 3];
-    for y in 0..h {
-        for x in 0..w {
-            let dx = x as f32 - 32.0 - k as f32 * 3.0;
-            let dy = y as f32 - 30.0;
-            let inside = dx * dx + dy * dy < 300.0;
-            let p = (y * w + x) * 3;
-            data[p] = if inside { 220 } else { 30 + (k * 20) as u8 };
-            data[p + 1] = if inside { 60 } else { 90 };
-            data[p + 2] = if inside { 40 } else { 160 - (x as u8) };
-        }
-    }
-    ImageSource::Pixels {
-        data,
-        width: w as u32,
-        height: h as u32,
-        stride: w * 3,
-        format: PixelFormat::Rgb8,
-    }
+    disc_picture(k, (64, 64), (32.0 + k as f32 * 3.0, 30.0), |x| {
+        160 - (x as u8)
+    })
 }
 
 fn config(steps: u64) -> TrainConfig {
-    TrainConfig {
-        token: "sks".into(),
-        init: Init::Text("toy".into()),
-        vectors: 2,
-        resolution: Some(64),
-        max_steps: steps,
-        batch_size: 2,
-        seed: 7,
-        templates: Templates::Object,
-        ..TrainConfig::default()
-    }
+    train_config(steps, 7)
 }
 
+/// The tiny SD 1.x with three pictures added.
 fn trainer(model: &Arc<SdModel>, cfg: TrainConfig) -> Trainer {
-    let mut t = Trainer::new(model.clone(), cfg).unwrap();
-    for k in 0..3 {
-        t.add_image(concept_image(k), None).unwrap();
-    }
-    t
+    trainer_with_images(model, cfg, (0..3).map(concept_image))
 }
 
 #[test]
@@ -148,17 +120,7 @@ fn resume_equals_straight_run() {
     let m = model();
     let dir = tempdir();
     let ckpt = dir.join("ckpt.safetensors");
-    let mut straight = trainer(&m, config(20));
-    straight.train(20, |_| true).unwrap();
-
-    let mut first = trainer(&m, config(20));
-    first.train(10, |_| true).unwrap();
-    first.save_checkpoint(&ckpt).unwrap();
-    drop(first);
-    let mut resumed = trainer(&m, config(20));
-    resumed.load_checkpoint(&ckpt).unwrap();
-    assert_eq!(resumed.step_count(), 10);
-    resumed.train(10, |_| true).unwrap();
+    let (straight, resumed) = straight_and_resumed(|| trainer(&m, config(20)), 20, 10, &ckpt);
     assert_eq!(resumed.vectors().unwrap(), straight.vectors().unwrap());
 
     // A run with other options refuses the checkpoint.
@@ -305,16 +267,6 @@ fn bad_options_name_their_field() {
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("learning_rate"), "{err}");
-}
-
-pub fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "sdti-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
