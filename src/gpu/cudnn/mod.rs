@@ -22,13 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{
-    bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, CudaDevice, DType, Device, Layout, Result, Storage, Tensor};
 
 use layout::{ConvDesc, SdpaDesc, View};
 
@@ -313,9 +310,12 @@ fn view(l: &Layout) -> View<'_> {
     }
 }
 
-/// A storage type cuDNN runs here (f16, bf16; f32 for the statistics).
-trait Elem: CudaDType + DeviceRepr + 'static {}
-impl<T: CudaDType + DeviceRepr + 'static> Elem for T {}
+/// A storage type cuDNN runs here (f16, bf16; f32 for the statistics): the fused kernels'
+/// storage types (`super::Elem`, whose `alloc` and `tensor` helpers these calls share).
+trait Elem: super::Elem + 'static {}
+impl<T: super::Elem + 'static> Elem for T {}
+
+use super::{alloc, tensor};
 
 /// The device address of a tensor's first value, kept with the guard that orders the
 /// stream after the storage's last write.
@@ -324,31 +324,13 @@ struct Ptr<'a> {
     _sync: SyncOnDrop<'a>,
 }
 
-fn storage_slice<T: CudaDType>(s: &Storage) -> Result<&CudaSlice<T>> {
-    match s {
-        Storage::Cuda(s) => s.as_cuda_slice::<T>(),
-        _ => bail!("cuDNN: expected a tensor on a CUDA device"),
-    }
-}
-
 /// The address of value `l.start_offset()` of `s`, or `None` when it is not 16-byte
 /// aligned (cuDNN's vector loads need that).
 fn ptr<'a, T: Elem>(s: &'a Storage, l: &Layout, stream: &'a CudaStream) -> Result<Option<Ptr<'a>>> {
-    let slice = storage_slice::<T>(s)?;
+    let slice = super::cuda_storage(s)?.as_cuda_slice::<T>()?;
     let (base, sync) = slice.device_ptr(stream);
     let addr = base + (l.start_offset() * std::mem::size_of::<T>()) as u64;
     Ok(addr.is_multiple_of(16).then_some(Ptr { addr, _sync: sync }))
-}
-
-/// Uninitialised device memory for `n` values that cuDNN then writes in full.
-fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: every caller passes the memory to a cuDNN graph whose output covers it.
-    unsafe { dev.alloc::<T>(n) }
-}
-
-fn tensor<T: Elem>(out: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
 
 macro_rules! by_half_dtype {
