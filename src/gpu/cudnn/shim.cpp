@@ -178,7 +178,10 @@ std::string sdpa_graph(OpKind kind, const sdti_dnn_sdpa &d, cudnnHandle_t handle
     auto v = input(*g, "V", UID_V, kd, v4(d.v_stride));
     if (kind == SDPA_FWD) {
         auto opts = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_attn_scale(d.scale);
-        if (d.causal != 0) opts.set_causal_mask(true);
+        if (d.causal != 0) {
+            // Top-left aligned: query i sees keys 0..=i (set_causal_mask, soon deprecated).
+            opts.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT).set_diagonal_band_right_bound(0);
+        }
         auto [o, stats] = g->sdpa(q, k, v, opts);
         output(o, UID_O, qd, v4(d.o_stride));
         output(stats, UID_STATS, sd, ss);
@@ -189,7 +192,10 @@ std::string sdpa_graph(OpKind kind, const sdti_dnn_sdpa &d, cudnnHandle_t handle
         auto stats = input(*g, "Stats", UID_STATS, sd, ss);
         stats->set_data_type(fe::DataType_t::FLOAT);
         auto opts = fe::graph::SDPA_backward_attributes().set_name("sdpa_backward").set_attn_scale(d.scale);
-        if (d.causal != 0) opts.set_causal_mask(true);
+        if (d.causal != 0) {
+            // Top-left aligned: query i sees keys 0..=i (set_causal_mask, soon deprecated).
+            opts.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT).set_diagonal_band_right_bound(0);
+        }
         auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dout, stats, opts);
         output(dq, UID_DQ, qd, v4(d.dq_stride));
         output(dk, UID_DK, kd, v4(d.dk_stride));
