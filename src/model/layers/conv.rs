@@ -8,7 +8,7 @@ use super::activation::{silu, silu_grad};
 use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::{input_grad_only, input_grad_only_saving};
 use super::group_norm::GroupNorm;
-use super::winograd::{self, KernelLayout};
+use super::winograd::{self, Pass};
 use crate::error::Result;
 use crate::model::weights::Weights;
 
@@ -242,22 +242,23 @@ fn winograd_forward(
     if kc != c || !winograd::applies(kh, kw, stride, padding, h, w) {
         return Ok(None);
     }
-    let u = with_f32(kernel, |k| winograd::transform_kernel(k, o, c, false))?;
     let bias = match bias {
         Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
         None => None,
     };
     let y = with_f32(x, |x| {
-        winograd::conv3x3(
-            x,
-            (b, c, h, w),
-            &u,
-            KernelLayout::OutIn,
-            o,
-            bias.as_deref(),
-            candle_core::utils::get_num_threads(),
-        )
-    })?;
+        with_f32(kernel, |k| {
+            winograd::conv(
+                x,
+                (b, h, w),
+                k,
+                (o, c),
+                Pass::Forward,
+                bias.as_deref(),
+                candle_core::utils::get_num_threads(),
+            )
+        })
+    })??;
     Ok(Some(Tensor::from_vec(y, (b, o, h, w), x.device())?))
 }
 
@@ -280,18 +281,19 @@ fn winograd_input_grad(
     if wo != o || (oh, ow) != (in_h, in_w) || !winograd::applies(kh, kw, stride, padding, oh, ow) {
         return Ok(None);
     }
-    let u = with_f32(weight, |k| winograd::transform_kernel(k, o, c, true))?;
     let gx = with_f32(g, |g| {
-        winograd::conv3x3(
-            g,
-            (b, o, oh, ow),
-            &u,
-            KernelLayout::InOut,
-            c,
-            None,
-            candle_core::utils::get_num_threads(),
-        )
-    })?;
+        with_f32(weight, |k| {
+            winograd::conv(
+                g,
+                (b, oh, ow),
+                k,
+                (o, c),
+                Pass::InputGrad,
+                None,
+                candle_core::utils::get_num_threads(),
+            )
+        })
+    })??;
     Ok(Some(Tensor::from_vec(gx, (b, c, in_h, in_w), g.device())?))
 }
 

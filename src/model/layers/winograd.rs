@@ -22,9 +22,10 @@ use rayon::prelude::*;
 const BAND_BUDGET: usize = 16 << 20;
 
 /// Output pixels per image from which the Winograd path is taken. Below it the kernel
-/// transform, paid on every call, costs more than the products save (the 16x16 and 8x8
-/// levels of a UNet, with 1280 channels).
-const MIN_PIXELS: usize = 32 * 32;
+/// transform, paid on every call (A*A/9 times the kernel's size written), costs more than
+/// the products save: at a UNet's 32x32 level (640 channels) it measured slower than the
+/// column convolution, at its 64x64 level (320 channels) faster.
+const MIN_PIXELS: usize = 64 * 64;
 
 /// A work buffer of at least the asked length, taken from buffers earlier calls gave
 /// back, so that the large transformed inputs and products do not page-fault fresh
@@ -87,15 +88,34 @@ impl Drop for Scratch {
     }
 }
 
-/// Whether the Winograd path is on: `SDTI_WINOGRAD=0` in the environment turns it off (the
-/// column convolution runs instead), to compare speed or results. Read once.
-pub(super) fn enabled() -> bool {
+/// The Winograd variant in use, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    Off,
+    F2,
+    F4,
+}
+
+/// `SDTI_WINOGRAD` in the environment: `0` turns the Winograd path off (the column
+/// convolution runs instead), `2` picks F(2x2, 3x3), anything else F(4x4, 3x3). Read once.
+fn choice() -> Choice {
     #[cfg(test)]
-    if timing::OFF.with(|off| off.get()) {
-        return false;
+    if let Some(forced) = timing::FORCE.with(|f| f.get()) {
+        return forced;
     }
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDTI_WINOGRAD").map_or(true, |v| v.trim() != "0"))
+    static CHOICE: std::sync::OnceLock<Choice> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(
+        || match std::env::var("SDTI_WINOGRAD").as_deref().map(str::trim) {
+            Ok("0") => Choice::Off,
+            Ok("2") => Choice::F2,
+            _ => Choice::F4,
+        },
+    )
+}
+
+/// Whether the Winograd path is on.
+pub(super) fn enabled() -> bool {
+    choice() != Choice::Off
 }
 
 /// Whether a convolution of these sizes runs here: 3x3, stride 1, padding 1 (output the
@@ -111,16 +131,133 @@ pub(super) fn applies(
     (kh, kw, stride, padding) == (3, 3, 1, 1) && h * w >= MIN_PIXELS
 }
 
+/// Which convolution [`conv`] computes with a layer's kernel `[out, in, 3, 3]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// The layer's own: `x` has `in` channels, the result `out`.
+    Forward,
+    /// Its input gradient: `x` is the output gradient (`out` channels), the result has
+    /// `in`; the kernel is flipped in the transform and read transposed.
+    InputGrad,
+}
+
+/// The 3x3, stride 1, padding 1 convolution of `x` (`[b, channels, h, w]`, contiguous)
+/// for `pass` of a layer whose kernel is `weight` (`[out, in, 3, 3]`), plus `bias` per
+/// result channel, by the variant [`enabled`] chose.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv(
+    x: &[f32],
+    (b, h, w): (usize, usize, usize),
+    weight: &[f32],
+    (out, inp): (usize, usize),
+    pass: Pass,
+    bias: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
+    match choice() {
+        Choice::F2 => conv_with::<F2, 2, 4>(x, (b, h, w), weight, (out, inp), pass, bias, threads),
+        _ => conv_with::<F4, 4, 6>(x, (b, h, w), weight, (out, inp), pass, bias, threads),
+    }
+}
+
+/// [`conv`] by variant `V`.
+#[allow(clippy::too_many_arguments)]
+fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
+    x: &[f32],
+    (b, h, w): (usize, usize, usize),
+    weight: &[f32],
+    (out, inp): (usize, usize),
+    pass: Pass,
+    bias: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
+    let flip = pass == Pass::InputGrad;
+    let u = transform_kernel::<V, M, A>(weight, out, inp, flip);
+    let (cin, cout, layout) = match pass {
+        Pass::Forward => (inp, out, KernelLayout::OutIn),
+        Pass::InputGrad => (out, inp, KernelLayout::InOut),
+    };
+    conv3x3::<V, M, A>(x, (b, cin, h, w), &u, layout, cout, bias, threads)
+}
+
+/// One of Winograd's minimal algorithms F(M x M, 3 x 3): each M x M block of outputs from
+/// an A x A block of inputs (A = M + 2), as three 1-D transforms applied to the columns,
+/// then the rows, of a block.
+pub(super) trait Variant<const M: usize, const A: usize> {
+    /// `B^T d` of A inputs.
+    fn input(d: [f32; A]) -> [f32; A];
+    /// `G g` of a kernel's 3 taps.
+    fn kernel(g: [f32; 3]) -> [f32; A];
+    /// `A^T m` of A products.
+    fn output(m: [f32; A]) -> [f32; M];
+}
+
+/// F(2x2, 3x3): 16 products per 4 outputs, transforms of additions and halvings only.
+pub(super) struct F2;
+
+impl Variant<2, 4> for F2 {
+    fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
+    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+        [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+    }
+    fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
+    }
+}
+
+/// F(4x4, 3x3): 36 products per 16 outputs (4x fewer than the direct convolution's 144),
+/// with the transforms of Lavin and Gray's paper (points 0, 1, -1, 2, -2).
+pub(super) struct F4;
+
+impl Variant<4, 6> for F4 {
+    fn input([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        [
+            4.0 * d0 - 5.0 * d2 + d4,
+            d3 + d4 - 4.0 * (d1 + d2),
+            d4 - d3 + 4.0 * (d1 - d2),
+            d4 - d2 + 2.0 * (d3 - d1),
+            d4 - d2 + 2.0 * (d1 - d3),
+            4.0 * d1 - 5.0 * d3 + d5,
+        ]
+    }
+    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+        [
+            g0 / 4.0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ]
+    }
+    fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        [
+            m0 + s12 + s34,
+            d12 + 2.0 * d34,
+            s12 + 4.0 * s34,
+            d12 + 8.0 * d34 + m5,
+        ]
+    }
+}
+
 /// The kernel `[out, in, 3, 3]` transformed, `G g G^T` for every channel pair, laid out
-/// `[16, out, in]`; with `flip`, of each 3x3 kernel rotated by 180 degrees (the input
+/// `[A*A, out, in]`; with `flip`, of each 3x3 kernel rotated by 180 degrees (the input
 /// gradient's kernel, read transposed by [`conv3x3`]).
-pub(super) fn transform_kernel(weight: &[f32], out: usize, inp: usize, flip: bool) -> Scratch {
+pub(super) fn transform_kernel<V: Variant<M, A>, const M: usize, const A: usize>(
+    weight: &[f32],
+    out: usize,
+    inp: usize,
+    flip: bool,
+) -> Scratch {
     let pairs = out * inp;
-    let mut u = Scratch::take(16 * pairs);
-    // Pairs in chunks, each chunk's 16 slices (one per plane) filled by one task.
+    let mut u = Scratch::take(A * A * pairs);
+    // Pairs in chunks, each chunk's A*A slices (one per plane) filled by one task.
     let chunk = 4096;
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(chunk))
-        .map(|_| Vec::with_capacity(16))
+        .map(|_| Vec::with_capacity(A * A))
         .collect();
     for plane in u.chunks_mut(pairs.max(1)) {
         for (task, part) in tasks.iter_mut().zip(plane.chunks_mut(chunk)) {
@@ -133,49 +270,34 @@ pub(super) fn transform_kernel(weight: &[f32], out: usize, inp: usize, flip: boo
         .for_each(|(j, mut planes)| {
             let first = j * chunk;
             let len = planes.first().map_or(0, |p| p.len());
-            for p in 0..len {
-                let base = (first + p) * 9;
+            let taps = &weight[first * 9..(first + len) * 9];
+            for (p, kernel) in taps.chunks_exact(9).enumerate() {
                 let mut g = [0f32; 9];
-                g.copy_from_slice(&weight[base..base + 9]);
+                g.copy_from_slice(kernel);
                 if flip {
                     g.reverse();
                 }
-                let t = kernel_tile(&g);
-                for (plane, v) in planes.iter_mut().zip(t) {
-                    plane[p] = v;
+                // t = G g (A x 3), column by column; then t G^T, row by row.
+                let mut t = [[0f32; 3]; A];
+                for c in 0..3 {
+                    let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
+                    for (row, v) in t.iter_mut().zip(col) {
+                        row[c] = v;
+                    }
+                }
+                for (i, row) in t.iter().enumerate() {
+                    for (j, v) in V::kernel(*row).into_iter().enumerate() {
+                        planes[i * A + j][p] = v;
+                    }
                 }
             }
         });
     u
 }
 
-/// `G g G^T` of one 3x3 kernel `g` (row-major), row-major 4x4, with
-/// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`.
-fn kernel_tile(g: &[f32; 9]) -> [f32; 16] {
-    // t = G g (4x3), one column of g at a time.
-    let mut t = [0f32; 12];
-    for c in 0..3 {
-        let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
-        t[c] = a;
-        t[3 + c] = 0.5 * (a + b + d);
-        t[6 + c] = 0.5 * (a - b + d);
-        t[9 + c] = d;
-    }
-    // t G^T (4x4), one row of t at a time.
-    let mut u = [0f32; 16];
-    for r in 0..4 {
-        let (a, b, d) = (t[3 * r], t[3 * r + 1], t[3 * r + 2]);
-        u[4 * r] = a;
-        u[4 * r + 1] = 0.5 * (a + b + d);
-        u[4 * r + 2] = 0.5 * (a - b + d);
-        u[4 * r + 3] = d;
-    }
-    u
-}
-
-/// How [`conv3x3`] reads the transformed kernel: `[16, out, in]` as [`transform_kernel`]
-/// lays out a convolution's own kernel, or `[16, in, out]` (the kernel of the convolution
-/// whose input gradient this is, transformed with `flip`).
+/// How [`conv3x3`] reads the transformed kernel: `[A*A, out, in]` as [`transform_kernel`]
+/// lays out a convolution's own kernel, or `[A*A, in, out]` (the kernel of the
+/// convolution whose input gradient this is, transformed with `flip`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum KernelLayout {
     OutIn,
@@ -186,7 +308,7 @@ pub(super) enum KernelLayout {
 /// transformed kernel `u` (see [`KernelLayout`]), plus `bias` per output channel:
 /// `[b, cout, h, w]`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn conv3x3(
+pub(super) fn conv3x3<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     u: &[f32],
@@ -195,15 +317,15 @@ pub(super) fn conv3x3(
     bias: Option<&[f32]>,
     threads: usize,
 ) -> Vec<f32> {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let mut y = vec![0f32; b * cout * h * w];
     if y.is_empty() || cin == 0 {
         return y;
     }
-    let per_tile_row = 16 * (cin + cout) * tw;
+    let per_tile_row = A * A * (cin + cout) * tw;
     let band = (BAND_BUDGET / per_tile_row.max(1)).clamp(1, th);
-    let mut v = Scratch::take(16 * cin * band * tw);
-    let mut m = Scratch::take(16 * cout * band * tw);
+    let mut v = Scratch::take(A * A * cin * band * tw);
+    let mut m = Scratch::take(A * A * cout * band * tw);
     let plane = h * w;
     for bi in 0..b {
         let xs = &x[bi * cin * plane..(bi + 1) * cin * plane];
@@ -211,20 +333,19 @@ pub(super) fn conv3x3(
         for first in (0..th).step_by(band) {
             let rows = band.min(th - first);
             let tiles = rows * tw;
-            let v = &mut v[..16 * cin * tiles];
-            let m = &mut m[..16 * cout * tiles];
-            transform_input(xs, cin, h, w, first, rows, v);
+            let v = &mut v[..A * A * cin * tiles];
+            let m = &mut m[..A * A * cout * tiles];
+            transform_input::<V, M, A>(xs, cin, h, w, first, rows, v);
             products(u, layout, v, m, cin, cout, tiles, threads);
-            transform_output(m, cout, h, w, first, rows, bias, ys);
+            transform_output::<V, M, A>(m, cout, h, w, first, rows, bias, ys);
         }
     }
     y
 }
 
-/// `B^T d B` of every 4x4 input block of tile rows `first..first + rows`, into `v`
-/// (`[16, cin, tiles]`), with `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-/// [0, 1, 0, -1]]`; the padding reads as zeros.
-fn transform_input(
+/// `B^T d B` of every A x A input block of tile rows `first..first + rows`, into `v`
+/// (`[A*A, cin, tiles]`); the padding reads as zeros.
+fn transform_input<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
     cin: usize,
     h: usize,
@@ -233,12 +354,13 @@ fn transform_input(
     rows: usize,
     v: &mut [f32],
 ) {
-    let tw = w.div_ceil(2);
+    let tw = w.div_ceil(M);
     let tiles = rows * tw;
     let plane_stride = cin * tiles;
-    // Each channel writes its own `tiles` values in each of the 16 planes: split `v` into
+    // Each channel writes its own `tiles` values in each of the A*A planes: split `v` into
     // those rows, grouped by channel, and fill the channels in parallel.
-    let mut by_channel: Vec<Vec<&mut [f32]>> = (0..cin).map(|_| Vec::with_capacity(16)).collect();
+    let mut by_channel: Vec<Vec<&mut [f32]>> =
+        (0..cin).map(|_| Vec::with_capacity(A * A)).collect();
     for plane in v.chunks_mut(plane_stride.max(1)) {
         for (c, row) in plane.chunks_mut(tiles.max(1)).enumerate() {
             if let Some(rows) = by_channel.get_mut(c) {
@@ -251,49 +373,46 @@ fn transform_input(
         .enumerate()
         .for_each(|(c, mut out)| {
             let src = &x[c * h * w..(c + 1) * h * w];
-            // Four padded input rows, read once per tile row.
-            let padded = w + 3;
-            let mut lines = vec![0f32; 4 * padded];
+            // A padded input rows, read once per tile row: one zero on the left, zeros
+            // past the right edge up to the last tile's end.
+            let padded = tw * M + 2;
+            let mut lines = vec![[0f32; A]; padded];
             for r in 0..rows {
-                let top = 2 * (first + r) as isize - 1;
-                for (k, line) in lines.chunks_mut(padded).enumerate() {
-                    line.fill(0.0);
+                let top = (M * (first + r)) as isize - 1;
+                for k in 0..A {
                     let iy = top + k as isize;
-                    if iy >= 0 && (iy as usize) < h {
-                        let iy = iy as usize;
-                        line[1..1 + w].copy_from_slice(&src[iy * w..(iy + 1) * w]);
+                    let row = (iy >= 0 && (iy as usize) < h)
+                        .then(|| &src[iy as usize * w..(iy as usize + 1) * w]);
+                    for (xx, column) in lines.iter_mut().enumerate() {
+                        column[k] = match row {
+                            Some(row) if xx >= 1 && xx <= w => row[xx - 1],
+                            _ => 0.0,
+                        };
                     }
                 }
-                let (l0, rest) = lines.split_at(padded);
-                let (l1, rest) = rest.split_at(padded);
-                let (l2, l3) = rest.split_at(padded);
                 for tx in 0..tw {
-                    let x0 = 2 * tx;
-                    // Column transform first: t = B^T d (rows combined), per column.
-                    let mut t = [0f32; 16];
-                    for j in 0..4 {
-                        let (d0, d1, d2, d3) = (l0[x0 + j], l1[x0 + j], l2[x0 + j], l3[x0 + j]);
-                        t[j] = d0 - d2;
-                        t[4 + j] = d1 + d2;
-                        t[8 + j] = d2 - d1;
-                        t[12 + j] = d1 - d3;
+                    let x0 = M * tx;
+                    // Columns first: t = B^T d, one column of the block at a time.
+                    let mut t = [[0f32; A]; A];
+                    for j in 0..A {
+                        for (i, v) in V::input(lines[x0 + j]).into_iter().enumerate() {
+                            t[i][j] = v;
+                        }
                     }
-                    // Then t B, per row.
+                    // Then t B, row by row.
                     let at = r * tw + tx;
-                    for i in 0..4 {
-                        let (a, b, c2, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
-                        out[4 * i][at] = a - c2;
-                        out[4 * i + 1][at] = b + c2;
-                        out[4 * i + 2][at] = c2 - b;
-                        out[4 * i + 3][at] = b - d;
+                    for (i, row) in t.into_iter().enumerate() {
+                        for (j, v) in V::input(row).into_iter().enumerate() {
+                            out[i * A + j][at] = v;
+                        }
                     }
                 }
             }
         });
 }
 
-/// The 16 products `M[xi] = U[xi] V[xi]` (`[cout, cin] x [cin, tiles]`), in parallel, one
-/// thread each while there are enough of them.
+/// The products `M[xi] = U[xi] V[xi]` (`[cout, cin] x [cin, tiles]`), one per position
+/// of the transformed block, in parallel, one thread each.
 #[allow(clippy::too_many_arguments)]
 fn products(
     u: &[f32],
@@ -310,7 +429,7 @@ fn products(
         KernelLayout::InOut => (1, cout as isize),
     };
     let pairs = cin * cout;
-    let one = |xi: usize, dst: &mut [f32], par: gemm::Parallelism| {
+    let one = |xi: usize, dst: &mut [f32]| {
         let lhs = &u[xi * pairs..(xi + 1) * pairs];
         let rhs = &v[xi * cin * tiles..(xi + 1) * cin * tiles];
         // SAFETY: the pointers and strides describe `lhs` ([cout, cin]), `rhs`
@@ -336,26 +455,26 @@ fn products(
                 false,
                 false,
                 false,
-                par,
+                gemm::Parallelism::None,
             );
         }
     };
     let chunk = cout * tiles;
     if threads <= 1 {
         for (xi, dst) in m.chunks_mut(chunk).enumerate() {
-            one(xi, dst, gemm::Parallelism::None);
+            one(xi, dst);
         }
     } else {
         m.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(xi, dst)| one(xi, dst, gemm::Parallelism::None));
+            .for_each(|(xi, dst)| one(xi, dst));
     }
 }
 
-/// `A^T m A` of every product block, with `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`, plus the
-/// bias, written to the output pixels of tile rows `first..first + rows` that exist.
+/// `A^T m A` of every product block, plus the bias, written to the output pixels of tile
+/// rows `first..first + rows` that exist.
 #[allow(clippy::too_many_arguments)]
-fn transform_output(
+fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
     m: &[f32],
     cout: usize,
     h: usize,
@@ -365,33 +484,37 @@ fn transform_output(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let tw = w.div_ceil(2);
+    let tw = w.div_ceil(M);
     let tiles = rows * tw;
     let plane_stride = cout * tiles;
     y.par_chunks_mut(h * w).enumerate().for_each(|(o, out)| {
         let add = bias.and_then(|b| b.get(o).copied()).unwrap_or(0.0);
-        let at = |xi: usize, t: usize| m[xi * plane_stride + o * tiles + t];
+        let base = o * tiles;
         for r in 0..rows {
-            let y0 = 2 * (first + r);
+            let y0 = M * (first + r);
             for tx in 0..tw {
-                let t = r * tw + tx;
-                // s = A^T m (2x4), then s A (2x2).
-                let mut s = [0f32; 8];
-                for j in 0..4 {
-                    let (a, b, c, d) = (at(j, t), at(4 + j, t), at(8 + j, t), at(12 + j, t));
-                    s[j] = a + b + c;
-                    s[4 + j] = b - c - d;
+                let t = base + r * tw + tx;
+                // s = A^T m (M x A), column by column; then s A (M x M), row by row.
+                let mut s = [[0f32; A]; M];
+                for j in 0..A {
+                    let mut col = [0f32; A];
+                    for (k, c) in col.iter_mut().enumerate() {
+                        *c = m[(k * A + j) * plane_stride + t];
+                    }
+                    for (i, v) in V::output(col).into_iter().enumerate() {
+                        s[i][j] = v;
+                    }
                 }
-                let x0 = 2 * tx;
-                for i in 0..2 {
+                let x0 = M * tx;
+                let cols = M.min(w - x0);
+                for (i, row) in s.into_iter().enumerate() {
                     let yy = y0 + i;
                     if yy >= h {
                         break;
                     }
-                    let (a, b, c, d) = (s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]);
-                    out[yy * w + x0] = a + b + c + add;
-                    if x0 + 1 < w {
-                        out[yy * w + x0 + 1] = b - c - d + add;
+                    let dst = &mut out[yy * w + x0..yy * w + x0 + cols];
+                    for (d, v) in dst.iter_mut().zip(V::output(row)) {
+                        *d = v + add;
                     }
                 }
             }
@@ -427,36 +550,39 @@ mod tests {
         (2, 3, 13, 11, 2),
     ];
 
-    /// The forward pass equals candle's convolution, with and without bias, one thread
-    /// and several.
+    /// Both variants' forward pass equals candle's convolution, with and without bias,
+    /// one thread and several.
     #[test]
     fn forward_matches_candle() -> candle_core::Result<()> {
         let d = Device::Cpu;
-        for &(b, c, h, w, o) in CASES {
-            let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?;
-            let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &d)?;
-            let bias = Tensor::randn(0f32, 1.0, o, &d)?;
-            let want = x
-                .conv2d(&k, 1, 1, 1, 1)?
-                .broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
-            let u = transform_kernel(&values(&k), o, c, false);
-            for threads in [1, 2] {
-                let got = conv3x3(
-                    &values(&x),
-                    (b, c, h, w),
-                    &u,
-                    KernelLayout::OutIn,
-                    o,
-                    Some(&values(&bias)),
-                    threads,
-                );
-                let err = max_rel(&got, &values(&want));
-                assert!(
-                    err < 1e-5,
-                    "{b}x{c}x{h}x{w} -> {o}, {threads} threads: {err}"
-                );
+        for choice in [Choice::F2, Choice::F4] {
+            super::timing::FORCE.with(|f| f.set(Some(choice)));
+            for &(b, c, h, w, o) in CASES {
+                let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?;
+                let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &d)?;
+                let bias = Tensor::randn(0f32, 1.0, o, &d)?;
+                let want = x
+                    .conv2d(&k, 1, 1, 1, 1)?
+                    .broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
+                for threads in [1, 2] {
+                    let got = conv(
+                        &values(&x),
+                        (b, h, w),
+                        &values(&k),
+                        (o, c),
+                        Pass::Forward,
+                        Some(&values(&bias)),
+                        threads,
+                    );
+                    let err = max_rel(&got, &values(&want));
+                    assert!(
+                        err < 1e-5,
+                        "{choice:?} {b}x{c}x{h}x{w} -> {o}, {threads} threads: {err}"
+                    );
+                }
             }
         }
+        super::timing::FORCE.with(|f| f.set(None));
         Ok(())
     }
 
@@ -464,32 +590,35 @@ mod tests {
     #[test]
     fn input_gradient_matches_candle() -> candle_core::Result<()> {
         let d = Device::Cpu;
-        for &(b, c, h, w, o) in CASES {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?)?;
-            let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &d)?;
-            let y = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
-            let g = Tensor::randn(0f32, 1.0, y.dims(), &d)?;
-            let grads = (y * &g)?.sum_all()?.backward()?;
-            let Some(want) = grads.get(x.as_tensor()) else {
-                panic!("no gradient for the input");
-            };
-            let u = transform_kernel(&values(&k), o, c, true);
-            let got = conv3x3(
-                &values(&g),
-                (b, o, h, w),
-                &u,
-                KernelLayout::InOut,
-                c,
-                None,
-                2,
-            );
-            let err = max_rel(&got, &values(want));
-            assert!(err < 1e-5, "{b}x{c}x{h}x{w} -> {o}: {err}");
+        for choice in [Choice::F2, Choice::F4] {
+            super::timing::FORCE.with(|f| f.set(Some(choice)));
+            for &(b, c, h, w, o) in CASES {
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?)?;
+                let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &d)?;
+                let y = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
+                let g = Tensor::randn(0f32, 1.0, y.dims(), &d)?;
+                let grads = (y * &g)?.sum_all()?.backward()?;
+                let Some(want) = grads.get(x.as_tensor()) else {
+                    panic!("no gradient for the input");
+                };
+                let got = conv(
+                    &values(&g),
+                    (b, h, w),
+                    &values(&k),
+                    (o, c),
+                    Pass::InputGrad,
+                    None,
+                    2,
+                );
+                let err = max_rel(&got, &values(want));
+                assert!(err < 1e-5, "{choice:?} {b}x{c}x{h}x{w} -> {o}: {err}");
+            }
         }
+        super::timing::FORCE.with(|f| f.set(None));
         Ok(())
     }
 
-    /// A tiny SD 1.x UNet at 32x32 latents (its top level's convolutions run here) gives
+    /// A tiny SD 1.x UNet at 64x64 latents (its top level's convolutions run here) gives
     /// the output and the latent's input gradient the column convolution gives, at the
     /// UNet's parity tolerance (the parity tests against diffusers use 8x8 and 16x16
     /// latents, below [`MIN_PIXELS`]).
@@ -498,11 +627,11 @@ mod tests {
         use crate::model::random::{random_model, tiny_sd1_config};
         let d = Device::Cpu;
         let model = random_model(&tiny_sd1_config(), 5, candle_core::DType::F32, &d)?;
-        let x = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &d)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &d)?;
         let context = Tensor::randn(0f32, 1.0, (1, 77, 64), &d)?;
         let mut runs = Vec::new();
-        for off in [true, false] {
-            super::timing::OFF.with(|o| o.set(off));
+        for choice in [Choice::Off, Choice::F2, Choice::F4] {
+            super::timing::FORCE.with(|f| f.set(Some(choice)));
             let var = Var::from_tensor(&x)?;
             let y = model.unet.forward(var.as_tensor(), &[500.0], &context)?;
             let grads = y.sqr()?.sum_all()?.backward()?;
@@ -511,18 +640,25 @@ mod tests {
             };
             runs.push((values(&y), values(gx)));
         }
-        super::timing::OFF.with(|o| o.set(false));
-        let (column, wino) = (&runs[0], &runs[1]);
-        assert!(max_rel(&wino.0, &column.0) < 1e-4, "output");
-        assert!(max_rel(&wino.1, &column.1) < 1e-4, "input gradient");
-        // The Winograd path did run: its results are not the column path's bit for bit.
-        assert_ne!(wino.0, column.0);
+        super::timing::FORCE.with(|f| f.set(None));
+        let column = &runs[0];
+        for (name, wino) in [("F2", &runs[1]), ("F4", &runs[2])] {
+            assert!(max_rel(&wino.0, &column.0) < 1e-4, "{name}: output");
+            assert!(max_rel(&wino.1, &column.1) < 1e-4, "{name}: input gradient");
+            // The Winograd path did run: its results are not the column path's bit for bit.
+            assert_ne!(wino.0, column.0, "{name}");
+        }
         Ok(())
     }
 
-    /// Bands of one tile row give the same values as one band.
+    /// Bands of one tile row give the same values as one band, for both variants.
     #[test]
     fn bands_agree() {
+        bands_agree_for::<F2, 2, 4>();
+        bands_agree_for::<F4, 4, 6>();
+    }
+
+    fn bands_agree_for<V: Variant<M, A>, const M: usize, const A: usize>() {
         let (c, h, w, o) = (3, 9, 7, 4);
         let x: Vec<f32> = (0..c * h * w)
             .map(|i| ((i * 37) % 11) as f32 - 5.0)
@@ -530,19 +666,18 @@ mod tests {
         let k: Vec<f32> = (0..o * c * 9)
             .map(|i| ((i * 13) % 7) as f32 - 3.0)
             .collect();
-        let u = transform_kernel(&k, o, c, false);
-        let whole = conv3x3(&x, (1, c, h, w), &u, KernelLayout::OutIn, o, None, 2);
-        // The same computation band by band.
-        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let u = transform_kernel::<V, M, A>(&k, o, c, false);
+        let whole = conv3x3::<V, M, A>(&x, (1, c, h, w), &u, KernelLayout::OutIn, o, None, 2);
+        // The same computation band by band (one thread: the same products in order).
+        let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         let mut y = vec![0f32; o * h * w];
         for first in 0..th {
-            let mut v = vec![0f32; 16 * c * tw];
-            let mut m = vec![0f32; 16 * o * tw];
-            transform_input(&x, c, h, w, first, 1, &mut v);
+            let mut v = vec![0f32; A * A * c * tw];
+            let mut m = vec![0f32; A * A * o * tw];
+            transform_input::<V, M, A>(&x, c, h, w, first, 1, &mut v);
             products(&u, KernelLayout::OutIn, &v, &mut m, c, o, tw, 1);
-            transform_output(&m, o, h, w, first, 1, None, &mut y);
+            transform_output::<V, M, A>(&m, o, h, w, first, 1, None, &mut y);
         }
-        // Small integers: every sum is exact, so the two agree bit for bit.
         assert_eq!(whole, y);
     }
 }

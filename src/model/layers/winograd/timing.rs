@@ -1,5 +1,5 @@
-//! Timing of the 3x3 convolutions of a 512 px SD 1.5 step, Winograd against the column
-//! convolution, through `Conv2d` (forward with bias, input gradient). Not a test: run it
+//! Timing of the 3x3 convolutions of a 512 px SD 1.5 step, Winograd F(2x2, 3x3) and
+//! F(4x4, 3x3) against the column convolution, through `Conv2d` (forward with bias, input gradient). Not a test: run it
 //! by hand, in release, with
 //! `cargo test --release --lib winograd_step_timing -- --ignored --nocapture`.
 
@@ -12,9 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::layers::Conv2d;
 use crate::model::weights::Weights;
 
+use super::Choice;
+
 thread_local! {
-    /// Turns the Winograd path off on this thread (for the comparison below).
-    pub(super) static OFF: Cell<bool> = const { Cell::new(false) };
+    /// Overrides the Winograd choice on this thread (for the comparisons).
+    pub(super) static FORCE: Cell<Option<super::Choice>> = const { Cell::new(None) };
 }
 
 /// (in channels, out channels, side, calls per step): the UNet's resnet convolutions at
@@ -47,8 +49,8 @@ fn best(
 #[ignore = "a timing harness, run by hand"]
 fn winograd_step_timing() -> crate::error::Result<()> {
     let d = Device::Cpu;
-    println!("| shape | column fwd | winograd fwd | column bwd | winograd bwd | calls |");
-    let (mut sum_col, mut sum_win) = (0.0, 0.0);
+    println!("| shape | column fwd / bwd | F2 fwd / bwd | F4 fwd / bwd | calls |");
+    let mut sums = [0.0; 3];
     for (cin, cout, side, calls) in SHAPES {
         let mut t = HashMap::new();
         t.insert(
@@ -61,8 +63,8 @@ fn winograd_step_timing() -> crate::error::Result<()> {
         let g = Tensor::randn(0f32, 1.0, (1, cout, side, side), &d)?;
         let reps = if side > 128 { 1 } else { 3 };
         let mut row = Vec::new();
-        for off in [true, false] {
-            OFF.with(|o| o.set(off));
+        for choice in [Choice::Off, Choice::F2, Choice::F4] {
+            FORCE.with(|f| f.set(Some(choice)));
             let f = best(reps, || conv.apply(&x))?;
             let b = if calls > 0 {
                 best(reps, || conv.input_grad(&g, side, side))?
@@ -71,14 +73,22 @@ fn winograd_step_timing() -> crate::error::Result<()> {
             };
             row.push((f, b));
         }
-        OFF.with(|o| o.set(false));
-        let ((cf, cb), (wf, wb)) = (row[0], row[1]);
-        sum_col += (cf + cb) * calls as f64;
-        sum_win += (wf + wb) * calls as f64;
+        FORCE.with(|f| f.set(None));
+        for (sum, (f, b)) in sums.iter_mut().zip(&row) {
+            *sum += (f + b) * calls as f64;
+        }
+        let cells: Vec<String> = row
+            .iter()
+            .map(|(f, b)| format!("{f:.1} / {b:.1}"))
+            .collect();
         println!(
-            "| {cin}->{cout} @ {side}x{side} | {cf:.1} | {wf:.1} | {cb:.1} | {wb:.1} | {calls} |"
+            "| {cin}->{cout} @ {side}x{side} | {} | {calls} |",
+            cells.join(" | ")
         );
     }
-    println!("UNet step sum: column {sum_col:.0} ms, winograd {sum_win:.0} ms");
+    println!(
+        "UNet step sum: column {:.0} ms, F2 {:.0} ms, F4 {:.0} ms",
+        sums[0], sums[1], sums[2]
+    );
     Ok(())
 }
