@@ -92,3 +92,34 @@ fn winograd_step_timing() -> crate::error::Result<()> {
     );
     Ok(())
 }
+
+/// The largest error against an f64 convolution, relative to the largest f64 value, of
+/// the column convolution and both Winograd variants at SD 1.5 widths (f32, forward).
+/// Not a test: `cargo test --release --lib winograd_accuracy -- --ignored --nocapture`.
+#[test]
+#[ignore = "slow (an f64 convolution at full width), run by hand"]
+fn winograd_accuracy_at_sd_widths() -> crate::error::Result<()> {
+    let d = Device::Cpu;
+    for (cin, cout, side) in [(320, 320, 64), (1280, 640, 64)] {
+        let mut t = HashMap::new();
+        let k = Tensor::randn(0f32, 0.02, (cout, cin, 3, 3), &d)?;
+        t.insert("c.weight".to_string(), k.clone());
+        t.insert("c.bias".to_string(), Tensor::zeros(cout, DType::F32, &d)?);
+        let conv = Conv2d::new(&Weights::from_tensors(t, DType::F32, d.clone()), "c", 1, 1)?;
+        let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &d)?;
+        let want = x
+            .to_dtype(DType::F64)?
+            .conv2d(&k.to_dtype(DType::F64)?, 1, 1, 1, 1)?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
+        let mut cells = Vec::new();
+        for choice in [Choice::Off, Choice::F2, Choice::F4] {
+            FORCE.with(|f| f.set(Some(choice)));
+            let got = conv.apply(&x)?.to_dtype(DType::F64)?;
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? / scale;
+            cells.push(format!("{choice:?} {err:.2e}"));
+        }
+        FORCE.with(|f| f.set(None));
+        println!("{cin}->{cout} @ {side}x{side}: {}", cells.join(", "));
+    }
+    Ok(())
+}
