@@ -607,7 +607,9 @@ mod on_gpu {
                     check(&format!("{what} {}", names[i]), got[i], &truth[i], tol);
                 }
 
-                // The layer entry points run cuDNN too (the same results).
+                // The layer entry points run cuDNN too: the forward gives the same values (the
+                // same plan; candle's path differs by ~1e-3); the backward, whose dQ sums
+                // cuDNN may add in another order, is held to the truth like the direct call.
                 let mask = if causal {
                     AttentionMask::Causal
                 } else {
@@ -632,14 +634,14 @@ mod on_gpu {
                 check(
                     &format!("{what} attention_backward dq"),
                     &dq2.unwrap(),
-                    &dq,
-                    1e-6,
+                    &truth[2],
+                    TOL.max(2.0 * err(&composed[2], &truth[2])),
                 );
                 check(
                     &format!("{what} attention_backward dv"),
                     &dv2.unwrap(),
-                    &dv,
-                    1e-6,
+                    &truth[4],
+                    TOL.max(2.0 * err(&composed[4], &truth[4])),
                 );
             }
         }
@@ -686,7 +688,7 @@ mod on_gpu {
                 check(&format!("{what} Conv2d forward"), &y2, &y, 1e-6);
                 let grads = (y2 * &g)?.sum_all()?.backward()?;
                 let gx2 = grads.get(xv.as_tensor()).expect("layer input gradient");
-                check(&format!("{what} Conv2d input gradient"), gx2, &gx, 1e-6);
+                check(&format!("{what} Conv2d input gradient"), gx2, &gx64, TOL);
             }
         }
         Ok(())
