@@ -152,7 +152,8 @@ fn attention_descriptor_refusals() {
 type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
 /// The odd sizes of src/model/layers/conv.rs's tests (strides 1 and 2, paddings 0 to 2, 1x1
-/// and 3x3 kernels), and a wider strided one.
+/// and 3x3 kernels), and odd sides with channel counts that are multiples of 8 (the ones
+/// cuDNN's tensor-core engines take; SD's are all such but its first layer's 4).
 const CONV_CASES: &[ConvCase] = &[
     (2, 3, 7, 9, 5, 3, 1, 1),
     (1, 4, 8, 8, 6, 3, 1, 2),
@@ -162,6 +163,9 @@ const CONV_CASES: &[ConvCase] = &[
     (1, 2, 5, 5, 2, 3, 0, 1),
     (1, 2, 5, 5, 2, 3, 2, 1),
     (1, 8, 17, 13, 16, 3, 1, 2),
+    (2, 8, 7, 9, 16, 3, 1, 1),
+    (1, 16, 9, 7, 8, 3, 1, 2),
+    (2, 32, 6, 5, 16, 1, 0, 1),
 ];
 
 #[test]
@@ -659,9 +663,15 @@ mod on_gpu {
                 let y64 = x64
                     .conv2d(&kern64, pad, stride, 1, 1)?
                     .broadcast_add(&bias64.reshape((1, o, 1, 1))?)?;
-                let y = cudnn::conv_forward(&x, &kern, Some(&bias), pad, stride)?
-                    .unwrap_or_else(|| panic!("{what}: cuDNN refused the forward"));
-                check(&format!("{what} forward"), &y, &y64, TOL);
+                // Channel counts that are multiples of 8 must run on cuDNN; cuDNN may have no
+                // engine for others (the layer then runs candle's kernels, checked below too).
+                let aligned = c.is_multiple_of(8) && o.is_multiple_of(8);
+                let y = cudnn::conv_forward(&x, &kern, Some(&bias), pad, stride)?;
+                match &y {
+                    Some(y) => check(&format!("{what} forward"), y, &y64, TOL),
+                    None if aligned => panic!("{what}: cuDNN refused the forward"),
+                    None => println!("{what}: no cuDNN engine for the forward"),
+                }
 
                 let (g, g64) = input(y64.dims(), dtype, device)?;
                 let x64v = Var::from_tensor(&x64)?;
@@ -669,9 +679,11 @@ mod on_gpu {
                     .sum_all()?
                     .backward()?;
                 let gx64 = grads.get(x64v.as_tensor()).expect("input gradient").clone();
-                let gx = cudnn::conv_input_grad(&g, &kern, pad, stride, h, w)?
-                    .unwrap_or_else(|| panic!("{what}: cuDNN refused the input gradient"));
-                check(&format!("{what} input gradient"), &gx, &gx64, TOL);
+                match cudnn::conv_input_grad(&g, &kern, pad, stride, h, w)? {
+                    Some(gx) => check(&format!("{what} input gradient"), &gx, &gx64, TOL),
+                    None if aligned => panic!("{what}: cuDNN refused the input gradient"),
+                    None => println!("{what}: no cuDNN engine for the input gradient"),
+                }
 
                 // Through the layer: its forward and, by autograd, its input gradient.
                 let tensors = HashMap::from([
@@ -685,7 +697,11 @@ mod on_gpu {
                 let y2 = layer
                     .forward(xv.as_tensor())
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                check(&format!("{what} Conv2d forward"), &y2, &y, 1e-6);
+                match &y {
+                    // The same plan as the direct call: the same values.
+                    Some(y) => check(&format!("{what} Conv2d forward"), &y2, y, 1e-6),
+                    None => check(&format!("{what} Conv2d forward"), &y2, &y64, TOL),
+                }
                 let grads = (y2 * &g)?.sum_all()?.backward()?;
                 let gx2 = grads.get(xv.as_tensor()).expect("layer input gradient");
                 check(&format!("{what} Conv2d input gradient"), gx2, &gx64, TOL);
@@ -800,6 +816,11 @@ mod on_gpu {
                 let kern = bf16(&[o, c, k, k])?;
                 let bias = bf16(&[o])?;
                 let what = format!("conv b{batch} {c}->{o} {side}x{side} k{k} s{stride}");
+                if cudnn::conv_forward(&x, &kern, Some(&bias), pad, stride)?.is_none() {
+                    assert!(!c.is_multiple_of(8), "{what}: cuDNN refused the forward");
+                    println!("probe {what}: no cuDNN engine (candle's kernels run it)");
+                    continue;
+                }
                 let (y, ms) = timed(device, || {
                     cudnn::conv_forward(&x, &kern, Some(&bias), pad, stride)?
                         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: refused")))
