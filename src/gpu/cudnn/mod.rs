@@ -189,8 +189,11 @@ impl Drop for Handle {
     }
 }
 
-/// The handle of `dev`'s stream, created at its first use.
-fn handle(dev: &CudaDevice) -> Result<Arc<Mutex<Handle>>> {
+/// Set when creating a handle failed: cuDNN is then off for the rest of the process.
+static HANDLE_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// The handle of `dev`'s stream, created at its first use (`None`: creating it failed).
+fn handle(dev: &CudaDevice) -> Result<Option<Arc<Mutex<Handle>>>> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<Mutex<Handle>>>>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = stream.cu_stream() as usize;
@@ -199,7 +202,7 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Mutex<Handle>>> {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if let Some(h) = handles.get(&key) {
-        return Ok(h.clone());
+        return Ok(Some(h.clone()));
     }
     stream.context().bind_to_thread().w()?;
     let mut raw = std::ptr::null_mut();
@@ -215,19 +218,29 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Mutex<Handle>>> {
         )
     };
     if rc != sys::OK {
-        bail!("cuDNN: creating a handle failed: {}", message(&err));
+        // A library that loads but cannot serve this device (an unsupported GPU, no memory):
+        // cuDNN is off for the rest of the run, as when it is absent.
+        HANDLE_FAILED.store(true, Ordering::Relaxed);
+        eprintln!(
+            "sdti: cuDNN cannot create a handle ({}): attention and convolutions run candle's \
+             kernels",
+            message(&err)
+        );
+        return Ok(None);
     }
     let h = Arc::new(Mutex::new(Handle {
         raw,
         workspace: None,
     }));
     handles.insert(key, h.clone());
-    Ok(h)
+    Ok(Some(h))
 }
 
 /// What a shim call came back with.
 enum Outcome {
     Done,
+    /// No handle (reported once when creating it failed).
+    NoHandle,
     /// No engine for this shape: the message, for the one line that reports it.
     Unsupported(String),
 }
@@ -239,7 +252,9 @@ fn run(
     op: &str,
     call: impl Fn(*mut sys::Dnn, *mut c_void, usize, *mut usize, *mut c_char) -> i32,
 ) -> Result<Outcome> {
-    let h = handle(dev)?;
+    let Some(h) = handle(dev)? else {
+        return Ok(Outcome::NoHandle);
+    };
     let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
     let stream = dev.cuda_stream();
     stream.context().bind_to_thread().w()?;
@@ -300,7 +315,7 @@ fn cudnn_device(t: &Tensor, others: &[&Tensor]) -> Option<CudaDevice> {
     {
         return None;
     }
-    available().then(|| dev.clone())
+    (available() && !HANDLE_FAILED.load(Ordering::Relaxed)).then(|| dev.clone())
 }
 
 fn view(l: &Layout) -> View<'_> {
@@ -421,6 +436,9 @@ fn sdpa_forward_t<T: Elem>(
             }
         })?
     };
+    if matches!(outcome, Outcome::NoHandle) {
+        return Ok(None);
+    }
     if let Outcome::Unsupported(why) = outcome {
         let shape = format!("q {:?} k {:?}, {h} heads", q.dims(), k.dims());
         report_unsupported(&SDPA_UNSUPPORTED, "attention", shape, &why);
@@ -531,6 +549,9 @@ fn sdpa_backward_t<T: Elem>(
             }
         })?
     };
+    if matches!(outcome, Outcome::NoHandle) {
+        return Ok(None);
+    }
     if let Outcome::Unsupported(why) = outcome {
         let shape = format!("q {:?} k {:?}, {} heads", q.dims(), k.dims(), desc.h);
         report_unsupported(&SDPA_UNSUPPORTED, "attention backward", shape, &why);
@@ -641,6 +662,9 @@ fn conv_forward_t<T: Elem>(
             }
         })?
     };
+    if matches!(outcome, Outcome::NoHandle) {
+        return Ok(None);
+    }
     if let Outcome::Unsupported(why) = outcome {
         if desc.has_bias == 0 {
             let shape = format!("x {:?} w {:?}", x.dims(), weight.dims());
@@ -721,6 +745,9 @@ fn conv_input_grad_t<T: Elem>(
             },
         )?
     };
+    if matches!(outcome, Outcome::NoHandle) {
+        return Ok(None);
+    }
     if let Outcome::Unsupported(why) = outcome {
         let shape = format!("dy {:?} w {:?}", g.dims(), weight.dims());
         report_unsupported(&CONV_UNSUPPORTED, "convolution input-gradient", shape, &why);
