@@ -21,11 +21,16 @@ use rayon::prelude::*;
 /// 16M (64 MiB), as the column convolution's budget.
 const BAND_BUDGET: usize = 16 << 20;
 
-/// Output pixels per image from which the Winograd path is taken. Below it the kernel
-/// transform, paid on every call (A*A/9 times the kernel's size written), costs more than
-/// the products save: at a UNet's 32x32 level (640 channels) it measured slower than the
-/// column convolution, at its 64x64 level (320 channels) faster.
-const MIN_PIXELS: usize = 64 * 64;
+/// Output pixels per image from which the Winograd path is taken, and from which it
+/// takes F(4x4, 3x3) rather than F(2x2, 3x3). The kernel transform is paid on every call
+/// and writes A*A/9 times the kernel (16/9 for F(2x2), 4x for F(4x4)), so it pays only
+/// where the image is large against the channel count. Measured on the 2-core AVX-512
+/// machine with the timing harness (ms forward / input gradient, SD 1.5 at 512 px):
+/// 320 channels at 64x64, column 69 / 75, F(2x2) 42 / 41, F(4x4) 36 / 33; 640 at 32x32,
+/// column 69 / 67, F(2x2) 45 / 57, F(4x4) 53 / 64; 1280 at 16x16, column 47 / 69,
+/// F(2x2) 96 / 114.
+const MIN_PIXELS: usize = 32 * 32;
+const F4_PIXELS: usize = 64 * 64;
 
 /// A work buffer of at least the asked length, taken from buffers earlier calls gave
 /// back, so that the large transformed inputs and products do not page-fault fresh
@@ -88,16 +93,19 @@ impl Drop for Scratch {
     }
 }
 
-/// The Winograd variant in use, or none.
+/// Which Winograd variant runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Choice {
     Off,
+    /// F(4x4) from [`F4_PIXELS`], F(2x2) from [`MIN_PIXELS`].
+    Auto,
     F2,
     F4,
 }
 
 /// `SDTI_WINOGRAD` in the environment: `0` turns the Winograd path off (the column
-/// convolution runs instead), `2` picks F(2x2, 3x3), anything else F(4x4, 3x3). Read once.
+/// convolution runs instead), `2` or `4` uses only F(2x2, 3x3) or F(4x4, 3x3) (from
+/// [`MIN_PIXELS`]); unset or anything else chooses by size. Read once.
 fn choice() -> Choice {
     #[cfg(test)]
     if let Some(forced) = timing::FORCE.with(|f| f.get()) {
@@ -108,7 +116,8 @@ fn choice() -> Choice {
         || match std::env::var("SDTI_WINOGRAD").as_deref().map(str::trim) {
             Ok("0") => Choice::Off,
             Ok("2") => Choice::F2,
-            _ => Choice::F4,
+            Ok("4") => Choice::F4,
+            _ => Choice::Auto,
         },
     )
 }
@@ -128,7 +137,15 @@ pub(super) fn applies(
     h: usize,
     w: usize,
 ) -> bool {
-    (kh, kw, stride, padding) == (3, 3, 1, 1) && h * w >= MIN_PIXELS
+    #[cfg(test)]
+    let min = if timing::ANY_SIZE.with(|a| a.get()) {
+        0
+    } else {
+        MIN_PIXELS
+    };
+    #[cfg(not(test))]
+    let min = MIN_PIXELS;
+    (kh, kw, stride, padding) == (3, 3, 1, 1) && h * w >= min
 }
 
 /// Which convolution [`conv`] computes with a layer's kernel `[out, in, 3, 3]`.
@@ -143,7 +160,7 @@ pub(super) enum Pass {
 
 /// The 3x3, stride 1, padding 1 convolution of `x` (`[b, channels, h, w]`, contiguous)
 /// for `pass` of a layer whose kernel is `weight` (`[out, in, 3, 3]`), plus `bias` per
-/// result channel, by the variant [`enabled`] chose.
+/// result channel, by the variant `SDTI_WINOGRAD` and the size choose ([`choice`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
     x: &[f32],
@@ -154,9 +171,15 @@ pub(super) fn conv(
     bias: Option<&[f32]>,
     threads: usize,
 ) -> Vec<f32> {
-    match choice() {
-        Choice::F2 => conv_with::<F2, 2, 4>(x, (b, h, w), weight, (out, inp), pass, bias, threads),
-        _ => conv_with::<F4, 4, 6>(x, (b, h, w), weight, (out, inp), pass, bias, threads),
+    let f4 = match choice() {
+        Choice::F4 => true,
+        Choice::Auto => h * w >= F4_PIXELS,
+        Choice::F2 | Choice::Off => false,
+    };
+    if f4 {
+        conv_with::<F4, 4, 6>(x, (b, h, w), weight, (out, inp), pass, bias, threads)
+    } else {
+        conv_with::<F2, 2, 4>(x, (b, h, w), weight, (out, inp), pass, bias, threads)
     }
 }
 
@@ -618,7 +641,7 @@ mod tests {
         Ok(())
     }
 
-    /// A tiny SD 1.x UNet at 64x64 latents (its top level's convolutions run here) gives
+    /// A tiny SD 1.x UNet at 64x64 latents (its two top levels' convolutions run here) gives
     /// the output and the latent's input gradient the column convolution gives, at the
     /// UNet's parity tolerance (the parity tests against diffusers use 8x8 and 16x16
     /// latents, below [`MIN_PIXELS`]).
@@ -630,7 +653,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &d)?;
         let context = Tensor::randn(0f32, 1.0, (1, 77, 64), &d)?;
         let mut runs = Vec::new();
-        for choice in [Choice::Off, Choice::F2, Choice::F4] {
+        for choice in [Choice::Off, Choice::F2, Choice::F4, Choice::Auto] {
             super::timing::FORCE.with(|f| f.set(Some(choice)));
             let var = Var::from_tensor(&x)?;
             let y = model.unet.forward(var.as_tensor(), &[500.0], &context)?;
@@ -642,7 +665,7 @@ mod tests {
         }
         super::timing::FORCE.with(|f| f.set(None));
         let column = &runs[0];
-        for (name, wino) in [("F2", &runs[1]), ("F4", &runs[2])] {
+        for (name, wino) in [("F2", &runs[1]), ("F4", &runs[2]), ("auto", &runs[3])] {
             assert!(max_rel(&wino.0, &column.0) < 1e-4, "{name}: output");
             assert!(max_rel(&wino.1, &column.1) < 1e-4, "{name}: input gradient");
             // The Winograd path did run: its results are not the column path's bit for bit.
