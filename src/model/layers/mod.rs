@@ -23,13 +23,13 @@ mod linear;
 mod upsample;
 mod winograd;
 
+pub(crate) use self::gemm::{matmul, Bias};
 pub use activation::{geglu, gelu_erf, quick_gelu, silu, Activation, QUICK_GELU_ALPHA};
 pub(crate) use activation::{geglu_apply, geglu_input_grad, silu_apply, silu_grad};
 pub use attention::{attention_backward, attention_forward, AttentionMask};
 pub use conv::Conv2d;
 pub use custom_op::Recompute;
 pub(crate) use custom_op::{apply_block, Block};
-pub(crate) use self::gemm::{matmul, Bias};
 pub use group_norm::GroupNorm;
 pub use layer_norm::LayerNorm;
 pub(crate) use layer_norm::Stats;
