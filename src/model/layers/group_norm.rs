@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::activation::{silu_apply, silu_grad};
 use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::input_grad_only_saving;
 use super::layer_norm::{
@@ -94,6 +95,55 @@ impl GroupNorm {
             .broadcast_mul(&gamma)?
             .broadcast_add(&beta)?;
         Ok((y, stats))
+    }
+
+    /// `silu(norm(x))` off the graph, as a resnet block's halves start, with the statistics
+    /// when they came for free. On CUDA one fused kernel (`crate::gpu`) computes both;
+    /// elsewhere the normalisation, then the SiLU.
+    pub(crate) fn apply_silu(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Stats>)> {
+        #[cfg(feature = "cuda")]
+        if crate::gpu::fusable(&[x, &self.weight, &self.bias]) {
+            let (y, mean, rstd) = crate::gpu::group_norm_forward(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                true,
+            )?;
+            return Ok((y, Some((mean, rstd))));
+        }
+        let (n, stats) = self.apply(x)?;
+        Ok((silu_apply(&n)?, stats))
+    }
+
+    /// d(loss)/d(x) of [`Self::apply_silu`] from its output gradient `g`, with the
+    /// statistics it gave. On CUDA with the statistics, one fused kernel; elsewhere the
+    /// SiLU's input is recomputed (one normalisation pass) and the two gradients composed.
+    pub(crate) fn silu_input_grad(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some((mean, rstd)) = stats {
+            if crate::gpu::fusable(&[g, x, &self.weight, &self.bias]) && mean.dtype() == DType::F32
+            {
+                return crate::gpu::group_norm_backward(
+                    g,
+                    x,
+                    mean,
+                    rstd,
+                    &self.weight,
+                    &self.bias,
+                    self.groups,
+                    true,
+                );
+            }
+        }
+        let dn = silu_grad(g, &self.apply(x)?.0)?;
+        self.input_grad(&dn, x, stats)
     }
 
     /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.

@@ -25,7 +25,7 @@ mod winograd;
 
 pub(crate) use self::gemm::{matmul, Bias};
 pub use activation::{geglu, gelu_erf, quick_gelu, silu, Activation, QUICK_GELU_ALPHA};
-pub(crate) use activation::{geglu_apply, geglu_input_grad, silu_apply, silu_grad};
+pub(crate) use activation::{geglu_apply, geglu_input_grad};
 pub use attention::{attention_backward, attention_forward, AttentionMask};
 pub use conv::Conv2d;
 pub use custom_op::Recompute;
