@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::activation::{silu, silu_grad};
+use super::activation::silu;
 use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::{input_grad_only, input_grad_only_saving};
 use super::group_norm::GroupNorm;
@@ -138,10 +138,8 @@ impl Conv2d {
             x,
             |x: &Tensor| Ok((self.apply(&norm.apply(x)?.0.silu()?)?, ())),
             move |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
-                let (a, stats) = norm_b.apply(x)?;
                 let gs = conv.input_grad(g, in_h, in_w)?;
-                let ga = silu_grad(&gs, &a)?;
-                norm_b.input_grad(&ga, x, stats.as_ref())
+                norm_b.silu_input_grad(&gs, x, None)
             },
         )?)
     }

@@ -118,8 +118,9 @@ impl GroupNorm {
     }
 
     /// d(loss)/d(x) of [`Self::apply_silu`] from its output gradient `g`, with the
-    /// statistics it gave. On CUDA with the statistics, one fused kernel; elsewhere the
-    /// SiLU's input is recomputed (one normalisation pass) and the two gradients composed.
+    /// statistics it gave (`None`: those of the normalisation recomputed here). On CUDA
+    /// with the statistics, one fused kernel; elsewhere the SiLU's input is recomputed
+    /// (one normalisation pass) and the two gradients composed.
     pub(crate) fn silu_input_grad(
         &self,
         g: &Tensor,
@@ -142,8 +143,10 @@ impl GroupNorm {
                 );
             }
         }
-        let dn = silu_grad(g, &self.apply(x)?.0)?;
-        self.input_grad(&dn, x, stats)
+        let (a, fresh) = self.apply(x)?;
+        let dn = silu_grad(g, &a)?;
+        drop(a);
+        self.input_grad(&dn, x, stats.or(fresh.as_ref()))
     }
 
     /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
