@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use super::activation::silu;
 use super::cpu::{is_cpu_f32, with_f32};
 use super::custom_op::{input_grad_only, input_grad_only_saving};
+use super::gemm::{matmul, Bias};
 use super::group_norm::GroupNorm;
 use super::winograd::{self, Pass};
 use crate::error::Result;
@@ -91,11 +92,13 @@ impl Conv2d {
         )? {
             return Ok(y);
         }
-        let y = conv2d(x, &self.weight, self.padding, self.stride)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.padding,
+            self.stride,
+        )
     }
 
     /// d(loss)/d(input) for an input of `in_h` x `in_w` from the output gradient `g`.
@@ -152,34 +155,57 @@ impl Conv2d {
 fn conv2d(
     x: &Tensor,
     kernel: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_within(x, kernel, padding, stride, COLUMN_BUDGET)
+    conv2d_within(x, kernel, bias, padding, stride, COLUMN_BUDGET)
+}
+
+/// candle's convolution, plus `bias` per output channel.
+fn candle_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let y = x.conv2d(kernel, padding, stride, 1, 1)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
 }
 
 /// [`conv2d`] building at most `budget` column values at once.
 fn conv2d_within(
     x: &Tensor,
     kernel: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
     budget: usize,
 ) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && kernel.dtype() == DType::F32) {
-        return x.conv2d(kernel, padding, stride, 1, 1);
+    let mut operands = vec![x, kernel];
+    operands.extend(bias);
+    if !is_cpu_f32(&operands) {
+        return candle_conv2d(x, kernel, bias, padding, stride);
     }
     let (b, c, h, w) = x.dims4()?;
     let (o, kc, kh, kw) = kernel.dims4()?;
     if kc != c || h + 2 * padding < kh || w + 2 * padding < kw || stride == 0 {
-        return x.conv2d(kernel, padding, stride, 1, 1);
+        return candle_conv2d(x, kernel, bias, padding, stride);
     }
+    let row_bias = match bias {
+        Some(t) => Bias::Rows(t),
+        None => Bias::None,
+    };
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (w + 2 * padding - kw) / stride + 1;
     let k = c * kh * kw;
     let weights = kernel.reshape((o, k))?;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        let y = weights.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
+        let y = matmul(&weights, &x.reshape((b, c, h * w))?, row_bias, None)?;
         return y.reshape((b, o, h, w));
     }
     let geo = ColumnGeometry {
@@ -200,7 +226,7 @@ fn conv2d_within(
     if band == oh && b * k * n <= budget {
         let cols = columns(x, &geo, 0..b, 0..oh)?;
         let cols = Tensor::from_vec(cols, (b, k, n), x.device())?;
-        return weights.broadcast_matmul(&cols)?.reshape((b, o, oh, ow));
+        return matmul(&weights, &cols, row_bias, None)?.reshape((b, o, oh, ow));
     }
     let mut out = vec![0f32; b * o * n];
     for bi in 0..b {
@@ -209,7 +235,7 @@ fn conv2d_within(
             let span = rows.len() * ow;
             let cols =
                 Tensor::from_vec(columns(x, &geo, bi..bi + 1, rows)?, (k, span), x.device())?;
-            let y = weights.matmul(&cols)?;
+            let y = matmul(&weights, &cols, row_bias, None)?;
             with_f32(&y, |y| {
                 for (oc, part) in y.chunks(span).enumerate() {
                     let at = (bi * o + oc) * n + first * ow;
@@ -356,7 +382,7 @@ fn conv2d_input_grad_cpu(
     let n = oh * ow;
     let wt = weight.reshape((o, k))?.t()?;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 && (oh, ow) == (in_h, in_w) {
-        let gx = wt.broadcast_left(b)?.matmul(&g.reshape((b, o, n))?)?;
+        let gx = matmul(&wt, &g.reshape((b, o, n))?, Bias::None, None)?;
         return gx.reshape((b, c, in_h, in_w));
     }
     let geo = ColumnGeometry {
@@ -372,7 +398,7 @@ fn conv2d_input_grad_cpu(
     let plane_len = in_h * in_w;
     let mut out = vec![0f32; b * c * plane_len];
     for bi in 0..b {
-        let cols = wt.matmul(&g.get(bi)?.reshape((o, n))?)?;
+        let cols = matmul(&wt, &g.get(bi)?.reshape((o, n))?, Bias::None, None)?;
         let dst_batch = &mut out[bi * c * plane_len..(bi + 1) * c * plane_len];
         with_f32(&cols, |cols| {
             dst_batch
@@ -518,7 +544,7 @@ fn conv2d_input_grad(
 ) -> candle_core::Result<Tensor> {
     let (_, _, k_h, k_w) = kernel.dims4()?;
     if k_h == 1 && k_w == 1 && stride == 1 && padding == 0 {
-        return conv2d(g, kernel, 0, 1);
+        return conv2d(g, kernel, None, 0, 1);
     }
     if k_h != k_w || padding >= k_h {
         candle_core::bail!("conv2d backward: unsupported kernel {k_h}x{k_w} padding {padding}");
@@ -528,7 +554,7 @@ fn conv2d_input_grad(
     } else {
         g.clone()
     };
-    let gx = conv2d(&g, kernel, k_h - 1 - padding, 1)?;
+    let gx = conv2d(&g, kernel, None, k_h - 1 - padding, 1)?;
     fit_spatial(&gx, in_h, in_w)
 }
 
@@ -599,17 +625,23 @@ mod tests {
         Ok(())
     }
 
-    /// The column convolution equals candle's on odd sizes, strides and paddings.
+    /// The column convolution equals candle's on odd sizes, strides and paddings, with and
+    /// without a bias.
     #[test]
     fn column_conv2d_matches_candle() -> candle_core::Result<()> {
         let d = Device::Cpu;
-        for &(b, c, h, w, o, k, pad, stride) in CONV_CASES {
+        for (&(b, c, h, w, o, k, pad, stride), with_bias) in CONV_CASES
+            .iter()
+            .flat_map(|case| [(case, false), (case, true)])
+        {
             let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &d)?;
             let kern = Tensor::randn(0f32, 1.0, (o, c, k, k), &d)?;
-            let want = x.conv2d(&kern, pad, stride, 1, 1)?;
+            let bias = Tensor::randn(0f32, 1.0, o, &d)?;
+            let bias = with_bias.then_some(&bias);
+            let want = candle_conv2d(&x, &kern, bias, pad, stride)?;
             // Whole batches, bands of a few rows, and one output row per band.
             for budget in [COLUMN_BUDGET, 3 * c * k * k * w, 1] {
-                let got = conv2d_within(&x, &kern, pad, stride, budget)?;
+                let got = conv2d_within(&x, &kern, bias, pad, stride, budget)?;
                 assert_eq!(got.dims(), want.dims());
                 let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(
