@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use super::cpu::{is_cpu_f32, map_cpu, with_f32, zip_cpu};
 use super::custom_op::input_grad_only_saving;
+use super::simd::{self, Unary};
 use crate::error::Result;
 
 /// `x * sigmoid(x)`.
@@ -17,7 +18,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// thread there).
 pub(crate) fn silu_apply(x: &Tensor) -> candle_core::Result<Tensor> {
     if is_cpu_f32(&[x]) {
-        return map_cpu(x, |v| v / (1.0 + (-v).exp()));
+        return map_cpu(x, |o, x| simd::map(o, x, Unary::XSigmoid(1.0)));
     }
     x.silu()
 }
@@ -26,10 +27,7 @@ pub(crate) fn silu_apply(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `g * s (1 + x (1 - s))`, `s = sigmoid(x)`.
 pub(crate) fn silu_grad(g: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     if is_cpu_f32(&[g, x]) {
-        return zip_cpu(g, x, |g, x| {
-            let s = 1.0 / (1.0 + (-x).exp());
-            g * s * (1.0 + x * (1.0 - s))
-        });
+        return zip_cpu(g, x, |o, g, x| simd::grad(o, g, x, Unary::XSigmoid(1.0)));
     }
     #[cfg(feature = "cuda")]
     if crate::gpu::fusable(&[g, x]) {
@@ -43,6 +41,9 @@ pub(crate) fn silu_grad(g: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
 /// The constant of CLIP's quick GELU, `x * sigmoid(1.702 x)` (a sigmoid fit of the erf
 /// GELU, from the GELU paper).
 pub const QUICK_GELU_ALPHA: f64 = 1.702;
+
+/// CLIP's quick GELU as an elementwise CPU pass.
+const QUICK_GELU: Unary = Unary::XSigmoid(QUICK_GELU_ALPHA as f32);
 
 /// The activations of feed-forward layers, with their input gradients off the graph (the
 /// block-level ops call these directly).
@@ -58,15 +59,18 @@ impl Activation {
     /// The activation of a tensor off the graph.
     pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::QuickGelu if is_cpu_f32(&[x]) => map_cpu(x, quick_gelu_f32),
+            Activation::QuickGelu if is_cpu_f32(&[x]) => {
+                map_cpu(x, |o, x| simd::map(o, x, QUICK_GELU))
+            }
             #[cfg(feature = "cuda")]
             Activation::QuickGelu if crate::gpu::fusable(&[x]) => crate::gpu::quick_gelu_forward(x),
             Activation::QuickGelu => {
                 let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU_ALPHA)?)?;
                 x * s
             }
-            // candle's own formula, in parallel (its CPU unary op runs on one thread).
-            Activation::GeluErf if is_cpu_f32(&[x]) => map_cpu(x, gelu_erf_f32),
+            Activation::GeluErf if is_cpu_f32(&[x]) => {
+                map_cpu(x, |o, x| simd::map(o, x, Unary::Gelu))
+            }
             Activation::GeluErf => x.gelu_erf(),
         }
     }
@@ -75,7 +79,7 @@ impl Activation {
     pub(crate) fn input_grad(self, g: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Activation::QuickGelu if is_cpu_f32(&[g, x]) => {
-                zip_cpu(g, x, |g, x| g * quick_gelu_grad_f32(x))
+                zip_cpu(g, x, |o, g, x| simd::grad(o, g, x, QUICK_GELU))
             }
             #[cfg(feature = "cuda")]
             Activation::QuickGelu if crate::gpu::fusable(&[g, x]) => {
@@ -88,7 +92,7 @@ impl Activation {
                 g * d
             }
             Activation::GeluErf if is_cpu_f32(&[g, x]) => {
-                zip_cpu(g, x, |g, x| g * gelu_erf_grad_f32(x))
+                zip_cpu(g, x, |o, g, x| simd::grad(o, g, x, Unary::Gelu))
             }
             #[cfg(feature = "cuda")]
             Activation::GeluErf if crate::gpu::fusable(&[g, x]) => {
@@ -157,9 +161,7 @@ pub(crate) fn geglu_apply(h: &Tensor) -> candle_core::Result<Tensor> {
             .zip(hv.par_chunks(2 * half))
             .for_each(|(o, row)| {
                 let (a, b) = row.split_at(half);
-                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a * gelu_erf_f32(b);
-                }
+                simd::geglu_row(o, a, b);
             });
         out
     })?;
@@ -190,12 +192,7 @@ pub(crate) fn geglu_input_grad(g: &Tensor, h: &Tensor) -> candle_core::Result<Te
                 .for_each(|(o, (row, gr))| {
                     let (a, b) = row.split_at(half);
                     let (oa, ob) = o.split_at_mut(half);
-                    for ((((oa, ob), &a), &b), &g) in
-                        oa.iter_mut().zip(ob.iter_mut()).zip(a).zip(b).zip(gr)
-                    {
-                        *oa = g * gelu_erf_f32(b);
-                        *ob = g * a * gelu_erf_grad_f32(b);
-                    }
+                    simd::geglu_grad_row(oa, ob, a, b, gr);
                 });
             out
         })
@@ -203,53 +200,57 @@ pub(crate) fn geglu_input_grad(g: &Tensor, h: &Tensor) -> candle_core::Result<Te
     Tensor::from_vec(out, h.dims(), h.device())
 }
 
-/// `x sigmoid(1.702 x)`.
-fn quick_gelu_f32(x: f32) -> f32 {
-    x / (1.0 + (-(QUICK_GELU_ALPHA as f32) * x).exp())
-}
-
-/// `s + 1.702 x s (1 - s)`, `s = sigmoid(1.702 x)`.
-fn quick_gelu_grad_f32(x: f32) -> f32 {
-    let a = QUICK_GELU_ALPHA as f32;
-    let s = 1.0 / (1.0 + (-a * x).exp());
-    s + a * x * s * (1.0 - s)
-}
-
-/// `x Phi(x)`, as candle's `gelu_erf` computes it on the CPU.
-fn gelu_erf_f32(x: f32) -> f32 {
-    (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
-}
-
-/// `d/dx x Phi(x) = Phi(x) + x phi(x)`.
-fn gelu_erf_grad_f32(x: f32) -> f32 {
-    let cdf = 0.5 * (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0);
-    let pdf = (-0.5 * x * x).exp()
-        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
-    cdf + x * pdf
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    /// The fused CPU GELU passes equal candle's op and the composed derivative.
+    /// The CPU activation passes (vectorised erf and exp) against candle's f64 ops: GELU
+    /// and its derivative, SiLU and quick GELU, with their gradients, through the public
+    /// layers.
     #[test]
-    fn fused_gelu_matches_the_composition() -> candle_core::Result<()> {
+    fn cpu_activations_match_candle_in_f64() -> candle_core::Result<()> {
         let d = Device::Cpu;
-        let x = (Tensor::randn(0f32, 1.0, (3, 1000), &d)? * 3.0)?;
-        let y = map_cpu(&x, gelu_erf_f32)?;
-        let diff = (&y - x.gelu_erf()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
+        // Odd length: the vector loops' remainders run too.
+        let x = (Tensor::randn(0f32, 1.0, (3, 1001), &d)? * 3.0)?;
+        let g = Tensor::randn(0f32, 1.0, (3, 1001), &d)?;
         let x64 = x.to_dtype(DType::F64)?;
-        let cdf = ((&x64 / std::f64::consts::SQRT_2)?.erf()? + 1.0)?.affine(0.5, 0.0)?;
-        let pdf = (x64.sqr()? * -0.5)?
-            .exp()?
-            .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
-        let want = (cdf + (&x64 * pdf)?)?;
-        let got = map_cpu(&x, gelu_erf_grad_f32)?.to_dtype(DType::F64)?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-6, "{diff}");
+        let g64 = g.to_dtype(DType::F64)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
+            (a.to_dtype(DType::F64)? - b)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()
+        };
+        for act in [Activation::GeluErf, Activation::QuickGelu] {
+            let y = act.apply(&x)?;
+            let want = act.apply(&x64)?;
+            let diff = max_diff(&y, &want)?;
+            assert!(diff < 2e-6, "{act:?} forward: {diff}");
+            let dx = act.input_grad(&g, &x)?;
+            let want = act.input_grad(&g64, &x64)?;
+            let diff = max_diff(&dx, &want)?;
+            assert!(diff < 2e-6, "{act:?} gradient: {diff}");
+        }
+        let y = silu_apply(&x)?;
+        let diff = max_diff(&y, &x64.silu()?)?;
+        assert!(diff < 2e-6, "silu: {diff}");
+        let dx = silu_grad(&g, &x)?;
+        let diff = max_diff(&dx, &silu_grad(&g64, &x64)?)?;
+        assert!(diff < 2e-6, "silu gradient: {diff}");
+
+        // GEGLU and its input gradient against the composition in f64.
+        let h = Tensor::cat(&[&x, &g], 1)?;
+        let h64 = h.to_dtype(DType::F64)?;
+        let y = geglu_apply(&h)?;
+        let diff = max_diff(&y, &geglu_apply(&h64)?)?;
+        // a gelu(b) with |a| up to about 12.
+        assert!(diff < 1e-5, "geglu: {diff}");
+        let dy = Tensor::randn(0f32, 1.0, y.dims(), &d)?;
+        let dh = geglu_input_grad(&dy, &h)?;
+        let want = geglu_input_grad(&dy.to_dtype(DType::F64)?, &h64)?;
+        let diff = max_diff(&dh, &want)?;
+        assert!(diff < 2e-5, "geglu gradient: {diff}");
         Ok(())
     }
 }

@@ -23,28 +23,32 @@ pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
     }
 }
 
-/// `f(a)` elementwise over an f32 CPU tensor, in parallel, one pass.
-pub(super) fn map_cpu(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> candle_core::Result<Tensor> {
+/// Values per parallel task of the elementwise passes.
+const CHUNK: usize = 1 << 14;
+
+/// An elementwise pass over an f32 CPU tensor, in parallel, one pass: `f(out, a)` on
+/// matching chunks of the output and of `a`'s values.
+pub(super) fn map_cpu(
+    a: &Tensor,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let out = with_f32(a, |av| {
         let mut out = vec![0f32; av.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(av.par_chunks(1 << 14))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = f(x);
-                }
-            });
+        out.par_chunks_mut(CHUNK)
+            .zip(av.par_chunks(CHUNK))
+            .for_each(|(o, x)| f(o, x));
         out
     })?;
     Tensor::from_vec(out, a.dims(), a.device())
 }
 
-/// `f(a, b)` elementwise over two same-shaped f32 CPU tensors, in parallel, one pass.
+/// An elementwise pass over two same-shaped f32 CPU tensors, in parallel, one pass:
+/// `f(out, a, b)` on matching chunks.
 pub(super) fn zip_cpu(
     a: &Tensor,
     b: &Tensor,
-    f: impl Fn(f32, f32) -> f32 + Sync,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     if a.dims() != b.dims() {
@@ -53,13 +57,9 @@ pub(super) fn zip_cpu(
     let out = with_f32(a, |av| {
         with_f32(b, |bv| {
             let mut out = vec![0f32; av.len()];
-            out.par_chunks_mut(1 << 14)
-                .zip(av.par_chunks(1 << 14).zip(bv.par_chunks(1 << 14)))
-                .for_each(|(o, (x, y))| {
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                        *o = f(x, y);
-                    }
-                });
+            out.par_chunks_mut(CHUNK)
+                .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
+                .for_each(|(o, (x, y))| f(o, x, y));
             out
         })
     })??;

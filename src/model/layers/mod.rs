@@ -20,6 +20,7 @@ mod gemm;
 mod group_norm;
 mod layer_norm;
 mod linear;
+mod simd;
 mod upsample;
 mod winograd;
 

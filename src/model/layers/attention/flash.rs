@@ -25,6 +25,7 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::super::simd::{exp, multiversion};
 use super::AttentionMask;
 
 /// Query rows per forward task: enough rows that the `gemm` calls are efficient, few
@@ -178,78 +179,9 @@ unsafe fn matmul(
     }
 }
 
-/// Generates a function that runs `$body` compiled for AVX-512 or else AVX2 and FMA when
-/// the CPU has them: the elementwise loops are written so that the compiler vectorises
-/// them, and the baseline x86-64 build only has SSE2. (AVX-512 target features need Rust
-/// 1.89, the crate's minimum since gemm's AVX-512 kernels came in; measured in a profile,
-/// these loops take about 6% of the kernel's time with AVX-512 and 11% with AVX2.)
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked just above.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-
 /// Lanes of the partial sums and maxima: a multiple of every vector width, so that the
 /// reductions vectorise (a float sum in order would not).
 const LANES: usize = 16;
-
-/// `exp(x)` to about one ulp over the range where f32 `exp` is normal, and 0 below it
-/// (masked scores are `-inf`): `2^n exp(r)` with `r = x - n ln 2` and Cephes' degree 6
-/// polynomial, in branch-free arithmetic that vectorises.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let xc = if x < -87.0 { -87.0 } else { x };
-    let xc = if xc > 88.0 { 88.0 } else { xc };
-    let t = xc * LOG2E + ROUND;
-    let n = t - ROUND;
-    let k = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let y = y * f32::from_bits(((k + 127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        y
-    }
-}
 
 #[inline(always)]
 fn row_max_body(x: &[f32]) -> f32 {
