@@ -103,16 +103,28 @@ impl Block for ResnetBlock {
     ) -> candle_core::Result<(Tensor, Option<ResnetSaved>)> {
         let r = self;
         let (a1, stats1) = r.norm1.apply_silu(x)?;
-        let h1 = r.conv1.apply(&a1)?;
-        drop(a1);
         let h1 = match (&r.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.apply(t)?;
                 let (b, c) = t.dims2()?;
-                h1.broadcast_add(&t.reshape((b, c, 1, 1))?)?
+                if b == 1 {
+                    // One value per channel: added with conv1's bias, in the same pass
+                    // as the product, not as one more pass over the image.
+                    let t = t.reshape(c)?;
+                    let bias = match r.conv1.bias() {
+                        Some(cb) => (cb + t)?,
+                        None => t,
+                    };
+                    r.conv1.apply_with_bias(&a1, Some(&bias))?
+                } else {
+                    r.conv1
+                        .apply(&a1)?
+                        .broadcast_add(&t.reshape((b, c, 1, 1))?)?
+                }
             }
-            _ => h1,
+            _ => r.conv1.apply(&a1)?,
         };
+        drop(a1);
         let (a2, stats2) = r.norm2.apply_silu(&h1)?;
         let h2 = r.conv2.apply(&a2)?;
         drop(a2);
@@ -141,7 +153,9 @@ impl Block for ResnetBlock {
         let da2 = r.conv2.input_grad(g, h1h, h1w)?;
         // The SiLU's input is recomputed from h1 (one elementwise pass), not kept; on CUDA
         // one fused kernel takes the SiLU's and the norm's gradients together.
-        let dh1 = r.norm2.silu_input_grad(&da2, &s.h1, s.stats2.as_ref())?;
+        let dh1 = r
+            .norm2
+            .silu_input_grad(&da2, &s.h1, s.stats2.as_ref(), None)?;
         drop((da2, s.h1));
         // The time embedding is added at every position: its projection's gradient is
         // dh1 summed over space (in f32 at least), then through the projection.
@@ -163,12 +177,14 @@ impl Block for ResnetBlock {
         }
         let da1 = r.conv1.input_grad(&dh1, h, w)?;
         drop(dh1);
-        let dx = r.norm1.silu_input_grad(&da1, x, s.stats1.as_ref())?;
-        drop(da1);
         let shortcut = match &r.conv_shortcut {
             Some(c) => c.input_grad(g, h, w)?,
             None => g.clone(),
         };
-        Ok((Some((dx + shortcut)?), dtemb))
+        // The shortcut's gradient is summed in the norm's last pass.
+        let dx = r
+            .norm1
+            .silu_input_grad(&da1, x, s.stats1.as_ref(), Some(&shortcut))?;
+        Ok((Some(dx), dtemb))
     }
 }

@@ -492,7 +492,7 @@ impl Block for SpatialTransformer {
         }
         let dhn = self.proj_in.image_to_tokens_grad(&dh, hgt, wid)?;
         drop(dh);
-        let dx = (g + self.norm.input_grad(&dhn, x, norm_stats.as_ref())?)?;
+        let dx = self.norm.input_grad_add(&dhn, x, norm_stats.as_ref(), g)?;
         Ok((Some(dx), dcontext))
     }
 }

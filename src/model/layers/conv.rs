@@ -73,32 +73,32 @@ impl Conv2d {
 
     /// The convolution of a tensor off the graph.
     pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply_with_bias(x, self.bias.as_ref())
+    }
+
+    /// The convolution of a tensor off the graph with `bias` (`[out]`) in place of the
+    /// layer's own: a resnet block folds its time embedding into its first convolution's
+    /// bias, which every path adds with the product.
+    pub(crate) fn apply_with_bias(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(y) = crate::gpu::cudnn::conv_forward(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.padding,
-            self.stride,
-        )? {
+        if let Some(y) =
+            crate::gpu::cudnn::conv_forward(x, &self.weight, bias, self.padding, self.stride)?
+        {
             return Ok(y);
         }
-        if let Some(y) = winograd_forward(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-        )? {
+        if let Some(y) = winograd_forward(x, &self.weight, bias, self.stride, self.padding)? {
             return Ok(y);
         }
-        conv2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.padding,
-            self.stride,
-        )
+        conv2d(x, &self.weight, bias, self.padding, self.stride)
+    }
+
+    /// The layer's bias, `[out]`.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// d(loss)/d(input) for an input of `in_h` x `in_w` from the output gradient `g`.
@@ -142,7 +142,7 @@ impl Conv2d {
             |x: &Tensor| Ok((self.apply(&norm.apply(x)?.0.silu()?)?, ())),
             move |g: &Tensor, x: &Tensor, _: &Tensor, _: &()| {
                 let gs = conv.input_grad(g, in_h, in_w)?;
-                norm_b.silu_input_grad(&gs, x, None)
+                norm_b.silu_input_grad(&gs, x, None, None)
             },
         )?)
     }

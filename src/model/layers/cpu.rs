@@ -23,6 +23,17 @@ pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
     }
 }
 
+/// [`with_f32`] on a tensor that may be absent (`f(None)` then).
+pub(super) fn with_optional_f32<R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&[f32]>) -> R,
+) -> candle_core::Result<R> {
+    match t {
+        Some(t) => with_f32(t, |v| f(Some(v))),
+        None => Ok(f(None)),
+    }
+}
+
 /// Values per parallel task of the elementwise passes.
 const CHUNK: usize = 1 << 14;
 

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::activation::{silu_apply, silu_grad};
-use super::cpu::{is_cpu_f32, with_f32};
+use super::cpu::{is_cpu_f32, with_f32, with_optional_f32};
 use super::custom_op::input_grad_only_saving;
 use super::layer_norm::{
     normalise_last_dim, normalise_last_dim_backward, stats_or_recomputed, uses_fused_norm, Stats,
@@ -118,20 +118,22 @@ impl GroupNorm {
     }
 
     /// d(loss)/d(x) of [`Self::apply_silu`] from its output gradient `g`, with the
-    /// statistics it gave (`None`: those of the normalisation recomputed here). On CUDA
-    /// with the statistics, one fused kernel; elsewhere the SiLU's input is recomputed
-    /// (one normalisation pass) and the two gradients composed.
+    /// statistics it gave (`None`: those of the normalisation recomputed here), plus `add`
+    /// (a residual path's gradient) when given. On CUDA with the statistics, one fused
+    /// kernel; elsewhere the SiLU's input is recomputed (one normalisation pass) and the
+    /// two gradients composed, `add` summed in the norm's last pass on the CPU.
     pub(crate) fn silu_input_grad(
         &self,
         g: &Tensor,
         x: &Tensor,
         stats: Option<&Stats>,
+        add: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some((mean, rstd)) = stats {
             if crate::gpu::fusable(&[g, x, &self.weight, &self.bias]) && mean.dtype() == DType::F32
             {
-                return crate::gpu::group_norm_backward(
+                let dx = crate::gpu::group_norm_backward(
                     g,
                     x,
                     mean,
@@ -140,13 +142,17 @@ impl GroupNorm {
                     &self.bias,
                     self.groups,
                     true,
-                );
+                )?;
+                return match add {
+                    Some(a) => dx + a,
+                    None => Ok(dx),
+                };
             }
         }
         let (a, fresh) = self.apply(x)?;
         let dn = silu_grad(g, &a)?;
         drop(a);
-        self.input_grad(&dn, x, stats.or(fresh.as_ref()))
+        self.input_grad_plus(&dn, x, stats.or(fresh.as_ref()), add)
     }
 
     /// `gamma` and `beta` shaped `[1, C, 1, ...]` for a tensor of `rank` dimensions.
@@ -166,13 +172,55 @@ impl GroupNorm {
         x: &Tensor,
         stats: Option<&Stats>,
     ) -> candle_core::Result<Tensor> {
+        self.input_grad_plus(g, x, stats, None)
+    }
+
+    /// `d_residual + self.input_grad(g, x, stats)`, in the same pass on the CPU in f32.
+    pub(crate) fn input_grad_add(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+        d_residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.input_grad_plus(g, x, stats, Some(d_residual))
+    }
+
+    /// [`Self::input_grad`] plus `add` when given.
+    fn input_grad_plus(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+        add: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let groups = self.groups;
         let xg = x.reshape((b, groups, ()))?;
         let (mean, rstd) = stats_or_recomputed(stats, &xg, self.eps)?;
-        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
-            return group_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, groups);
+        let cpu_add = add.is_none_or(|a| is_cpu_f32(&[a]) && a.dims() == g.dims());
+        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) && cpu_add {
+            let add = add.map(|a| a.contiguous()).transpose()?;
+            let w = &self.weight;
+            return group_norm_backward_cpu(g, x, &mean, &rstd, w, groups, add.as_ref());
         }
+        let dx = self.input_grad_composed(g, x, &xg, mean, rstd)?;
+        match add {
+            Some(a) => a + dx,
+            None => Ok(dx),
+        }
+    }
+
+    /// [`Self::input_grad`] off the CPU fast path: a CUDA kernel or candle's ops.
+    fn input_grad_composed(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        xg: &Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, groups) = (x.dim(0)?, self.groups);
         #[cfg(feature = "cuda")]
         if crate::gpu::fusable(&[g, x, &self.weight, &self.bias]) && mean.dtype() == DType::F32 {
             let (w, bias) = (&self.weight, &self.bias);
@@ -180,7 +228,7 @@ impl GroupNorm {
         }
         let (gamma, _) = self.affine(x.rank())?;
         let gs = g.broadcast_mul(&gamma)?.reshape((b, groups, ()))?;
-        let gx = normalise_last_dim_backward(&gs, &xg, &mean, &rstd)?;
+        let gx = normalise_last_dim_backward(&gs, xg, &mean, &rstd)?;
         gx.reshape(g.dims())
     }
 }
@@ -245,8 +293,9 @@ fn group_norm_cpu(
     Ok((y, (mean, rstd)))
 }
 /// The input gradient of [`group_norm_cpu`]: per group, with `gs = g * gamma` and
-/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`; two
-/// passes per group, in parallel over groups.
+/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`, plus
+/// `add` (contiguous, `g`'s shape) when given; two passes per group, in parallel over
+/// groups.
 fn group_norm_backward_cpu(
     g: &Tensor,
     x: &Tensor,
@@ -254,6 +303,7 @@ fn group_norm_backward_cpu(
     rstd: &Tensor,
     weight: &Tensor,
     groups: usize,
+    add: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let dims = g.dims().to_vec();
@@ -265,44 +315,103 @@ fn group_norm_backward_cpu(
     let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
     let out = with_f32(g, |gv| {
         with_f32(x, |xv| {
-            let mut out = vec![0f32; gv.len()];
-            out.par_chunks_mut(per_group)
-                .enumerate()
-                .for_each(|(gi, dst)| {
-                    let range = gi * per_group..(gi + 1) * per_group;
-                    let (gp, xp) = (&gv[range.clone()], &xv[range]);
-                    let (m, r) = (means[gi], rstds[gi]);
-                    let first_channel = (gi % groups) * (c / groups);
-                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                    for (ch, (gc, xc)) in gp
-                        .chunks(per_channel)
-                        .zip(xp.chunks(per_channel))
-                        .enumerate()
-                    {
-                        let w = gamma[first_channel + ch];
-                        for (&gi, &xi) in gc.iter().zip(xc) {
-                            let gs = (gi * w) as f64;
-                            sum_g += gs;
-                            sum_gx += gs * ((xi - m) * r) as f64;
+            with_optional_f32(add, |addv| {
+                let mut out = vec![0f32; gv.len()];
+                out.par_chunks_mut(per_group)
+                    .enumerate()
+                    .for_each(|(gi, dst)| {
+                        let range = gi * per_group..(gi + 1) * per_group;
+                        let addp = addv.map(|a| &a[range.clone()]);
+                        let (gp, xp) = (&gv[range.clone()], &xv[range]);
+                        let (m, r) = (means[gi], rstds[gi]);
+                        let first_channel = (gi % groups) * (c / groups);
+                        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                        for (ch, (gc, xc)) in gp
+                            .chunks(per_channel)
+                            .zip(xp.chunks(per_channel))
+                            .enumerate()
+                        {
+                            let w = gamma[first_channel + ch];
+                            for (&gi, &xi) in gc.iter().zip(xc) {
+                                let gs = (gi * w) as f64;
+                                sum_g += gs;
+                                sum_gx += gs * ((xi - m) * r) as f64;
+                            }
                         }
-                    }
-                    let mean_g = (sum_g / per_group as f64) as f32;
-                    let mean_gx = (sum_gx / per_group as f64) as f32;
-                    for (ch, ((d, gc), xc)) in dst
-                        .chunks_mut(per_channel)
-                        .zip(gp.chunks(per_channel))
-                        .zip(xp.chunks(per_channel))
-                        .enumerate()
-                    {
-                        let w = gamma[first_channel + ch];
-                        for ((o, &gi), &xi) in d.iter_mut().zip(gc).zip(xc) {
-                            let xhat = (xi - m) * r;
-                            *o = r * (gi * w - mean_g - xhat * mean_gx);
+                        let mean_g = (sum_g / per_group as f64) as f32;
+                        let mean_gx = (sum_gx / per_group as f64) as f32;
+                        for (ch, ((d, gc), xc)) in dst
+                            .chunks_mut(per_channel)
+                            .zip(gp.chunks(per_channel))
+                            .zip(xp.chunks(per_channel))
+                            .enumerate()
+                        {
+                            let w = gamma[first_channel + ch];
+                            let at = ch * per_channel;
+                            for (i, ((o, &gi), &xi)) in d.iter_mut().zip(gc).zip(xc).enumerate() {
+                                let xhat = (xi - m) * r;
+                                let v = r * (gi * w - mean_g - xhat * mean_gx);
+                                *o = addp.map_or(v, |a| a[at + i] + v);
+                            }
                         }
-                    }
-                });
-            out
+                    });
+                out
+            })
         })
-    })??;
+    })???;
     Tensor::from_vec(out, dims, g.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The residual gradient summed inside the CPU backward pass (`input_grad_add`, the
+    /// SiLU variant's `add`) equals the separate sum, bit for bit, and the gradient alone
+    /// is unchanged.
+    #[test]
+    fn fused_residual_sum_equals_the_separate_sum() -> candle_core::Result<()> {
+        let d = Device::Cpu;
+        let norm = GroupNorm {
+            weight: Tensor::randn(1f32, 0.3, 12, &d)?,
+            bias: Tensor::randn(0f32, 0.3, 12, &d)?,
+            groups: 4,
+            eps: 1e-5,
+        };
+        let x = Tensor::randn(0.5f32, 2.0, (2, 12, 5, 3), &d)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?;
+        let (_, stats) = norm.apply(&x)?;
+        let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
+            Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let alone = norm.input_grad(&g, &x, stats.as_ref())?;
+        let fused = norm.input_grad_add(&g, &x, stats.as_ref(), &r)?;
+        assert!(same(&fused, &(&r + &alone)?)?);
+        let alone = norm.silu_input_grad(&g, &x, stats.as_ref(), None)?;
+        let fused = norm.silu_input_grad(&g, &x, stats.as_ref(), Some(&r))?;
+        assert!(same(&fused, &(&r + &alone)?)?);
+        // The composed path (f64) agrees with the fused f32 one.
+        let norm64 = GroupNorm {
+            weight: norm.weight.to_dtype(DType::F64)?,
+            bias: norm.bias.to_dtype(DType::F64)?,
+            ..norm.clone()
+        };
+        let (x64, g64, r64) = (
+            x.to_dtype(DType::F64)?,
+            g.to_dtype(DType::F64)?,
+            r.to_dtype(DType::F64)?,
+        );
+        let want = norm64.input_grad_add(&g64, &x64, None, &r64)?;
+        let diff = (norm
+            .input_grad_add(&g, &x, None, &r)?
+            .to_dtype(DType::F64)?
+            - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::cpu::{is_cpu_f32, with_f32};
+use super::cpu::{is_cpu_f32, with_f32, with_optional_f32};
 use super::custom_op::input_grad_only_saving;
 use crate::error::Result;
 use crate::model::weights::Weights;
@@ -74,7 +74,7 @@ impl LayerNorm {
     ) -> candle_core::Result<Tensor> {
         let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
         if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
-            return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight);
+            return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, None);
         }
         #[cfg(feature = "cuda")]
         if crate::gpu::fusable(&[g, x, &self.weight]) && mean.dtype() == DType::F32 {
@@ -84,7 +84,8 @@ impl LayerNorm {
     }
 
     /// `d_residual + self.input_grad(g, x, stats)`: the gradient of a residual stream that
-    /// also feeds this norm (a pre-norm block's input); one pass on a GPU.
+    /// also feeds this norm (a pre-norm block's input); one pass on a GPU and on the CPU
+    /// in f32.
     pub(crate) fn input_grad_add(
         &self,
         g: &Tensor,
@@ -98,6 +99,13 @@ impl LayerNorm {
             if mean.dtype() == DType::F32 {
                 let w = &self.weight;
                 return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, w, Some(d_residual));
+            }
+        }
+        if is_cpu_f32(&[g, x, &self.weight, d_residual]) && d_residual.dims() == g.dims() {
+            let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
+            if is_cpu_f32(&[&mean, &rstd]) {
+                let w = &self.weight;
+                return layer_norm_backward_cpu(g, x, &mean, &rstd, w, Some(d_residual));
             }
         }
         d_residual + self.input_grad(g, x, stats)?
@@ -155,13 +163,15 @@ fn layer_norm_cpu(
 }
 
 /// The input gradient of [`layer_norm_cpu`] per row: with `gs = g * gamma` and
-/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`.
+/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`, plus
+/// `add` (a residual stream's gradient, same shape as `g`) when given, in the same pass.
 fn layer_norm_backward_cpu(
     g: &Tensor,
     x: &Tensor,
     mean: &Tensor,
     rstd: &Tensor,
     weight: &Tensor,
+    add: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let dims = g.dims().to_vec();
@@ -169,28 +179,34 @@ fn layer_norm_backward_cpu(
     let gamma: Vec<f32> = weight.to_vec1()?;
     let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
     let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
+    let add = add.map(|t| t.contiguous()).transpose()?;
     let out = with_f32(g, |gv| {
         with_f32(x, |xv| {
-            let mut out = vec![0f32; gv.len()];
-            out.par_chunks_mut(c)
-                .zip(gv.par_chunks(c).zip(xv.par_chunks(c)))
-                .zip(means.par_iter().zip(rstds.par_iter()))
-                .for_each(|((dst, (gr, xr)), (&m, &r))| {
-                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                    for ((&gi, &xi), &w) in gr.iter().zip(xr).zip(&gamma) {
-                        let gs = (gi * w) as f64;
-                        sum_g += gs;
-                        sum_gx += gs * ((xi - m) * r) as f64;
-                    }
-                    let mean_g = (sum_g / c as f64) as f32;
-                    let mean_gx = (sum_gx / c as f64) as f32;
-                    for (((o, &gi), &xi), &w) in dst.iter_mut().zip(gr).zip(xr).zip(&gamma) {
-                        *o = r * (gi * w - mean_g - (xi - m) * r * mean_gx);
-                    }
-                });
-            out
+            with_optional_f32(add.as_ref(), |addv| {
+                let mut out = vec![0f32; gv.len()];
+                out.par_chunks_mut(c)
+                    .zip(gv.par_chunks(c).zip(xv.par_chunks(c)))
+                    .zip(means.par_iter().zip(rstds.par_iter()))
+                    .enumerate()
+                    .for_each(|(row, ((dst, (gr, xr)), (&m, &r)))| {
+                        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                        for ((&gi, &xi), &w) in gr.iter().zip(xr).zip(&gamma) {
+                            let gs = (gi * w) as f64;
+                            sum_g += gs;
+                            sum_gx += gs * ((xi - m) * r) as f64;
+                        }
+                        let mean_g = (sum_g / c as f64) as f32;
+                        let mean_gx = (sum_gx / c as f64) as f32;
+                        let values = dst.iter_mut().zip(gr).zip(xr).zip(&gamma);
+                        for (i, (((o, &gi), &xi), &w)) in values.enumerate() {
+                            let d = r * (gi * w - mean_g - (xi - m) * r * mean_gx);
+                            *o = addv.map_or(d, |a| a[row * c + i] + d);
+                        }
+                    });
+                out
+            })
         })
-    })??;
+    })???;
     Tensor::from_vec(out, dims, g.device())
 }
 
@@ -263,4 +279,49 @@ pub(super) fn normalise_last_dim_backward(
         .broadcast_sub(&mean_g)?
         .sub(&xhat.broadcast_mul(&mean_gx)?)?;
     inner.broadcast_mul(rstd)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The residual gradient summed inside the CPU backward pass equals the separate sum,
+    /// bit for bit, and the composed f64 path.
+    #[test]
+    fn fused_residual_sum_equals_the_separate_sum() -> candle_core::Result<()> {
+        let d = Device::Cpu;
+        let norm = LayerNorm {
+            weight: Tensor::randn(1f32, 0.3, 24, &d)?,
+            bias: Tensor::randn(0f32, 0.3, 24, &d)?,
+            eps: 1e-5,
+        };
+        let x = Tensor::randn(0.5f32, 2.0, (2, 7, 24), &d)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 7, 24), &d)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 7, 24), &d)?;
+        let (_, stats) = norm.apply(&x)?;
+        let alone = norm.input_grad(&g, &x, stats.as_ref())?;
+        let fused = norm.input_grad_add(&g, &x, stats.as_ref(), &r)?;
+        let separate = (&r + &alone)?;
+        assert!(
+            fused.flatten_all()?.to_vec1::<f32>()? == separate.flatten_all()?.to_vec1::<f32>()?
+        );
+        let norm64 = LayerNorm {
+            weight: norm.weight.to_dtype(DType::F64)?,
+            bias: norm.bias.to_dtype(DType::F64)?,
+            eps: norm.eps,
+        };
+        let want = norm64.input_grad_add(
+            &g.to_dtype(DType::F64)?,
+            &x.to_dtype(DType::F64)?,
+            None,
+            &r.to_dtype(DType::F64)?,
+        )?;
+        let diff = (fused.to_dtype(DType::F64)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
 }
