@@ -163,7 +163,8 @@ fn training_lowers_the_loss_on_the_concept() {
     trainer.train(150, |_| true).unwrap();
     let after = eval_loss(&model, &latents, trainer.vectors_tensor());
     eprintln!("loss at fixed noise and timesteps: init {before:.5}, learned {after:.5}");
-    // Measured 1.11727 -> 1.11400 (seed 5, 150 steps, lr 0.01; deterministic on the CPU).
+    // Measured 1.11727 -> about 1.1140 (seed 5, 150 steps, lr 0.01; deterministic on the
+    // CPU, the last digit moves with the matrix products' and activations' rounding).
     assert!(after < before, "loss {after} did not drop below {before}");
 }
 
