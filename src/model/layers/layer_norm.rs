@@ -72,15 +72,7 @@ impl LayerNorm {
         x: &Tensor,
         stats: Option<&Stats>,
     ) -> candle_core::Result<Tensor> {
-        let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
-        if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) {
-            return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, None);
-        }
-        #[cfg(feature = "cuda")]
-        if crate::gpu::fusable(&[g, x, &self.weight]) && mean.dtype() == DType::F32 {
-            return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, &self.weight, None);
-        }
-        normalise_last_dim_backward(&g.broadcast_mul(&self.weight)?, x, &mean, &rstd)
+        self.input_grad_plus(g, x, stats, None)
     }
 
     /// `d_residual + self.input_grad(g, x, stats)`: the gradient of a residual stream that
@@ -93,22 +85,37 @@ impl LayerNorm {
         stats: Option<&Stats>,
         d_residual: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        self.input_grad_plus(g, x, stats, Some(d_residual))
+    }
+
+    /// [`Self::input_grad`] plus `add` when given, summed in the same pass by the CPU and
+    /// CUDA kernels, after it by candle's ops.
+    fn input_grad_plus(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        stats: Option<&Stats>,
+        add: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
+        let mut operands = vec![g, x, &mean, &rstd, &self.weight];
+        operands.extend(add);
+        if is_cpu_f32(&operands) && add.is_none_or(|a| a.dims() == g.dims()) {
+            return layer_norm_backward_cpu(g, x, &mean, &rstd, &self.weight, add);
+        }
         #[cfg(feature = "cuda")]
-        if crate::gpu::fusable(&[g, x, &self.weight, d_residual]) {
-            let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
-            if mean.dtype() == DType::F32 {
-                let w = &self.weight;
-                return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, w, Some(d_residual));
+        {
+            let mut operands = vec![g, x, &self.weight];
+            operands.extend(add);
+            if crate::gpu::fusable(&operands) && mean.dtype() == DType::F32 {
+                return crate::gpu::layer_norm_backward(g, x, &mean, &rstd, &self.weight, add);
             }
         }
-        if is_cpu_f32(&[g, x, &self.weight, d_residual]) && d_residual.dims() == g.dims() {
-            let (mean, rstd) = stats_or_recomputed(stats, x, self.eps)?;
-            if is_cpu_f32(&[&mean, &rstd]) {
-                let w = &self.weight;
-                return layer_norm_backward_cpu(g, x, &mean, &rstd, w, Some(d_residual));
-            }
+        let dx = normalise_last_dim_backward(&g.broadcast_mul(&self.weight)?, x, &mean, &rstd)?;
+        match add {
+            Some(a) => a + dx,
+            None => Ok(dx),
         }
-        d_residual + self.input_grad(g, x, stats)?
     }
 }
 
