@@ -366,11 +366,7 @@ fn cpu_product(
                     // The output row within its matrix: a row bias's index.
                     let i = (at / n) % m;
                     for (j, d) in row.iter_mut().enumerate() {
-                        let b = match bias_v {
-                            Some((v, true)) => v[j],
-                            Some((v, false)) => v[i],
-                            None => 0.0,
-                        };
+                        let b = bias_at(bias_v, i, j);
                         let x = res_v.map_or(0.0, |v| v[at + j]);
                         d.write(x + b);
                     }
@@ -452,6 +448,16 @@ fn by_columns(rows: usize, n: usize, k: usize, b: &Operand) -> bool {
     rows <= SPLIT_SIDE && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
 }
 
+/// The bias of output row `i` (within its matrix), column `j`: a column bias
+/// (`(values, true)`) is indexed by `j`, a row bias by `i`.
+fn bias_at(bias: Option<(&[f32], bool)>, i: usize, j: usize) -> f32 {
+    match bias {
+        Some((v, true)) => v[j],
+        Some((v, false)) => v[i],
+        None => 0.0,
+    }
+}
+
 /// `out[r, j] = cols[j * rows + r] + bias + residual[r, j]` for the `[rows, n]` output of
 /// matrices `m` rows high, in parallel over blocks of 16 rows (one cache line of each of
 /// `cols`'s columns).
@@ -475,11 +481,7 @@ fn transpose_into(
                 let src = &cols[j * rows + first..j * rows + first + height];
                 for (r, &v) in src.iter().enumerate() {
                     let i = first + r;
-                    let b = match bias {
-                        Some((v, true)) => v[j],
-                        Some((v, false)) => v[i % m],
-                        None => 0.0,
-                    };
+                    let b = bias_at(bias, i % m, j);
                     let x = residual.map_or(0.0, |res| res[i * n + j]);
                     dst[r * n + j].write(v + b + x);
                 }
