@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! SDTI_BENCH_PYTHON=$REFENV/bin/python \
-//!     cargo bench --bench train_step -- [--config sd15|sdxl] [--resolution 256,512] [--steps N] [--no-reference] [--profile]
+//!     cargo bench --bench train_step -- [--config sd15|sdxl] [--resolution 256,512] [--steps N] [--order interleaved|sequential] [--no-reference] [--profile]
 //! ```
 //!
 //! * `--config sdxl`: `ModelConfig::sdxl()`, checked against
@@ -30,7 +30,14 @@
 //!   `$SDTI_BENCH_PYTHON` (or `python3`) when that interpreter imports torch and
 //!   diffusers, unless `--no-reference`. It runs diffusers' textual_inversion example
 //!   step, which VAE-encodes the image in every step; sdti encodes each image once when it
-//!   is added, so the table also shows diffusers' step without the VAE encode.
+//!   is added, so the table also shows diffusers' step without the VAE encode (timed
+//!   inside each of its steps).
+//! * `--order interleaved` (the default for SD 1.5): diffusers' script runs beside this
+//!   process (`--serve`), and the two engines take turns, one sdti step then one
+//!   diffusers step per round, so a machine whose speed drifts within minutes (shared
+//!   VMs) slows both alike; the table adds the median of the per-round ratios. Both
+//!   models are then in memory at once (about 4 + 7.5 GiB for SD 1.5), so SDXL (about
+//!   16 + 18 GiB) runs `sequential` by default: all sdti steps, then diffusers'.
 //! * `--profile`: also times the UNet alone at each resolution: forward without a
 //!   gradient path, forward with the context on a gradient path, and that backward pass.
 //!
@@ -39,8 +46,9 @@
 //! few quick self-checks instead.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,6 +71,10 @@ const USAGE: &str = "usage: cargo bench --bench train_step -- \
   --recompute LIST   off, on, or both (off,on): each resolution's sdti step with each
                      (default off: every activation kept, the fastest step)
   --steps N          timed steps per resolution after one warm-up step (default 3)
+  --order ORDER      interleaved (default for sd15): one sdti step then one diffusers
+                     step per round, both models in memory; sequential (default for
+                     sdxl, whose two models do not fit 24 GiB together): all sdti
+                     steps, then all diffusers steps
   --no-reference     skip diffusers' step (tests/reference/bench_diffusers_step.py)
   --profile          also time the UNet forward / backward alone at each resolution
 
@@ -110,12 +122,22 @@ impl Arch {
     }
 }
 
+/// How the two engines' steps are ordered (`--order`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// One sdti step, then one diffusers step, per round.
+    Interleaved,
+    /// All sdti steps, then all diffusers steps.
+    Sequential,
+}
+
 #[derive(Debug)]
 struct Args {
     config: Arch,
     resolutions: Vec<usize>,
     recompute: Vec<Recompute>,
     steps: usize,
+    order: Order,
     reference: bool,
     profile: bool,
 }
@@ -127,11 +149,13 @@ enum Parsed {
 
 fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
     let mut resolutions = None;
+    let mut order = None;
     let mut args = Args {
         config: Arch::Sd15,
         resolutions: vec![256, 512],
         recompute: vec![Recompute::Off],
         steps: 3,
+        order: Order::Interleaved,
         reference: true,
         profile: false,
     };
@@ -172,6 +196,17 @@ fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
                 }
                 args.recompute = list;
             }
+            "--order" => {
+                order = Some(match value("--order")?.as_str() {
+                    "interleaved" => Order::Interleaved,
+                    "sequential" => Order::Sequential,
+                    other => {
+                        return Err(format!(
+                            "--order '{other}' is not interleaved or sequential"
+                        ))
+                    }
+                });
+            }
             "--config" => {
                 args.config = match value("--config")?.as_str() {
                     "sd15" => Arch::Sd15,
@@ -192,6 +227,10 @@ fn parse_args(raw: &[String]) -> BenchResult<Parsed> {
     args.resolutions = resolutions.unwrap_or_else(|| match args.config {
         Arch::Sd15 => vec![256, 512],
         Arch::Sdxl => vec![512],
+    });
+    args.order = order.unwrap_or(match args.config {
+        Arch::Sd15 => Order::Interleaved,
+        Arch::Sdxl => Order::Sequential,
     });
     if args.profile && args.config == Arch::Sdxl {
         return Err("--profile times the SD 1.5 UNet alone; not with --config sdxl".into());
@@ -364,17 +403,22 @@ struct SdtiResult {
     peak_mib: Option<f64>,
     peak_is_per_resolution: bool,
     profile: Option<UnetProfile>,
+    /// diffusers' steps beside these: interleaved with them, or (sequential) its run at
+    /// this resolution.
+    reference_steps: Vec<RefStep>,
 }
 
 fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
 }
 
+/// sdti's steps at `res`; with a `partner`, one diffusers step after each timed sdti step.
 fn run_sdti(
     model: &Arc<SdModel>,
     res: usize,
     recompute: Recompute,
     args: &Args,
+    mut partner: Option<&mut RefSession>,
 ) -> BenchResult<SdtiResult> {
     let peak_is_per_resolution = reset_peak_rss();
     let setup = BenchSetup {
@@ -392,6 +436,8 @@ fn run_sdti(
     eprintln!("sdti {res}px: {choice}");
     let add_image_ms = run.cache_seconds * 1e3;
     eprintln!("sdti {res}px: add_image (VAE encode of 2 views, once) {add_image_ms:.0} ms");
+    let mut reference_steps = Vec::new();
+    let mut partner_error = None;
     let times = run
         .time_steps(|s| {
             let kind = if s.index == 0 { "warm-up" } else { "timed" };
@@ -399,9 +445,20 @@ fn run_sdti(
                 "sdti {res}px step {} ({kind}): {:.0} ms, loss {:.4}",
                 s.index, s.ms, s.loss
             );
+            // diffusers ran its warm-up step before sdti's; after that, one of its steps
+            // after each of sdti's. Only sdti's own step is inside sdti's timing.
+            if let (true, None, Some(p)) = (s.index > 0, &partner_error, partner.as_deref_mut()) {
+                match p.step() {
+                    Ok(step) => reference_steps.push(step),
+                    Err(e) => partner_error = Some(e),
+                }
+            }
         })
         .map_err(err("Trainer::step"))?;
     drop(run);
+    if let Some(e) = partner_error {
+        return Err(format!("diffusers {res}px (interleaved): {e}"));
+    }
     let profile = if args.profile {
         Some(profile_unet(model, res)?)
     } else {
@@ -415,6 +472,7 @@ fn run_sdti(
         peak_mib: times.peak_rss_mib,
         peak_is_per_resolution,
         profile,
+        reference_steps,
     })
 }
 
@@ -516,31 +574,45 @@ fn find_reference() -> BenchResult<Reference> {
     Ok(Reference { python, script })
 }
 
-fn run_reference(
-    r: &Reference,
-    res: usize,
-    args: &Args,
-    threads: usize,
-) -> BenchResult<serde_json::Value> {
-    let steps = args.steps;
-    eprintln!("diffusers {res}px: building the model and running {steps}+1 steps ...");
+/// `bench_diffusers_step.py` at `res`, with the bench's settings.
+fn reference_command(r: &Reference, res: usize, args: &Args, threads: usize) -> Command {
     let mut cmd = Command::new(&r.python);
     cmd.arg(&r.script)
         .args(["--config", args.config.flag()])
         .args(["--resolution", &res.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .args(["--threads", &threads.to_string()]);
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .stderr(Stdio::inherit());
     if args.profile {
         cmd.arg("--profile");
     }
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} exited with {}", r.script.display(), out.status));
+    cmd
+}
+
+/// One diffusers step, as the script reports it.
+#[derive(Clone, Copy, Debug)]
+struct RefStep {
+    ms: f64,
+    /// The part of `ms` that was the VAE encode.
+    vae_encode_ms: f64,
+}
+
+impl RefStep {
+    fn from_json(v: &serde_json::Value) -> BenchResult<Self> {
+        match (v["ms"].as_f64(), v["vae_encode_ms"].as_f64()) {
+            (Some(ms), Some(vae_encode_ms)) => Ok(Self { ms, vae_encode_ms }),
+            _ => Err(format!("a step line without ms / vae_encode_ms: {v}")),
+        }
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+
+    /// The step as sdti's cached latents make it: without the VAE encode.
+    fn cached_ms(self) -> f64 {
+        self.ms - self.vae_encode_ms
+    }
+}
+
+/// The last JSON line of the script's stdout.
+fn last_json_line(stdout: &str) -> BenchResult<serde_json::Value> {
     let line = stdout
         .lines()
         .rev()
@@ -549,12 +621,137 @@ fn run_reference(
     serde_json::from_str(line).map_err(|e| format!("unreadable reference output: {e}"))
 }
 
+/// The summary's per-step times as `RefStep`s.
+fn summary_steps(v: &serde_json::Value) -> BenchResult<Vec<RefStep>> {
+    let list = |k: &str| -> BenchResult<Vec<f64>> {
+        v[k].as_array()
+            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| format!("the reference summary has no {k} list"))
+    };
+    let (ms, vae) = (list("step_ms")?, list("step_vae_encode_ms")?);
+    if ms.len() != vae.len() {
+        return Err("the reference summary's step lists differ in length".into());
+    }
+    Ok(ms
+        .into_iter()
+        .zip(vae)
+        .map(|(ms, vae_encode_ms)| RefStep { ms, vae_encode_ms })
+        .collect())
+}
+
+/// Sequential order: the script runs its warm-up and timed steps on its own.
+fn run_reference(
+    r: &Reference,
+    res: usize,
+    args: &Args,
+    threads: usize,
+) -> BenchResult<serde_json::Value> {
+    let steps = args.steps;
+    eprintln!("diffusers {res}px: building the model and running {steps}+1 steps ...");
+    let out = reference_command(r, res, args, threads)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} exited with {}", r.script.display(), out.status));
+    }
+    last_json_line(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Interleaved order: the script (`--serve`) beside this process, running one step when
+/// asked. Dropping it closes the script's stdin, which ends it.
+struct RefSession {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl RefSession {
+    /// Starts the script and waits until it has built its model and run its warm-up step.
+    fn start(r: &Reference, res: usize, args: &Args, threads: usize) -> BenchResult<Self> {
+        eprintln!("diffusers {res}px: building the model and running its warm-up step ...");
+        let mut child = reference_command(r, res, args, threads)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", r.script.display()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("the reference's stdin / stdout were not piped".into());
+        };
+        let mut session = Self {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        };
+        let ready = session.read_json()?;
+        if ready["ready"].as_bool() != Some(true) {
+            return Err(format!("the reference did not say it was ready: {ready}"));
+        }
+        Ok(session)
+    }
+
+    fn read_json(&mut self) -> BenchResult<serde_json::Value> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self
+                .stdout
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the reference's output: {e}"))?;
+            if n == 0 {
+                return Err("the reference exited before answering".into());
+            }
+            if line.trim_start().starts_with('{') {
+                return serde_json::from_str(line.trim())
+                    .map_err(|e| format!("unreadable reference output: {e}"));
+            }
+        }
+    }
+
+    fn send(&mut self, command: &str) -> BenchResult<()> {
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("writing to the reference: {e}"))
+    }
+
+    fn step(&mut self) -> BenchResult<RefStep> {
+        self.send("step")?;
+        RefStep::from_json(&self.read_json()?)
+    }
+
+    /// Ends the script and returns its summary line (peaks, versions, profile).
+    fn finish(mut self) -> BenchResult<serde_json::Value> {
+        self.send("end")?;
+        let summary = self.read_json()?;
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| format!("waiting for the reference: {e}"))?;
+        if !status.success() {
+            return Err(format!("the reference exited with {status}"));
+        }
+        Ok(summary)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The middle value (mean of the two middle ones for an even count); None when empty.
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(s[n / 2]),
+        _ => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
+    }
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -629,19 +826,6 @@ fn run(args: &Args) -> BenchResult<()> {
         fmt_opt(rss_model, 0),
     );
 
-    // Recompute on first: memory a step frees stays with the allocator (and in the RSS),
-    // so a run after one without recompute would report that run's peak.
-    let mut order = args.recompute.clone();
-    order.sort_by_key(|r| *r != Recompute::On);
-    let mut results = Vec::new();
-    for &res in &args.resolutions {
-        for &recompute in &order {
-            results.push(run_sdti(&model, res, recompute, args)?);
-        }
-    }
-    // Free the model's memory before torch builds its own copy.
-    drop(model);
-
     let reference = if args.reference {
         match find_reference() {
             Ok(r) => Some(r),
@@ -654,26 +838,61 @@ fn run(args: &Args) -> BenchResult<()> {
         println!("diffusers reference skipped (--no-reference)");
         None
     };
-    // One reference run per resolution, beside each of its sdti rows.
-    let mut by_resolution: BTreeMap<usize, Option<serde_json::Value>> = BTreeMap::new();
-    for &res in &args.resolutions {
-        by_resolution.insert(
-            res,
-            match &reference {
-                Some(py) => match run_reference(py, res, args, threads) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        println!("diffusers {res}px failed: {e}");
-                        None
-                    }
-                },
-                None => None,
-            },
+    if reference.is_some() {
+        println!(
+            "order: {}",
+            match args.order {
+                Order::Interleaved =>
+                    "interleaved (one sdti step, then one diffusers step, per round; both models in memory)",
+                Order::Sequential => "sequential (all sdti steps, then all diffusers steps)",
+            }
         );
     }
-    let refs: Vec<Option<serde_json::Value>> = results
+
+    // Recompute on first: memory a step frees stays with the allocator (and in the RSS),
+    // so a run after one without recompute would report that run's peak.
+    let mut order = args.recompute.clone();
+    order.sort_by_key(|r| *r != Recompute::On);
+    let mut results = Vec::new();
+    // diffusers' summary line per resolution (peaks, versions, profile).
+    let mut summaries: BTreeMap<usize, serde_json::Value> = BTreeMap::new();
+    match (&reference, args.order) {
+        (Some(py), Order::Interleaved) => {
+            for &res in &args.resolutions {
+                let mut session = RefSession::start(py, res, args, threads)?;
+                for &recompute in &order {
+                    results.push(run_sdti(&model, res, recompute, args, Some(&mut session))?);
+                }
+                summaries.insert(res, session.finish()?);
+            }
+        }
+        _ => {
+            for &res in &args.resolutions {
+                for &recompute in &order {
+                    results.push(run_sdti(&model, res, recompute, args, None)?);
+                }
+            }
+            // Free the model's memory before torch builds its own copy.
+            drop(model);
+            if let Some(py) = &reference {
+                for &res in &args.resolutions {
+                    match run_reference(py, res, args, threads) {
+                        Ok(v) => {
+                            let steps = summary_steps(&v)?;
+                            for r in results.iter_mut().filter(|r| r.resolution == res) {
+                                r.reference_steps = steps.clone();
+                            }
+                            summaries.insert(res, v);
+                        }
+                        Err(e) => println!("diffusers {res}px failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    let refs: Vec<Option<&serde_json::Value>> = results
         .iter()
-        .map(|r| by_resolution.get(&r.resolution).cloned().flatten())
+        .map(|r| summaries.get(&r.resolution))
         .collect();
 
     println!();
@@ -698,22 +917,32 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     println!(
         "| resolution | recompute | sdti ms/step mean (min) | diffusers ms/step mean (min) | ratio | \
-         diffusers w/o VAE encode | ratio w/o encode | sdti peak MiB (over weights) | \
-         diffusers peak MiB (over weights) | peak ratio |"
+         diffusers w/o VAE encode | ratio w/o encode | median of round ratios w/o encode | \
+         sdti peak MiB (over weights) | diffusers peak MiB (over weights) | peak ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (r, d) in results.iter().zip(&refs) {
         let sdti_mean = mean(&r.times_ms);
-        let f = |k: &str| d.as_ref().and_then(|v| v[k].as_f64());
-        let d_mean = f("ms_per_step_mean");
-        let d_min = f("ms_per_step_min");
-        let d_no_vae = d_mean.zip(f("vae_encode_ms")).map(|(m, v)| m - v);
+        let f = |k: &str| d.and_then(|v| v[k].as_f64());
+        let steps = &r.reference_steps;
+        let d_ms: Vec<f64> = steps.iter().map(|s| s.ms).collect();
+        let d_cached: Vec<f64> = steps.iter().map(|s| s.cached_ms()).collect();
+        let some = |x: f64| Some(x).filter(|_| !steps.is_empty());
+        let (d_mean, d_min, d_no_vae) =
+            (some(mean(&d_ms)), some(min(&d_ms)), some(mean(&d_cached)));
+        // Round i: sdti's timed step i and the diffusers step after it.
+        let round_ratios: Vec<f64> = r
+            .times_ms
+            .iter()
+            .zip(&d_cached)
+            .map(|(s, d)| s / d)
+            .collect();
         let d_over = f("peak_rss_mib")
             .zip(f("rss_after_load_mib"))
             .map(|(p, l)| p - l);
         let sdti_over = r.peak_mib.zip(rss_model).map(|(p, m)| p - m);
         println!(
-            "| {}px | {} | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {}{} ({}) | {} ({}) | {} |",
+            "| {}px | {} | {:.0} ({:.0}) | {} ({}) | {} | {} | {} | {} | {}{} ({}) | {} ({}) | {} |",
             r.resolution,
             match r.recompute {
                 Recompute::Off => "off",
@@ -726,6 +955,7 @@ fn run(args: &Args) -> BenchResult<()> {
             fmt_opt(d_mean.map(|d| sdti_mean / d), 2),
             fmt_opt(d_no_vae, 0),
             fmt_opt(d_no_vae.map(|d| sdti_mean / d), 2),
+            fmt_opt(median(&round_ratios), 2),
             fmt_opt(r.peak_mib, 0),
             if r.peak_is_per_resolution { "" } else { "*" },
             fmt_opt(sdti_over, 0),
@@ -735,8 +965,13 @@ fn run(args: &Args) -> BenchResult<()> {
         );
     }
     println!(
-        "ratio = sdti / diffusers mean step time. sdti encodes each \
-         image once when it is added ({}); diffusers' example encodes it in every step.",
+        "ratio = sdti / diffusers mean step time; round ratios = sdti's step i / the diffusers \
+         step {} it. sdti encodes each image once when it is added ({}); diffusers' example \
+         encodes it in every step (timed inside each step, for the columns without it).",
+        match args.order {
+            Order::Interleaved => "right after",
+            Order::Sequential => "numbered i in its own run after all of sdti's, not beside",
+        },
         results
             .iter()
             .map(|r| format!("{}px {:.0} ms for 2 views", r.resolution, r.add_image_ms))
@@ -769,7 +1004,7 @@ fn run(args: &Args) -> BenchResult<()> {
                     p.backward_ms
                 );
             }
-            if let Some(p) = d.as_ref().map(|v| &v["profile"]).filter(|p| p.is_object()) {
+            if let Some(p) = d.map(|v| &v["profile"]).filter(|p| p.is_object()) {
                 let f = |k: &str| fmt_opt(p[k].as_f64(), 0);
                 println!(
                     "| {}px | diffusers | {} | {} | {} | {} |",
@@ -850,8 +1085,24 @@ fn self_check() -> BenchResult<()> {
             return Err(format!("{got:?} passed the architecture check"));
         }
     }
+    if median(&[3.0, 1.0, 2.0]) != Some(2.0)
+        || median(&[4.0, 1.0]) != Some(2.5)
+        || median(&[]).is_some()
+    {
+        return Err("median is wrong".into());
+    }
+    match parse(&["--bench"])? {
+        Parsed::Run(a) if a.order == Order::Interleaved => {}
+        _ => return Err("SD 1.5 should interleave by default".into()),
+    }
+    match parse(&["--config", "sdxl", "--order", "interleaved", "--bench"])? {
+        Parsed::Run(a) if a.order == Order::Interleaved => {}
+        _ => return Err("--order interleaved parsed wrongly".into()),
+    }
     match parse(&["--config", "sdxl", "--bench"])? {
-        Parsed::Run(a) if a.config == Arch::Sdxl && a.resolutions == [512] => {}
+        Parsed::Run(a)
+            if a.config == Arch::Sdxl && a.resolutions == [512] && a.order == Order::Sequential => {
+        }
         _ => return Err("--config sdxl parsed wrongly".into()),
     }
     match parse(&["--recompute", "on,off,on", "--bench"])? {
@@ -862,6 +1113,7 @@ fn self_check() -> BenchResult<()> {
         &["--config", "sd3"][..],
         &["--config", "sdxl", "--profile"],
         &["--recompute", "auto"],
+        &["--order", "random"],
     ] {
         if parse(bad).is_ok() {
             return Err(format!("{bad:?} was accepted"));

@@ -46,7 +46,15 @@ learns a table for each encoder (`clip_l` and `clip_g`, as A1111/ComfyUI's SDXL 
 hold), a longer backward pass. The second prompt's ids put the initializer's id where the
 placeholder stands and pad with id 0, as SDXL's tokenizer_2 pads.
 
-Prints one JSON line on stdout (everything else goes to stderr).
+Prints one JSON line on stdout (everything else goes to stderr). Each step's time is
+measured with its VAE encode timed apart, so the step without the encode (what sdti's
+cached latents make of it) is per step, not a difference of means.
+
+`--serve` lets the Rust bench interleave the two engines' steps, so that a machine whose
+speed drifts within minutes slows both alike: after building the model and running the
+warm-up step the script prints `{"ready": ...}`, then answers each `step` line on stdin
+with one JSON line for that step, and `end` with the summary line (as without `--serve`,
+over the served steps); `--steps` is then not used.
 """
 
 import argparse
@@ -168,6 +176,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", choices=["sd15", "sdxl"], default="sd15", help="the architecture")
     ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="run steps when asked on stdin (for the Rust bench's interleaved rounds)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also time the text encoder and the UNet forward / backward alone",
@@ -177,6 +190,8 @@ def main():
         ap.error("--resolution must be a multiple of 8, at least 64")
     if args.steps < 1 or args.threads < 1:
         ap.error("--steps and --threads must be at least 1")
+    if args.profile and args.config == "sdxl":
+        ap.error("--profile times the SD 1.5 UNet alone; not with --config sdxl")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -237,7 +252,9 @@ def main():
     rss_loaded = rss_mib("VmRSS")
 
     def step():
+        s = time.perf_counter()
         latents = vae.encode(pixel_values).latent_dist.sample().detach()
+        vae_ms = (time.perf_counter() - s) * 1000
         latents = latents * arch.SCALING_FACTOR
         noise = torch.randn_like(latents)
         bsz = latents.shape[0]
@@ -261,26 +278,41 @@ def main():
         optimizer.zero_grad()
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
-        return loss.item()
+        return loss.item(), vae_ms
 
-    times = []
-    for i in range(args.steps + 1):
+    times, vae_times = [], []
+
+    def timed_step(i):
         s = time.perf_counter()
-        loss = step()
+        loss, vae_ms = step()
         dt = (time.perf_counter() - s) * 1000
-        print(f"diffusers {args.resolution}px step {i} ({'warm-up' if i == 0 else 'timed'}): {dt:.0f} ms, loss {loss:.4f}", file=sys.stderr)
+        print(
+            f"diffusers {args.resolution}px step {i} ({'warm-up' if i == 0 else 'timed'}): {dt:.0f} ms "
+            f"({vae_ms:.0f} ms of it the VAE encode), loss {loss:.4f}",
+            file=sys.stderr,
+        )
         if i > 0:
             times.append(dt)
+            vae_times.append(vae_ms)
+        return {"index": i, "ms": dt, "vae_encode_ms": vae_ms, "loss": loss}
 
-    # The VAE encode alone (the example runs it in every step; sdti caches the latent
-    # distribution once per image), so the table can show the step without it too.
-    with torch.no_grad():
-        s = time.perf_counter()
-        vae.encode(pixel_values).latent_dist.sample()
-        vae_encode_ms = (time.perf_counter() - s) * 1000
+    if args.serve:
+        warm = timed_step(0)
+        print(json.dumps({"ready": True, "warmup": warm, "rss_after_load_mib": rss_loaded}), flush=True)
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "step":
+                print(json.dumps(timed_step(len(times) + 1)), flush=True)
+            elif command == "end":
+                break
+            else:
+                raise SystemExit(f"bench_diffusers_step.py --serve: unknown command {command!r} (want step or end)")
+        if not times:
+            raise SystemExit("bench_diffusers_step.py --serve: ended before any timed step")
+    else:
+        for i in range(args.steps + 1):
+            timed_step(i)
 
-    if args.profile and sdxl:
-        ap.error("--profile times the SD 1.5 UNet alone; not with --config sdxl")
     profile = unet_profile(text_encoder, unet, args.resolution, input_ids) if args.profile else None
 
     changed = (text_encoder.get_input_embeddings().weight.data != orig_embeds_params).any(dim=1)
@@ -297,7 +329,11 @@ def main():
         "ru_maxrss_mib": ru_maxrss,
         "rss_start_mib": rss_start,
         "rss_after_load_mib": rss_loaded,
-        "vae_encode_ms": vae_encode_ms,
+        # Per timed step; the example encodes the image in every step, sdti caches the
+        # latent distribution once per image, so the bench also shows the step without it.
+        "step_ms": times,
+        "step_vae_encode_ms": vae_times,
+        "vae_encode_ms": sum(vae_times) / len(vae_times),
         "build_s": build_s,
         "config": args.config,
         "resolution": args.resolution,
