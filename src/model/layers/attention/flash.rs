@@ -18,9 +18,9 @@
 //! The inputs are read in place through their strides (the heads of a `[B, T, H*dh]`
 //! view are column ranges), and the outputs are written in the merged layout, so no head
 //! split or merge copies exist. The tile products run on the `gemm` crate (candle's own
-//! CPU matmul, with runtime dispatch to AVX2/FMA: its AVX-512 kernels are behind its
-//! `x86-v4` feature, which needs Rust 1.89); the elementwise passes (exp, max, sums) are
-//! plain loops compiled for AVX2 when the CPU has it, chosen at run time.
+//! CPU matmul, with its AVX-512 kernels: the `x86-v4` feature in Cargo.toml); the
+//! elementwise passes (exp, max, sums) are plain loops compiled for AVX-512 or AVX2 when
+//! the CPU has them, chosen at run time (`simd::multiversion`).
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -28,17 +28,22 @@ use rayon::prelude::*;
 use super::super::simd::{exp, multiversion};
 use super::AttentionMask;
 
-/// Query rows per forward task: enough rows that the `gemm` calls are efficient, few
-/// enough that the small levels (64 tokens x 8 heads) still split across threads.
-const FWD_ROWS: usize = 64;
-/// Keys per forward tile: a 64 x 512 score tile is 128 KiB, which stays in L2 with the
-/// key and value tiles.
+/// Query rows per forward task. gemm packs the key (and value) tile again in every call,
+/// so more rows per call spread that copy over more products: at SD 1.5's 64x64 level
+/// (4096 tokens, 8 heads of 40) a step's self-attention forward took 145-151 ms per call
+/// with 64 rows, 114-120 with 256 and 111 with 512 (`attention_step_timing`, 2-core
+/// Xeon, same hour); 512 rows was slower at 256 tokens. Small levels (64 tokens x 8
+/// heads) still give a task per head.
+const FWD_ROWS: usize = 256;
+/// Keys per forward tile: a 256 x 512 score tile is 512 KiB, which stays in L2 (2 MiB
+/// per core on the development machine) with the key and value tiles.
 const FWD_KEYS: usize = 512;
 /// Query rows and keys per backward tile: the scores, probabilities and their gradient
-/// (three 64 x 128 tiles, 96 KiB) plus the dK and dV accumulators of the key tile stay
-/// in L2.
-const BWD_ROWS: usize = 64;
-const BWD_KEYS: usize = 128;
+/// (three 256 x 256 tiles, 768 KiB) plus the dK and dV accumulators of the key tile stay
+/// in L2. Against 64 x 128 tiles, a 512 px step's attention backward (the harness's sum)
+/// went from 1691-1762 to 1393-1436 ms; 256 x 512 and 128 x 512 were slower again.
+const BWD_ROWS: usize = 256;
+const BWD_KEYS: usize = 256;
 
 /// A `[B, T, C]` f32 tensor on the CPU read in place: its storage, the offset of its
 /// first value and its batch and row strides (the last dimension is contiguous).
