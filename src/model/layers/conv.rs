@@ -5,10 +5,11 @@
 use candle_core::{DType, Tensor};
 
 use super::activation::silu;
-use super::cpu::{is_cpu_f32, with_f32};
+use super::cpu::{is_cpu_f32, with_f32, with_optional_f32};
 use super::custom_op::{input_grad_only, input_grad_only_saving};
 use super::gemm::{matmul, Bias};
 use super::group_norm::GroupNorm;
+use super::skinny;
 use super::winograd::{self, Pass};
 use crate::error::Result;
 use crate::model::weights::Weights;
@@ -205,7 +206,11 @@ fn conv2d_within(
     let k = c * kh * kw;
     let weights = kernel.reshape((o, k))?;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        let y = matmul(&weights, &x.reshape((b, c, h * w))?, row_bias, None)?;
+        let x = x.reshape((b, c, h * w))?;
+        if h * w == skinny::COLS && skinny::available() {
+            return skinny_forward(&weights, &x, bias, (b, o, h, w));
+        }
+        let y = matmul(&weights, &x, row_bias, None)?;
         return y.reshape((b, o, h, w));
     }
     let geo = ColumnGeometry {
@@ -226,6 +231,9 @@ fn conv2d_within(
     if band == oh && b * k * n <= budget {
         let cols = columns(x, &geo, 0..b, 0..oh)?;
         let cols = Tensor::from_vec(cols, (b, k, n), x.device())?;
+        if n == skinny::COLS && skinny::available() {
+            return skinny_forward(&weights, &cols, bias, (b, o, oh, ow));
+        }
         return matmul(&weights, &cols, row_bias, None)?.reshape((b, o, oh, ow));
     }
     let mut out = vec![0f32; b * o * n];
@@ -354,6 +362,50 @@ fn columns(
     })
 }
 
+/// `W [O, K] x cols [B, K, 16]` plus the bias, as `[B, O, oh, ow]`, by the 16-column
+/// kernel (`layers::skinny`: the 4x4 level's convolutions, whose product gemm runs at
+/// memory speed).
+fn skinny_forward(
+    weights: &Tensor,
+    cols: &Tensor,
+    bias: Option<&Tensor>,
+    (b, o, oh, ow): (usize, usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let k = weights.dim(1)?;
+    let mut out = vec![0f32; b * o * skinny::COLS];
+    with_f32(weights, |w| {
+        with_f32(cols, |cols| {
+            with_optional_f32(bias, |bias| {
+                for (bi, dst) in out.chunks_mut(o * skinny::COLS).enumerate() {
+                    let src = &cols[bi * k * skinny::COLS..(bi + 1) * k * skinny::COLS];
+                    skinny::forward(w, src, bias, (o, k), dst);
+                }
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (b, o, oh, ow), cols.device())
+}
+
+/// The column gradient `W^T g` (`[K, 16]`) of image `bi` of `g` (`[B, O, 16]`, rows of
+/// 16 output pixels), by the 16-column kernel.
+fn skinny_input_grad(weights: &Tensor, g: &Tensor, bi: usize) -> candle_core::Result<Tensor> {
+    let (o, k) = weights.dims2()?;
+    let mut out = vec![0f32; k * skinny::COLS];
+    let gb = g.get(bi)?;
+    with_f32(weights, |w| {
+        with_f32(&gb, |g| {
+            skinny::input_grad(
+                w,
+                g,
+                (o, k),
+                candle_core::utils::get_num_threads(),
+                &mut out,
+            )
+        })
+    })??;
+    Tensor::from_vec(out, (k, skinny::COLS), g.device())
+}
+
 /// d(loss)/d(input) of a convolution on the CPU in f32, as torch computes it: one matrix
 /// product of the kernel's transpose (a view, no copy) with the output gradient gives the
 /// gradient of every column of the forward pass's column matrix (`[C*k*k, H'*W']`), and
@@ -368,6 +420,32 @@ fn conv2d_input_grad_cpu(
     in_h: usize,
     in_w: usize,
 ) -> candle_core::Result<Tensor> {
+    let n = g.dim(2)? * g.dim(3)?;
+    let transposed = (TRANSPOSED_COLUMNS_FROM..=TRANSPOSED_COLUMNS_TO).contains(&n);
+    conv2d_input_grad_columns(g, weight, (stride, padding), (in_h, in_w), transposed)
+}
+
+/// Output sizes (pixels) whose column gradient [`conv2d_input_grad_columns`] computes
+/// transposed, `[H'*W', C*k*k] = g^T W`. The usual `W^T g` makes gemm copy the whole
+/// kernel into its panels in every call (its right operand, read across rows), a cost
+/// the product repays only over many pixels; the transposed product reads the kernel in
+/// place, down its columns. Measured on 2 cores (`winograd_step_timing`, the column path,
+/// ms per input gradient, best of 3, same hour): 1280->1280 at 16x16 28-33 -> 25-26,
+/// 1920->1280 50-54 -> 37-38, 2560->1280 70-78 -> 49-51 (with the caches flushed between
+/// calls, as in a step: 37 -> 27-30 and 72-79 -> 50-62); 640 at 16x16 the same; at 32x32
+/// (320 to 1280 channels) the same or slower, and at 8x8 and 4x4 slower.
+const TRANSPOSED_COLUMNS_FROM: usize = 256;
+const TRANSPOSED_COLUMNS_TO: usize = 512;
+
+/// [`conv2d_input_grad_cpu`] with the column gradient as `W^T g` (`[C*k*k, H'*W']`) or,
+/// `transposed`, as `g^T W` (`[H'*W', C*k*k]`), which col2im reads across.
+fn conv2d_input_grad_columns(
+    g: &Tensor,
+    weight: &Tensor,
+    (stride, padding): (usize, usize),
+    (in_h, in_w): (usize, usize),
+    transposed: bool,
+) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let (b, o, oh, ow) = g.dims4()?;
     let (wo, c, kh, kw) = weight.dims4()?;
@@ -381,8 +459,19 @@ fn conv2d_input_grad_cpu(
     let k = c * kh * kw;
     let n = oh * ow;
     let wt = weight.reshape((o, k))?.t()?;
+    let skinny = n == skinny::COLS && skinny::available();
+    // The 16-column kernel writes kernel rows.
+    let transposed = transposed && !skinny;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 && (oh, ow) == (in_h, in_w) {
-        let gx = matmul(&wt, &g.reshape((b, o, n))?, Bias::None, None)?;
+        let g = g.reshape((b, o, n))?;
+        if skinny {
+            let w = weight.reshape((o, k))?;
+            let parts = (0..b)
+                .map(|bi| skinny_input_grad(&w, &g, bi))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Tensor::stack(&parts, 0)?.reshape((b, c, in_h, in_w));
+        }
+        let gx = matmul(&wt, &g, Bias::None, None)?;
         return gx.reshape((b, c, in_h, in_w));
     }
     let geo = ColumnGeometry {
@@ -398,13 +487,25 @@ fn conv2d_input_grad_cpu(
     let plane_len = in_h * in_w;
     let mut out = vec![0f32; b * c * plane_len];
     for bi in 0..b {
-        let cols = matmul(&wt, &g.get(bi)?.reshape((o, n))?, Bias::None, None)?;
+        let gb = g.get(bi)?.reshape((o, n))?;
+        let cols = if skinny {
+            skinny_input_grad(&weight.reshape((o, k))?, &g.reshape((b, o, n))?, bi)?
+        } else if transposed {
+            matmul(&gb.t()?, &weight.reshape((o, k))?, Bias::None, None)?
+        } else {
+            matmul(&wt, &gb, Bias::None, None)?
+        };
         let dst_batch = &mut out[bi * c * plane_len..(bi + 1) * c * plane_len];
+        let layout = if transposed {
+            ColumnLayout::PixelRows
+        } else {
+            ColumnLayout::KernelRows
+        };
         with_f32(&cols, |cols| {
             dst_batch
                 .par_chunks_mut(plane_len)
                 .enumerate()
-                .for_each(|(ci, plane)| col2im_plane(plane, cols, ci, geo));
+                .for_each(|(ci, plane)| col2im_plane(plane, cols, layout, ci, geo));
         })?;
     }
     Tensor::from_vec(out, (b, c, in_h, in_w), g.device())
@@ -466,21 +567,47 @@ fn im2col_row(
     }
 }
 
-/// col2im for input channel `ci`: adds the gradient of each of its column rows (`cols`,
-/// `[C*k*k, H'*W']`) back onto the input pixels that row was copied from, in the order
-/// kernel row, kernel column, output row.
-fn col2im_plane(plane: &mut [f32], cols: &[f32], ci: usize, geo: ColumnGeometry) {
+/// How a column gradient is laid out: a row per kernel tap (`[C*k*k, H'*W']`, as the
+/// forward pass's column matrix) or a row per output pixel (its transpose).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ColumnLayout {
+    KernelRows,
+    PixelRows,
+}
+
+/// Adds the column gradient `cols` of input channel `ci` onto its input `plane`: every
+/// tap's value back onto the pixel it was copied from.
+fn col2im_plane(
+    plane: &mut [f32],
+    cols: &[f32],
+    layout: ColumnLayout,
+    ci: usize,
+    geo: ColumnGeometry,
+) {
     let (n, ow, in_w) = (geo.oh * geo.ow, geo.ow, geo.in_w);
+    let taps = cols.len() / n.max(1);
     for ky in 0..geo.kh {
         for kx in 0..geo.kw {
             let row = (ci * geo.kh + ky) * geo.kw + kx;
-            let src = &cols[row * n..(row + 1) * n];
             for oy in 0..geo.oh {
                 let Some(iy) = geo.input_row(oy, ky) else {
                     continue;
                 };
                 let line = &mut plane[iy * in_w..(iy + 1) * in_w];
-                add_column_row(line, &src[oy * ow..(oy + 1) * ow], kx, geo);
+                match layout {
+                    ColumnLayout::KernelRows => {
+                        let src = &cols[row * n + oy * ow..row * n + (oy + 1) * ow];
+                        add_column_row(line, src, kx, geo);
+                    }
+                    ColumnLayout::PixelRows => {
+                        for ox in 0..ow {
+                            let ix = input_index(ox, geo.stride, kx, geo.padding, in_w);
+                            if let Some(ix) = ix {
+                                line[ix] += cols[(oy * ow + ox) * taps + row];
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -597,6 +724,10 @@ mod tests {
         (2, 5, 6, 6, 3, 1, 0, 1),
         (1, 2, 5, 5, 2, 3, 0, 1),
         (1, 2, 5, 5, 2, 3, 2, 1),
+        // 16 output pixels (`layers::skinny` where the CPU has AVX-512): 3x3 and 1x1,
+        // output channels not a multiple of its 20 rows, taps not of its 8 columns.
+        (2, 21, 4, 4, 23, 3, 1, 1),
+        (1, 24, 4, 4, 41, 1, 0, 1),
     ];
 
     /// The col2im input gradient equals candle's own gradient of its convolution (and the
@@ -613,8 +744,14 @@ mod tests {
             let want = (y * &g)?.sum_all()?.backward()?;
             let want = want.get(x.as_tensor()).expect("gradient");
             let got = conv2d_input_grad_cpu(&g, &kern, stride, pad, h, w)?;
+            let geometry = ((stride, pad), (h, w));
+            let by_pixels = conv2d_input_grad_columns(&g, &kern, geometry.0, geometry.1, true)?;
             let flipped = conv2d_input_grad(&g, &input_grad_kernel(&kern)?, stride, pad, h, w)?;
-            for (name, t) in [("col2im", &got), ("flipped kernel", &flipped)] {
+            for (name, t) in [
+                ("col2im", &got),
+                ("col2im by pixel rows", &by_pixels),
+                ("flipped kernel", &flipped),
+            ] {
                 let diff = (t - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(
                     diff < 1e-4,

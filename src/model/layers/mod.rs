@@ -21,6 +21,7 @@ mod group_norm;
 mod layer_norm;
 mod linear;
 mod simd;
+mod skinny;
 mod upsample;
 mod winograd;
 
