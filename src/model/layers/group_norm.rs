@@ -8,6 +8,7 @@ use super::custom_op::input_grad_only_saving;
 use super::layer_norm::{
     normalise_last_dim, normalise_last_dim_backward, stats_or_recomputed, uses_fused_norm, Stats,
 };
+use super::simd;
 use crate::error::Result;
 use crate::model::weights::Weights;
 
@@ -63,7 +64,7 @@ impl GroupNorm {
         let (groups, eps) = (self.groups, self.eps);
         let (weight, bias) = (&self.weight, &self.bias);
         if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-            let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps)?;
+            let (y, stats) = group_norm_cpu(x, weight, bias, groups, eps, false)?;
             return Ok((y, Some(stats)));
         }
         // sdti's CUDA kernels, which keep the statistics for the backward pass.
@@ -113,6 +114,11 @@ impl GroupNorm {
             )?;
             return Ok((y, Some((mean, rstd))));
         }
+        if is_cpu_f32(&[x, &self.weight, &self.bias]) {
+            let (w, b) = (&self.weight, &self.bias);
+            let (y, stats) = group_norm_cpu(x, w, b, self.groups, self.eps, true)?;
+            return Ok((y, Some(stats)));
+        }
         let (n, stats) = self.apply(x)?;
         Ok((silu_apply(&n)?, stats))
     }
@@ -147,6 +153,24 @@ impl GroupNorm {
                     Some(a) => dx + a,
                     None => Ok(dx),
                 };
+            }
+        }
+        let cpu_add = add.is_none_or(|a| is_cpu_f32(&[a]) && a.dims() == g.dims());
+        if is_cpu_f32(&[g, x, &self.weight, &self.bias]) && cpu_add {
+            let b = x.dim(0)?;
+            let xg = x.reshape((b, self.groups, ()))?;
+            let (mean, rstd) = stats_or_recomputed(stats, &xg, self.eps)?;
+            if is_cpu_f32(&[&mean, &rstd]) {
+                let add = add.map(|a| a.contiguous()).transpose()?;
+                let (w, bias) = (&self.weight, &self.bias);
+                return group_norm_silu_backward_cpu(
+                    g,
+                    x,
+                    (&mean, &rstd),
+                    (w, bias),
+                    self.groups,
+                    add.as_ref(),
+                );
             }
         }
         let (a, fresh) = self.apply(x)?;
@@ -233,15 +257,17 @@ impl GroupNorm {
     }
 }
 
-/// Group normalisation of f32 CPU data in one pass per group (statistics accumulated in
-/// f64, then the normalised, scaled and shifted values written), in parallel over groups;
-/// returns the output and the per-group mean and `1/std` (`[B, G, 1]`, f32).
+/// Group normalisation of f32 CPU data, in parallel over groups: per group the mean and
+/// the variance (two passes, summed in f64 lanes), then the normalised, scaled and shifted
+/// values written, through SiLU when `silu` (a resnet's halves); returns the output and
+/// the per-group mean and `1/std` (`[B, G, 1]`, f32).
 fn group_norm_cpu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     groups: usize,
     eps: f64,
+    silu: bool,
 ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
     use rayon::prelude::*;
     let dims = x.dims().to_vec();
@@ -258,9 +284,8 @@ fn group_norm_cpu(
             .enumerate()
             .for_each(|(gi, (dst, stat))| {
                 let part = &src[gi * per_group..(gi + 1) * per_group];
-                let mean = part.iter().map(|&v| v as f64).sum::<f64>() / per_group as f64;
-                let var =
-                    part.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per_group as f64;
+                let mean = simd::sum_f64(part, 0.0, false) / per_group as f64;
+                let var = simd::sum_f64(part, mean, true) / per_group as f64;
                 let rstd = 1.0 / (var + eps).sqrt();
                 let first_channel = (gi % groups) * (c / groups);
                 for (ch, (d, s)) in dst
@@ -270,8 +295,12 @@ fn group_norm_cpu(
                 {
                     let scale = rstd as f32 * gamma[first_channel + ch];
                     let shift = beta[first_channel + ch] - mean as f32 * scale;
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        *o = v * scale + shift;
+                    if silu {
+                        simd::norm_silu(d, s, scale, shift);
+                    } else {
+                        for (o, &v) in d.iter_mut().zip(s) {
+                            *o = v * scale + shift;
+                        }
                     }
                 }
                 *stat = (mean as f32, rstd as f32);
@@ -362,6 +391,83 @@ fn group_norm_backward_cpu(
     Tensor::from_vec(out, dims, g.device())
 }
 
+/// The input gradient of [`group_norm_cpu`] with `silu` (`silu(norm(x))`), plus `add` when
+/// given, from the statistics, in two passes per group in parallel over groups: the
+/// first writes `gs = g silu'(n) gamma` (the SiLU's input recomputed from `x`) and sums
+/// `gs` and `gs xhat`; the second turns `gs` into `rstd (gs - mean(gs) - xhat
+/// mean(gs xhat))` (+ add) in place. The composed path made three more tensors: the
+/// normalisation again, the SiLU's gradient and the result.
+fn group_norm_silu_backward_cpu(
+    g: &Tensor,
+    x: &Tensor,
+    (mean, rstd): (&Tensor, &Tensor),
+    (weight, bias): (&Tensor, &Tensor),
+    groups: usize,
+    add: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let dims = g.dims().to_vec();
+    if x.dims() != dims.as_slice() {
+        candle_core::bail!(
+            "group norm backward: gradient {dims:?} vs input {:?}",
+            x.dims()
+        );
+    }
+    let c = dims[1];
+    let per_channel: usize = dims[2..].iter().product();
+    let per_group = (c / groups) * per_channel;
+    let gamma: Vec<f32> = weight.to_vec1()?;
+    let beta: Vec<f32> = bias.to_vec1()?;
+    let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+    let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
+    if per_group == 0 || means.len() * per_group != g.elem_count() {
+        candle_core::bail!(
+            "group norm backward: {} statistics for {dims:?}",
+            means.len()
+        );
+    }
+    let out = with_f32(g, |gv| {
+        with_f32(x, |xv| {
+            with_optional_f32(add, |addv| {
+                let mut out = vec![0f32; gv.len()];
+                out.par_chunks_mut(per_group)
+                    .enumerate()
+                    .for_each(|(gi, dst)| {
+                        let range = gi * per_group..(gi + 1) * per_group;
+                        let addp = addv.map(|a| &a[range.clone()]);
+                        let (gp, xp) = (&gv[range.clone()], &xv[range]);
+                        let (m, r) = (means[gi], rstds[gi]);
+                        let first_channel = (gi % groups) * (c / groups);
+                        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                        for (ch, ((d, gc), xc)) in dst
+                            .chunks_mut(per_channel)
+                            .zip(gp.chunks(per_channel))
+                            .zip(xp.chunks(per_channel))
+                            .enumerate()
+                        {
+                            let w = gamma[first_channel + ch];
+                            let scale = r * w;
+                            let shift = beta[first_channel + ch] - m * scale;
+                            let (sg, sgx) =
+                                simd::norm_silu_grad(d, gc, xc, (scale, shift, w), (m, r));
+                            sum_g += sg;
+                            sum_gx += sgx;
+                        }
+                        let mean_g = (sum_g / per_group as f64) as f32;
+                        let mean_gx = (sum_gx / per_group as f64) as f32;
+                        for (i, (o, &xi)) in dst.iter_mut().zip(xp).enumerate() {
+                            let xhat = (xi - m) * r;
+                            let v = r * (*o - mean_g - xhat * mean_gx);
+                            *o = addp.map_or(v, |a| a[i] + v);
+                        }
+                    });
+                out
+            })
+        })
+    })???;
+    Tensor::from_vec(out, dims, g.device())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,16 +478,7 @@ mod tests {
     /// is unchanged.
     #[test]
     fn fused_residual_sum_equals_the_separate_sum() -> candle_core::Result<()> {
-        let d = Device::Cpu;
-        let norm = GroupNorm {
-            weight: Tensor::randn(1f32, 0.3, 12, &d)?,
-            bias: Tensor::randn(0f32, 0.3, 12, &d)?,
-            groups: 4,
-            eps: 1e-5,
-        };
-        let x = Tensor::randn(0.5f32, 2.0, (2, 12, 5, 3), &d)?;
-        let g = Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?;
-        let r = Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?;
+        let Setup { norm, x, g, r } = setup()?;
         let (_, stats) = norm.apply(&x)?;
         let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
             Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
@@ -393,25 +490,73 @@ mod tests {
         let fused = norm.silu_input_grad(&g, &x, stats.as_ref(), Some(&r))?;
         assert!(same(&fused, &(&r + &alone)?)?);
         // The composed path (f64) agrees with the fused f32 one.
-        let norm64 = GroupNorm {
-            weight: norm.weight.to_dtype(DType::F64)?,
-            bias: norm.bias.to_dtype(DType::F64)?,
-            ..norm.clone()
-        };
-        let (x64, g64, r64) = (
-            x.to_dtype(DType::F64)?,
-            g.to_dtype(DType::F64)?,
-            r.to_dtype(DType::F64)?,
-        );
+        let (norm64, x64, g64, r64) = (norm.to_f64()?, f64(&x)?, f64(&g)?, f64(&r)?);
         let want = norm64.input_grad_add(&g64, &x64, None, &r64)?;
-        let diff = (norm
-            .input_grad_add(&g, &x, None, &r)?
-            .to_dtype(DType::F64)?
-            - want)?
+        let got = norm.input_grad_add(&g, &x, None, &r)?;
+        assert!(max_diff(&got, &want)? < 1e-5);
+        Ok(())
+    }
+
+    /// The CPU's fused norm + SiLU, forward and backward (with and without the forward's
+    /// statistics, with a residual gradient), agrees with candle's composed ops in f64.
+    #[test]
+    fn fused_norm_silu_matches_the_f64_composition() -> candle_core::Result<()> {
+        let Setup { norm, x, g, r } = setup()?;
+        let (norm64, x64, g64, r64) = (norm.to_f64()?, f64(&x)?, f64(&g)?, f64(&r)?);
+        let (y, stats) = norm.apply_silu(&x)?;
+        let (y64, _) = norm64.apply_silu(&x64)?;
+        assert!(max_diff(&y, &y64)? < 1e-5);
+        let want = norm64.silu_input_grad(&g64, &x64, None, Some(&r64))?;
+        for stats in [stats.as_ref(), None] {
+            let got = norm.silu_input_grad(&g, &x, stats, Some(&r))?;
+            assert!(max_diff(&got, &want)? < 1e-5);
+        }
+        Ok(())
+    }
+
+    /// A 4-group norm over 12 channels of a `[2, 12, 5, 3]` input (15 values per channel,
+    /// 45 per group: a remainder after the 8-lane sums), its gradient `g` and a residual
+    /// gradient `r`.
+    struct Setup {
+        norm: GroupNorm,
+        x: Tensor,
+        g: Tensor,
+        r: Tensor,
+    }
+
+    fn setup() -> candle_core::Result<Setup> {
+        let d = Device::Cpu;
+        Ok(Setup {
+            norm: GroupNorm {
+                weight: Tensor::randn(1f32, 0.3, 12, &d)?,
+                bias: Tensor::randn(0f32, 0.3, 12, &d)?,
+                groups: 4,
+                eps: 1e-5,
+            },
+            x: Tensor::randn(0.5f32, 2.0, (2, 12, 5, 3), &d)?,
+            g: Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?,
+            r: Tensor::randn(0f32, 1.0, (2, 12, 5, 3), &d)?,
+        })
+    }
+
+    impl GroupNorm {
+        fn to_f64(&self) -> candle_core::Result<GroupNorm> {
+            Ok(GroupNorm {
+                weight: f64(&self.weight)?,
+                bias: f64(&self.bias)?,
+                ..self.clone()
+            })
+        }
+    }
+
+    fn f64(t: &Tensor) -> candle_core::Result<Tensor> {
+        t.to_dtype(DType::F64)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
             .abs()?
             .max_all()?
-            .to_scalar::<f64>()?;
-        assert!(diff < 1e-5, "{diff}");
-        Ok(())
+            .to_scalar::<f64>()
     }
 }

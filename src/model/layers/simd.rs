@@ -202,6 +202,96 @@ fn grad_body(out: &mut [f32], g: &[f32], x: &[f32], op: Unary) {
     }
 }
 
+/// Lanes of the f64 partial sums below: the sums vectorise (a sum in order would not).
+const SUM_LANES: usize = 8;
+
+#[inline(always)]
+fn sum_body(x: &[f32], shift: f64, squares: bool) -> f64 {
+    let mut acc = [0f64; SUM_LANES];
+    let body = x.len() / SUM_LANES * SUM_LANES;
+    for chunk in x[..body].chunks_exact(SUM_LANES) {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            let d = v as f64 - shift;
+            *a += if squares { d * d } else { d };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(&x[body..]) {
+        let d = v as f64 - shift;
+        *a += if squares { d * d } else { d };
+    }
+    acc.iter().sum()
+}
+
+multiversion! {
+    /// `Σ (x - shift)` (or, with `squares`, `Σ (x - shift)^2`) in f64, in 8 lanes.
+    pub(crate) fn sum_f64(x: &[f32], shift: f64, squares: bool) -> f64 = sum_body;
+}
+
+#[inline(always)]
+fn norm_silu_body(out: &mut [f32], x: &[f32], scale: f32, shift: f32) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = x_sigmoid(x * scale + shift, 1.0);
+    }
+}
+
+multiversion! {
+    /// `out = silu(x scale + shift)`: one channel of a group norm followed by SiLU.
+    pub(crate) fn norm_silu(out: &mut [f32], x: &[f32], scale: f32, shift: f32) = norm_silu_body;
+}
+
+/// One channel of a group norm + SiLU's backward pass, first half: for the normalised
+/// value `n = x scale + shift` and `xhat = (x - mean) rstd`, writes `gs = g silu'(n) gamma`
+/// and returns `(Σ gs, Σ gs xhat)` in f64.
+#[inline(always)]
+fn norm_silu_grad_body(
+    out: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    (scale, shift, gamma): (f32, f32, f32),
+    (mean, rstd): (f32, f32),
+) -> (f64, f64) {
+    let mut sg = [0f64; SUM_LANES];
+    let mut sgx = [0f64; SUM_LANES];
+    let body = out.len() / SUM_LANES * SUM_LANES;
+    let (ob, ot) = out.split_at_mut(body);
+    let (gb, gt) = g.split_at(body);
+    let (xb, xt) = x.split_at(body);
+    let term = |g: f32, x: f32| {
+        let gs = g * x_sigmoid_grad(x * scale + shift, 1.0) * gamma;
+        (gs, gs * ((x - mean) * rstd))
+    };
+    for ((o, gc), xc) in ob
+        .chunks_exact_mut(SUM_LANES)
+        .zip(gb.chunks_exact(SUM_LANES))
+        .zip(xb.chunks_exact(SUM_LANES))
+    {
+        for l in 0..SUM_LANES {
+            let (gs, gsx) = term(gc[l], xc[l]);
+            o[l] = gs;
+            sg[l] += gs as f64;
+            sgx[l] += gsx as f64;
+        }
+    }
+    for (l, ((o, &g), &x)) in ot.iter_mut().zip(gt).zip(xt).enumerate() {
+        let (gs, gsx) = term(g, x);
+        *o = gs;
+        sg[l] += gs as f64;
+        sgx[l] += gsx as f64;
+    }
+    (sg.iter().sum(), sgx.iter().sum())
+}
+
+multiversion! {
+    /// See [`norm_silu_grad_body`].
+    pub(crate) fn norm_silu_grad(
+        out: &mut [f32],
+        g: &[f32],
+        x: &[f32],
+        affine: (f32, f32, f32),
+        stats: (f32, f32)
+    ) -> (f64, f64) = norm_silu_grad_body;
+}
+
 /// An elementwise activation of [`map`] and [`grad`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Unary {
