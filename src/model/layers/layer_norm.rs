@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::cpu::{is_cpu_f32, with_f32, with_optional_f32};
 use super::custom_op::input_grad_only_saving;
+use super::simd;
 use crate::error::Result;
 use crate::model::weights::Weights;
 
@@ -134,6 +135,9 @@ fn layer_norm_cpu(
     let c = *dims.last().unwrap_or(&1);
     let gamma: Vec<f32> = weight.to_vec1()?;
     let beta: Vec<f32> = bias.to_vec1()?;
+    if gamma.len() != c || beta.len() != c {
+        candle_core::bail!("layer norm: {} weights for rows of {c}", gamma.len());
+    }
     let (out, mean, rstd) = with_f32(x, |src| {
         let rows = src.len() / c.max(1);
         let mut out = vec![0f32; src.len()];
@@ -143,13 +147,11 @@ fn layer_norm_cpu(
             .zip(src.par_chunks(c))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .for_each(|((dst, row), (m_out, r_out))| {
-                let m = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
+                let m = simd::sum_f64(row, 0.0, false) / c as f64;
+                let var = simd::sum_f64(row, m, true) / c as f64;
                 let r = 1.0 / (var + eps).sqrt();
                 let (mf, rf) = (m as f32, r as f32);
-                for (((o, &v), &gm), &bt) in dst.iter_mut().zip(row).zip(&gamma).zip(&beta) {
-                    *o = (v - mf) * rf * gm + bt;
-                }
+                simd::affine_row(dst, row, &gamma, &beta, (mf, rf));
                 *m_out = mf;
                 *r_out = rf;
             });
@@ -184,6 +186,12 @@ fn layer_norm_backward_cpu(
     let dims = g.dims().to_vec();
     let c = *dims.last().unwrap_or(&1);
     let gamma: Vec<f32> = weight.to_vec1()?;
+    if gamma.len() != c || x.dims() != dims.as_slice() {
+        candle_core::bail!(
+            "layer norm backward: {} weights, gradient {dims:?}",
+            gamma.len()
+        );
+    }
     let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
     let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
     let add = add.map(|t| t.contiguous()).transpose()?;
@@ -196,19 +204,11 @@ fn layer_norm_backward_cpu(
                     .zip(means.par_iter().zip(rstds.par_iter()))
                     .enumerate()
                     .for_each(|(row, ((dst, (gr, xr)), (&m, &r)))| {
-                        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                        for ((&gi, &xi), &w) in gr.iter().zip(xr).zip(&gamma) {
-                            let gs = (gi * w) as f64;
-                            sum_g += gs;
-                            sum_gx += gs * ((xi - m) * r) as f64;
-                        }
+                        let (sum_g, sum_gx) = simd::row_grad_sums(gr, xr, &gamma, (m, r));
                         let mean_g = (sum_g / c as f64) as f32;
                         let mean_gx = (sum_gx / c as f64) as f32;
-                        let values = dst.iter_mut().zip(gr).zip(xr).zip(&gamma);
-                        for (i, (((o, &gi), &xi), &w)) in values.enumerate() {
-                            let d = r * (gi * w - mean_g - (xi - m) * r * mean_gx);
-                            *o = addv.map_or(d, |a| a[row * c + i] + d);
-                        }
+                        let add = addv.map(|a| &a[row * c..(row + 1) * c]);
+                        simd::row_grad(dst, gr, xr, &gamma, (m, r), (mean_g, mean_gx), add);
                     });
                 out
             })

@@ -292,6 +292,101 @@ multiversion! {
     ) -> (f64, f64) = norm_silu_grad_body;
 }
 
+/// A layer norm's backward pass over one row, first half: with `gs = g gamma` and
+/// `xhat = (x - mean) rstd`, `(Σ gs, Σ gs xhat)` in f64.
+#[inline(always)]
+fn row_grad_sums_body(g: &[f32], x: &[f32], gamma: &[f32], (mean, rstd): (f32, f32)) -> (f64, f64) {
+    let mut sg = [0f64; SUM_LANES];
+    let mut sgx = [0f64; SUM_LANES];
+    let body = g.len() / SUM_LANES * SUM_LANES;
+    let term = |g: f32, x: f32, w: f32| {
+        let gs = g * w;
+        (gs as f64, gs as f64 * ((x - mean) * rstd) as f64)
+    };
+    for ((gc, xc), wc) in g[..body]
+        .chunks_exact(SUM_LANES)
+        .zip(x[..body].chunks_exact(SUM_LANES))
+        .zip(gamma[..body].chunks_exact(SUM_LANES))
+    {
+        for l in 0..SUM_LANES {
+            let (a, b) = term(gc[l], xc[l], wc[l]);
+            sg[l] += a;
+            sgx[l] += b;
+        }
+    }
+    for (l, ((&g, &x), &w)) in g[body..]
+        .iter()
+        .zip(&x[body..])
+        .zip(&gamma[body..])
+        .enumerate()
+    {
+        let (a, b) = term(g, x, w);
+        sg[l] += a;
+        sgx[l] += b;
+    }
+    (sg.iter().sum(), sgx.iter().sum())
+}
+
+multiversion! {
+    /// See [`row_grad_sums_body`].
+    pub(crate) fn row_grad_sums(g: &[f32], x: &[f32], gamma: &[f32], stats: (f32, f32)) -> (f64, f64) =
+        row_grad_sums_body;
+}
+
+/// A layer norm's backward pass over one row, second half: `out = rstd (g gamma - mean_g -
+/// xhat mean_gx)` (+ `add`).
+#[inline(always)]
+fn row_grad_body(
+    out: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    (mean, rstd): (f32, f32),
+    (mean_g, mean_gx): (f32, f32),
+    add: Option<&[f32]>,
+) {
+    let values = out.iter_mut().zip(g).zip(x).zip(gamma);
+    let d = |g: f32, x: f32, w: f32| rstd * (g * w - mean_g - (x - mean) * rstd * mean_gx);
+    match add {
+        Some(add) => values
+            .zip(add)
+            .for_each(|((((o, &g), &x), &w), &a)| *o = a + d(g, x, w)),
+        None => values.for_each(|(((o, &g), &x), &w)| *o = d(g, x, w)),
+    }
+}
+
+multiversion! {
+    /// See [`row_grad_body`].
+    pub(crate) fn row_grad(
+        out: &mut [f32],
+        g: &[f32],
+        x: &[f32],
+        gamma: &[f32],
+        stats: (f32, f32),
+        means: (f32, f32),
+        add: Option<&[f32]>
+    ) = row_grad_body;
+}
+
+#[inline(always)]
+fn affine_row_body(
+    out: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    (mean, rstd): (f32, f32),
+) {
+    for (((o, &v), &gm), &bt) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *o = (v - mean) * rstd * gm + bt;
+    }
+}
+
+multiversion! {
+    /// A layer norm's output row: `(x - mean) rstd gamma + beta`.
+    pub(crate) fn affine_row(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], stats: (f32, f32)) =
+        affine_row_body;
+}
+
 /// An elementwise activation of [`map`] and [`grad`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Unary {
