@@ -163,11 +163,11 @@ impl GroupNorm {
             if is_cpu_f32(&[&mean, &rstd]) {
                 let add = add.map(|a| a.contiguous()).transpose()?;
                 let (w, bias) = (&self.weight, &self.bias);
-                return group_norm_silu_backward_cpu(
+                return group_norm_backward_cpu(
                     g,
                     x,
                     (&mean, &rstd),
-                    (w, bias),
+                    (w, Some(bias)),
                     self.groups,
                     add.as_ref(),
                 );
@@ -226,7 +226,8 @@ impl GroupNorm {
         if is_cpu_f32(&[g, x, &mean, &rstd, &self.weight]) && cpu_add {
             let add = add.map(|a| a.contiguous()).transpose()?;
             let w = &self.weight;
-            return group_norm_backward_cpu(g, x, &mean, &rstd, w, groups, add.as_ref());
+            let stats = (&mean, &rstd);
+            return group_norm_backward_cpu(g, x, stats, (w, None), groups, add.as_ref());
         }
         let dx = self.input_grad_composed(g, x, &xg, mean, rstd)?;
         match add {
@@ -321,87 +322,18 @@ fn group_norm_cpu(
     )?;
     Ok((y, (mean, rstd)))
 }
-/// The input gradient of [`group_norm_cpu`]: per group, with `gs = g * gamma` and
-/// `xhat = (x - mean) * rstd`, `rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`, plus
-/// `add` (contiguous, `g`'s shape) when given; two passes per group, in parallel over
-/// groups.
+/// The input gradient of [`group_norm_cpu`], plus `add` (contiguous, `g`'s shape) when
+/// given, in two passes per group, in parallel over groups: the first writes `gs = g
+/// gamma` and sums `gs` and `gs xhat` (`xhat = (x - mean) rstd`); the second turns `gs`
+/// into `rstd (gs - mean(gs) - xhat mean(gs xhat))` (+ add) in place. With `silu_bias`
+/// (the norm's bias: the forward pass was `silu(norm(x))`), `g` is first taken through
+/// the SiLU, whose input is recomputed from `x`; as composed ops that was three more
+/// tensors: the normalisation again, the SiLU's gradient and the result.
 fn group_norm_backward_cpu(
     g: &Tensor,
     x: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
-    weight: &Tensor,
-    groups: usize,
-    add: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let dims = g.dims().to_vec();
-    let c = dims[1];
-    let per_channel: usize = dims[2..].iter().product();
-    let per_group = (c / groups) * per_channel;
-    let gamma: Vec<f32> = weight.to_vec1()?;
-    let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
-    let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
-    let out = with_f32(g, |gv| {
-        with_f32(x, |xv| {
-            with_optional_f32(add, |addv| {
-                let mut out = vec![0f32; gv.len()];
-                out.par_chunks_mut(per_group)
-                    .enumerate()
-                    .for_each(|(gi, dst)| {
-                        let range = gi * per_group..(gi + 1) * per_group;
-                        let addp = addv.map(|a| &a[range.clone()]);
-                        let (gp, xp) = (&gv[range.clone()], &xv[range]);
-                        let (m, r) = (means[gi], rstds[gi]);
-                        let first_channel = (gi % groups) * (c / groups);
-                        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                        for (ch, (gc, xc)) in gp
-                            .chunks(per_channel)
-                            .zip(xp.chunks(per_channel))
-                            .enumerate()
-                        {
-                            let w = gamma[first_channel + ch];
-                            for (&gi, &xi) in gc.iter().zip(xc) {
-                                let gs = (gi * w) as f64;
-                                sum_g += gs;
-                                sum_gx += gs * ((xi - m) * r) as f64;
-                            }
-                        }
-                        let mean_g = (sum_g / per_group as f64) as f32;
-                        let mean_gx = (sum_gx / per_group as f64) as f32;
-                        for (ch, ((d, gc), xc)) in dst
-                            .chunks_mut(per_channel)
-                            .zip(gp.chunks(per_channel))
-                            .zip(xp.chunks(per_channel))
-                            .enumerate()
-                        {
-                            let w = gamma[first_channel + ch];
-                            let at = ch * per_channel;
-                            for (i, ((o, &gi), &xi)) in d.iter_mut().zip(gc).zip(xc).enumerate() {
-                                let xhat = (xi - m) * r;
-                                let v = r * (gi * w - mean_g - xhat * mean_gx);
-                                *o = addp.map_or(v, |a| a[at + i] + v);
-                            }
-                        }
-                    });
-                out
-            })
-        })
-    })???;
-    Tensor::from_vec(out, dims, g.device())
-}
-
-/// The input gradient of [`group_norm_cpu`] with `silu` (`silu(norm(x))`), plus `add` when
-/// given, from the statistics, in two passes per group in parallel over groups: the
-/// first writes `gs = g silu'(n) gamma` (the SiLU's input recomputed from `x`) and sums
-/// `gs` and `gs xhat`; the second turns `gs` into `rstd (gs - mean(gs) - xhat
-/// mean(gs xhat))` (+ add) in place. The composed path made three more tensors: the
-/// normalisation again, the SiLU's gradient and the result.
-fn group_norm_silu_backward_cpu(
-    g: &Tensor,
-    x: &Tensor,
     (mean, rstd): (&Tensor, &Tensor),
-    (weight, bias): (&Tensor, &Tensor),
+    (weight, silu_bias): (&Tensor, Option<&Tensor>),
     groups: usize,
     add: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
@@ -417,7 +349,7 @@ fn group_norm_silu_backward_cpu(
     let per_channel: usize = dims[2..].iter().product();
     let per_group = (c / groups) * per_channel;
     let gamma: Vec<f32> = weight.to_vec1()?;
-    let beta: Vec<f32> = bias.to_vec1()?;
+    let beta: Option<Vec<f32>> = silu_bias.map(|b| b.to_vec1()).transpose()?;
     let means: Vec<f32> = mean.flatten_all()?.to_vec1()?;
     let rstds: Vec<f32> = rstd.flatten_all()?.to_vec1()?;
     if per_group == 0 || means.len() * per_group != g.elem_count() {
@@ -446,10 +378,14 @@ fn group_norm_silu_backward_cpu(
                             .enumerate()
                         {
                             let w = gamma[first_channel + ch];
-                            let scale = r * w;
-                            let shift = beta[first_channel + ch] - m * scale;
-                            let (sg, sgx) =
-                                simd::norm_silu_grad(d, gc, xc, (scale, shift, w), (m, r));
+                            let (sg, sgx) = match &beta {
+                                Some(beta) => {
+                                    let scale = r * w;
+                                    let shift = beta[first_channel + ch] - m * scale;
+                                    simd::norm_silu_grad(d, gc, xc, (scale, shift, w), (m, r))
+                                }
+                                None => simd::scaled_grad_sums(d, gc, xc, w, (m, r)),
+                            };
                             sum_g += sg;
                             sum_gx += sgx;
                         }

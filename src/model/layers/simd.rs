@@ -292,6 +292,51 @@ multiversion! {
     ) -> (f64, f64) = norm_silu_grad_body;
 }
 
+/// One channel of a group norm's backward pass, first half: writes `gs = g gamma` and
+/// returns `(Σ gs, Σ gs xhat)` in f64, `xhat = (x - mean) rstd`.
+#[inline(always)]
+fn scaled_grad_sums_body(
+    out: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    gamma: f32,
+    (mean, rstd): (f32, f32),
+) -> (f64, f64) {
+    let mut sg = [0f64; SUM_LANES];
+    let mut sgx = [0f64; SUM_LANES];
+    let body = out.len() / SUM_LANES * SUM_LANES;
+    let (ob, ot) = out.split_at_mut(body);
+    let term = |g: f32, x: f32| {
+        let gs = g * gamma;
+        (gs, gs as f64 * ((x - mean) * rstd) as f64)
+    };
+    for ((o, gc), xc) in ob
+        .chunks_exact_mut(SUM_LANES)
+        .zip(g[..body].chunks_exact(SUM_LANES))
+        .zip(x[..body].chunks_exact(SUM_LANES))
+    {
+        for l in 0..SUM_LANES {
+            let (gs, gsx) = term(gc[l], xc[l]);
+            o[l] = gs;
+            sg[l] += gs as f64;
+            sgx[l] += gsx;
+        }
+    }
+    for (l, ((o, &g), &x)) in ot.iter_mut().zip(&g[body..]).zip(&x[body..]).enumerate() {
+        let (gs, gsx) = term(g, x);
+        *o = gs;
+        sg[l] += gs as f64;
+        sgx[l] += gsx;
+    }
+    (sg.iter().sum(), sgx.iter().sum())
+}
+
+multiversion! {
+    /// See [`scaled_grad_sums_body`].
+    pub(crate) fn scaled_grad_sums(out: &mut [f32], g: &[f32], x: &[f32], gamma: f32, stats: (f32, f32)) -> (f64, f64) =
+        scaled_grad_sums_body;
+}
+
 /// A layer norm's backward pass over one row, first half: with `gs = g gamma` and
 /// `xhat = (x - mean) rstd`, `(Σ gs, Σ gs xhat)` in f64.
 #[inline(always)]
