@@ -377,12 +377,15 @@ fn skinny_forward(
         with_f32(cols, |cols| {
             with_optional_f32(bias, |bias| {
                 for (bi, dst) in out.chunks_mut(o * skinny::COLS).enumerate() {
-                    let src = &cols[bi * k * skinny::COLS..(bi + 1) * k * skinny::COLS];
-                    skinny::forward(w, src, bias, (o, k), dst);
+                    let src = cols
+                        .get(bi * k * skinny::COLS..(bi + 1) * k * skinny::COLS)
+                        .ok_or_else(|| candle_core::Error::Msg("conv: short columns".into()))?;
+                    skinny::forward(w, src, bias, (o, k), dst)?;
                 }
+                Ok::<(), candle_core::Error>(())
             })
         })
-    })???;
+    })????;
     Tensor::from_vec(out, (b, o, oh, ow), cols.device())
 }
 
@@ -402,7 +405,7 @@ fn skinny_input_grad(weights: &Tensor, g: &Tensor, bi: usize) -> candle_core::Re
                 &mut out,
             )
         })
-    })??;
+    })???;
     Tensor::from_vec(out, (k, skinny::COLS), g.device())
 }
 

@@ -43,20 +43,35 @@ const BWD_ROWS: usize = 16;
 /// Columns of `W` per step of the input gradient: 8 independent accumulators.
 const BWD_COLS: usize = 8;
 
+/// An error unless the kernels can run and every slice holds its shape.
+fn check(what: &str, sizes: &[(usize, usize)]) -> candle_core::Result<()> {
+    if !available() {
+        candle_core::bail!("{what}: the 16-column kernels need AVX-512F");
+    }
+    if let Some((have, need)) = sizes.iter().find(|(have, need)| have < need) {
+        candle_core::bail!("{what}: an operand holds {have} values, {need} needed");
+    }
+    Ok(())
+}
+
 /// `out [O, 16] = W [O, K] cols [K, 16] (+ bias per row)`, all row-major and contiguous.
-///
-/// # Panics
-/// If a slice is shorter than its shape, or [`available`] is false (callers check).
+/// An error without AVX-512 (callers check [`available`]) or when a slice is shorter
+/// than its shape.
 pub(super) fn forward(
     w: &[f32],
     cols: &[f32],
     bias: Option<&[f32]>,
     (o, k): (usize, usize),
     out: &mut [f32],
-) {
-    assert!(available(), "skinny::forward without AVX-512");
-    assert!(w.len() >= o * k && cols.len() >= k * COLS && out.len() >= o * COLS);
-    assert!(bias.is_none_or(|b| b.len() >= o));
+) -> candle_core::Result<()> {
+    let bias_len = bias.map_or(o, <[f32]>::len);
+    let sizes = [
+        (w.len(), o * k),
+        (cols.len(), k * COLS),
+        (out.len(), o * COLS),
+        (bias_len, o),
+    ];
+    check("skinny::forward", &sizes)?;
     out[..o * COLS]
         .par_chunks_mut(FWD_ROWS * COLS)
         .enumerate()
@@ -66,7 +81,7 @@ pub(super) fn forward(
             let w = &w[r0 * k..(r0 + rows) * k];
             let bias = bias.map(|b| &b[r0..r0 + rows]);
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted above); the slices hold `rows` rows
+            // SAFETY: AVX-512F is present (checked above); the slices hold `rows` rows
             // of `k` (w), `k` rows of 16 (cols) and `rows` rows of 16 (dst).
             unsafe {
                 if rows == FWD_ROWS {
@@ -80,21 +95,24 @@ pub(super) fn forward(
                 }
             }
         });
+    Ok(())
 }
 
 /// `dcols [K, 16] = W^T g`, for `W [O, K]` and `g [O, 16]`, all row-major and contiguous.
-///
-/// # Panics
-/// If a slice is shorter than its shape, or [`available`] is false (callers check).
+/// Errors as [`forward`].
 pub(super) fn input_grad(
     w: &[f32],
     g: &[f32],
     (o, k): (usize, usize),
     threads: usize,
     dcols: &mut [f32],
-) {
-    assert!(available(), "skinny::input_grad without AVX-512");
-    assert!(w.len() >= o * k && g.len() >= o * COLS && dcols.len() >= k * COLS);
+) -> candle_core::Result<()> {
+    let sizes = [
+        (w.len(), o * k),
+        (g.len(), o * COLS),
+        (dcols.len(), k * COLS),
+    ];
+    check("skinny::input_grad", &sizes)?;
     let dcols = &mut dcols[..k * COLS];
     dcols.fill(0.0);
     // One range of columns of W per thread, a multiple of BWD_COLS.
@@ -111,7 +129,7 @@ pub(super) fn input_grad(
                 let w = &w[r0 * k..(r0 + rows) * k];
                 let g = &g[r0 * COLS..(r0 + rows) * COLS];
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F is present (asserted above); w holds `rows` rows of
+                // SAFETY: AVX-512F is present (checked above); w holds `rows` rows of
                 // `k`, columns c0 .. c0 + width of which exist; g `rows` rows of 16; dst
                 // `width` rows of 16.
                 unsafe {
@@ -127,6 +145,7 @@ pub(super) fn input_grad(
                 r0 += rows;
             }
         });
+    Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -261,7 +280,7 @@ mod tests {
             let x = wave(k * COLS, 1.1);
             let bias = wave(o, 2.0);
             let mut out = vec![f32::NAN; o * COLS];
-            forward(&w, &x, Some(&bias), (o, k), &mut out);
+            forward(&w, &x, Some(&bias), (o, k), &mut out).expect("forward");
             for r in 0..o {
                 for p in 0..COLS {
                     let want: f64 = bias[r] as f64
@@ -277,7 +296,7 @@ mod tests {
             }
             let g = wave(o * COLS, 2.7);
             let mut dcols = vec![f32::NAN; k * COLS];
-            input_grad(&w, &g, (o, k), threads, &mut dcols);
+            input_grad(&w, &g, (o, k), threads, &mut dcols).expect("input grad");
             for c in 0..k {
                 for p in 0..COLS {
                     let want: f64 = (0..o)
@@ -291,5 +310,9 @@ mod tests {
                 }
             }
         }
+        // A short operand is an error, not a panic.
+        let mut out = vec![0f32; COLS];
+        assert!(forward(&[0.0; 3], &[0.0; COLS], None, (1, 4), &mut out).is_err());
+        assert!(input_grad(&[0.0; 4], &[0.0; 3], (1, 4), 1, &mut [0.0; 4 * COLS]).is_err());
     }
 }
