@@ -239,6 +239,40 @@ multiversion! {
     pub(crate) fn norm_silu(out: &mut [f32], x: &[f32], scale: f32, shift: f32) = norm_silu_body;
 }
 
+/// The first half of a norm's backward pass over one channel: writes `gs` of each
+/// `(g, x)` and returns `(Σ gs, Σ gs xhat)` in f64 lanes, `term` giving `(gs, gs xhat)`.
+#[inline(always)]
+fn grad_sums(
+    out: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    term: impl Fn(f32, f32) -> (f32, f64),
+) -> (f64, f64) {
+    let mut sg = [0f64; SUM_LANES];
+    let mut sgx = [0f64; SUM_LANES];
+    let body = out.len() / SUM_LANES * SUM_LANES;
+    let (ob, ot) = out.split_at_mut(body);
+    for ((o, gc), xc) in ob
+        .chunks_exact_mut(SUM_LANES)
+        .zip(g[..body].chunks_exact(SUM_LANES))
+        .zip(x[..body].chunks_exact(SUM_LANES))
+    {
+        for l in 0..SUM_LANES {
+            let (gs, gsx) = term(gc[l], xc[l]);
+            o[l] = gs;
+            sg[l] += gs as f64;
+            sgx[l] += gsx;
+        }
+    }
+    for (l, ((o, &g), &x)) in ot.iter_mut().zip(&g[body..]).zip(&x[body..]).enumerate() {
+        let (gs, gsx) = term(g, x);
+        *o = gs;
+        sg[l] += gs as f64;
+        sgx[l] += gsx;
+    }
+    (sg.iter().sum(), sgx.iter().sum())
+}
+
 /// One channel of a group norm + SiLU's backward pass, first half: for the normalised
 /// value `n = x scale + shift` and `xhat = (x - mean) rstd`, writes `gs = g silu'(n) gamma`
 /// and returns `(Σ gs, Σ gs xhat)` in f64.
@@ -250,35 +284,10 @@ fn norm_silu_grad_body(
     (scale, shift, gamma): (f32, f32, f32),
     (mean, rstd): (f32, f32),
 ) -> (f64, f64) {
-    let mut sg = [0f64; SUM_LANES];
-    let mut sgx = [0f64; SUM_LANES];
-    let body = out.len() / SUM_LANES * SUM_LANES;
-    let (ob, ot) = out.split_at_mut(body);
-    let (gb, gt) = g.split_at(body);
-    let (xb, xt) = x.split_at(body);
-    let term = |g: f32, x: f32| {
+    grad_sums(out, g, x, |g, x| {
         let gs = g * x_sigmoid_grad(x * scale + shift, 1.0) * gamma;
-        (gs, gs * ((x - mean) * rstd))
-    };
-    for ((o, gc), xc) in ob
-        .chunks_exact_mut(SUM_LANES)
-        .zip(gb.chunks_exact(SUM_LANES))
-        .zip(xb.chunks_exact(SUM_LANES))
-    {
-        for l in 0..SUM_LANES {
-            let (gs, gsx) = term(gc[l], xc[l]);
-            o[l] = gs;
-            sg[l] += gs as f64;
-            sgx[l] += gsx as f64;
-        }
-    }
-    for (l, ((o, &g), &x)) in ot.iter_mut().zip(gt).zip(xt).enumerate() {
-        let (gs, gsx) = term(g, x);
-        *o = gs;
-        sg[l] += gs as f64;
-        sgx[l] += gsx as f64;
-    }
-    (sg.iter().sum(), sgx.iter().sum())
+        (gs, (gs * ((x - mean) * rstd)) as f64)
+    })
 }
 
 multiversion! {
@@ -302,33 +311,10 @@ fn scaled_grad_sums_body(
     gamma: f32,
     (mean, rstd): (f32, f32),
 ) -> (f64, f64) {
-    let mut sg = [0f64; SUM_LANES];
-    let mut sgx = [0f64; SUM_LANES];
-    let body = out.len() / SUM_LANES * SUM_LANES;
-    let (ob, ot) = out.split_at_mut(body);
-    let term = |g: f32, x: f32| {
+    grad_sums(out, g, x, |g, x| {
         let gs = g * gamma;
         (gs, gs as f64 * ((x - mean) * rstd) as f64)
-    };
-    for ((o, gc), xc) in ob
-        .chunks_exact_mut(SUM_LANES)
-        .zip(g[..body].chunks_exact(SUM_LANES))
-        .zip(x[..body].chunks_exact(SUM_LANES))
-    {
-        for l in 0..SUM_LANES {
-            let (gs, gsx) = term(gc[l], xc[l]);
-            o[l] = gs;
-            sg[l] += gs as f64;
-            sgx[l] += gsx;
-        }
-    }
-    for (l, ((o, &g), &x)) in ot.iter_mut().zip(&g[body..]).zip(&x[body..]).enumerate() {
-        let (gs, gsx) = term(g, x);
-        *o = gs;
-        sg[l] += gs as f64;
-        sgx[l] += gsx;
-    }
-    (sg.iter().sum(), sgx.iter().sum())
+    })
 }
 
 multiversion! {
