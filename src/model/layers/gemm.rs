@@ -442,10 +442,20 @@ fn output(
 /// reads `W^T` where it lies (its columns are `W`'s rows, contiguous) and copies only the
 /// small `x`. Measured on 2 cores, GFLOP/s row-major vs column-major with the transpose:
 /// `[64, 1280] x [1280, 10240]` 166 vs 235, `[77, 3072] x [3072, 768]` 145 vs 190,
-/// `[16, 1280] x [1280, 1280]` 70 vs 125; at 256 rows it loses (`[256, 640] x [640, 5120]`
-/// 280 vs 166).
+/// `[16, 1280] x [1280, 1280]` 70 vs 125.
+///
+/// Up to 512 rows it still wins where the product is at least as deep as it is wide
+/// (`k >= n`: the attention outputs' and the feed-forward's output layer, whose `W^T` is
+/// the costliest to pack), and loses where it is wider. Measured with cold weights (1 GiB
+/// of copies in turn), GFLOP/s row-major vs column-major: `[256, 2560] x [2560, 640]`
+/// 113-135 vs 194-201, `[256, 5120] x [5120, 1280]` 156-181 vs 214-238, `[256, 640] x
+/// [640, 640]` 133-138 vs 170-178, `[256, 1280] x [1280, 1280]` 201-214 vs 215-226,
+/// `[512, 5120] x [5120, 1280]` 216-225 vs 240-245; `[512, 1280] x [1280, 1280]` even;
+/// losing: `[256, 640] x [640, 5120]` 207-224 vs 180-191, `[1024, 2560] x [2560, 640]`
+/// 235-241 vs 195-214, `[1024, 640] x [640, 640]` 209-226 vs 191-201.
 fn by_columns(rows: usize, n: usize, k: usize, b: &Operand) -> bool {
-    rows <= SPLIT_SIDE && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
+    let shape = rows <= SPLIT_SIDE || (rows <= 256 && k >= n) || (rows <= 512 && k >= 4 * n);
+    shape && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
 }
 
 /// The bias of output row `i` (within its matrix), column `j`: a column bias
@@ -635,7 +645,12 @@ mod tests {
         let w = wave(&[600, 1024], 0.1); // a linear weight [out, in]
         let wt = w.t().expect("t");
         let bias = wave(&[600], 0.2);
-        for (shape, rows) in [(vec![64, 1024], 64), (vec![2, 40, 1024], 80)] {
+        // Rows up to 512 take it where the product is deeper than it is wide.
+        for (shape, rows) in [
+            (vec![64, 1024], 64),
+            (vec![2, 40, 1024], 80),
+            (vec![256, 1024], 256),
+        ] {
             let x = wave(&shape, 0.3);
             let mut out_shape = shape.clone();
             *out_shape.last_mut().expect("dims") = 600;
@@ -646,6 +661,7 @@ mod tests {
                 by_columns(rows, 600, 1024, &op),
                 "{shape:?} takes the route"
             );
+            assert!(!by_columns(512, 600, 1024, &op), "a wider product does not");
             drop(storage);
             let got = matmul(&x, &wt, Bias::Cols(&bias), Some(&res)).expect("y");
             let want = f64(&x)

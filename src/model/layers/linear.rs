@@ -145,6 +145,12 @@ impl Linear {
         matmul(&as_rows(g)?, &self.weight, Bias::None, None)?.reshape(in_dims)
     }
 
+    /// A layer of the given weight (`[out, in]`) and bias, for the timing harnesses.
+    #[cfg(test)]
+    pub(super) fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     /// The weight, `[out, in]`.
     pub(crate) fn weight(&self) -> &Tensor {
         &self.weight

@@ -20,6 +20,8 @@ mod gemm;
 mod group_norm;
 mod layer_norm;
 mod linear;
+#[cfg(test)]
+mod linear_timing;
 mod simd;
 mod skinny;
 mod upsample;
