@@ -430,7 +430,8 @@ fn run_sdti(
     let mut run = BenchRun::new(model.clone(), setup).map_err(err("setting up the trainer"))?;
     let mode = match recompute {
         Recompute::Off => RecomputeMode::Off,
-        Recompute::On => RecomputeMode::On,
+        // (--recompute takes off and on only.)
+        Recompute::On | Recompute::Transformers(_) => RecomputeMode::On,
     };
     let choice = run.trainer_mut().choose_recompute(mode, None);
     eprintln!("sdti {res}px: {choice}");
@@ -947,6 +948,7 @@ fn run(args: &Args) -> BenchResult<()> {
             match r.recompute {
                 Recompute::Off => "off",
                 Recompute::On => "on",
+                Recompute::Transformers(_) => "some",
             },
             sdti_mean,
             min(&r.times_ms),

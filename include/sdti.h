@@ -877,7 +877,8 @@ sdti_status sdti_trainer_image_count(struct sdti_trainer *trainer, uint32_t *cou
 
 // Whether the run's steps recompute the UNet blocks' activations, into `*recompute`:
 // `SDTI_RECOMPUTE_OFF` or `SDTI_RECOMPUTE_ON` (what `SDTI_RECOMPUTE_AUTO` chose when
-// the run was created). Since ABI 1.3.
+// the run was created; also ON when it reruns only some of the UNet's transformers, the
+// least that fits its budget). Since ABI 1.3.
 //
 // # Safety
 // `recompute` is writable.

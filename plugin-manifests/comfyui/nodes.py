@@ -649,7 +649,8 @@ class SDTI_TrainEmbedding:
                     "default": "auto",
                     "tooltip": "on: rerun each UNet block in the backward pass instead of keeping "
                     "its activations (the same result, less memory, one more UNet forward pass "
-                    "per step). auto: on only when a step would not fit in the memory available.",
+                    "per step). auto: only when a step would not fit in the memory available, "
+                    "and then for as few of the UNet's transformers as it takes.",
                 }),
                 "overwrite": ("BOOLEAN", {
                     "default": False,

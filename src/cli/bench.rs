@@ -143,7 +143,8 @@ struct BenchReport {
     images_per_second: f64,
     /// The process's peak RSS over the steps, the warm-up step included (Linux).
     peak_rss_mib: Option<f64>,
-    /// Whether the steps recomputed the blocks' activations ("off" or "on").
+    /// Whether the steps recomputed the blocks' activations: "off", "on", or "K of N
+    /// transformers" when auto reran only some.
     recompute: String,
     /// The estimated peak memory of a step with that choice (`sdti::model::memory`), to
     /// compare with the measured peaks.
@@ -243,10 +244,7 @@ fn bench_batch(
     // The peak of the steps (the warm-up included), not of building the model or caching
     // the latents.
     sdti::app::bench::reset_peak_rss();
-    let estimated_peak = match recompute {
-        sdti::model::Recompute::Off => choice.peak_off,
-        sdti::model::Recompute::On => choice.peak_on,
-    };
+    let estimated_peak = choice.peak;
     let times = run.time_steps(|s| {
         if !a.json && s.index > 0 {
             eprintln!(
@@ -279,7 +277,10 @@ fn bench_batch(
         steps_per_second: 1000.0 / mean,
         images_per_second: 1000.0 / mean * batch as f64,
         peak_rss_mib: times.peak_rss_mib,
-        recompute: format!("{recompute:?}").to_ascii_lowercase(),
+        recompute: match choice.transformers {
+            Some((k, n)) => format!("{k} of {n} transformers"),
+            None => format!("{recompute:?}").to_ascii_lowercase(),
+        },
         estimated_peak_mib: mib(estimated_peak),
         device_peak_mib: times.device_peak.map(|p| mib(p.0)),
         device_reserved_peak_mib: times.device_peak.map(|p| mib(p.1)),

@@ -224,7 +224,8 @@ pub struct TrainArgs {
 pub struct RecomputeArgs {
     /// Rerun each UNet block's forward pass in the backward pass instead of keeping its
     /// activations: on (less memory, about one more forward pass per step), off, or auto
-    /// (on only when a step would not fit in --memory-budget or the memory available)
+    /// (only when a step would not fit in --memory-budget or the memory available, and
+    /// then for as few of the UNet's transformers as it takes to fit)
     #[arg(
         long,
         default_value = "auto",

@@ -576,7 +576,8 @@ pub unsafe extern "C" fn sdti_trainer_image_count(
 
 /// Whether the run's steps recompute the UNet blocks' activations, into `*recompute`:
 /// `SDTI_RECOMPUTE_OFF` or `SDTI_RECOMPUTE_ON` (what `SDTI_RECOMPUTE_AUTO` chose when
-/// the run was created). Since ABI 1.3.
+/// the run was created; also ON when it reruns only some of the UNet's transformers, the
+/// least that fits its budget). Since ABI 1.3.
 ///
 /// # Safety
 /// `recompute` is writable.
@@ -589,8 +590,9 @@ pub unsafe extern "C" fn sdti_trainer_recompute(
 ) -> sdti_status {
     with_state(&TRAINERS, trainer as usize, |state| {
         let value = match state.trainer.recompute() {
-            Recompute::Off => SDTI_RECOMPUTE_OFF,
-            Recompute::On => SDTI_RECOMPUTE_ON,
+            Recompute::Off | Recompute::Transformers(0) => SDTI_RECOMPUTE_OFF,
+            // Auto rerunning some of the transformers: on, for some blocks.
+            Recompute::On | Recompute::Transformers(_) => SDTI_RECOMPUTE_ON,
         };
         // SAFETY: NULL or writable by contract.
         unsafe { write_out(recompute, value, "recompute") }

@@ -241,6 +241,21 @@ struct Tally {
     /// the pooled vector reaches every resnet through the time embedding, so all are
     /// on it).
     tracked: bool,
+    /// The spatial transformers in the order they run.
+    transformers: Vec<TransformerTally>,
+}
+
+/// One spatial transformer's part of the [`Tally`].
+#[derive(Clone, Copy)]
+struct TransformerTally {
+    /// The saved state of the blocks before it.
+    saved_before: u64,
+    /// Its saved state.
+    saved: u64,
+    /// Its saved state plus its backward pass's transient.
+    peak: u64,
+    /// The multiply-adds of its forward pass, what recomputing it costs.
+    cost: u64,
 }
 
 impl Tally {
@@ -272,7 +287,18 @@ impl Tally {
         // The backward pass's largest moment: the GEGLU input's gradient (8c), the
         // feed-forward's (4c), the output gradient and the attention gradients (4c).
         let transient = 17 * c * n + c * d;
+        let saved_before = self.saved;
         self.block(c * n, depth * per_block, transient);
+        // Per block the projections (18 c^2 per token: q, k, v, two outputs, the second
+        // query, GEGLU 8 and its output 4), the context's keys and values, self- and
+        // cross-attention; the projections in and out.
+        let block_cost = 18 * n * c * c + 2 * m * c * d + 2 * n * n * c + 2 * n * m * c;
+        self.transformers.push(TransformerTally {
+            saved_before,
+            saved: depth * per_block,
+            peak: depth * per_block + transient,
+            cost: depth * block_cost + 2 * n * c * c,
+        });
     }
 }
 
@@ -287,9 +313,78 @@ pub fn activation_bytes(
     dtype_bytes: usize,
     recompute: Recompute,
 ) -> u64 {
+    let t = walk(config, batch, latent_h, latent_w);
+    let elements = match recompute {
+        Recompute::Off => t.elements(0),
+        Recompute::On => t.held + t.skips + t.block_peak.max(t.transient),
+        Recompute::Transformers(mask) => t.elements(mask),
+    };
+    elements * dtype_bytes as u64
+}
+
+/// The UNet's spatial transformers (their indices in the order they run, as
+/// [`Recompute::Transformers`] numbers them) in the order `auto` chooses them for
+/// recompute: each next one the transformer whose rerun lowers the estimated peak the
+/// most per multiply-add of the rerun (ties and no gain: the earliest). Rerunning a late
+/// transformer alone gains little: its state is rebuilt at the start of the backward
+/// pass, while everything before it is still kept.
+pub fn recompute_order(
+    config: &UnetConfig,
+    batch: usize,
+    latent_h: usize,
+    latent_w: usize,
+) -> Vec<usize> {
+    let t = walk(config, batch, latent_h, latent_w);
+    let count = t.transformers.len().min(32);
+    let mut order = Vec::with_capacity(count);
+    let mut mask = 0u32;
+    while order.len() < count {
+        let now = t.elements(mask);
+        let mut best: Option<(usize, f64)> = None;
+        for (i, tt) in t.transformers.iter().enumerate().take(count) {
+            if (mask >> i) & 1 == 1 {
+                continue;
+            }
+            let gain = now.saturating_sub(t.elements(mask | 1 << i)) as f64;
+            let per_cost = gain / tt.cost.max(1) as f64;
+            match best {
+                Some((_, b)) if per_cost <= b => {}
+                _ => best = Some((i, per_cost)),
+            }
+        }
+        let Some((i, _)) = best else { break };
+        mask |= 1 << i;
+        order.push(i);
+    }
+    order
+}
+
+impl Tally {
+    /// Elements alive at the peak when the transformers in `mask` rerun in the backward
+    /// pass and every other block keeps its state (`mask` 0: recompute off): at the start
+    /// of the backward pass the kept state and the largest transient; while a chosen
+    /// transformer reruns, the kept state of the blocks before it, its rebuilt state and
+    /// transient, and the skips' gradients waiting for the down path.
+    fn elements(&self, mask: u32) -> u64 {
+        let chosen = |i: usize| i < 32 && (mask >> i) & 1 == 1;
+        let mut rerun_before = 0;
+        let mut worst = 0;
+        for (i, tt) in self.transformers.iter().enumerate() {
+            if chosen(i) {
+                let kept_before = tt.saved_before - rerun_before;
+                worst = worst.max(self.skips + kept_before + tt.peak);
+                rerun_before += tt.saved;
+            }
+        }
+        self.held + worst.max(self.saved - rerun_before + self.transient)
+    }
+}
+
+/// The walk behind [`activation_bytes`] and [`recompute_order`], in elements.
+fn walk(config: &UnetConfig, batch: usize, latent_h: usize, latent_w: usize) -> Tally {
     let boc = &config.block_out_channels;
     if boc.is_empty() {
-        return 0;
+        return Tally::default();
     }
     let b = batch as u64;
     let m = b * CLIP_CONTEXT_LEN as u64;
@@ -364,11 +459,7 @@ pub fn activation_bytes(
     // conv_out's input is the last level's output (held above); the prediction, the
     // difference and its square are small.
     t.held += 3 * config.out_channels as u64 * hw;
-    let elements = match recompute {
-        Recompute::Off => t.held + t.saved + t.transient,
-        Recompute::On => t.held + t.skips + t.block_peak.max(t.transient),
-    };
-    elements * dtype_bytes as u64
+    t
 }
 
 /// The memory a training step may use on `device` as far as the system says: on the CPU
@@ -489,5 +580,37 @@ mod tests {
             activation_bytes(&unet, 1, 64, 64, 2, Recompute::On) * 2,
             at(1, 64, Recompute::On)
         );
+    }
+
+    /// Rerunning transformers in `recompute_order` needs less and less memory, from the
+    /// step without recompute towards the step with it; the order ranks every transformer
+    /// once, the narrowest level first.
+    #[test]
+    fn rerunning_more_transformers_needs_less_memory() {
+        for (unet, side, count) in [(UnetConfig::sd1(), 64, 16), (UnetConfig::sdxl(), 128, 11)] {
+            let order = recompute_order(&unet, 1, side, side);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..count).collect::<Vec<_>>());
+            let at = |r| activation_bytes(&unet, 1, side, side, 4, r);
+            assert_eq!(at(Recompute::Transformers(0)), at(Recompute::Off));
+            let mut mask = 0u32;
+            let mut last = at(Recompute::Off);
+            for (n, &i) in order.iter().enumerate() {
+                mask |= 1 << i;
+                let now = at(Recompute::Transformers(mask));
+                assert!(
+                    now <= last,
+                    "{count} transformers, {mask:b}: {now} > {last}"
+                );
+                if n == 0 {
+                    // The first choice gains, and it is on the down path (which runs
+                    // first: 6 transformers in SD 1.5, 4 in SDXL).
+                    assert!(now < last && i < count / 2, "{count}: first {i}");
+                }
+                last = now;
+            }
+            assert!(last < at(Recompute::Off), "{last}");
+        }
     }
 }

@@ -388,13 +388,20 @@ impl Unet {
         let temb = silu(&temb)?;
         let temb = Some(&temb);
 
+        // The spatial transformers in the order they run (Recompute::Transformers).
+        let mut ran = 0;
+        let mut attend = |attn: &SpatialTransformer, x: &Tensor| {
+            ran += 1;
+            attn.forward(x, context, recompute.transformer(ran - 1))
+        };
+        let resnet_recompute = recompute.other();
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];
         for level in &self.down {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                x = resnet.forward(&x, temb, recompute)?;
+                x = resnet.forward(&x, temb, resnet_recompute)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context, recompute)?;
+                    x = attend(attn, &x)?;
                 }
                 skips.push(x.clone());
             }
@@ -403,17 +410,17 @@ impl Unet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, temb, recompute)?;
-        x = self.mid_attention.forward(&x, context, recompute)?;
-        x = self.mid_resnets[1].forward(&x, temb, recompute)?;
+        x = self.mid_resnets[0].forward(&x, temb, resnet_recompute)?;
+        x = attend(&self.mid_attention, &x)?;
+        x = self.mid_resnets[1].forward(&x, temb, resnet_recompute)?;
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::input("unet", "skip stack underflow"))?;
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb, recompute)?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb, resnet_recompute)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context, recompute)?;
+                    x = attend(attn, &x)?;
                 }
             }
             if let Some(upc) = &level.resample {

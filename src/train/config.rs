@@ -364,30 +364,51 @@ pub struct RecomputeChoice {
     /// Estimated peak bytes of a step without and with recompute (weights included).
     pub peak_off: u64,
     pub peak_on: u64,
+    /// The estimated peak of the step as chosen: `peak_off`, `peak_on`, or in between when
+    /// auto reruns only some transformers.
+    pub peak: u64,
+    /// When auto reruns only some of the UNet's spatial transformers
+    /// ([`Recompute::Transformers`]): how many, of how many.
+    pub transformers: Option<(usize, usize)>,
     /// The budget auto compared with (None: none was known, or the mode was not auto).
     pub budget: Option<MemoryBudget>,
 }
 
 impl RecomputeChoice {
     /// The choice for `mode` from the estimates and the budget: auto recomputes only when
-    /// the step without recompute would not fit (and without a budget it does not).
+    /// the step without recompute would not fit (and without a budget it does not), and
+    /// then as little as fits: the first of `partial` (rerunning more and more of the
+    /// transformers, with each one's estimated peak) that fits the budget, else every
+    /// block.
     pub fn decide(
         mode: RecomputeMode,
         peak_off: u64,
         peak_on: u64,
+        partial: &[(Recompute, u64)],
         budget: Option<MemoryBudget>,
     ) -> Self {
-        let recompute = match (mode, budget) {
-            (RecomputeMode::Off, _) => Recompute::Off,
-            (RecomputeMode::On, _) => Recompute::On,
-            (RecomputeMode::Auto, Some(b)) if peak_off > b.bytes => Recompute::On,
-            (RecomputeMode::Auto, _) => Recompute::Off,
+        let mut transformers = None;
+        let (recompute, peak) = match (mode, budget) {
+            (RecomputeMode::Off, _) => (Recompute::Off, peak_off),
+            (RecomputeMode::On, _) => (Recompute::On, peak_on),
+            (RecomputeMode::Auto, Some(b)) if peak_off > b.bytes => {
+                match partial.iter().position(|&(_, peak)| peak <= b.bytes) {
+                    Some(i) => {
+                        transformers = Some((i + 1, partial.len()));
+                        partial[i]
+                    }
+                    None => (Recompute::On, peak_on),
+                }
+            }
+            (RecomputeMode::Auto, _) => (Recompute::Off, peak_off),
         };
         Self {
             mode,
             recompute,
             peak_off,
             peak_on,
+            peak,
+            transformers,
             budget: if mode == RecomputeMode::Auto {
                 budget
             } else {
@@ -403,12 +424,18 @@ impl std::fmt::Display for RecomputeChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
         let on = self.recompute == Recompute::On;
-        write!(f, "recompute {}", if on { "on" } else { "off" })?;
-        let estimate = format!(
+        let mut estimate = format!(
             "a step needs about {:.1} GiB without recompute, {:.1} GiB with",
             gib(self.peak_off),
             gib(self.peak_on)
         );
+        match self.transformers {
+            Some((k, n)) => {
+                write!(f, "recompute on for {k} of the UNet's {n} transformers")?;
+                estimate += &format!(", {:.1} GiB with it for those", gib(self.peak));
+            }
+            None => write!(f, "recompute {}", if on { "on" } else { "off" })?,
+        }
         match (self.mode, self.budget) {
             (RecomputeMode::Auto, Some(b)) => {
                 let what = match b.source {
@@ -459,14 +486,45 @@ mod tests {
                 source: BudgetSource::Given,
             })
         };
-        let decide = |mode, b| RecomputeChoice::decide(mode, 100, 60, b).recompute;
+        let decide = |mode, b| RecomputeChoice::decide(mode, 100, 60, &[], b).recompute;
         assert_eq!(decide(RecomputeMode::Auto, budget(100)), Recompute::Off);
         assert_eq!(decide(RecomputeMode::Auto, budget(99)), Recompute::On);
         // No budget known (a GPU without one): off, as before recompute existed.
         assert_eq!(decide(RecomputeMode::Auto, None), Recompute::Off);
         assert_eq!(decide(RecomputeMode::Off, budget(1)), Recompute::Off);
         assert_eq!(decide(RecomputeMode::On, budget(1000)), Recompute::On);
-        let tight = RecomputeChoice::decide(RecomputeMode::Auto, 100, 60, budget(50));
+        let tight = RecomputeChoice::decide(RecomputeMode::Auto, 100, 60, &[], budget(50));
         assert!(tight.to_string().contains("may not fit"), "{tight}");
+
+        // Rerunning some transformers: auto takes the fewest that fit, else all blocks;
+        // off and on ignore them.
+        let partial = [
+            (Recompute::Transformers(0b100), 90),
+            (Recompute::Transformers(0b110), 80),
+            (Recompute::Transformers(0b111), 70),
+        ];
+        let pick = |mode, b| RecomputeChoice::decide(mode, 100, 60, &partial, b);
+        let some = pick(RecomputeMode::Auto, budget(85));
+        assert_eq!(some.recompute, Recompute::Transformers(0b110));
+        assert_eq!((some.peak, some.transformers), (80, Some((2, 3))));
+        let text = some.to_string();
+        assert!(
+            text.starts_with("recompute on for 2 of the UNet's 3 transformers"),
+            "{text}"
+        );
+        let all = pick(RecomputeMode::Auto, budget(65));
+        assert_eq!(
+            (all.recompute, all.peak, all.transformers),
+            (Recompute::On, 60, None)
+        );
+        assert_eq!(
+            pick(RecomputeMode::Auto, budget(100)).recompute,
+            Recompute::Off
+        );
+        assert_eq!(
+            pick(RecomputeMode::Off, budget(85)).recompute,
+            Recompute::Off
+        );
+        assert_eq!(pick(RecomputeMode::On, budget(85)).recompute, Recompute::On);
     }
 }

@@ -67,9 +67,10 @@ pub fn check_fits(
         model.family.model_name(),
         train.batch_size,
     );
-    let recompute = match least {
-        Recompute::On => "even with recompute on",
-        Recompute::Off => "with recompute off",
+    let recompute = if least == Recompute::Off {
+        "with recompute off"
+    } else {
+        "even with recompute on"
     };
     let mut message = format!(
         "{job} needs about {} {recompute} (weights {}, the step {}); {} {what}",

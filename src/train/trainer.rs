@@ -22,7 +22,7 @@ use crate::embedding::{
 };
 use crate::error::{Error, Result};
 use crate::model::clip::split_columns;
-use crate::model::memory::{available_bytes, StepMemory};
+use crate::model::memory::{available_bytes, recompute_order, StepMemory};
 use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SdModel, TextEncoder};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
@@ -225,8 +225,10 @@ impl Trainer {
     /// Decides recompute for this run, once, before training: `mode` off or on as given;
     /// auto compares the estimated peak of a step without recompute with `budget_mib`
     /// (MiB for the whole process), or without one with what the device has available
-    /// now ([`available_bytes`]), and recomputes only when the step would not fit.
-    /// Returns the decision and its grounds, for the caller to show.
+    /// now ([`available_bytes`]), and recomputes only when the step would not fit, then
+    /// only as many of the UNet's transformers as it takes to fit (in the order of
+    /// [`recompute_order`]), or every block when that is not enough. Returns the decision
+    /// and its grounds, for the caller to show.
     pub fn choose_recompute(
         &mut self,
         mode: RecomputeMode,
@@ -247,7 +249,23 @@ impl Trainer {
             }
             None => None,
         };
-        let choice = RecomputeChoice::decide(mode, off.total(), on.total(), budget);
+        let latent = self.resolution() / 8;
+        let order = recompute_order(
+            &self.model.config.unet,
+            self.config.batch_size,
+            latent,
+            latent,
+        );
+        let mut mask = 0u32;
+        let partial: Vec<(Recompute, u64)> = order
+            .iter()
+            .map(|&i| {
+                mask |= 1 << i;
+                let r = Recompute::Transformers(mask);
+                (r, self.step_memory(r).total())
+            })
+            .collect();
+        let choice = RecomputeChoice::decide(mode, off.total(), on.total(), &partial, budget);
         self.recompute = choice.recompute;
         choice
     }

@@ -214,11 +214,13 @@ fn sdxl_unet_gradient_matches_finite_differences_in_f64() {
         (flat(&c), flat(&p))
     };
     let (g_context, g_pooled) = grads_of(Recompute::Off);
-    assert_eq!(
-        (g_context.clone(), g_pooled.clone()),
-        grads_of(Recompute::On),
-        "recompute changes the gradients"
-    );
+    for recompute in [Recompute::On, Recompute::Transformers(0b1)] {
+        assert_eq!(
+            (g_context.clone(), g_pooled.clone()),
+            grads_of(recompute),
+            "{recompute:?} changes the gradients"
+        );
+    }
     assert!(g_pooled.iter().any(|&g| g != 0.0), "no pooled gradient");
 
     let h = 1e-6;

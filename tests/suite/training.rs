@@ -93,12 +93,25 @@ fn auto_recompute_follows_the_memory_budget() {
     let fits = t.choose_recompute(RecomputeMode::Auto, Some(mib + 1));
     assert_eq!(fits.recompute, Recompute::Off, "{fits}");
     assert_eq!(t.recompute(), Recompute::Off);
+    // Just under: rerunning some of the transformers is enough.
     let tight = t.choose_recompute(RecomputeMode::Auto, Some(mib - 1));
-    assert_eq!(tight.recompute, Recompute::On, "{tight}");
-    assert_eq!(t.recompute(), Recompute::On);
     assert!(
-        tight.to_string().starts_with("recompute on (auto:"),
+        matches!(tight.recompute, Recompute::Transformers(mask) if mask != 0),
         "{tight}"
+    );
+    assert_eq!(t.recompute(), tight.recompute);
+    assert!(tight.peak <= (mib - 1) << 20 && tight.peak == t.step_memory(tight.recompute).total());
+    assert!(
+        tight.to_string().starts_with("recompute on for "),
+        "{tight}"
+    );
+    // Far under: every block, and a warning.
+    let under = t.choose_recompute(RecomputeMode::Auto, Some(1));
+    assert_eq!(under.recompute, Recompute::On, "{under}");
+    assert!(
+        under.to_string().starts_with("recompute on (auto:")
+            && under.to_string().contains("may not fit"),
+        "{under}"
     );
     assert_eq!(
         t.choose_recompute(RecomputeMode::Off, Some(1)).recompute,

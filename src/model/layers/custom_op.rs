@@ -306,6 +306,32 @@ pub enum Recompute {
     /// Keep only each block's inputs and rerun its forward pass inside the backward pass:
     /// about one more forward pass per step, for a fraction of the activation memory.
     On,
+    /// Rerun only the UNet's spatial transformers whose bit is set (bit `i`: the `i`-th
+    /// in the order the forward pass runs them, down path, mid block, up path) and keep
+    /// every other block's state: what `auto` chooses when a step without recompute does
+    /// not fit but rerunning some transformers is enough (they hold most of a step's
+    /// state; [`crate::model::memory::recompute_order`] ranks them).
+    Transformers(u32),
+}
+
+impl Recompute {
+    /// What the UNet's `i`-th spatial transformer does under this choice.
+    pub(crate) fn transformer(self, i: usize) -> Recompute {
+        match self {
+            Recompute::Transformers(mask) if i < 32 && (mask >> i) & 1 == 1 => Recompute::On,
+            Recompute::Transformers(_) => Recompute::Off,
+            r => r,
+        }
+    }
+
+    /// What a block other than a spatial transformer (a resnet) does: it recomputes only
+    /// when every block does.
+    pub(crate) fn other(self) -> Recompute {
+        match self {
+            Recompute::Transformers(_) => Recompute::Off,
+            r => r,
+        }
+    }
 }
 
 /// Runs `block` on `x` (and `context`) as one graph node: when either input is on a
