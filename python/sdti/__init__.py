@@ -540,7 +540,8 @@ class Trainer(_Handle):
 
     @property
     def recompute(self) -> bool:
-        """Whether the steps recompute the UNet's activations (what "auto" chose)."""
+        """Whether the steps recompute the UNet's activations (what "auto" chose; True
+        also when it reruns only some of the UNet's transformers)."""
         code = self._u32(self._lib.trainer_recompute, "sdti_trainer_recompute")
         return code == _capi.SDTI_RECOMPUTE_ON
 
