@@ -342,7 +342,7 @@ pub fn recompute_order(
         let now = t.elements(mask);
         let mut best: Option<(usize, f64)> = None;
         for (i, tt) in t.transformers.iter().enumerate().take(count) {
-            if (mask >> i) & 1 == 1 {
+            if Recompute::Transformers(mask).reruns_transformer(i) {
                 continue;
             }
             let gain = now.saturating_sub(t.elements(mask | 1 << i)) as f64;
@@ -366,11 +366,10 @@ impl Tally {
     /// transformer reruns, the kept state of the blocks before it, its rebuilt state and
     /// transient, and the skips' gradients waiting for the down path.
     fn elements(&self, mask: u32) -> u64 {
-        let chosen = |i: usize| i < 32 && (mask >> i) & 1 == 1;
         let mut rerun_before = 0;
         let mut worst = 0;
         for (i, tt) in self.transformers.iter().enumerate() {
-            if chosen(i) {
+            if Recompute::Transformers(mask).reruns_transformer(i) {
                 let kept_before = tt.saved_before - rerun_before;
                 worst = worst.max(self.skips + kept_before + tt.peak);
                 rerun_before += tt.saved;
@@ -582,9 +581,9 @@ mod tests {
         );
     }
 
-    /// Rerunning transformers in `recompute_order` needs less and less memory, from the
-    /// step without recompute towards the step with it; the order ranks every transformer
-    /// once, the narrowest level first.
+    /// Rerunning transformers in `recompute_order` never needs more memory, and in the
+    /// end less than without recompute; the order ranks every transformer once, starting
+    /// on the down path.
     #[test]
     fn rerunning_more_transformers_needs_less_memory() {
         for (unet, side, count) in [(UnetConfig::sd1(), 64, 16), (UnetConfig::sdxl(), 128, 11)] {

@@ -315,12 +315,21 @@ pub enum Recompute {
 }
 
 impl Recompute {
+    /// Whether the UNet's `i`-th spatial transformer reruns under this choice.
+    pub(crate) fn reruns_transformer(self, i: usize) -> bool {
+        match self {
+            Recompute::Off => false,
+            Recompute::On => true,
+            Recompute::Transformers(mask) => i < 32 && (mask >> i) & 1 == 1,
+        }
+    }
+
     /// What the UNet's `i`-th spatial transformer does under this choice.
     pub(crate) fn transformer(self, i: usize) -> Recompute {
-        match self {
-            Recompute::Transformers(mask) if i < 32 && (mask >> i) & 1 == 1 => Recompute::On,
-            Recompute::Transformers(_) => Recompute::Off,
-            r => r,
+        if self.reruns_transformer(i) {
+            Recompute::On
+        } else {
+            Recompute::Off
         }
     }
 
