@@ -54,8 +54,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor, Var};
 use sdti::app::bench::{proc_status_mib, reset_peak_rss, BenchRun, BenchSetup};
-use sdti::model::random::random_weights;
-use sdti::model::weights::Weights;
+use sdti::model::random::random_model_inspected;
 use sdti::model::{ModelConfig, Recompute, SdModel};
 use sdti::train::config::RecomputeMode;
 
@@ -790,28 +789,24 @@ fn run(args: &Args) -> BenchResult<()> {
     let shapes = load_shapes(args.config)?;
     let start = Instant::now();
     let config = args.config.model_config();
-    // model::random::random_model's three calls, with the check between them: the map of
-    // generated tensors is only seen here.
-    let tensors = random_weights(&config, SEED).map_err(err("model::random"))?;
-    let weights_s = start.elapsed().as_secs_f64();
-    let generated: BTreeMap<String, Vec<usize>> = tensors
-        .iter()
-        .map(|(name, t)| (name.clone(), t.dims().to_vec()))
-        .collect();
+    // model::random's model, its generated tensors seen on the way (names and shapes,
+    // checked against diffusers' once it is built).
+    let mut weights_s = 0.0;
+    let mut generated: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let model = random_model_inspected(&config, SEED, DType::F32, &Device::Cpu, |tensors| {
+        weights_s = start.elapsed().as_secs_f64();
+        generated = tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.dims().to_vec()))
+            .collect();
+    })
+    .map_err(err("model::random"))?;
+    let built_s = start.elapsed().as_secs_f64() - weights_s;
     check_architecture(args.config, &shapes, &generated)?;
     let params: usize = generated
         .values()
         .map(|s| s.iter().product::<usize>())
         .sum();
-    let start = Instant::now();
-    let weights = Weights::from_tensors(tensors, DType::F32, Device::Cpu);
-    let model = SdModel::from_weights(
-        &weights,
-        config,
-        format!("random {}", args.config.name()).into(),
-    )
-    .map_err(err("SdModel::from_weights"))?;
-    drop(weights);
     let model = Arc::new(model);
     let rss_model = proc_status_mib("VmRSS");
     println!(
@@ -822,7 +817,7 @@ fn run(args: &Args) -> BenchResult<()> {
         args.config.name(),
         params as f64 / 1e6,
         params as f64 * 4.0 / 1048576.0,
-        start.elapsed().as_secs_f64(),
+        built_s,
         fmt_opt(rss_start, 0),
         fmt_opt(rss_model, 0),
     );

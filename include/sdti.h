@@ -839,7 +839,10 @@ sdti_status sdti_trainer_new(const struct sdti_trainer_params *params, struct sd
 // Adds a training image from pixels: `width` x `height` (each 2..=16384), rows `stride`
 // bytes apart (0: tightly packed), `pixel_format` `SDTI_PIXEL_RGB8` or
 // `SDTI_PIXEL_RGBA8`; `caption` (NULL: none) fills A1111's `[filewords]`. The pixels are
-// copied, resized and encoded by the VAE before the call returns.
+// copied, resized and encoded by the VAE before the call returns. Steps free the VAE's
+// weights (their memory goes to the step); an image added after a step reads them again
+// from the model's files, and a model file changed or removed since the model was
+// loaded is then an `SDTI_ERR_MODEL` naming it.
 //
 // Statuses: `SDTI_ERR_IMAGE` (size, stride), `SDTI_ERR_INVALID_ARGUMENT` (NULL pixels,
 // unknown pixel format), `SDTI_ERR_INVALID_UTF8` (caption).
@@ -1054,7 +1057,9 @@ sdti_status sdti_trainer_get_part_vectors(struct sdti_trainer *trainer,
 // The picture goes into `rgb` as tightly packed RGB8 rows, `*width * *height * 3` bytes.
 // `*width` and `*height` (each optional) get its size first: with `rgb` NULL or `cap`
 // smaller than that, the call returns `SDTI_ERR_BUFFER_TOO_SMALL` without drawing (a
-// size query is cheap). Drawing takes `steps` guided UNet passes and a VAE decode.
+// size query is cheap). Drawing takes `steps` guided UNet passes and a VAE decode (the
+// VAE read again from the model's files after a step freed it, as for
+// `sdti_trainer_add_image`).
 //
 // It may be called from the progress callback (the handle is unlocked there), which is
 // how a host shows the word while it trains.

@@ -22,6 +22,7 @@ pub fn image_latents(
 ) -> Result<Vec<Tensor>> {
     let res = u32::try_from(resolution).map_err(|_| Error::config("resolution", "is too large"))?;
     let mut out = Vec::with_capacity(images.len());
+    let vae = model.vae()?;
     for image in images {
         let views = prepare_views(image, res, CropMode::Center, &mut Rng::new(0))
             .map_err(|e| Error::input("image", e.to_string()))?;
@@ -31,7 +32,7 @@ pub fn image_latents(
         let pixels = Tensor::from_slice(&view.chw, (1, 3, resolution, resolution), &Device::Cpu)?
             .to_dtype(model.dtype())?
             .to_device(model.device())?;
-        out.push(model.vae.scale(&model.vae.encode(&pixels)?.mean)?);
+        out.push(model.scale_latents(&vae.encode(&pixels)?.mean)?);
     }
     Ok(out)
 }

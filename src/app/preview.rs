@@ -195,7 +195,7 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
 /// Decodes unscaled latents with the model's VAE into 8-bit RGB images.
 pub fn decode_rgb8(model: &SdModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
     let dtype = model.dtype();
-    to_rgb8(&model.vae.decode(&latents.to_dtype(dtype)?)?)
+    to_rgb8(&model.vae()?.decode(&latents.to_dtype(dtype)?)?)
 }
 
 /// Image sides must be multiples of this: 8 pixels per latent cell (the UNet takes any

@@ -17,23 +17,26 @@
 //!   the skip connections' gradients wait for the down path;
 //! * the largest transient of a block's passes (the convolutions' column buffers, the
 //!   feed-forward's gradients);
-//! * the weights (counted from the configuration; the text encoder always in f32), the
-//!   text encoder's saved state and a fixed allowance for the process itself.
+//! * the weights a step holds (counted from the configuration; the text encoder always in
+//!   f32; not the VAE's, which the first step frees: `SdModel::release_vae`), the text
+//!   encoder's saved state and a fixed allowance for the process itself.
 //!
 //! Calibration: `sdti bench --recompute off|on` on a random SD 1.5 (f32, batch 1, one
-//! image, 2-core CPU), peak RSS over the warm-up and timed steps; the weights alone are
-//! 4,068 MiB (text encoder 470, UNet 3,279, VAE 319):
+//! image, 2-core CPU), peak RSS over the whole run; the weights are 4,068 MiB (text
+//! encoder 470, UNet 3,279, VAE 319), of which a step holds 3,749:
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 4,492 MiB | 4,558 MiB (+1.5%) |
-//! | 256 px | on | 4,307 MiB | 4,361 MiB (+1.3%) |
-//! | 512 px | off | 5,230 MiB | 5,417 MiB (+3.6%) |
-//! | 512 px | on | 4,579 MiB | 4,650 MiB (+1.5%) |
+//! | 256 px | off | 4,233 MiB | 4,238 MiB (+0.1%) |
+//! | 256 px | on | 4,232 MiB | 4,042 MiB (-4.5%) |
+//! | 512 px | off | 5,001 MiB | 5,098 MiB (+1.9%) |
+//! | 512 px | on | 4,302 MiB | 4,331 MiB (+0.7%) |
 //!
-//! The estimate errs a little high, the safe side for a choice that must not run out of
-//! memory; at 512 px recompute keeps 511 MiB of activations where keeping them all takes
-//! 1,162 MiB.
+//! At 256 px the process's peak is not a step's but the image's encoding before the first
+//! step (all the weights and the VAE's work), which has passed by the time the estimate
+//! chooses recompute. Elsewhere the estimate errs a little high, the safe side for a
+//! choice that must not run out of memory; at 512 px recompute keeps 553 MiB over the
+//! step's weights where keeping everything takes 1,252 MiB.
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
@@ -48,7 +51,9 @@ pub const OVERHEAD_BYTES: u64 = 128 << 20;
 /// The estimated peak memory of one training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepMemory {
-    /// The model's weights (text encoder, UNet and VAE).
+    /// The weights a step holds: the text encoders' and the UNet's. The VAE is freed for
+    /// the steps ([`SdModel::release_vae`](super::SdModel::release_vae)); a model that
+    /// cannot free it adds [`vae_bytes`].
     pub weights: u64,
     /// What the step adds at its peak: [`activation_bytes`] plus the text encoder's.
     pub activations: u64,
@@ -91,16 +96,21 @@ impl StepMemory {
     }
 }
 
-/// Bytes of the weights of `config`: the UNet and the VAE in `dtype_bytes`, the text
-/// encoders in f32 (they compute in f32 in every precision).
+/// Bytes of the weights a step holds ([`StepMemory::weights`]): the UNet in
+/// `dtype_bytes`, the text encoders in f32 (they compute in f32 in every precision).
 pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
-    let unet = unet_parameters(&config.unet) + vae_parameters(&config.vae);
+    let unet = unet_parameters(&config.unet);
     let text = clip_parameters(&config.text_encoder, false)
         + config
             .text_encoder_2
             .as_ref()
             .map_or(0, |te2| clip_parameters(te2, true));
     unet * dtype_bytes as u64 + text * 4
+}
+
+/// Bytes of the VAE's weights in `dtype_bytes`.
+pub fn vae_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
+    vae_parameters(&config.vae) * dtype_bytes as u64
 }
 
 /// Parameters of a diffusers `ResnetBlock2D` (with a time projection of `temb` inputs).

@@ -16,7 +16,8 @@ pub mod vae;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use candle_core::{DType, Device};
 
@@ -30,7 +31,7 @@ pub use unet::Unet;
 pub use vae::{LatentDist, Vae};
 
 use crate::embedding::Encoder;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The dtype a model's VAE computes in when its weights are `dtype`: `dtype`, except
 /// SDXL's VAE with f16 weights, which computes in f32 unless its config says
@@ -74,7 +75,8 @@ pub struct SdModel {
     /// SDXL's second text encoder (OpenCLIP bigG), `None` for SD 1.x and 2.x.
     pub text_encoder_2: Option<Arc<TextEncoder>>,
     pub unet: Unet,
-    pub vae: Vae,
+    /// The VAE, held only while it is needed ([`SdModel::vae`], [`SdModel::release_vae`]).
+    vae: VaeSlot,
     pub config: ModelConfig,
     pub source: PathBuf,
     /// What loading decided from clues rather than a configuration (a single file's
@@ -100,8 +102,23 @@ impl SdModel {
     ) -> Result<Self> {
         let loaded = files::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
         check(&loaded.config)?;
+        let stamps = loaded
+            .weights
+            .pp("vae")
+            .source_files()
+            .into_iter()
+            .map(|f| FileStamp::of(&f))
+            .collect::<Result<Vec<_>>>()?;
         let mut model = Self::from_weights(&loaded.weights, loaded.config, loaded.source)?;
         model.notes = loaded.notes;
+        let (path, opts, config) = (path.to_path_buf(), opts.clone(), model.config.clone());
+        model.vae.reload = Some(Box::new(move || {
+            for f in &stamps {
+                f.check_unchanged()?;
+            }
+            let loaded = files::index_model(&path, opts.dtype, &opts.device, Some(&config))?;
+            vae_from(&loaded.weights, &config)
+        }));
         Ok(model)
     }
 
@@ -143,10 +160,11 @@ impl SdModel {
                 None => None,
             },
             unet: Unet::new(&w.pp("unet"), &config.unet)?,
-            vae: Vae::new(
-                &w.pp("vae").with_dtype(vae_dtype(&config, w.dtype())),
-                &config.vae,
-            )?,
+            vae: VaeSlot {
+                dtype: vae_dtype(&config, w.dtype()),
+                loaded: Mutex::new(Some(Arc::new(vae_from(w, &config)?))),
+                reload: None,
+            },
             config,
             source,
             notes: Vec::new(),
@@ -166,12 +184,141 @@ impl SdModel {
 
     /// The dtype the VAE computes in ([`vae_dtype`]).
     pub fn vae_dtype(&self) -> DType {
-        self.vae.dtype()
+        self.vae.dtype
+    }
+
+    /// The VAE, read again from where the model came from when it was released
+    /// ([`SdModel::release_vae`]). The error of a model file changed or removed since it
+    /// was loaded names the file.
+    pub fn vae(&self) -> Result<Arc<Vae>> {
+        let mut loaded = self
+            .vae
+            .loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(vae) = loaded.as_ref() {
+            return Ok(vae.clone());
+        }
+        let reload = self.vae.reload.as_ref().ok_or_else(|| {
+            Error::input("vae", "was released and this model cannot read it again")
+        })?;
+        let vae = Arc::new(reload()?);
+        *loaded = Some(vae.clone());
+        Ok(vae)
+    }
+
+    /// Frees the VAE's weights (SD 1.x: 319 MiB in f32, SDXL: the same) when the model
+    /// can read them again, for training: a step needs only the latents cached when the
+    /// images were added, and the VAE comes back when a preview or a new image needs it.
+    /// A caller still holding it from [`SdModel::vae`] keeps its copy. Returns whether
+    /// it was released: a model built from weights in memory
+    /// ([`SdModel::from_weights`]) keeps it.
+    pub fn release_vae(&self) -> bool {
+        if !self.vae_releasable() {
+            return false;
+        }
+        let mut loaded = self
+            .vae
+            .loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loaded.take();
+        true
+    }
+
+    /// Whether [`SdModel::release_vae`] frees the VAE (a model loaded from files, or
+    /// random).
+    pub fn vae_releasable(&self) -> bool {
+        self.vae.reload.is_some()
+    }
+
+    /// Whether the VAE is in memory now.
+    pub fn vae_loaded(&self) -> bool {
+        self.vae
+            .loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Lets [`SdModel::release_vae`] free the VAE, `reload` building it again when it is
+    /// next needed (a random model: from its generator's state).
+    pub(crate) fn set_vae_reload(&mut self, reload: VaeReload) {
+        self.vae.reload = Some(reload);
+    }
+
+    /// Scales a latent sample for the UNet (`latent * scaling_factor`); the VAE's
+    /// weights need not be loaded.
+    pub fn scale_latents(&self, latents: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok((latents * self.config.vae.scaling_factor)?)
     }
 
     /// The dtype the UNet and the VAE compute in (the weights' dtype); the text encoder
     /// computes in [`TextEncoder::dtype`].
     pub fn dtype(&self) -> DType {
         self.unet.dtype()
+    }
+}
+
+/// Builds a VAE again, for [`SdModel::vae`] after [`SdModel::release_vae`].
+pub(crate) type VaeReload = Box<dyn Fn() -> Result<Vae> + Send + Sync>;
+
+/// The VAE of a model, loaded or released, and how to load it again.
+struct VaeSlot {
+    dtype: DType,
+    loaded: Mutex<Option<Arc<Vae>>>,
+    reload: Option<VaeReload>,
+}
+
+impl std::fmt::Debug for VaeSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaeSlot")
+            .field("dtype", &self.dtype)
+            .field("loaded", &self.loaded)
+            .field("reloadable", &self.reload.is_some())
+            .finish()
+    }
+}
+
+/// The VAE of `config` from weights named as [`SdModel::from_weights`] reads them.
+pub(crate) fn vae_from(w: &weights::Weights, config: &ModelConfig) -> Result<Vae> {
+    Vae::new(
+        &w.pp("vae").with_dtype(vae_dtype(config, w.dtype())),
+        &config.vae,
+    )
+}
+
+/// A model file's size and modification time when it was loaded: reading its VAE again
+/// from a file that has since changed would pair the UNet with another VAE.
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let now = Self::of(&self.path).map_err(|_| Error::Model {
+            path: self.path.clone(),
+            reason: "is gone; sdti freed the VAE during training and cannot read it again".into(),
+        })?;
+        if now.len != self.len || now.modified != self.modified {
+            return Err(Error::Model {
+                path: self.path.clone(),
+                reason: "changed since the model was loaded; sdti freed the VAE during training \
+                         and will not read it from a different file"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }

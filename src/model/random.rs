@@ -10,7 +10,7 @@ use super::config::{ClipConfig, ModelConfig, PerBlock, UnetConfig, VaeConfig};
 use super::transformer::TransformerConfig;
 use super::unet::{down_levels, up_levels, LevelPlan};
 use crate::error::Result;
-use crate::rng::Rng;
+use crate::rng::{Rng, RngState};
 
 /// Tensors of at least this many values are filled in parallel chunks of this size (none
 /// of the tiny test configurations' tensors is that large).
@@ -273,6 +273,15 @@ impl Builder<'_> {
 
 /// Random f32 CPU weights for `config`, named as [`super::weights::Weights`] expects.
 pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    Ok(random_weights_and_vae_state(config, seed)?.0)
+}
+
+/// [`random_weights`], and the generator's state where the VAE's weights begin (they
+/// come last), from which [`random_vae_weights`] draws them again.
+fn random_weights_and_vae_state(
+    config: &ModelConfig,
+    seed: u64,
+) -> Result<(HashMap<String, Tensor>, RngState)> {
     let mut rng = Rng::new(seed);
     let mut b = Builder {
         rng: &mut rng,
@@ -285,6 +294,18 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
         b.clip("text_encoder_2", te2, true)?;
     }
     b.unet(&config.unet)?;
+    let vae_state = b.rng.state();
+    b.vae(&config.vae)?;
+    Ok((b.out, vae_state))
+}
+
+/// The VAE's weights of [`random_weights`], drawn again from `state`.
+fn random_vae_weights(config: &ModelConfig, state: RngState) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::from_state(state)?;
+    let mut b = Builder {
+        rng: &mut rng,
+        out: HashMap::new(),
+    };
     b.vae(&config.vae)?;
     Ok(b.out)
 }
@@ -378,13 +399,39 @@ pub fn random_model(
     dtype: DType,
     device: &Device,
 ) -> Result<super::SdModel> {
-    let weights =
-        super::weights::Weights::from_tensors(random_weights(config, seed)?, dtype, device.clone());
-    super::SdModel::from_weights(
+    random_model_inspected(config, seed, dtype, device, |_| {})
+}
+
+/// [`random_model`], showing `inspect` the generated weights ([`random_weights`]'s map)
+/// before the model is built from them (the benchmark checks their names and shapes
+/// against diffusers').
+pub fn random_model_inspected(
+    config: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    inspect: impl FnOnce(&HashMap<String, Tensor>),
+) -> Result<super::SdModel> {
+    let (tensors, vae_state) = random_weights_and_vae_state(config, seed)?;
+    inspect(&tensors);
+    let weights = super::weights::Weights::from_tensors(tensors, dtype, device.clone());
+    let mut model = super::SdModel::from_weights(
         &weights,
         config.clone(),
         format!("random {} (seed {seed})", config.family.model_name()).into(),
-    )
+    )?;
+    drop(weights);
+    // Released for training (SdModel::release_vae), the VAE is drawn again, the same.
+    let (config, device) = (config.clone(), device.clone());
+    model.set_vae_reload(Box::new(move || {
+        let w = super::weights::Weights::from_tensors(
+            random_vae_weights(&config, vae_state)?,
+            dtype,
+            device.clone(),
+        );
+        super::vae_from(&w, &config)
+    }));
+    Ok(model)
 }
 
 #[cfg(test)]

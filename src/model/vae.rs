@@ -269,11 +269,6 @@ impl Vae {
         }
         d.conv_out.forward_after_norm_silu(&d.conv_norm_out, &x)
     }
-
-    /// Scales a latent sample for the UNet (`latent * scaling_factor`).
-    pub fn scale(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok((latents * self.config.scaling_factor)?)
-    }
 }
 
 impl LatentDist {

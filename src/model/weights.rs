@@ -314,6 +314,28 @@ impl Weights {
         &self.inner.device
     }
 
+    /// The files that hold the tensors under this view's prefix (none for weights in
+    /// memory), each once, in mapping order.
+    pub fn source_files(&self) -> Vec<PathBuf> {
+        let prefix = self.full("");
+        let mut used = vec![false; self.inner.index.files.len()];
+        for (name, e) in &self.inner.index.entries {
+            if name.starts_with(&prefix) {
+                if let Some(u) = used.get_mut(e.file) {
+                    *u = true;
+                }
+            }
+        }
+        self.inner
+            .index
+            .files
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| *u)
+            .map(|(f, _)| f.path.clone())
+            .collect()
+    }
+
     /// Whether `name` exists.
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full(name);

@@ -7,8 +7,8 @@ use candle_core::{DType, Device};
 
 use super::config::{RecomputeMode, TrainConfig};
 use crate::error::{Error, Result};
-use crate::model::memory::{available_bytes, StepMemory};
-use crate::model::{ModelConfig, Recompute};
+use crate::model::memory::{available_bytes, vae_bytes, StepMemory};
+use crate::model::{vae_dtype, ModelConfig, Recompute};
 
 /// Refuses, with [`Error::Memory`], a run of `train` on a model of `model` in `dtype` on
 /// `device` whose smallest step does not fit: with recompute on (the least memory a step
@@ -51,7 +51,10 @@ pub fn check_fits(
         Recompute::On
     };
     let need = estimate(least);
-    if need.total() <= limit {
+    // Loading holds the VAE too, until the first step frees it (SdModel::release_vae).
+    let vae = vae_bytes(model, vae_dtype(model, dtype).size_in_bytes());
+    let loading = need.weights + vae + need.overhead;
+    if need.total().max(loading) <= limit {
         return Ok(());
     }
     // GiB with one decimal; below 1 GiB, MiB (a tiny model or a small budget).
@@ -73,10 +76,11 @@ pub fn check_fits(
         "even with recompute on"
     };
     let mut message = format!(
-        "{job} needs about {} {recompute} (weights {}, the step {}); {} {what}",
-        gib(need.total()),
+        "{job} needs about {} {recompute} (weights {}, the step {}; loading {} with the VAE's weights, freed for the steps); {} {what}",
+        gib(need.total().max(loading)),
         gib(need.weights),
         gib(need.activations + need.overhead),
+        gib(loading),
         gib(limit),
     );
     let with_recompute = estimate(Recompute::On).total();

@@ -22,7 +22,7 @@ use crate::embedding::{
 };
 use crate::error::{Error, Result};
 use crate::model::clip::split_columns;
-use crate::model::memory::{available_bytes, recompute_order, StepMemory};
+use crate::model::memory::{available_bytes, recompute_order, vae_bytes, StepMemory};
 use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SdModel, TextEncoder};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
@@ -212,14 +212,18 @@ impl Trainer {
     /// [`crate::model::memory`]).
     pub fn step_memory(&self, recompute: Recompute) -> StepMemory {
         let latent = self.resolution() / 8;
-        StepMemory::estimate(
+        let mut m = StepMemory::estimate(
             &self.model.config,
             self.config.batch_size,
             latent,
             latent,
             self.model.dtype().size_in_bytes(),
             recompute,
-        )
+        );
+        if !self.model.vae_releasable() {
+            m.weights += vae_bytes(&self.model.config, self.model.vae_dtype().size_in_bytes());
+        }
+        m
     }
 
     /// Decides recompute for this run, once, before training: `mode` off or on as given;
@@ -410,7 +414,8 @@ impl Trainer {
         let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
         let device = self.model.device().clone();
         // The VAE's dtype: f32 for SDXL's f16 models (crate::model::vae_dtype).
-        let dtype = self.model.vae.dtype();
+        let vae = self.model.vae()?;
+        let dtype = vae.dtype();
         let mut dists = Vec::with_capacity(views.len());
         let mut caption_out = None;
         for view in &views {
@@ -418,7 +423,7 @@ impl Trainer {
                 .to_dtype(dtype)?
                 .to_device(&device)?;
             dists.push(CachedView {
-                dist: self.model.vae.encode(&pixels)?,
+                dist: vae.encode(&pixels)?,
                 size: view.size,
             });
             if caption_out.is_none() {
@@ -529,7 +534,7 @@ impl Trainer {
             // Drawn in the latents' dtype (the VAE's: f32 for SDXL's f16 models); the loss
             // converts the sample to the UNet's.
             let eps = self.normal_in(dist.mean.dims(), dist.mean.dtype())?;
-            latents.push(self.model.vae.scale(&dist.sample_with(&eps)?)?);
+            latents.push(self.model.scale_latents(&dist.sample_with(&eps)?)?);
             timesteps.push(self.noise_schedule.random_timestep(&mut self.rng_noise));
         }
         let latents = Tensor::cat(&latents, 0)?;
@@ -608,6 +613,9 @@ impl Trainer {
         if self.images.is_empty() {
             return Err(Error::input("training", "no images were added"));
         }
+        // A step reads only the cached latents: the VAE's memory goes to its activations
+        // (it comes back for a preview or a new image).
+        self.model.release_vae();
         let start = Instant::now();
         let accum = self.config.gradient_accumulation;
         // A step that fails or is cancelled leaves no trace: the random streams and the

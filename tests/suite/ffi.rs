@@ -1556,23 +1556,28 @@ fn misuse_null_arguments_and_handles() {
     }
 }
 
+/// A resolution of the tiny model and a memory budget (MiB) that its step fits in only
+/// with recompute, and loading (the weights with the VAE's, freed for the steps) fits in
+/// too: the first size, from 64 px up, where both can be had.
+fn recompute_only_budget() -> (u32, u32) {
+    use sdti::model::memory::{vae_bytes, StepMemory};
+    use sdti::model::Recompute;
+    let config = crate::common::tiny_model(candle_core::DType::F32).config;
+    for latent in [8usize, 16, 24, 32] {
+        let peak = |r| StepMemory::estimate(&config, 1, latent, latent, 4, r);
+        let on = peak(Recompute::On);
+        let loading = on.weights + vae_bytes(&config, 4) + on.overhead;
+        let mib = on.total().max(loading).div_ceil(1 << 20);
+        if peak(Recompute::Off).total() > mib << 20 {
+            return (8 * latent as u32, mib as u32);
+        }
+    }
+    panic!("no tiny resolution up to 256 px has a budget that only recompute fits");
+}
+
 /// Revision 2 of the params (ABI 1.3): `recompute` and `memory_budget_mib`. A host built
 /// against revision 1 (struct_size 128) gets the default, auto, whatever lies past its
 /// struct; what auto chose can be read back; recompute never changes the vectors.
-/// A budget in MiB that the tiny model's 64 px step fits only with recompute on.
-fn recompute_only_budget_mib() -> u32 {
-    use sdti::model::memory::StepMemory;
-    use sdti::model::Recompute;
-    let config = crate::common::tiny_model(candle_core::DType::F32).config;
-    let peak = |r| StepMemory::estimate(&config, 1, 8, 8, 4, r).total();
-    let mib = peak(Recompute::On).div_ceil(1 << 20);
-    assert!(
-        peak(Recompute::Off) > mib << 20,
-        "the tiny step's peaks are within a MiB: no budget between them"
-    );
-    mib as u32
-}
-
 #[test]
 fn recompute_params_old_hosts_and_choices() {
     let recompute_of = |t: *mut sdti_trainer| {
@@ -1595,6 +1600,7 @@ fn recompute_params_old_hosts_and_choices() {
         std::mem::size_of::<sdti_trainer_params>()
     );
     let (p, _s) = tiny_params("rc");
+    let budget = recompute_only_budget();
     // Revision 1: the two fields past its end are not read (a 1 MiB budget would turn
     // recompute on, 77 is no mode); auto keeps the tiny model's steps as they are.
     let old = sdti_trainer_params {
@@ -1617,10 +1623,20 @@ fn recompute_params_old_hosts_and_choices() {
         // refused: ffi_params).
         (
             sdti_trainer_params {
-                memory_budget_mib: recompute_only_budget_mib(),
+                resolution: budget.0,
+                memory_budget_mib: budget.1,
                 ..p
             },
             SDTI_RECOMPUTE_ON,
+        ),
+        // The same run without recompute, for the vectors.
+        (
+            sdti_trainer_params {
+                resolution: budget.0,
+                recompute: SDTI_RECOMPUTE_OFF,
+                ..p
+            },
+            SDTI_RECOMPUTE_OFF,
         ),
     ] {
         let t = new_trainer(&params);
@@ -1633,7 +1649,7 @@ fn recompute_params_old_hosts_and_choices() {
         sdti_trainer_free(t);
     }
     assert_eq!(by_choice[0], by_choice[1], "recompute changed the vectors");
-    assert_eq!(by_choice[1], by_choice[2]);
+    assert_eq!(by_choice[2], by_choice[3]);
     let bad = sdti_trainer_params { recompute: 3, ..p };
     let mut t = std::ptr::null_mut();
     // SAFETY: valid params and out pointer.

@@ -168,7 +168,7 @@ fn reduced_precision_compute_stays_close() {
     }
     for dtype in dtypes {
         let model = tiny_model(dtype);
-        let dist = model.vae.encode(&exp["vae.image"]).unwrap();
+        let dist = model.vae().unwrap().encode(&exp["vae.image"]).unwrap();
         assert_eq!(dist.mean.dtype(), dtype);
         assert_close(
             &format!("{dtype:?} VAE latent mean"),
@@ -1019,4 +1019,93 @@ fn sgm_format_sd2_loads_as_sd2() {
             "{name}"
         );
     }
+}
+
+/// The VAE that training frees (`SdModel::release_vae`) comes back the same, bit for
+/// bit, from a folder, from a single file and from a random model's generator; from a
+/// file changed or removed since loading it does not, and the error names the file. A
+/// model built from weights in memory keeps its VAE.
+#[test]
+fn a_released_vae_comes_back_the_same() {
+    use sdti::model::random::{random_model, random_weights, tiny_sd1_config};
+    use sdti::model::weights::Weights;
+
+    let dev = test_device();
+    let n = 3 * 64 * 64;
+    let image = ((Tensor::arange(0u32, n as u32, &dev).unwrap())
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((1, 3, 64, 64))
+        .unwrap()
+        * (2.0 / n as f64))
+        .unwrap()
+        .affine(1.0, -1.0)
+        .unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dir = tempdir().join("vae-release");
+    std::fs::create_dir_all(&dir).unwrap();
+    let single = dir.join("tiny-sd.safetensors");
+    std::fs::copy(fixture("tiny-sd.safetensors"), &single).unwrap();
+    let opts = crate::common::load_options(DType::F32);
+    let folder = SdModel::load(&fixture("tiny-sd"), &opts).unwrap();
+    // The tiny CLIP's heads do not follow SD 1.x's rule: the folder's configuration.
+    let single_opts = LoadOptions {
+        config: Some(folder.config.clone()),
+        ..opts
+    };
+    let models = [
+        ("folder", folder),
+        ("single file", SdModel::load(&single, &single_opts).unwrap()),
+        (
+            "random",
+            random_model(&tiny_sd1_config(), 3, DType::F32, &dev).unwrap(),
+        ),
+    ];
+    for (what, model) in &models {
+        let vae = model.vae().unwrap();
+        let mean = vae.encode(&image).unwrap().mean;
+        let pixels = vae.decode(&mean).unwrap();
+        drop(vae);
+        assert!(model.vae_releasable() && model.release_vae(), "{what}");
+        assert!(!model.vae_loaded(), "{what}");
+        let again = model.vae().unwrap();
+        assert!(model.vae_loaded(), "{what}");
+        assert_eq!(
+            values(&again.encode(&image).unwrap().mean),
+            values(&mean),
+            "{what}"
+        );
+        assert_eq!(
+            values(&again.decode(&mean).unwrap()),
+            values(&pixels),
+            "{what}"
+        );
+    }
+
+    let model = &models[1].1;
+    assert!(model.release_vae());
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&single)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let err = model.vae().unwrap_err().to_string();
+    for part in ["tiny-sd.safetensors", "changed since the model was loaded"] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    std::fs::remove_file(&single).unwrap();
+    let err = model.vae().unwrap_err().to_string();
+    for part in ["tiny-sd.safetensors", "is gone"] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+
+    let config = tiny_sd1_config();
+    let weights =
+        Weights::from_tensors(random_weights(&config, 1).unwrap(), DType::F32, dev.clone());
+    let kept = SdModel::from_weights(&weights, config, "in memory".into()).unwrap();
+    assert!(!kept.vae_releasable() && !kept.release_vae());
+    assert!(kept.vae_loaded());
+    kept.vae().unwrap();
 }

@@ -459,7 +459,7 @@ fn sd2_training_smoke() {
 
     let exp = expected();
     let model = Arc::new(sd2_model(DType::F32));
-    let dist = model.vae.encode(&exp["vae.image"]).unwrap();
+    let dist = model.vae().unwrap().encode(&exp["vae.image"]).unwrap();
     let width = model.text_encoder.config().hidden_size;
     for prediction in [None, Some(PredictionType::VPrediction)] {
         let config = TrainConfig {

@@ -615,7 +615,7 @@ fn sdxl_vae_scaling_and_dtype_policy() {
     assert!(half.config.vae.force_upcast);
     assert_eq!(half.config.vae.scaling_factor, 0.13025);
     assert_eq!((half.dtype(), half.vae_dtype()), (DType::F16, DType::F32));
-    let dist = half.vae.encode(&exp["vae.image"]).unwrap();
+    let dist = half.vae().unwrap().encode(&exp["vae.image"]).unwrap();
     assert_eq!(dist.mean.dtype(), DType::F32);
     assert_close(
         "f32 VAE of an f16 model",
@@ -623,7 +623,7 @@ fn sdxl_vae_scaling_and_dtype_policy() {
         &exp["vae.latent_mean"],
         1e-4,
     );
-    let scaled = half.vae.scale(&dist.mean).unwrap();
+    let scaled = half.scale_latents(&dist.mean).unwrap();
     assert_close(
         "latents x 0.13025",
         &scaled,

@@ -231,6 +231,37 @@ fn a_step_needs_images() {
     assert!(t.step().unwrap_err().to_string().contains("no images"));
 }
 
+/// A step frees the VAE (its latents are cached); an image added later brings it back,
+/// and the run goes on as one with the VAE kept: the same vectors, bit for bit.
+#[test]
+fn steps_free_the_vae_and_new_images_bring_it_back() {
+    let m = model();
+    let mut t = trainer(&m, config(4));
+    assert!(m.vae_loaded());
+    t.train(2, |_| true).unwrap();
+    assert!(!m.vae_loaded());
+    t.add_image(concept_image(3), None).unwrap();
+    assert!(m.vae_loaded());
+    t.train(2, |_| true).unwrap();
+    assert!(!m.vae_loaded());
+
+    // The same run on a model that keeps its VAE (built from weights in memory).
+    let files = sdti::model::files::index_model(
+        &crate::common::fixture("tiny-sd"),
+        DType::F32,
+        &crate::common::test_device(),
+        None,
+    )
+    .unwrap();
+    let kept = Arc::new(SdModel::from_weights(&files.weights, files.config, files.source).unwrap());
+    let mut k = trainer(&kept, config(4));
+    k.train(2, |_| true).unwrap();
+    k.add_image(concept_image(3), None).unwrap();
+    k.train(2, |_| true).unwrap();
+    assert!(kept.vae_loaded());
+    assert_eq!(t.vectors().unwrap(), k.vectors().unwrap());
+}
+
 #[test]
 fn bad_options_name_their_field() {
     let m = model();
