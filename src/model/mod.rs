@@ -191,11 +191,7 @@ impl SdModel {
     /// ([`SdModel::release_vae`]). The error of a model file changed or removed since it
     /// was loaded names the file.
     pub fn vae(&self) -> Result<Arc<Vae>> {
-        let mut loaded = self
-            .vae
-            .loaded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut loaded = self.vae.lock();
         if let Some(vae) = loaded.as_ref() {
             return Ok(vae.clone());
         }
@@ -217,11 +213,7 @@ impl SdModel {
         if !self.vae_releasable() {
             return false;
         }
-        let mut loaded = self
-            .vae
-            .loaded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut loaded = self.vae.lock();
         loaded.take();
         true
     }
@@ -234,11 +226,7 @@ impl SdModel {
 
     /// Whether the VAE is in memory now.
     pub fn vae_loaded(&self) -> bool {
-        self.vae
-            .loaded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.vae.lock().is_some()
     }
 
     /// Lets [`SdModel::release_vae`] free the VAE, `reload` building it again when it is
@@ -268,6 +256,14 @@ struct VaeSlot {
     dtype: DType,
     loaded: Mutex<Option<Arc<Vae>>>,
     reload: Option<VaeReload>,
+}
+
+impl VaeSlot {
+    /// The loaded VAE, if any; a thread that panicked holding the lock left either a VAE
+    /// or none, both valid.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Vae>>> {
+        self.loaded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for VaeSlot {
