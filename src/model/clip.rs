@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::ClipConfig;
 use super::layers::{
-    apply_block, attention_backward, attention_forward, Activation, AttentionMask, Block,
+    apply_block, attention_backward, attention_forward, Activation, AttentionMask, Block, Keep,
     LayerNorm, Linear, Recompute, Stats,
 };
 use super::weights::Weights;
@@ -263,7 +263,7 @@ impl Block for ClipLayer {
         &self,
         x: &Tensor,
         _: Option<&Tensor>,
-        save: bool,
+        keep: Keep,
     ) -> candle_core::Result<(Tensor, Option<ClipSaved>)> {
         let (n1, stats1) = self.layer_norm1.apply(x)?;
         let qkv = self.qkv_proj.apply(&n1)?;
@@ -276,7 +276,7 @@ impl Block for ClipLayer {
         let h = self.fc1.apply(&n2)?;
         drop(n2);
         let y = self.fc2.apply_add(&self.activation.apply(&h)?, Some(&x1))?;
-        let saved = save.then_some(ClipSaved {
+        let saved = keep.any().then_some(ClipSaved {
             stats1,
             qkv,
             o,

@@ -4,9 +4,17 @@
 //! The forward pass runs off the graph and keeps, per transformer block, only what the
 //! backward pass reads: the block's input, the fused q/k/v projection, each attention's
 //! output and row log-sum-exp, the two residual sums, the cross-attention query and its
-//! context keys and values, the GEGLU input and the norms' statistics. No linear layer's
-//! input is kept (its input gradient is `dy W`), no head is split or merged by a copy, and
-//! the saved state is freed block by block as the backward pass goes through it.
+//! context keys and values, the GEGLU input and the norms' statistics: 17 activations of
+//! the block's width. No linear layer's input is kept (its input gradient is `dy W`), no
+//! head is split or merged by a copy, and the saved state is freed block by block as the
+//! backward pass goes through it.
+//!
+//! Blocks at most [`REBUILD_WIDTH`] wide whose state waits for the backward pass
+//! ([`Keep::Lean`], recompute off) keep 3 of the 17: the input and the two attention
+//! outputs (and the small ones). The backward pass rebuilds the rest, the two residual
+//! sums, the fused q/k/v, the cross-attention query and the GEGLU input, with the forward
+//! pass's own products, so with the same bits; the attention outputs, which would cost
+//! far more to rebuild, are kept. A block rerun by recompute ([`Keep::All`]) keeps all.
 
 use candle_core::{DType, Tensor};
 
@@ -14,7 +22,7 @@ use super::config::UnetConfig;
 use super::layers::AttentionMask;
 use super::layers::{
     apply_block, attention_backward, attention_forward, geglu_apply, geglu_input_grad, matmul,
-    Bias, Block, Conv2d, GroupNorm, LayerNorm, Linear, Recompute, Stats,
+    Bias, Block, Conv2d, GroupNorm, Keep, LayerNorm, Linear, Recompute, Stats,
 };
 use super::weights::Weights;
 use crate::error::Result;
@@ -72,28 +80,53 @@ struct TransformerBlock {
     ff_out: Linear,
     heads: usize,
     upcast: bool,
+    /// The block's width (channels).
+    width: usize,
 }
 
-/// What one transformer block's backward pass reads.
+/// The widest transformer block that rebuilds its projections for a backward pass that
+/// waits ([`Keep::Lean`]) rather than keeping them. Rebuilding an activation costs one
+/// multiply-add per element and channel, so it is cheapest in narrow blocks, which at
+/// SD 1.x's 512 px also hold most of the state (the 64x64 and 32x32 latents' levels, 320
+/// and 640 wide: 14 of their 17 activations, about 525 MiB, for 6-20% of their passes'
+/// time, `transformer_keep_timing`); the 1280-wide levels keep everything (SDXL's 16x16
+/// level, where the rebuild would cost a fifth of its passes).
+pub(crate) const REBUILD_WIDTH: usize = 640;
+
+/// Activations of its width (tokens x width) a transformer block `width` wide keeps for
+/// its backward pass: all 17 when it follows at once (`lean` false), the input and the
+/// two attention outputs when it waits and the block is narrow enough to rebuild the rest.
+pub(crate) fn kept_activations(width: usize, lean: bool) -> u64 {
+    if lean && width <= REBUILD_WIDTH {
+        3
+    } else {
+        17
+    }
+}
+
+/// What one transformer block's backward pass reads. The `Option`s are left out by
+/// [`Keep::Lean`] and rebuilt by the backward pass from what is kept, with the same
+/// products and so the same bits.
 struct BlockSaved {
     /// The block's input (the residual stream before `norm1`).
     x: Tensor,
     stats1: Option<Stats>,
-    qkv: Tensor,
+    /// The fused q/k/v projection.
+    qkv: Option<Tensor>,
     o1: Tensor,
     lse1: Tensor,
-    /// The residual stream after self-attention (`norm2`'s input).
-    x1: Tensor,
+    /// The residual stream after self-attention (`norm2`'s input): `x + out1(o1)`.
+    x1: Option<Tensor>,
     stats2: Option<Stats>,
-    q2: Tensor,
+    q2: Option<Tensor>,
     kv2: Tensor,
     o2: Tensor,
     lse2: Tensor,
-    /// The residual stream after cross-attention (`norm3`'s input).
-    x2: Tensor,
+    /// The residual stream after cross-attention (`norm3`'s input): `x1 + out2(o2)`.
+    x2: Option<Tensor>,
     stats3: Option<Stats>,
     /// The GEGLU's input, `ff_proj`'s output.
-    h: Tensor,
+    h: Option<Tensor>,
 }
 
 impl TransformerBlock {
@@ -120,6 +153,7 @@ impl TransformerBlock {
             ff_out: Linear::new(w, "ff.net.2", true)?,
             heads: cfg.heads,
             upcast: cfg.upcast,
+            width: dim,
         })
     }
 
@@ -206,13 +240,13 @@ impl TransformerBlock {
         ((inner / self.heads) as f64).powf(-0.5)
     }
 
-    /// The block on tokens `[B, N, C]` off the graph; with `save`, what the backward pass
-    /// reads.
+    /// The block on tokens `[B, N, C]` off the graph; unless `keep` is
+    /// [`Keep::Nothing`], what the backward pass reads.
     fn run(
         &self,
         x: &Tensor,
         context: &Tensor,
-        save: bool,
+        keep: Keep,
     ) -> candle_core::Result<(Tensor, Option<BlockSaved>)> {
         let (n1, stats1) = self.norm1.apply(x)?;
         let qkv = self.qkv1.apply(&n1)?;
@@ -234,21 +268,24 @@ impl TransformerBlock {
         let h = self.ff_proj.apply(&n3)?;
         drop(n3);
         let y = self.ff_out.apply_add(&geglu_apply(&h)?, Some(&x2))?;
-        let saved = save.then(|| BlockSaved {
+        // Kept: everything, but for a backward pass that waits a narrow block keeps only
+        // its input and the attentions' outputs and rebuilds the projections from them.
+        let kept = kept_activations(self.width, keep == Keep::Lean) == 17;
+        let saved = keep.any().then(|| BlockSaved {
             x: x.clone(),
             stats1,
-            qkv,
+            qkv: kept.then_some(qkv),
             o1,
             lse1,
-            x1,
+            x1: kept.then_some(x1),
             stats2,
-            q2,
+            q2: kept.then_some(q2),
             kv2,
             o2,
             lse2,
-            x2,
+            x2: kept.then_some(x2),
             stats3,
-            h,
+            h: kept.then_some(h),
         });
         Ok((y, saved))
     }
@@ -263,22 +300,38 @@ impl TransformerBlock {
         need_context: bool,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let scale = self.scale(s.o1.dim(2)?);
+        // What was not kept is rebuilt as the forward pass built it.
+        let x1 = match s.x1 {
+            Some(x1) => x1,
+            None => self.out1.apply_add(&s.o1, Some(&s.x))?,
+        };
+        let x2 = match s.x2 {
+            Some(x2) => x2,
+            None => self.out2.apply_add(&s.o2, Some(&x1))?,
+        };
+        let h = match s.h {
+            Some(h) => h,
+            None => self.ff_proj.apply(&self.norm3.apply(&x2)?.0)?,
+        };
+
         // Feed-forward: y = x2 + ff_out(geglu(ff_proj(norm3(x2)))).
         let da = self.ff_out.input_grad(g)?;
-        let dh = geglu_input_grad(&da, &s.h)?;
-        drop((da, s.h));
+        let dh = geglu_input_grad(&da, &h)?;
+        drop((da, h));
         let dn3 = self.ff_proj.input_grad(&dh)?;
         drop(dh);
-        let dx2 = self
-            .norm3
-            .input_grad_add(&dn3, &s.x2, s.stats3.as_ref(), g)?;
-        drop((dn3, s.x2));
+        let dx2 = self.norm3.input_grad_add(&dn3, &x2, s.stats3.as_ref(), g)?;
+        drop((dn3, x2));
 
         // Cross-attention: x2 = x1 + out2(attn(q2(norm2(x1)), kv2(context))).
+        let q2 = match s.q2 {
+            Some(q2) => q2,
+            None => self.q2.apply(&self.norm2.apply(&x1)?.0)?,
+        };
         let do2 = self.out2.input_grad(&dx2)?;
         let [k2, v2] = Linear::parts(&s.kv2)?;
         let (dq2, dk2, dv2) = self.attend_backward(
-            &s.q2,
+            &q2,
             &k2,
             &v2,
             &s.o2,
@@ -287,7 +340,7 @@ impl TransformerBlock {
             scale,
             [need_x, need_context, need_context],
         )?;
-        drop((do2, k2, v2, s.kv2, s.q2, s.o2, s.lse2));
+        drop((do2, k2, v2, s.kv2, q2, s.o2, s.lse2));
         let dcontext = if need_context {
             Some(self.kv2.input_grad_of_parts([dk2, dv2])?)
         } else {
@@ -302,15 +355,19 @@ impl TransformerBlock {
         drop(dq2);
         let dx1 = self
             .norm2
-            .input_grad_add(&dn2, &s.x1, s.stats2.as_ref(), &dx2)?;
-        drop((dn2, dx2, s.x1));
+            .input_grad_add(&dn2, &x1, s.stats2.as_ref(), &dx2)?;
+        drop((dn2, dx2, x1));
 
         // Self-attention: x1 = x + out1(attn(qkv1(norm1(x)))).
+        let qkv = match s.qkv {
+            Some(qkv) => qkv,
+            None => self.qkv1.apply(&self.norm1.apply(&s.x)?.0)?,
+        };
         let do1 = self.out1.input_grad(&dx1)?;
-        let [q, k, v] = Linear::parts(&s.qkv)?;
+        let [q, k, v] = Linear::parts(&qkv)?;
         let (dq, dk, dv) =
             self.attend_backward(&q, &k, &v, &s.o1, &s.lse1, &do1, scale, [true; 3])?;
-        drop((do1, q, k, v, s.qkv, s.o1, s.lse1));
+        drop((do1, q, k, v, qkv, s.o1, s.lse1));
         let dn1 = self.qkv1.input_grad_of_parts([dq, dk, dv])?;
         let dx = self
             .norm1
@@ -435,7 +492,7 @@ impl Block for SpatialTransformer {
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
-        save: bool,
+        keep: Keep,
     ) -> candle_core::Result<(Tensor, Option<SpatialSaved>)> {
         let context = context
             .ok_or_else(|| candle_core::Error::Msg("spatial transformer: no context".into()))?;
@@ -443,14 +500,14 @@ impl Block for SpatialTransformer {
         let (hn, norm_stats) = self.norm.apply(x)?;
         let mut h = self.proj_in.image_to_tokens(&hn)?;
         drop(hn);
-        let mut blocks = Vec::with_capacity(if save { self.blocks.len() } else { 0 });
+        let mut blocks = Vec::with_capacity(if keep.any() { self.blocks.len() } else { 0 });
         for block in &self.blocks {
-            let (next, saved) = block.run(&h, context, save)?;
+            let (next, saved) = block.run(&h, context, keep)?;
             blocks.extend(saved);
             h = next;
         }
         let y = self.proj_out.tokens_to_image(&h, hgt, wid, x)?;
-        Ok((y, save.then_some(SpatialSaved { norm_stats, blocks })))
+        Ok((y, keep.any().then_some(SpatialSaved { norm_stats, blocks })))
     }
 
     fn backward(
@@ -597,6 +654,65 @@ mod tests {
         let d = (a - b).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
         let n = b.sqr().and_then(|n| n.sum_all()?.to_scalar::<f32>());
         (d.expect("diff") / n.expect("norm")).sqrt()
+    }
+
+    /// Timing of one spatial transformer's forward and backward passes with its state
+    /// kept in full ([`Keep::All`]) and lean ([`Keep::Lean`], rebuilt in the backward
+    /// pass), alternating, at the 512 px levels of SD 1.5 and SDXL (one block). Not a
+    /// test: run it by hand, in release, with `cargo test --release --lib
+    /// transformer_keep_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing harness, run by hand"]
+    fn transformer_keep_timing() -> candle_core::Result<()> {
+        // (width, heads, latent side): SD 1.5's three levels, SDXL's two.
+        let levels = [
+            (320, 8, 64),
+            (640, 8, 32),
+            (1280, 8, 16),
+            (640, 10, 32),
+            (1280, 20, 16),
+        ];
+        println!("| width x tokens (heads) | all ms | lean ms | lean / all |");
+        for (c, heads, side) in levels {
+            let cfg = TransformerConfig {
+                channels: c,
+                heads,
+                depth: 1,
+                groups: 32,
+                linear_projection: true,
+                upcast: false,
+            };
+            let w =
+                Weights::from_tensors(transformer_weights(c, 768, 1.0), DType::F32, Device::Cpu);
+            let st = SpatialTransformer::new(&w, &cfg)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let x = wave(&[1, c, side, side], 0.5, 1.0);
+            let ctx = wave(&[1, 77, 768], 0.25, 1.0);
+            let g = wave(&[1, c, side, side], 0.75, 1.0);
+            let mut times = [Vec::new(), Vec::new()];
+            for rep in 0..10 {
+                let mode = rep % 2;
+                let keep = if mode == 0 { Keep::All } else { Keep::Lean };
+                let start = std::time::Instant::now();
+                let (_, saved) = st.run(&x, Some(&ctx), keep)?;
+                let saved = saved.ok_or_else(|| candle_core::Error::Msg("nothing kept".into()))?;
+                drop(st.backward(saved, &x, Some(&ctx), &g, [true, true])?);
+                if rep >= 2 {
+                    times[mode].push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (all, lean) = (median(&mut times[0]), median(&mut times[1]));
+            println!(
+                "| {c} x {} ({heads}) | {all:.1} | {lean:.1} | {:.3} |",
+                side * side,
+                lean / all
+            );
+        }
+        Ok(())
     }
 
     /// Upcast attention: scores past f16's range stay finite when upcast and match f32

@@ -418,7 +418,7 @@ impl Unet {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::input("unet", "skip stack underflow"))?;
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, temb, resnet_recompute)?;
+                x = resnet.forward_joined(&x, &skip, temb, resnet_recompute)?;
                 if let Some(attn) = level.attentions.get(j) {
                     x = attend(attn, &x)?;
                 }

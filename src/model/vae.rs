@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor};
 
 use super::config::VaeConfig;
 use super::layers::{
-    attention_forward, upsample_nearest_2x, AttentionMask, Conv2d, GroupNorm, Linear, Recompute,
+    attention_forward, release_scratch, upsample_nearest_2x, AttentionMask, Conv2d, GroupNorm,
+    Linear, Recompute,
 };
 use super::resnet::{ResnetBlock as Resnet, ResnetConfig};
 use super::weights::Weights;
@@ -238,11 +239,22 @@ impl Vae {
                 x = r.forward(&x, None, Recompute::Off)?;
             }
             if let Some(d) = down {
-                x = d.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+                // One row and column of zeros at the bottom and right, as diffusers pads
+                // before the stride-2 convolution. Each copy is freed as soon as the next
+                // is made: at 512 px they are 128 MiB each, and holding the input and
+                // both copies through the convolution was the encoding's peak.
+                let padded = {
+                    let right = x.pad_with_zeros(3, 0, 1)?;
+                    drop(x);
+                    right.pad_with_zeros(2, 0, 1)?
+                };
+                x = d.forward(&padded)?;
             }
         }
         x = e.mid.forward(&x)?;
         x = e.conv_out.forward_after_norm_silu(&e.conv_norm_out, &x)?;
+        // The convolutions' buffers at the image's size are not a step's: freed, not kept.
+        release_scratch();
         let moments = e.quant_conv.forward(&x)?;
         let half = moments.dim(1)? / 2;
         let mean = moments.narrow(1, 0, half)?;

@@ -379,14 +379,17 @@ impl RecomputeChoice {
     /// the step without recompute would not fit (and without a budget it does not), and
     /// then as little as fits: the first of `partial` (rerunning more and more of the
     /// transformers, with each one's estimated peak) that fits the budget, else every
-    /// block.
+    /// block. `transformers` is how many spatial transformers the UNet has (`partial` may
+    /// stop short of all of them: `memory::recompute_order`).
     pub fn decide(
         mode: RecomputeMode,
         peak_off: u64,
         peak_on: u64,
         partial: &[(Recompute, u64)],
+        transformers: usize,
         budget: Option<MemoryBudget>,
     ) -> Self {
+        let count = transformers;
         let mut transformers = None;
         let (recompute, peak) = match (mode, budget) {
             (RecomputeMode::Off, _) => (Recompute::Off, peak_off),
@@ -394,7 +397,7 @@ impl RecomputeChoice {
             (RecomputeMode::Auto, Some(b)) if peak_off > b.bytes => {
                 match partial.iter().position(|&(_, peak)| peak <= b.bytes) {
                     Some(i) => {
-                        transformers = Some((i + 1, partial.len()));
+                        transformers = Some((i + 1, count));
                         partial[i]
                     }
                     None => (Recompute::On, peak_on),
@@ -486,30 +489,30 @@ mod tests {
                 source: BudgetSource::Given,
             })
         };
-        let decide = |mode, b| RecomputeChoice::decide(mode, 100, 60, &[], b).recompute;
+        let decide = |mode, b| RecomputeChoice::decide(mode, 100, 60, &[], 3, b).recompute;
         assert_eq!(decide(RecomputeMode::Auto, budget(100)), Recompute::Off);
         assert_eq!(decide(RecomputeMode::Auto, budget(99)), Recompute::On);
         // No budget known (a GPU without one): off, as before recompute existed.
         assert_eq!(decide(RecomputeMode::Auto, None), Recompute::Off);
         assert_eq!(decide(RecomputeMode::Off, budget(1)), Recompute::Off);
         assert_eq!(decide(RecomputeMode::On, budget(1000)), Recompute::On);
-        let tight = RecomputeChoice::decide(RecomputeMode::Auto, 100, 60, &[], budget(50));
+        let tight = RecomputeChoice::decide(RecomputeMode::Auto, 100, 60, &[], 3, budget(50));
         assert!(tight.to_string().contains("may not fit"), "{tight}");
 
         // Rerunning some transformers: auto takes the fewest that fit, else all blocks;
-        // off and on ignore them.
+        // off and on ignore them. The ranking may stop short of the UNet's 4.
         let partial = [
             (Recompute::Transformers(0b100), 90),
             (Recompute::Transformers(0b110), 80),
             (Recompute::Transformers(0b111), 70),
         ];
-        let pick = |mode, b| RecomputeChoice::decide(mode, 100, 60, &partial, b);
+        let pick = |mode, b| RecomputeChoice::decide(mode, 100, 60, &partial, 4, b);
         let some = pick(RecomputeMode::Auto, budget(85));
         assert_eq!(some.recompute, Recompute::Transformers(0b110));
-        assert_eq!((some.peak, some.transformers), (80, Some((2, 3))));
+        assert_eq!((some.peak, some.transformers), (80, Some((2, 4))));
         let text = some.to_string();
         assert!(
-            text.starts_with("recompute on for 2 of the UNet's 3 transformers"),
+            text.starts_with("recompute on for 2 of the UNet's 4 transformers"),
             "{text}"
         );
         let all = pick(RecomputeMode::Auto, budget(65));

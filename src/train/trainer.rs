@@ -22,7 +22,9 @@ use crate::embedding::{
 };
 use crate::error::{Error, Result};
 use crate::model::clip::split_columns;
-use crate::model::memory::{available_bytes, recompute_order, vae_bytes, StepMemory};
+use crate::model::memory::{
+    available_bytes, recompute_order, return_free_memory, transformer_count, vae_bytes, StepMemory,
+};
 use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SdModel, TextEncoder};
 use crate::prompt::chunks::ChunkStyle;
 use crate::prompt::{encode_prompts, Word};
@@ -269,7 +271,9 @@ impl Trainer {
                 (r, self.step_memory(r).total())
             })
             .collect();
-        let choice = RecomputeChoice::decide(mode, off.total(), on.total(), &partial, budget);
+        let count = transformer_count(&self.model.config.unet);
+        let choice =
+            RecomputeChoice::decide(mode, off.total(), on.total(), &partial, count, budget);
         self.recompute = choice.recompute;
         choice
     }
@@ -426,6 +430,9 @@ impl Trainer {
                 dist: vae.encode(&pixels)?,
                 size: view.size,
             });
+            // The encoding's work is freed; the next view's (or the first step's) peak
+            // starts from the memory given back.
+            return_free_memory();
             if caption_out.is_none() {
                 caption_out = view.caption.clone();
             }
@@ -572,6 +579,9 @@ impl Trainer {
             clip_skip: self.clip_skip(),
         };
         let loss = denoising_loss_with(&self.model, &batch, &self.noise_schedule, self.recompute)?;
+        // The forward pass's work is freed and the backward pass's start is the step's
+        // peak (everything the blocks kept).
+        return_free_memory();
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
         let grads = if scale == 1.0 {
             loss.backward()?

@@ -5,7 +5,8 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Shape, Storage,
+    Tensor,
 };
 
 use crate::model::profile::{self, Pass};
@@ -276,12 +277,12 @@ pub(crate) trait Block: Clone + Send + Sync + 'static {
     const KIND: &'static str;
 
     /// The block's output for `x` (and the `context` the block attends to, if any);
-    /// with `save`, also what [`Block::backward`] reads.
+    /// unless `keep` is [`Keep::Nothing`], also what [`Block::backward`] reads.
     fn run(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
-        save: bool,
+        keep: Keep,
     ) -> candle_core::Result<(Tensor, Option<Self::Saved>)>;
 
     /// The gradients of `x` and of the context (each when `need` says so) from the output
@@ -294,6 +295,27 @@ pub(crate) trait Block: Clone + Send + Sync + 'static {
         g: &Tensor,
         need: [bool; 2],
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
+/// What a block's forward pass keeps for its backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// Nothing: no gradient passes through the block.
+    Nothing,
+    /// The state waits for the backward pass through the rest of the step: a block may
+    /// leave out what it can rebuild cheaply from what it keeps (a narrow transformer
+    /// block's projections, `transformer::REBUILD_WIDTH`) and rebuild it there.
+    Lean,
+    /// The backward pass follows at once (a block rerun by [`Recompute`]): everything it
+    /// reads.
+    All,
+}
+
+impl Keep {
+    /// Whether the forward pass keeps anything.
+    pub(crate) fn any(self) -> bool {
+        self != Keep::Nothing
+    }
 }
 
 /// Whether a block keeps its activations for the backward pass or recomputes them there.
@@ -355,20 +377,23 @@ pub(crate) fn apply_block<B: Block>(
     let need = [x.track_op(), context.is_some_and(Tensor::track_op)];
     if !need[0] && !need[1] {
         return profile::time(B::KIND, Pass::Forward, x.device(), || {
-            Ok(block.run(x, context, false)?.0)
+            Ok(block.run(x, context, Keep::Nothing)?.0)
         });
     }
     let (xd, cd) = (x.detach(), context.map(Tensor::detach));
-    let save = recompute == Recompute::Off;
+    let keep = match recompute {
+        Recompute::Off => Keep::Lean,
+        _ => Keep::Nothing,
+    };
     let (out, saved) = profile::time(B::KIND, Pass::Forward, x.device(), || {
-        let (out, saved) = block.run(&xd, cd.as_ref(), save)?;
+        let (out, saved) = block.run(&xd, cd.as_ref(), keep)?;
         Ok((standalone(out)?, saved))
     })?;
     let b = block.clone();
     let backward: BlockBackward = Box::new(move |g: &Tensor| {
         let saved = match saved {
             Some(s) => s,
-            None => b.run(&xd, cd.as_ref(), true)?.1.ok_or_else(|| {
+            None => b.run(&xd, cd.as_ref(), Keep::All)?.1.ok_or_else(|| {
                 candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
             })?,
         };
@@ -382,5 +407,202 @@ pub(crate) fn apply_block<B: Block>(
     match context {
         Some(c) => x.apply_op2(c, op),
         None => x.apply_op1(op),
+    }
+}
+
+/// The input gradients of a block whose input is two tensors joined along the channels
+/// (`[part 1, part 2]`) and of its context.
+type JoinedBackward = Box<
+    dyn FnOnce(&Tensor) -> candle_core::Result<([Option<Tensor>; 2], Option<Tensor>)> + Send + Sync,
+>;
+
+/// [`BlockOp`] for [`apply_block_joined`]: the two parts (and the context) as its inputs.
+struct JoinedBlockOp {
+    kind: &'static str,
+    output: Mutex<Option<Tensor>>,
+    backward: Mutex<Option<JoinedBackward>>,
+}
+
+impl JoinedBlockOp {
+    fn run_backward(
+        &self,
+        g: &Tensor,
+    ) -> candle_core::Result<([Option<Tensor>; 2], Option<Tensor>)> {
+        let backward = self
+            .backward
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("block backward lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{}: the backward pass ran twice over one forward pass",
+                    self.kind
+                ))
+            })?;
+        profile::time(self.kind, Pass::Backward, g.device(), || backward(g))
+    }
+}
+
+impl CustomOp2 for JoinedBlockOp {
+    fn name(&self) -> &'static str {
+        "sdti-joined-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(take_output(&self.output)?)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(take_output(&self.output)?)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        metal_result(take_output(&self.output)?)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ([da, db], _) = self.run_backward(g)?;
+        Ok((da, db))
+    }
+}
+
+impl CustomOp3 for JoinedBlockOp {
+    fn name(&self) -> &'static str {
+        "sdti-joined-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(take_output(&self.output)?)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(take_output(&self.output)?)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        metal_result(take_output(&self.output)?)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ([da, db], dc) = self.run_backward(g)?;
+        Ok((da, db, dc))
+    }
+}
+
+/// [`apply_block`] for a block whose input is `parts` joined along the channels (dim 1):
+/// the UNet's up path, the previous block's output and a skip connection. The join is
+/// not a graph node: candle's graph would hold it, a copy of two tensors it holds anyway,
+/// until the backward pass ends (about 60 MiB at SD 1.5's 512 px). The forward pass joins
+/// the parts for the block and frees the join; the backward pass joins them again (one
+/// copy, freed with the block's state) and splits the input gradient between them.
+pub(crate) fn apply_block_joined<B: Block>(
+    block: &B,
+    parts: [&Tensor; 2],
+    context: Option<&Tensor>,
+    recompute: Recompute,
+) -> candle_core::Result<Tensor> {
+    let [a, b] = parts;
+    let need_parts = [a.track_op(), b.track_op()];
+    let need_context = context.is_some_and(Tensor::track_op);
+    let join = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 1);
+    if !need_parts[0] && !need_parts[1] && !need_context {
+        return profile::time(B::KIND, Pass::Forward, a.device(), || {
+            Ok(block.run(&join(a, b)?, context, Keep::Nothing)?.0)
+        });
+    }
+    let (ad, bd, cd) = (a.detach(), b.detach(), context.map(Tensor::detach));
+    let keep = match recompute {
+        Recompute::Off => Keep::Lean,
+        _ => Keep::Nothing,
+    };
+    let (out, saved) = profile::time(B::KIND, Pass::Forward, a.device(), || {
+        let (out, saved) = block.run(&join(&ad, &bd)?, cd.as_ref(), keep)?;
+        Ok((standalone(out)?, saved))
+    })?;
+    let split = ad.dim(1)?;
+    let blk = block.clone();
+    let backward: JoinedBackward = Box::new(move |g: &Tensor| {
+        let x = join(&ad, &bd)?;
+        let saved = match saved {
+            Some(s) => s,
+            None => blk.run(&x, cd.as_ref(), Keep::All)?.1.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
+            })?,
+        };
+        let need = [need_parts[0] || need_parts[1], need_context];
+        let (dx, dc) = blk.backward(saved, &x, cd.as_ref(), g, need)?;
+        drop(x);
+        let part = |i: usize, from: usize, len: usize| -> candle_core::Result<Option<Tensor>> {
+            match &dx {
+                Some(dx) if need_parts[i] => Ok(Some(dx.narrow(1, from, len)?)),
+                _ => Ok(None),
+            }
+        };
+        let total = dx.as_ref().map_or(Ok(split), |d| d.dim(1))?;
+        Ok(([part(0, 0, split)?, part(1, split, total - split)?], dc))
+    });
+    let op = JoinedBlockOp {
+        kind: B::KIND,
+        output: Mutex::new(Some(out)),
+        backward: Mutex::new(Some(backward)),
+    };
+    match context {
+        Some(c) => a.apply_op3(b, c, op),
+        None => a.apply_op2(b, op),
     }
 }

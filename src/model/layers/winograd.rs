@@ -18,8 +18,9 @@
 use rayon::prelude::*;
 
 /// Values held at once by the transformed inputs and products of one band of tiles:
-/// 16M (64 MiB), as the column convolution's budget.
-const BAND_BUDGET: usize = 16 << 20;
+/// 8M (32 MiB). A UNet's convolutions at 512 px fit in one band; the VAE's at 512 px
+/// (128 channels) take bands of 7 tile rows, and the budget adds to the encoding's peak.
+const BAND_BUDGET: usize = 8 << 20;
 
 /// Output pixels per image from which the Winograd path is taken, and from which it
 /// takes F(4x4, 3x3) rather than F(2x2, 3x3). The kernel transform is paid on every call
@@ -47,10 +48,18 @@ static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new
 /// Buffers kept between convolutions (the kernel, the inputs and the products of one).
 const SCRATCH_KEPT: usize = 3;
 
-/// The largest buffer kept: 8M values (32 MiB). Larger ones (the VAE's at 512 px, encoding
-/// an image once) are freed after use, so that they do not stay in the process's memory
-/// through training; a UNet step at 512 px keeps about 50 MiB here.
+/// The largest buffer kept: 8M values (32 MiB). Larger ones are freed after use, and the
+/// VAE's encoding frees what it kept ([`release_scratch`]), so that they do not stay in
+/// the process's memory through training; a UNet step at 512 px keeps about 50 MiB here.
 const SCRATCH_MAX: usize = 8 << 20;
+
+/// Frees the buffers kept for later convolutions: after the VAE's encoding, whose buffers
+/// are larger than a training step's and would otherwise stay through training.
+pub(crate) fn release_scratch() {
+    if let Ok(mut pool) = SCRATCH.lock() {
+        pool.clear();
+    }
+}
 
 impl Scratch {
     fn take(len: usize) -> Self {
