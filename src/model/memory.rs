@@ -29,16 +29,17 @@
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 4,233 MiB | 4,238 MiB (+0.1%) |
-//! | 256 px | on | 4,232 MiB | 4,042 MiB (-4.5%) |
-//! | 512 px | off | 5,001 MiB | 5,098 MiB (+1.9%) |
-//! | 512 px | on | 4,302 MiB | 4,331 MiB (+0.7%) |
+//! | 256 px | off | 4,096 MiB | 4,092 MiB (-0.1%) |
+//! | 256 px | on | 4,096 MiB | 4,039 MiB (-1.4%) |
+//! | 512 px | off | 4,463 MiB | 4,513 MiB (+1.1%) |
+//! | 512 px | on | 4,220 MiB | 4,321 MiB (+2.4%) |
 //!
-//! At 256 px the process's peak is not a step's but the image's encoding before the first
-//! step (all the weights and the VAE's work), which has passed by the time the estimate
-//! chooses recompute. Elsewhere the estimate errs a little high, the safe side for a
-//! choice that must not run out of memory; at 512 px recompute keeps 553 MiB over the
-//! step's weights where keeping everything takes 1,252 MiB.
+//! At 256 px with recompute the process's peak is not the step's but the image's encoding
+//! before the first step (all the weights and the VAE's work), which has passed by the
+//! time the estimate chooses recompute. Elsewhere the estimate errs a little high, the
+//! safe side for a choice that must not run out of memory; at 512 px recompute keeps 471
+//! MiB over the step's weights where keeping everything takes 714 MiB (narrow transformer
+//! blocks rebuilding their projections: `transformer::REBUILD_WIDTH`).
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
