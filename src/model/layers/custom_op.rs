@@ -162,22 +162,37 @@ where
     x.apply_op1(op)
 }
 
-/// The input gradients of a block (`[x, context]`) from its output gradient; consumed
-/// when the backward pass reaches the block, so what it captured (the block's saved
-/// activations) is freed there and peak memory falls during the backward pass.
-type BlockBackward =
-    Box<dyn FnOnce(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+/// A block's input gradients from its output gradient; consumed when the backward pass
+/// reaches the block, so what it captured (the block's saved activations) is freed there
+/// and peak memory falls during the backward pass. `G` is what it yields: [`Grads`] for
+/// `[x, context]`, [`JoinedGrads`] for a joined input's two parts and the context.
+type BlockBackward<G> = Box<dyn FnOnce(&Tensor) -> candle_core::Result<G> + Send + Sync>;
+
+/// The gradients of a block's input and context.
+type Grads = (Option<Tensor>, Option<Tensor>);
+
+/// The gradients of the two parts of a joined input ([`apply_block_joined`]) and of the
+/// context.
+type JoinedGrads = ([Option<Tensor>; 2], Option<Tensor>);
 
 /// One graph node for a whole block (a resnet, a spatial transformer, a CLIP layer):
 /// the block's output, computed off the graph, and its hand-written backward pass.
-struct BlockOp {
+struct BlockOp<G> {
     kind: &'static str,
     output: Mutex<Option<Tensor>>,
-    backward: Mutex<Option<BlockBackward>>,
+    backward: Mutex<Option<BlockBackward<G>>>,
 }
 
-impl BlockOp {
-    fn run_backward(&self, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+impl<G> BlockOp<G> {
+    fn new(kind: &'static str, output: Tensor, backward: BlockBackward<G>) -> Self {
+        Self {
+            kind,
+            output: Mutex::new(Some(output)),
+            backward: Mutex::new(Some(backward)),
+        }
+    }
+
+    fn run_backward(&self, g: &Tensor) -> candle_core::Result<G> {
         let backward = self
             .backward
             .lock()
@@ -193,7 +208,42 @@ impl BlockOp {
     }
 }
 
-impl CustomOp1 for BlockOp {
+/// The forward methods of a two-input [`BlockOp`]: its precomputed output.
+macro_rules! precomputed_forward2 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            cpu_result(take_output(&self.output)?)
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            cuda_result(take_output(&self.output)?)
+        }
+
+        fn metal_fwd(
+            &self,
+            _: &MetalStorage,
+            _: &Layout,
+            _: &MetalStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(MetalStorage, Shape)> {
+            metal_result(take_output(&self.output)?)
+        }
+    };
+}
+
+impl CustomOp1 for BlockOp<Grads> {
     fn name(&self) -> &'static str {
         "sdti-block"
     }
@@ -219,48 +269,14 @@ impl CustomOp1 for BlockOp {
     }
 }
 
-impl CustomOp2 for BlockOp {
+impl CustomOp2 for BlockOp<Grads> {
     fn name(&self) -> &'static str {
         "sdti-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(take_output(&self.output)?)
-    }
+    precomputed_forward2!();
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(take_output(&self.output)?)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        metal_result(take_output(&self.output)?)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Grads> {
         self.run_backward(g)
     }
 }
@@ -390,7 +406,7 @@ pub(crate) fn apply_block<B: Block>(
         Ok((standalone(out)?, saved))
     })?;
     let b = block.clone();
-    let backward: BlockBackward = Box::new(move |g: &Tensor| {
+    let backward: BlockBackward<Grads> = Box::new(move |g: &Tensor| {
         let saved = match saved {
             Some(s) => s,
             None => b.run(&xd, cd.as_ref(), Keep::All)?.1.ok_or_else(|| {
@@ -399,98 +415,27 @@ pub(crate) fn apply_block<B: Block>(
         };
         b.backward(saved, &xd, cd.as_ref(), g, need)
     });
-    let op = BlockOp {
-        kind: B::KIND,
-        output: Mutex::new(Some(out)),
-        backward: Mutex::new(Some(backward)),
-    };
+    let op = BlockOp::new(B::KIND, out, backward);
     match context {
         Some(c) => x.apply_op2(c, op),
         None => x.apply_op1(op),
     }
 }
 
-/// The input gradients of a block whose input is two tensors joined along the channels
-/// (`[part 1, part 2]`) and of its context.
-type JoinedBackward = Box<
-    dyn FnOnce(&Tensor) -> candle_core::Result<([Option<Tensor>; 2], Option<Tensor>)> + Send + Sync,
->;
-
-/// [`BlockOp`] for [`apply_block_joined`]: the two parts (and the context) as its inputs.
-struct JoinedBlockOp {
-    kind: &'static str,
-    output: Mutex<Option<Tensor>>,
-    backward: Mutex<Option<JoinedBackward>>,
-}
-
-impl JoinedBlockOp {
-    fn run_backward(
-        &self,
-        g: &Tensor,
-    ) -> candle_core::Result<([Option<Tensor>; 2], Option<Tensor>)> {
-        let backward = self
-            .backward
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("block backward lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "{}: the backward pass ran twice over one forward pass",
-                    self.kind
-                ))
-            })?;
-        profile::time(self.kind, Pass::Backward, g.device(), || backward(g))
-    }
-}
-
-impl CustomOp2 for JoinedBlockOp {
+impl CustomOp2 for BlockOp<JoinedGrads> {
     fn name(&self) -> &'static str {
         "sdti-joined-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(take_output(&self.output)?)
-    }
+    precomputed_forward2!();
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(take_output(&self.output)?)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        metal_result(take_output(&self.output)?)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Grads> {
         let ([da, db], _) = self.run_backward(g)?;
         Ok((da, db))
     }
 }
 
-impl CustomOp3 for JoinedBlockOp {
+impl CustomOp3 for BlockOp<JoinedGrads> {
     fn name(&self) -> &'static str {
         "sdti-joined-block"
     }
@@ -576,7 +521,7 @@ pub(crate) fn apply_block_joined<B: Block>(
     })?;
     let split = ad.dim(1)?;
     let blk = block.clone();
-    let backward: JoinedBackward = Box::new(move |g: &Tensor| {
+    let backward: BlockBackward<JoinedGrads> = Box::new(move |g: &Tensor| {
         let x = join(&ad, &bd)?;
         let saved = match saved {
             Some(s) => s,
@@ -596,11 +541,7 @@ pub(crate) fn apply_block_joined<B: Block>(
         let total = dx.as_ref().map_or(Ok(split), |d| d.dim(1))?;
         Ok(([part(0, 0, split)?, part(1, split, total - split)?], dc))
     });
-    let op = JoinedBlockOp {
-        kind: B::KIND,
-        output: Mutex::new(Some(out)),
-        backward: Mutex::new(Some(backward)),
-    };
+    let op = BlockOp::new(B::KIND, out, backward);
     match context {
         Some(c) => a.apply_op3(b, c, op),
         None => a.apply_op2(b, op),
