@@ -295,18 +295,32 @@ struct FileStamp {
 impl FileStamp {
     fn of(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        Ok(Self {
+        Ok(Self::from_metadata(path, &meta))
+    }
+
+    fn from_metadata(path: &Path, meta: &std::fs::Metadata) -> Self {
+        Self {
             path: path.to_path_buf(),
             len: meta.len(),
             modified: meta.modified().ok(),
-        })
+        }
     }
 
     fn check_unchanged(&self) -> Result<()> {
-        let now = Self::of(&self.path).map_err(|_| Error::Model {
-            path: self.path.clone(),
-            reason: "is gone; sdti freed the VAE during training and cannot read it again".into(),
-        })?;
+        // A file that is not there is gone; any other failure (permissions, I/O) keeps
+        // its own reason.
+        let now = match std::fs::metadata(&self.path) {
+            Ok(meta) => Self::from_metadata(&self.path, &meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Model {
+                    path: self.path.clone(),
+                    reason: "is gone; sdti freed the VAE during training and cannot read it \
+                             again"
+                        .into(),
+                })
+            }
+            Err(e) => return Err(Error::io(&self.path, e)),
+        };
         if now.len != self.len || now.modified != self.modified {
             return Err(Error::Model {
                 path: self.path.clone(),
