@@ -66,26 +66,40 @@ pub(super) fn standalone(t: Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The forward methods of a custom op whose output was computed before it entered the
+/// graph (its `output` slot), one per backend, for one, two or three inputs (named by the
+/// call, unused).
+macro_rules! precomputed_forward {
+    ($($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &CpuStorage, $l: &Layout),+
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            cpu_result(take_output(&self.output)?)
+        }
+
+        fn cuda_fwd(
+            &self,
+            $($s: &CudaStorage, $l: &Layout),+
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            cuda_result(take_output(&self.output)?)
+        }
+
+        fn metal_fwd(
+            &self,
+            $($s: &MetalStorage, $l: &Layout),+
+        ) -> candle_core::Result<(MetalStorage, Shape)> {
+            metal_result(take_output(&self.output)?)
+        }
+    };
+}
+
 impl CustomOp1 for InputGradOnly {
     fn name(&self) -> &'static str {
         "sdti-input-grad-only"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(take_output(&self.output)?)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(take_output(&self.output)?)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        metal_result(take_output(&self.output)?)
-    }
+    precomputed_forward!(_s1 _l1);
 
     fn bwd(
         &self,
@@ -208,61 +222,12 @@ impl<G> BlockOp<G> {
     }
 }
 
-/// The forward methods of a two-input [`BlockOp`]: its precomputed output.
-macro_rules! precomputed_forward2 {
-    () => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            cpu_result(take_output(&self.output)?)
-        }
-
-        fn cuda_fwd(
-            &self,
-            _: &CudaStorage,
-            _: &Layout,
-            _: &CudaStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            cuda_result(take_output(&self.output)?)
-        }
-
-        fn metal_fwd(
-            &self,
-            _: &MetalStorage,
-            _: &Layout,
-            _: &MetalStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(MetalStorage, Shape)> {
-            metal_result(take_output(&self.output)?)
-        }
-    };
-}
-
 impl CustomOp1 for BlockOp<Grads> {
     fn name(&self) -> &'static str {
         "sdti-block"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(take_output(&self.output)?)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(take_output(&self.output)?)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        metal_result(take_output(&self.output)?)
-    }
+    precomputed_forward!(_s1 _l1);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(self.run_backward(g)?.0)
@@ -274,7 +239,7 @@ impl CustomOp2 for BlockOp<Grads> {
         "sdti-block"
     }
 
-    precomputed_forward2!();
+    precomputed_forward!(_s1 _l1, _s2 _l2);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Grads> {
         self.run_backward(g)
@@ -379,6 +344,32 @@ impl Recompute {
             r => r,
         }
     }
+
+    /// What a block's forward pass keeps under this choice, which [`Self::transformer`]
+    /// or [`Self::other`] made for it: lean state for a backward pass that waits,
+    /// nothing when the backward pass reruns the block.
+    fn keep(self) -> Keep {
+        match self {
+            Recompute::Off => Keep::Lean,
+            _ => Keep::Nothing,
+        }
+    }
+}
+
+/// What a block's backward pass reads: what its forward pass kept, or (recompute) its
+/// forward pass rerun on the same input, keeping everything.
+fn saved_or_rerun<B: Block>(
+    block: &B,
+    saved: Option<B::Saved>,
+    x: &Tensor,
+    context: Option<&Tensor>,
+) -> candle_core::Result<B::Saved> {
+    match saved {
+        Some(s) => Ok(s),
+        None => block.run(x, context, Keep::All)?.1.ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
+        }),
+    }
 }
 
 /// Runs `block` on `x` (and `context`) as one graph node: when either input is on a
@@ -397,22 +388,14 @@ pub(crate) fn apply_block<B: Block>(
         });
     }
     let (xd, cd) = (x.detach(), context.map(Tensor::detach));
-    let keep = match recompute {
-        Recompute::Off => Keep::Lean,
-        _ => Keep::Nothing,
-    };
+    let keep = recompute.keep();
     let (out, saved) = profile::time(B::KIND, Pass::Forward, x.device(), || {
         let (out, saved) = block.run(&xd, cd.as_ref(), keep)?;
         Ok((standalone(out)?, saved))
     })?;
     let b = block.clone();
     let backward: BlockBackward<Grads> = Box::new(move |g: &Tensor| {
-        let saved = match saved {
-            Some(s) => s,
-            None => b.run(&xd, cd.as_ref(), Keep::All)?.1.ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
-            })?,
-        };
+        let saved = saved_or_rerun(&b, saved, &xd, cd.as_ref())?;
         b.backward(saved, &xd, cd.as_ref(), g, need)
     });
     let op = BlockOp::new(B::KIND, out, backward);
@@ -427,7 +410,7 @@ impl CustomOp2 for BlockOp<JoinedGrads> {
         "sdti-joined-block"
     }
 
-    precomputed_forward2!();
+    precomputed_forward!(_s1 _l1, _s2 _l2);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Grads> {
         let ([da, db], _) = self.run_backward(g)?;
@@ -440,41 +423,7 @@ impl CustomOp3 for BlockOp<JoinedGrads> {
         "sdti-joined-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(take_output(&self.output)?)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(take_output(&self.output)?)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        metal_result(take_output(&self.output)?)
-    }
+    precomputed_forward!(_s1 _l1, _s2 _l2, _s3 _l3);
 
     fn bwd(
         &self,
@@ -511,10 +460,7 @@ pub(crate) fn apply_block_joined<B: Block>(
         });
     }
     let (ad, bd, cd) = (a.detach(), b.detach(), context.map(Tensor::detach));
-    let keep = match recompute {
-        Recompute::Off => Keep::Lean,
-        _ => Keep::Nothing,
-    };
+    let keep = recompute.keep();
     let (out, saved) = profile::time(B::KIND, Pass::Forward, a.device(), || {
         let (out, saved) = block.run(&join(&ad, &bd)?, cd.as_ref(), keep)?;
         Ok((standalone(out)?, saved))
@@ -523,12 +469,7 @@ pub(crate) fn apply_block_joined<B: Block>(
     let blk = block.clone();
     let backward: BlockBackward<JoinedGrads> = Box::new(move |g: &Tensor| {
         let x = join(&ad, &bd)?;
-        let saved = match saved {
-            Some(s) => s,
-            None => blk.run(&x, cd.as_ref(), Keep::All)?.1.ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: the forward pass saved nothing", B::KIND))
-            })?,
-        };
+        let saved = saved_or_rerun(&blk, saved, &x, cd.as_ref())?;
         let need = [need_parts[0] || need_parts[1], need_context];
         let (dx, dc) = blk.backward(saved, &x, cd.as_ref(), g, need)?;
         drop(x);
