@@ -43,7 +43,7 @@
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
-use super::transformer::{kept_activations, TransformerConfig};
+use super::transformer::{kept_activations, rebuilds, TransformerConfig};
 use super::unet::{down_levels, up_levels};
 
 /// What the process holds besides the weights and the step: the code, the tokenizer,
@@ -311,7 +311,7 @@ impl Tally {
         // feed-forward's (4c), the output gradient and the attention gradients (4c); in a
         // block that kept little, also the rebuilt residual sums and GEGLU input (10c).
         let transient = 17 * c * n + c * d;
-        let rebuilt = if kept(true) < kept(false) {
+        let rebuilt = if rebuilds(c as usize, true) {
             10 * c * n
         } else {
             0

@@ -93,11 +93,17 @@ struct TransformerBlock {
 /// level, where the rebuild would cost a fifth of its passes).
 pub(crate) const REBUILD_WIDTH: usize = 640;
 
+/// Whether a transformer block `width` wide rebuilds its projections in the backward
+/// pass: when its state waits for it (`lean`) and the block is narrow enough.
+pub(crate) fn rebuilds(width: usize, lean: bool) -> bool {
+    lean && width <= REBUILD_WIDTH
+}
+
 /// Activations of its width (tokens x width) a transformer block `width` wide keeps for
-/// its backward pass: all 17 when it follows at once (`lean` false), the input and the
-/// two attention outputs when it waits and the block is narrow enough to rebuild the rest.
+/// its backward pass: the input and the two attention outputs when it [`rebuilds`] the
+/// rest, else all 17.
 pub(crate) fn kept_activations(width: usize, lean: bool) -> u64 {
-    if lean && width <= REBUILD_WIDTH {
+    if rebuilds(width, lean) {
         3
     } else {
         17
@@ -270,7 +276,7 @@ impl TransformerBlock {
         let y = self.ff_out.apply_add(&geglu_apply(&h)?, Some(&x2))?;
         // Kept: everything, but for a backward pass that waits a narrow block keeps only
         // its input and the attentions' outputs and rebuilds the projections from them.
-        let kept = kept_activations(self.width, keep == Keep::Lean) == 17;
+        let kept = !rebuilds(self.width, keep == Keep::Lean);
         let saved = keep.any().then(|| BlockSaved {
             x: x.clone(),
             stats1,
