@@ -67,6 +67,32 @@ impl ResnetBlock {
         Ok(apply_block(self, x, temb, recompute)?)
     }
 
+    /// [`Self::forward`] for a no-gradient pass without a time embedding (the VAE's) that
+    /// owns its input, with two image-sized tensors at a time instead of three: on the
+    /// CPU in f32 the first convolution reads `x` through its norm and SiLU, and the
+    /// second adds its output, read the same way from the first's, into `x` itself (or
+    /// into the shortcut's output). The values are those of [`Self::forward`].
+    ///
+    /// `x` must be its storage's only holder: the sum is written into it.
+    pub(crate) fn forward_owned(&self, x: Tensor) -> Result<Tensor> {
+        if self.time_emb_proj.is_some() || x.track_op() {
+            return self.forward(&x, None, Recompute::Off);
+        }
+        let Some(h1) = self.conv1.apply_after_norm_silu(&self.norm1, &x)? else {
+            return self.forward(&x, None, Recompute::Off);
+        };
+        let out = match &self.conv_shortcut {
+            Some(c) => c.apply(&x)?,
+            None => x,
+        };
+        if self.conv2.add_after_norm_silu(&self.norm2, &h1, &out)? {
+            return Ok(out);
+        }
+        let (a2, _) = self.norm2.apply_silu(&h1)?;
+        drop(h1);
+        Ok((out + self.conv2.apply(&a2)?)?)
+    }
+
     /// [`Self::forward`] on `x` and `skip` joined along the channels (the UNet's up path),
     /// without keeping the join for the backward pass ([`apply_block_joined`]).
     pub(crate) fn forward_joined(
@@ -210,5 +236,104 @@ impl Block for ResnetBlock {
             .norm1
             .silu_input_grad(&da1, x, s.stats1.as_ref(), Some(&shortcut))?;
         Ok((Some(dx), dtemb))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    fn wave(shape: &[usize], seed: f64, scale: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|i| (scale * ((i as f64 + 1.0) * 0.7137 + seed).sin()) as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape")
+    }
+
+    /// A VAE-style block (no time embedding), `cin` to `cout` channels.
+    fn block(cin: usize, cout: usize) -> ResnetBlock {
+        let mut w = HashMap::new();
+        let mut seed = 0.0;
+        let mut put = |name: &str, shape: &[usize], scale: f64| {
+            seed += 1.0;
+            w.insert(name.to_string(), wave(shape, seed, scale));
+        };
+        for (norm, c) in [("norm1", cin), ("norm2", cout)] {
+            put(&format!("{norm}.weight"), &[c], 1.0);
+            put(&format!("{norm}.bias"), &[c], 0.3);
+        }
+        put("conv1.weight", &[cout, cin, 3, 3], 0.2);
+        put("conv1.bias", &[cout], 0.1);
+        put("conv2.weight", &[cout, cout, 3, 3], 0.2);
+        put("conv2.bias", &[cout], 0.1);
+        if cin != cout {
+            put("conv_shortcut.weight", &[cout, cin, 1, 1], 0.3);
+            put("conv_shortcut.bias", &[cout], 0.1);
+        }
+        let weights = Weights::from_tensors(w, DType::F32, Device::Cpu);
+        let cfg = ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            groups: 4,
+            eps: 1e-6,
+            time_embedding: false,
+        };
+        ResnetBlock::new(&weights, &cfg).expect("block")
+    }
+
+    /// The owned no-gradient pass (norms read by the convolutions, the sum written into
+    /// the input) gives the separate passes' values bit for bit: with and without a
+    /// shortcut, at sizes taking F(4x4) (64x64) and F(2x2) (odd, 33x35), two images.
+    #[test]
+    fn owned_pass_equals_the_separate_passes() -> Result<()> {
+        for (cin, cout) in [(8, 8), (8, 12)] {
+            let r = block(cin, cout);
+            for (h, w) in [(64, 64), (33, 35)] {
+                let x = wave(&[2, cin, h, w], 0.5, 2.0);
+                // The fused path serves these sizes (so the comparison is not of the
+                // ordinary pass with itself).
+                let h1 = r.conv1.apply_after_norm_silu(&r.norm1, &x)?;
+                let h1 = h1.ok_or_else(|| Error::input("test", "not fused"))?;
+                let into = Tensor::zeros((2, cout, h, w), DType::F32, &Device::Cpu)?;
+                assert!(r.conv2.add_after_norm_silu(&r.norm2, &h1, &into)?);
+                let expected = r.forward(&x, None, Recompute::Off)?;
+                let owned = r.forward_owned(x.copy()?)?;
+                let (a, b) = (
+                    expected.flatten_all()?.to_vec1::<f32>()?,
+                    owned.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert_eq!(a, b, "{cin} -> {cout} at {h}x{w}");
+                // The input was written only where it is the output.
+                let unchanged = x.copy()?;
+                let _ = r.forward_owned(unchanged.clone())?;
+                if cin != cout {
+                    assert_eq!(
+                        unchanged.flatten_all()?.to_vec1::<f32>()?,
+                        x.flatten_all()?.to_vec1::<f32>()?
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Below the Winograd sizes the owned pass is the ordinary one.
+    #[test]
+    fn owned_pass_falls_back_on_small_images() -> Result<()> {
+        let r = block(8, 8);
+        let x = wave(&[1, 8, 8, 8], 0.5, 2.0);
+        assert!(r.conv1.apply_after_norm_silu(&r.norm1, &x)?.is_none());
+        let expected = r.forward(&x, None, Recompute::Off)?;
+        let owned = r.forward_owned(x.copy()?)?;
+        assert_eq!(
+            expected.flatten_all()?.to_vec1::<f32>()?,
+            owned.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use super::config::VaeConfig;
 use super::layers::{
     attention_forward, release_scratch, upsample_nearest_2x, AttentionMask, Conv2d, GroupNorm,
-    Linear, Recompute,
+    Linear,
 };
 use super::resnet::{ResnetBlock as Resnet, ResnetConfig};
 use super::weights::Weights;
@@ -90,10 +90,10 @@ impl MidBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.resnet0.forward(x, None, Recompute::Off)?;
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let x = self.resnet0.forward_owned(x)?;
         let x = self.attention.forward(&x)?;
-        self.resnet1.forward(&x, None, Recompute::Off)
+        self.resnet1.forward_owned(x)
     }
 }
 
@@ -234,9 +234,12 @@ impl Vae {
         let e = &self.encoder;
         let image = image.to_dtype(e.conv_in.dtype())?;
         let mut x = e.conv_in.forward(&image)?;
+        // Each `x` below is the only holder of its values (a convolution's, a resnet's or
+        // the attention's fresh output), as the resnets' owned passes require: they
+        // write their residual sums into it, two image-sized tensors at a time.
         for (resnets, down) in &e.blocks {
             for r in resnets {
-                x = r.forward(&x, None, Recompute::Off)?;
+                x = r.forward_owned(x)?;
             }
             if let Some(d) = down {
                 // One row and column of zeros at the bottom and right, as diffusers pads
@@ -251,7 +254,7 @@ impl Vae {
                 x = d.forward(&padded)?;
             }
         }
-        x = e.mid.forward(&x)?;
+        x = e.mid.forward(x)?;
         x = e.conv_out.forward_after_norm_silu(&e.conv_norm_out, &x)?;
         // The convolutions' buffers at the image's size are not a step's: freed, not kept.
         release_scratch();
@@ -270,10 +273,11 @@ impl Vae {
             .ok_or_else(|| Error::input("vae", "this model file has no VAE decoder weights"))?;
         let latents = latents.to_dtype(d.post_quant_conv.dtype())?;
         let mut x = d.conv_in.forward(&d.post_quant_conv.forward(&latents)?)?;
-        x = d.mid.forward(&x)?;
+        // As in the encoding, `x` is always the only holder of its values.
+        x = d.mid.forward(x)?;
         for (resnets, up) in &d.blocks {
             for r in resnets {
-                x = r.forward(&x, None, Recompute::Off)?;
+                x = r.forward_owned(x)?;
             }
             if let Some(u) = up {
                 x = u.forward(&upsample_nearest_2x(&x)?)?;

@@ -126,6 +126,112 @@ impl Conv2d {
         conv2d_input_grad(g, &kernel, stride, padding, in_h, in_w)
     }
 
+    /// `self(silu(norm(x)))` off the graph without the normalised tensor: the Winograd
+    /// convolution reads `x` through the norm's per-channel affine and the SiLU, so a
+    /// no-gradient resnet (the VAE's) holds its input and this output, not a third tensor
+    /// between them. The values are those of the separate passes. None where that path
+    /// does not serve (another device or dtype, another kind of convolution).
+    pub(crate) fn apply_after_norm_silu(
+        &self,
+        norm: &GroupNorm,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some((affines, shape)) = self.fused_operands(norm, x)? else {
+            return Ok(None);
+        };
+        let (b, _, h, w) = shape;
+        let o = self.out_channels();
+        let bias = self.bias_values()?;
+        let mut y = vec![0f32; b * o * h * w];
+        let fused = winograd::Fused {
+            norm_silu: Some(&affines),
+            accumulate: false,
+        };
+        with_f32(x, |x| {
+            self.fused_conv(x, shape, bias.as_deref(), fused, &mut y)
+        })??;
+        Ok(Some(Tensor::from_vec(y, (b, o, h, w), x.device())?))
+    }
+
+    /// `into += self(silu(norm(x)))`, written into `into`'s own values: a no-gradient
+    /// resnet's residual sum with no tensor for its second half. Every tensor that shares
+    /// `into`'s storage sees the sum, so `into` must be its storage's only holder and off
+    /// the graph. Returns false, having written nothing, where the path does not serve
+    /// ([`Self::apply_after_norm_silu`]).
+    pub(crate) fn add_after_norm_silu(
+        &self,
+        norm: &GroupNorm,
+        x: &Tensor,
+        into: &Tensor,
+    ) -> candle_core::Result<bool> {
+        let Some((affines, shape)) = self.fused_operands(norm, x)? else {
+            return Ok(false);
+        };
+        let (b, _, h, w) = shape;
+        if into.dims() != [b, self.out_channels(), h, w]
+            || !is_cpu_f32(&[into])
+            || into.track_op()
+            || !into.is_contiguous()
+        {
+            return Ok(false);
+        }
+        let op = AddInto {
+            conv: self,
+            shape,
+            affines,
+            bias: self.bias_values()?,
+        };
+        into.inplace_op2(x, &op)?;
+        Ok(true)
+    }
+
+    /// The norm's affines and `x`'s shape when the fused Winograd path serves `x`.
+    #[allow(clippy::type_complexity)]
+    fn fused_operands(
+        &self,
+        norm: &GroupNorm,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<(Vec<(f32, f32)>, (usize, usize, usize, usize))>> {
+        if !is_cpu_f32(&[x, &self.weight]) || !winograd::enabled() || x.rank() != 4 {
+            return Ok(None);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let (_, kc, kh, kw) = self.weight.dims4()?;
+        if kc != c || !winograd::applies(kh, kw, self.stride, self.padding, h, w) {
+            return Ok(None);
+        }
+        Ok(norm.channel_affines(x)?.map(|a| (a, (b, c, h, w))))
+    }
+
+    fn bias_values(&self) -> candle_core::Result<Option<Vec<f32>>> {
+        self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()
+    }
+
+    /// The fused Winograd convolution of `x` (`shape`, contiguous values) into `y`.
+    fn fused_conv(
+        &self,
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        bias: Option<&[f32]>,
+        fused: winograd::Fused,
+        y: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let o = self.out_channels();
+        with_f32(&self.weight, |k| {
+            winograd::conv_into(
+                x,
+                (b, h, w),
+                k,
+                (o, c),
+                Pass::Forward,
+                bias,
+                fused,
+                candle_core::utils::get_num_threads(),
+                y,
+            )
+        })?
+    }
+
     /// `self(silu(norm(x)))` as one layer, as every resnet block starts its two halves.
     /// As three layers the graph kept the norm's input, the norm's output and the SiLU's
     /// output for the backward pass; as one it keeps only `x` and recomputes the norm and
@@ -146,6 +252,53 @@ impl Conv2d {
                 norm_b.silu_input_grad(&gs, x, None, None)
             },
         )?)
+    }
+}
+
+/// [`Conv2d::add_after_norm_silu`] as candle's in-place op: the destination's storage is
+/// written under its lock, the source (`x`) read under its own.
+struct AddInto<'a> {
+    conv: &'a Conv2d,
+    shape: (usize, usize, usize, usize),
+    affines: Vec<(f32, f32)>,
+    bias: Option<Vec<f32>>,
+}
+
+impl candle_core::InplaceOp2 for AddInto<'_> {
+    fn name(&self) -> &'static str {
+        "add_conv_after_norm_silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let name = self.name();
+        let (candle_core::CpuStorage::F32(dst), candle_core::CpuStorage::F32(src)) = (s1, s2)
+        else {
+            candle_core::bail!("{name}: expected f32 storage");
+        };
+        let values = |layout: &candle_core::Layout, len: usize| {
+            layout
+                .contiguous_offsets()
+                .filter(|(start, end)| end - start == len)
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: not contiguous")))
+        };
+        let (b, c, h, w) = self.shape;
+        let (xs, xe) = values(l2, b * c * h * w)?;
+        let (ys, ye) = values(l1, b * self.conv.out_channels() * h * w)?;
+        let (Some(x), Some(y)) = (src.get(xs..xe), dst.get_mut(ys..ye)) else {
+            candle_core::bail!("{name}: storage too short");
+        };
+        let fused = winograd::Fused {
+            norm_silu: Some(&self.affines),
+            accumulate: true,
+        };
+        self.conv
+            .fused_conv(x, self.shape, self.bias.as_deref(), fused, y)
     }
 }
 
@@ -290,7 +443,7 @@ fn winograd_forward(
                 candle_core::utils::get_num_threads(),
             )
         })
-    })??;
+    })???;
     Ok(Some(Tensor::from_vec(y, (b, o, h, w), x.device())?))
 }
 
@@ -325,7 +478,7 @@ fn winograd_input_grad(
                 candle_core::utils::get_num_threads(),
             )
         })
-    })??;
+    })???;
     Ok(Some(Tensor::from_vec(gx, (b, c, in_h, in_w), g.device())?))
 }
 

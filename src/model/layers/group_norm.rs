@@ -123,6 +123,45 @@ impl GroupNorm {
         Ok((silu_apply(&n)?, stats))
     }
 
+    /// The normalisation of `x` (`[B, C, ...]`, f32 on the CPU) as `x scale + shift` per
+    /// image and channel (`[B, C]`), with the statistics [`Self::apply_silu`] takes, so
+    /// that a fused reader ([`super::Conv2d::apply_after_norm_silu`]) gives its values
+    /// without the normalised tensor; None on other devices and dtypes.
+    pub(crate) fn channel_affines(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Vec<(f32, f32)>>> {
+        use rayon::prelude::*;
+        if !is_cpu_f32(&[x, &self.weight, &self.bias]) || x.rank() < 2 {
+            return Ok(None);
+        }
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let groups = self.groups;
+        let per_group = x.elem_count() / (b * groups).max(1);
+        let gamma: Vec<f32> = self.weight.to_vec1()?;
+        let beta: Vec<f32> = self.bias.to_vec1()?;
+        if gamma.len() != c || !c.is_multiple_of(groups) {
+            candle_core::bail!("group norm of {} channels given {c}", gamma.len());
+        }
+        let per_group_channels = c / groups;
+        let affines = with_f32(x, |src| {
+            let mut out = vec![(0f32, 0f32); b * c];
+            out.par_chunks_mut(per_group_channels.max(1))
+                .zip(src.par_chunks(per_group.max(1)))
+                .enumerate()
+                .for_each(|(gi, (dst, part))| {
+                    let stats = group_stats(part, self.eps);
+                    let first_channel = (gi % groups) * per_group_channels;
+                    for (ch, d) in dst.iter_mut().enumerate() {
+                        let k = first_channel + ch;
+                        *d = channel_affine(stats, gamma[k], beta[k]);
+                    }
+                });
+            out
+        })?;
+        Ok(Some(affines))
+    }
+
     /// d(loss)/d(x) of [`Self::apply_silu`] from its output gradient `g`, with the
     /// statistics it gave (`None`: those of the normalisation recomputed here), plus `add`
     /// (a residual path's gradient) when given. On CUDA with the statistics, one fused
@@ -258,6 +297,21 @@ impl GroupNorm {
     }
 }
 
+/// One group's mean and `1/std`: two passes, summed in f64 lanes.
+fn group_stats(part: &[f32], eps: f64) -> (f64, f64) {
+    let n = part.len().max(1) as f64;
+    let mean = simd::sum_f64(part, 0.0, false) / n;
+    let var = simd::sum_f64(part, mean, true) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// A channel's normalisation as `x scale + shift`, from its group's statistics and the
+/// channel's affine.
+fn channel_affine((mean, rstd): (f64, f64), gamma: f32, beta: f32) -> (f32, f32) {
+    let scale = rstd as f32 * gamma;
+    (scale, beta - mean as f32 * scale)
+}
+
 /// Group normalisation of f32 CPU data, in parallel over groups: per group the mean and
 /// the variance (two passes, summed in f64 lanes), then the normalised, scaled and shifted
 /// values written, through SiLU when `silu` (a resnet's halves); returns the output and
@@ -285,17 +339,15 @@ fn group_norm_cpu(
             .enumerate()
             .for_each(|(gi, (dst, stat))| {
                 let part = &src[gi * per_group..(gi + 1) * per_group];
-                let mean = simd::sum_f64(part, 0.0, false) / per_group as f64;
-                let var = simd::sum_f64(part, mean, true) / per_group as f64;
-                let rstd = 1.0 / (var + eps).sqrt();
+                let (mean, rstd) = group_stats(part, eps);
                 let first_channel = (gi % groups) * (c / groups);
                 for (ch, (d, s)) in dst
                     .chunks_mut(per_channel)
                     .zip(part.chunks(per_channel))
                     .enumerate()
                 {
-                    let scale = rstd as f32 * gamma[first_channel + ch];
-                    let shift = beta[first_channel + ch] - mean as f32 * scale;
+                    let k = first_channel + ch;
+                    let (scale, shift) = channel_affine((mean, rstd), gamma[k], beta[k]);
                     if silu {
                         simd::norm_silu(d, s, scale, shift);
                     } else {

@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Values held at once by the transformed inputs and products of one band of tiles:
 /// 8M (32 MiB). A UNet's convolutions at 512 px fit in one band; the VAE's at 512 px
 /// (128 channels) take bands of 7 tile rows, and the budget adds to the encoding's peak.
@@ -175,6 +177,18 @@ pub(super) enum Pass {
     InputGrad,
 }
 
+/// What a convolution does besides its product, so that no-gradient passes (the VAE's)
+/// need no tensor for a normalised input or for an output before a residual sum.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Fused<'a> {
+    /// Per image and input channel (`[b, channels]`), `(scale, shift)`: the input is read
+    /// as `silu(x scale + shift)`, a group norm's affine then SiLU ([`simd::norm_silu`],
+    /// the same values as the separate pass), the padding still zeros.
+    pub norm_silu: Option<&'a [(f32, f32)]>,
+    /// Add the convolution to the output's values instead of writing it there.
+    pub accumulate: bool,
+}
+
 /// The 3x3, stride 1, padding 1 convolution of `x` (`[b, channels, h, w]`, contiguous)
 /// for `pass` of a layer whose kernel is `weight` (`[out, in, 3, 3]`), plus `bias` per
 /// result channel, by the variant `SDTI_WINOGRAD` and the size choose ([`choice`]).
@@ -187,20 +201,54 @@ pub(super) fn conv(
     pass: Pass,
     bias: Option<&[f32]>,
     threads: usize,
-) -> Vec<f32> {
+) -> candle_core::Result<Vec<f32>> {
+    let result = match pass {
+        Pass::Forward => out,
+        Pass::InputGrad => inp,
+    };
+    let mut y = vec![0f32; b * result * h * w];
+    let fused = Fused::default();
+    conv_into(
+        x,
+        (b, h, w),
+        weight,
+        (out, inp),
+        pass,
+        bias,
+        fused,
+        threads,
+        &mut y,
+    )?;
+    Ok(y)
+}
+
+/// [`conv`] into `y` (`[b, result channels, h, w]`), read and written as `fused` says.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_into(
+    x: &[f32],
+    (b, h, w): (usize, usize, usize),
+    weight: &[f32],
+    (out, inp): (usize, usize),
+    pass: Pass,
+    bias: Option<&[f32]>,
+    fused: Fused,
+    threads: usize,
+    y: &mut [f32],
+) -> candle_core::Result<()> {
     let f4 = match choice() {
         Choice::F4 => true,
         Choice::Auto => h * w >= F4_PIXELS,
         Choice::F2 | Choice::Off => false,
     };
+    let shape = (b, h, w);
     if f4 {
-        conv_with::<F4, 4, 6>(x, (b, h, w), weight, (out, inp), pass, bias, threads)
+        conv_with::<F4, 4, 6>(x, shape, weight, (out, inp), pass, bias, fused, threads, y)
     } else {
-        conv_with::<F2, 2, 4>(x, (b, h, w), weight, (out, inp), pass, bias, threads)
+        conv_with::<F2, 2, 4>(x, shape, weight, (out, inp), pass, bias, fused, threads, y)
     }
 }
 
-/// [`conv`] by variant `V`.
+/// [`conv_into`] by variant `V`.
 #[allow(clippy::too_many_arguments)]
 fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
@@ -209,15 +257,22 @@ fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
     (out, inp): (usize, usize),
     pass: Pass,
     bias: Option<&[f32]>,
+    fused: Fused,
     threads: usize,
-) -> Vec<f32> {
+    y: &mut [f32],
+) -> candle_core::Result<()> {
     let flip = pass == Pass::InputGrad;
     let u = transform_kernel::<V, M, A>(weight, out, inp, flip);
     let (cin, cout, layout) = match pass {
         Pass::Forward => (inp, out, KernelLayout::OutIn),
         Pass::InputGrad => (out, inp, KernelLayout::InOut),
     };
-    conv3x3::<V, M, A>(x, (b, cin, h, w), &u, layout, cout, bias, threads)
+    let kernel = Kernel {
+        u: &u,
+        layout,
+        cout,
+    };
+    conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, y)
 }
 
 /// One of Winograd's minimal algorithms F(M x M, 3 x 3): each M x M block of outputs from
@@ -344,11 +399,19 @@ pub(super) enum KernelLayout {
     InOut,
 }
 
+/// A transformed kernel `u` as [`conv3x3_into`] reads it, with its output channel count.
+#[derive(Clone, Copy)]
+pub(super) struct Kernel<'a> {
+    pub u: &'a [f32],
+    pub layout: KernelLayout,
+    pub cout: usize,
+}
+
 /// The 3x3, stride 1, padding 1 convolution of `x` (`[b, cin, h, w]`, contiguous) with the
 /// transformed kernel `u` (see [`KernelLayout`]), plus `bias` per output channel:
-/// `[b, cout, h, w]`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn conv3x3<V: Variant<M, A>, const M: usize, const A: usize>(
+/// `[b, cout, h, w]` (empty if the sizes disagree).
+#[cfg(test)]
+fn conv3x3<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     u: &[f32],
@@ -357,39 +420,76 @@ pub(super) fn conv3x3<V: Variant<M, A>, const M: usize, const A: usize>(
     bias: Option<&[f32]>,
     threads: usize,
 ) -> Vec<f32> {
-    let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let mut y = vec![0f32; b * cout * h * w];
+    let kernel = Kernel { u, layout, cout };
+    let fused = Fused::default();
+    conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, &mut y)
+        .map(|()| y)
+        .unwrap_or_default()
+}
+
+/// The 3x3, stride 1, padding 1 convolution of `x` (`[b, cin, h, w]`, contiguous) with
+/// `kernel`, plus `bias` per output channel, into `y` (`[b, cout, h, w]`), read and
+/// written as `fused` says. Band by band of tile rows: the input transform reads the
+/// rows of `x` it needs, the output transform writes the band's rows of `y`.
+pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
+    x: &[f32],
+    (b, cin, h, w): (usize, usize, usize, usize),
+    kernel: Kernel,
+    bias: Option<&[f32]>,
+    fused: Fused,
+    threads: usize,
+    y: &mut [f32],
+) -> candle_core::Result<()> {
+    let Kernel { u, layout, cout } = kernel;
+    let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+    let plane = h * w;
+    let affine_len = fused.norm_silu.map_or(b * cin, <[_]>::len);
+    if y.len() != b * cout * plane || x.len() != b * cin * plane || affine_len != b * cin {
+        candle_core::bail!(
+            "winograd convolution: {} input, {} output and {affine_len} affine values \
+             for [{b}, {cin} -> {cout}, {h}, {w}]",
+            x.len(),
+            y.len()
+        );
+    }
     if y.is_empty() || cin == 0 {
-        return y;
+        return Ok(());
     }
     let per_tile_row = A * A * (cin + cout) * tw;
     let band = (BAND_BUDGET / per_tile_row.max(1)).clamp(1, th);
     let mut v = Scratch::take(A * A * cin * band * tw);
     let mut m = Scratch::take(A * A * cout * band * tw);
-    let plane = h * w;
     for bi in 0..b {
         let xs = &x[bi * cin * plane..(bi + 1) * cin * plane];
         let ys = &mut y[bi * cout * plane..(bi + 1) * cout * plane];
+        let affine = fused
+            .norm_silu
+            .and_then(|a| a.get(bi * cin..(bi + 1) * cin));
         for first in (0..th).step_by(band) {
             let rows = band.min(th - first);
             let tiles = rows * tw;
             let v = &mut v[..A * A * cin * tiles];
             let m = &mut m[..A * A * cout * tiles];
-            transform_input::<V, M, A>(xs, cin, h, w, first, rows, v);
+            transform_input::<V, M, A>(xs, (cin, h, w), affine, first, rows, v);
             products(u, layout, v, m, cin, cout, tiles, threads);
-            transform_output::<V, M, A>(m, cout, h, w, first, rows, bias, ys);
+            let out = Output {
+                bias,
+                accumulate: fused.accumulate,
+            };
+            transform_output::<V, M, A>(m, (cout, h, w), first, rows, out, ys);
         }
     }
-    y
+    Ok(())
 }
 
 /// `B^T d B` of every A x A input block of tile rows `first..first + rows`, into `v`
-/// (`[A*A, cin, tiles]`); the padding reads as zeros.
+/// (`[A*A, cin, tiles]`); the padding reads as zeros. With `affine` (per channel), each
+/// row read is first taken through `silu(x scale + shift)`.
 fn transform_input<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
-    cin: usize,
-    h: usize,
-    w: usize,
+    (cin, h, w): (usize, usize, usize),
+    affine: Option<&[(f32, f32)]>,
     first: usize,
     rows: usize,
     v: &mut [f32],
@@ -413,16 +513,26 @@ fn transform_input<V: Variant<M, A>, const M: usize, const A: usize>(
         .enumerate()
         .for_each(|(c, mut out)| {
             let src = &x[c * h * w..(c + 1) * h * w];
+            let affine = affine.and_then(|a| a.get(c).copied());
             // A padded input rows, read once per tile row: one zero on the left, zeros
             // past the right edge up to the last tile's end.
             let padded = tw * M + 2;
             let mut lines = vec![[0f32; A]; padded];
+            let mut activated = vec![0f32; if affine.is_some() { w } else { 0 }];
             for r in 0..rows {
                 let top = (M * (first + r)) as isize - 1;
                 for k in 0..A {
                     let iy = top + k as isize;
-                    let row = (iy >= 0 && (iy as usize) < h)
-                        .then(|| &src[iy as usize * w..(iy as usize + 1) * w]);
+                    let row = (iy >= 0 && (iy as usize) < h).then(|| {
+                        let row = &src[iy as usize * w..(iy as usize + 1) * w];
+                        match affine {
+                            Some((scale, shift)) => {
+                                simd::norm_silu(&mut activated, row, scale, shift);
+                                &activated[..]
+                            }
+                            None => row,
+                        }
+                    });
                     for (xx, column) in lines.iter_mut().enumerate() {
                         column[k] = match row {
                             Some(row) if xx >= 1 && xx <= w => row[xx - 1],
@@ -511,17 +621,22 @@ fn products(
     }
 }
 
-/// `A^T m A` of every product block, plus the bias, written to the output pixels of tile
-/// rows `first..first + rows` that exist.
-#[allow(clippy::too_many_arguments)]
+/// How [`transform_output`] writes: the bias per output channel, and whether it adds to
+/// the output's values.
+#[derive(Clone, Copy, Default)]
+struct Output<'a> {
+    bias: Option<&'a [f32]>,
+    accumulate: bool,
+}
+
+/// `A^T m A` of every product block, plus the bias, written to (or added to) the output
+/// pixels of tile rows `first..first + rows` that exist.
 fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
     m: &[f32],
-    cout: usize,
-    h: usize,
-    w: usize,
+    (cout, h, w): (usize, usize, usize),
     first: usize,
     rows: usize,
-    bias: Option<&[f32]>,
+    Output { bias, accumulate }: Output,
     y: &mut [f32],
 ) {
     let tw = w.div_ceil(M);
@@ -553,8 +668,14 @@ fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
                         break;
                     }
                     let dst = &mut out[yy * w + x0..yy * w + x0 + cols];
-                    for (d, v) in dst.iter_mut().zip(V::output(row)) {
-                        *d = v + add;
+                    if accumulate {
+                        for (d, v) in dst.iter_mut().zip(V::output(row)) {
+                            *d += v + add;
+                        }
+                    } else {
+                        for (d, v) in dst.iter_mut().zip(V::output(row)) {
+                            *d = v + add;
+                        }
                     }
                 }
             }
@@ -613,7 +734,7 @@ mod tests {
                         Pass::Forward,
                         Some(&values(&bias)),
                         threads,
-                    );
+                    )?;
                     let err = max_rel(&got, &values(&want));
                     assert!(
                         err < 1e-5,
@@ -649,7 +770,7 @@ mod tests {
                     Pass::InputGrad,
                     None,
                     2,
-                );
+                )?;
                 let err = max_rel(&got, &values(want));
                 assert!(err < 1e-5, "{choice:?} {b}x{c}x{h}x{w} -> {o}: {err}");
             }
@@ -714,9 +835,10 @@ mod tests {
         for first in 0..th {
             let mut v = vec![0f32; A * A * c * tw];
             let mut m = vec![0f32; A * A * o * tw];
-            transform_input::<V, M, A>(&x, c, h, w, first, 1, &mut v);
+            transform_input::<V, M, A>(&x, (c, h, w), None, first, 1, &mut v);
             products(&u, KernelLayout::OutIn, &v, &mut m, c, o, tw, 1);
-            transform_output::<V, M, A>(&m, o, h, w, first, 1, None, &mut y);
+            let out = Output::default();
+            transform_output::<V, M, A>(&m, (o, h, w), first, 1, out, &mut y);
         }
         assert_eq!(whole, y);
     }
