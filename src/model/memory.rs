@@ -24,22 +24,24 @@
 //!   encoder's saved state and a fixed allowance for the process itself.
 //!
 //! Calibration: `sdti bench --recompute off|on` on a random SD 1.5 (f32, batch 1, one
-//! image, 2-core CPU), peak RSS over the whole run; the weights are 4,068 MiB (text
-//! encoder 470, UNet 3,279, VAE 319), of which a step holds 3,749:
+//! image, 2-core CPU), the peak RSS of the timed step (VmHWM reset after the warm-up
+//! step); the weights are 4,068 MiB (text encoder 470, UNet 3,279, VAE 319), of which a
+//! step holds 3,749:
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 4,096 MiB | 4,092 MiB (-0.1%) |
-//! | 256 px | on | 4,096 MiB | 4,039 MiB (-1.4%) |
-//! | 512 px | off | 4,463 MiB | 4,513 MiB (+1.1%) |
-//! | 512 px | on | 4,220 MiB | 4,321 MiB (+2.4%) |
+//! | 256 px | off | 4,096 MiB | 4,115 MiB (+0.5%) |
+//! | 256 px | on | 4,096 MiB | 4,062 MiB (-0.8%) |
+//! | 512 px | off | 4,452 MiB | 4,536 MiB (+1.9%) |
+//! | 512 px | on | 4,208 MiB | 4,344 MiB (+3.2%) |
 //!
-//! At 256 px with recompute the process's peak is not the step's but the image's encoding
-//! before the first step (all the weights and the VAE's work), which has passed by the
-//! time the estimate chooses recompute. Elsewhere the estimate errs a little high, the
-//! safe side for a choice that must not run out of memory; at 512 px recompute keeps 471
-//! MiB over the step's weights where keeping everything takes 714 MiB (narrow transformer
-//! blocks rebuilding their projections: `transformer::REBUILD_WIDTH`).
+//! At 256 px both measure the RSS the process keeps after the warm-up step (the heap
+//! it did not hand back), which the timed step stays under. Elsewhere the estimate
+//! errs a little high, the safe side for a choice that must not run out of memory; at
+//! 512 px recompute keeps 459 MiB over the step's weights where keeping everything
+//! takes 703 MiB (narrow transformer blocks rebuilding their projections:
+//! `transformer::REBUILD_WIDTH`). SDXL at 512 px (recompute off): 14,910 MiB measured,
+//! 14,970 estimated (+0.4%).
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
@@ -49,7 +51,7 @@ use super::unet::{down_levels, up_levels};
 /// What the process holds besides the weights and the step: the code, the tokenizer,
 /// the cached latents, the allocator's slack and the threads' stacks. Chosen so that the
 /// estimate stays at or above the peaks measured with `sdti bench` (the module's table).
-pub const OVERHEAD_BYTES: u64 = 128 << 20;
+pub const OVERHEAD_BYTES: u64 = 192 << 20;
 
 /// The estimated peak memory of one training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,14 +225,15 @@ fn clip_parameters(cfg: &ClipConfig, projection: bool) -> u64 {
         + projection
 }
 
-/// What the text encoder keeps for the gradient of the learned vectors, in f32: per
-/// layer about sixteen activations of its width and the attention weights, for one
-/// 77-token chunk per sample (longer prompts are rare in training).
+/// What the text encoder keeps for the gradient of the learned vectors, in f32, for one
+/// 77-token chunk per sample (longer prompts are rare in training): per layer (`ClipSaved`)
+/// its input, the fused q/k/v, the attention's output and row log-sum-exps, the residual
+/// sum and the MLP's hidden pre-activation, six activations of its width and one of the
+/// MLP's.
 fn text_encoder_bytes(cfg: &ClipConfig, batch: usize) -> u64 {
     let tokens = (batch * CLIP_CONTEXT_LEN) as u64;
-    let per_layer = tokens * (16 * cfg.hidden_size as u64 + 2 * cfg.intermediate_size as u64)
-        + tokens * CLIP_CONTEXT_LEN as u64 * cfg.num_attention_heads as u64;
-    4 * per_layer * cfg.num_hidden_layers as u64
+    let per_token = 6 * cfg.hidden_size + cfg.intermediate_size + cfg.num_attention_heads;
+    4 * tokens * per_token as u64 * cfg.num_hidden_layers as u64
 }
 
 /// Running sums of the walk, in elements of the UNet's dtype.
