@@ -338,7 +338,7 @@ pub fn inspect(a: InspectArgs) -> CliResult<()> {
         None => inspect_embedding(&emb, None, a.top),
         Some(path) => {
             let model = load_model(path, &a.device)?;
-            let table = model.text_encoder.token_table();
+            let table = model.text_encoder.token_table()?;
             let dim = table.dim(1).map_err(sdti::Error::from)?;
             let values: Vec<f32> = table
                 .to_dtype(DType::F32)

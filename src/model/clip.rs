@@ -3,6 +3,9 @@
 //! into the token slots and each family's way of turning hidden states into conditioning
 //! ([`Conditioning`]).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ClipConfig;
@@ -335,11 +338,125 @@ impl Block for ClipLayer {
     }
 }
 
+/// Reads a token table again, for [`ClipTextTransformer::token_table`] and for prompts
+/// with tokens a release did not keep.
+pub(crate) type TableReload = Box<dyn Fn() -> Result<Tensor> + Send + Sync>;
+
+/// A text encoder's token table (`[vocab, dim]`: 152 MiB for CLIP ViT-L in f32, 253 MiB
+/// for SDXL's bigG), held whole, or, while training has released it, only the rows of
+/// the tokens its prompts use. Training embeds a few hundred distinct tokens at most, so
+/// a step need not hold the rest; a prompt with a token not kept reads the whole table
+/// again (from the model's files, or a random model's generator) and keeps it until the
+/// next release. The rows are copies, so the embeddings are the same bit for bit.
+struct TokenTable {
+    table: Mutex<Table>,
+    reload: Option<TableReload>,
+}
+
+enum Table {
+    Full(Tensor),
+    /// `rows[slot[id]]` is the table's row `id`.
+    Kept {
+        rows: Tensor,
+        slot: HashMap<u32, u32>,
+    },
+}
+
+impl TokenTable {
+    fn new(full: Tensor) -> Self {
+        Self {
+            table: Mutex::new(Table::Full(full)),
+            reload: None,
+        }
+    }
+
+    /// The table's state; a thread that panicked holding the lock left a valid one.
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The whole table, read again (and kept) if it was released.
+    fn full(&self) -> Result<Tensor> {
+        let mut table = self.lock();
+        self.loaded(&mut table)
+    }
+
+    fn loaded(&self, table: &mut Table) -> Result<Tensor> {
+        if let Table::Full(t) = table {
+            return Ok(t.clone());
+        }
+        let reload = self
+            .reload
+            .as_ref()
+            .ok_or_else(|| Error::input("token table", "was released and cannot be read again"))?;
+        let full = reload()?;
+        *table = Table::Full(full.clone());
+        Ok(full)
+    }
+
+    /// The rows of `ids` (`[n]`, u32): `[n, dim]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut table = self.lock();
+        if let Table::Kept { rows, slot } = &*table {
+            let wanted = ids.to_vec1::<u32>()?;
+            let slots: Option<Vec<u32>> = wanted.iter().map(|id| slot.get(id).copied()).collect();
+            if let Some(slots) = slots {
+                let slots = Tensor::from_vec(slots, wanted.len(), ids.device())?;
+                return Ok(rows.index_select(&slots, 0)?);
+            }
+        }
+        Ok(self.loaded(&mut table)?.index_select(ids, 0)?)
+    }
+
+    /// Keeps only the rows of `keep` (copied out of the whole table, read again if need
+    /// be) when the table can be read again; false, keeping it whole, when it cannot.
+    fn release(&self, keep: &[u32]) -> Result<bool> {
+        if self.reload.is_none() {
+            return Ok(false);
+        }
+        let mut table = self.lock();
+        if let Table::Kept { slot, .. } = &*table {
+            if keep.iter().all(|id| slot.contains_key(id)) {
+                return Ok(true);
+            }
+        }
+        let full = self.loaded(&mut table)?;
+        let mut ids = keep.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let vocab = full.dim(0)?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::input(
+                "token table",
+                format!("token id {bad} is outside the {vocab}-token table"),
+            ));
+        }
+        let index = Tensor::from_vec(ids.clone(), ids.len(), full.device())?;
+        let rows = full.index_select(&index, 0)?;
+        let slot = ids.into_iter().zip(0u32..).collect();
+        *table = Table::Kept { rows, slot };
+        Ok(true)
+    }
+}
+
+impl std::fmt::Debug for TokenTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = match &*self.lock() {
+            Table::Full(_) => None,
+            Table::Kept { slot, .. } => Some(slot.len()),
+        };
+        f.debug_struct("TokenTable")
+            .field("kept_rows", &kept)
+            .field("reloadable", &self.reload.is_some())
+            .finish()
+    }
+}
+
 /// The text transformer: token and position lookups, layers, final layer norm, and the
 /// pooled vector's projection where the weights have one.
 #[derive(Debug)]
 pub struct ClipTextTransformer {
-    token_embedding: Tensor,
+    token_embedding: TokenTable,
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
@@ -385,7 +502,7 @@ impl ClipTextTransformer {
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(&w, "final_layer_norm", d, cfg.layer_norm_eps)?;
         Ok(Self {
-            token_embedding,
+            token_embedding: TokenTable::new(token_embedding),
             position_embedding,
             layers,
             final_layer_norm,
@@ -398,17 +515,39 @@ impl ClipTextTransformer {
         &self.config
     }
 
-    /// The token table `[vocab, dim]`, for initialising vectors from words.
-    pub fn token_table(&self) -> &Tensor {
-        &self.token_embedding
+    /// The token table `[vocab, dim]`, for initialising vectors from words; read again
+    /// when training released it ([`Self::release_token_table`]).
+    pub fn token_table(&self) -> Result<Tensor> {
+        self.token_embedding.full()
+    }
+
+    /// Keeps only the rows of `keep` of the token table while the whole table can be
+    /// read again (see `TokenTable`); false, keeping it whole, when it cannot.
+    pub fn release_token_table(&self, keep: &[u32]) -> Result<bool> {
+        self.token_embedding.release(keep)
+    }
+
+    /// Lets [`Self::release_token_table`] free the table, `reload` reading it again.
+    pub(crate) fn set_token_reload(&mut self, reload: TableReload) {
+        self.token_embedding.reload = Some(reload);
+    }
+
+    /// Whether [`Self::release_token_table`] frees the table.
+    pub fn token_table_releasable(&self) -> bool {
+        self.token_embedding.reload.is_some()
+    }
+
+    /// Whether the whole token table is in memory now.
+    pub fn token_table_loaded(&self) -> bool {
+        matches!(*self.token_embedding.lock(), Table::Full(_))
     }
 
     pub fn device(&self) -> &Device {
-        self.token_embedding.device()
+        self.position_embedding.device()
     }
 
     pub fn dtype(&self) -> DType {
-        self.token_embedding.dtype()
+        self.position_embedding.dtype()
     }
 
     /// The number of blocks of the original encoder: the loaded layers plus the final
@@ -515,10 +654,7 @@ impl ClipTextTransformer {
         };
         let d = self.config.hidden_size;
         let flat = ids.flatten_all()?;
-        let mut x = self
-            .token_embedding
-            .index_select(&flat, 0)?
-            .reshape((b, t, d))?;
+        let mut x = self.token_embedding.embed(&flat)?.reshape((b, t, d))?;
         if let Some(inj) = injection {
             let rows = inj
                 .table

@@ -20,28 +20,30 @@
 //! * the largest transient of a block's passes (the convolutions' column buffers, the
 //!   feed-forward's gradients);
 //! * the weights a step holds (counted from the configuration; the text encoder always in
-//!   f32; not the VAE's, which the first step frees: `SdModel::release_vae`), the text
+//!   f32; not the VAE's, which the first step frees: `SdModel::release_vae`, nor the token
+//!   tables but their prompts' rows: `SdModel::release_token_tables`), the text
 //!   encoder's saved state and a fixed allowance for the process itself.
 //!
 //! Calibration: `sdti bench --recompute off|on` on a random SD 1.5 (f32, batch 1, one
-//! image, 2-core CPU), the peak RSS of the timed step (VmHWM reset after the warm-up
-//! step); the weights are 4,068 MiB (text encoder 470, UNet 3,279, VAE 319), of which a
-//! step holds 3,749:
+//! image, 2-core CPU), the peak RSS from the warm-up step on (VmHWM reset before it);
+//! the weights are 4,068 MiB (text encoder 470 with its token table 145, UNet 3,279, VAE
+//! 319), of which a step holds 3,604:
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 4,096 MiB | 4,115 MiB (+0.5%) |
-//! | 256 px | on | 4,096 MiB | 4,062 MiB (-0.8%) |
-//! | 512 px | off | 4,452 MiB | 4,536 MiB (+1.9%) |
-//! | 512 px | on | 4,208 MiB | 4,344 MiB (+3.2%) |
+//! | 256 px | off | 4,095 MiB | 3,970 MiB (-3.1%) |
+//! | 256 px | on | 4,095 MiB | 3,918 MiB (-4.3%) |
+//! | 512 px | off | 4,303 MiB | 4,391 MiB (+2.0%) |
+//! | 512 px | on | 4,104 MiB | 4,199 MiB (+2.3%) |
 //!
-//! At 256 px both measure the RSS the process keeps after the warm-up step (the heap
-//! it did not hand back), which the timed step stays under. Elsewhere the estimate
-//! errs a little high, the safe side for a choice that must not run out of memory; at
-//! 512 px recompute keeps 459 MiB over the step's weights where keeping everything
-//! takes 703 MiB (narrow transformer blocks rebuilding their projections:
-//! `transformer::REBUILD_WIDTH`). SDXL at 512 px (recompute off): 14,910 MiB measured,
-//! 14,970 estimated (+0.4%).
+//! At 256 px both measure the RSS when the steps begin, the VAE and the whole token
+//! tables still loaded (the loading estimate, [`loading_bytes`], is 4,260 MiB); the steps
+//! themselves stay under 3,870 MiB (RSS sampled every 50 ms). Elsewhere the estimate errs
+//! a little high, the safe side for a choice that must not run out of memory; at 512 px
+//! recompute keeps 500 MiB over the step's weights where keeping everything takes 699
+//! MiB (narrow transformer blocks rebuilding their projections:
+//! `transformer::REBUILD_WIDTH`). SDXL at 512 px (recompute off): 14,495 MiB measured,
+//! 14,584 estimated (+0.6%).
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
@@ -102,7 +104,10 @@ impl StepMemory {
 }
 
 /// Bytes of the weights a step holds ([`StepMemory::weights`]): the UNet in
-/// `dtype_bytes`, the text encoders in f32 (they compute in f32 in every precision).
+/// `dtype_bytes`, the text encoders in f32 (they compute in f32 in every precision) but
+/// their token tables, of which a step keeps only its prompts' rows
+/// ([`SdModel::release_token_tables`](super::SdModel::release_token_tables)); a model
+/// that cannot free them adds [`token_table_bytes`].
 pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
     let unet = unet_parameters(&config.unet);
     let text = clip_parameters(&config.text_encoder, false)
@@ -110,7 +115,20 @@ pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
             .text_encoder_2
             .as_ref()
             .map_or(0, |te2| clip_parameters(te2, true));
-    unet * dtype_bytes as u64 + text * 4
+    unet * dtype_bytes as u64 + text * 4 - token_table_bytes(config)
+}
+
+/// The process's memory while a model is loaded and its images encoded, before the first
+/// step frees the VAE and the whole token tables: `step`'s weights and overhead plus
+/// those, the VAE in `vae_dtype_bytes`-byte floats.
+pub fn loading_bytes(config: &ModelConfig, step: &StepMemory, vae_dtype_bytes: usize) -> u64 {
+    step.weights + vae_bytes(config, vae_dtype_bytes) + token_table_bytes(config) + step.overhead
+}
+
+/// Bytes of the text encoders' token tables (f32).
+pub fn token_table_bytes(config: &ModelConfig) -> u64 {
+    let table = |c: &ClipConfig| (c.vocab_size * c.hidden_size) as u64 * 4;
+    table(&config.text_encoder) + config.text_encoder_2.as_ref().map_or(0, table)
 }
 
 /// Bytes of the VAE's weights in `dtype_bytes`.

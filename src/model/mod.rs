@@ -102,18 +102,51 @@ impl SdModel {
     ) -> Result<Self> {
         let loaded = files::index_model(path, opts.dtype, &opts.device, opts.config.as_ref())?;
         check(&loaded.config)?;
-        let stamps = loaded
-            .weights
-            .pp("vae")
-            .source_files()
-            .into_iter()
-            .map(|f| FileStamp::of(&f))
-            .collect::<Result<Vec<_>>>()?;
+        let stamps = |part: &str, what: &'static str| {
+            loaded
+                .weights
+                .pp(part)
+                .source_files()
+                .into_iter()
+                .map(|f| FileStamp::of(&f, what))
+                .collect::<Result<Vec<_>>>()
+        };
+        let vae_stamps = stamps("vae", "the VAE")?;
+        let table_stamps = [
+            stamps("text_encoder", TABLE)?,
+            stamps("text_encoder_2", TABLE)?,
+        ];
         let mut model = Self::from_weights(&loaded.weights, loaded.config, loaded.source)?;
         model.notes = loaded.notes;
         let (path, opts, config) = (path.to_path_buf(), opts.clone(), model.config.clone());
+        let encoders = [Some(&mut model.text_encoder), model.text_encoder_2.as_mut()];
+        for ((part, encoder), stamps) in ["text_encoder", "text_encoder_2"]
+            .into_iter()
+            .zip(encoders)
+            .zip(table_stamps)
+        {
+            // Just built, so not shared yet.
+            let Some(encoder) = encoder.and_then(Arc::get_mut) else {
+                continue;
+            };
+            let (path, opts, config) = (path.clone(), opts.clone(), config.clone());
+            let dtype = encoder.dtype();
+            let shape = [encoder.config().vocab_size, encoder.config().hidden_size];
+            encoder.set_token_reload(Box::new(move || {
+                for f in &stamps {
+                    f.check_unchanged()?;
+                }
+                let loaded =
+                    files::index_text_encoders(&path, opts.dtype, &opts.device, Some(&config))?;
+                loaded
+                    .weights
+                    .pp(part)
+                    .with_dtype(dtype)
+                    .get_shaped("text_model.embeddings.token_embedding.weight", &shape)
+            }));
+        }
         model.vae.reload = Some(Box::new(move || {
-            for f in &stamps {
+            for f in &vae_stamps {
                 f.check_unchanged()?;
             }
             let loaded = files::index_model(&path, opts.dtype, &opts.device, Some(&config))?;
@@ -218,6 +251,24 @@ impl SdModel {
         true
     }
 
+    /// Frees each text encoder's token table but the rows of `keep`, for training
+    /// ([`TextEncoder::release_token_table`]); returns whether any was released.
+    pub fn release_token_tables(&self, keep: &[u32]) -> Result<bool> {
+        let mut released = false;
+        for encoder in self.text_encoders() {
+            released |= encoder.release_token_table(keep)?;
+        }
+        Ok(released)
+    }
+
+    /// Whether [`SdModel::release_token_tables`] frees every token table (a model loaded
+    /// from files, or random).
+    pub fn token_tables_releasable(&self) -> bool {
+        self.text_encoders()
+            .iter()
+            .all(|e| e.token_table_releasable())
+    }
+
     /// Whether [`SdModel::release_vae`] frees the VAE (a model loaded from files, or
     /// random).
     pub fn vae_releasable(&self) -> bool {
@@ -284,25 +335,32 @@ pub(crate) fn vae_from(w: &weights::Weights, config: &ModelConfig) -> Result<Vae
     )
 }
 
-/// A model file's size and modification time when it was loaded: reading its VAE again
-/// from a file that has since changed would pair the UNet with another VAE.
+/// What [`FileStamp`]'s errors call a text encoder's token table.
+const TABLE: &str = "the text encoder's token table";
+
+/// A model file's size and modification time when it was loaded: reading its VAE (or a
+/// token table) again from a file that has since changed would pair the UNet with
+/// another VAE.
 struct FileStamp {
     path: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
+    /// What is read again from the file, for the errors ("the VAE").
+    what: &'static str,
 }
 
 impl FileStamp {
-    fn of(path: &Path) -> Result<Self> {
+    fn of(path: &Path, what: &'static str) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        Ok(Self::from_metadata(path, &meta))
+        Ok(Self::from_metadata(path, &meta, what))
     }
 
-    fn from_metadata(path: &Path, meta: &std::fs::Metadata) -> Self {
+    fn from_metadata(path: &Path, meta: &std::fs::Metadata, what: &'static str) -> Self {
         Self {
             path: path.to_path_buf(),
             len: meta.len(),
             modified: meta.modified().ok(),
+            what,
         }
     }
 
@@ -310,13 +368,14 @@ impl FileStamp {
         // A file that is not there is gone; any other failure (permissions, I/O) keeps
         // its own reason.
         let now = match std::fs::metadata(&self.path) {
-            Ok(meta) => Self::from_metadata(&self.path, &meta),
+            Ok(meta) => Self::from_metadata(&self.path, &meta, self.what),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::Model {
                     path: self.path.clone(),
-                    reason: "is gone; sdti freed the VAE during training and cannot read it \
-                             again"
-                        .into(),
+                    reason: format!(
+                        "is gone; sdti freed {} during training and cannot read it again",
+                        self.what
+                    ),
                 })
             }
             Err(e) => return Err(Error::io(&self.path, e)),
@@ -324,9 +383,11 @@ impl FileStamp {
         if now.len != self.len || now.modified != self.modified {
             return Err(Error::Model {
                 path: self.path.clone(),
-                reason: "changed since the model was loaded; sdti freed the VAE during training \
-                         and will not read it from a different file"
-                    .into(),
+                reason: format!(
+                    "changed since the model was loaded; sdti freed {} during training and \
+                     will not read it from a different file",
+                    self.what
+                ),
             });
         }
         Ok(())

@@ -116,16 +116,22 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// A text encoder's token table, its first tensor (`p`: its `text_model`).
+    fn token_table(&mut self, p: &str, cfg: &ClipConfig) -> Result<()> {
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        self.normal(
+            format!("{p}.embeddings.token_embedding.weight"),
+            &shape,
+            0.02,
+        )
+    }
+
     /// A CLIP text encoder under `part` (`text_encoder`, `text_encoder_2`), with
     /// transformers' `CLIPTextModelWithProjection` projection when `projection`.
     fn clip(&mut self, part: &str, cfg: &ClipConfig, projection: bool) -> Result<()> {
         let p = &format!("{part}.text_model");
         let d = cfg.hidden_size;
-        self.normal(
-            format!("{p}.embeddings.token_embedding.weight"),
-            &[cfg.vocab_size, d],
-            0.02,
-        )?;
+        self.token_table(p, cfg)?;
         self.normal(
             format!("{p}.embeddings.position_embedding.weight"),
             &[cfg.max_position_embeddings, d],
@@ -273,30 +279,55 @@ impl Builder<'_> {
 
 /// Random f32 CPU weights for `config`, named as [`super::weights::Weights`] expects.
 pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
-    Ok(random_weights_and_vae_state(config, seed)?.0)
+    Ok(random_weights_and_states(config, seed)?.0)
 }
 
-/// [`random_weights`], and the generator's state where the VAE's weights begin (they
-/// come last), from which [`random_vae_weights`] draws them again.
-fn random_weights_and_vae_state(
+/// The generator's states where parts of [`random_weights`] begin, from which they are
+/// drawn again when the model has freed them.
+struct RedrawStates {
+    /// The VAE's weights (they come last): [`random_vae_weights`].
+    vae: RngState,
+    /// Each text encoder's token table (each encoder's first tensor):
+    /// [`random_token_table`].
+    token_tables: Vec<RngState>,
+}
+
+/// [`random_weights`], and where the parts a model frees for training begin.
+fn random_weights_and_states(
     config: &ModelConfig,
     seed: u64,
-) -> Result<(HashMap<String, Tensor>, RngState)> {
+) -> Result<(HashMap<String, Tensor>, RedrawStates)> {
     let mut rng = Rng::new(seed);
     let mut b = Builder {
         rng: &mut rng,
         out: HashMap::new(),
     };
+    let mut token_tables = vec![b.rng.state()];
     // SD 2.x's diffusers folders hold a plain CLIPTextModel; SDXL's second encoder is a
     // CLIPTextModelWithProjection.
     b.clip("text_encoder", &config.text_encoder, false)?;
     if let Some(te2) = &config.text_encoder_2 {
+        token_tables.push(b.rng.state());
         b.clip("text_encoder_2", te2, true)?;
     }
     b.unet(&config.unet)?;
-    let vae_state = b.rng.state();
+    let vae = b.rng.state();
     b.vae(&config.vae)?;
-    Ok((b.out, vae_state))
+    Ok((b.out, RedrawStates { vae, token_tables }))
+}
+
+/// A text encoder's token table of [`random_weights`], drawn again from `state`.
+fn random_token_table(cfg: &ClipConfig, state: RngState) -> Result<Tensor> {
+    let mut rng = Rng::from_state(state)?;
+    let mut b = Builder {
+        rng: &mut rng,
+        out: HashMap::new(),
+    };
+    b.token_table("", cfg)?;
+    b.out
+        .into_values()
+        .next()
+        .ok_or_else(|| crate::error::Error::input("random model", "no token table was drawn"))
 }
 
 /// The VAE's weights of [`random_weights`], drawn again from `state`.
@@ -412,7 +443,7 @@ pub fn random_model_inspected(
     device: &Device,
     inspect: impl FnOnce(&HashMap<String, Tensor>),
 ) -> Result<super::SdModel> {
-    let (tensors, vae_state) = random_weights_and_vae_state(config, seed)?;
+    let (tensors, states) = random_weights_and_states(config, seed)?;
     inspect(&tensors);
     let weights = super::weights::Weights::from_tensors(tensors, dtype, device.clone());
     let mut model = super::SdModel::from_weights(
@@ -421,8 +452,23 @@ pub fn random_model_inspected(
         format!("random {} (seed {seed})", config.family.model_name()).into(),
     )?;
     drop(weights);
+    // Released for training (SdModel::release_token_tables), a token table is drawn
+    // again, the same, in the encoder's dtype.
+    let clips = [Some(&config.text_encoder), config.text_encoder_2.as_ref()];
+    let encoders = [Some(&mut model.text_encoder), model.text_encoder_2.as_mut()];
+    for ((cfg, encoder), state) in clips.into_iter().zip(encoders).zip(states.token_tables) {
+        // Just built, so not shared yet.
+        let (Some(cfg), Some(encoder)) = (cfg, encoder.and_then(std::sync::Arc::get_mut)) else {
+            continue;
+        };
+        let (cfg, dtype, device) = (cfg.clone(), encoder.dtype(), device.clone());
+        encoder.set_token_reload(Box::new(move || {
+            let table = random_token_table(&cfg, state)?;
+            Ok(table.to_dtype(dtype)?.to_device(&device)?)
+        }));
+    }
     // Released for training (SdModel::release_vae), the VAE is drawn again, the same.
-    let (config, device) = (config.clone(), device.clone());
+    let (config, device, vae_state) = (config.clone(), device.clone(), states.vae);
     model.set_vae_reload(Box::new(move || {
         let w = super::weights::Weights::from_tensors(
             random_vae_weights(&config, vae_state)?,

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 
 use super::config::{RecomputeMode, TrainConfig};
 use crate::error::{Error, Result};
-use crate::model::memory::{available_bytes, vae_bytes, StepMemory};
+use crate::model::memory::{available_bytes, loading_bytes, StepMemory};
 use crate::model::{vae_dtype, ModelConfig, Recompute};
 
 /// Refuses, with [`Error::Memory`], a run of `train` on a model of `model` in `dtype` on
@@ -51,9 +51,9 @@ pub fn check_fits(
         Recompute::On
     };
     let need = estimate(least);
-    // Loading holds the VAE too, until the first step frees it (SdModel::release_vae).
-    let vae = vae_bytes(model, vae_dtype(model, dtype).size_in_bytes());
-    let loading = need.weights + vae + need.overhead;
+    // Loading holds the VAE and the whole token tables too, until the first step frees
+    // them (SdModel::release_vae, SdModel::release_token_tables).
+    let loading = loading_bytes(model, &need, vae_dtype(model, dtype).size_in_bytes());
     if need.total().max(loading) <= limit {
         return Ok(());
     }
@@ -76,7 +76,7 @@ pub fn check_fits(
         "even with recompute on"
     };
     let mut message = format!(
-        "{job} needs about {} {recompute} (weights {}, the step {}; loading {} with the VAE's weights, freed for the steps); {} {what}",
+        "{job} needs about {} {recompute} (weights {}, the step {}; loading {} with the VAE's weights and the token tables, freed for the steps); {} {what}",
         gib(need.total().max(loading)),
         gib(need.weights),
         gib(need.activations + need.overhead),

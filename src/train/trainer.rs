@@ -1,6 +1,7 @@
 //! The training loop: cached latents, the denoising step, AdamW on the learned vectors,
 //! atomic checkpoints and exact resume.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,14 +17,15 @@ use super::data::{prepare_views, CropMode, ImageSource, SizeCond, TrainImage};
 use super::loss::{denoising_loss_with, DenoisingBatch};
 use super::lr_schedule::LrSchedule;
 use super::optimizer::{AdamW, LossScale};
-use super::templates::{Builtin, TemplateSet};
+use super::templates::{fill, Builtin, TemplateSet};
 use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };
 use crate::error::{Error, Result};
 use crate::model::clip::split_columns;
 use crate::model::memory::{
-    available_bytes, recompute_order, return_free_memory, transformer_count, vae_bytes, StepMemory,
+    available_bytes, recompute_order, return_free_memory, token_table_bytes, transformer_count,
+    vae_bytes, StepMemory,
 };
 use crate::model::{Injection, LatentDist, NoiseSchedule, Recompute, SdModel, TextEncoder};
 use crate::prompt::chunks::ChunkStyle;
@@ -85,6 +87,10 @@ pub struct Trainer {
     /// How the UNet's blocks treat their activations: a runtime choice, not an option of
     /// the run ([`RecomputeMode`] says why).
     pub(super) recompute: Recompute,
+    /// The token ids the run's prompts can hold (every template filled with the word
+    /// and each image's caption), and how many of the images they cover: the rows of the
+    /// token tables a step keeps ([`SdModel::release_token_tables`]).
+    pub(super) prompt_tokens: (usize, BTreeSet<u32>),
 }
 
 impl Trainer {
@@ -147,6 +153,7 @@ impl Trainer {
             cancel: Arc::new(AtomicBool::new(false)),
             loss_scale: (model.dtype() == DType::F16).then(LossScale::new),
             recompute: Recompute::Off,
+            prompt_tokens: (0, BTreeSet::new()),
             model,
             config,
         })
@@ -224,6 +231,9 @@ impl Trainer {
         );
         if !self.model.vae_releasable() {
             m.weights += vae_bytes(&self.model.config, self.model.vae_dtype().size_in_bytes());
+        }
+        if !self.model.token_tables_releasable() {
+            m.weights += token_table_bytes(&self.model.config);
         }
         m
     }
@@ -490,6 +500,39 @@ impl Trainer {
         Ok(())
     }
 
+    /// Frees the text encoders' token tables but the rows of the tokens the run's
+    /// prompts can hold, which [`Trainer::micro_batch`] then embeds from those rows.
+    fn release_token_tables(&mut self) -> Result<()> {
+        let (covered, tokens) = &mut self.prompt_tokens;
+        if *covered < self.images.len() {
+            let words = [Word {
+                name: self.config.token.clone(),
+                vectors: self.config.vectors,
+                offset: 0,
+            }];
+            for image in &self.images[*covered..] {
+                let prompts: Vec<String> = self
+                    .templates
+                    .templates()
+                    .iter()
+                    .map(|t| fill(t, &self.config.token, image.caption.as_deref()))
+                    .collect();
+                let enc = encode_prompts(
+                    &self.tokenizer,
+                    &prompts,
+                    &words,
+                    ChunkStyle::A1111,
+                    &Device::Cpu,
+                )?;
+                tokens.extend(enc.ids.flatten_all()?.to_vec1::<u32>()?);
+            }
+            *covered = self.images.len();
+        }
+        let keep: Vec<u32> = tokens.iter().copied().collect();
+        self.model.release_token_tables(&keep)?;
+        Ok(())
+    }
+
     fn next_image(&mut self) -> usize {
         if self.order_pos >= self.order.len() || self.order.len() != self.images.len() {
             self.order = (0..self.images.len()).collect();
@@ -624,8 +667,10 @@ impl Trainer {
             return Err(Error::input("training", "no images were added"));
         }
         // A step reads only the cached latents: the VAE's memory goes to its activations
-        // (it comes back for a preview or a new image).
+        // (it comes back for a preview or a new image); likewise the rows of the token
+        // tables that no prompt of the run holds.
         self.model.release_vae();
+        self.release_token_tables()?;
         let start = Instant::now();
         let accum = self.config.gradient_accumulation;
         // A step that fails or is cancelled leaves no trace: the random streams and the
@@ -715,7 +760,7 @@ fn initial_vectors(
     config: &TrainConfig,
     rng: &mut Rng,
 ) -> Result<Tensor> {
-    let table = encoder.token_table();
+    let table = encoder.token_table()?;
     let dim = table.dim(1)?;
     let n = config.vectors;
     let device = model.device();

@@ -1560,19 +1560,19 @@ fn misuse_null_arguments_and_handles() {
 /// with recompute, and loading (the weights with the VAE's, freed for the steps) fits in
 /// too: the first size, from 64 px up, where both can be had.
 fn recompute_only_budget() -> (u32, u32) {
-    use sdti::model::memory::{vae_bytes, StepMemory};
+    use sdti::model::memory::{loading_bytes, StepMemory};
     use sdti::model::Recompute;
     let config = crate::common::tiny_model(candle_core::DType::F32).config;
-    for latent in [8usize, 16, 24, 32] {
+    for latent in [8usize, 16, 24, 32, 40, 48, 64] {
         let peak = |r| StepMemory::estimate(&config, 1, latent, latent, 4, r);
         let on = peak(Recompute::On);
-        let loading = on.weights + vae_bytes(&config, 4) + on.overhead;
+        let loading = loading_bytes(&config, &on, 4);
         let mib = on.total().max(loading).div_ceil(1 << 20);
         if peak(Recompute::Off).total() > mib << 20 {
             return (8 * latent as u32, mib as u32);
         }
     }
-    panic!("no tiny resolution up to 256 px has a budget that only recompute fits");
+    panic!("no tiny resolution up to 512 px has a budget that only recompute fits");
 }
 
 /// Revision 2 of the params (ABI 1.3): `recompute` and `memory_budget_mib`. A host built

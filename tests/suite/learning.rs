@@ -114,6 +114,7 @@ fn token_vector(model: &SdModel, text: &str) -> Tensor {
     model
         .text_encoder
         .token_table()
+        .unwrap()
         .narrow(0, id as usize, 1)
         .unwrap()
         .to_dtype(DType::F32)
@@ -331,9 +332,14 @@ fn conditioned(folder: &str, gain: f64, dtype: DType) -> SdModel {
 /// `[1, sum of widths]` as the trainer holds an SDXL word (`[clip_l ‖ clip_g]`).
 fn family_token_vectors(model: &SdModel, text: &str) -> Tensor {
     let id = ClipTokenizer::new().unwrap().encode(text)[0] as usize;
-    let mut parts = vec![model.text_encoder.token_table().narrow(0, id, 1).unwrap()];
+    let mut parts = vec![model
+        .text_encoder
+        .token_table()
+        .unwrap()
+        .narrow(0, id, 1)
+        .unwrap()];
     if let Some(g) = &model.text_encoder_2 {
-        parts.push(g.token_table().narrow(0, id, 1).unwrap());
+        parts.push(g.token_table().unwrap().narrow(0, id, 1).unwrap());
     }
     Tensor::cat(&parts, 1)
         .unwrap()

@@ -1109,3 +1109,110 @@ fn a_released_vae_comes_back_the_same() {
     assert!(kept.vae_loaded());
     kept.vae().unwrap();
 }
+
+/// The token tables that training frees but for its prompts' rows
+/// (`SdModel::release_token_tables`) embed those prompts the same, bit for bit, without
+/// the whole table; a prompt with another token reads the table again, the same, from a
+/// folder, a single file or a random model's generator (SDXL: both tables, bigG's
+/// padding id kept); from a file changed since loading it does not, and the error names
+/// the file. A model built from weights in memory keeps its tables.
+#[test]
+fn a_released_token_table_comes_back_the_same() {
+    use sdti::model::random::{random_model, random_weights, tiny_sd1_config, tiny_sdxl_config};
+    use sdti::model::weights::Weights;
+    use sdti::tokenizer::ClipTokenizer;
+
+    let dev = test_device();
+    let tok = ClipTokenizer::new().unwrap();
+    let ids = |text: &str| {
+        let ids = tok.encode_padded(text);
+        let n = ids.len();
+        (ids.clone(), Tensor::from_vec(ids, (1, n), &dev).unwrap())
+    };
+    let (kept, kept_ids) = ids("a photo of a cat");
+    let (_, other_ids) = ids("an oil painting of a dog");
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dir = tempdir().join("token-table-release");
+    std::fs::create_dir_all(&dir).unwrap();
+    let single = dir.join("tiny-sd.safetensors");
+    std::fs::copy(fixture("tiny-sd.safetensors"), &single).unwrap();
+    let opts = crate::common::load_options(DType::F32);
+    let folder = SdModel::load(&fixture("tiny-sd"), &opts).unwrap();
+    let single_opts = LoadOptions {
+        config: Some(folder.config.clone()),
+        ..opts.clone()
+    };
+    let models = [
+        ("folder", folder),
+        ("single file", SdModel::load(&single, &single_opts).unwrap()),
+        (
+            "sdxl folder",
+            SdModel::load(&fixture("tiny-sdxl"), &opts).unwrap(),
+        ),
+        (
+            "random",
+            random_model(&tiny_sd1_config(), 3, DType::F32, &dev).unwrap(),
+        ),
+        (
+            "random sdxl",
+            random_model(&tiny_sdxl_config(), 3, DType::F32, &dev).unwrap(),
+        ),
+    ];
+    for (what, model) in &models {
+        let encoders = model.text_encoders();
+        let states = |e: &sdti::model::TextEncoder, ids: &Tensor| {
+            let skip = e.default_conditioning().clip_skip;
+            values(&e.forward(ids, None, skip).unwrap())
+        };
+        let before: Vec<_> = encoders
+            .iter()
+            .map(|e| {
+                let table = values(&e.token_table().unwrap());
+                (table, states(e, &kept_ids), states(e, &other_ids))
+            })
+            .collect();
+        assert!(model.release_token_tables(&kept).unwrap(), "{what}");
+        for (e, (table, kept_states, other_states)) in encoders.iter().zip(&before) {
+            assert!(!e.token_table_loaded(), "{what}");
+            assert_eq!(&states(e, &kept_ids), kept_states, "{what}");
+            assert!(!e.token_table_loaded(), "{what}: the kept rows serve");
+            assert_eq!(&states(e, &other_ids), other_states, "{what}");
+            assert!(
+                e.token_table_loaded(),
+                "{what}: another token reads it again"
+            );
+            assert!(model.release_token_tables(&kept).unwrap());
+            assert_eq!(&values(&e.token_table().unwrap()), table, "{what}");
+        }
+    }
+
+    let model = &models[1].1;
+    assert!(model.release_token_tables(&kept).unwrap());
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&single)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let skip = model.text_encoder.default_conditioning().clip_skip;
+    let err = model
+        .text_encoder
+        .forward(&other_ids, None, skip)
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "tiny-sd.safetensors",
+        "changed since the model was loaded",
+        "token table",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+
+    let config = tiny_sd1_config();
+    let weights =
+        Weights::from_tensors(random_weights(&config, 1).unwrap(), DType::F32, dev.clone());
+    let in_memory = SdModel::from_weights(&weights, config, "in memory".into()).unwrap();
+    assert!(!in_memory.release_token_tables(&kept).unwrap());
+    assert!(in_memory.text_encoder.token_table_loaded());
+}

@@ -229,17 +229,30 @@ fn a_step_needs_images() {
 
 /// A step frees the VAE (its latents are cached); an image added later brings it back,
 /// and the run goes on as one with the VAE kept: the same vectors, bit for bit.
+/// Steps free the VAE and the token tables' rows no prompt of the run holds; a new image
+/// brings the VAE back, and its caption's tokens are kept; the vectors are those of a
+/// model that keeps everything.
 #[test]
 fn steps_free_the_vae_and_new_images_bring_it_back() {
     let m = model();
-    let mut t = trainer(&m, config(4));
+    let captioned = TrainConfig {
+        templates: sdti::train::config::Templates::List(vec!["[filewords], [name]".into()]),
+        ..config(4)
+    };
+    let mut t = trainer(&m, captioned.clone());
+    assert!(m.vae_loaded() && m.text_encoder.token_table_loaded());
+    t.train(2, |_| true).unwrap();
+    assert!(!m.vae_loaded());
+    assert!(!m.text_encoder.token_table_loaded());
+    t.add_image(concept_image(3), Some("a zebra in the snow".into()))
+        .unwrap();
     assert!(m.vae_loaded());
     t.train(2, |_| true).unwrap();
     assert!(!m.vae_loaded());
-    t.add_image(concept_image(3), None).unwrap();
-    assert!(m.vae_loaded());
-    t.train(2, |_| true).unwrap();
-    assert!(!m.vae_loaded());
+    assert!(
+        !m.text_encoder.token_table_loaded(),
+        "the caption's tokens are kept"
+    );
 
     // The same run on a model that keeps its VAE (built from weights in memory).
     let files = sdti::model::files::index_model(
@@ -250,11 +263,12 @@ fn steps_free_the_vae_and_new_images_bring_it_back() {
     )
     .unwrap();
     let kept = Arc::new(SdModel::from_weights(&files.weights, files.config, files.source).unwrap());
-    let mut k = trainer(&kept, config(4));
+    let mut k = trainer(&kept, captioned);
     k.train(2, |_| true).unwrap();
-    k.add_image(concept_image(3), None).unwrap();
+    k.add_image(concept_image(3), Some("a zebra in the snow".into()))
+        .unwrap();
     k.train(2, |_| true).unwrap();
-    assert!(kept.vae_loaded());
+    assert!(kept.vae_loaded() && kept.text_encoder.token_table_loaded());
     assert_eq!(t.vectors().unwrap(), k.vectors().unwrap());
 }
 
