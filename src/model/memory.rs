@@ -118,9 +118,9 @@ pub fn weight_bytes(config: &ModelConfig, dtype_bytes: usize) -> u64 {
     unet * dtype_bytes as u64 + text * 4 - token_table_bytes(config)
 }
 
-/// The process's memory while a model is loaded and its images encoded, before the first
-/// step frees the VAE and the whole token tables: `step`'s weights and overhead plus
-/// those, the VAE in `vae_dtype_bytes`-byte floats.
+/// The process's memory once a model is loaded, before a trainer frees the whole token
+/// tables and its first step the VAE: `step`'s weights and overhead plus those, the VAE
+/// in `vae_dtype_bytes`-byte floats.
 pub fn loading_bytes(config: &ModelConfig, step: &StepMemory, vae_dtype_bytes: usize) -> u64 {
     step.weights + vae_bytes(config, vae_dtype_bytes) + token_table_bytes(config) + step.overhead
 }

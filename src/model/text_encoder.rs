@@ -172,8 +172,8 @@ impl TextEncoder {
     }
 
     /// Frees the token table but the rows of `keep` while it can be read again, for
-    /// training: its prompts use a few hundred tokens of 49,408 (SD 1.x 147 MiB less in
-    /// f32, SDXL's two tables 394 MiB). A prompt with another token reads the table
+    /// training: its prompts use a few hundred tokens of 49,408 (SD 1.x 145 MiB less in
+    /// f32, SDXL's two tables 386 MiB). A prompt with another token reads the table
     /// again. Returns whether it was released: a text encoder loaded alone, or built
     /// from weights in memory without a way to draw them again, keeps it.
     pub fn release_token_table(&self, keep: &[u32]) -> Result<bool> {

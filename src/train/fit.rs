@@ -51,8 +51,8 @@ pub fn check_fits(
         Recompute::On
     };
     let need = estimate(least);
-    // Loading holds the VAE and the whole token tables too, until the first step frees
-    // them (SdModel::release_vae, SdModel::release_token_tables).
+    // Loading holds the VAE and the whole token tables too, until the trainer and its
+    // first step free them (SdModel::release_token_tables, SdModel::release_vae).
     let loading = loading_bytes(model, &need, vae_dtype(model, dtype).size_in_bytes());
     if need.total().max(loading) <= limit {
         return Ok(());

@@ -130,7 +130,7 @@ impl Trainer {
             .map(|e| initial_vectors(e, &model, &tokenizer, &config, &mut rng_init))
             .collect::<Result<Vec<_>>>()?;
         let vectors = Var::from_tensor(&Tensor::cat(&init, 1)?)?;
-        Ok(Self {
+        let mut trainer = Self {
             lr: config.lr_schedule()?,
             tokenizer,
             vectors,
@@ -156,7 +156,13 @@ impl Trainer {
             prompt_tokens: (0, BTreeSet::new()),
             model,
             config,
-        })
+        };
+        // The templates' tokens are known now: the whole tables are freed before the
+        // images' encoding, the process's peak at 512 px, rather than at the first step.
+        let no_caption = trainer.prompt_ids(None)?;
+        trainer.prompt_tokens.1.extend(no_caption);
+        trainer.release_token_tables()?;
+        Ok(trainer)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -503,34 +509,44 @@ impl Trainer {
     /// Frees the text encoders' token tables but the rows of the tokens the run's
     /// prompts can hold, which [`Trainer::micro_batch`] then embeds from those rows.
     fn release_token_tables(&mut self) -> Result<()> {
-        let (covered, tokens) = &mut self.prompt_tokens;
-        if *covered < self.images.len() {
-            let words = [Word {
-                name: self.config.token.clone(),
-                vectors: self.config.vectors,
-                offset: 0,
-            }];
-            for image in &self.images[*covered..] {
-                let prompts: Vec<String> = self
-                    .templates
-                    .templates()
-                    .iter()
-                    .map(|t| fill(t, &self.config.token, image.caption.as_deref()))
-                    .collect();
-                let enc = encode_prompts(
-                    &self.tokenizer,
-                    &prompts,
-                    &words,
-                    ChunkStyle::A1111,
-                    &Device::Cpu,
-                )?;
-                tokens.extend(enc.ids.flatten_all()?.to_vec1::<u32>()?);
-            }
-            *covered = self.images.len();
+        let covered = self.prompt_tokens.0;
+        for i in covered..self.images.len() {
+            let ids = self.prompt_ids(self.images[i].caption.as_deref())?;
+            self.prompt_tokens.1.extend(ids);
         }
-        let keep: Vec<u32> = tokens.iter().copied().collect();
+        self.prompt_tokens.0 = self.images.len();
+        let keep: Vec<u32> = self.prompt_tokens.1.iter().copied().collect();
         self.model.release_token_tables(&keep)?;
         Ok(())
+    }
+
+    /// The learned word as the prompts' encoder takes it.
+    fn words(&self) -> [Word; 1] {
+        [Word {
+            name: self.config.token.clone(),
+            vectors: self.config.vectors,
+            offset: 0,
+        }]
+    }
+
+    /// The token ids of every template filled with the word and `caption`, as
+    /// [`Trainer::micro_batch`] encodes them.
+    fn prompt_ids(&self, caption: Option<&str>) -> Result<Vec<u32>> {
+        let words = self.words();
+        let prompts: Vec<String> = self
+            .templates
+            .templates()
+            .iter()
+            .map(|t| fill(t, &self.config.token, caption))
+            .collect();
+        let enc = encode_prompts(
+            &self.tokenizer,
+            &prompts,
+            &words,
+            ChunkStyle::A1111,
+            &Device::Cpu,
+        )?;
+        Ok(enc.ids.flatten_all()?.to_vec1::<u32>()?)
     }
 
     fn next_image(&mut self) -> usize {
@@ -589,11 +605,7 @@ impl Trainer {
         }
         let latents = Tensor::cat(&latents, 0)?;
         let noise = self.normal(latents.dims())?;
-        let words = [Word {
-            name: self.config.token.clone(),
-            vectors: self.config.vectors,
-            offset: 0,
-        }];
+        let words = self.words();
         let enc = encode_prompts(
             &self.tokenizer,
             &prompts,
@@ -667,8 +679,9 @@ impl Trainer {
             return Err(Error::input("training", "no images were added"));
         }
         // A step reads only the cached latents: the VAE's memory goes to its activations
-        // (it comes back for a preview or a new image); likewise the rows of the token
-        // tables that no prompt of the run holds.
+        // (it comes back for a preview or a new image). The token tables keep only the
+        // run's prompts' rows, those of images' captions added since the last step too
+        // (a table read again in between, by a preview or a host, is freed again).
         self.model.release_vae();
         self.release_token_tables()?;
         let start = Instant::now();
