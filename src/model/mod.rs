@@ -9,6 +9,8 @@ pub mod profile;
 pub mod random;
 mod resnet;
 pub mod scheduler;
+#[cfg(test)]
+mod test_weights;
 pub mod text_encoder;
 mod transformer;
 pub mod unet;

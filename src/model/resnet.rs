@@ -241,28 +241,15 @@ impl Block for ResnetBlock {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
-
-    fn wave(shape: &[usize], seed: f64, scale: f64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| (scale * ((i as f64 + 1.0) * 0.7137 + seed).sin()) as f32)
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape")
-    }
+    use crate::model::test_weights::{wave, Waves};
 
     /// A VAE-style block (no time embedding), `cin` to `cout` channels.
     fn block(cin: usize, cout: usize) -> ResnetBlock {
-        let mut w = HashMap::new();
-        let mut seed = 0.0;
-        let mut put = |name: &str, shape: &[usize], scale: f64| {
-            seed += 1.0;
-            w.insert(name.to_string(), wave(shape, seed, scale));
-        };
+        let mut w = Waves::default();
+        let mut put = |name: &str, shape: &[usize], scale: f64| w.put(name, shape, scale);
         for (norm, c) in [("norm1", cin), ("norm2", cout)] {
             put(&format!("{norm}.weight"), &[c], 1.0);
             put(&format!("{norm}.bias"), &[c], 0.3);
@@ -275,7 +262,7 @@ mod tests {
             put("conv_shortcut.weight", &[cout, cin, 1, 1], 0.3);
             put("conv_shortcut.bias", &[cout], 0.1);
         }
-        let weights = Weights::from_tensors(w, DType::F32, Device::Cpu);
+        let weights = Weights::from_tensors(w.map, DType::F32, Device::Cpu);
         let cfg = ResnetConfig {
             in_channels: cin,
             out_channels: cout,

@@ -567,26 +567,14 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
-
-    /// Deterministic values of `shape`, `scale` times a sine of the index.
-    fn wave(shape: &[usize], seed: f64, scale: f64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| (scale * ((i as f64 + 1.0) * 0.7137 + seed).sin()) as f32)
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape")
-    }
+    use crate::model::test_weights::{wave, Waves};
 
     /// The weights of one SD 2.x-style spatial transformer (linear projections), `c`
     /// wide, one block, attending to a `d`-wide context; q and k `qk` times larger than
     /// the rest, so that the scores can leave f16's range.
     fn transformer_weights(c: usize, d: usize, qk: f64) -> HashMap<String, Tensor> {
-        let mut w = HashMap::new();
-        let mut seed = 0.0;
-        let mut put = |name: &str, shape: &[usize], scale: f64| {
-            seed += 1.0;
-            w.insert(name.to_string(), wave(shape, seed, scale));
-        };
+        let mut w = Waves::default();
+        let mut put = |name: &str, shape: &[usize], scale: f64| w.put(name, shape, scale);
         let norm = |put: &mut dyn FnMut(&str, &[usize], f64), p: &str| {
             put(&format!("{p}.weight"), &[c], 1.0);
             put(&format!("{p}.bias"), &[c], 0.1);
@@ -612,7 +600,7 @@ mod tests {
         put(&format!("{b}.ff.net.0.proj.bias"), &[8 * c], 0.1);
         put(&format!("{b}.ff.net.2.weight"), &[c, 4 * c], 0.3);
         put(&format!("{b}.ff.net.2.bias"), &[c], 0.1);
-        w
+        w.map
     }
 
     /// The transformer's output and the context's gradient (of the output's sum of

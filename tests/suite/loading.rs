@@ -1021,6 +1021,35 @@ fn sgm_format_sd2_loads_as_sd2() {
     }
 }
 
+/// The tiny SD 1.x as its folder and as a copy of its single file in a folder of the
+/// test's own (`name`), which a test may change; the copy's path.
+fn folder_and_single_copy(name: &str) -> (SdModel, SdModel, std::path::PathBuf) {
+    let dir = tempdir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let single = dir.join("tiny-sd.safetensors");
+    std::fs::copy(fixture("tiny-sd.safetensors"), &single).unwrap();
+    let opts = crate::common::load_options(DType::F32);
+    let folder = SdModel::load(&fixture("tiny-sd"), &opts).unwrap();
+    // The tiny CLIP's heads do not follow SD 1.x's rule: the folder's configuration.
+    let single_opts = LoadOptions {
+        config: Some(folder.config.clone()),
+        ..opts
+    };
+    let single_model = SdModel::load(&single, &single_opts).unwrap();
+    (folder, single_model, single)
+}
+
+/// Moves a file's modification time an hour on, as an edit would.
+fn touch_later(path: &Path) {
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+}
+
 /// The VAE that training frees (`SdModel::release_vae`) comes back the same, bit for
 /// bit, from a folder, from a single file and from a random model's generator; from a
 /// file changed or removed since loading it does not, and the error names the file. A
@@ -1042,20 +1071,10 @@ fn a_released_vae_comes_back_the_same() {
         .affine(1.0, -1.0)
         .unwrap();
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let dir = tempdir().join("vae-release");
-    std::fs::create_dir_all(&dir).unwrap();
-    let single = dir.join("tiny-sd.safetensors");
-    std::fs::copy(fixture("tiny-sd.safetensors"), &single).unwrap();
-    let opts = crate::common::load_options(DType::F32);
-    let folder = SdModel::load(&fixture("tiny-sd"), &opts).unwrap();
-    // The tiny CLIP's heads do not follow SD 1.x's rule: the folder's configuration.
-    let single_opts = LoadOptions {
-        config: Some(folder.config.clone()),
-        ..opts
-    };
+    let (folder, single_model, single) = folder_and_single_copy("vae-release");
     let models = [
         ("folder", folder),
-        ("single file", SdModel::load(&single, &single_opts).unwrap()),
+        ("single file", single_model),
         (
             "random",
             random_model(&tiny_sd1_config(), 3, DType::F32, &dev).unwrap(),
@@ -1084,13 +1103,7 @@ fn a_released_vae_comes_back_the_same() {
 
     let model = &models[1].1;
     assert!(model.release_vae());
-    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&single)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    touch_later(&single);
     let err = model.vae().unwrap_err().to_string();
     for part in ["tiny-sd.safetensors", "changed since the model was loaded"] {
         assert!(err.contains(part), "{part:?} missing from: {err}");
@@ -1132,19 +1145,11 @@ fn a_released_token_table_comes_back_the_same() {
     let (kept, kept_ids) = ids("a photo of a cat");
     let (_, other_ids) = ids("an oil painting of a dog");
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let dir = tempdir().join("token-table-release");
-    std::fs::create_dir_all(&dir).unwrap();
-    let single = dir.join("tiny-sd.safetensors");
-    std::fs::copy(fixture("tiny-sd.safetensors"), &single).unwrap();
+    let (folder, single_model, single) = folder_and_single_copy("token-table-release");
     let opts = crate::common::load_options(DType::F32);
-    let folder = SdModel::load(&fixture("tiny-sd"), &opts).unwrap();
-    let single_opts = LoadOptions {
-        config: Some(folder.config.clone()),
-        ..opts.clone()
-    };
     let models = [
         ("folder", folder),
-        ("single file", SdModel::load(&single, &single_opts).unwrap()),
+        ("single file", single_model),
         (
             "sdxl folder",
             SdModel::load(&fixture("tiny-sdxl"), &opts).unwrap(),
@@ -1188,13 +1193,7 @@ fn a_released_token_table_comes_back_the_same() {
 
     let model = &models[1].1;
     assert!(model.release_token_tables(&kept).unwrap());
-    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&single)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    touch_later(&single);
     let skip = model.text_encoder.default_conditioning().clip_skip;
     let err = model
         .text_encoder

@@ -218,17 +218,16 @@ impl Conv2d {
     ) -> candle_core::Result<()> {
         let o = self.out_channels();
         with_f32(&self.weight, |k| {
-            winograd::conv_into(
-                x,
-                (b, h, w),
-                k,
-                (o, c),
-                Pass::Forward,
+            let spec = winograd::Spec {
+                shape: (b, h, w),
+                weight: k,
+                channels: (o, c),
+                pass: Pass::Forward,
                 bias,
                 fused,
-                candle_core::utils::get_num_threads(),
-                y,
-            )
+                threads: candle_core::utils::get_num_threads(),
+            };
+            winograd::conv_into(x, spec, y)
         })?
     }
 
@@ -433,15 +432,16 @@ fn winograd_forward(
     };
     let y = with_f32(x, |x| {
         with_f32(kernel, |k| {
-            winograd::conv(
-                x,
-                (b, h, w),
-                k,
-                (o, c),
-                Pass::Forward,
-                bias.as_deref(),
-                candle_core::utils::get_num_threads(),
-            )
+            let spec = winograd::Spec {
+                shape: (b, h, w),
+                weight: k,
+                channels: (o, c),
+                pass: Pass::Forward,
+                bias: bias.as_deref(),
+                fused: winograd::Fused::default(),
+                threads: candle_core::utils::get_num_threads(),
+            };
+            winograd::conv(x, spec)
         })
     })???;
     Ok(Some(Tensor::from_vec(y, (b, o, h, w), x.device())?))
@@ -468,15 +468,16 @@ fn winograd_input_grad(
     }
     let gx = with_f32(g, |g| {
         with_f32(weight, |k| {
-            winograd::conv(
-                g,
-                (b, oh, ow),
-                k,
-                (o, c),
-                Pass::InputGrad,
-                None,
-                candle_core::utils::get_num_threads(),
-            )
+            let spec = winograd::Spec {
+                shape: (b, oh, ow),
+                weight: k,
+                channels: (o, c),
+                pass: Pass::InputGrad,
+                bias: None,
+                fused: winograd::Fused::default(),
+                threads: candle_core::utils::get_num_threads(),
+            };
+            winograd::conv(g, spec)
         })
     })???;
     Ok(Some(Tensor::from_vec(gx, (b, c, in_h, in_w), g.device())?))

@@ -189,81 +189,63 @@ pub(super) struct Fused<'a> {
     pub accumulate: bool,
 }
 
-/// The 3x3, stride 1, padding 1 convolution of `x` (`[b, channels, h, w]`, contiguous)
-/// for `pass` of a layer whose kernel is `weight` (`[out, in, 3, 3]`), plus `bias` per
-/// result channel, by the variant `SDTI_WINOGRAD` and the size choose ([`choice`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn conv(
-    x: &[f32],
-    (b, h, w): (usize, usize, usize),
-    weight: &[f32],
-    (out, inp): (usize, usize),
-    pass: Pass,
-    bias: Option<&[f32]>,
-    threads: usize,
-) -> candle_core::Result<Vec<f32>> {
-    let result = match pass {
+/// A 3x3, stride 1, padding 1 convolution's operands besides its input and output.
+#[derive(Clone, Copy)]
+pub(super) struct Spec<'a> {
+    /// Images, height and width of the input (and of the output).
+    pub shape: (usize, usize, usize),
+    /// The layer's kernel, `[out, in, 3, 3]`, and its `(out, in)`.
+    pub weight: &'a [f32],
+    pub channels: (usize, usize),
+    /// The layer's own convolution or its input gradient.
+    pub pass: Pass,
+    /// Added per result channel.
+    pub bias: Option<&'a [f32]>,
+    pub fused: Fused<'a>,
+    pub threads: usize,
+}
+
+/// The convolution `spec` describes of `x` (`[b, channels, h, w]`, contiguous), by the
+/// variant `SDTI_WINOGRAD` and the size choose ([`choice`]).
+pub(super) fn conv(x: &[f32], spec: Spec) -> candle_core::Result<Vec<f32>> {
+    let (b, h, w) = spec.shape;
+    let (out, inp) = spec.channels;
+    let result = match spec.pass {
         Pass::Forward => out,
         Pass::InputGrad => inp,
     };
     let mut y = vec![0f32; b * result * h * w];
-    let fused = Fused::default();
-    conv_into(
-        x,
-        (b, h, w),
-        weight,
-        (out, inp),
-        pass,
-        bias,
-        fused,
-        threads,
-        &mut y,
-    )?;
+    conv_into(x, spec, &mut y)?;
     Ok(y)
 }
 
-/// [`conv`] into `y` (`[b, result channels, h, w]`), read and written as `fused` says.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn conv_into(
-    x: &[f32],
-    (b, h, w): (usize, usize, usize),
-    weight: &[f32],
-    (out, inp): (usize, usize),
-    pass: Pass,
-    bias: Option<&[f32]>,
-    fused: Fused,
-    threads: usize,
-    y: &mut [f32],
-) -> candle_core::Result<()> {
+/// [`conv`] into `y` (`[b, result channels, h, w]`), read and written as `spec.fused`
+/// says.
+pub(super) fn conv_into(x: &[f32], spec: Spec, y: &mut [f32]) -> candle_core::Result<()> {
+    let (_, h, w) = spec.shape;
     let f4 = match choice() {
         Choice::F4 => true,
         Choice::Auto => h * w >= F4_PIXELS,
         Choice::F2 | Choice::Off => false,
     };
-    let shape = (b, h, w);
     if f4 {
-        conv_with::<F4, 4, 6>(x, shape, weight, (out, inp), pass, bias, fused, threads, y)
+        conv_with::<F4, 4, 6>(x, spec, y)
     } else {
-        conv_with::<F2, 2, 4>(x, shape, weight, (out, inp), pass, bias, fused, threads, y)
+        conv_with::<F2, 2, 4>(x, spec, y)
     }
 }
 
 /// [`conv_into`] by variant `V`.
-#[allow(clippy::too_many_arguments)]
 fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
     x: &[f32],
-    (b, h, w): (usize, usize, usize),
-    weight: &[f32],
-    (out, inp): (usize, usize),
-    pass: Pass,
-    bias: Option<&[f32]>,
-    fused: Fused,
-    threads: usize,
+    spec: Spec,
     y: &mut [f32],
 ) -> candle_core::Result<()> {
-    let flip = pass == Pass::InputGrad;
-    let u = transform_kernel::<V, M, A>(weight, out, inp, flip);
-    let (cin, cout, layout) = match pass {
+    let (b, h, w) = spec.shape;
+    let (out, inp) = spec.channels;
+    let flip = spec.pass == Pass::InputGrad;
+    let u = transform_kernel::<V, M, A>(spec.weight, out, inp, flip);
+    let (cin, cout, layout) = match spec.pass {
         Pass::Forward => (inp, out, KernelLayout::OutIn),
         Pass::InputGrad => (out, inp, KernelLayout::InOut),
     };
@@ -272,6 +254,7 @@ fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
         layout,
         cout,
     };
+    let (bias, fused, threads) = (spec.bias, spec.fused, spec.threads);
     conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, y)
 }
 
@@ -726,15 +709,17 @@ mod tests {
                     .conv2d(&k, 1, 1, 1, 1)?
                     .broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
                 for threads in [1, 2] {
-                    let got = conv(
-                        &values(&x),
-                        (b, h, w),
-                        &values(&k),
-                        (o, c),
-                        Pass::Forward,
-                        Some(&values(&bias)),
+                    let (x, k, bias) = (values(&x), values(&k), values(&bias));
+                    let spec = Spec {
+                        shape: (b, h, w),
+                        weight: &k,
+                        channels: (o, c),
+                        pass: Pass::Forward,
+                        bias: Some(&bias),
+                        fused: Fused::default(),
                         threads,
-                    )?;
+                    };
+                    let got = conv(&x, spec)?;
                     let err = max_rel(&got, &values(&want));
                     assert!(
                         err < 1e-5,
@@ -762,15 +747,17 @@ mod tests {
                 let Some(want) = grads.get(x.as_tensor()) else {
                     panic!("no gradient for the input");
                 };
-                let got = conv(
-                    &values(&g),
-                    (b, h, w),
-                    &values(&k),
-                    (o, c),
-                    Pass::InputGrad,
-                    None,
-                    2,
-                )?;
+                let k = values(&k);
+                let spec = Spec {
+                    shape: (b, h, w),
+                    weight: &k,
+                    channels: (o, c),
+                    pass: Pass::InputGrad,
+                    bias: None,
+                    fused: Fused::default(),
+                    threads: 2,
+                };
+                let got = conv(&values(&g), spec)?;
                 let err = max_rel(&got, &values(want));
                 assert!(err < 1e-5, "{choice:?} {b}x{c}x{h}x{w} -> {o}: {err}");
             }
