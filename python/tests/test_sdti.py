@@ -252,6 +252,16 @@ def test_cancel_from_the_callback_and_another_thread():
 
 
 def test_ctrl_c_stops_after_the_step_and_raises_keyboard_interrupt():
+    # Python's own handler, also where the parent left SIGINT ignored (a shell's
+    # background job without job control), which Python then keeps.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctrl_c_stops_after_the_step()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def ctrl_c_stops_after_the_step():
     with with_images(trainer()) as t:
         # Ctrl-C while the callback runs (as when it arrives between steps).
         with pytest.raises(KeyboardInterrupt):
