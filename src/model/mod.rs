@@ -121,23 +121,19 @@ impl SdModel {
         let mut model = Self::from_weights(&loaded.weights, loaded.config, loaded.source)?;
         model.notes = loaded.notes;
         let (path, opts, config) = (path.to_path_buf(), opts.clone(), model.config.clone());
-        let encoders = [Some(&mut model.text_encoder), model.text_encoder_2.as_mut()];
         for ((part, encoder), stamps) in ["text_encoder", "text_encoder_2"]
             .into_iter()
-            .zip(encoders)
+            .zip(model.text_encoders_mut())
             .zip(table_stamps)
         {
-            // Just built, so not shared yet.
-            let Some(encoder) = encoder.and_then(Arc::get_mut) else {
+            let Some(encoder) = encoder else {
                 continue;
             };
             let (path, opts, config) = (path.clone(), opts.clone(), config.clone());
             let dtype = encoder.dtype();
             let shape = [encoder.config().vocab_size, encoder.config().hidden_size];
             encoder.set_token_reload(Box::new(move || {
-                for f in &stamps {
-                    f.check_unchanged()?;
-                }
+                FileStamp::check_all(&stamps)?;
                 let loaded =
                     files::index_text_encoders(&path, opts.dtype, &opts.device, Some(&config))?;
                 loaded
@@ -148,9 +144,7 @@ impl SdModel {
             }));
         }
         model.vae.reload = Some(Box::new(move || {
-            for f in &vae_stamps {
-                f.check_unchanged()?;
-            }
+            FileStamp::check_all(&vae_stamps)?;
             let loaded = files::index_model(&path, opts.dtype, &opts.device, Some(&config))?;
             vae_from(&loaded.weights, &config)
         }));
@@ -204,6 +198,15 @@ impl SdModel {
             source,
             notes: Vec::new(),
         })
+    }
+
+    /// The text encoders in conditioning order, each while nothing else holds it (a model
+    /// just built; None for one shared, and for SD 1.x and 2.x's missing second one).
+    pub(crate) fn text_encoders_mut(&mut self) -> [Option<&mut TextEncoder>; 2] {
+        [
+            Arc::get_mut(&mut self.text_encoder),
+            self.text_encoder_2.as_mut().and_then(Arc::get_mut),
+        ]
     }
 
     /// The text encoders in conditioning order (SDXL: CLIP ViT-L, then OpenCLIP bigG).
@@ -364,6 +367,11 @@ impl FileStamp {
             modified: meta.modified().ok(),
             what,
         }
+    }
+
+    /// [`Self::check_unchanged`] of each of `stamps`: the first error.
+    fn check_all(stamps: &[FileStamp]) -> Result<()> {
+        stamps.iter().try_for_each(FileStamp::check_unchanged)
     }
 
     fn check_unchanged(&self) -> Result<()> {

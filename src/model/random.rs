@@ -454,14 +454,15 @@ pub fn random_model_inspected(
     drop(weights);
     // Released for training (SdModel::release_token_tables), a token table is drawn
     // again, the same, in the encoder's dtype.
-    let clips = [Some(&config.text_encoder), config.text_encoder_2.as_ref()];
-    let encoders = [Some(&mut model.text_encoder), model.text_encoder_2.as_mut()];
-    for ((cfg, encoder), state) in clips.into_iter().zip(encoders).zip(states.token_tables) {
-        // Just built, so not shared yet.
-        let (Some(cfg), Some(encoder)) = (cfg, encoder.and_then(std::sync::Arc::get_mut)) else {
+    for (encoder, state) in model
+        .text_encoders_mut()
+        .into_iter()
+        .zip(states.token_tables)
+    {
+        let Some(encoder) = encoder else {
             continue;
         };
-        let (cfg, dtype, device) = (cfg.clone(), encoder.dtype(), device.clone());
+        let (cfg, dtype, device) = (encoder.config().clone(), encoder.dtype(), device.clone());
         encoder.set_token_reload(Box::new(move || {
             let table = random_token_table(&cfg, state)?;
             Ok(table.to_dtype(dtype)?.to_device(&device)?)

@@ -379,17 +379,16 @@ impl RecomputeChoice {
     /// the step without recompute would not fit (and without a budget it does not), and
     /// then as little as fits: the first of `partial` (rerunning more and more of the
     /// transformers, with each one's estimated peak) that fits the budget, else every
-    /// block. `transformers` is how many spatial transformers the UNet has (`partial` may
-    /// stop short of all of them: `memory::recompute_order`).
+    /// block. `transformer_count` is how many spatial transformers the UNet has
+    /// (`partial` may stop short of all of them: `memory::recompute_order`).
     pub fn decide(
         mode: RecomputeMode,
         peak_off: u64,
         peak_on: u64,
         partial: &[(Recompute, u64)],
-        transformers: usize,
+        transformer_count: usize,
         budget: Option<MemoryBudget>,
     ) -> Self {
-        let count = transformers;
         let mut transformers = None;
         let (recompute, peak) = match (mode, budget) {
             (RecomputeMode::Off, _) => (Recompute::Off, peak_off),
@@ -397,7 +396,7 @@ impl RecomputeChoice {
             (RecomputeMode::Auto, Some(b)) if peak_off > b.bytes => {
                 match partial.iter().position(|&(_, peak)| peak <= b.bytes) {
                     Some(i) => {
-                        transformers = Some((i + 1, count));
+                        transformers = Some((i + 1, transformer_count));
                         partial[i]
                     }
                     None => (Recompute::On, peak_on),

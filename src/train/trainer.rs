@@ -509,10 +509,14 @@ impl Trainer {
     /// Frees the text encoders' token tables but the rows of the tokens the run's
     /// prompts can hold, which [`Trainer::micro_batch`] then embeds from those rows.
     fn release_token_tables(&mut self) -> Result<()> {
+        // Captions reach the prompts only through `[filewords]`; without it the templates'
+        // tokens, known from the start, are all.
         let covered = self.prompt_tokens.0;
-        for i in covered..self.images.len() {
-            let ids = self.prompt_ids(self.images[i].caption.as_deref())?;
-            self.prompt_tokens.1.extend(ids);
+        if self.templates.uses_filewords() {
+            for i in covered..self.images.len() {
+                let ids = self.prompt_ids(self.images[i].caption.as_deref())?;
+                self.prompt_tokens.1.extend(ids);
+            }
         }
         self.prompt_tokens.0 = self.images.len();
         let keep: Vec<u32> = self.prompt_tokens.1.iter().copied().collect();

@@ -136,7 +136,10 @@ impl Conv2d {
         norm: &GroupNorm,
         x: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let Some((affines, shape)) = self.fused_operands(norm, x)? else {
+        let Some(shape) = self.fused_shape(x)? else {
+            return Ok(None);
+        };
+        let Some(affines) = norm.channel_affines(x)? else {
             return Ok(None);
         };
         let (b, _, h, w) = shape;
@@ -164,7 +167,7 @@ impl Conv2d {
         x: &Tensor,
         into: &Tensor,
     ) -> candle_core::Result<bool> {
-        let Some((affines, shape)) = self.fused_operands(norm, x)? else {
+        let Some(shape) = self.fused_shape(x)? else {
             return Ok(false);
         };
         let (b, _, h, w) = shape;
@@ -175,6 +178,9 @@ impl Conv2d {
         {
             return Ok(false);
         }
+        let Some(affines) = norm.channel_affines(x)? else {
+            return Ok(false);
+        };
         let op = AddInto {
             conv: self,
             shape,
@@ -185,22 +191,18 @@ impl Conv2d {
         Ok(true)
     }
 
-    /// The norm's affines and `x`'s shape when the fused Winograd path serves `x`.
-    #[allow(clippy::type_complexity)]
-    fn fused_operands(
-        &self,
-        norm: &GroupNorm,
-        x: &Tensor,
-    ) -> candle_core::Result<Option<(Vec<(f32, f32)>, (usize, usize, usize, usize))>> {
-        if !is_cpu_f32(&[x, &self.weight]) || !winograd::enabled() || x.rank() != 4 {
+    /// `x`'s shape when the fused Winograd path serves this layer's convolution of it.
+    fn fused_shape(&self, x: &Tensor) -> candle_core::Result<Option<(usize, usize, usize, usize)>> {
+        if x.rank() != 4 {
             return Ok(None);
         }
-        let (b, c, h, w) = x.dims4()?;
-        let (_, kc, kh, kw) = self.weight.dims4()?;
-        if kc != c || !winograd::applies(kh, kw, self.stride, self.padding, h, w) {
-            return Ok(None);
-        }
-        Ok(norm.channel_affines(x)?.map(|a| (a, (b, c, h, w))))
+        winograd_shape(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 
     fn bias_values(&self) -> candle_core::Result<Option<Vec<f32>>> {
@@ -407,6 +409,28 @@ fn conv2d_within(
     Tensor::from_vec(out, (b, o, oh, ow), x.device())
 }
 
+/// `x`'s shape `(b, c, h, w)` when [`winograd`] serves its convolution with `kernel` (plus
+/// `bias`): f32 on the CPU, the path on, 3x3, stride 1, padding 1, large enough.
+fn winograd_shape(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Option<(usize, usize, usize, usize)>> {
+    let mut operands = vec![x, kernel];
+    operands.extend(bias);
+    if !is_cpu_f32(&operands) || !winograd::enabled() {
+        return Ok(None);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (_, kc, kh, kw) = kernel.dims4()?;
+    if kc != c || !winograd::applies(kh, kw, stride, padding, h, w) {
+        return Ok(None);
+    }
+    Ok(Some((b, c, h, w)))
+}
+
 /// `x` convolved with `kernel` (plus `bias`) by [`winograd`] when the convolution is one it
 /// serves on the CPU in f32 (3x3, stride 1, padding 1, large enough); `None` otherwise.
 fn winograd_forward(
@@ -416,16 +440,10 @@ fn winograd_forward(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Option<Tensor>> {
-    let mut operands = vec![x, kernel];
-    operands.extend(bias);
-    if !is_cpu_f32(&operands) || !winograd::enabled() {
+    let Some((b, c, h, w)) = winograd_shape(x, kernel, bias, stride, padding)? else {
         return Ok(None);
-    }
-    let (b, c, h, w) = x.dims4()?;
-    let (o, kc, kh, kw) = kernel.dims4()?;
-    if kc != c || !winograd::applies(kh, kw, stride, padding, h, w) {
-        return Ok(None);
-    }
+    };
+    let o = kernel.dim(0)?;
     let bias = match bias {
         Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
         None => None,
