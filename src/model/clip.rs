@@ -482,11 +482,12 @@ impl ClipTextTransformer {
             ));
         }
         let text_projection = match cfg.projection_dim {
-            Some(p) if w.contains("text_projection.weight") => {
-                // Checked first: Linear takes any matrix.
-                w.get_shaped("text_projection.weight", &[p, cfg.hidden_size])?;
-                Some(Linear::new(w, "text_projection", false)?)
-            }
+            Some(p) if w.contains("text_projection.weight") => Some(Linear::new_shaped(
+                w,
+                "text_projection",
+                false,
+                (p, cfg.hidden_size),
+            )?),
             _ => None,
         };
         let w = w.pp("text_model");

@@ -445,7 +445,7 @@ pub fn random_model_inspected(
 ) -> Result<super::SdModel> {
     let (tensors, states) = random_weights_and_states(config, seed)?;
     inspect(&tensors);
-    let weights = super::weights::Weights::from_tensors(tensors, dtype, device.clone());
+    let weights = super::weights::Weights::handing_over(tensors, dtype, device.clone());
     let mut model = super::SdModel::from_weights(
         &weights,
         config.clone(),
@@ -471,7 +471,7 @@ pub fn random_model_inspected(
     // Released for training (SdModel::release_vae), the VAE is drawn again, the same.
     let (config, device, vae_state) = (config.clone(), device.clone(), states.vae);
     model.set_vae_reload(Box::new(move || {
-        let w = super::weights::Weights::from_tensors(
+        let w = super::weights::Weights::handing_over(
             random_vae_weights(&config, vae_state)?,
             dtype,
             device.clone(),

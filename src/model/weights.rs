@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -242,6 +242,7 @@ impl WeightIndex {
             inner: Arc::new(Inner {
                 index: self,
                 memory: HashMap::new(),
+                hand_over: false,
                 device,
             }),
             prefix: String::new(),
@@ -251,12 +252,41 @@ impl WeightIndex {
 }
 
 impl Weights {
-    /// Weights held in memory under the internal names (see the module doc).
+    /// Weights held in memory under the internal names (see the module doc); a tensor can
+    /// be read any number of times.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: Device) -> Self {
+        Self::in_memory(tensors, dtype, device, false)
+    }
+
+    /// Weights held in memory that are handed over when read: the first read of a name
+    /// takes its tensor out of the map and a second read is an error. A model built from
+    /// them holds its weights alone, so what it frees or replaces while it is built (the
+    /// parts of a fused q/k/v projection) is freed then, not when the map goes.
+    pub fn handing_over(tensors: HashMap<String, Tensor>, dtype: DType, device: Device) -> Self {
+        Self::in_memory(tensors, dtype, device, true)
+    }
+
+    fn in_memory(
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: Device,
+        hand_over: bool,
+    ) -> Self {
+        let memory = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let held = Held {
+                    shape: t.dims().to_vec(),
+                    tensor: Mutex::new(Some(t)),
+                };
+                (name, held)
+            })
+            .collect();
         Weights {
             inner: Arc::new(Inner {
                 index: WeightIndex::default(),
-                memory: tensors,
+                memory,
+                hand_over,
                 device,
             }),
             prefix: String::new(),
@@ -268,8 +298,16 @@ impl Weights {
 struct Inner {
     index: WeightIndex,
     /// Tensors held in memory (random models for benchmarks and tests).
-    memory: HashMap<String, Tensor>,
+    memory: HashMap<String, Held>,
+    /// Whether a read takes a tensor out of `memory` ([`Weights::handing_over`]).
+    hand_over: bool,
     device: Device,
+}
+
+/// A tensor held in memory, and its shape (known after it has been handed over).
+struct Held {
+    shape: Vec<usize>,
+    tensor: Mutex<Option<Tensor>>,
 }
 
 /// A view of the indexed weights under a name prefix, converted to a compute dtype.
@@ -346,7 +384,7 @@ impl Weights {
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let full = self.full(name);
         match self.inner.memory.get(&full) {
-            Some(t) => Some(t.dims().to_vec()),
+            Some(held) => Some(held.shape.clone()),
             None => self.inner.index.entries.get(&full).map(|e| e.shape.clone()),
         }
     }
@@ -389,8 +427,19 @@ impl Weights {
 
     /// Reads `name` in its stored dtype and shape, on the CPU.
     pub fn get_raw(&self, name: &str) -> Result<Tensor> {
-        if let Some(t) = self.inner.memory.get(&self.full(name)) {
-            return Ok(t.clone());
+        let full = self.full(name);
+        if let Some(held) = self.inner.memory.get(&full) {
+            let mut tensor = held.tensor.lock().unwrap_or_else(PoisonError::into_inner);
+            let t = if self.inner.hand_over {
+                tensor.take()
+            } else {
+                tensor.clone()
+            };
+            return t.ok_or_else(|| Error::Weight {
+                path: PathBuf::from("<memory>"),
+                key: full,
+                reason: "was handed over already (a weight held in memory is read once)".into(),
+            });
         }
         let (e, file) = self.entry(name)?;
         let bytes = &file.map[e.start..e.end];
@@ -621,6 +670,35 @@ mod tests {
         assert!(err.contains("'bias'") && err.contains("matrix"), "{err}");
         assert_eq!(index.dtype_last("bias"), Some(StDtype::F16));
         assert_eq!(index.dtype_last("absent"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn weights_in_memory_are_handed_over_once_or_shared() -> Result<()> {
+        let tensors = || -> HashMap<String, Tensor> {
+            let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap();
+            [("a.w".to_string(), t.reshape((2, 3)).unwrap())]
+                .into_iter()
+                .collect()
+        };
+        let shared = Weights::from_tensors(tensors(), DType::F32, Device::Cpu).pp("a");
+        for _ in 0..2 {
+            assert_eq!(shared.get2("w")?.dims(), &[2, 3]);
+        }
+        let handed = Weights::handing_over(tensors(), DType::F32, Device::Cpu).pp("a");
+        assert_eq!(
+            handed.get("w")?.to_vec2::<f32>()?,
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
+        // Its name and shape stay known; a second read names the tensor and says why.
+        assert!(handed.contains("w"));
+        assert_eq!(handed.shape_of("w"), Some(vec![2, 3]));
+        assert_eq!(handed.names(), vec!["w".to_string()]);
+        let err = handed.get("w").unwrap_err().to_string();
+        assert!(
+            err.contains("'a.w'") && err.contains("handed over"),
+            "{err}"
+        );
         Ok(())
     }
 }

@@ -26,6 +26,22 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// [`Linear::new`] with the weight's shape checked: `[out, in]`.
+    pub fn new_shaped(
+        w: &Weights,
+        prefix: &str,
+        bias: bool,
+        (out, inp): (usize, usize),
+    ) -> Result<Self> {
+        let weight = w.get_shaped(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.get_shaped(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
     /// The layers stacked along their outputs (same inputs): one matrix product computes
     /// all their outputs side by side, e.g. an attention's q, k and v. Concatenated once,
     /// when the model loads; the parts' weights are not kept.
