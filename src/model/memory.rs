@@ -25,23 +25,23 @@
 //!   encoder's saved state and a fixed allowance for the process itself.
 //!
 //! Calibration: `sdti bench --recompute off|on` on a random SD 1.5 (f32, batch 1, one
-//! image, 2-core CPU), the peak RSS from the warm-up step on (VmHWM reset before it);
-//! the weights are 4,068 MiB (text encoder 470 with its token table 145, UNet 3,279, VAE
-//! 319), of which a step holds 3,604:
+//! image, 2-core CPU), the peak RSS from the warm-up step on (VmHWM reset before it,
+//! once the VAE is freed as the first step would free it); the weights are 4,068 MiB
+//! (text encoder 470 with its token table 145, UNet 3,279, VAE 319), of which a step
+//! holds 3,604:
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 4,095 MiB | 3,970 MiB (-3.1%) |
-//! | 256 px | on | 4,095 MiB | 3,918 MiB (-4.3%) |
-//! | 512 px | off | 4,303 MiB | 4,391 MiB (+2.0%) |
-//! | 512 px | on | 4,104 MiB | 4,199 MiB (+2.3%) |
+//! | 256 px | off | 3,866 MiB | 3,970 MiB (+2.7%) |
+//! | 256 px | on | 3,797 MiB | 3,918 MiB (+3.2%) |
+//! | 512 px | off | 4,298 MiB | 4,391 MiB (+2.2%) |
+//! | 512 px | on | 4,073 MiB | 4,199 MiB (+3.1%) |
 //!
-//! At 256 px both measure the RSS when the steps begin, the VAE and the whole token
-//! tables still loaded (the loading estimate, [`loading_bytes`], is 4,260 MiB); the steps
-//! themselves stay under 3,870 MiB (RSS sampled every 50 ms). Elsewhere the estimate errs
-//! a little high, the safe side for a choice that must not run out of memory; at 512 px
-//! recompute keeps 500 MiB over the step's weights where keeping everything takes 699
-//! MiB (narrow transformer blocks rebuilding their projections:
+//! The estimate errs a little high, the safe side for a choice that must not run out of
+//! memory. (Before the VAE was freed ahead of the reset, the 256 px rows measured the
+//! RSS when the steps began, 4,095 MiB with the VAE still loaded.) At 512 px recompute
+//! keeps about 470 MiB over the step's weights where keeping everything takes 694 MiB
+//! (narrow transformer blocks rebuilding their projections:
 //! `transformer::REBUILD_WIDTH`). SDXL at 512 px (recompute off): 14,495 MiB measured,
 //! 14,584 estimated (+0.6%).
 
