@@ -435,10 +435,11 @@ impl Weights {
             } else {
                 tensor.clone()
             };
-            return t.ok_or_else(|| Error::Weight {
-                path: PathBuf::from("<memory>"),
-                key: full,
-                reason: "was handed over already (a weight held in memory is read once)".into(),
+            return t.ok_or_else(|| {
+                self.memory_error(
+                    name,
+                    "was handed over already (a weight held in memory is read once)".into(),
+                )
             });
         }
         let (e, file) = self.entry(name)?;
@@ -512,11 +513,16 @@ impl Weights {
                 key: e.source_key.clone(),
                 reason,
             },
-            Err(_) => Error::Weight {
-                path: PathBuf::from("<memory>"),
-                key: self.full(name),
-                reason,
-            },
+            Err(_) => self.memory_error(name, reason),
+        }
+    }
+
+    /// An error about `name`, a tensor held in memory.
+    fn memory_error(&self, name: &str, reason: String) -> Error {
+        Error::Weight {
+            path: PathBuf::from("<memory>"),
+            key: self.full(name),
+            reason,
         }
     }
 

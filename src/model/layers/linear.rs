@@ -17,13 +17,7 @@ pub struct Linear {
 impl Linear {
     /// Loads `{prefix}.weight` (`[out, in]`) and, when `bias`, `{prefix}.bias`.
     pub fn new(w: &Weights, prefix: &str, bias: bool) -> Result<Self> {
-        let weight = w.get2(&format!("{prefix}.weight"))?;
-        let bias = if bias {
-            Some(w.get_shaped(&format!("{prefix}.bias"), &[weight.dim(0)?])?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
+        Self::with_weight(w, prefix, bias, w.get2(&format!("{prefix}.weight"))?)
     }
 
     /// [`Linear::new`] with the weight's shape checked: `[out, in]`.
@@ -34,8 +28,13 @@ impl Linear {
         (out, inp): (usize, usize),
     ) -> Result<Self> {
         let weight = w.get_shaped(&format!("{prefix}.weight"), &[out, inp])?;
+        Self::with_weight(w, prefix, bias, weight)
+    }
+
+    /// The layer of `weight` (`[out, in]`) and, when `bias`, `{prefix}.bias` (`[out]`).
+    fn with_weight(w: &Weights, prefix: &str, bias: bool, weight: Tensor) -> Result<Self> {
         let bias = if bias {
-            Some(w.get_shaped(&format!("{prefix}.bias"), &[out])?)
+            Some(w.get_shaped(&format!("{prefix}.bias"), &[weight.dim(0)?])?)
         } else {
             None
         };
