@@ -10,8 +10,8 @@
 //! * `--config sdxl`: `ModelConfig::sdxl()`, checked against
 //!   `tests/reference/sdxl_shapes.json` (`tests/reference/sdxl_architecture.py`), beside
 //!   diffusers' `textual_inversion_sdxl.py` step (`bench_diffusers_step.py --config
-//!   sdxl`); sdti learns both SDXL tables, the example only the first encoder's. Default
-//!   resolution 512.
+//!   sdxl`); both learn a table for each SDXL encoder (the example has since diffusers PR
+//!   #9010), so both backward passes run through bigG. Default resolution 512.
 //!
 //! * The model is `sdti::model::random` at `ModelConfig::sd1()`, f32 on the CPU, from a
 //!   fixed seed: the same generator as `sdti bench` (weights N(0, 1/fan_in), norm weights

@@ -40,11 +40,18 @@ instead, on SDXL base's architecture (`sdxl_architecture.py`), fp32:
     model_pred = unet(noisy_latents, timesteps, cat([h1, h2], -1), added_cond_kwargs=...).sample
     loss = mse(model_pred, noise); loss.backward(); optimizer.step(); ...
 
-As in that example only text_encoder_1's token table learns (the placeholder is added to
-tokenizer_1 alone; text_encoder_2 is frozen, so no gradient flows into it), where sdti
-learns a table for each encoder (`clip_l` and `clip_g`, as A1111/ComfyUI's SDXL files
-hold), a longer backward pass. The second prompt's ids put the initializer's id where the
-placeholder stands and pad with id 0, as SDXL's tokenizer_2 pads.
+As in that example since diffusers PR #9010 (2024-08-09, "Fix textual inversion SDXL and
+add support for 2nd text encoder"), both encoders' token tables learn, as sdti's `clip_l`
+and `clip_g` do: the placeholder is added to both tokenizers (one id, 49408, in both
+vocabularies) with the initializer's row copied into each table; each encoder's
+transformer layers, final norm and position table are frozen, which leaves its token
+table (and text_encoder_2's `text_projection`, which the example does not freeze: autograd
+computes its gradient, no optimizer updates it) trainable; AdamW optimises both tables
+and the rows other than the placeholder's are restored in both after every step. So the
+backward pass runs through both encoders, bigG included. (Until 2026-12-01 this script
+timed the example as it was before that PR, with text_encoder_2 frozen and no gradient
+through it: a shorter step than the example's today, and than sdti's.) The second
+prompt pads with id 0, as SDXL's tokenizer_2 pads.
 
 Prints one JSON line on stdout (everything else goes to stderr). Each step's time is
 measured with its VAE encode timed apart, so the step without the encode (what sdti's
@@ -213,41 +220,50 @@ def main():
         init_like_the_rust_bench(m)
     noise_scheduler = DDPMScheduler(**arch.SCHED_CONFIG)
 
-    # Add the placeholder token and copy the initializer's row into it.
-    text_encoder.resize_token_embeddings(PLACEHOLDER_ID + 1)
-    token_embeds = text_encoder.get_input_embeddings().weight.data
-    token_embeds[PLACEHOLDER_ID] = token_embeds[INITIALIZER_ID].clone()
+    # Add the placeholder token and copy the initializer's row into it (into both
+    # encoders' tables for SDXL: the same id in both vocabularies).
+    learned = [text_encoder] if text_encoder_2 is None else [text_encoder, text_encoder_2]
+    for te in learned:
+        te.resize_token_embeddings(PLACEHOLDER_ID + 1)
+        token_embeds = te.get_input_embeddings().weight.data
+        token_embeds[PLACEHOLDER_ID] = token_embeds[INITIALIZER_ID].clone()
 
     # Freeze vae and unet, and everything in the text encoder but the token embeddings.
     # (The example freezes text_model.encoder / final_layer_norm / position_embedding by
     # name; transformers 5.x's CLIPTextModel has no `.text_model`, so freeze all, then
     # unfreeze the table: the same set of trainable parameters.)
+    # For SDXL the example freezes each encoder's `encoder`, `final_layer_norm` and
+    # `position_embedding`, which leaves text_encoder_2's `text_projection` trainable too.
     for m in frozen:
         m.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    text_encoder.get_input_embeddings().requires_grad_(True)
-    trainable = [n for n, p in text_encoder.named_parameters() if p.requires_grad]
-    assert len(trainable) == 1 and "token_embedding" in trainable[0], trainable
+    for te in learned:
+        te.requires_grad_(False)
+        te.get_input_embeddings().requires_grad_(True)
+    if text_encoder_2 is not None:
+        text_encoder_2.text_projection.requires_grad_(True)
+    for te, want in zip(learned, [["token_embedding"], ["token_embedding", "text_projection"]]):
+        trainable = [n for n, p in te.named_parameters() if p.requires_grad]
+        assert len(trainable) == len(want) and all(w in n for w, n in zip(want, trainable)), trainable
 
     optimizer = torch.optim.AdamW(
-        text_encoder.get_input_embeddings().parameters(),
+        [te.get_input_embeddings().weight for te in learned],
         lr=5e-3,
         betas=(0.9, 0.999),
         weight_decay=1e-2,
         eps=1e-8,
     )
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**6)
-    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
+    orig_embeds_params = [te.get_input_embeddings().weight.data.clone() for te in learned]
     index_no_updates = torch.ones((PLACEHOLDER_ID + 1,), dtype=torch.bool)
     index_no_updates[PLACEHOLDER_ID : PLACEHOLDER_ID + 1] = False
 
     pixel_values = synthetic_image(args.resolution)
     input_ids = torch.tensor([PROMPT_IDS + [EOS] * (77 - len(PROMPT_IDS))], dtype=torch.long)
-    ids_2 = [INITIALIZER_ID if i == PLACEHOLDER_ID else i for i in PROMPT_IDS]
-    input_ids_2 = torch.tensor([ids_2 + [0] * (77 - len(ids_2))], dtype=torch.long)
+    input_ids_2 = torch.tensor([PROMPT_IDS + [0] * (77 - len(PROMPT_IDS))], dtype=torch.long)
     # original_size + crop_top_left + target_size of a square picture at the resolution.
     add_time_ids = torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]], dtype=torch.float32)
-    text_encoder.train()
+    for te in learned:
+        te.train()
     build_s = time.perf_counter() - t0
     rss_loaded = rss_mib("VmRSS")
 
@@ -277,7 +293,8 @@ def main():
         lr_scheduler.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
+            for te, orig in zip(learned, orig_embeds_params):
+                te.get_input_embeddings().weight[index_no_updates] = orig[index_no_updates]
         return loss.item(), vae_ms
 
     times, vae_times = [], []
@@ -315,8 +332,9 @@ def main():
 
     profile = unet_profile(text_encoder, unet, args.resolution, input_ids) if args.profile else None
 
-    changed = (text_encoder.get_input_embeddings().weight.data != orig_embeds_params).any(dim=1)
-    assert changed.nonzero().flatten().tolist() == [PLACEHOLDER_ID], "only the placeholder row may change"
+    for te, orig in zip(learned, orig_embeds_params):
+        changed = (te.get_input_embeddings().weight.data != orig).any(dim=1)
+        assert changed.nonzero().flatten().tolist() == [PLACEHOLDER_ID], "only the placeholder row may change"
 
     # ru_maxrss (KiB on Linux) survives exec: started from the Rust bench, it reports the
     # parent's peak when that was larger. VmHWM belongs to this process image alone.
