@@ -2,7 +2,7 @@
 """Time one textual-inversion training step of diffusers on the CPU (the reference for
 `benches/train_step.rs`).
 
-    $REFENV/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2] [--config sd15|sdxl]
+    $REFENV/bin/python tests/reference/bench_diffusers_step.py --resolution 512 --steps 3 [--threads 2] [--config sd15|sdxl] [--ops]
 
 The step is the loop body of diffusers' `examples/textual_inversion/textual_inversion.py`
 (`with accelerator.accumulate(text_encoder): ...`), with accelerate left out (one process,
@@ -192,6 +192,13 @@ def main():
         action="store_true",
         help="also time the text encoder and the UNet forward / backward alone",
     )
+    ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="after the timed steps, run one more with the image's latents encoded before it "
+        "(as sdti's latent cache holds them) under torch.profiler and print its op table, "
+        "by self CPU time, to stderr",
+    )
     args = ap.parse_args()
     if args.resolution < 64 or args.resolution % 8:
         ap.error("--resolution must be a multiple of 8, at least 64")
@@ -267,9 +274,12 @@ def main():
     build_s = time.perf_counter() - t0
     rss_loaded = rss_mib("VmRSS")
 
-    def step():
+    def encode():
+        return vae.encode(pixel_values).latent_dist.sample().detach()
+
+    def step(cached=None):
         s = time.perf_counter()
-        latents = vae.encode(pixel_values).latent_dist.sample().detach()
+        latents = encode() if cached is None else cached
         vae_ms = (time.perf_counter() - s) * 1000
         latents = latents * arch.SCALING_FACTOR
         noise = torch.randn_like(latents)
@@ -331,6 +341,17 @@ def main():
             timed_step(i)
 
     profile = unet_profile(text_encoder, unet, args.resolution, input_ids) if args.profile else None
+    if args.ops:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        cached = encode()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            s = time.perf_counter()
+            step(cached)
+            ops_ms = (time.perf_counter() - s) * 1000
+        print(f"diffusers {args.resolution}px step with cached latents, profiled: {ops_ms:.0f} ms", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
 
     for te, orig in zip(learned, orig_embeds_params):
         changed = (te.get_input_embeddings().weight.data != orig).any(dim=1)
