@@ -235,12 +235,11 @@ def main():
         token_embeds = te.get_input_embeddings().weight.data
         token_embeds[PLACEHOLDER_ID] = token_embeds[INITIALIZER_ID].clone()
 
-    # Freeze vae and unet, and everything in the text encoder but the token embeddings.
-    # (The example freezes text_model.encoder / final_layer_norm / position_embedding by
-    # name; transformers 5.x's CLIPTextModel has no `.text_model`, so freeze all, then
-    # unfreeze the table: the same set of trainable parameters.)
-    # For SDXL the example freezes each encoder's `encoder`, `final_layer_norm` and
-    # `position_embedding`, which leaves text_encoder_2's `text_projection` trainable too.
+    # Freeze vae and unet, and in each learned encoder everything the example freezes: it
+    # freezes `encoder`, `final_layer_norm` and `position_embedding` by name, which leaves
+    # the token table trainable, and text_encoder_2's `text_projection` too. transformers
+    # 5.x's CLIPTextModel has no `.text_model`, so freeze all, then unfreeze those: the
+    # same set of trainable parameters.
     for m in frozen:
         m.requires_grad_(False)
     for te in learned:
