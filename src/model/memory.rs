@@ -13,10 +13,11 @@
 //!   `SpatialSaved`: per transformer block its input, the fused q/k/v, both attentions'
 //!   queries, outputs and row log-sum-exps, the context keys and values, the two residual
 //!   sums and the GEGLU input: 17 activations of the block's width plus the small ones,
-//!   of which blocks at most `transformer::REBUILD_WIDTH` wide keep only 3 without
-//!   recompute). Without recompute all of them are alive when the backward pass starts,
-//!   the peak; with recompute only one block's at a time, rebuilt inside its backward
-//!   pass, while the skip connections' gradients wait for the down path;
+//!   of which blocks at most `transformer::REBUILD_WIDTH` wide on activations of at
+//!   least `transformer::REBUILD_MIN_ELEMENTS` keep only 3 without recompute). Without
+//!   recompute all of them are alive when the backward pass starts, the peak; with
+//!   recompute only one block's at a time, rebuilt inside its backward pass, while the
+//!   skip connections' gradients wait for the down path;
 //! * the largest transient of a block's passes (the convolutions' column buffers, the
 //!   feed-forward's gradients);
 //! * the weights a step holds (counted from the configuration; the text encoder always in
@@ -32,17 +33,18 @@
 //!
 //! | resolution | recompute | measured | estimated |
 //! | --- | --- | --- | --- |
-//! | 256 px | off | 3,866 MiB | 3,970 MiB (+2.7%) |
+//! | 256 px | off | 3,981-3,986 MiB | 4,102 MiB (+2.9%) |
 //! | 256 px | on | 3,797 MiB | 3,918 MiB (+3.2%) |
 //! | 512 px | off | 4,298 MiB | 4,391 MiB (+2.2%) |
 //! | 512 px | on | 4,073 MiB | 4,199 MiB (+3.1%) |
 //!
 //! The estimate errs a little high, the safe side for a choice that must not run out of
 //! memory. (Before the VAE was freed ahead of the reset, the 256 px rows measured the
-//! RSS when the steps began, 4,095 MiB with the VAE still loaded.) At 512 px recompute
-//! keeps about 470 MiB over the step's weights where keeping everything takes 694 MiB
-//! (narrow transformer blocks rebuilding their projections:
-//! `transformer::REBUILD_WIDTH`). SDXL at 512 px (recompute off): 14,495 MiB measured,
+//! RSS when the steps began, 4,095 MiB with the VAE still loaded; until 2026-12-02 the
+//! narrow blocks rebuilt at 256 px too, 3,866 MiB measured, 3,970 estimated.) At 512 px
+//! recompute keeps about 470 MiB over the step's weights where keeping everything takes
+//! 694 MiB (narrow transformer blocks rebuilding their projections:
+//! `transformer::REBUILD_WIDTH`, `transformer::REBUILD_MIN_ELEMENTS`). SDXL at 512 px (recompute off): 14,495 MiB measured,
 //! 14,584 estimated (+0.6%).
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
@@ -327,12 +329,13 @@ impl Tally {
         // (`transformer::kept_activations`); two log-sum-exps per head and position (f32,
         // counted as one element each, close enough in f32 and under by half in f16); kv2.
         let small = 2 * heads * n + 2 * c * m;
-        let kept = |lean| kept_activations(c as usize, lean) * c * n + small;
+        let elements = (c * n) as usize;
+        let kept = |lean| kept_activations(c as usize, elements, lean) * c * n + small;
         // The backward pass's largest moment: the GEGLU input's gradient (8c), the
         // feed-forward's (4c), the output gradient and the attention gradients (4c); in a
         // block that kept little, also the rebuilt residual sums and GEGLU input (10c).
         let transient = 17 * c * n + c * d;
-        let rebuilt = if rebuilds(c as usize, true) {
+        let rebuilt = if rebuilds(c as usize, elements, true) {
             10 * c * n
         } else {
             0

@@ -10,7 +10,8 @@
 //! backward pass goes through it.
 //!
 //! Blocks at most [`REBUILD_WIDTH`] wide whose state waits for the backward pass
-//! ([`Keep::Lean`], recompute off) keep 3 of the 17: the input and the two attention
+//! ([`Keep::Lean`], recompute off) and whose activations are at least
+//! [`REBUILD_MIN_ELEMENTS`] large keep 3 of the 17: the input and the two attention
 //! outputs (and the small ones). The backward pass rebuilds the rest, the two residual
 //! sums, the fused q/k/v, the cross-attention query and the GEGLU input, with the forward
 //! pass's own products, so with the same bits; the attention outputs, which would cost
@@ -82,6 +83,8 @@ struct TransformerBlock {
     upcast: bool,
     /// The block's width (channels).
     width: usize,
+    /// [`REBUILD_MIN_ELEMENTS`] (a test lowers it to run the rebuild on small inputs).
+    rebuild_min_elements: usize,
 }
 
 /// The widest transformer block that rebuilds its projections for a backward pass that
@@ -93,17 +96,34 @@ struct TransformerBlock {
 /// level, where the rebuild would cost a fifth of its passes).
 pub(crate) const REBUILD_WIDTH: usize = 640;
 
-/// Whether a transformer block `width` wide rebuilds its projections in the backward
-/// pass: when its state waits for it (`lean`) and the block is narrow enough.
-pub(crate) fn rebuilds(width: usize, lean: bool) -> bool {
-    lean && width <= REBUILD_WIDTH
+/// The fewest elements (batch x tokens x width) of one activation for which a narrow
+/// block rebuilds its projections rather than keeping them: 2 MiB in f32. Below it the
+/// 14 activations a block would give back are small (at SD 1.5's 256 px, 32x32 and
+/// 16x16 latents, 116 MiB over its ten narrow blocks), while the rebuild costs those
+/// blocks' passes the same share as elsewhere or more: 21-37% at 1024 tokens 320 wide and
+/// 256 tokens 640 wide (`transformer_keep_timing`, 2026-12-02). From 512 px (64x64 and
+/// 32x32 latents, 1.3M and 655K elements) SD 1.x's narrow blocks rebuild, as do SDXL's
+/// 640-wide ones, where the memory is what a step needs.
+pub(crate) const REBUILD_MIN_ELEMENTS: usize = 1 << 19;
+
+/// Whether a transformer block `width` wide, whose activations have `elements` elements
+/// (batch x tokens x width), rebuilds its projections in the backward pass: when its
+/// state waits for it (`lean`), the block is narrow enough and its activations are large
+/// enough to be worth giving back.
+pub(crate) fn rebuilds(width: usize, elements: usize, lean: bool) -> bool {
+    rebuilds_from(width, elements, lean, REBUILD_MIN_ELEMENTS)
+}
+
+/// [`rebuilds`] with the least activation size `min_elements` given.
+fn rebuilds_from(width: usize, elements: usize, lean: bool, min_elements: usize) -> bool {
+    lean && width <= REBUILD_WIDTH && elements >= min_elements
 }
 
 /// Activations of its width (tokens x width) a transformer block `width` wide keeps for
-/// its backward pass: the input and the two attention outputs when it [`rebuilds`] the
-/// rest, else all 17.
-pub(crate) fn kept_activations(width: usize, lean: bool) -> u64 {
-    if rebuilds(width, lean) {
+/// its backward pass when its activations have `elements` elements: the input and the
+/// two attention outputs when it [`rebuilds`] the rest, else all 17.
+pub(crate) fn kept_activations(width: usize, elements: usize, lean: bool) -> u64 {
+    if rebuilds(width, elements, lean) {
         3
     } else {
         17
@@ -160,6 +180,7 @@ impl TransformerBlock {
             heads: cfg.heads,
             upcast: cfg.upcast,
             width: dim,
+            rebuild_min_elements: REBUILD_MIN_ELEMENTS,
         })
     }
 
@@ -274,9 +295,15 @@ impl TransformerBlock {
         let h = self.ff_proj.apply(&n3)?;
         drop(n3);
         let y = self.ff_out.apply_add(&geglu_apply(&h)?, Some(&x2))?;
-        // Kept: everything, but for a backward pass that waits a narrow block keeps only
-        // its input and the attentions' outputs and rebuilds the projections from them.
-        let kept = !rebuilds(self.width, keep == Keep::Lean);
+        // Kept: everything, but for a backward pass that waits a narrow block on large
+        // enough activations keeps only its input and the attentions' outputs and
+        // rebuilds the projections from them.
+        let kept = !rebuilds_from(
+            self.width,
+            x.elem_count(),
+            keep == Keep::Lean,
+            self.rebuild_min_elements,
+        );
         let saved = keep.any().then(|| BlockSaved {
             x: x.clone(),
             stats1,
@@ -648,6 +675,85 @@ mod tests {
         let d = (a - b).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
         let n = b.sqr().and_then(|n| n.sum_all()?.to_scalar::<f32>());
         (d.expect("diff") / n.expect("norm")).sqrt()
+    }
+
+    /// A narrow block that rebuilds its projections in the backward pass gives the same
+    /// output and the same input and context gradients, bit for bit, as one that keeps
+    /// them; the rebuild runs only on activations of at least [`REBUILD_MIN_ELEMENTS`]
+    /// (lowered here so that a small block takes that path).
+    #[test]
+    fn rebuilt_projections_give_the_kept_gradients() -> candle_core::Result<()> {
+        let (c, side) = (16, 6);
+        let cfg = TransformerConfig {
+            channels: c,
+            heads: 2,
+            depth: 2,
+            groups: 4,
+            linear_projection: false,
+            upcast: false,
+        };
+        let mut tensors = transformer_weights(c, 8, 1.0);
+        // A second block: the same weights under block 1's names.
+        let second: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("transformer_blocks.0.")?;
+                Some((format!("transformer_blocks.1.{rest}"), (v * 0.9).ok()?))
+            })
+            .collect();
+        tensors.extend(second);
+        for p in ["proj_in", "proj_out"] {
+            let w = tensors[&format!("{p}.weight")].reshape((c, c, 1, 1))?;
+            tensors.insert(format!("{p}.weight"), w);
+        }
+        let w = Weights::from_tensors(tensors, DType::F32, Device::Cpu);
+        let mut st = SpatialTransformer::new(&w, &cfg)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let x = wave(&[1, c, side, side], 0.5, 2.0);
+        let ctx = wave(&[1, 5, 8], 0.25, 1.0);
+        let g = wave(&[1, c, side, side], 0.75, 1.0);
+        let elements = c * side * side;
+        assert!(
+            !rebuilds(c, elements, true),
+            "the default threshold keeps small blocks"
+        );
+        let pass = |st: &SpatialTransformer, keep: Keep| -> candle_core::Result<Vec<Tensor>> {
+            let (y, saved) = st.run(&x, Some(&ctx), keep)?;
+            let saved = saved.ok_or_else(|| candle_core::Error::Msg("nothing kept".into()))?;
+            let lean = saved
+                .blocks
+                .iter()
+                .all(|b| b.qkv.is_none() && b.h.is_none());
+            let (dx, dctx) = st.backward(saved, &x, Some(&ctx), &g, [true, true])?;
+            let both = dx
+                .zip(dctx)
+                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+            let flag = Tensor::new(&[u8::from(lean)], &Device::Cpu)?;
+            Ok(vec![y, both.0, both.1, flag])
+        };
+        let kept_all = pass(&st, Keep::All)?;
+        let small_lean = pass(&st, Keep::Lean)?;
+        for b in &mut st.blocks {
+            b.rebuild_min_elements = elements;
+        }
+        let rebuilt = pass(&st, Keep::Lean)?;
+        let flag = |v: &[Tensor]| v[3].to_vec1::<u8>();
+        assert_eq!(flag(&kept_all)?, [0], "Keep::All keeps everything");
+        assert_eq!(flag(&small_lean)?, [0], "a small block keeps everything");
+        assert_eq!(flag(&rebuilt)?, [1], "a large enough block rebuilds");
+        for (name, (a, b)) in ["output", "input gradient", "context gradient"]
+            .iter()
+            .zip(kept_all.iter().zip(&rebuilt))
+        {
+            let (a, b) = (
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert!(a.iter().any(|v| *v != 0.0), "{name} is not all zeros");
+            let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{name} differs when rebuilt");
+        }
+        Ok(())
     }
 
     /// Timing of one spatial transformer's forward and backward passes with its state
