@@ -44,8 +44,8 @@
 //! narrow blocks rebuilt at 256 px too, 3,866 MiB measured, 3,970 estimated.) At 512 px
 //! recompute keeps about 470 MiB over the step's weights where keeping everything takes
 //! 694 MiB (narrow transformer blocks rebuilding their projections:
-//! `transformer::REBUILD_WIDTH`, `transformer::REBUILD_MIN_ELEMENTS`). SDXL at 512 px (recompute off): 14,495 MiB measured,
-//! 14,584 estimated (+0.6%).
+//! `transformer::REBUILD_WIDTH`, `transformer::REBUILD_MIN_ELEMENTS`). SDXL at 512 px
+//! (recompute off): 14,495 MiB measured, 14,584 estimated (+0.6%).
 
 use super::config::{ClipConfig, ModelConfig, UnetConfig, VaeConfig, CLIP_CONTEXT_LEN};
 use super::layers::Recompute;
