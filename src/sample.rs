@@ -104,6 +104,7 @@ pub fn ddim_sample_with(
         ));
     }
     let ddim = DdimSchedule::new(scheduler, steps)?;
+    let _awake = crate::model::awake::awake(noise.device())?;
     let b = noise.dim(0)?;
     let guided = match uncond {
         Some((u, scale)) => Some((u.cat(cond)?, scale)),

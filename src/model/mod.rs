@@ -1,5 +1,6 @@
 //! Training-grade Stable Diffusion model code (SD 1.x, SD 2.x, SDXL) on candle tensors.
 
+pub mod awake;
 pub mod clip;
 pub mod config;
 pub mod files;

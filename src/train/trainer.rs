@@ -22,6 +22,7 @@ use crate::embedding::{
     write_embedding_to, EmbeddingFile, EmbeddingPart, Encoder, Existing, Format, Precision,
 };
 use crate::error::{Error, Result};
+use crate::model::awake::awake;
 use crate::model::clip::split_columns;
 use crate::model::memory::{
     available_bytes, recompute_order, return_free_memory, token_table_bytes, transformer_count,
@@ -433,6 +434,7 @@ impl Trainer {
         // The data module's errors already name the file (or in-memory image) and field.
         let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
         let device = self.model.device().clone();
+        let _awake = awake(&device)?;
         // The VAE's dtype: f32 for SDXL's f16 models (crate::model::vae_dtype).
         let vae = self.model.vae()?;
         let dtype = vae.dtype();
@@ -688,6 +690,7 @@ impl Trainer {
         // (a table read again in between, by a preview or a host, is freed again).
         self.model.release_vae();
         self.release_token_tables()?;
+        let _awake = awake(self.model.device())?;
         let start = Instant::now();
         let accum = self.config.gradient_accumulation;
         // A step that fails or is cancelled leaves no trace: the random streams and the
