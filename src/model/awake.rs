@@ -49,7 +49,7 @@ impl Drop for Awake {
 ///
 /// # Errors
 /// Another value, with what it may be.
-pub fn wait_policy_active() -> crate::error::Result<bool> {
+fn wait_policy_active() -> crate::error::Result<bool> {
     parse_wait_policy(std::env::var("SDTI_CPU_WAIT").ok().as_deref())
 }
 
