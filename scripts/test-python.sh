@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Python package's tests (README "Two commands", after `cargo test`; CI runs them).
 # The Python package (python/): the wheel built by setuptools-rust from the dev profile
-# `cargo test` just built (only the sdti crate is compiled again, as a cdylib; candle is
-# not rebuilt in release), installed into a fresh virtual environment, then its pytest
-# tests, which run the ComfyUI pack's tests on the installed wheel too.
+# `cargo test` just built (cargo finds every unit fresh, the cdylib included, as long as
+# Cargo.toml's `[profile.dev.package."*"]` says `debug` explicitly; nothing is rebuilt in
+# release), installed into a fresh virtual environment, then its pytest tests, which run
+# the ComfyUI pack's tests on the installed wheel too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py_tests="$PWD/python/tests"
