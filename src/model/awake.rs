@@ -15,18 +15,10 @@
 //! guard and park when the last guard is dropped, so a host that is not training sees no
 //! CPU use.
 //!
-//! [`Awake::run`] goes further for the work itself: it runs it on one of rayon's workers
-//! while the pool's other workers poll for work instead of sleeping, so a parallel pass
-//! finds them awake and wakes no thread (a sleeping worker costs a futex wake and a
-//! reschedule, tens of microseconds in a virtual machine, thousands of times a step). That
-//! is the whole of OpenMP's active wait; it is used only where the pool has no more workers
-//! than the machine has cores, since a polling thread on a core's second hardware thread
-//! would take from the one computing beside it.
-//!
-//! `SDTI_CPU_WAIT=passive` turns both off (`active`, the default, leaves them on); on systems
-//! other than Linux there is no idle class and nothing spins between passes.
+//! `SDTI_CPU_WAIT=passive` turns this off (`active`, the default, leaves it on); on systems
+//! other than Linux there is no idle class and nothing spins.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 
 /// How many guards are held.
@@ -42,46 +34,7 @@ static SPINNERS: OnceLock<Option<Spinners>> = OnceLock::new();
 
 /// Keeps the CPUs awake until dropped (see the module's documentation).
 pub struct Awake {
-    /// Holds the idle-class spinners.
     active: bool,
-    /// [`Awake::run`] polls.
-    poll: bool,
-}
-
-impl Awake {
-    /// Runs `f` on a worker of rayon's pool while the pool's other workers poll for work
-    /// instead of sleeping, when polling applies (module documentation); otherwise `f` runs
-    /// on the calling thread. `f`'s panic reaches the caller once the pollers have stopped.
-    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        if !self.poll {
-            return f();
-        }
-        /// Stops the pollers when `f` returns or unwinds: the scope waits for them.
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Release);
-            }
-        }
-        let stop = AtomicBool::new(false);
-        rayon::scope(|scope| {
-            let runner = rayon::current_thread_index();
-            let stop = &stop;
-            scope.spawn_broadcast(move |_, worker| {
-                if Some(worker.index()) == runner {
-                    return;
-                }
-                // Runs whatever work the pool has (`f`'s parallel passes) until `f` is done.
-                while !stop.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
-            let _stop = Stop(stop);
-            f()
-        })
-    }
 }
 
 impl Drop for Awake {
@@ -123,29 +76,16 @@ fn parse_wait_policy(value: Option<&str>) -> crate::error::Result<bool> {
 /// An `SDTI_CPU_WAIT` value that is neither `active` nor `passive`.
 pub fn awake(device: &candle_core::Device) -> crate::error::Result<Awake> {
     if !device.is_cpu() || !wait_policy_active()? {
-        return Ok(Awake {
-            active: false,
-            poll: false,
-        });
+        return Ok(Awake { active: false });
     }
-    let poll = polls(rayon::current_num_threads(), num_cpus::get_physical());
     let Some(spinners) = SPINNERS.get_or_init(start) else {
-        return Ok(Awake {
-            active: false,
-            poll,
-        });
+        return Ok(Awake { active: false });
     };
     if HELD.fetch_add(1, Ordering::AcqRel) == 0 {
         let _held = spinners.lock.lock().unwrap_or_else(PoisonError::into_inner);
         spinners.wake.notify_all();
     }
-    Ok(Awake { active: true, poll })
-}
-
-/// Whether [`Awake::run`] polls with a pool of `workers` on a machine of `cores` physical
-/// cores: with more than one worker and no more workers than cores.
-fn polls(workers: usize, cores: usize) -> bool {
-    workers > 1 && workers <= cores
+    Ok(Awake { active: true })
 }
 
 /// Starts one spinner per rayon worker; `None` where no idle class exists or no thread
@@ -209,7 +149,6 @@ fn idle_class() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rayon::prelude::*;
 
     #[test]
     fn the_wait_policy_is_read_or_refused() {
@@ -222,58 +161,6 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("passive"), "{err}");
-    }
-
-    #[test]
-    fn polling_only_where_every_worker_has_a_core() {
-        assert!(polls(2, 2));
-        assert!(polls(8, 16));
-        assert!(!polls(16, 8), "two workers on a core's hardware threads");
-        assert!(!polls(1, 4), "nobody to poll");
-    }
-
-    /// `f`'s value if it returns within a minute on a thread of its own (`None`: a poller
-    /// that never stops holds its worker, and `f` or the scope waits for good).
-    fn in_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(f());
-        });
-        rx.recv_timeout(std::time::Duration::from_secs(60)).ok()
-    }
-
-    /// Whether every worker of rayon's pool takes a job within a minute.
-    fn workers_free() -> bool {
-        in_a_minute(|| rayon::broadcast(|_| ())).is_some()
-    }
-
-    #[test]
-    fn run_polls_on_a_worker_returns_and_unwinds_and_frees_the_pool() {
-        const POLLED: Awake = Awake {
-            active: false,
-            poll: true,
-        };
-        let (on_worker, sum) = in_a_minute(|| {
-            POLLED.run(|| {
-                let sum: u64 = (0..10_000u64).into_par_iter().map(|i| i * i).sum();
-                (rayon::current_thread_index().is_some(), sum)
-            })
-        })
-        .expect("run did not return");
-        assert!(on_worker, "f ran outside the pool");
-        assert_eq!(sum, (0..10_000u64).map(|i| i * i).sum::<u64>());
-        assert!(workers_free(), "a poller kept its worker after f returned");
-
-        let unwound = in_a_minute(|| std::panic::catch_unwind(|| POLLED.run(|| panic!("in f"))))
-            .expect("run did not return after f panicked");
-        assert!(unwound.is_err(), "f's panic did not reach the caller");
-        assert!(workers_free(), "a poller kept its worker after f panicked");
-
-        let plain = Awake {
-            active: false,
-            poll: false,
-        };
-        assert_eq!(plain.run(rayon::current_thread_index), None);
     }
 
     /// Each spinner's (thread id, state letter, scheduling policy) from `/proc`.
