@@ -104,7 +104,18 @@ pub fn ddim_sample_with(
         ));
     }
     let ddim = DdimSchedule::new(scheduler, steps)?;
-    let _awake = crate::model::awake::awake(noise.device())?;
+    let awake = crate::model::awake::awake(noise.device())?;
+    awake.run(|| denoise(model, noise, &ddim, cond, uncond))
+}
+
+/// [`ddim_sample_with`]'s loop over the schedule's steps.
+fn denoise(
+    model: &SdModel,
+    noise: &Tensor,
+    ddim: &DdimSchedule,
+    cond: &Conditioning,
+    uncond: Option<(&Conditioning, f64)>,
+) -> Result<Tensor> {
     let b = noise.dim(0)?;
     let guided = match uncond {
         Some((u, scale)) => Some((u.cat(cond)?, scale)),

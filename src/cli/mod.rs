@@ -67,6 +67,8 @@ enum Command {
 
 /// Parses the command line, runs the subcommand and turns an error into one line.
 pub fn main() -> ExitCode {
+    // The step's work then runs on this thread, its memory in the main arena.
+    sdti::model::awake::join_global_pool();
     // `Cli::parse()`, keeping the parsed subcommand's definition: errors name
     // configuration fields by its flags.
     let mut command = Cli::command();

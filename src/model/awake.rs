@@ -15,10 +15,28 @@
 //! guard and park when the last guard is dropped, so a host that is not training sees no
 //! CPU use.
 //!
-//! `SDTI_CPU_WAIT=passive` turns this off (`active`, the default, leaves it on); on systems
-//! other than Linux there is no idle class and nothing spins.
+//! [`Awake::run`] goes further for the work itself: it runs it on one of rayon's workers
+//! while the pool's other workers poll for work instead of sleeping, so a parallel pass
+//! finds them awake and wakes no thread (a sleeping worker costs a futex wake and a
+//! reschedule, tens of microseconds in a virtual machine, thousands of times a step). That
+//! is the whole of OpenMP's active wait; it is used only where the pool has no more workers
+//! than the machine has cores, since a polling thread on a core's second hardware thread
+//! would take from the one computing beside it.
+//!
+//! Where the work runs decides where its memory comes from: glibc gives each thread that
+//! allocates its own arena, and an arena other than the main thread's grows in heaps of at
+//! most 64 MiB, in which a step's activations of several MiB to 32 MiB leave holes that
+//! the main thread's one contiguous heap would have reused (SD 1.5 at 512 px: a peak of
+//! 4,811 MiB run on a worker against 4,290 on the main thread, the same step time). A
+//! program whose main thread trains calls [`join_global_pool`] first, as the `sdti`
+//! command and the benchmark do: the main thread becomes one of rayon's workers, and
+//! [`Awake::run`] runs the work on it. A host's own thread is not a worker, and its work
+//! runs on one of the pool's.
+//!
+//! `SDTI_CPU_WAIT=passive` turns both off (`active`, the default, leaves them on); on systems
+//! other than Linux there is no idle class and nothing spins between passes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 
 /// How many guards are held.
@@ -34,7 +52,67 @@ static SPINNERS: OnceLock<Option<Spinners>> = OnceLock::new();
 
 /// Keeps the CPUs awake until dropped (see the module's documentation).
 pub struct Awake {
+    /// Holds the idle-class spinners.
     active: bool,
+    /// [`Awake::run`] polls.
+    poll: bool,
+}
+
+/// Makes the calling thread the first worker of rayon's global pool, which then has the
+/// usual number of threads in all (`RAYON_NUM_THREADS`, else one per logical CPU), so that
+/// work this thread hands to [`Awake::run`] stays on it (module documentation). Call it
+/// first thing in `main`, before anything uses rayon. False, and nothing changed, when the
+/// global pool already exists or would have one thread: this thread runs a pool's jobs
+/// only while it waits in rayon, so another thread's parallel work would wait for it.
+pub fn join_global_pool() -> bool {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    threads > 1
+        && rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .use_current_thread()
+            .build_global()
+            .is_ok()
+}
+
+impl Awake {
+    /// Runs `f` on a worker of rayon's pool (the calling thread when it is one) while the
+    /// pool's other workers poll for work instead of sleeping, when polling applies (module
+    /// documentation); otherwise `f` runs on the calling thread. `f`'s panic reaches the caller once the pollers have stopped.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if !self.poll {
+            return f();
+        }
+        /// Stops the pollers when `f` returns or unwinds: the scope waits for them.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        rayon::scope(|scope| {
+            let runner = rayon::current_thread_index();
+            let stop = &stop;
+            scope.spawn_broadcast(move |_, worker| {
+                if Some(worker.index()) == runner {
+                    return;
+                }
+                // Runs whatever work the pool has (`f`'s parallel passes) until `f` is done.
+                while !stop.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            let _stop = Stop(stop);
+            f()
+        })
+    }
 }
 
 impl Drop for Awake {
@@ -76,16 +154,29 @@ fn parse_wait_policy(value: Option<&str>) -> crate::error::Result<bool> {
 /// An `SDTI_CPU_WAIT` value that is neither `active` nor `passive`.
 pub fn awake(device: &candle_core::Device) -> crate::error::Result<Awake> {
     if !device.is_cpu() || !wait_policy_active()? {
-        return Ok(Awake { active: false });
+        return Ok(Awake {
+            active: false,
+            poll: false,
+        });
     }
+    let poll = polls(rayon::current_num_threads(), num_cpus::get_physical());
     let Some(spinners) = SPINNERS.get_or_init(start) else {
-        return Ok(Awake { active: false });
+        return Ok(Awake {
+            active: false,
+            poll,
+        });
     };
     if HELD.fetch_add(1, Ordering::AcqRel) == 0 {
         let _held = spinners.lock.lock().unwrap_or_else(PoisonError::into_inner);
         spinners.wake.notify_all();
     }
-    Ok(Awake { active: true })
+    Ok(Awake { active: true, poll })
+}
+
+/// Whether [`Awake::run`] polls with a pool of `workers` on a machine of `cores` physical
+/// cores: with more than one worker and no more workers than cores.
+fn polls(workers: usize, cores: usize) -> bool {
+    workers > 1 && workers <= cores
 }
 
 /// Starts one spinner per rayon worker; `None` where no idle class exists or no thread
@@ -149,6 +240,7 @@ fn idle_class() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
 
     #[test]
     fn the_wait_policy_is_read_or_refused() {
@@ -161,6 +253,107 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("passive"), "{err}");
+    }
+
+    /// Set in the process [`a_joined_thread_runs_the_work_itself`] starts.
+    const JOINED_CHILD: &str = "SDTI_TEST_JOINED_CHILD";
+
+    /// In a process of its own (this test binary again, running this test alone, as a
+    /// program's `main` joins before anything uses rayon): the joining thread becomes the
+    /// pool's first worker, and `run` runs the work on it while the other worker takes
+    /// its share of the parallel passes.
+    #[test]
+    fn a_joined_thread_runs_the_work_itself() {
+        const NAME: &str = "model::awake::tests::a_joined_thread_runs_the_work_itself";
+        if std::env::var_os(JOINED_CHILD).is_none() {
+            let exe = std::env::current_exe().expect("test executable path");
+            let out = std::process::Command::new(exe)
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(JOINED_CHILD, "1")
+                .env("RAYON_NUM_THREADS", "2")
+                .output()
+                .expect("the test binary runs");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{stdout}\n{stderr}");
+            assert!(stdout.contains("joined and ran here"), "{stdout}\n{stderr}");
+            return;
+        }
+        assert!(join_global_pool());
+        assert_eq!(rayon::current_thread_index(), Some(0));
+        assert_eq!(rayon::current_num_threads(), 2);
+        assert!(!join_global_pool(), "the global pool was built twice");
+        const POLLED: Awake = Awake {
+            active: false,
+            poll: true,
+        };
+        let here = std::thread::current().id();
+        let (ran_on, workers) = POLLED.run(|| {
+            let workers: std::collections::HashSet<_> = (0..64)
+                .into_par_iter()
+                .map(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    rayon::current_thread_index()
+                })
+                .collect();
+            (std::thread::current().id(), workers)
+        });
+        assert_eq!(ran_on, here, "the work left the joined thread");
+        // (`run` returned, so its scope saw the poller stop.)
+        assert_eq!(workers.len(), 2, "one worker did every part: {workers:?}");
+        println!("joined and ran here");
+    }
+
+    #[test]
+    fn polling_only_where_every_worker_has_a_core() {
+        assert!(polls(2, 2));
+        assert!(polls(8, 16));
+        assert!(!polls(16, 8), "two workers on a core's hardware threads");
+        assert!(!polls(1, 4), "nobody to poll");
+    }
+
+    /// `f`'s value if it returns within a minute on a thread of its own (`None`: a poller
+    /// that never stops holds its worker, and `f` or the scope waits for good).
+    fn in_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60)).ok()
+    }
+
+    /// Whether every worker of rayon's pool takes a job within a minute.
+    fn workers_free() -> bool {
+        in_a_minute(|| rayon::broadcast(|_| ())).is_some()
+    }
+
+    #[test]
+    fn run_polls_on_a_worker_returns_and_unwinds_and_frees_the_pool() {
+        const POLLED: Awake = Awake {
+            active: false,
+            poll: true,
+        };
+        let (on_worker, sum) = in_a_minute(|| {
+            POLLED.run(|| {
+                let sum: u64 = (0..10_000u64).into_par_iter().map(|i| i * i).sum();
+                (rayon::current_thread_index().is_some(), sum)
+            })
+        })
+        .expect("run did not return");
+        assert!(on_worker, "f ran outside the pool");
+        assert_eq!(sum, (0..10_000u64).map(|i| i * i).sum::<u64>());
+        assert!(workers_free(), "a poller kept its worker after f returned");
+
+        let unwound = in_a_minute(|| std::panic::catch_unwind(|| POLLED.run(|| panic!("in f"))))
+            .expect("run did not return after f panicked");
+        assert!(unwound.is_err(), "f's panic did not reach the caller");
+        assert!(workers_free(), "a poller kept its worker after f panicked");
+
+        let plain = Awake {
+            active: false,
+            poll: false,
+        };
+        assert_eq!(plain.run(rayon::current_thread_index), None);
     }
 
     /// Each spinner's (thread id, state letter, scheduling policy) from `/proc`.

@@ -434,7 +434,7 @@ impl Trainer {
         // The data module's errors already name the file (or in-memory image) and field.
         let views = prepare_views(&image, resolution, crop, &mut crop_rng)?;
         let device = self.model.device().clone();
-        let _awake = awake(&device)?;
+        let awake = awake(&device)?;
         // The VAE's dtype: f32 for SDXL's f16 models (crate::model::vae_dtype).
         let vae = self.model.vae()?;
         let dtype = vae.dtype();
@@ -445,7 +445,7 @@ impl Trainer {
                 .to_dtype(dtype)?
                 .to_device(&device)?;
             dists.push(CachedView {
-                dist: vae.encode(&pixels)?,
+                dist: awake.run(|| vae.encode(&pixels))?,
                 size: view.size,
             });
             // The encoding's work is freed; the next view's (or the first step's) peak
@@ -690,7 +690,7 @@ impl Trainer {
         // (a table read again in between, by a preview or a host, is freed again).
         self.model.release_vae();
         self.release_token_tables()?;
-        let _awake = awake(self.model.device())?;
+        let awake = awake(self.model.device())?;
         let start = Instant::now();
         let accum = self.config.gradient_accumulation;
         // A step that fails or is cancelled leaves no trace: the random streams and the
@@ -702,7 +702,7 @@ impl Trainer {
             self.order.clone(),
             self.order_pos,
         );
-        let (grad, loss_sum) = match self.accumulate(accum) {
+        let (grad, loss_sum) = match awake.run(|| self.accumulate(accum)) {
             Ok(v) => v,
             Err(e) => {
                 let (data, noise, order, pos) = saved;
