@@ -1018,8 +1018,8 @@ fn run(args: &Args) -> BenchResult<()> {
 }
 
 fn main() {
-    // As `sdti bench`: the step runs on this thread (`awake::join_global_pool`).
-    sdti::model::awake::join_global_pool();
+    // As `sdti bench`: the step runs on this thread (`awake::init_main_thread`).
+    sdti::model::awake::init_main_thread();
     let raw: Vec<String> = std::env::args().skip(1).collect();
     // cargo bench passes --bench; cargo test runs bench targets without it.
     if !raw.iter().any(|a| a == "--bench") {

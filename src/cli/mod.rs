@@ -67,8 +67,9 @@ enum Command {
 
 /// Parses the command line, runs the subcommand and turns an error into one line.
 pub fn main() -> ExitCode {
-    // The step's work then runs on this thread, its memory in the main arena.
-    sdti::model::awake::join_global_pool();
+    // The step's work then runs on this thread, its memory in the main arena, and
+    // candle's element-wise threads spin briefly (src/model/awake.rs).
+    sdti::model::awake::init_main_thread();
     // `Cli::parse()`, keeping the parsed subcommand's definition: errors name
     // configuration fields by its flags.
     let mut command = Cli::command();

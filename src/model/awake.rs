@@ -28,7 +28,7 @@
 //! most 64 MiB, in which a step's activations of several MiB to 32 MiB leave holes that
 //! the main thread's one contiguous heap would have reused (SD 1.5 at 512 px: a peak of
 //! 4,811 MiB run on a worker against 4,290 on the main thread, the same step time). A
-//! program whose main thread trains calls [`join_global_pool`] first, as the `sdti`
+//! program whose main thread trains calls [`init_main_thread`] first, as the `sdti`
 //! command and the benchmark do: the main thread becomes one of rayon's workers, and
 //! [`Awake::run`] runs the work on it. A host's own thread is not a worker, and its work
 //! runs on one of the pool's.
@@ -58,13 +58,34 @@ pub struct Awake {
     poll: bool,
 }
 
+/// The environment variable that sets how long the threads of candle's element-wise pool
+/// (`candle-bp-N`, for element-wise ops on at least 64K values) spin after an op before
+/// they park: 25,000 pauses unless set, about a millisecond here, in which such a thread
+/// takes a CPU from the step's own threads after each of the few such ops of a step.
+pub const CANDLE_SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// What [`init_main_thread`] sets [`CANDLE_SPIN_LIMIT_VAR`] to: a few microseconds.
+const CANDLE_SPIN_LIMIT: &str = "100";
+
+/// Readies a program's main thread for CPU work: sets [`CANDLE_SPIN_LIMIT_VAR`] unless the
+/// environment has it, and makes the thread the first worker of rayon's global pool (see
+/// [`join_global_pool`]). Call it first thing in `main`, while the process has no other
+/// thread (it may change the environment) and before anything uses rayon or candle. Whether
+/// the thread joined the pool.
+pub fn init_main_thread() -> bool {
+    if std::env::var_os(CANDLE_SPIN_LIMIT_VAR).is_none() {
+        std::env::set_var(CANDLE_SPIN_LIMIT_VAR, CANDLE_SPIN_LIMIT);
+    }
+    join_global_pool()
+}
+
 /// Makes the calling thread the first worker of rayon's global pool, which then has the
 /// usual number of threads in all (`RAYON_NUM_THREADS`, else one per logical CPU), so that
-/// work this thread hands to [`Awake::run`] stays on it (module documentation). Call it
-/// first thing in `main`, before anything uses rayon. False, and nothing changed, when the
-/// global pool already exists or would have one thread: this thread runs a pool's jobs
-/// only while it waits in rayon, so another thread's parallel work would wait for it.
-pub fn join_global_pool() -> bool {
+/// work this thread hands to [`Awake::run`] stays on it (module documentation). False, and
+/// nothing changed, when the global pool already exists or would have one thread: this
+/// thread runs a pool's jobs only while it waits in rayon, so another thread's parallel
+/// work would wait for it.
+fn join_global_pool() -> bool {
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -209,7 +230,11 @@ fn spin() {
     }
     loop {
         while HELD.load(Ordering::Acquire) > 0 {
-            std::hint::spin_loop();
+            // A yield, not a pause: a worker that yields its CPU while it waits (rayon
+            // does, before it sleeps) is runnable, not woken, so the kernel does not preempt
+            // this thread for it; only a yield here hands the CPU back at once instead of at
+            // the next scheduler tick, milliseconds later.
+            std::thread::yield_now();
         }
         let Some(Some(spinners)) = SPINNERS.get() else {
             // Not yet published by `awake` (the first guard): look again shortly.
@@ -255,7 +280,8 @@ mod tests {
         assert!(err.contains("passive"), "{err}");
     }
 
-    /// Set in the process [`a_joined_thread_runs_the_work_itself`] starts.
+    /// Set in the process [`a_joined_thread_runs_the_work_itself`] starts, to the candle
+    /// spin limit that process should find after [`init_main_thread`].
     const JOINED_CHILD: &str = "SDTI_TEST_JOINED_CHILD";
 
     /// In a process of its own (this test binary again, running this test alone, as a
@@ -265,21 +291,29 @@ mod tests {
     #[test]
     fn a_joined_thread_runs_the_work_itself() {
         const NAME: &str = "model::awake::tests::a_joined_thread_runs_the_work_itself";
-        if std::env::var_os(JOINED_CHILD).is_none() {
-            let exe = std::env::current_exe().expect("test executable path");
-            let out = std::process::Command::new(exe)
-                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-                .env(JOINED_CHILD, "1")
-                .env("RAYON_NUM_THREADS", "2")
-                .output()
-                .expect("the test binary runs");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "{stdout}\n{stderr}");
-            assert!(stdout.contains("joined and ran here"), "{stdout}\n{stderr}");
+        let Some(expected) = std::env::var_os(JOINED_CHILD) else {
+            // Unset, the spin limit is set; a user's value is kept.
+            for user in [None, Some("7")] {
+                let exe = std::env::current_exe().expect("test executable path");
+                let mut child = std::process::Command::new(exe);
+                child
+                    .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                    .env(JOINED_CHILD, user.unwrap_or(CANDLE_SPIN_LIMIT))
+                    .env("RAYON_NUM_THREADS", "2")
+                    .env_remove(CANDLE_SPIN_LIMIT_VAR);
+                if let Some(user) = user {
+                    child.env(CANDLE_SPIN_LIMIT_VAR, user);
+                }
+                let out = child.output().expect("the test binary runs");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{stdout}\n{stderr}");
+                assert!(stdout.contains("joined and ran here"), "{stdout}\n{stderr}");
+            }
             return;
-        }
-        assert!(join_global_pool());
+        };
+        assert!(init_main_thread());
+        assert_eq!(std::env::var_os(CANDLE_SPIN_LIMIT_VAR), Some(expected));
         assert_eq!(rayon::current_thread_index(), Some(0));
         assert_eq!(rayon::current_num_threads(), 2);
         assert!(!join_global_pool(), "the global pool was built twice");
