@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::skinny;
+
 /// A bias added to a product's output.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Bias<'a> {
@@ -339,6 +341,20 @@ fn cpu_product(
     };
     let threads = threads();
 
+    if let Some(cols) = sixteen_rows(&ops, batch, (m, n), threads)? {
+        transpose_into(
+            &mut out.spare_capacity_mut()[..len],
+            &cols,
+            (len / n.max(1), n, m),
+            bias_v,
+            res_v,
+        );
+        // SAFETY: `transpose_into` wrote every one of the `len` values.
+        unsafe { out.set_len(len) };
+        drop(storages);
+        return output(out, terms, batch, m, n);
+    }
+
     if let [(a, b)] = ops.as_slice() {
         let rows = batch * m;
         let folds = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
@@ -473,6 +489,80 @@ fn output(
 fn by_columns(rows: usize, n: usize, k: usize, b: &Operand) -> bool {
     let shape = rows <= SPLIT_SIDE || (rows <= 256 && k >= n) || (rows <= 512 && k >= 4 * n);
     shape && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
+}
+
+/// How a right operand of [`sixteen_rows`] holds its weight `W`, contiguous from its
+/// start: transposed (`W^T`, a linear layer's forward `x W^T`) or as it is (`W`, the
+/// input gradient `g W`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Weight {
+    Transposed,
+    AsIs,
+}
+
+/// The [`Weight`] form of `b`, `[k, n]`, when its values are a contiguous matrix in
+/// either order.
+fn weight_form(b: &Operand) -> Option<Weight> {
+    let (k, n) = b.dims;
+    let whole = b.values.len() >= b.start + k * n;
+    match b.strides {
+        [0, 1, cs] if cs == k && whole => Some(Weight::Transposed),
+        [0, rs, 1] if rs == n && whole => Some(Weight::AsIs),
+        _ => None,
+    }
+}
+
+/// The fewest multiply-adds of a 16-row product that [`sixteen_rows`] takes: a weight of
+/// 1M values (4 MiB), which gemm reads at a fraction of memory speed.
+const SIXTEEN_ROWS_MIN_MACS: usize = 16 << 20;
+
+/// `Σ a_i b_i` for products of 16 rows (after folding batches) and a weight of at least
+/// 1M values, by the 16-column kernels of `layers::skinny`, as the transposed output
+/// `[n, 16]` (which [`transpose_into`] reads): SD 1.x's and 2.x's mid-block transformer
+/// at 256 px, 16 tokens, whose products gemm runs at 49-109 GFLOP/s, 6-9 GB/s of weight
+/// (`linear_step_timing`), where the kernels read each weight once, row after row. `None`
+/// where this does not apply (no AVX-512, other sizes, a weight that is not contiguous).
+fn sixteen_rows(
+    ops: &[(Operand, Operand)],
+    batch: usize,
+    (m, n): (usize, usize),
+    threads: usize,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    const ROWS: usize = skinny::COLS;
+    let fits = |(a, b): &(Operand, Operand)| {
+        let folds = batch == 1 || a.strides[0] == m * a.strides[1];
+        folds && a.dims.1 * n * ROWS >= SIXTEEN_ROWS_MIN_MACS && weight_form(b).is_some()
+    };
+    if batch * m != ROWS || !skinny::available() || ops.is_empty() || !ops.iter().all(fits) {
+        return Ok(None);
+    }
+    let mut cols = vec![0f32; n * ROWS];
+    let mut term = vec![0f32; n * ROWS];
+    for (t, (a, b)) in ops.iter().enumerate() {
+        let k = a.dims.1;
+        // a^T, [k, 16]: row r of a (batches stacked) is column r.
+        let mut at = vec![0f32; k * ROWS];
+        for r in 0..ROWS {
+            let (bi, ri) = (r / m, r % m);
+            let row = a.start + bi * a.strides[0] + ri * a.strides[1];
+            for (i, dst) in at.iter_mut().skip(r).step_by(ROWS).enumerate() {
+                *dst = a.values[row + i * a.strides[2]];
+            }
+        }
+        let w = &b.values[b.start..b.start + k * n];
+        let dst = if t == 0 { &mut cols } else { &mut term };
+        match weight_form(b) {
+            // W [n, k]: out^T = W a^T.
+            Some(Weight::Transposed) => skinny::forward(w, &at, None, (n, k), dst)?,
+            // W [k, n]: out^T = W^T a^T.
+            Some(Weight::AsIs) => skinny::input_grad(w, &at, (k, n), threads, dst)?,
+            None => return Ok(None),
+        }
+        if t > 0 {
+            cols.iter_mut().zip(&term).for_each(|(c, v)| *c += v);
+        }
+    }
+    Ok(Some(cols))
 }
 
 /// The bias of output row `i` (within its matrix), column `j`: a column bias
@@ -702,6 +792,68 @@ mod tests {
             .matmul(&f64(&img))
             .and_then(|y| y.broadcast_add(&f64(&rows_bias).reshape((64, 1))?))
             .expect("y64");
+        assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+    }
+
+    /// Products of 16 rows with a weight of at least 1M values run by the 16-column
+    /// kernels: a linear layer's forward with its bias and a residual (also from a batch
+    /// of two 8-row matrices), its input gradient, and the input gradient of a fused
+    /// projection's parts, against candle's f64 products.
+    #[test]
+    fn sixteen_row_products_match_candle() {
+        if !skinny::available() {
+            return;
+        }
+        let (out_f, in_f) = (1040, 1024); // rows not a multiple of 20, columns of 8 plus
+        let w = wave(&[out_f, in_f], 0.1);
+        let wt = w.t().expect("t");
+        let bias = wave(&[out_f], 0.2);
+        {
+            let x = wave(&[16, in_f], 0.3);
+            let (xs, ws) = (x.storage_and_layout().0, wt.storage_and_layout().0);
+            let ops = [(
+                operand(&x, &xs, "lhs").expect("lhs"),
+                operand(&wt, &ws, "rhs").expect("rhs"),
+            )];
+            assert_eq!(weight_form(&ops[0].1), Some(Weight::Transposed));
+            let taken = sixteen_rows(&ops, 1, (16, out_f), 2).expect("product");
+            assert!(taken.is_some(), "16 rows did not take the route");
+            let not = sixteen_rows(&ops, 1, (17, out_f), 2).expect("product");
+            assert!(not.is_none(), "17 rows took the route");
+        }
+        for shape in [vec![16, in_f], vec![2, 8, in_f]] {
+            let x = wave(&shape, 0.3);
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().expect("dims") = out_f;
+            let res = wave(&out_shape, 0.4);
+            let got = matmul(&x, &wt, Bias::Cols(&bias), Some(&res)).expect("y");
+            let want = f64(&x)
+                .broadcast_matmul(&f64(&wt))
+                .and_then(|y| y.broadcast_add(&f64(&bias))?.add(&f64(&res)))
+                .expect("y64");
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+        }
+        let g = wave(&[16, out_f], 0.5);
+        let storage = w.storage_and_layout().0;
+        let form = weight_form(&operand(&w, &storage, "rhs").expect("operand"));
+        assert_eq!(form, Some(Weight::AsIs));
+        drop(storage);
+        let got = matmul(&g, &w, Bias::None, None).expect("dx");
+        let want = f64(&g).matmul(&f64(&w)).expect("dx64");
+        assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+        // A fused projection's parts: the sum of the parts' products.
+        let (w0, w1) = (
+            w.narrow(0, 0, 640).expect("w0"),
+            w.narrow(0, 640, 400).expect("w1"),
+        );
+        let (g0, g1) = (
+            g.narrow(1, 0, 640).expect("g0"),
+            g.narrow(1, 640, 400).expect("g1"),
+        );
+        let got = matmul_sum(&[(&g0, &w0), (&g1, &w1)])
+            .expect("f32 cpu")
+            .expect("dx");
         assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
     }
 
