@@ -2,7 +2,7 @@
 //! command uses these, and so can a host that wants the same run folders: a run folder
 //! written as training goes ([`run_folder`]), preview pictures ([`preview`]), the loss plot
 //! and PNG writing ([`plot`]), the fixed-noise evaluation the demo reports ([`eval`]), and
-//! the timing of training steps that `sdti bench` and the benchmark share ([`bench`]).
+//! the timing of training steps that `sdti bench` and the benchmark share ([`bench`](mod@bench)).
 //! The engine (`model`, `train`, `prompt`, `embedding`) never imports this module; the C
 //! ABI (`ffi`) does, for its training previews (`sdti_trainer_preview`).
 

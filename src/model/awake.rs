@@ -69,7 +69,7 @@ const CANDLE_SPIN_LIMIT: &str = "100";
 
 /// Readies a program's main thread for CPU work: sets [`CANDLE_SPIN_LIMIT_VAR`] unless the
 /// environment has it, and makes the thread the first worker of rayon's global pool (see
-/// [`join_global_pool`]). Call it first thing in `main`, while the process has no other
+/// `join_global_pool`). Call it first thing in `main`, while the process has no other
 /// thread (it may change the environment) and before anything uses rayon or candle. Whether
 /// the thread joined the pool.
 pub fn init_main_thread() -> bool {
@@ -103,7 +103,8 @@ fn join_global_pool() -> bool {
 impl Awake {
     /// Runs `f` on a worker of rayon's pool (the calling thread when it is one) while the
     /// pool's other workers poll for work instead of sleeping, when polling applies (module
-    /// documentation); otherwise `f` runs on the calling thread. `f`'s panic reaches the caller once the pollers have stopped.
+    /// documentation); otherwise `f` runs on the calling thread. `f`'s panic reaches the
+    /// caller once the pollers have stopped.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if !self.poll {
             return f();

@@ -745,6 +745,17 @@ mod tests {
         }
     }
 
+    /// `x W^T + bias + res` against candle's f64 product, within 1e-3.
+    fn assert_linear_matches(x: &Tensor, wt: &Tensor, bias: &Tensor, res: &Tensor) {
+        let got = matmul(x, wt, Bias::Cols(bias), Some(res)).expect("y");
+        let want = f64(x)
+            .broadcast_matmul(&f64(wt))
+            .and_then(|y| y.broadcast_add(&f64(bias))?.add(&f64(res)))
+            .expect("y64");
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+    }
+
     /// Products of few rows with a transposed weight run column-major and are transposed
     /// into the output: one matrix and a folded batch, with column and row biases and a
     /// residual, against candle's f64 product.
@@ -771,13 +782,7 @@ mod tests {
             );
             assert!(!by_columns(512, 600, 1024, &op), "a wider product does not");
             drop(storage);
-            let got = matmul(&x, &wt, Bias::Cols(&bias), Some(&res)).expect("y");
-            let want = f64(&x)
-                .broadcast_matmul(&f64(&wt))
-                .and_then(|y| y.broadcast_add(&f64(&bias))?.add(&f64(&res)))
-                .expect("y64");
-            assert_eq!(got.dims(), want.dims());
-            assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+            assert_linear_matches(&x, &wt, &bias, &res);
             let got = matmul(&x, &wt, Bias::None, None).expect("y");
             let want = f64(&x).broadcast_matmul(&f64(&wt)).expect("y64");
             assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
@@ -826,13 +831,7 @@ mod tests {
             let mut out_shape = shape.clone();
             *out_shape.last_mut().expect("dims") = out_f;
             let res = wave(&out_shape, 0.4);
-            let got = matmul(&x, &wt, Bias::Cols(&bias), Some(&res)).expect("y");
-            let want = f64(&x)
-                .broadcast_matmul(&f64(&wt))
-                .and_then(|y| y.broadcast_add(&f64(&bias))?.add(&f64(&res)))
-                .expect("y64");
-            assert_eq!(got.dims(), want.dims());
-            assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+            assert_linear_matches(&x, &wt, &bias, &res);
         }
         let g = wave(&[16, out_f], 0.5);
         let storage = w.storage_and_layout().0;
