@@ -341,11 +341,17 @@ fn cpu_product(
     };
     let threads = threads();
 
-    if let Some(cols) = sixteen_rows(&ops, batch, (m, n), threads)? {
+    // Products computed transposed, `[n, rows]` column-major, are transposed into the
+    // output with the bias and residual.
+    let transposed = match sixteen_rows(&ops, batch, (m, n), threads)? {
+        Some(cols) => Some(cols),
+        None => column_major(&ops, batch, (m, n), threads),
+    };
+    if let Some(cols) = transposed {
         transpose_into(
             &mut out.spare_capacity_mut()[..len],
             &cols,
-            (len / n.max(1), n, m),
+            (batch * m, n, m),
             bias_v,
             res_v,
         );
@@ -353,38 +359,6 @@ fn cpu_product(
         unsafe { out.set_len(len) };
         drop(storages);
         return output(out, terms, batch, m, n);
-    }
-
-    if let [(a, b)] = ops.as_slice() {
-        let rows = batch * m;
-        let folds = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
-        if folds && by_columns(rows, n, a.dims.1, b) {
-            let mut cols: Vec<f32> = Vec::with_capacity(len);
-            // SAFETY: as below; the column-major scratch `cols` (`[n, rows]`) has capacity
-            // for all `len` values, is new, and is written, not read (`read` false).
-            unsafe {
-                gemm_f32(
-                    threads,
-                    (rows, n, a.dims.1),
-                    (cols.as_mut_ptr(), 1, rows),
-                    false,
-                    (a.values.as_ptr().add(a.start), a.strides[1], a.strides[2]),
-                    (b.values.as_ptr().add(b.start), b.strides[1], b.strides[2]),
-                );
-                cols.set_len(len);
-            }
-            transpose_into(
-                &mut out.spare_capacity_mut()[..len],
-                &cols,
-                (rows, n, m),
-                bias_v,
-                res_v,
-            );
-            // SAFETY: `transpose_into` wrote every one of the `len` values.
-            unsafe { out.set_len(len) };
-            drop(storages);
-            return output(out, terms, batch, m, n);
-        }
     }
 
     if read_dst && len > 0 {
@@ -491,6 +465,41 @@ fn by_columns(rows: usize, n: usize, k: usize, b: &Operand) -> bool {
     shape && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
 }
 
+/// A single product that [`by_columns`] takes, run column-major into a new `[n, rows]`
+/// scratch matrix; `None` for any other.
+fn column_major(
+    ops: &[(Operand, Operand)],
+    batch: usize,
+    (m, n): (usize, usize),
+    threads: usize,
+) -> Option<Vec<f32>> {
+    let [(a, b)] = ops else {
+        return None;
+    };
+    let rows = batch * m;
+    let folds = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
+    if !(folds && by_columns(rows, n, a.dims.1, b)) {
+        return None;
+    }
+    let len = rows * n;
+    let mut cols: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: `operand` checked that every element of each view lies in its storage; the
+    // column-major scratch `cols` (`[n, rows]`) has capacity for all `len` values, is new,
+    // and is written, not read (`read` false).
+    unsafe {
+        gemm_f32(
+            threads,
+            (rows, n, a.dims.1),
+            (cols.as_mut_ptr(), 1, rows),
+            false,
+            (a.values.as_ptr().add(a.start), a.strides[1], a.strides[2]),
+            (b.values.as_ptr().add(b.start), b.strides[1], b.strides[2]),
+        );
+        cols.set_len(len);
+    }
+    Some(cols)
+}
+
 /// How a right operand of [`sixteen_rows`] holds its weight `W`, contiguous from its
 /// start: transposed (`W^T`, a linear layer's forward `x W^T`) or as it is (`W`, the
 /// input gradient `g W`).
@@ -529,16 +538,26 @@ fn sixteen_rows(
     threads: usize,
 ) -> candle_core::Result<Option<Vec<f32>>> {
     const ROWS: usize = skinny::COLS;
-    let fits = |(a, b): &(Operand, Operand)| {
+    // Each term's weight form, where every term fits.
+    let form = |(a, b): &(Operand, Operand)| {
         let folds = batch == 1 || a.strides[0] == m * a.strides[1];
-        folds && a.dims.1 * n * ROWS >= SIXTEEN_ROWS_MIN_MACS && weight_form(b).is_some()
+        (folds && a.dims.1 * n * ROWS >= SIXTEEN_ROWS_MIN_MACS)
+            .then(|| weight_form(b))
+            .flatten()
     };
-    if batch * m != ROWS || !skinny::available() || ops.is_empty() || !ops.iter().all(fits) {
+    if batch * m != ROWS || !skinny::available() || ops.is_empty() {
         return Ok(None);
     }
+    let Some(forms) = ops.iter().map(form).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
     let mut cols = vec![0f32; n * ROWS];
-    let mut term = vec![0f32; n * ROWS];
-    for (t, (a, b)) in ops.iter().enumerate() {
+    let mut term = if ops.len() > 1 {
+        vec![0f32; n * ROWS]
+    } else {
+        Vec::new()
+    };
+    for (t, ((a, b), form)) in ops.iter().zip(forms).enumerate() {
         let k = a.dims.1;
         // a^T, [k, 16]: row r of a (batches stacked) is column r.
         let mut at = vec![0f32; k * ROWS];
@@ -551,12 +570,11 @@ fn sixteen_rows(
         }
         let w = &b.values[b.start..b.start + k * n];
         let dst = if t == 0 { &mut cols } else { &mut term };
-        match weight_form(b) {
+        match form {
             // W [n, k]: out^T = W a^T.
-            Some(Weight::Transposed) => skinny::forward(w, &at, None, (n, k), dst)?,
+            Weight::Transposed => skinny::forward(w, &at, None, (n, k), dst)?,
             // W [k, n]: out^T = W^T a^T.
-            Some(Weight::AsIs) => skinny::input_grad(w, &at, (k, n), threads, dst)?,
-            None => return Ok(None),
+            Weight::AsIs => skinny::input_grad(w, &at, (k, n), threads, dst)?,
         }
         if t > 0 {
             cols.iter_mut().zip(&term).for_each(|(c, v)| *c += v);
