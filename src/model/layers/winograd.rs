@@ -29,11 +29,18 @@ const BAND_BUDGET: usize = 8 << 20;
 /// and writes A*A/9 times the kernel (16/9 for F(2x2), 4x for F(4x4)), so it pays only
 /// where the image is large against the channel count. Measured on the 2-core AVX-512
 /// machine with the timing harness (ms forward / input gradient, SD 1.5 at 512 px):
-/// 320 channels at 64x64, column 69 / 75, F(2x2) 42 / 41, F(4x4) 36 / 33; 640 at 32x32,
-/// column 69 / 67, F(2x2) 45 / 57, F(4x4) 53 / 64; 1280 at 16x16, column 47 / 69,
-/// F(2x2) 96 / 114.
+/// 320 channels at 64x64, column 42 / 42, F(2x2) 26 / 29, F(4x4) 18 / 19; 640 at 32x32,
+/// column 28 / 27, F(2x2) 21 / 23, F(4x4) 23 / 32; 1280 to 640 at 32x32, column 63 / 77,
+/// F(2x2) 59 / 61 (42 / 44 when its 13M-value transformed kernel is kept, see
+/// [`SCRATCH_MAX`]); 1280 at 16x16, column 26 / 28, F(2x2) 32 / 50.
 const MIN_PIXELS: usize = 32 * 32;
 const F4_PIXELS: usize = 64 * 64;
+
+/// Channel pairs (out times in) up to which F(4x4) runs from [`MIN_PIXELS`] too: its
+/// transformed kernel, 36 values a pair, is then at most 14 MiB. At 256 px (32x32
+/// latents), 320 channels: column 8.1 / 8.2, F(2x2) 7.2 / 7.4, F(4x4) 6.8 / 6.5; 640 to
+/// 320: F(2x2) 13.6 / 11.9, F(4x4) 12.8 / 15.0.
+const F4_SMALL_PAIRS: usize = 320 * 320;
 
 /// A work buffer of at least the asked length, taken from buffers earlier calls gave
 /// back, so that the large transformed inputs and products do not page-fault fresh
@@ -225,7 +232,10 @@ pub(super) fn conv_into(x: &[f32], spec: Spec, y: &mut [f32]) -> candle_core::Re
     let (_, h, w) = spec.shape;
     let f4 = match choice() {
         Choice::F4 => true,
-        Choice::Auto => h * w >= F4_PIXELS,
+        Choice::Auto => {
+            let (out, inp) = spec.channels;
+            h * w >= F4_PIXELS || out * inp <= F4_SMALL_PAIRS
+        }
         Choice::F2 | Choice::Off => false,
     };
     if f4 {
@@ -349,27 +359,48 @@ pub(super) fn transform_kernel<V: Variant<M, A>, const M: usize, const A: usize>
             let first = j * chunk;
             let len = planes.first().map_or(0, |p| p.len());
             let taps = &weight[first * 9..(first + len) * 9];
-            for (p, kernel) in taps.chunks_exact(9).enumerate() {
-                let mut g = [0f32; 9];
-                g.copy_from_slice(kernel);
-                if flip {
-                    g.reverse();
-                }
-                // t = G g (A x 3), column by column; then t G^T, row by row.
-                let mut t = [[0f32; 3]; A];
-                for c in 0..3 {
-                    let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
-                    for (row, v) in t.iter_mut().zip(col) {
-                        row[c] = v;
+            // KERNEL_LANES pairs at a time: each pair's A*A values go to one lane of
+            // A*A short rows, written to the planes as whole cache lines.
+            let mut block = [[0f32; KERNEL_LANES]; 36];
+            for (b, kernels) in taps.chunks(9 * KERNEL_LANES).enumerate() {
+                let lanes = kernels.len() / 9;
+                for (lane, kernel) in kernels.chunks_exact(9).enumerate() {
+                    let mut g = [0f32; 9];
+                    g.copy_from_slice(kernel);
+                    if flip {
+                        g.reverse();
+                    }
+                    for (q, v) in transform_pair::<V, M, A>(&g).into_iter().enumerate() {
+                        block[q][lane] = v;
                     }
                 }
-                for (i, row) in t.iter().enumerate() {
-                    for (j, v) in V::kernel(*row).into_iter().enumerate() {
-                        planes[i * A + j][p] = v;
-                    }
+                let at = b * KERNEL_LANES;
+                for (plane, row) in planes.iter_mut().zip(&block) {
+                    plane[at..at + lanes].copy_from_slice(&row[..lanes]);
                 }
             }
         });
+    u
+}
+
+/// Kernels transformed together by [`transform_kernel`]: a cache line of each plane.
+const KERNEL_LANES: usize = 16;
+
+/// `G g G^T` of one 3x3 kernel `g` (row-major), row-major in the first A*A values.
+#[inline(always)]
+fn transform_pair<V: Variant<M, A>, const M: usize, const A: usize>(g: &[f32; 9]) -> [f32; 36] {
+    // t = G g (A x 3), column by column; then t G^T, row by row.
+    let mut t = [[0f32; 3]; A];
+    for c in 0..3 {
+        let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
+        for (row, v) in t.iter_mut().zip(col) {
+            row[c] = v;
+        }
+    }
+    let mut u = [0f32; 36];
+    for (i, row) in t.iter().enumerate() {
+        u[i * A..(i + 1) * A].copy_from_slice(&V::kernel(*row));
+    }
     u
 }
 
@@ -685,13 +716,15 @@ mod tests {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
-    /// Odd and even sides, one-pixel images, several bands, batch 2.
+    /// Odd and even sides, one-pixel images, several bands, batch 2; the last has more
+    /// kernel pairs than one kernel-transform task takes (4096), in a partial lane block.
     const CASES: &[(usize, usize, usize, usize, usize)] = &[
         (1, 3, 7, 9, 5),
         (2, 4, 8, 8, 6),
         (1, 2, 1, 1, 3),
         (1, 5, 5, 2, 4),
         (2, 3, 13, 11, 2),
+        (1, 70, 5, 6, 61),
     ];
 
     /// Both variants' forward pass equals candle's convolution, with and without bias,

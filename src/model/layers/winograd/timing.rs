@@ -1,6 +1,6 @@
-//! Timing of the 3x3 convolutions of a 512 px SD 1.5 step, Winograd F(2x2, 3x3) and
-//! F(4x4, 3x3) against the column convolution, through `Conv2d` (forward with bias, input gradient). Not a test: run it
-//! by hand, in release, with
+//! Timing of the 3x3 convolutions of a 256 px and a 512 px SD 1.5 step, Winograd F(2x2,
+//! 3x3) and F(4x4, 3x3) against the column convolution, through `Conv2d` (forward with
+//! bias, input gradient). Not a test: run it by hand, in release, with
 //! `cargo test --release --lib winograd_step_timing -- --ignored --nocapture`.
 
 use std::cell::Cell;
@@ -33,6 +33,16 @@ const SHAPES: [(usize, usize, usize, usize); 7] = [
     (128, 128, 512, 0),
 ];
 
+/// The same at 256 px (32x32 latents), without the VAE's.
+const SHAPES_256: [(usize, usize, usize, usize); 6] = [
+    (320, 320, 32, 11),
+    (640, 320, 32, 2),
+    (640, 640, 16, 9),
+    (1280, 640, 16, 2),
+    (1280, 1280, 8, 9),
+    (1280, 1280, 4, 10),
+];
+
 fn best(
     reps: usize,
     mut f: impl FnMut() -> candle_core::Result<Tensor>,
@@ -50,11 +60,20 @@ fn best(
 #[test]
 #[ignore = "a timing harness, run by hand"]
 fn winograd_step_timing() -> crate::error::Result<()> {
+    for (px, shapes) in [(256, &SHAPES_256[..]), (512, &SHAPES[..])] {
+        println!("{px} px:");
+        step_table(shapes)?;
+    }
+    Ok(())
+}
+
+/// The rows of [`winograd_step_timing`] for `shapes`, then the sums per step.
+fn step_table(shapes: &[(usize, usize, usize, usize)]) -> crate::error::Result<()> {
     let d = Device::Cpu;
     println!("| shape | column fwd / bwd | F2 fwd / bwd | F4 fwd / bwd | calls |");
     let mut sums = [0.0; 3];
     ANY_SIZE.with(|a| a.set(true));
-    for (cin, cout, side, calls) in SHAPES {
+    for &(cin, cout, side, calls) in shapes {
         let mut t = HashMap::new();
         t.insert(
             "c.weight".to_string(),
