@@ -36,11 +36,13 @@ const BAND_BUDGET: usize = 8 << 20;
 const MIN_PIXELS: usize = 32 * 32;
 const F4_PIXELS: usize = 64 * 64;
 
-/// Channel pairs (out times in) up to which F(4x4) runs from [`MIN_PIXELS`] too: its
-/// transformed kernel, 36 values a pair, is then at most 14 MiB. At 256 px (32x32
-/// latents), 320 channels: column 8.1 / 8.2, F(2x2) 7.2 / 7.4, F(4x4) 6.8 / 6.5; 640 to
-/// 320: F(2x2) 13.6 / 11.9, F(4x4) 12.8 / 15.0.
-const F4_SMALL_PAIRS: usize = 320 * 320;
+/// Channel pairs (out times in) up to which F(4x4) runs from [`MIN_PIXELS`] too: those
+/// whose transformed kernel (36 values a pair) fits a kept buffer ([`SCRATCH_MAX`]);
+/// larger ones would page-fault it in on every call. Timing harness at 256 px (32x32
+/// latents), ms forward / input gradient: 320 channels, column 8.3 / 7.7, F(2x2) 7.1 /
+/// 7.6, F(4x4) 5.8 / 6.0; 640 to 320, column 15.6 / 14.9, F(2x2) 12.2 / 11.4, F(4x4)
+/// 10.9 / 10.2; 640 at 32x32 (512 px), F(2x2) 19.6 / 21.3, F(4x4) 32.2 / 40.3.
+const F4_SMALL_PAIRS: usize = SCRATCH_MAX / 36;
 
 /// A work buffer of at least the asked length, taken from buffers earlier calls gave
 /// back, so that the large transformed inputs and products do not page-fault fresh
@@ -274,8 +276,11 @@ fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
 pub(super) trait Variant<const M: usize, const A: usize> {
     /// `B^T d` of A inputs.
     fn input(d: [f32; A]) -> [f32; A];
-    /// `G g` of a kernel's 3 taps.
-    fn kernel(g: [f32; 3]) -> [f32; A];
+    /// `G g` of a kernel's 3 taps (of one kernel, or of [`KERNEL_LANES`] at once).
+    fn kernel<T: Tap>(g: [T; 3]) -> [T; A];
+    /// [`transform_kernel`]'s work for one task: the kernels `taps` (9 values each)
+    /// transformed into `planes` (one slice per position of the A x A block).
+    fn transform_task(taps: &[f32], planes: &mut [&mut [f32]], flip: bool);
     /// `A^T m` of A products.
     fn output(m: [f32; A]) -> [f32; M];
 }
@@ -287,8 +292,11 @@ impl Variant<2, 4> for F2 {
     fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
-    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
-        [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+    fn kernel<T: Tap>([g0, g1, g2]: [T; 3]) -> [T; 4] {
+        [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
+    }
+    fn transform_task(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
+        transform_task_f2(taps, planes, flip);
     }
     fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
@@ -310,7 +318,7 @@ impl Variant<4, 6> for F4 {
             4.0 * d1 - 5.0 * d3 + d5,
         ]
     }
-    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+    fn kernel<T: Tap>([g0, g1, g2]: [T; 3]) -> [T; 6] {
         [
             g0 / 4.0,
             -(g0 + g1 + g2) / 6.0,
@@ -319,6 +327,9 @@ impl Variant<4, 6> for F4 {
             g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
             g2,
         ]
+    }
+    fn transform_task(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
+        transform_task_f4(taps, planes, flip);
     }
     fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
@@ -359,26 +370,7 @@ pub(super) fn transform_kernel<V: Variant<M, A>, const M: usize, const A: usize>
             let first = j * chunk;
             let len = planes.first().map_or(0, |p| p.len());
             let taps = &weight[first * 9..(first + len) * 9];
-            // KERNEL_LANES pairs at a time: each pair's A*A values go to one lane of
-            // A*A short rows, written to the planes as whole cache lines.
-            let mut block = [[0f32; KERNEL_LANES]; 36];
-            for (b, kernels) in taps.chunks(9 * KERNEL_LANES).enumerate() {
-                let lanes = kernels.len() / 9;
-                for (lane, kernel) in kernels.chunks_exact(9).enumerate() {
-                    let mut g = [0f32; 9];
-                    g.copy_from_slice(kernel);
-                    if flip {
-                        g.reverse();
-                    }
-                    for (q, v) in transform_pair::<V, M, A>(&g).into_iter().enumerate() {
-                        block[q][lane] = v;
-                    }
-                }
-                let at = b * KERNEL_LANES;
-                for (plane, row) in planes.iter_mut().zip(&block) {
-                    plane[at..at + lanes].copy_from_slice(&row[..lanes]);
-                }
-            }
+            V::transform_task(taps, &mut planes, flip);
         });
     u
 }
@@ -386,22 +378,111 @@ pub(super) fn transform_kernel<V: Variant<M, A>, const M: usize, const A: usize>
 /// Kernels transformed together by [`transform_kernel`]: a cache line of each plane.
 const KERNEL_LANES: usize = 16;
 
-/// `G g G^T` of one 3x3 kernel `g` (row-major), row-major in the first A*A values.
+/// What the kernel transform's arithmetic runs on: one value, or [`Lanes`].
+pub(super) trait Tap:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::Mul<f32, Output = Self>
+    + std::ops::Div<f32, Output = Self>
+{
+}
+
+impl Tap for f32 {}
+
+/// One tap of [`KERNEL_LANES`] kernels, transformed together lane by lane: loops the
+/// compiler vectorises.
+#[derive(Clone, Copy)]
+pub(super) struct Lanes([f32; KERNEL_LANES]);
+
+impl Tap for Lanes {}
+
+/// `impl $trait<$rhs> for Lanes`, lane by lane: lane `$i` of `$a` becomes `$e`.
+macro_rules! lanes_op {
+    ($trait:ident, $method:ident, $rhs:ty, |$a:ident, $r:ident, $i:ident| $e:expr) => {
+        impl std::ops::$trait<$rhs> for Lanes {
+            type Output = Lanes;
+            #[inline(always)]
+            fn $method(mut self, $r: $rhs) -> Lanes {
+                for ($i, $a) in self.0.iter_mut().enumerate() {
+                    *$a = $e;
+                }
+                self
+            }
+        }
+    };
+}
+
+lanes_op!(Add, add, Lanes, |a, r, i| *a + r.0[i]);
+lanes_op!(Sub, sub, Lanes, |a, r, i| *a - r.0[i]);
+lanes_op!(Mul, mul, f32, |a, r, _i| *a * r);
+lanes_op!(Div, div, f32, |a, r, _i| *a / r);
+
+impl std::ops::Neg for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn neg(mut self) -> Lanes {
+        for a in &mut self.0 {
+            *a = -*a;
+        }
+        self
+    }
+}
+
+/// [`Variant::transform_task`]: [`KERNEL_LANES`] kernels at a time, `G g G^T` computed
+/// lane by lane, each plane written a cache line at a time.
 #[inline(always)]
-fn transform_pair<V: Variant<M, A>, const M: usize, const A: usize>(g: &[f32; 9]) -> [f32; 36] {
-    // t = G g (A x 3), column by column; then t G^T, row by row.
-    let mut t = [[0f32; 3]; A];
-    for c in 0..3 {
-        let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
-        for (row, v) in t.iter_mut().zip(col) {
-            row[c] = v;
+fn transform_task_body<V: Variant<M, A>, const M: usize, const A: usize>(
+    taps: &[f32],
+    planes: &mut [&mut [f32]],
+    flip: bool,
+) {
+    for (b, kernels) in taps.chunks(9 * KERNEL_LANES).enumerate() {
+        let lanes = kernels.len() / 9;
+        let mut g = [Lanes([0.0; KERNEL_LANES]); 9];
+        for (lane, kernel) in kernels.chunks_exact(9).enumerate() {
+            for (tap, &v) in kernel.iter().enumerate() {
+                g[if flip { 8 - tap } else { tap }].0[lane] = v;
+            }
+        }
+        // t = G g (A x 3), column by column; then t G^T, row by row.
+        let mut t = [[Lanes([0.0; KERNEL_LANES]); 3]; A];
+        for c in 0..3 {
+            let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
+            for (row, v) in t.iter_mut().zip(col) {
+                row[c] = v;
+            }
+        }
+        let at = b * KERNEL_LANES;
+        for (i, row) in t.iter().enumerate() {
+            for (j, v) in V::kernel(*row).into_iter().enumerate() {
+                if let Some(plane) = planes.get_mut(i * A + j) {
+                    plane[at..at + lanes].copy_from_slice(&v.0[..lanes]);
+                }
+            }
         }
     }
-    let mut u = [0f32; 36];
-    for (i, row) in t.iter().enumerate() {
-        u[i * A..(i + 1) * A].copy_from_slice(&V::kernel(*row));
-    }
-    u
+}
+
+#[inline(always)]
+fn transform_task_f2_body(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
+    transform_task_body::<F2, 2, 4>(taps, planes, flip);
+}
+
+#[inline(always)]
+fn transform_task_f4_body(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
+    transform_task_body::<F4, 4, 6>(taps, planes, flip);
+}
+
+simd::multiversion! {
+    /// [`transform_task_body`] for F(2x2).
+    fn transform_task_f2(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) = transform_task_f2_body;
+}
+
+simd::multiversion! {
+    /// [`transform_task_body`] for F(4x4).
+    fn transform_task_f4(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) = transform_task_f4_body;
 }
 
 /// How [`conv3x3`] reads the transformed kernel: `[A*A, out, in]` as [`transform_kernel`]
