@@ -29,10 +29,11 @@ const BAND_BUDGET: usize = 8 << 20;
 /// and writes A*A/9 times the kernel (16/9 for F(2x2), 4x for F(4x4)), so it pays only
 /// where the image is large against the channel count. Measured on the 2-core AVX-512
 /// machine with the timing harness (ms forward / input gradient, SD 1.5 at 512 px):
-/// 320 channels at 64x64, column 42 / 42, F(2x2) 26 / 29, F(4x4) 18 / 19; 640 at 32x32,
-/// column 28 / 27, F(2x2) 21 / 23, F(4x4) 23 / 32; 1280 to 640 at 32x32, column 63 / 77,
-/// F(2x2) 59 / 61 (42 / 44 when its 13M-value transformed kernel is kept, see
-/// [`SCRATCH_MAX`]); 1280 at 16x16, column 26 / 28, F(2x2) 32 / 50.
+/// 320 channels at 64x64, column 36 / 39, F(2x2) 22 / 22, F(4x4) 15 / 16; 640 at 32x32,
+/// column 26 / 26, F(2x2) 20 / 21, F(4x4) 32 / 40; 1280 to 640 at 32x32, column 58 / 72,
+/// F(2x2) 56 / 59 (42 / 44 in a build that kept its 13M-value transformed kernel, see
+/// [`SCRATCH_MAX`], for 50 MiB more at the peak); 1280 at 16x16, column 25 / 27, F(2x2)
+/// 48 / 67.
 const MIN_PIXELS: usize = 32 * 32;
 const F4_PIXELS: usize = 64 * 64;
 
