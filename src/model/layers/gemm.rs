@@ -385,8 +385,7 @@ fn cpu_product(
     for (t, (a, b)) in ops.iter().enumerate() {
         // The first product overwrites an uninitialised output; the others add to it.
         let read = read_dst || t > 0;
-        // Batches stack into rows when b is shared and a's batches follow row on row.
-        let fold = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
+        let fold = folds(a, b, batch, m);
         let (steps, rows) = if fold { (1, batch * m) } else { (batch, m) };
         for s in 0..steps {
             // SAFETY: `operand` checked that every element of each view (all batches)
@@ -465,6 +464,12 @@ fn by_columns(rows: usize, n: usize, k: usize, b: &Operand) -> bool {
     shape && b.strides[1] == 1 && k > 1 && rows * n * k >= SPLIT_MIN_MACS
 }
 
+/// Whether the product's `batch` matrices of `m` rows stack into one of `batch * m` rows:
+/// `b` is shared by every batch and `a`'s batches follow row on row.
+fn folds(a: &Operand, b: &Operand, batch: usize, m: usize) -> bool {
+    b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1])
+}
+
 /// A single product that [`by_columns`] takes, run column-major into a new `[n, rows]`
 /// scratch matrix; `None` for any other.
 fn column_major(
@@ -477,8 +482,7 @@ fn column_major(
         return None;
     };
     let rows = batch * m;
-    let folds = b.strides[0] == 0 && (batch == 1 || a.strides[0] == m * a.strides[1]);
-    if !(folds && by_columns(rows, n, a.dims.1, b)) {
+    if !(folds(a, b, batch, m) && by_columns(rows, n, a.dims.1, b)) {
         return None;
     }
     let len = rows * n;
@@ -540,8 +544,7 @@ fn sixteen_rows(
     const ROWS: usize = skinny::COLS;
     // Each term's weight form, where every term fits.
     let form = |(a, b): &(Operand, Operand)| {
-        let folds = batch == 1 || a.strides[0] == m * a.strides[1];
-        (folds && a.dims.1 * n * ROWS >= SIXTEEN_ROWS_MIN_MACS)
+        (folds(a, b, batch, m) && a.dims.1 * n * ROWS >= SIXTEEN_ROWS_MIN_MACS)
             .then(|| weight_form(b))
             .flatten()
     };
