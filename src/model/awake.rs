@@ -281,6 +281,12 @@ mod tests {
         assert!(err.contains("passive"), "{err}");
     }
 
+    /// A guard that polls in [`Awake::run`] and holds no spinners.
+    const POLLED: Awake = Awake {
+        active: false,
+        poll: true,
+    };
+
     /// Set in the process [`a_joined_thread_runs_the_work_itself`] starts, to the candle
     /// spin limit that process should find after [`init_main_thread`].
     const JOINED_CHILD: &str = "SDTI_TEST_JOINED_CHILD";
@@ -318,10 +324,6 @@ mod tests {
         assert_eq!(rayon::current_thread_index(), Some(0));
         assert_eq!(rayon::current_num_threads(), 2);
         assert!(!join_global_pool(), "the global pool was built twice");
-        const POLLED: Awake = Awake {
-            active: false,
-            poll: true,
-        };
         let here = std::thread::current().id();
         let (ran_on, workers) = POLLED.run(|| {
             let workers: std::collections::HashSet<_> = (0..64)
@@ -364,10 +366,6 @@ mod tests {
 
     #[test]
     fn run_polls_on_a_worker_returns_and_unwinds_and_frees_the_pool() {
-        const POLLED: Awake = Awake {
-            active: false,
-            poll: true,
-        };
         let (on_worker, sum) = in_a_minute(|| {
             POLLED.run(|| {
                 let sum: u64 = (0..10_000u64).into_par_iter().map(|i| i * i).sum();
