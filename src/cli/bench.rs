@@ -12,6 +12,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use sdti::app::bench::{BenchRun, BenchSetup, BENCH_TOKEN};
 use sdti::model::config::ModelConfig;
+use sdti::model::profile::{Level, LevelTotal, Pass};
 use sdti::model::random::{random_model, tiny_sd1_config, tiny_sd2_config, tiny_sdxl_config};
 use sdti::model::SdModel;
 use sdti::train::Trainer;
@@ -169,6 +170,54 @@ struct Profile {
     profiled_step_ms: f64,
     /// Per layer kind: (kind, calls per step, ms per step).
     layers: Vec<(String, f64, f64)>,
+    /// Per layer kind and level, slowest first.
+    levels: Vec<LevelRow>,
+}
+
+/// One line of the profile by level: a layer kind at one input size, both passes.
+#[derive(Serialize)]
+struct LevelRow {
+    name: String,
+    #[serde(flatten)]
+    level: Level,
+    /// Calls per step of the forward pass.
+    calls: f64,
+    /// ms per step, forward and backward.
+    forward_ms: f64,
+    backward_ms: f64,
+}
+
+/// The per-level totals of `steps` profiled steps as rows, slowest first.
+fn level_rows(totals: Vec<LevelTotal>, steps: f64) -> Vec<LevelRow> {
+    let mut rows: Vec<LevelRow> = Vec::new();
+    for t in totals {
+        let i = match rows
+            .iter()
+            .position(|r| r.name == t.name && r.level == t.level)
+        {
+            Some(i) => i,
+            None => {
+                rows.push(LevelRow {
+                    name: t.name.clone(),
+                    level: t.level,
+                    calls: 0.0,
+                    forward_ms: 0.0,
+                    backward_ms: 0.0,
+                });
+                rows.len() - 1
+            }
+        };
+        let ms = t.seconds * 1000.0 / steps;
+        match t.pass {
+            Pass::Forward => {
+                rows[i].forward_ms += ms;
+                rows[i].calls += t.calls as f64 / steps;
+            }
+            Pass::Backward => rows[i].backward_ms += ms,
+        }
+    }
+    rows.sort_by(|a, b| (b.forward_ms + b.backward_ms).total_cmp(&(a.forward_ms + a.backward_ms)));
+    rows
 }
 
 pub fn run(a: BenchArgs) -> CliResult<()> {
@@ -346,6 +395,16 @@ fn print_report(report: &BenchReport) {
         for (kind, calls, ms) in &p.layers {
             println!("    {kind:<16} {ms:>9.2} ms  {calls:>6.0} calls");
         }
+        println!(
+            "  by level (the input's channels x height x width; ms per step, forward + backward):"
+        );
+        for r in &p.levels {
+            let at = format!("{}x{}x{}", r.level.channels, r.level.height, r.level.width);
+            println!(
+                "    {:<24} {at:<12} {:>8.2} + {:>8.2} ms  {:>4.0} calls",
+                r.name, r.forward_ms, r.backward_ms, r.calls
+            );
+        }
     }
 }
 
@@ -443,11 +502,50 @@ fn profile(
         .map(|(k, n, s)| (k, n as f64 / steps as f64, s * 1000.0 / steps as f64))
         .collect();
     layers.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let levels = level_rows(sdti::model::profile::totals_by_level(), steps as f64);
     Ok(Profile {
         text_encoder_ms: per(te),
         unet_forward_ms: per(fwd),
         backward_ms: per(bwd),
         profiled_step_ms,
         layers,
+        levels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both passes of a kind at one level make one row (calls from the forward pass),
+    /// another level another row, and the slowest row comes first.
+    #[test]
+    fn level_rows_join_the_passes_of_a_level() {
+        let at = |channels| Level {
+            channels,
+            height: 8,
+            width: 8,
+        };
+        let total = |level, pass, calls, seconds| LevelTotal {
+            name: "resnet".into(),
+            level,
+            pass,
+            calls,
+            seconds,
+        };
+        let rows = level_rows(
+            vec![
+                total(at(320), Pass::Forward, 4, 0.002),
+                total(at(1280), Pass::Backward, 2, 0.010),
+                total(at(320), Pass::Backward, 4, 0.004),
+                total(at(1280), Pass::Forward, 4, 0.006),
+            ],
+            2.0,
+        );
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.level.channels, r.calls, r.forward_ms, r.backward_ms))
+            .collect();
+        assert_eq!(got, [(1280, 2.0, 3.0, 5.0), (320, 2.0, 1.0, 2.0)]);
+    }
 }

@@ -9,7 +9,7 @@ use candle_core::{
     Tensor,
 };
 
-use crate::model::profile::{self, Pass};
+use crate::model::profile::{self, Level, Pass};
 
 /// Maps (output gradient, input, output) to the input gradient. The input and output
 /// are the graph's own tensors (detached), so a backward pass keeps no copy of them.
@@ -126,16 +126,17 @@ where
     F: FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     B: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
+    let level = Level::of(x);
     if !x.track_op() {
-        return profile::time(kind, Pass::Forward, x.device(), || forward(x));
+        return profile::time_at(kind, level, Pass::Forward, x.device(), || forward(x));
     }
-    let out = profile::time(kind, Pass::Forward, x.device(), || {
+    let out = profile::time_at(kind, level, Pass::Forward, x.device(), || {
         standalone(forward(&x.detach())?)
     })?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
         backward: Box::new(move |g, _, _| {
-            profile::time(kind, Pass::Backward, g.device(), || backward(g))
+            profile::time_at(kind, level, Pass::Backward, g.device(), || backward(g))
         }),
     };
     x.apply_op1(op)
@@ -156,19 +157,20 @@ where
     F: FnOnce(&Tensor) -> candle_core::Result<(Tensor, S)>,
     B: Fn(&Tensor, &Tensor, &Tensor, &S) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 {
+    let level = Level::of(x);
     if !x.track_op() {
-        return profile::time(kind, Pass::Forward, x.device(), || {
+        return profile::time_at(kind, level, Pass::Forward, x.device(), || {
             forward(x).map(|(out, _)| out)
         });
     }
-    let (out, saved) = profile::time(kind, Pass::Forward, x.device(), || {
+    let (out, saved) = profile::time_at(kind, level, Pass::Forward, x.device(), || {
         let (out, saved) = forward(&x.detach())?;
         Ok((standalone(out)?, saved))
     })?;
     let op = InputGradOnly {
         output: Mutex::new(Some(out)),
         backward: Box::new(move |g, x, y| {
-            profile::time(kind, Pass::Backward, g.device(), || {
+            profile::time_at(kind, level, Pass::Backward, g.device(), || {
                 backward(g, x, y, &saved)
             })
         }),
@@ -193,14 +195,21 @@ type JoinedGrads = ([Option<Tensor>; 2], Option<Tensor>);
 /// the block's output, computed off the graph, and its hand-written backward pass.
 struct BlockOp<G> {
     kind: &'static str,
+    level: Option<Level>,
     output: Mutex<Option<Tensor>>,
     backward: Mutex<Option<BlockBackward<G>>>,
 }
 
 impl<G> BlockOp<G> {
-    fn new(kind: &'static str, output: Tensor, backward: BlockBackward<G>) -> Self {
+    fn new(
+        kind: &'static str,
+        level: Option<Level>,
+        output: Tensor,
+        backward: BlockBackward<G>,
+    ) -> Self {
         Self {
             kind,
+            level,
             output: Mutex::new(Some(output)),
             backward: Mutex::new(Some(backward)),
         }
@@ -218,7 +227,9 @@ impl<G> BlockOp<G> {
                     self.kind
                 ))
             })?;
-        profile::time(self.kind, Pass::Backward, g.device(), || backward(g))
+        profile::time_at(self.kind, self.level, Pass::Backward, g.device(), || {
+            backward(g)
+        })
     }
 }
 
@@ -382,14 +393,15 @@ pub(crate) fn apply_block<B: Block>(
     recompute: Recompute,
 ) -> candle_core::Result<Tensor> {
     let need = [x.track_op(), context.is_some_and(Tensor::track_op)];
+    let level = Level::of(x);
     if !need[0] && !need[1] {
-        return profile::time(B::KIND, Pass::Forward, x.device(), || {
+        return profile::time_at(B::KIND, level, Pass::Forward, x.device(), || {
             Ok(block.run(x, context, Keep::Nothing)?.0)
         });
     }
     let (xd, cd) = (x.detach(), context.map(Tensor::detach));
     let keep = recompute.keep();
-    let (out, saved) = profile::time(B::KIND, Pass::Forward, x.device(), || {
+    let (out, saved) = profile::time_at(B::KIND, level, Pass::Forward, x.device(), || {
         let (out, saved) = block.run(&xd, cd.as_ref(), keep)?;
         Ok((standalone(out)?, saved))
     })?;
@@ -398,7 +410,7 @@ pub(crate) fn apply_block<B: Block>(
         let saved = saved_or_rerun(&b, saved, &xd, cd.as_ref())?;
         b.backward(saved, &xd, cd.as_ref(), g, need)
     });
-    let op = BlockOp::new(B::KIND, out, backward);
+    let op = BlockOp::new(B::KIND, level, out, backward);
     match context {
         Some(c) => x.apply_op2(c, op),
         None => x.apply_op1(op),
@@ -454,14 +466,18 @@ pub(crate) fn apply_block_joined<B: Block>(
     let need_parts = [a.track_op(), b.track_op()];
     let need_context = context.is_some_and(Tensor::track_op);
     let join = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 1);
+    let level = Level::of(a).map(|l| Level {
+        channels: l.channels + b.dims().get(1).copied().unwrap_or(0),
+        ..l
+    });
     if !need_parts[0] && !need_parts[1] && !need_context {
-        return profile::time(B::KIND, Pass::Forward, a.device(), || {
+        return profile::time_at(B::KIND, level, Pass::Forward, a.device(), || {
             Ok(block.run(&join(a, b)?, context, Keep::Nothing)?.0)
         });
     }
     let (ad, bd, cd) = (a.detach(), b.detach(), context.map(Tensor::detach));
     let keep = recompute.keep();
-    let (out, saved) = profile::time(B::KIND, Pass::Forward, a.device(), || {
+    let (out, saved) = profile::time_at(B::KIND, level, Pass::Forward, a.device(), || {
         let (out, saved) = block.run(&join(&ad, &bd)?, cd.as_ref(), keep)?;
         Ok((standalone(out)?, saved))
     })?;
@@ -482,7 +498,7 @@ pub(crate) fn apply_block_joined<B: Block>(
         let total = dx.as_ref().map_or(Ok(split), |d| d.dim(1))?;
         Ok(([part(0, 0, split)?, part(1, split, total - split)?], dc))
     });
-    let op = BlockOp::new(B::KIND, out, backward);
+    let op = BlockOp::new(B::KIND, level, out, backward);
     match context {
         Some(c) => a.apply_op3(b, c, op),
         None => a.apply_op2(b, op),
