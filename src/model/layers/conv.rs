@@ -608,8 +608,12 @@ fn conv2d_input_grad_cpu(
 /// ms per input gradient, best of 3, same hour): 1280->1280 at 16x16 28-33 -> 25-26,
 /// 1920->1280 50-54 -> 37-38, 2560->1280 70-78 -> 49-51 (with the caches flushed between
 /// calls, as in a step: 37 -> 27-30 and 72-79 -> 50-62); 640 at 16x16 the same; at 32x32
-/// (320 to 1280 channels) the same or slower, and at 8x8 and 4x4 slower.
-const TRANSPOSED_COLUMNS_FROM: usize = 256;
+/// (320 to 1280 channels) the same or slower. At 8x8 (64 pixels) it wins with cold
+/// kernels (`column_input_grad_timing`, two runs: 2560->1280 20.1-21.6 -> 17.7-17.8 ms,
+/// 1920->1280 13.9-14.3 -> 12.9-13.3, 640->1280 7.1-7.3 -> 4.5-4.8, 1280->1280 9.3 ->
+/// 8.9-9.5), though not with the warm ones of `winograd_step_timing`; 4x4 (16 pixels)
+/// takes the 16-column kernels.
+const TRANSPOSED_COLUMNS_FROM: usize = 64;
 const TRANSPOSED_COLUMNS_TO: usize = 512;
 
 /// [`conv2d_input_grad_cpu`] with the column gradient as `W^T g` (`[C*k*k, H'*W']`) or,
@@ -961,6 +965,55 @@ mod tests {
                     "{b}x{c}x{h}x{w} k{k} pad {pad} stride {stride} budget {budget}: {diff}"
                 );
             }
+        }
+        Ok(())
+    }
+}
+
+/// Timing of the column input gradient, `W^T g` against `g^T W`, with cold kernels as in
+/// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 8x8 and
+/// 16x16 levels. Not a test: run it by hand, in release, with `cargo test --release --lib
+/// column_input_grad_timing -- --ignored --nocapture`. It set [`TRANSPOSED_COLUMNS_FROM`].
+#[cfg(test)]
+mod column_timing {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    #[ignore = "a timing harness, run by hand"]
+    fn column_input_grad_timing() -> candle_core::Result<()> {
+        let d = Device::Cpu;
+        println!("| in -> out channels @ side | W^T g ms | g^T W ms |");
+        for (cin, cout, side) in [
+            (2560, 1280, 8),
+            (1920, 1280, 8),
+            (1280, 1280, 8),
+            (640, 1280, 8),
+            (1280, 1280, 16),
+        ] {
+            let copies = (1usize << 30) / (cin * cout * 9 * 4) + 1;
+            let kernels = (0..copies)
+                .map(|c| Tensor::full(0.01f32 + c as f32 * 1e-4, (cout, cin, 3, 3), &d))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let g = Tensor::full(1.0f32, (1, cout, side, side), &d)?;
+            let mut row = format!("| {cin} -> {cout} @ {side} |");
+            for transposed in [false, true] {
+                let calls = 2 * copies;
+                let start = std::time::Instant::now();
+                for i in 0..calls {
+                    let k = &kernels[i % copies];
+                    drop(conv2d_input_grad_columns(
+                        &g,
+                        k,
+                        (1, 1),
+                        (side, side),
+                        transposed,
+                    )?);
+                }
+                let ms = start.elapsed().as_secs_f64() * 1e3 / calls as f64;
+                row += &format!(" {ms:.2} |");
+            }
+            println!("{row}");
         }
         Ok(())
     }
