@@ -102,7 +102,7 @@ pub fn totals_by_level() -> Vec<LevelTotal> {
         .into_iter()
         .filter_map(|((outer, kind, level, pass), (calls, seconds))| {
             Some(LevelTotal {
-                name: outer.map_or_else(|| kind.to_string(), |o| format!("{o}/{kind}")),
+                name: qualified(outer, kind),
                 level: level?,
                 pass,
                 calls,
@@ -116,14 +116,20 @@ fn snapshot() -> Totals {
     TOTALS.lock().map(|t| t.clone()).unwrap_or_default()
 }
 
+/// `kind.fwd`, `block/kind.bwd`, ...
 fn name(outer: Option<&str>, kind: &str, pass: Pass) -> String {
     let suffix = match pass {
         Pass::Forward => "fwd",
         Pass::Backward => "bwd",
     };
+    format!("{}.{suffix}", qualified(outer, kind))
+}
+
+/// `kind`, or `block/kind` for a layer timed inside a block.
+fn qualified(outer: Option<&str>, kind: &str) -> String {
     match outer {
-        Some(outer) => format!("{outer}/{kind}.{suffix}"),
-        None => format!("{kind}.{suffix}"),
+        Some(outer) => format!("{outer}/{kind}"),
+        None => kind.to_string(),
     }
 }
 
