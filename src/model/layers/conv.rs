@@ -612,10 +612,12 @@ fn conv2d_input_grad_cpu(
 /// kernels (`column_input_grad_timing`, two runs: 2560->1280 20.1-21.6 -> 17.7-17.8 ms,
 /// 1920->1280 13.9-14.3 -> 12.9-13.3, 640->1280 7.1-7.3 -> 4.5-4.8, 1280->1280 9.3 ->
 /// 8.9-9.5), though not with the warm ones of `winograd_step_timing`; and more at 12x12
-/// (144 pixels, SD 2.x's 768 px step): 2560->1280 47.7 -> 30.2, 1280->1280 18.5 -> 14.9.
-/// 4x4 (16 pixels) takes the 16-column kernels.
+/// and 24x24 (144 and 576 pixels, SD 2.x's 768 px step): 2560->1280 47.7 -> 30.2 and
+/// 215-252 -> 138-139, 1280->1280 18.5 -> 14.9 and 69 -> 59-61. At 32x32 (1024 pixels,
+/// where only strided convolutions take this path) it does not win: 640->640 28.0 ->
+/// 28.5, 320->320 7.6 -> 8.4. 4x4 (16 pixels) takes the 16-column kernels.
 const TRANSPOSED_COLUMNS_FROM: usize = 64;
-const TRANSPOSED_COLUMNS_TO: usize = 512;
+const TRANSPOSED_COLUMNS_TO: usize = 1023;
 
 /// [`conv2d_input_grad_cpu`] with the column gradient as `W^T g` (`[C*k*k, H'*W']`) or,
 /// `transposed`, as `g^T W` (`[H'*W', C*k*k]`), which col2im reads across.
@@ -972,8 +974,8 @@ mod tests {
 }
 
 /// Timing of the column input gradient, `W^T g` against `g^T W`, with cold kernels as in
-/// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 8x8,
-/// 12x12 (SD 2.x at 768 px) and 16x16 levels. Not a test: run it by hand, in release, with `cargo test --release --lib
+/// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 8x8 to
+/// 32x32 levels (12x12 and 24x24: SD 2.x at 768 px). Not a test: run it by hand, in release, with `cargo test --release --lib
 /// column_input_grad_timing -- --ignored --nocapture`. It set [`TRANSPOSED_COLUMNS_FROM`].
 #[cfg(test)]
 mod column_timing {
@@ -993,6 +995,10 @@ mod column_timing {
             (2560, 1280, 12),
             (1280, 1280, 12),
             (1280, 1280, 16),
+            (1280, 1280, 24),
+            (2560, 1280, 24),
+            (640, 640, 32),
+            (320, 320, 32),
         ] {
             let copies = (1usize << 30) / (cin * cout * 9 * 4) + 1;
             let kernels = (0..copies)
