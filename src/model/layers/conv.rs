@@ -975,8 +975,9 @@ mod tests {
 
 /// Timing of the column input gradient, `W^T g` against `g^T W`, with cold kernels as in
 /// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 8x8 to
-/// 32x32 levels (12x12 and 24x24: SD 2.x at 768 px). Not a test: run it by hand, in release, with `cargo test --release --lib
-/// column_input_grad_timing -- --ignored --nocapture`. It set [`TRANSPOSED_COLUMNS_FROM`].
+/// 32x32 levels (12x12 and 24x24: SD 2.x at 768 px). Not a test: run it by hand, in
+/// release, with `cargo test --release --lib column_input_grad_timing -- --ignored
+/// --nocapture`. It set [`TRANSPOSED_COLUMNS_FROM`] and [`TRANSPOSED_COLUMNS_TO`].
 #[cfg(test)]
 mod column_timing {
     use super::*;
