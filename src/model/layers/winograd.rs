@@ -24,26 +24,64 @@ use super::simd;
 /// (128 channels) take bands of 7 tile rows, and the budget adds to the encoding's peak.
 const BAND_BUDGET: usize = 8 << 20;
 
-/// Output pixels per image from which the Winograd path is taken, and from which it
-/// takes F(4x4, 3x3) rather than F(2x2, 3x3). The kernel transform is paid on every call
-/// and writes A*A/9 times the kernel (16/9 for F(2x2), 4x for F(4x4)), so it pays only
-/// where the image is large against the channel count. Measured on the 2-core AVX-512
-/// machine with the timing harness (ms forward / input gradient, SD 1.5 at 512 px):
-/// 320 channels at 64x64, column 36 / 39, F(2x2) 22 / 22, F(4x4) 15 / 16; 640 at 32x32,
-/// column 26 / 26, F(2x2) 20 / 21, F(4x4) 32 / 40; 1280 to 640 at 32x32, column 58 / 72,
-/// F(2x2) 56 / 59 (42 / 44 in a build that kept its 13M-value transformed kernel, see
-/// [`SCRATCH_MAX`], for 50 MiB more at the peak); 1280 at 16x16, column 25 / 27, F(2x2)
-/// 48 / 67.
-const MIN_PIXELS: usize = 32 * 32;
-const F4_PIXELS: usize = 64 * 64;
+/// Where the Winograd path starts and where it takes F(4x4, 3x3) rather than F(2x2, 3x3),
+/// by the CPU's vectors ([`sizes`]). A convolution pays the kernel transform on every
+/// call, which reads the kernel and writes A*A/9 times as many values (16/9 for F(2x2),
+/// 4x for F(4x4)), so Winograd pays only where the image is large against that; the
+/// faster the CPU's products against its memory, the larger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sizes {
+    /// Output pixels per image from which the Winograd path is taken.
+    min_pixels: usize,
+    /// Output pixels per image from which it takes F(4x4).
+    f4_pixels: usize,
+    /// Channel pairs (out times in) up to which it takes F(4x4) from `min_pixels` too.
+    f4_small_pairs: usize,
+}
 
-/// Channel pairs (out times in) up to which F(4x4) runs from [`MIN_PIXELS`] too: those
-/// whose transformed kernel (36 values a pair) fits a kept buffer ([`SCRATCH_MAX`]);
-/// larger ones would page-fault it in on every call. Timing harness at 256 px (32x32
-/// latents), ms forward / input gradient: 320 channels, column 8.3 / 7.7, F(2x2) 7.1 /
-/// 7.6, F(4x4) 5.8 / 6.0; 640 to 320, column 15.6 / 14.9, F(2x2) 12.2 / 11.4, F(4x4)
-/// 10.9 / 10.2; 640 at 32x32 (512 px), F(2x2) 19.6 / 21.3, F(4x4) 32.2 / 40.3.
-const F4_SMALL_PAIRS: usize = SCRATCH_MAX / 36;
+/// With AVX-512 (products about 4x as fast as with AVX2 on the machines measured).
+/// Measured on the 2-core AVX-512 machine (Sapphire Rapids) with the timing harness, ms
+/// forward / input gradient, SD 1.5 at 512 px, before [`Kernel::Blocked`], when the
+/// transformed kernel was always whole: 320 channels at 64x64, column 36 / 39, F(2x2) 22 /
+/// 22, F(4x4) 15 / 16; 640 at 32x32, column 26 / 26, F(2x2) 20 / 21, F(4x4) 32 / 40; 1280
+/// to 640 at 32x32, column 58 / 72, F(2x2) 56 / 59 (42 / 44 in a build that kept its
+/// 13M-value transformed kernel, for 50 MiB more at the peak); 1280 at 16x16, column 25 /
+/// 27, F(2x2) 48 / 67. F(4x4) also runs from 32x32 for the channel pairs whose transformed
+/// kernel (36 values a pair) fits a kept buffer ([`SCRATCH_MAX`]); at 256 px (32x32
+/// latents): 320 channels, column 8.3 / 7.7, F(2x2) 7.1 / 7.6, F(4x4) 5.8 / 6.0; 640 to
+/// 320, column 15.6 / 14.9, F(2x2) 12.2 / 11.4, F(4x4) 10.9 / 10.2.
+const WIDE_VECTORS: Sizes = Sizes {
+    min_pixels: 32 * 32,
+    f4_pixels: 64 * 64,
+    f4_small_pairs: SCRATCH_MAX / 36,
+};
+
+/// Without AVX-512 (AVX2 and FMA), measured on a 2-core AMD EPYC (Zen 1, 2 GHz, 64
+/// GFLOP/s at most for both cores) with the harness and [`Kernel::Blocked`], ms forward /
+/// input gradient: at 16x16, 640 channels, column 27.6 / 27.7, F(2x2) 19.6 / 20.9, F(4x4)
+/// 21.3 / 20.8; 1280 to 640, column 55.7 / 55.9, F(2x2) 40.8 / 44.8; 1280, column 111.5 /
+/// 107.8, F(2x2) 74.0 / 83.5, F(4x4) 84.0 / 84.4; at 32x32, 640 channels, F(2x2) 72.5 /
+/// 73.1, F(4x4) 56.6 / 54.3; 1280 to 640, F(2x2) 137.7 / 135.1, F(4x4) 105.7 / 103.3; at
+/// 8x8 the column convolution is still the faster (1280 channels 28.3 / 32.3, F(2x2) 31.6
+/// / 36.2).
+const NARROW_VECTORS: Sizes = Sizes {
+    min_pixels: 16 * 16,
+    f4_pixels: 32 * 32,
+    f4_small_pairs: 0,
+};
+
+/// The sizes for this CPU: [`WIDE_VECTORS`] with AVX-512 and off x86-64 (not measured
+/// there), [`NARROW_VECTORS`] on x86-64 without it.
+fn sizes() -> Sizes {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f")) {
+            return NARROW_VECTORS;
+        }
+    }
+    WIDE_VECTORS
+}
 
 /// A work buffer of at least the asked length, taken from buffers earlier calls gave
 /// back, so that the large transformed inputs and products do not page-fault fresh
@@ -126,7 +164,7 @@ impl Drop for Scratch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Choice {
     Off,
-    /// F(4x4) from [`F4_PIXELS`], F(2x2) from [`MIN_PIXELS`].
+    /// By size ([`Sizes`]).
     Auto,
     F2,
     F4,
@@ -134,7 +172,8 @@ enum Choice {
 
 /// `SDTI_WINOGRAD` in the environment: `0` turns the Winograd path off (the column
 /// convolution runs instead), `2` or `4` uses only F(2x2, 3x3) or F(4x4, 3x3) (from
-/// [`MIN_PIXELS`]); unset or anything else chooses by size. Read once.
+/// the size where Winograd starts, [`Sizes::min_pixels`]); unset or anything else chooses
+/// by size. Read once.
 fn choice() -> Choice {
     #[cfg(test)]
     if let Some(forced) = timing::FORCE.with(|f| f.get()) {
@@ -170,10 +209,10 @@ pub(super) fn applies(
     let min = if timing::ANY_SIZE.with(|a| a.get()) {
         0
     } else {
-        MIN_PIXELS
+        sizes().min_pixels
     };
     #[cfg(not(test))]
-    let min = MIN_PIXELS;
+    let min = sizes().min_pixels;
     (kh, kw, stride, padding) == (3, 3, 1, 1) && h * w >= min
 }
 
@@ -237,7 +276,8 @@ pub(super) fn conv_into(x: &[f32], spec: Spec, y: &mut [f32]) -> candle_core::Re
         Choice::F4 => true,
         Choice::Auto => {
             let (out, inp) = spec.channels;
-            h * w >= F4_PIXELS || out * inp <= F4_SMALL_PAIRS
+            let sizes = sizes();
+            h * w >= sizes.f4_pixels || out * inp <= sizes.f4_small_pairs
         }
         Choice::F2 | Choice::Off => false,
     };
@@ -256,18 +296,27 @@ fn conv_with<V: Variant<M, A>, const M: usize, const A: usize>(
 ) -> candle_core::Result<()> {
     let (b, h, w) = spec.shape;
     let (out, inp) = spec.channels;
-    let flip = spec.pass == Pass::InputGrad;
-    let u = transform_kernel::<V, M, A>(spec.weight, out, inp, flip);
     let (cin, cout, layout) = match spec.pass {
         Pass::Forward => (inp, out, KernelLayout::OutIn),
         Pass::InputGrad => (out, inp, KernelLayout::InOut),
     };
-    let kernel = Kernel {
+    let (bias, fused, threads) = (spec.bias, spec.fused, spec.threads);
+    if A * A * out * inp > SCRATCH_MAX {
+        // The whole transformed kernel would be a fresh allocation on every call.
+        let kernel = Kernel::Blocked {
+            weight: spec.weight,
+            layout,
+            cout,
+        };
+        return conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, y);
+    }
+    let flip = spec.pass == Pass::InputGrad;
+    let u = transform_kernel::<V, M, A>(spec.weight, out, inp, flip);
+    let kernel = Kernel::Transformed {
         u: &u,
         layout,
         cout,
     };
-    let (bias, fused, threads) = (spec.bias, spec.fused, spec.threads);
     conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, y)
 }
 
@@ -495,12 +544,34 @@ pub(super) enum KernelLayout {
     InOut,
 }
 
-/// A transformed kernel `u` as [`conv3x3_into`] reads it, with its output channel count.
+/// The kernel as [`conv3x3_into`] reads it, with its output channel count.
 #[derive(Clone, Copy)]
-pub(super) struct Kernel<'a> {
-    pub u: &'a [f32],
-    pub layout: KernelLayout,
-    pub cout: usize,
+pub(super) enum Kernel<'a> {
+    /// Transformed whole by [`transform_kernel`] (`flip` for [`KernelLayout::InOut`]).
+    Transformed {
+        u: &'a [f32],
+        layout: KernelLayout,
+        cout: usize,
+    },
+    /// The layer's kernel `[out, in, 3, 3]` as it is: the products transform it a block
+    /// at a time ([`blocked_products`]), flipped for [`KernelLayout::InOut`], so that no
+    /// transformed kernel larger than a block is ever held. For kernels whose whole
+    /// transform would not fit a kept buffer ([`SCRATCH_MAX`]): 1280 channels, whose 26M
+    /// transformed values (105 MB) were paged in fresh on every call, took as long as
+    /// the column convolution's whole product at 16x16.
+    Blocked {
+        weight: &'a [f32],
+        layout: KernelLayout,
+        cout: usize,
+    },
+}
+
+impl Kernel<'_> {
+    fn cout(&self) -> usize {
+        match *self {
+            Kernel::Transformed { cout, .. } | Kernel::Blocked { cout, .. } => cout,
+        }
+    }
 }
 
 /// The 3x3, stride 1, padding 1 convolution of `x` (`[b, cin, h, w]`, contiguous) with the
@@ -517,7 +588,7 @@ fn conv3x3<V: Variant<M, A>, const M: usize, const A: usize>(
     threads: usize,
 ) -> Vec<f32> {
     let mut y = vec![0f32; b * cout * h * w];
-    let kernel = Kernel { u, layout, cout };
+    let kernel = Kernel::Transformed { u, layout, cout };
     let fused = Fused::default();
     conv3x3_into::<V, M, A>(x, (b, cin, h, w), kernel, bias, fused, threads, &mut y)
         .map(|()| y)
@@ -537,7 +608,7 @@ pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
     threads: usize,
     y: &mut [f32],
 ) -> candle_core::Result<()> {
-    let Kernel { u, layout, cout } = kernel;
+    let cout = kernel.cout();
     let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let plane = h * w;
     let affine_len = fused.norm_silu.map_or(b * cin, <[_]>::len);
@@ -568,7 +639,14 @@ pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
             let v = &mut v[..A * A * cin * tiles];
             let m = &mut m[..A * A * cout * tiles];
             transform_input::<V, M, A>(xs, (cin, h, w), affine, first, rows, v);
-            products(u, layout, v, m, cin, cout, tiles, threads);
+            match kernel {
+                Kernel::Transformed { u, layout, .. } => {
+                    products(u, layout, v, m, cin, cout, tiles, threads);
+                }
+                Kernel::Blocked { weight, layout, .. } => {
+                    blocked_products::<V, M, A>(weight, layout, v, m, (cin, cout, tiles), threads);
+                }
+            }
             let out = Output {
                 bias,
                 accumulate: fused.accumulate,
@@ -714,6 +792,156 @@ fn products(
         m.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(xi, dst)| one(xi, dst));
+    }
+}
+
+/// Transformed kernel values of one block of [`blocked_products`]: 256K (1 MiB), per
+/// thread.
+const BLOCK_VALUES: usize = 1 << 18;
+
+/// Result channels of one task of [`blocked_products`], at most.
+const BLOCK_ROWS: usize = 64;
+
+thread_local! {
+    /// Each thread's buffer for the kernel blocks of [`blocked_products`], kept between
+    /// calls (at most [`BLOCK_VALUES`]: A*A x [`BLOCK_ROWS`] x the chunk).
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`products`] for [`Kernel::Blocked`]: `m[xi] = U[xi] v[xi]` with `U` transformed from
+/// `weight` (`[out, in, 3, 3]`, flipped for [`KernelLayout::InOut`]) a block at a time.
+/// The result channels are cut into ranges of at most [`BLOCK_ROWS`], several per thread;
+/// a task runs through the reduction channels in chunks, transforms that block of the
+/// kernel into its thread's buffer and adds the block's A*A products into its rows of
+/// `m`. The chunk length depends on A alone, so the sums, and their bits, do not depend on
+/// the thread count (nor does gemm's `k` blocking, which depends on `k` alone).
+fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
+    weight: &[f32],
+    layout: KernelLayout,
+    v: &[f32],
+    m: &mut [f32],
+    (cin, cout, tiles): (usize, usize, usize),
+    threads: usize,
+) {
+    if cin == 0 || cout == 0 || tiles == 0 {
+        return;
+    }
+    let range = cout
+        .div_ceil(4 * threads.max(1))
+        .div_ceil(8)
+        .saturating_mul(8)
+        .clamp(8, BLOCK_ROWS);
+    let chunk = (BLOCK_VALUES / (A * A * BLOCK_ROWS)).max(8);
+    // Each task's rows of every plane of m.
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(range))
+        .map(|_| Vec::with_capacity(A * A))
+        .collect();
+    for plane in m.chunks_mut(cout * tiles) {
+        for (task, part) in tasks.iter_mut().zip(plane.chunks_mut(range * tiles)) {
+            task.push(part);
+        }
+    }
+    let flip = layout == KernelLayout::InOut;
+    let run = |t: usize, mut dst: Vec<&mut [f32]>| {
+        let r0 = t * range;
+        let rows = dst.first().map_or(0, |d| d.len() / tiles);
+        BLOCK.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < A * A * rows * chunk {
+                buf.resize(A * A * rows * chunk, 0.0);
+            }
+            for (step, c0) in (0..cin).step_by(chunk).enumerate() {
+                let cols = chunk.min(cin - c0);
+                let block = &mut buf[..A * A * rows * cols];
+                transform_block::<V, M, A>(
+                    weight,
+                    layout,
+                    (r0, rows),
+                    (c0, cols),
+                    (cin, cout),
+                    flip,
+                    block,
+                );
+                for (xi, d) in dst.iter_mut().enumerate() {
+                    let lhs = &block[xi * rows * cols..(xi + 1) * rows * cols];
+                    let (lhs_rs, lhs_cs) = match layout {
+                        KernelLayout::OutIn => (cols as isize, 1),
+                        KernelLayout::InOut => (1, rows as isize),
+                    };
+                    let rhs = &v[(xi * cin + c0) * tiles..(xi * cin + c0 + cols) * tiles];
+                    // SAFETY: the pointers and strides describe `lhs` ([rows, cols]),
+                    // `rhs` ([cols, tiles], row-major) and `d` ([rows, tiles], row-major),
+                    // all in bounds; the first chunk writes every value of `d` and reads
+                    // none, the later ones add to it.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            tiles,
+                            cols,
+                            d.as_mut_ptr(),
+                            1,
+                            tiles as isize,
+                            step > 0,
+                            lhs.as_ptr(),
+                            lhs_cs,
+                            lhs_rs,
+                            rhs.as_ptr(),
+                            1,
+                            tiles as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            }
+        });
+    };
+    if threads <= 1 {
+        for (t, dst) in tasks.into_iter().enumerate() {
+            run(t, dst);
+        }
+    } else {
+        tasks
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, dst)| run(t, dst));
+    }
+}
+
+/// The block of the transformed kernel that [`blocked_products`] multiplies: result
+/// channels `r0..r0 + rows` and reduction channels `c0..c0 + cols` of the convolution
+/// (`cin -> cout`), as A*A planes in `block`. [`KernelLayout::OutIn`] (the layer's own
+/// convolution) plane by plane `[rows, cols]`; [`KernelLayout::InOut`] (its input
+/// gradient, `weight` read `[cin, cout]`, flipped) `[cols, rows]`: either way one run of
+/// the layer's kernel pairs per plane row, as [`transform_kernel`] writes them.
+fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
+    weight: &[f32],
+    layout: KernelLayout,
+    (r0, rows): (usize, usize),
+    (c0, cols): (usize, usize),
+    (cin, cout): (usize, usize),
+    flip: bool,
+    block: &mut [f32],
+) {
+    // The layer's kernel rows (its out channels) in the block, the run of pairs each
+    // takes, and the layer's in channel count.
+    let (first_out, outs, first_in, width, inp) = match layout {
+        KernelLayout::OutIn => (r0, rows, c0, cols, cin),
+        KernelLayout::InOut => (c0, cols, r0, rows, cout),
+    };
+    let mut planes: Vec<&mut [f32]> = block.chunks_mut(outs * width).collect();
+    for row in 0..outs {
+        let o = first_out + row;
+        let taps = &weight[(o * inp + first_in) * 9..(o * inp + first_in + width) * 9];
+        let mut parts: Vec<&mut [f32]> = planes
+            .iter_mut()
+            .map(|p| &mut p[row * width..(row + 1) * width])
+            .collect();
+        V::transform_task(taps, &mut parts, flip);
     }
 }
 
@@ -884,7 +1112,7 @@ mod tests {
     /// A tiny SD 1.x UNet at 64x64 latents (its two top levels' convolutions run here) gives
     /// the output and the latent's input gradient the column convolution gives, at the
     /// UNet's parity tolerance (the parity tests against diffusers use 8x8 and 16x16
-    /// latents, below [`MIN_PIXELS`]).
+    /// latents, below [`Sizes::min_pixels`] with AVX-512).
     #[test]
     fn unet_matches_the_column_convolution() -> crate::error::Result<()> {
         use crate::model::random::{random_model, tiny_sd1_config};
@@ -912,6 +1140,58 @@ mod tests {
             assert_ne!(wino.0, column.0, "{name}");
         }
         Ok(())
+    }
+
+    /// The kernel transformed block by block gives the whole transform's results, for the
+    /// convolution and its input gradient, with several reduction chunks and a partial
+    /// range of result channels, and the same bits on one thread and two.
+    #[test]
+    fn blocked_kernel_matches_the_whole_transform() {
+        blocked_matches_for::<F2, 2, 4>();
+        blocked_matches_for::<F4, 4, 6>();
+    }
+
+    fn blocked_matches_for<V: Variant<M, A>, const M: usize, const A: usize>() {
+        let (c, h, w, o) = (300, 5, 6, 70);
+        // Values in [-1, 1) from a multiplicative hash, which do not cancel in the sums.
+        let spread =
+            |i: usize, seed: usize| ((i * 2_654_435_761 + seed) % 2000) as f32 / 1000.0 - 1.0;
+        let k: Vec<f32> = (0..o * c * 9).map(|i| spread(i, 7)).collect();
+        for (pass, cin, cout) in [(Pass::Forward, c, o), (Pass::InputGrad, o, c)] {
+            let x: Vec<f32> = (0..cin * h * w).map(|i| spread(i, 3)).collect();
+            let (layout, flip) = match pass {
+                Pass::Forward => (KernelLayout::OutIn, false),
+                Pass::InputGrad => (KernelLayout::InOut, true),
+            };
+            let u = transform_kernel::<V, M, A>(&k, o, c, flip);
+            let whole = conv3x3::<V, M, A>(&x, (1, cin, h, w), &u, layout, cout, None, 2);
+            let mut runs = Vec::new();
+            for threads in [1, 2] {
+                let mut y = vec![f32::NAN; cout * h * w];
+                let kernel = Kernel::Blocked {
+                    weight: &k,
+                    layout,
+                    cout,
+                };
+                conv3x3_into::<V, M, A>(
+                    &x,
+                    (1, cin, h, w),
+                    kernel,
+                    None,
+                    Fused::default(),
+                    threads,
+                    &mut y,
+                )
+                .expect("blocked convolution");
+                // Rounding only: F(4x4)'s transforms scale values by up to 8 (the whole
+                // transform and the column convolution differ as much).
+                let err = max_rel(&y, &whole);
+                let tolerance = if A == 4 { 1e-5 } else { 1e-4 };
+                assert!(err < tolerance, "{pass:?} A={A}, {threads} threads: {err}");
+                runs.push(y);
+            }
+            assert_eq!(runs[0], runs[1], "{pass:?} A={A}: threads changed the bits");
+        }
     }
 
     /// Bands of one tile row give the same values as one band, for both variants.
