@@ -342,6 +342,9 @@ impl Variant<2, 4> for F2 {
     fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
+    // Inlined into the kernel transform compiled for the CPU's vectors
+    // (`simd::multiversion`); as a call it ran in the baseline build's SSE2.
+    #[inline(always)]
     fn kernel<T: Tap>([g0, g1, g2]: [T; 3]) -> [T; 4] {
         [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
     }
@@ -368,6 +371,9 @@ impl Variant<4, 6> for F4 {
             4.0 * d1 - 5.0 * d3 + d5,
         ]
     }
+    // Inlined into the kernel transform compiled for the CPU's vectors
+    // (`simd::multiversion`); as a call it ran in the baseline build's SSE2.
+    #[inline(always)]
     fn kernel<T: Tap>([g0, g1, g2]: [T; 3]) -> [T; 6] {
         [
             g0 / 4.0,
