@@ -626,6 +626,14 @@ pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
             y.len()
         );
     }
+    if let Kernel::Blocked { weight, .. } = kernel {
+        if weight.len() != cin * cout * 9 {
+            candle_core::bail!(
+                "winograd convolution: a kernel of {} values for {cin} -> {cout} channels",
+                weight.len()
+            );
+        }
+    }
     if y.is_empty() || cin == 0 {
         return Ok(());
     }
@@ -847,7 +855,6 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
             task.push(part);
         }
     }
-    let flip = layout == KernelLayout::InOut;
     let run = |t: usize, mut dst: Vec<&mut [f32]>| {
         let r0 = t * range;
         let rows = dst.first().map_or(0, |d| d.len() / tiles);
@@ -865,7 +872,6 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
                     (r0, rows),
                     (c0, cols),
                     (cin, cout),
-                    flip,
                     block,
                 );
                 for (xi, d) in dst.iter_mut().enumerate() {
@@ -930,9 +936,9 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
     (r0, rows): (usize, usize),
     (c0, cols): (usize, usize),
     (cin, cout): (usize, usize),
-    flip: bool,
     block: &mut [f32],
 ) {
+    let flip = layout == KernelLayout::InOut;
     // The layer's kernel rows (its out channels) in the block, the run of pairs each
     // takes, and the layer's in channel count.
     let (first_out, outs, first_in, width, inp) = match layout {
@@ -1197,6 +1203,16 @@ mod tests {
                 runs.push(y);
             }
             assert_eq!(runs[0], runs[1], "{pass:?} A={A}: threads changed the bits");
+            // A kernel of the wrong length is an error, not a panic.
+            let short = Kernel::Blocked {
+                weight: &k[..k.len() - 1],
+                layout,
+                cout,
+            };
+            let mut y = vec![0f32; cout * h * w];
+            let fused = Fused::default();
+            let run = conv3x3_into::<V, M, A>(&x, (1, cin, h, w), short, None, fused, 2, &mut y);
+            assert!(run.is_err(), "{pass:?} A={A}: a short kernel was taken");
         }
     }
 
