@@ -56,17 +56,25 @@ const WIDE_VECTORS: Sizes = Sizes {
     f4_small_pairs: SCRATCH_MAX / 36,
 };
 
-/// Without AVX-512 (AVX2 and FMA), measured on a 2-core AMD EPYC (Zen 1, 2 GHz, 64
-/// GFLOP/s at most for both cores) with the harness and [`Kernel::Blocked`], ms forward /
-/// input gradient: at 16x16, 640 channels, column 27.6 / 27.7, F(2x2) 19.6 / 20.9, F(4x4)
-/// 21.3 / 20.8; 1280 to 640, column 55.7 / 55.9, F(2x2) 40.8 / 44.8; 1280, column 111.5 /
-/// 107.8, F(2x2) 74.0 / 83.5, F(4x4) 84.0 / 84.4; at 32x32, 640 channels, F(2x2) 72.5 /
-/// 73.1, F(4x4) 56.6 / 54.3; 1280 to 640, F(2x2) 137.7 / 135.1, F(4x4) 105.7 / 103.3; at
-/// 8x8 the column convolution is still the faster (1280 channels 28.3 / 32.3, F(2x2) 31.6
-/// / 36.2).
+/// Without AVX-512 (AVX2 and FMA), measured on a 2-core AMD EPYC (Zen 1, 2 GHz, about 64
+/// GFLOP/s at most for both cores, more in its faster hours) with the harness and
+/// [`Kernel::Blocked`], ms forward / input gradient, before the kernel transform ran on
+/// AVX2 vectors ([`kernel_x86`]): at 16x16, 640 channels, column 27.6 / 27.7, F(2x2) 19.6
+/// / 20.9, F(4x4) 21.3 / 20.8; 1280 to 640, column 55.7 / 55.9, F(2x2) 40.8 / 44.8; 1280,
+/// column 111.5 / 107.8, F(2x2) 74.0 / 83.5, F(4x4) 84.0 / 84.4; at 32x32, 640 channels,
+/// F(2x2) 72.5 / 73.1, F(4x4) 56.6 / 54.3; 1280 to 640, F(2x2) 137.7 / 135.1, F(4x4) 105.7
+/// / 103.3; at 8x8, 1280 channels, column 28.3 / 32.3, F(2x2) 31.6 / 36.2. With it, in
+/// one later hour: at 16x16, 640 channels, F(2x2) 15.5 / 16.4, F(4x4) 13.6 / 13.9; 1280 to
+/// 640, F(2x2) 30.4 / 31.0, F(4x4) 26.2 / 26.3; 1280, F(2x2) 56.6 / 63.6, F(4x4) 49.7 /
+/// 53.4; so F(4x4) from 16x16. At 8x8 (1280 channels) F(2x2) won with the harness's warm
+/// kernels (19.4 / 22.5 against the column's 22.6 / 24.6) but not in a step, where each
+/// kernel comes from memory: in a profiled 256 px step the 8x8 level's 2560-channel
+/// resnets took 181 + 271 ms against 148 + 170, and whole steps, the builds alternating,
+/// were the same (4,657 and 4,545 ms against 4,633 and 4,611), so 8x8 keeps the column
+/// convolution. At 4x4 it is far faster (6.4 / 8.4 against F(2x2)'s 15.2 / 17.7).
 const NARROW_VECTORS: Sizes = Sizes {
     min_pixels: 16 * 16,
-    f4_pixels: 32 * 32,
+    f4_pixels: 16 * 16,
     f4_small_pairs: 0,
 };
 
@@ -349,7 +357,7 @@ impl Variant<2, 4> for F2 {
         [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
     }
     fn transform_task(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
-        transform_task_f2(taps, planes, flip);
+        transform_task::<Self, 2, 4>(taps, planes, flip, transform_task_f2);
     }
     fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
@@ -385,7 +393,7 @@ impl Variant<4, 6> for F4 {
         ]
     }
     fn transform_task(taps: &[f32], planes: &mut [&mut [f32]], flip: bool) {
-        transform_task_f4(taps, planes, flip);
+        transform_task::<Self, 4, 6>(taps, planes, flip, transform_task_f4);
     }
     fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
@@ -484,6 +492,34 @@ impl std::ops::Neg for Lanes {
         }
         self
     }
+}
+
+/// A kernel transform over some kernels' taps into the planes ([`Variant::transform_task`]).
+type TransformTask = fn(&[f32], &mut [&mut [f32]], bool);
+
+/// [`Variant::transform_task`]: on x86-64 with AVX2 and FMA, the whole groups of eight
+/// kernels by [`kernel_x86::transform_task`] and the rest by `portable`; elsewhere all by
+/// `portable` (the [`transform_task_body`] of the variant).
+fn transform_task<V: Variant<M, A>, const M: usize, const A: usize>(
+    taps: &[f32],
+    planes: &mut [&mut [f32]],
+    flip: bool,
+    portable: TransformTask,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        let done = unsafe { kernel_x86::transform_task::<V, M, A>(taps, planes, flip) };
+        if let Some(rest) = taps.get(done * 9..).filter(|rest| !rest.is_empty()) {
+            let mut planes: Vec<&mut [f32]> = planes
+                .iter_mut()
+                .filter_map(|p| p.get_mut(done..))
+                .collect();
+            portable(rest, &mut planes, flip);
+        }
+        return;
+    }
+    portable(taps, planes, flip);
 }
 
 /// [`Variant::transform_task`]: [`KERNEL_LANES`] kernels at a time, `G g G^T` computed
@@ -845,7 +881,8 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
         .div_ceil(8)
         .saturating_mul(8)
         .clamp(8, BLOCK_ROWS);
-    let chunk = (BLOCK_VALUES / (A * A * BLOCK_ROWS)).max(8);
+    // A multiple of 8: whole groups of the kernel transform's vectors.
+    let chunk = (BLOCK_VALUES / (A * A * BLOCK_ROWS) / 8 * 8).max(8);
     // Each task's rows of every plane of m.
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(range))
         .map(|_| Vec::with_capacity(A * A))
@@ -1018,6 +1055,9 @@ fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
         }
     });
 }
+
+#[cfg(target_arch = "x86_64")]
+mod kernel_x86;
 
 #[cfg(test)]
 mod timing;
@@ -1213,6 +1253,44 @@ mod tests {
             let fused = Fused::default();
             let run = conv3x3_into::<V, M, A>(&x, (1, cin, h, w), short, None, fused, 2, &mut y);
             assert!(run.is_err(), "{pass:?} A={A}: a short kernel was taken");
+        }
+    }
+
+    /// The kernel transform as [`Variant::transform_task`] runs it (on AVX2 vectors where
+    /// the CPU has them, the kernels past the last whole group portably) writes the
+    /// portable transform's bits, flipped or not, for both variants.
+    #[test]
+    fn kernel_transform_matches_the_portable_one() {
+        kernel_transform_matches_for::<F2, 2, 4>(transform_task_f2_body);
+        kernel_transform_matches_for::<F4, 4, 6>(transform_task_f4_body);
+    }
+
+    fn kernel_transform_matches_for<V: Variant<M, A>, const M: usize, const A: usize>(
+        portable: TransformTask,
+    ) {
+        // 8 groups of 8 and a partial one, values with many bits set.
+        let kernels = 69;
+        let taps: Vec<f32> = (0..kernels * 9)
+            .map(|i| ((i * 2_654_435_761) % 2003) as f32 / 997.0 - 1.0)
+            .collect();
+        for flip in [false, true] {
+            let run = |f: TransformTask| {
+                let mut u = vec![f32::NAN; A * A * kernels];
+                let mut planes: Vec<&mut [f32]> = u.chunks_mut(kernels).collect();
+                f(&taps, &mut planes, flip);
+                u
+            };
+            let got = run(V::transform_task);
+            let want = run(portable);
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "A={A}: a value not written"
+            );
+            let (got, want): (Vec<u32>, Vec<u32>) = (
+                got.iter().map(|v| v.to_bits()).collect(),
+                want.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(got, want, "A={A}, flip {flip}");
         }
     }
 
