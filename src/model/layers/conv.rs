@@ -615,7 +615,9 @@ fn conv2d_input_grad_cpu(
 /// and 24x24 (144 and 576 pixels, SD 2.x's 768 px step): 2560->1280 47.7 -> 30.2 and
 /// 215-252 -> 138-139, 1280->1280 18.5 -> 14.9 and 69 -> 59-61. At 32x32 (1024 pixels,
 /// where only strided convolutions take this path) it does not win: 640->640 28.0 ->
-/// 28.5, 320->320 7.6 -> 8.4. 4x4 (16 pixels) takes the 16-column kernels.
+/// 28.5, 320->320 7.6 -> 8.4. 4x4 (16 pixels) takes the 16-column kernels with AVX-512;
+/// without it (gemm, a 2-core Zen 1) the two orientations are even there: 2560->1280
+/// 19.06 -> 19.13 ms, 1280->1280 8.33 -> 8.35.
 const TRANSPOSED_COLUMNS_FROM: usize = 64;
 const TRANSPOSED_COLUMNS_TO: usize = 1023;
 
@@ -974,7 +976,7 @@ mod tests {
 }
 
 /// Timing of the column input gradient, `W^T g` against `g^T W`, with cold kernels as in
-/// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 8x8 to
+/// a training step (copies of the kernel totalling 1 GiB, used in turn), at the 4x4 to
 /// 32x32 levels (12x12 and 24x24: SD 2.x at 768 px). Not a test: run it by hand, in
 /// release, with `cargo test --release --lib column_input_grad_timing -- --ignored
 /// --nocapture`. It set [`TRANSPOSED_COLUMNS_FROM`] and [`TRANSPOSED_COLUMNS_TO`].
@@ -989,6 +991,8 @@ mod column_timing {
         let d = Device::Cpu;
         println!("| in -> out channels @ side | W^T g ms | g^T W ms |");
         for (cin, cout, side) in [
+            (2560, 1280, 4),
+            (1280, 1280, 4),
             (2560, 1280, 8),
             (1920, 1280, 8),
             (1280, 1280, 8),
