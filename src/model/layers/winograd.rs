@@ -538,16 +538,8 @@ fn transform_task_body<V: Variant<M, A>, const M: usize, const A: usize>(
                 g[if flip { 8 - tap } else { tap }].0[lane] = v;
             }
         }
-        // t = G g (A x 3), column by column; then t G^T, row by row.
-        let mut t = [[Lanes([0.0; KERNEL_LANES]); 3]; A];
-        for c in 0..3 {
-            let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
-            for (row, v) in t.iter_mut().zip(col) {
-                row[c] = v;
-            }
-        }
         let at = b * KERNEL_LANES;
-        for (i, row) in t.iter().enumerate() {
+        for (i, row) in kernel_columns::<V, M, A, Lanes>(g).iter().enumerate() {
             for (j, v) in V::kernel(*row).into_iter().enumerate() {
                 if let Some(plane) = planes.get_mut(i * A + j) {
                     plane[at..at + lanes].copy_from_slice(&v.0[..lanes]);
@@ -555,6 +547,24 @@ fn transform_task_body<V: Variant<M, A>, const M: usize, const A: usize>(
             }
         }
     }
+}
+
+/// `G g` of a kernel's 9 taps `g` (of one kernel, or of lanes of kernels at once), A rows
+/// of 3: the first half of `G g G^T`, whose row i, through [`Variant::kernel`], gives the
+/// planes (i, 0..A). (Loops, not closures: the AVX2 transform inlines this, and a
+/// closure there was not inlined.)
+#[inline(always)]
+fn kernel_columns<V: Variant<M, A>, const M: usize, const A: usize, T: Tap>(
+    g: [T; 9],
+) -> [[T; 3]; A] {
+    let mut t = [[g[0]; 3]; A];
+    for c in 0..3 {
+        let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
+        for (row, v) in t.iter_mut().zip(col) {
+            row[c] = v;
+        }
+    }
+    t
 }
 
 #[inline(always)]

@@ -11,16 +11,16 @@
 //! forward, F(4x4) at 16x16 overtook F(2x2) ([`super::NARROW_VECTORS`]), and a 256 px
 //! SD 1.5 step went from 4.81 to 4.62-4.72 s.
 //!
-//! The arithmetic is the variants' own ([`Variant::kernel`]) on [`Ymm`] values: the same
-//! operations, lane by lane, as on `f32`, so the transformed values are the same bits as
-//! the portable transform's.
+//! The arithmetic is the portable transform's own ([`kernel_columns`], [`Variant::kernel`])
+//! on [`Ymm`] values: the same operations, lane by lane, as on `f32`, so the transformed
+//! values are the same bits as the portable transform's.
 
 use std::arch::x86_64::{
     __m256, _mm256_add_ps, _mm256_div_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setr_ps,
     _mm256_setzero_ps, _mm256_storeu_ps, _mm256_sub_ps, _mm256_xor_ps,
 };
 
-use super::{Tap, Variant};
+use super::{kernel_columns, Tap, Variant};
 
 /// Kernels transformed together: the lanes of one vector.
 const LANES: usize = 8;
@@ -105,16 +105,8 @@ pub(super) unsafe fn transform_task<V: Variant<M, A>, const M: usize, const A: u
                 k[63 + s],
             ));
         }
-        // t = G g (A x 3), column by column; then t G^T, row by row.
-        let mut t = [[Ymm(_mm256_setzero_ps()); 3]; A];
-        for c in 0..3 {
-            let col = V::kernel([g[c], g[3 + c], g[6 + c]]);
-            for (row, v) in t.iter_mut().zip(col) {
-                row[c] = v;
-            }
-        }
         let at = b * LANES;
-        for (i, row) in t.iter().enumerate() {
+        for (i, row) in kernel_columns::<V, M, A, Ymm>(g).iter().enumerate() {
             let u = V::kernel(*row);
             for (j, v) in u.iter().enumerate() {
                 // Plain conditions: a combinator's closure was not inlined here.
