@@ -380,15 +380,21 @@ impl Variant<4, 6> for F4 {
         ]
     }
     // Inlined into the kernel transform compiled for the CPU's vectors
-    // (`simd::multiversion`); as a call it ran in the baseline build's SSE2.
+    // (`simd::multiversion`); as a call it ran in the baseline build's SSE2. Products
+    // with the reciprocals, not divisions: a vector division takes as long as about six
+    // products on Zen 1, and nine of them a call were a large part of F(4x4)'s kernel
+    // transform (1280 channels at 16x16: 51.6 / 55.8 -> 45.3 / 49.0 ms forward / input
+    // gradient on the AVX2 machine). Within an ulp of the divisions' values.
     #[inline(always)]
     fn kernel<T: Tap>([g0, g1, g2]: [T; 3]) -> [T; 6] {
+        let (even, odd) = (g0 + g2, g1);
+        let (outer, odd2) = (g0 + g2 * 4.0, g1 * 2.0);
         [
-            g0 / 4.0,
-            -(g0 + g1 + g2) / 6.0,
-            -(g0 - g1 + g2) / 6.0,
-            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g0 * 0.25,
+            (even + odd) * (-1.0 / 6.0),
+            (even - odd) * (-1.0 / 6.0),
+            (outer + odd2) * (1.0 / 24.0),
+            (outer - odd2) * (1.0 / 24.0),
             g2,
         ]
     }
@@ -416,14 +422,15 @@ pub(super) fn transform_kernel<V: Variant<M, A>, const M: usize, const A: usize>
     flip: bool,
 ) -> Scratch {
     let pairs = out * inp;
-    let mut u = Scratch::take(A * A * pairs);
+    let stride = plane_stride(pairs);
+    let mut u = Scratch::take(A * A * stride);
     // Pairs in chunks, each chunk's A*A slices (one per plane) filled by one task.
     let chunk = 4096;
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(chunk))
         .map(|_| Vec::with_capacity(A * A))
         .collect();
-    for plane in u.chunks_mut(pairs.max(1)) {
-        for (task, part) in tasks.iter_mut().zip(plane.chunks_mut(chunk)) {
+    for plane in u.chunks_mut(stride) {
+        for (task, part) in tasks.iter_mut().zip(plane[..pairs].chunks_mut(chunk)) {
             task.push(part);
         }
     }
@@ -449,7 +456,6 @@ pub(super) trait Tap:
     + std::ops::Sub<Output = Self>
     + std::ops::Neg<Output = Self>
     + std::ops::Mul<f32, Output = Self>
-    + std::ops::Div<f32, Output = Self>
 {
 }
 
@@ -481,7 +487,6 @@ macro_rules! lanes_op {
 lanes_op!(Add, add, Lanes, |a, r, i| *a + r.0[i]);
 lanes_op!(Sub, sub, Lanes, |a, r, i| *a - r.0[i]);
 lanes_op!(Mul, mul, f32, |a, r, _i| *a * r);
-lanes_op!(Div, div, f32, |a, r, _i| *a / r);
 
 impl std::ops::Neg for Lanes {
     type Output = Lanes;
@@ -685,8 +690,8 @@ pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
     }
     let per_tile_row = A * A * (cin + cout) * tw;
     let band = (BAND_BUDGET / per_tile_row.max(1)).clamp(1, th);
-    let mut v = Scratch::take(A * A * cin * band * tw);
-    let mut m = Scratch::take(A * A * cout * band * tw);
+    let mut v = Scratch::take(A * A * plane_stride(cin * band * tw));
+    let mut m = Scratch::take(A * A * plane_stride(cout * band * tw));
     for bi in 0..b {
         let xs = &x[bi * cin * plane..(bi + 1) * cin * plane];
         let ys = &mut y[bi * cout * plane..(bi + 1) * cout * plane];
@@ -696,8 +701,8 @@ pub(super) fn conv3x3_into<V: Variant<M, A>, const M: usize, const A: usize>(
         for first in (0..th).step_by(band) {
             let rows = band.min(th - first);
             let tiles = rows * tw;
-            let v = &mut v[..A * A * cin * tiles];
-            let m = &mut m[..A * A * cout * tiles];
+            let v = &mut v[..A * A * plane_stride(cin * tiles)];
+            let m = &mut m[..A * A * plane_stride(cout * tiles)];
             transform_input::<V, M, A>(xs, (cin, h, w), affine, first, rows, v);
             match kernel {
                 Kernel::Transformed { u, layout, .. } => {
@@ -730,12 +735,11 @@ fn transform_input<V: Variant<M, A>, const M: usize, const A: usize>(
 ) {
     let tw = w.div_ceil(M);
     let tiles = rows * tw;
-    let plane_stride = cin * tiles;
     // Each channel writes its own `tiles` values in each of the A*A planes: split `v` into
     // those rows, grouped by channel, and fill the channels in parallel.
     let mut by_channel: Vec<Vec<&mut [f32]>> =
         (0..cin).map(|_| Vec::with_capacity(A * A)).collect();
-    for plane in v.chunks_mut(plane_stride.max(1)) {
+    for plane in v.chunks_mut(plane_stride(cin * tiles)) {
         for (c, row) in plane.chunks_mut(tiles.max(1)).enumerate() {
             if let Some(rows) = by_channel.get_mut(c) {
                 rows.push(row);
@@ -813,9 +817,11 @@ fn products(
         KernelLayout::InOut => (1, cout as isize),
     };
     let pairs = cin * cout;
+    let (us, vs) = (plane_stride(pairs), plane_stride(cin * tiles));
     let one = |xi: usize, dst: &mut [f32]| {
-        let lhs = &u[xi * pairs..(xi + 1) * pairs];
-        let rhs = &v[xi * cin * tiles..(xi + 1) * cin * tiles];
+        let lhs = &u[xi * us..xi * us + pairs];
+        let rhs = &v[xi * vs..xi * vs + cin * tiles];
+        let dst = &mut dst[..cout * tiles];
         // SAFETY: the pointers and strides describe `lhs` ([cout, cin]), `rhs`
         // ([cin, tiles], row-major) and `dst` ([cout, tiles], row-major), all in bounds;
         // with `read_dst` false gemm writes every value of `dst` and reads none.
@@ -843,7 +849,7 @@ fn products(
             );
         }
     };
-    let chunk = cout * tiles;
+    let chunk = plane_stride(cout * tiles);
     if threads <= 1 {
         for (xi, dst) in m.chunks_mut(chunk).enumerate() {
             one(xi, dst);
@@ -897,22 +903,27 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(range))
         .map(|_| Vec::with_capacity(A * A))
         .collect();
-    for plane in m.chunks_mut(cout * tiles) {
-        for (task, part) in tasks.iter_mut().zip(plane.chunks_mut(range * tiles)) {
+    for plane in m.chunks_mut(plane_stride(cout * tiles)) {
+        for (task, part) in tasks
+            .iter_mut()
+            .zip(plane[..cout * tiles].chunks_mut(range * tiles))
+        {
             task.push(part);
         }
     }
+    let vs = plane_stride(cin * tiles);
     let run = |t: usize, mut dst: Vec<&mut [f32]>| {
         let r0 = t * range;
         let rows = dst.first().map_or(0, |d| d.len() / tiles);
         BLOCK.with(|buf| {
             let mut buf = buf.borrow_mut();
-            if buf.len() < A * A * rows * chunk {
-                buf.resize(A * A * rows * chunk, 0.0);
+            if buf.len() < A * A * plane_stride(rows * chunk) {
+                buf.resize(A * A * plane_stride(rows * chunk), 0.0);
             }
             for (step, c0) in (0..cin).step_by(chunk).enumerate() {
                 let cols = chunk.min(cin - c0);
-                let block = &mut buf[..A * A * rows * cols];
+                let ps = plane_stride(rows * cols);
+                let block = &mut buf[..A * A * ps];
                 transform_block::<V, M, A>(
                     weight,
                     layout,
@@ -922,12 +933,12 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
                     block,
                 );
                 for (xi, d) in dst.iter_mut().enumerate() {
-                    let lhs = &block[xi * rows * cols..(xi + 1) * rows * cols];
+                    let lhs = &block[xi * ps..xi * ps + rows * cols];
                     let (lhs_rs, lhs_cs) = match layout {
                         KernelLayout::OutIn => (cols as isize, 1),
                         KernelLayout::InOut => (1, rows as isize),
                     };
-                    let rhs = &v[(xi * cin + c0) * tiles..(xi * cin + c0 + cols) * tiles];
+                    let rhs = &v[xi * vs + c0 * tiles..xi * vs + (c0 + cols) * tiles];
                     // SAFETY: the pointers and strides describe `lhs` ([rows, cols]),
                     // `rhs` ([cols, tiles], row-major) and `d` ([rows, tiles], row-major),
                     // all in bounds; the first chunk writes every value of `d` and reads
@@ -992,7 +1003,11 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
         KernelLayout::OutIn => (r0, rows, c0, cols, cin),
         KernelLayout::InOut => (c0, cols, r0, rows, cout),
     };
-    let mut planes: Vec<&mut [f32]> = block.chunks_mut(outs * width).collect();
+    let ps = plane_stride(outs * width);
+    let mut planes: Vec<&mut [f32]> = block
+        .chunks_mut(ps)
+        .map(|p| &mut p[..outs * width])
+        .collect();
     for row in 0..outs {
         let o = first_out + row;
         let taps = &weight[(o * inp + first_in) * 9..(o * inp + first_in + width) * 9];
@@ -1002,6 +1017,16 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
             .collect();
         V::transform_task(taps, &mut parts, flip);
     }
+}
+
+/// The distance between the planes of a buffer of A*A planes of `len` values: `len`
+/// rounded up to whole cache lines (16 values), plus one line when that is an even number
+/// of lines. Planes a multiple of 4 KiB apart fall into one set of the L1 cache (64 sets of
+/// 8 lines), so writing or reading the same place in 16 or 36 planes at once would evict
+/// its own lines; an odd number of lines apart, up to 64 planes fall into different sets.
+fn plane_stride(len: usize) -> usize {
+    let lines = len.div_ceil(16);
+    16 * (lines | 1)
 }
 
 /// How [`transform_output`] writes: the bias per output channel, and whether it adds to
@@ -1024,7 +1049,7 @@ fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
 ) {
     let tw = w.div_ceil(M);
     let tiles = rows * tw;
-    let plane_stride = cout * tiles;
+    let stride = plane_stride(cout * tiles);
     y.par_chunks_mut(h * w).enumerate().for_each(|(o, out)| {
         let add = bias.and_then(|b| b.get(o).copied()).unwrap_or(0.0);
         let base = o * tiles;
@@ -1037,7 +1062,7 @@ fn transform_output<V: Variant<M, A>, const M: usize, const A: usize>(
                 for j in 0..A {
                     let mut col = [0f32; A];
                     for (k, c) in col.iter_mut().enumerate() {
-                        *c = m[(k * A + j) * plane_stride + t];
+                        *c = m[(k * A + j) * stride + t];
                     }
                     for (i, v) in V::output(col).into_iter().enumerate() {
                         s[i][j] = v;
@@ -1325,8 +1350,8 @@ mod tests {
         let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         let mut y = vec![0f32; o * h * w];
         for first in 0..th {
-            let mut v = vec![0f32; A * A * c * tw];
-            let mut m = vec![0f32; A * A * o * tw];
+            let mut v = vec![0f32; A * A * plane_stride(c * tw)];
+            let mut m = vec![0f32; A * A * plane_stride(o * tw)];
             transform_input::<V, M, A>(&x, (c, h, w), None, first, 1, &mut v);
             products(&u, KernelLayout::OutIn, &v, &mut m, c, o, tw, 1);
             let out = Output::default();

@@ -16,8 +16,8 @@
 //! values are the same bits as the portable transform's.
 
 use std::arch::x86_64::{
-    __m256, _mm256_add_ps, _mm256_div_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setr_ps,
-    _mm256_setzero_ps, _mm256_storeu_ps, _mm256_sub_ps, _mm256_xor_ps,
+    __m256, _mm256_add_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setr_ps, _mm256_setzero_ps,
+    _mm256_storeu_ps, _mm256_sub_ps, _mm256_xor_ps,
 };
 
 use super::{kernel_columns, Tap, Variant};
@@ -60,7 +60,6 @@ macro_rules! ymm_op {
 ymm_op!(Add, add, Ymm, _mm256_add_ps);
 ymm_op!(Sub, sub, Ymm, _mm256_sub_ps);
 ymm_op!(Mul, mul, f32, _mm256_mul_ps);
-ymm_op!(Div, div, f32, _mm256_div_ps);
 
 impl std::ops::Neg for Ymm {
     type Output = Ymm;

@@ -2,6 +2,8 @@
 //! 3x3) and F(4x4, 3x3) against the column convolution, through `Conv2d` (forward with
 //! bias, input gradient). Not a test: run it by hand, in release, with
 //! `cargo test --release --lib winograd_step_timing -- --ignored --nocapture`.
+//! `SDTI_TIMING_ONLY=1280->1280@8` times that shape alone (30 repetitions, for `perf`),
+//! `SDTI_TIMING_CHOICE=F4` (or `Off`, `F2`) that variant alone.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -70,7 +72,16 @@ fn step_table(shapes: &[(usize, usize, usize, usize)]) -> crate::error::Result<(
     println!("| shape | column fwd / bwd | F2 fwd / bwd | F4 fwd / bwd | calls |");
     let mut sums = [0.0; 3];
     ANY_SIZE.with(|a| a.set(true));
+    let only = std::env::var("SDTI_TIMING_ONLY")
+        .ok()
+        .filter(|o| !o.is_empty());
     for &(cin, cout, side, calls) in shapes {
+        if only
+            .as_deref()
+            .is_some_and(|o| o != format!("{cin}->{cout}@{side}"))
+        {
+            continue;
+        }
         let mut t = HashMap::new();
         t.insert(
             "c.weight".to_string(),
@@ -80,9 +91,22 @@ fn step_table(shapes: &[(usize, usize, usize, usize)]) -> crate::error::Result<(
         let conv = Conv2d::new(&Weights::from_tensors(t, DType::F32, d.clone()), "c", 1, 1)?;
         let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &d)?;
         let g = Tensor::randn(0f32, 1.0, (1, cout, side, side), &d)?;
-        let reps = if side > 128 { 1 } else { 3 };
+        let reps = if side > 128 {
+            1
+        } else if only.is_some() {
+            30
+        } else {
+            3
+        };
         let mut row = Vec::new();
+        let pick = std::env::var("SDTI_TIMING_CHOICE")
+            .ok()
+            .filter(|p| !p.is_empty());
         for choice in [Choice::Off, Choice::F2, Choice::F4] {
+            if pick.as_deref().is_some_and(|p| p != format!("{choice:?}")) {
+                row.push((0.0, 0.0));
+                continue;
+            }
             FORCE.with(|f| f.set(Some(choice)));
             let f = best(reps, || conv.apply(&x))?;
             let b = if calls > 0 {
