@@ -66,14 +66,16 @@ const WIDE_VECTORS: Sizes = Sizes {
 /// / 103.3; at 8x8, 1280 channels, column 28.3 / 32.3, F(2x2) 31.6 / 36.2. With it, in
 /// one later hour: at 16x16, 640 channels, F(2x2) 15.5 / 16.4, F(4x4) 13.6 / 13.9; 1280 to
 /// 640, F(2x2) 30.4 / 31.0, F(4x4) 26.2 / 26.3; 1280, F(2x2) 56.6 / 63.6, F(4x4) 49.7 /
-/// 53.4; so F(4x4) from 16x16. At 8x8 (1280 channels) F(2x2) won with the harness's warm
-/// kernels (19.4 / 22.5 against the column's 22.6 / 24.6) but not in a step, where each
-/// kernel comes from memory: in a profiled 256 px step the 8x8 level's 2560-channel
-/// resnets took 181 + 271 ms against 148 + 170, and whole steps, the builds alternating,
-/// were the same (4,657 and 4,545 ms against 4,633 and 4,611), so 8x8 keeps the column
-/// convolution. At 4x4 it is far faster (6.4 / 8.4 against F(2x2)'s 15.2 / 17.7).
+/// 53.4; so F(4x4) from 16x16. At 8x8 (1280 channels) F(2x2) won with the harness's
+/// kernels (19.4 / 22.5 against the column's 22.6 / 24.6) but not in a step: in a profiled
+/// 256 px step the 8x8 level's 2560-channel resnets took 181 + 271 ms against 148 + 170.
+/// With the planes of the transforms an odd number of cache lines apart
+/// ([`plane_stride`]) and the kernel rows prefetched, F(2x2) at 8x8 takes 16.9 / 20.1 ms
+/// against the column's 22.5 / 24.5, and in a step those resnets 119 + 140 ms against
+/// 150 + 165 (a 256 px step 4,499 -> 4,392 ms), so Winograd starts at 8x8. At 4x4 the
+/// column convolution is far faster (6.3 / 8.5 against F(2x2)'s 13.3 / 16.4).
 const NARROW_VECTORS: Sizes = Sizes {
-    min_pixels: 16 * 16,
+    min_pixels: 8 * 8,
     f4_pixels: 16 * 16,
     f4_small_pairs: 0,
 };
@@ -1008,9 +1010,14 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
         .chunks_mut(ps)
         .map(|p| &mut p[..outs * width])
         .collect();
+    let run = |o: usize| &weight[(o * inp + first_in) * 9..(o * inp + first_in + width) * 9];
     for row in 0..outs {
         let o = first_out + row;
-        let taps = &weight[(o * inp + first_in) * 9..(o * inp + first_in + width) * 9];
+        let taps = run(o);
+        #[cfg(target_arch = "x86_64")]
+        if row + 1 < outs {
+            kernel_x86::prefetch_start(run(o + 1));
+        }
         let mut parts: Vec<&mut [f32]> = planes
             .iter_mut()
             .map(|p| &mut p[row * width..(row + 1) * width])
