@@ -867,21 +867,31 @@ fn products(
 /// thread.
 const BLOCK_VALUES: usize = 1 << 18;
 
-/// Result channels of one task of [`blocked_products`], at most.
-const BLOCK_ROWS: usize = 64;
+/// Result channels of one task of [`blocked_products`], at most, by [`KernelLayout`]:
+/// a layer's own convolution reads a run of `BLOCK_VALUES / (A*A rows)` kernels from each
+/// of its rows, the input gradient a run of `rows` kernels, so the input gradient takes
+/// more rows and the forward pass fewer, for longer runs (2-9 KB) than 64 rows each gave.
+/// `winograd_step_timing` (AVX2 machine), ms forward / input gradient, 64 rows each
+/// against these: F(2x2) at 8x8, 1280 channels, 15.4 / 18.9 -> 14.7 / 17.6; F(4x4) at
+/// 16x16, 1280 channels, 35.6 / 39.3 -> 32.9 / 37.5; 640 channels 9.5 / 10.0 -> 8.9 / 10.2;
+/// at 32x32, 1280 to 640, 62.5 / 65.4 -> 64.7 / 63.6. 16 rows forward was faster at
+/// 16x16 and below but slower at 32x32 (73 ms); 256 rows for the input gradient slower.
+const BLOCK_ROWS_FORWARD: usize = 32;
+const BLOCK_ROWS_INPUT_GRAD: usize = 128;
 
 thread_local! {
     /// Each thread's buffer for the kernel blocks of [`blocked_products`], kept between
-    /// calls (at most [`BLOCK_VALUES`]: A*A x [`BLOCK_ROWS`] x the chunk).
+    /// calls (at most [`BLOCK_VALUES`]: A*A x the rows x the chunk).
     static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`products`] for [`Kernel::Blocked`]: `m[xi] = U[xi] v[xi]` with `U` transformed from
 /// `weight` (`[out, in, 3, 3]`, flipped for [`KernelLayout::InOut`]) a block at a time.
-/// The result channels are cut into ranges of at most [`BLOCK_ROWS`], several per thread;
+/// The result channels are cut into ranges of at most [`BLOCK_ROWS_FORWARD`] or
+/// [`BLOCK_ROWS_INPUT_GRAD`], several per thread;
 /// a task runs through the reduction channels in chunks, transforms that block of the
 /// kernel into its thread's buffer and adds the block's A*A products into its rows of
-/// `m`. The chunk length depends on A alone, so the sums, and their bits, do not depend on
+/// `m`. The chunk length depends on A and the layout alone, so the sums, and their bits, do not depend on
 /// the thread count (nor does gemm's `k` blocking, which depends on `k` alone).
 fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
     weight: &[f32],
@@ -894,13 +904,17 @@ fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
     if cin == 0 || cout == 0 || tiles == 0 {
         return;
     }
+    let block_rows = match layout {
+        KernelLayout::OutIn => BLOCK_ROWS_FORWARD,
+        KernelLayout::InOut => BLOCK_ROWS_INPUT_GRAD,
+    };
     let range = cout
         .div_ceil(4 * threads.max(1))
         .div_ceil(8)
         .saturating_mul(8)
-        .clamp(8, BLOCK_ROWS);
+        .clamp(8, block_rows);
     // A multiple of 8: whole groups of the kernel transform's vectors.
-    let chunk = (BLOCK_VALUES / (A * A * BLOCK_ROWS) / 8 * 8).max(8);
+    let chunk = (BLOCK_VALUES / (A * A * block_rows) / 8 * 8).max(8);
     // Each task's rows of every plane of m.
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..cout.div_ceil(range))
         .map(|_| Vec::with_capacity(A * A))
@@ -1006,10 +1020,13 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
         KernelLayout::InOut => (c0, cols, r0, rows, cout),
     };
     let ps = plane_stride(outs * width);
-    let mut planes: Vec<&mut [f32]> = block
+    // What is left of each plane; each row takes its run off the front (no allocation a
+    // row: a block has 64-256 rows).
+    let mut rest: Vec<&mut [f32]> = block
         .chunks_mut(ps)
         .map(|p| &mut p[..outs * width])
         .collect();
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(A * A);
     let run = |o: usize| &weight[(o * inp + first_in) * 9..(o * inp + first_in + width) * 9];
     for row in 0..outs {
         let o = first_out + row;
@@ -1018,10 +1035,12 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
         if row + 1 < outs {
             kernel_x86::prefetch_start(run(o + 1));
         }
-        let mut parts: Vec<&mut [f32]> = planes
-            .iter_mut()
-            .map(|p| &mut p[row * width..(row + 1) * width])
-            .collect();
+        parts.clear();
+        for plane in rest.iter_mut() {
+            let (head, tail) = std::mem::take(plane).split_at_mut(width);
+            parts.push(head);
+            *plane = tail;
+        }
         V::transform_task(taps, &mut parts, flip);
     }
 }

@@ -93,7 +93,8 @@ pub(super) fn prefetch_start(taps: &[f32]) {
 /// [`Variant::transform_task`] for the whole groups of [`LANES`] kernels at the start of
 /// `taps` (9 values a kernel): `G g G^T` of each, flipped with `flip`, into `planes` (one
 /// slice per position of the A x A block, indexed by kernel). Returns how many kernels it
-/// transformed; the caller transforms the rest.
+/// transformed (the whole groups that `taps` holds and every plane has room for); the
+/// caller transforms the rest.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
@@ -103,44 +104,71 @@ pub(super) unsafe fn transform_task<V: Variant<M, A>, const M: usize, const A: u
     planes: &mut [&mut [f32]],
     flip: bool,
 ) -> usize {
-    let groups = taps.chunks_exact(9 * LANES);
-    let done = groups.len() * LANES;
-    for (b, group) in groups.enumerate() {
-        let Ok(k) = <&[f32; 9 * LANES]>::try_from(group) else {
-            return b * LANES;
-        };
-        let ahead = group.as_ptr().wrapping_add(PREFETCH_GROUPS * 9 * LANES);
+    // Two instances, so that each tap's offsets are constants.
+    if flip {
+        groups::<V, M, A, true>(taps, planes)
+    } else {
+        groups::<V, M, A, false>(taps, planes)
+    }
+}
+
+/// Positions of the largest block (F(4x4)'s 6 x 6).
+const MAX_PLANES: usize = 36;
+
+/// [`transform_task`] with the flip fixed.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn groups<V: Variant<M, A>, const M: usize, const A: usize, const FLIP: bool>(
+    taps: &[f32],
+    planes: &mut [&mut [f32]],
+) -> usize {
+    let count = A * A;
+    if count > MAX_PLANES || planes.len() < count {
+        return 0;
+    }
+    // The planes' starts, read once: the stores below go through these (a bounds check
+    // on every store was a large part of the loop).
+    let room = planes[..count].iter().map(|p| p.len()).min().unwrap_or(0);
+    let groups = (taps.len() / 9).min(room) / LANES;
+    let mut dst = [std::ptr::null_mut::<f32>(); MAX_PLANES];
+    for (d, p) in dst.iter_mut().zip(planes.iter_mut()) {
+        *d = p.as_mut_ptr();
+    }
+    for b in 0..groups {
+        // SAFETY: b < groups <= taps.len() / (9 * LANES), so the group's 9 * LANES values
+        // are in `taps`.
+        let k = unsafe { taps.as_ptr().add(b * 9 * LANES) };
+        let ahead = k.wrapping_add(PREFETCH_GROUPS * 9 * LANES);
         for line in 0..5 {
             // A prefetch reads nothing and faults on no address.
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
         }
         let mut g = [Ymm(_mm256_setzero_ps()); 9];
         for (t, v) in g.iter_mut().enumerate() {
-            let s = if flip { 8 - t } else { t };
-            *v = Ymm(_mm256_setr_ps(
-                k[s],
-                k[9 + s],
-                k[18 + s],
-                k[27 + s],
-                k[36 + s],
-                k[45 + s],
-                k[54 + s],
-                k[63 + s],
-            ));
+            let s = if FLIP { 8 - t } else { t };
+            // SAFETY: s + 9 * 7 < 9 * LANES: inside the group.
+            *v = Ymm(unsafe {
+                _mm256_setr_ps(
+                    *k.add(s),
+                    *k.add(9 + s),
+                    *k.add(18 + s),
+                    *k.add(27 + s),
+                    *k.add(36 + s),
+                    *k.add(45 + s),
+                    *k.add(54 + s),
+                    *k.add(63 + s),
+                )
+            });
         }
         let at = b * LANES;
         for (i, row) in kernel_columns::<V, M, A, Ymm>(g).iter().enumerate() {
             let u = V::kernel(*row);
             for (j, v) in u.iter().enumerate() {
-                // Plain conditions: a combinator's closure was not inlined here.
-                if let Some(plane) = planes.get_mut(i * A + j) {
-                    if let Some(dst) = plane.get_mut(at..at + LANES) {
-                        // SAFETY: `dst` holds LANES values.
-                        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v.0) };
-                    }
-                }
+                // SAFETY: i * A + j < count <= planes.len(), so `dst` holds that plane's
+                // start, and at + LANES <= groups * LANES <= room, its length or less.
+                unsafe { _mm256_storeu_ps(dst[i * A + j].add(at), v.0) };
             }
         }
     }
-    done
+    groups * LANES
 }
