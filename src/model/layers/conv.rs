@@ -643,7 +643,7 @@ fn conv2d_input_grad_columns(
     let k = c * kh * kw;
     let n = oh * ow;
     let wt = weight.reshape((o, k))?.t()?;
-    let skinny = n == skinny::COLS && skinny::available();
+    let skinny = n == skinny::COLS && skinny::input_grad_available();
     // The 16-column kernel writes kernel rows.
     let transposed = transposed && !skinny;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 && (oh, ow) == (in_h, in_w) {
