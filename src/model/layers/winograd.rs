@@ -897,11 +897,11 @@ thread_local! {
 /// [`products`] for [`Kernel::Blocked`]: `m[xi] = U[xi] v[xi]` with `U` transformed from
 /// `weight` (`[out, in, 3, 3]`, flipped for [`KernelLayout::InOut`]) a block at a time.
 /// The result channels are cut into ranges of at most [`BLOCK_ROWS_FORWARD`] or
-/// [`BLOCK_ROWS_INPUT_GRAD`], several per thread;
-/// a task runs through the reduction channels in chunks, transforms that block of the
-/// kernel into its thread's buffer and adds the block's A*A products into its rows of
-/// `m`. The chunk length depends on A and the layout alone, so the sums, and their bits, do not depend on
-/// the thread count (nor does gemm's `k` blocking, which depends on `k` alone).
+/// [`BLOCK_ROWS_INPUT_GRAD`], several per thread; a task runs through the reduction
+/// channels in chunks, transforms that block of the kernel into its thread's buffer and
+/// adds the block's A*A products into its rows of `m`. The chunk length depends on A and
+/// the layout alone, so the sums, and their bits, do not depend on the thread count (nor
+/// does gemm's `k` blocking, which depends on `k` alone).
 fn blocked_products<V: Variant<M, A>, const M: usize, const A: usize>(
     weight: &[f32],
     layout: KernelLayout,
@@ -1030,7 +1030,7 @@ fn transform_block<V: Variant<M, A>, const M: usize, const A: usize>(
     };
     let ps = plane_stride(outs * width);
     // What is left of each plane; each row takes its run off the front (no allocation a
-    // row: a block has 64-256 rows).
+    // row: a block has up to 128 rows).
     let mut rest: Vec<&mut [f32]> = block
         .chunks_mut(ps)
         .map(|p| &mut p[..outs * width])
