@@ -157,27 +157,19 @@ pub(super) fn input_grad(
                 input_grad_avx2(w, g, (o, k), c0, dst);
                 return;
             }
-            let mut r0 = 0;
-            while r0 < o {
-                let rows = BWD_ROWS.min(o - r0);
-                let w = &w[r0 * k..(r0 + rows) * k];
-                let g = &g[r0 * COLS..(r0 + rows) * COLS];
+            by_rows(w, g, (o, k), BWD_ROWS, |w, g, whole| {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F is present (checked above); w holds `rows` rows of
-                // `k`, columns c0 .. c0 + width of which exist; g `rows` rows of 16; dst
-                // `width` rows of 16.
+                // SAFETY: AVX-512F is present (checked above); w holds BWD_ROWS rows of
+                // `k` (or one when not `whole`), columns c0 .. c0 + width of which exist;
+                // g as many rows of 16; dst `width` rows of 16.
                 unsafe {
-                    if rows == BWD_ROWS {
+                    if whole {
                         x86::input_grad_rows::<BWD_ROWS>(w, g, k, c0, width, dst);
                     } else {
-                        for r in 0..rows {
-                            let (w, g) = (&w[r * k..(r + 1) * k], &g[r * COLS..(r + 1) * COLS]);
-                            x86::input_grad_rows::<1>(w, g, k, c0, width, dst);
-                        }
+                        x86::input_grad_rows::<1>(w, g, k, c0, width, dst);
                     }
                 }
-                r0 += rows;
-            }
+            });
         });
     Ok(())
 }
@@ -187,6 +179,7 @@ pub(super) fn input_grad(
 const AVX2_ROWS: usize = 4;
 /// Columns of the AVX2 input gradient's accumulators per step.
 const AVX2_COLS: usize = 3;
+
 /// [`input_grad`]'s part for columns `c0 .. c0 + dst.len() / 16` on AVX2 and FMA: all
 /// rows of `W` in groups of [`AVX2_ROWS`], in increasing order (each sum over `O` in order,
 /// one fused multiply-add per term, as the AVX-512 kernel's). The caller checked the CPU
@@ -194,23 +187,43 @@ const AVX2_COLS: usize = 3;
 /// keep the accumulators in L2, was slower: 7.2-7.8 ms against 7.1 at 1280 channels.)
 fn input_grad_avx2(w: &[f32], g: &[f32], (o, k): (usize, usize), c0: usize, dst: &mut [f32]) {
     let width = dst.len() / COLS;
-    let mut r0 = 0;
-    while r0 < o {
-        let rows = AVX2_ROWS.min(o - r0);
-        let w = &w[r0 * k..(r0 + rows) * k];
-        let g = &g[r0 * COLS..(r0 + rows) * COLS];
+    by_rows(w, g, (o, k), AVX2_ROWS, |w, g, whole| {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and FMA are present (the caller's check); w holds `rows` rows of
-        // `k`, columns c0 .. c0 + width of which exist; g `rows` rows of 16; dst `width`
-        // rows of 16.
+        // SAFETY: AVX2 and FMA are present (the caller's check); w holds AVX2_ROWS rows of
+        // `k` (or one when not `whole`), columns c0 .. c0 + width of which exist; g as
+        // many rows of 16; dst `width` rows of 16.
         unsafe {
-            if rows == AVX2_ROWS {
+            if whole {
                 avx2::input_grad_rows::<AVX2_ROWS>(w, g, k, c0, width, dst);
             } else {
-                for r in 0..rows {
-                    let (w, g) = (&w[r * k..(r + 1) * k], &g[r * COLS..(r + 1) * COLS]);
-                    avx2::input_grad_rows::<1>(w, g, k, c0, width, dst);
-                }
+                avx2::input_grad_rows::<1>(w, g, k, c0, width, dst);
+            }
+        }
+    });
+}
+
+/// Runs `pass` over the rows of `W [O, K]` and `g [O, 16]` in increasing order, in groups
+/// of `group` rows (`whole` true) and the rows left after the last whole group one at a
+/// time (`whole` false).
+fn by_rows(
+    w: &[f32],
+    g: &[f32],
+    (o, k): (usize, usize),
+    group: usize,
+    mut pass: impl FnMut(&[f32], &[f32], bool),
+) {
+    let mut r0 = 0;
+    while r0 < o {
+        let rows = group.min(o - r0);
+        let (w, g) = (
+            &w[r0 * k..(r0 + rows) * k],
+            &g[r0 * COLS..(r0 + rows) * COLS],
+        );
+        if rows == group {
+            pass(w, g, true);
+        } else {
+            for r in 0..rows {
+                pass(&w[r * k..(r + 1) * k], &g[r * COLS..(r + 1) * COLS], false);
             }
         }
         r0 += rows;
