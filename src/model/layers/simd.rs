@@ -42,6 +42,23 @@ macro_rules! multiversion {
     };
 }
 
+/// Whether the CPU has AVX2 and FMA (x86-64), asked once: what the hand-written AVX2
+/// kernels need (`winograd::kernel_x86`, `skinny`'s input gradient).
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2_FMA.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `exp(x)` to about one ulp over the range where f32 `exp` is normal, and 0 below it
 /// (masked scores are `-inf`): `2^n exp(r)` with `r = x - n ln 2` and Cephes' degree 6
 /// polynomial, in branch-free arithmetic that vectorises. The steps are fused

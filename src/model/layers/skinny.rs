@@ -1,6 +1,6 @@
 //! Products with 16 columns on the CPU (AVX-512; the input gradient also on AVX2): the
-//! convolutions of SD's 4x4 level (a 256 px image's deepest level), whose 16 output pixels make `W [O, K] x cols [K, 16]`
-//! and its input gradient `W^T [K, O] x g [O, 16]`.
+//! convolutions of SD's 4x4 level (a 256 px image's deepest level), whose 16 output
+//! pixels make `W [O, K] x cols [K, 16]` and its input gradient `W^T [K, O] x g [O, 16]`.
 //!
 //! gemm runs these on one 16-row register tile with 6 accumulators, reading the kernel
 //! `W` (59 MB at 1280 channels) as it goes; for the input gradient it reads `W` down its
@@ -51,23 +51,7 @@ const BWD_COLS: usize = 8;
 
 /// Whether [`input_grad`] can run here: AVX-512F, or AVX2 and FMA (its [`avx2`] kernel).
 pub(super) fn input_grad_available() -> bool {
-    available() || avx2_available()
-}
-
-/// Whether the CPU has AVX2 and FMA.
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    available() || super::simd::avx2_fma()
 }
 
 /// An error unless the kernels can run (`can`) and every slice holds its shape.

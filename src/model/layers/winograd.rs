@@ -523,7 +523,7 @@ fn transform_task<V: Variant<M, A>, const M: usize, const A: usize>(
     portable: TransformTask,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         let done = unsafe { kernel_x86::transform_task::<V, M, A>(taps, planes, flip) };
         if let Some(rest) = taps.get(done * 9..).filter(|rest| !rest.is_empty()) {

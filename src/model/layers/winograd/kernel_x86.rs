@@ -83,10 +83,16 @@ impl std::ops::Neg for Ymm {
 /// Asks the cache for the first [`PREFETCH_GROUPS`] groups of kernels of `taps`: the run
 /// of a kernel block's next row, while [`transform_task`] works on this one.
 pub(super) fn prefetch_start(taps: &[f32]) {
-    let len = taps.len().min(PREFETCH_GROUPS * 9 * LANES);
-    for at in (0..len).step_by(16) {
+    prefetch(taps.as_ptr(), taps.len().min(PREFETCH_GROUPS * 9 * LANES));
+}
+
+/// Asks the cache for the lines of the `values` values from `p` (any address: a prefetch
+/// reads nothing and faults on none).
+#[inline(always)]
+fn prefetch(p: *const f32, values: usize) {
+    for at in (0..values).step_by(16) {
         // SAFETY: a prefetch reads nothing and faults on no address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(taps.as_ptr().wrapping_add(at).cast()) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast()) };
     }
 }
 
@@ -138,11 +144,7 @@ fn groups<V: Variant<M, A>, const M: usize, const A: usize, const FLIP: bool>(
         // SAFETY: b < groups <= taps.len() / (9 * LANES), so the group's 9 * LANES values
         // are in `taps`.
         let k = unsafe { taps.as_ptr().add(b * 9 * LANES) };
-        let ahead = k.wrapping_add(PREFETCH_GROUPS * 9 * LANES);
-        for line in 0..5 {
-            // A prefetch reads nothing and faults on no address.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
-        }
+        prefetch(k.wrapping_add(PREFETCH_GROUPS * 9 * LANES), 9 * LANES);
         let mut g = [Ymm(_mm256_setzero_ps()); 9];
         for (t, v) in g.iter_mut().enumerate() {
             let s = if FLIP { 8 - t } else { t };
